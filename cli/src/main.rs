@@ -1,0 +1,41 @@
+//! `conveyor`: the one operator binary. Parses the command line, loads and
+//! validates configuration, starts telemetry, and hands over to `cli::run`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cli;
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    let config = match conveyor_platform::Config::load(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("conveyor: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let _telemetry = match conveyor_platform::telemetry::init(&config.log) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("conveyor: cannot start logging: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("conveyor: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(args.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = format!("{err:#}"), "conveyor failed");
+            eprintln!("conveyor: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

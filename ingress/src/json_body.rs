@@ -1,0 +1,116 @@
+//! A strict JSON body extractor whose every rejection is a [`Problem`].
+//!
+//! Order of checks, so nothing is read that need not be: content type (415),
+//! declared `Content-Length` over the limit (413, before reading), the body
+//! read with the limit enforced (413 when a chunked body grows past it), JSON
+//! syntax (400), then the shape of the request (422 with a JSON pointer;
+//! unknown fields are rejected by the request types).
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Request};
+use axum::http::{StatusCode, header};
+use serde::de::DeserializeOwned;
+
+use crate::problem::Problem;
+
+/// Largest accepted body, set by the ingress as a request extension.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// A JSON request body of type `T`, plus the raw bytes (for hashing or re-use).
+pub struct StrictJson<T> {
+    /// The decoded value.
+    pub value: T,
+    /// The body as received.
+    pub raw: axum::body::Bytes,
+}
+
+/// Reads the body of `request` up to its [`BodyLimit`], checking the content type.
+pub async fn read_limited(request: Request, want_json: bool) -> Result<axum::body::Bytes, Problem> {
+    let limit = request
+        .extensions()
+        .get::<BodyLimit>()
+        .map_or(1024 * 1024, |l| l.0);
+    if want_json {
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Err(Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+                format!("expected Content-Type: application/json, got `{content_type}`"),
+            ));
+        }
+    }
+    let too_large = || {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Request body too large",
+            format!("the body exceeds the limit of {limit} bytes"),
+        )
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    let body: Body = request.into_body();
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large())
+}
+
+/// Decodes JSON `raw` into `T`: 400 for bad syntax, 422 with a pointer for a bad shape.
+pub fn decode<T: DeserializeOwned>(raw: &[u8]) -> Result<T, Problem> {
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    let result = serde_path_to_error::deserialize::<_, T>(&mut de);
+    if result.is_ok() {
+        de.end()
+            .map_err(|err| Problem::malformed(format!("the body is not valid JSON: {err}")))?;
+    }
+    result.map_err(|err| {
+        let inner = err.inner();
+        if !matches!(inner.classify(), serde_json::error::Category::Data) {
+            return Problem::malformed(format!("the body is not valid JSON: {inner}"));
+        }
+        let message = inner.to_string();
+        let pointer = conveyor_schema::json_pointer::pointer_to(err.path());
+        let message = message
+            .split(" at line ")
+            .next()
+            .unwrap_or(&message)
+            .to_owned();
+        Problem::invalid(
+            if pointer.is_empty() {
+                "/".into()
+            } else {
+                pointer
+            },
+            message,
+        )
+    })
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for StrictJson<T> {
+    type Rejection = Problem;
+
+    async fn from_request(request: Request, _: &S) -> Result<Self, Problem> {
+        let raw = read_limited(request, true).await?;
+        let value = decode(&raw)?;
+        Ok(Self { value, raw })
+    }
+}

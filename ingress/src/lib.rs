@@ -1,0 +1,137 @@
+//! The HTTP ingress: a thin axum service in front of the broker.
+//!
+//! It validates a request against the task catalogue, records the job and
+//! publishes a persistent message with publisher confirms (batched, see
+//! [`recorder`]), and answers 202 only after both are durable. [`start`] is used
+//! by `conveyor ingress` and by the integration tests alike.
+
+pub mod json_body;
+pub mod openapi;
+pub mod problem;
+pub mod recorder;
+pub mod routes;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use conveyor_platform::Config;
+use conveyor_platform::amqp::Publisher;
+use conveyor_platform::metrics::Metrics;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::json_body::BodyLimit;
+use crate::problem::Problem;
+use crate::recorder::Recorder;
+use crate::state::AppState;
+
+/// A started ingress.
+pub struct Ingress {
+    /// The bound address (useful with port 0).
+    pub addr: SocketAddr,
+    /// Resolves when the server has stopped.
+    pub finished: JoinHandle<()>,
+}
+
+/// The application router over `state`.
+pub fn router(state: AppState, body_limit: usize) -> Router {
+    Router::new()
+        .route("/v1/jobs", post(routes::jobs::enqueue))
+        .route("/v1/jobs/{id}", get(routes::jobs::status))
+        .route("/healthz", get(routes::health::healthz))
+        .route("/readyz", get(routes::health::readyz))
+        .route("/metrics", get(routes::health::metrics))
+        .route("/openapi.json", get(openapi::serve))
+        .fallback(|| async { Problem::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::Extension(BodyLimit(body_limit)))
+        .with_state(state)
+}
+
+/// Counts and times each request by route template.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let metrics = &state.metrics;
+    metrics
+        .http_requests
+        .with_label_values(&[route.as_str(), response.status().as_str()])
+        .inc();
+    metrics
+        .http_duration
+        .with_label_values(&[route.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Checks the database schema, connects to the broker in the background and
+/// starts serving. On `shutdown`, readiness fails at once, the server stops
+/// accepting and finishes in-flight requests.
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Ingress> {
+    let db_config = config.database.clone();
+    tokio::task::spawn_blocking(move || conveyor_platform::migrations::ensure_current(&db_config))
+        .await?
+        .context("refusing to start")?;
+    let db = conveyor_schema::pool::pool(
+        &conveyor_platform::config::database_url(&config),
+        config.database.pool_size,
+    );
+    let topology = conveyor_platform::amqp::Topology::for_config(&config);
+    let metrics = Metrics::new();
+    let plumbing = CancellationToken::new();
+    let publisher = Publisher::start(
+        &config.amqp_urls(),
+        "conveyor-ingress",
+        topology.clone(),
+        config.ingress.publisher_channels,
+        config.publish_timeout(),
+        plumbing.clone(),
+    );
+    let recorder = Recorder::start(
+        db.clone(),
+        publisher.clone(),
+        metrics.clone(),
+        config.ingress.batch_max,
+        config.ingress.batches_in_flight,
+    );
+    let state = AppState {
+        db,
+        publisher: publisher.clone(),
+        recorder,
+        topology,
+        metrics,
+        shutdown: shutdown.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(config.ingress.addr)
+        .await
+        .with_context(|| format!("ingress.addr: cannot listen on {}", config.ingress.addr))?;
+    let addr = listener.local_addr()?;
+    let app = router(state, config.ingress.body_limit_bytes);
+    // Wait briefly for the broker so the first requests do not all see 503.
+    publisher
+        .wait_connected(std::time::Duration::from_secs(5))
+        .await;
+    tracing::info!(%addr, "ingress listening");
+    let finished = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(err) = served {
+            tracing::error!(error = %err, "ingress server failed");
+        }
+        plumbing.cancel();
+        tracing::info!("ingress stopped");
+    });
+    Ok(Ingress { addr, finished })
+}

@@ -1,0 +1,197 @@
+//! `POST /v1/jobs` (enqueue) and `GET /v1/jobs/{id}` (status).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use chrono::{DateTime, Duration, Utc};
+use conveyor_platform::amqp::{Outgoing, delay_level_for};
+use conveyor_schema::db::jobs;
+use conveyor_schema::models::{Job, NewJob};
+use conveyor_schema::{Envelope, JobState, find_task};
+use diesel::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::json_body::StrictJson;
+use crate::problem::Problem;
+use crate::recorder::SubmitError;
+use crate::state::AppState;
+
+/// Longest delay accepted for a job (30 days).
+const MAX_DELAY_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// A job to enqueue.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnqueueRequest {
+    /// A task name from the catalogue, e.g. `diag.noop`.
+    pub task: String,
+    /// The task's arguments; validated against its argument type (unknown fields rejected).
+    #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
+    pub args: Value,
+    /// Run no earlier than this many milliseconds from now (at most 30 days).
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+/// The job was recorded and the broker confirmed its message.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Accepted {
+    /// The job id.
+    pub id: Uuid,
+    /// Where to read the job's status.
+    pub status_url: String,
+}
+
+/// A job's state.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobStatus {
+    /// Job id.
+    pub id: Uuid,
+    /// Task name.
+    pub task: String,
+    /// Logical queue.
+    pub queue: String,
+    /// Life-cycle state.
+    pub state: JobState,
+    /// Attempts started.
+    pub attempts: i32,
+    /// Attempts allowed.
+    pub max_attempts: i32,
+    /// Times an attempt was started (more than `attempts` after a crash redelivery).
+    pub runs: i32,
+    /// The latest failure.
+    pub last_error: Option<String>,
+    /// Every failure: `[{"attempt", "at", "error"}]`.
+    #[schema(value_type = Vec<Object>)]
+    pub errors: Value,
+    /// When it was accepted.
+    pub enqueued_at: DateTime<Utc>,
+    /// When the latest attempt started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it reached a final state.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// When the next attempt is due, while retrying.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<Job> for JobStatus {
+    fn from(job: Job) -> Self {
+        Self {
+            state: job.job_state(),
+            id: job.id,
+            task: job.task,
+            queue: job.queue,
+            attempts: job.attempts,
+            max_attempts: job.max_attempts,
+            runs: job.runs,
+            last_error: job.last_error,
+            errors: job.errors,
+            enqueued_at: job.enqueued_at,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+            next_attempt_at: job.next_attempt_at,
+            updated_at: job.updated_at,
+        }
+    }
+}
+
+/// Enqueue a job.
+#[utoipa::path(
+    post, path = "/v1/jobs", tag = "jobs",
+    request_body(content = EnqueueRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Recorded and confirmed by the broker", body = Accepted),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown task, invalid args or unknown field (with a JSON pointer)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Broker or database unavailable; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn enqueue(
+    State(state): State<AppState>,
+    StrictJson { value: request, .. }: StrictJson<EnqueueRequest>,
+) -> Result<impl IntoResponse, Problem> {
+    let task = find_task(&request.task)
+        .filter(|task| task.public)
+        .ok_or_else(|| Problem::invalid("/task", format!("unknown task `{}`", request.task)))?;
+    task.validate(&request.args)
+        .map_err(|err| Problem::invalid(err.pointer, err.message))?;
+    if request.delay_ms.is_some_and(|ms| ms > MAX_DELAY_MS) {
+        return Err(Problem::invalid(
+            "/delay_ms",
+            format!("must be at most {MAX_DELAY_MS} (30 days)"),
+        ));
+    }
+    let mut envelope = Envelope::new(task.name, request.args);
+    let queue = task.options.queue;
+    let message = match request.delay_ms.filter(|ms| *ms > 0) {
+        Some(ms) => {
+            let delay = std::time::Duration::from_millis(ms);
+            envelope.not_before = Some(envelope.enqueued_at + Duration::milliseconds(ms as i64));
+            Outgoing::delayed(&state.topology, queue, &envelope, delay_level_for(delay))
+        }
+        None => Outgoing::job(&state.topology, queue, &envelope),
+    };
+    let record = NewJob::queued(&envelope, &task.options);
+    state
+        .recorder
+        .submit(record, message)
+        .await
+        .map_err(|err| match err {
+            SubmitError::Closed => Problem::unavailable("the ingress is shutting down", 1),
+            other => Problem::unavailable(other.to_string(), 1),
+        })?;
+    let accepted = Accepted {
+        id: envelope.id,
+        status_url: format!("/v1/jobs/{}", envelope.id),
+    };
+    Ok((StatusCode::ACCEPTED, Json(accepted)))
+}
+
+/// Read a job's status.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "Job id (UUID)")),
+    responses(
+        (status = 200, description = "The job", body = JobStatus),
+        (status = 400, description = "Not a UUID", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobStatus>, Problem> {
+    let id = Uuid::parse_str(&id).map_err(|_| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-id",
+            "Invalid job id",
+            format!("`{id}` is not a UUID"),
+        )
+    })?;
+    let job = conveyor_schema::pool::run(&state.db, move |conn| {
+        jobs::table
+            .find(id)
+            .select(Job::as_select())
+            .first(conn)
+            .optional()
+    })
+    .await
+    .map_err(|err| Problem::unavailable(err.to_string(), 1))?
+    .ok_or_else(|| Problem::not_found(format!("no job {id}")))?;
+    Ok(Json(job.into()))
+}

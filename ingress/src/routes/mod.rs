@@ -1,0 +1,4 @@
+//! HTTP routes, one file per resource.
+
+pub mod health;
+pub mod jobs;

@@ -1,0 +1,250 @@
+//! Queue and exchange names and their arguments: the broker-side half of the contract.
+//!
+//! For each logical queue `q` in namespace `ns`:
+//! - `ns.q`, the work queue: quorum, with a delivery limit (a crash-loop guard)
+//!   and at-least-once dead-lettering to `ns.q.dlq`;
+//! - `ns.q.dlq`, where dead jobs wait for RabbitMQ-native tooling.
+//!
+//! Shared by all queues, the broker-side delay for retries:
+//! - `ns.delay`, a headers exchange, routes a message by its `conveyor-delay`
+//!   header to one of the fixed-TTL queues `ns.delay.<ms>`;
+//! - when the TTL expires, the message is dead-lettered (at least once) to
+//!   `ns.retry`, a direct exchange, with its original routing key, which is the
+//!   work queue's name, and so lands back in its work queue.
+//!
+//! Nothing waits in worker memory, so a delayed retry survives every process
+//! being killed. Declaring is idempotent; ingress and worker both do it at start-up.
+
+use std::time::Duration;
+
+use lapin::options::{
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use super::DELAY_HEADER;
+
+/// The fixed delays available for retries, in milliseconds.
+pub const DELAY_LEVELS_MS: [u64; 14] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000, 900_000,
+    1_800_000, 3_600_000,
+];
+
+/// The delay level used for a wanted delay: the largest level not above it
+/// (never below the smallest level).
+pub fn delay_level_for(delay: Duration) -> u64 {
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    DELAY_LEVELS_MS
+        .iter()
+        .copied()
+        .rev()
+        .find(|level| *level <= ms)
+        .unwrap_or(DELAY_LEVELS_MS[0])
+}
+
+/// Names and arguments of everything Conveyor declares on the broker.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Name prefix.
+    pub namespace: String,
+    /// Logical work queues.
+    pub queues: Vec<String>,
+    /// `x-delivery-limit` of the work queues.
+    pub delivery_limit: u32,
+    /// `x-quorum-initial-group-size`, when set.
+    pub quorum_group_size: Option<u32>,
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.to_owned()))
+}
+
+fn key(s: &str) -> ShortString {
+    ShortString::from(s.to_owned())
+}
+
+impl Topology {
+    /// The topology of `config`: one work queue per queue named in the task catalogue.
+    pub fn for_config(config: &crate::Config) -> Self {
+        let queues: std::collections::BTreeSet<String> = conveyor_schema::catalogue()
+            .iter()
+            .map(|task| task.options.queue.to_owned())
+            .collect();
+        Self {
+            namespace: config.namespace.clone(),
+            queues: queues.into_iter().collect(),
+            delivery_limit: config.amqp.delivery_limit,
+            quorum_group_size: config.amqp.quorum_initial_group_size,
+        }
+    }
+
+    /// The broker name of logical queue `queue`.
+    pub fn work_queue(&self, queue: &str) -> String {
+        format!("{}.{queue}", self.namespace)
+    }
+
+    /// The dead-letter queue of logical queue `queue`.
+    pub fn dead_letter_queue(&self, queue: &str) -> String {
+        format!("{}.{queue}.dlq", self.namespace)
+    }
+
+    /// The headers exchange that routes to delay queues.
+    pub fn delay_exchange(&self) -> String {
+        format!("{}.delay", self.namespace)
+    }
+
+    /// The direct exchange expired delays are dead-lettered to.
+    pub fn retry_exchange(&self) -> String {
+        format!("{}.retry", self.namespace)
+    }
+
+    /// The delay queue holding messages for `level_ms`.
+    pub fn delay_queue(&self, level_ms: u64) -> String {
+        format!("{}.delay.{level_ms}", self.namespace)
+    }
+
+    fn quorum_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(key("x-queue-type"), long("quorum"));
+        if let Some(size) = self.quorum_group_size {
+            args.insert(
+                key("x-quorum-initial-group-size"),
+                AMQPValue::LongInt(size.try_into().unwrap_or(i32::MAX)),
+            );
+        }
+        args
+    }
+
+    fn at_least_once(args: &mut FieldTable) {
+        args.insert(key("x-dead-letter-strategy"), long("at-least-once"));
+        args.insert(key("x-overflow"), long("reject-publish"));
+    }
+
+    /// The arguments of a work queue (exposed for tests and tooling).
+    pub fn work_queue_args(&self, queue: &str) -> FieldTable {
+        let mut args = self.quorum_args();
+        args.insert(
+            key("x-delivery-limit"),
+            AMQPValue::LongInt(self.delivery_limit.try_into().unwrap_or(i32::MAX)),
+        );
+        args.insert(key("x-dead-letter-exchange"), long(""));
+        args.insert(
+            key("x-dead-letter-routing-key"),
+            long(&self.dead_letter_queue(queue)),
+        );
+        Self::at_least_once(&mut args);
+        args
+    }
+
+    /// Declares every exchange, queue and binding; idempotent.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let exchange = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(
+                key(&self.delay_exchange()),
+                ExchangeKind::Headers,
+                exchange,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                key(&self.retry_exchange()),
+                ExchangeKind::Direct,
+                exchange,
+                FieldTable::default(),
+            )
+            .await?;
+        for level in DELAY_LEVELS_MS {
+            let name = self.delay_queue(level);
+            let mut args = self.quorum_args();
+            args.insert(
+                key("x-message-ttl"),
+                AMQPValue::LongLongInt(level.try_into().unwrap_or(i64::MAX)),
+            );
+            args.insert(key("x-dead-letter-exchange"), long(&self.retry_exchange()));
+            Self::at_least_once(&mut args);
+            channel.queue_declare(key(&name), durable, args).await?;
+            let mut binding = FieldTable::default();
+            binding.insert(key("x-match"), long("all"));
+            binding.insert(key(DELAY_HEADER), long(&level.to_string()));
+            channel
+                .queue_bind(
+                    key(&name),
+                    key(&self.delay_exchange()),
+                    key(""),
+                    QueueBindOptions::default(),
+                    binding,
+                )
+                .await?;
+        }
+        for queue in &self.queues {
+            channel
+                .queue_declare(
+                    key(&self.dead_letter_queue(queue)),
+                    durable,
+                    self.quorum_args(),
+                )
+                .await?;
+            let work = self.work_queue(queue);
+            channel
+                .queue_declare(key(&work), durable, self.work_queue_args(queue))
+                .await?;
+            channel
+                .queue_bind(
+                    key(&work),
+                    key(&self.retry_exchange()),
+                    key(&work),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes everything [`declare`](Self::declare) created (tests and teardown).
+    pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
+        let opts = QueueDeleteOptions::default();
+        for queue in &self.queues {
+            channel
+                .queue_delete(key(&self.work_queue(queue)), opts)
+                .await?;
+            channel
+                .queue_delete(key(&self.dead_letter_queue(queue)), opts)
+                .await?;
+        }
+        for level in DELAY_LEVELS_MS {
+            channel
+                .queue_delete(key(&self.delay_queue(level)), opts)
+                .await?;
+        }
+        for exchange in [self.delay_exchange(), self.retry_exchange()] {
+            channel
+                .exchange_delete(key(&exchange), Default::default())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_levels_round_down() {
+        assert_eq!(delay_level_for(Duration::from_millis(10)), 100);
+        assert_eq!(delay_level_for(Duration::from_millis(400)), 250);
+        assert_eq!(delay_level_for(Duration::from_secs(1)), 1_000);
+        assert_eq!(delay_level_for(Duration::from_secs(86_400)), 3_600_000);
+    }
+}

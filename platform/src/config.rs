@@ -1,0 +1,394 @@
+//! Typed configuration, loaded once at start-up and validated before anything runs.
+//!
+//! Layers, later wins: built-in defaults, then `conveyor.toml` (or the file given
+//! with `--config`), then `CONVEYOR_*` environment variables, where the first `_`
+//! after the prefix separates the section from the key (`CONVEYOR_DATABASE_URL`
+//! is `database.url`, `CONVEYOR_WORKER_METRICS_ADDR` is `worker.metrics_addr`).
+//! Nothing else in Conveyor reads the environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration tree.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Prefix of every queue and exchange name; lets several deployments (or
+    /// tests) share one broker vhost without touching each other.
+    pub namespace: String,
+    /// Logging.
+    pub log: LogConfig,
+    /// PostgreSQL.
+    pub database: DatabaseConfig,
+    /// RabbitMQ.
+    pub amqp: AmqpConfig,
+    /// The HTTP ingress.
+    pub ingress: IngressConfig,
+    /// The worker runtime.
+    pub worker: WorkerConfig,
+}
+
+/// Logging output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter directive, e.g. `info` or `conveyor_worker=debug,info`.
+    pub level: String,
+    /// `pretty` for people, `json` for log shippers.
+    pub format: LogFormat,
+    /// When set, logs also go to a daily-rolling file in this directory.
+    pub file_dir: Option<PathBuf>,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, coloured when a terminal.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// PostgreSQL connection settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `postgres://user[:password]@host:port/database`.
+    #[serde(serialize_with = "expose")]
+    pub url: SecretString,
+    /// Connections in the pool of each process.
+    pub pool_size: u32,
+    /// How long a migration waits for a table lock before failing.
+    pub lock_timeout_ms: u64,
+}
+
+/// RabbitMQ connection and topology settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// One `amqp://` URL, or several separated by commas (cluster nodes, tried in order).
+    #[serde(serialize_with = "expose")]
+    pub url: SecretString,
+    /// Deliveries of one message before the broker dead-letters it (a crash-loop guard;
+    /// ordinary retries are new messages and do not count).
+    pub delivery_limit: u32,
+    /// Replicas of each quorum queue; unset lets the broker choose (all nodes up to its default).
+    pub quorum_initial_group_size: Option<u32>,
+    /// How long to wait for a publisher confirm.
+    pub publish_timeout_ms: u64,
+}
+
+/// Ingress settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngressConfig {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// Largest request body accepted, in bytes.
+    pub body_limit_bytes: usize,
+    /// Confirm-mode channels used to publish.
+    pub publisher_channels: usize,
+    /// Most jobs recorded and published together in one group commit.
+    pub batch_max: usize,
+    /// Group commits in flight at once.
+    pub batches_in_flight: usize,
+}
+
+/// Worker settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: SocketAddr,
+    /// How long in-flight jobs may run after SIGTERM before the rest are returned.
+    pub grace_period_ms: u64,
+    /// Unacknowledged deliveries per queue (the prefetch window).
+    pub prefetch: u16,
+    /// Logical queues to consume; empty means every queue in the catalogue.
+    pub queues: Vec<String>,
+    /// Most job-state changes committed in one transaction.
+    pub state_batch_max: usize,
+}
+
+fn expose<S: serde::Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(secret.expose_secret())
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            namespace: "conveyor".into(),
+            log: LogConfig::default(),
+            database: DatabaseConfig::default(),
+            amqp: AmqpConfig::default(),
+            ingress: IngressConfig::default(),
+            worker: WorkerConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Pretty,
+            file_dir: None,
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/conveyor".into(),
+            pool_size: 16,
+            lock_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            delivery_limit: 20,
+            quorum_initial_group_size: None,
+            publish_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            body_limit_bytes: 1024 * 1024,
+            publisher_channels: 4,
+            batch_max: 512,
+            batches_in_flight: 4,
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            grace_period_ms: 25_000,
+            prefetch: 1000,
+            queues: Vec::new(),
+            state_batch_max: 1000,
+        }
+    }
+}
+
+/// A configuration that cannot be used, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer could not be read or a value has the wrong type.
+    #[error("invalid configuration: {0}")]
+    Load(String),
+    /// A value parsed but makes no sense.
+    #[error("invalid configuration: `{key}`: {problem}")]
+    Invalid {
+        /// Dotted key, e.g. `database.url`.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Loads defaults, then `file` (or `conveyor.toml` when present), then the
+    /// `CONVEYOR_*` variables, and validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) if !path.exists() => {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None if Path::new("conveyor.toml").exists() => {
+                figment = figment.merge(Toml::file_exact("conveyor.toml"));
+            }
+            None => {}
+        }
+        let env = Env::prefixed("CONVEYOR_").map(|key| key.as_str().replacen('_', ".", 1).into());
+        let config: Config = figment
+            .merge(env)
+            .extract()
+            .map_err(|err| ConfigError::Load(one_line(&err)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values that parse but are unusable.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: String| Err(ConfigError::Invalid { key, problem });
+        if self.namespace.is_empty()
+            || !self
+                .namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return invalid(
+                "namespace",
+                "must be non-empty ASCII letters, digits, `-`, `_` or `.`".into(),
+            );
+        }
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return invalid("log.level", err.to_string());
+        }
+        let db = self.database.url.expose_secret();
+        match url::Url::parse(db) {
+            Ok(url)
+                if matches!(url.scheme(), "postgres" | "postgresql") && url.path().len() > 1 => {}
+            Ok(_) => return invalid("database.url", "must be postgres://host/database".into()),
+            Err(err) => return invalid("database.url", err.to_string()),
+        }
+        if self.database.pool_size == 0 {
+            return invalid("database.pool_size", "must be at least 1".into());
+        }
+        for node in self.amqp_urls() {
+            match url::Url::parse(node) {
+                Ok(url) if matches!(url.scheme(), "amqp" | "amqps") => {}
+                Ok(url) => {
+                    return invalid(
+                        "amqp.url",
+                        format!("scheme `{}` is not amqp or amqps", url.scheme()),
+                    );
+                }
+                Err(err) => return invalid("amqp.url", format!("`{node}`: {err}")),
+            }
+        }
+        if self.amqp_urls().is_empty() {
+            return invalid("amqp.url", "is empty".into());
+        }
+        if self.amqp.delivery_limit == 0 {
+            return invalid("amqp.delivery_limit", "must be at least 1".into());
+        }
+        if self.amqp.publish_timeout_ms == 0 {
+            return invalid("amqp.publish_timeout_ms", "must be at least 1".into());
+        }
+        if self.ingress.publisher_channels == 0 {
+            return invalid("ingress.publisher_channels", "must be at least 1".into());
+        }
+        if self.ingress.batch_max == 0 || self.ingress.batches_in_flight == 0 {
+            return invalid(
+                "ingress.batch_max",
+                "batch_max and batches_in_flight must be at least 1".into(),
+            );
+        }
+        if self.worker.prefetch == 0 {
+            return invalid("worker.prefetch", "must be at least 1".into());
+        }
+        if self.worker.state_batch_max == 0 {
+            return invalid("worker.state_batch_max", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The broker node URLs, in the order to try them.
+    pub fn amqp_urls(&self) -> Vec<&str> {
+        self.amqp
+            .url
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
+    /// The drain deadline after SIGTERM.
+    pub fn grace_period(&self) -> Duration {
+        Duration::from_millis(self.worker.grace_period_ms)
+    }
+
+    /// The publisher-confirm deadline.
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.amqp.publish_timeout_ms)
+    }
+}
+
+fn one_line(err: &figment::Error) -> String {
+    err.clone()
+        .into_iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_file_value_names_the_key() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[worker]\nprefetch = \"lots\"").unwrap();
+        let err = Config::load(Some(file.path())).unwrap_err().to_string();
+        assert!(err.contains("worker.prefetch"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "[ingress]\nadress = \"x\"").unwrap();
+        let err = Config::load(Some(file.path())).unwrap_err().to_string();
+        assert!(err.contains("adress"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let mut config = Config::default();
+        config.amqp.url = "http://x".into();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`amqp.url`")
+        );
+        let mut config = Config::default();
+        config.log.level = "[[[".into();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`log.level`")
+        );
+    }
+
+    #[test]
+    fn several_broker_nodes() {
+        let mut config = Config::default();
+        config.amqp.url = "amqp://a:5672/%2f, amqp://b:5672/%2f".into();
+        assert_eq!(
+            config.amqp_urls(),
+            ["amqp://a:5672/%2f", "amqp://b:5672/%2f"]
+        );
+        config.validate().unwrap();
+    }
+}
+
+/// The database URL, exposed for the one place each process builds its pool.
+pub fn database_url(config: &Config) -> String {
+    config.database.url.expose_secret().to_owned()
+}

@@ -1,0 +1,230 @@
+//! Every Prometheus metric Conveyor exports, declared in one place.
+//!
+//! Per-instance metrics (each ingress or worker process counts its own; sum
+//! them across instances): `conveyor_jobs_*_total`, `conveyor_job_*_seconds`,
+//! `conveyor_jobs_in_flight`, `conveyor_http_*`. Service-wide metrics (polled
+//! from the broker by the ingress only, so there is one set per deployment, not
+//! one per worker): `conveyor_queue_*`. Names follow Prometheus conventions:
+//! base units, `_total` for counters, `_seconds` for durations.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Labels of the per-task metrics.
+pub const TASK_LABELS: [&str; 2] = ["task", "queue"];
+
+/// The process's metrics and the registry that serves them.
+#[derive(Clone)]
+pub struct Metrics {
+    /// What `/metrics` renders.
+    pub registry: Registry,
+    /// Jobs confirmed by the broker after publishing (ingress, and tasks enqueueing children).
+    pub jobs_published: IntCounterVec,
+    /// Attempts started.
+    pub jobs_started: IntCounterVec,
+    /// Jobs finished successfully.
+    pub jobs_succeeded: IntCounterVec,
+    /// Attempts that failed and were scheduled for another attempt.
+    pub jobs_retried: IntCounterVec,
+    /// Jobs that reached the dead-letter queue.
+    pub jobs_dead: IntCounterVec,
+    /// Attempts running now.
+    pub jobs_in_flight: IntGaugeVec,
+    /// Run time of one attempt.
+    pub job_duration: HistogramVec,
+    /// Time from enqueue (or retry due time) to start.
+    pub job_queue_wait: HistogramVec,
+    /// HTTP requests served, by route template and status.
+    pub http_requests: IntCounterVec,
+    /// HTTP latency by route template.
+    pub http_duration: HistogramVec,
+    /// Messages waiting in broker queues, by queue and kind (`work`, `delay`, `dead_letter`). Service-wide.
+    pub queue_messages_ready: IntGaugeVec,
+    /// Consumers on each work queue. Service-wide.
+    pub queue_consumers: IntGaugeVec,
+    /// Age of the oldest job still `queued` or `retrying`, per queue. Service-wide.
+    pub queue_oldest_job_age: prometheus::GaugeVec,
+    /// Waiting jobs divided by live workers, per queue: the autoscaling target. Service-wide.
+    pub queue_backlog_per_worker: prometheus::GaugeVec,
+    /// Always 1; labels carry version and git commit.
+    pub build_info: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
+}
+
+fn float_gauge(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::GaugeVec {
+    let metric = prometheus::GaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let buckets = vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 300.0,
+    ];
+    let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered. The names are constants,
+    /// so a failure here is a programming error caught by the first test.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let metrics = Self {
+            jobs_published: counter(
+                r,
+                "conveyor_jobs_published_total",
+                "Jobs published and confirmed by the broker.",
+                &TASK_LABELS,
+            ),
+            jobs_started: counter(
+                r,
+                "conveyor_jobs_started_total",
+                "Job attempts started.",
+                &TASK_LABELS,
+            ),
+            jobs_succeeded: counter(
+                r,
+                "conveyor_jobs_succeeded_total",
+                "Jobs that succeeded.",
+                &TASK_LABELS,
+            ),
+            jobs_retried: counter(
+                r,
+                "conveyor_jobs_retried_total",
+                "Failed attempts scheduled for a retry.",
+                &TASK_LABELS,
+            ),
+            jobs_dead: counter(
+                r,
+                "conveyor_jobs_dead_total",
+                "Jobs dead-lettered.",
+                &TASK_LABELS,
+            ),
+            jobs_in_flight: gauge(
+                r,
+                "conveyor_jobs_in_flight",
+                "Job attempts running now.",
+                &TASK_LABELS,
+            ),
+            job_duration: histogram(
+                r,
+                "conveyor_job_duration_seconds",
+                "Run time of one attempt.",
+                &TASK_LABELS,
+            ),
+            job_queue_wait: histogram(
+                r,
+                "conveyor_job_queue_wait_seconds",
+                "Time from enqueue to start of an attempt.",
+                &TASK_LABELS,
+            ),
+            http_requests: counter(
+                r,
+                "conveyor_http_requests_total",
+                "HTTP requests served.",
+                &["route", "status"],
+            ),
+            http_duration: histogram(
+                r,
+                "conveyor_http_request_duration_seconds",
+                "HTTP request latency.",
+                &["route"],
+            ),
+            queue_messages_ready: gauge(
+                r,
+                "conveyor_queue_messages_ready",
+                "Messages ready in a broker queue (service-wide).",
+                &["queue", "kind"],
+            ),
+            queue_consumers: gauge(
+                r,
+                "conveyor_queue_consumers",
+                "Consumers on a work queue (service-wide).",
+                &["queue"],
+            ),
+            queue_oldest_job_age: float_gauge(
+                r,
+                "conveyor_queue_oldest_job_age_seconds",
+                "Age of the oldest waiting job (service-wide).",
+                &["queue"],
+            ),
+            queue_backlog_per_worker: float_gauge(
+                r,
+                "conveyor_queue_backlog_per_worker",
+                "Waiting jobs per live worker: the autoscaling target (service-wide).",
+                &["queue"],
+            ),
+            build_info: gauge(
+                r,
+                "conveyor_build_info",
+                "Build information; always 1.",
+                &["version", "commit"],
+            ),
+            registry,
+        };
+        metrics
+            .build_info
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                option_env!("CONVEYOR_GIT_COMMIT").unwrap_or("unknown"),
+            ])
+            .set(1);
+        metrics
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding gathered families into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn registers_without_conflict() {
+        let text = super::Metrics::new().render();
+        assert!(text.contains("conveyor_build_info"));
+    }
+}

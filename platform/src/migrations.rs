@@ -1,0 +1,229 @@
+//! Embedded schema migrations and the checks around them.
+//!
+//! `conveyor migrate run` creates the database when missing, then takes a
+//! session advisory lock so that many instances starting at once run the
+//! migrations exactly once (the others wait, then find nothing pending). After
+//! the lock is held, `lock_timeout` makes a migration that is blocked by live
+//! traffic fail fast with a clear message instead of hanging a deploy.
+//! `ingress` and `worker` call [`ensure_current`] and refuse to start on a
+//! database that is behind or ahead of this binary.
+
+use std::collections::BTreeSet;
+
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bool};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use secrecy::ExposeSecret;
+
+use crate::config::DatabaseConfig;
+
+/// Every migration this binary carries.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations");
+
+/// Arbitrary but fixed: the advisory-lock key that serialises migration runs.
+const MIGRATION_LOCK_KEY: i64 = 0x636f_6e76_6579;
+
+/// A migration command that failed, said in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The server could not be reached or refused the connection.
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[from] diesel::ConnectionError),
+    /// A statement failed; the message says which migration when known.
+    #[error("{0}")]
+    Failed(String),
+    /// The database is behind this binary.
+    #[error("the database has {0} pending migration(s) ({1}); run `conveyor migrate run` first")]
+    Pending(usize, String),
+    /// The database is ahead of this binary.
+    #[error(
+        "the database has migration(s) this binary does not know ({0}); run a newer conveyor or revert them"
+    )]
+    Unknown(String),
+}
+
+/// One migration and whether it is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationStatus {
+    /// The migration's version (the folder name's date-and-number prefix plus name).
+    pub version: String,
+    /// Applied in the database.
+    pub applied: bool,
+}
+
+fn failed(context: &str, err: impl std::fmt::Display) -> MigrationError {
+    let text = err.to_string();
+    let hint = if text.contains("lock timeout") {
+        " (a table is locked by running traffic; stop workers or retry when quieter)"
+    } else {
+        ""
+    };
+    MigrationError::Failed(format!("{context}: {text}{hint}"))
+}
+
+/// Creates the configured database if it does not exist (tolerating a
+/// concurrent creator).
+pub fn create_database_if_missing(config: &DatabaseConfig) -> Result<(), MigrationError> {
+    let url = url::Url::parse(config.url.expose_secret())
+        .map_err(|e| MigrationError::Failed(format!("database.url: {e}")))?;
+    let name = url.path().trim_start_matches('/').to_owned();
+    if PgConnection::establish(url.as_str()).is_ok() {
+        return Ok(());
+    }
+    let mut admin_url = url.clone();
+    admin_url.set_path("/postgres");
+    let mut admin = PgConnection::establish(admin_url.as_str())?;
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    match admin.batch_execute(&format!("CREATE DATABASE {quoted}")) {
+        Ok(()) => {
+            tracing::info!(database = %name, "created database");
+            Ok(())
+        }
+        Err(err) if err.to_string().contains("already exists") => Ok(()),
+        Err(err) => Err(failed("create database", err)),
+    }
+}
+
+fn connect(config: &DatabaseConfig) -> Result<PgConnection, MigrationError> {
+    Ok(PgConnection::establish(config.url.expose_secret())?)
+}
+
+/// Runs every pending migration under the advisory lock; returns the versions applied.
+pub fn run_pending(config: &DatabaseConfig) -> Result<Vec<String>, MigrationError> {
+    create_database_if_missing(config)?;
+    let mut conn = connect(config)?;
+    with_lock(&mut conn, config, |conn| {
+        let applied = conn
+            .run_pending_migrations(MIGRATIONS)
+            .map_err(|e| failed("migration failed", e))?;
+        Ok(applied.into_iter().map(|v| v.to_string()).collect())
+    })
+}
+
+/// Reverts the most recent migration; returns its version, or `None` when none is applied.
+pub fn revert_last(config: &DatabaseConfig) -> Result<Option<String>, MigrationError> {
+    let mut conn = connect(config)?;
+    with_lock(&mut conn, config, |conn| {
+        let applied = conn
+            .applied_migrations()
+            .map_err(|e| failed("reading applied migrations", e))?;
+        if applied.is_empty() {
+            return Ok(None);
+        }
+        let version = conn
+            .revert_last_migration(MIGRATIONS)
+            .map_err(|e| failed("revert failed", e))?;
+        Ok(Some(version.to_string()))
+    })
+}
+
+/// Reverts every applied migration (used by tests and `migrate revert --all`).
+pub fn revert_all(config: &DatabaseConfig) -> Result<Vec<String>, MigrationError> {
+    let mut conn = connect(config)?;
+    with_lock(&mut conn, config, |conn| {
+        let reverted = conn
+            .revert_all_migrations(MIGRATIONS)
+            .map_err(|e| failed("revert failed", e))?;
+        Ok(reverted.into_iter().map(|v| v.to_string()).collect())
+    })
+}
+
+/// Applied and pending migrations, oldest first, plus applied ones this binary does not know.
+pub fn status(config: &DatabaseConfig) -> Result<Vec<MigrationStatus>, MigrationError> {
+    let mut conn = connect(config)?;
+    status_on(&mut conn)
+}
+
+fn status_on(conn: &mut PgConnection) -> Result<Vec<MigrationStatus>, MigrationError> {
+    let applied: BTreeSet<String> = if table_exists(conn)? {
+        conn.applied_migrations()
+            .map_err(|e| failed("reading applied migrations", e))?
+            .into_iter()
+            .map(|v| v.to_string())
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let known: BTreeSet<String> =
+        diesel::migration::MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)
+            .map_err(|e| failed("reading embedded migrations", e))?
+            .iter()
+            .map(|m| m.name().version().to_string())
+            .collect();
+    let mut all: Vec<MigrationStatus> = known
+        .iter()
+        .map(|version| MigrationStatus {
+            version: version.clone(),
+            applied: applied.contains(version),
+        })
+        .collect();
+    all.extend(applied.difference(&known).map(|version| MigrationStatus {
+        version: format!("{version} (unknown to this binary)"),
+        applied: true,
+    }));
+    Ok(all)
+}
+
+fn table_exists(conn: &mut PgConnection) -> Result<bool, MigrationError> {
+    #[derive(QueryableByName)]
+    struct Exists {
+        #[diesel(sql_type = Bool)]
+        exists: bool,
+    }
+    let row: Exists =
+        diesel::sql_query("SELECT to_regclass('__diesel_schema_migrations') IS NOT NULL AS exists")
+            .get_result(conn)
+            .map_err(|e| failed("checking migrations table", e))?;
+    Ok(row.exists)
+}
+
+/// Fails unless the database has exactly the migrations this binary carries.
+pub fn ensure_current(config: &DatabaseConfig) -> Result<(), MigrationError> {
+    let mut conn = connect(config)?;
+    let all = status_on(&mut conn)?;
+    let unknown: Vec<_> = all
+        .iter()
+        .filter(|m| m.version.ends_with("(unknown to this binary)"))
+        .map(|m| {
+            m.version
+                .trim_end_matches(" (unknown to this binary)")
+                .to_owned()
+        })
+        .collect();
+    if !unknown.is_empty() {
+        return Err(MigrationError::Unknown(unknown.join(", ")));
+    }
+    let pending: Vec<_> = all
+        .iter()
+        .filter(|m| !m.applied)
+        .map(|m| m.version.clone())
+        .collect();
+    if !pending.is_empty() {
+        return Err(MigrationError::Pending(pending.len(), pending.join(", ")));
+    }
+    Ok(())
+}
+
+fn with_lock<T>(
+    conn: &mut PgConnection,
+    config: &DatabaseConfig,
+    body: impl FnOnce(&mut PgConnection) -> Result<T, MigrationError>,
+) -> Result<T, MigrationError> {
+    // Wait as long as it takes for another instance's run; then fail fast on table locks.
+    diesel::sql_query("SELECT pg_advisory_lock($1)")
+        .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
+        .execute(conn)
+        .map_err(|e| failed("taking the migration lock", e))?;
+    conn.batch_execute(&format!(
+        "SET lock_timeout = '{}ms'",
+        config.lock_timeout_ms
+    ))
+    .map_err(|e| failed("setting lock_timeout", e))?;
+    let result = body(conn);
+    let _ = diesel::sql_query("SELECT pg_advisory_unlock($1)")
+        .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
+        .execute(conn);
+    result
+}

@@ -1,0 +1,20 @@
+//! `diag.fail {until_attempt?}`: fails on purpose, to exercise retries and dead letters.
+
+use conveyor_schema::args::diag::{self, FailArgs};
+
+use crate::{JobContext, Task, TaskError};
+
+/// Fails before `until_attempt`, succeeds on it; fails always without it.
+pub struct Fail;
+
+impl Task for Fail {
+    type Spec = diag::Fail;
+    async fn run(&self, args: FailArgs, ctx: JobContext) -> Result<(), TaskError> {
+        match args.until_attempt {
+            Some(until) if ctx.attempt >= until => Ok(()),
+            _ => {
+                Err(anyhow::anyhow!("diag.fail: failing attempt {} on purpose", ctx.attempt).into())
+            }
+        }
+    }
+}

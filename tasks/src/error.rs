@@ -1,0 +1,73 @@
+//! How a task says it failed: retry later, or give up now.
+//!
+//! The difference is a type, not a string. `?` on any error gives
+//! [`TaskError::Retry`]; a task returns [`TaskError::Permanent`] (via
+//! [`TaskError::permanent`]) when trying again cannot help.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A failed attempt.
+pub enum TaskError {
+    /// Transient: retry after the task's backoff (or `after`, when given).
+    Retry {
+        /// The cause.
+        error: anyhow::Error,
+        /// Overrides the computed backoff for the next attempt.
+        after: Option<Duration>,
+    },
+    /// Trying again cannot help: dead-letter now.
+    Permanent(anyhow::Error),
+}
+
+impl TaskError {
+    /// A failure that skips the remaining attempts.
+    pub fn permanent(error: impl Into<anyhow::Error>) -> Self {
+        Self::Permanent(error.into())
+    }
+
+    /// A transient failure with a specific delay before the next attempt.
+    pub fn retry_after(after: Duration, error: impl Into<anyhow::Error>) -> Self {
+        Self::Retry {
+            error: error.into(),
+            after: Some(after),
+        }
+    }
+
+    /// The cause.
+    pub fn error(&self) -> &anyhow::Error {
+        match self {
+            Self::Retry { error, .. } | Self::Permanent(error) => error,
+        }
+    }
+
+    /// True when the job must not be retried.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Permanent(_))
+    }
+}
+
+impl<E: Into<anyhow::Error>> From<E> for TaskError {
+    fn from(error: E) -> Self {
+        Self::Retry {
+            error: error.into(),
+            after: None,
+        }
+    }
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `{:#}` prints the whole cause chain on one line.
+        match self {
+            Self::Retry { error, .. } => write!(f, "{error:#}"),
+            Self::Permanent(error) => write!(f, "permanent: {error:#}"),
+        }
+    }
+}
+
+impl fmt::Debug for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}

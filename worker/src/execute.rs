@@ -1,0 +1,281 @@
+//! Handling one delivery, from bytes to ack.
+//!
+//! The order of effects is what makes a job look as if it ran once:
+//! 1. decode; an unreadable envelope or unknown task is dead-lettered with the
+//!    reason, never dropped and never retried;
+//! 2. run the attempt under its timeout, with panics caught;
+//! 3. publish what the outcome needs (the next attempt to a delay queue, or the
+//!    job to its dead-letter queue) and wait for the broker's confirm;
+//! 4. commit the job's new state;
+//! 5. only then acknowledge the delivery.
+//!
+//! A crash anywhere before 5 redelivers the message; a redelivered message whose
+//! job is already final (or has moved to a later attempt) is acknowledged without running.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use conveyor_platform::amqp::{Outgoing, delay_level_for};
+use conveyor_schema::db::jobs;
+use conveyor_schema::{Envelope, JobState};
+use conveyor_tasks::{JobContext, TaskError};
+use diesel::prelude::*;
+use futures::FutureExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use rand::Rng;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::runtime::Runtime;
+use crate::state_writer::StateChange;
+
+/// Handles one delivery from logical queue `queue`.
+pub async fn handle(rt: Arc<Runtime>, queue: Arc<str>, delivery: Delivery) {
+    let envelope = match Envelope::decode(&delivery.data) {
+        Ok(envelope) => envelope,
+        Err(err) => {
+            let id = message_id(&delivery);
+            tracing::warn!(job.id = %id, queue = %queue, error = %err, "dead-lettering an unreadable message");
+            let dead = Outgoing::dead_letter(
+                &rt.topology,
+                &queue,
+                delivery.data.clone(),
+                id,
+                "",
+                &err.to_string(),
+            );
+            return finish_with(&rt, &delivery, &dead, None).await;
+        }
+    };
+    let span = tracing::info_span!("job", job.id = %envelope.id, task = %envelope.task, attempt = envelope.attempt);
+    run_envelope(rt, queue, delivery, envelope)
+        .instrument(span)
+        .await
+}
+
+async fn run_envelope(rt: Arc<Runtime>, queue: Arc<str>, delivery: Delivery, envelope: Envelope) {
+    let Some(task) = rt.registry.get(&envelope.task).cloned() else {
+        let reason = format!("unknown task `{}`", envelope.task);
+        tracing::warn!(reason, "dead-lettering");
+        let dead = Outgoing::dead_letter(
+            &rt.topology,
+            &queue,
+            delivery.data.clone(),
+            envelope.id,
+            &envelope.task,
+            &reason,
+        );
+        let mut change = StateChange::of(&envelope, &queue, envelope.attempt, JobState::Dead);
+        change.error = Some(reason);
+        change.finished_at = Some(Utc::now());
+        return finish_with(&rt, &delivery, &dead, Some(change)).await;
+    };
+    let options = task.descriptor().options.clone();
+    if let Some(not_before) = envelope.not_before {
+        let remaining = (not_before - Utc::now()).to_std().unwrap_or_default();
+        if remaining > Duration::from_millis(20) {
+            let again =
+                Outgoing::delayed(&rt.topology, &queue, &envelope, delay_level_for(remaining));
+            return finish_with(&rt, &delivery, &again, None).await;
+        }
+    }
+    if delivery.redelivered && already_done(&rt, &envelope).await {
+        tracing::info!(
+            "redelivered job already finished or moved on; acknowledging without running"
+        );
+        return ack(&delivery).await;
+    }
+    let permits = rt.permits_for(task.descriptor().name);
+    let _permit = match permits {
+        Some(semaphore) => tokio::select! {
+            permit = semaphore.acquire_owned() => permit.ok(),
+            _ = rt.shutdown.cancelled() => return requeue(&delivery).await,
+        },
+        None => None,
+    };
+    if rt.shutdown.is_cancelled() {
+        return requeue(&delivery).await;
+    }
+    let labels = [envelope.task.as_str(), options.queue];
+    let metrics = &rt.metrics;
+    metrics.jobs_started.with_label_values(&labels).inc();
+    let waited = (Utc::now() - envelope.enqueued_at)
+        .to_std()
+        .unwrap_or_default();
+    metrics
+        .job_queue_wait
+        .with_label_values(&labels)
+        .observe(waited.as_secs_f64());
+    let mut running = StateChange::of(&envelope, &queue, options.max_attempts, JobState::Running);
+    running.started_at = Some(Utc::now());
+    rt.states.record(running);
+
+    let ctx = JobContext {
+        job_id: envelope.id,
+        attempt: envelope.attempt,
+        max_attempts: options.max_attempts,
+        shutdown: rt.shutdown.clone(),
+        services: rt.services.clone(),
+    };
+    let started = Instant::now();
+    let in_flight = metrics.jobs_in_flight.with_label_values(&labels);
+    in_flight.inc();
+    let attempt = AssertUnwindSafe(task.call(envelope.args.clone(), ctx)).catch_unwind();
+    let outcome = match tokio::time::timeout(options.timeout, attempt).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => Err(TaskError::from(anyhow::anyhow!(
+            "task panicked: {}",
+            panic_message(&*panic)
+        ))),
+        Err(_) => Err(TaskError::from(anyhow::anyhow!(
+            "attempt timed out after {:?}",
+            options.timeout
+        ))),
+    };
+    in_flight.dec();
+    metrics
+        .job_duration
+        .with_label_values(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+
+    let mut change = StateChange::of(&envelope, &queue, options.max_attempts, JobState::Succeeded);
+    match outcome {
+        Ok(()) => {
+            change.finished_at = Some(Utc::now());
+            tracing::debug!(elapsed_ms, "job succeeded");
+            if rt.states.commit(change).await {
+                metrics.jobs_succeeded.with_label_values(&labels).inc();
+                ack(&delivery).await;
+            }
+        }
+        Err(err) if !err.is_permanent() && envelope.attempt < options.max_attempts => {
+            let wanted = match &err {
+                TaskError::Retry {
+                    after: Some(after), ..
+                } => *after,
+                _ => jitter(options.backoff(envelope.attempt + 1)),
+            };
+            let due = Utc::now() + wanted;
+            tracing::warn!(error = %err, elapsed_ms, retry_in_ms = wanted.as_millis() as u64, "attempt failed; will retry");
+            let mut next_envelope = envelope.next_attempt();
+            next_envelope.not_before = Some(due);
+            let next = Outgoing::delayed(
+                &rt.topology,
+                &queue,
+                &next_envelope,
+                delay_level_for(wanted),
+            );
+            change.state = JobState::Retrying;
+            change.error = Some(err.to_string());
+            change.next_attempt_at = Some(due);
+            metrics.jobs_retried.with_label_values(&labels).inc();
+            finish_with(&rt, &delivery, &next, Some(change)).await;
+        }
+        Err(err) => {
+            let reason = if err.is_permanent() {
+                err.to_string()
+            } else {
+                format!("gave up after {} attempts: {err}", envelope.attempt)
+            };
+            tracing::error!(error = %reason, elapsed_ms, "job is dead");
+            let dead = Outgoing::dead_letter(
+                &rt.topology,
+                &queue,
+                envelope.encode(),
+                envelope.id,
+                &envelope.task,
+                &reason,
+            );
+            change.state = JobState::Dead;
+            change.error = Some(reason);
+            change.finished_at = Some(Utc::now());
+            metrics.jobs_dead.with_label_values(&labels).inc();
+            finish_with(&rt, &delivery, &dead, Some(change)).await;
+        }
+    }
+}
+
+/// Publishes `message` (confirmed), commits `change`, then acks. If the publish
+/// fails the delivery is returned to the queue to be handled again.
+async fn finish_with(
+    rt: &Runtime,
+    delivery: &Delivery,
+    message: &Outgoing,
+    change: Option<StateChange>,
+) {
+    if let Err(err) = rt.publisher.publish(message).await {
+        tracing::error!(error = %err, routing_key = %message.routing_key, "could not publish; returning the delivery to its queue");
+        return requeue(delivery).await;
+    }
+    if let Some(change) = change
+        && !rt.states.commit(change).await
+    {
+        return;
+    }
+    ack(delivery).await;
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
+        // The channel is gone; the broker will redeliver, and the redelivery check skips finished work.
+        tracing::debug!(error = %err, "ack failed");
+    }
+}
+
+async fn requeue(delivery: &Delivery) {
+    let options = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    if let Err(err) = delivery.acker.nack(options).await {
+        tracing::debug!(error = %err, "nack failed");
+    }
+}
+
+/// True when the job's record shows this delivery is stale: the job is final,
+/// or a later attempt has started.
+async fn already_done(rt: &Runtime, envelope: &Envelope) -> bool {
+    let id = envelope.id;
+    let found = conveyor_schema::pool::run(&rt.db, move |conn| {
+        jobs::table
+            .find(id)
+            .select((jobs::state, jobs::attempts))
+            .first::<(String, i32)>(conn)
+            .optional()
+    })
+    .await;
+    match found {
+        Ok(Some((state, attempts))) => {
+            JobState::parse(&state).is_some_and(JobState::is_final)
+                || i64::from(attempts) > i64::from(envelope.attempt)
+        }
+        _ => false,
+    }
+}
+
+/// Equal jitter: between half and all of `delay`.
+fn jitter(delay: Duration) -> Duration {
+    let half = delay / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+fn message_id(delivery: &Delivery) -> Uuid {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .and_then(|id| Uuid::parse_str(id.as_str()).ok())
+        .unwrap_or_else(Uuid::nil)
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
+}

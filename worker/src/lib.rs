@@ -1,0 +1,161 @@
+//! The worker runtime: consumes jobs with manual acks and runs them as actors.
+//!
+//! Each task (see `conveyor_tasks`) is an actor with a queue, retry policy,
+//! timeout and concurrency limit. [`start`] wires the pieces together; the
+//! `conveyor worker` subcommand and the integration tests both use it, so tests
+//! run the real thing.
+
+mod consumer;
+mod enqueuer;
+mod execute;
+mod http;
+mod runtime;
+mod state_writer;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use conveyor_platform::Config;
+use conveyor_platform::amqp::Publisher;
+use conveyor_platform::metrics::Metrics;
+use conveyor_schema::pool;
+use conveyor_tasks::{Registry, Services};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use state_writer::{StateChange, StateWriter};
+
+/// A started worker.
+pub struct Worker {
+    /// Where `/metrics`, `/healthz` and `/readyz` listen.
+    pub http_addr: SocketAddr,
+    /// Resolves when the worker has drained and stopped.
+    pub finished: JoinHandle<()>,
+}
+
+/// Checks the database schema, binds the HTTP port and starts consuming.
+/// Draining starts when `shutdown` is cancelled; `finished` resolves after it.
+pub async fn start(
+    config: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Worker> {
+    let db_config = config.database.clone();
+    tokio::task::spawn_blocking(move || conveyor_platform::migrations::ensure_current(&db_config))
+        .await?
+        .context("refusing to start")?;
+    let db = pool::pool(
+        &conveyor_platform::config::database_url(&config),
+        config.database.pool_size,
+    );
+    let topology = conveyor_platform::amqp::Topology::for_config(&config);
+    let metrics = Metrics::new();
+    let worker_id = format!(
+        "{}:{}:{}",
+        hostname(),
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    // The publisher and state writer outlive the consumers: draining jobs still publish and commit.
+    let plumbing = CancellationToken::new();
+    let urls = config.amqp_urls();
+    let publisher = Publisher::start(
+        &urls,
+        &format!("conveyor-worker-publisher {worker_id}"),
+        topology.clone(),
+        2,
+        config.publish_timeout(),
+        plumbing.clone(),
+    );
+    let states = StateWriter::start(db.clone(), config.worker.state_batch_max, plumbing.clone());
+    let enqueue = Arc::new(enqueuer::Enqueuer {
+        db: db.clone(),
+        publisher: publisher.clone(),
+        metrics: metrics.clone(),
+    });
+    let services = Services {
+        db: db.clone(),
+        enqueue,
+        worker_id: worker_id.clone(),
+    };
+    let permits: HashMap<&'static str, Arc<Semaphore>> = registry
+        .tasks()
+        .map(|task| {
+            (
+                task.descriptor().name,
+                Arc::new(Semaphore::new(task.descriptor().options.concurrency)),
+            )
+        })
+        .collect();
+    let queues = if config.worker.queues.is_empty() {
+        topology.queues.clone()
+    } else {
+        config.worker.queues.clone()
+    };
+    for queue in &queues {
+        anyhow::ensure!(
+            topology.queues.contains(queue),
+            "worker.queues: no task uses queue `{queue}`"
+        );
+    }
+    let rt = Arc::new(runtime::Runtime {
+        registry,
+        topology,
+        publisher,
+        states,
+        metrics: metrics.clone(),
+        services,
+        db,
+        shutdown: shutdown.clone(),
+        permits,
+    });
+    let consuming = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(config.worker.metrics_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "worker.metrics_addr: cannot listen on {}",
+                config.worker.metrics_addr
+            )
+        })?;
+    let http_addr = listener.local_addr()?;
+    let probe = http::Probe {
+        metrics,
+        consuming: consuming.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let http_stop = plumbing.clone();
+    let http = tokio::spawn(async move {
+        let _ = axum::serve(listener, http::router(probe))
+            .with_graceful_shutdown(http_stop.cancelled_owned())
+            .await;
+    });
+    let options = consumer::ConsumeOptions {
+        urls: urls.iter().map(|u| (*u).to_owned()).collect(),
+        queues,
+        prefetch: config.worker.prefetch,
+        grace: config.grace_period(),
+        name: format!("conveyor-worker {worker_id}"),
+    };
+    tracing::info!(worker.id = %worker_id, http = %http_addr, "worker started");
+    let finished = tokio::spawn(async move {
+        consumer::run(rt, options, consuming).await;
+        plumbing.cancel();
+        let _ = http.await;
+        tracing::info!("worker stopped");
+    });
+    Ok(Worker {
+        http_addr,
+        finished,
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}

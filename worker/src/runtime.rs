@@ -1,0 +1,42 @@
+//! What every delivery handler of one worker process shares.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use conveyor_platform::amqp::{Publisher, Topology};
+use conveyor_platform::metrics::Metrics;
+use conveyor_schema::pool::PgPool;
+use conveyor_tasks::{Registry, Services};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::state_writer::StateWriter;
+
+/// Shared state of a running worker.
+pub struct Runtime {
+    /// Task implementations by name.
+    pub registry: Registry,
+    /// Queue names.
+    pub topology: Topology,
+    /// Publishes retries, dead letters and follow-up jobs.
+    pub publisher: Publisher,
+    /// Group-commits job states.
+    pub states: StateWriter,
+    /// This process's metrics.
+    pub metrics: Metrics,
+    /// Handed to every task.
+    pub services: Services,
+    /// The database pool.
+    pub db: PgPool,
+    /// Cancelled when draining starts.
+    pub shutdown: CancellationToken,
+    /// Per-task concurrency limits.
+    pub permits: HashMap<&'static str, Arc<Semaphore>>,
+}
+
+impl Runtime {
+    /// The concurrency limiter of `task`.
+    pub fn permits_for(&self, task: &str) -> Option<Arc<Semaphore>> {
+        self.permits.get(task).cloned()
+    }
+}

@@ -1,0 +1,234 @@
+//! Group commit of job-state changes.
+//!
+//! Every attempt produces one or two state changes (`running`, then
+//! `succeeded`/`retrying`/`dead`). Committing each in its own transaction would
+//! cap a worker near the database's single-row commit rate, so changes are
+//! queued to one writer that commits whatever has accumulated as a single
+//! multi-row upsert. The caller of a final change waits for its commit before
+//! acknowledging the delivery (ack after commit). A failed commit is retried
+//! with backoff until it succeeds, so a database outage stalls acks (and,
+//! through the prefetch window, consumption) instead of losing state.
+//!
+//! The upsert also creates the row when the job's publisher has not committed
+//! it yet, and never moves a job out of a final state or back to an older attempt.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use conveyor_schema::pool::PgPool;
+use conveyor_schema::{Envelope, JobState};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, Int4, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// One job's new state.
+#[derive(Debug, Clone)]
+pub struct StateChange {
+    /// Job id.
+    pub id: Uuid,
+    /// Task name (for the row, when it must be created).
+    pub task: String,
+    /// Logical queue.
+    pub queue: String,
+    /// Arguments (for the row, when it must be created).
+    pub args: serde_json::Value,
+    /// The attempt this change belongs to.
+    pub attempt: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// When the job was enqueued.
+    pub enqueued_at: DateTime<Utc>,
+    /// The new state.
+    pub state: JobState,
+    /// Set on `running`.
+    pub started_at: Option<DateTime<Utc>>,
+    /// Set on `succeeded` and `dead`.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The failure, on `retrying` and `dead`.
+    pub error: Option<String>,
+    /// When the next attempt is due, on `retrying`.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+impl StateChange {
+    /// A change of `envelope`'s job to `state`, with nothing else set.
+    pub fn of(envelope: &Envelope, queue: &str, max_attempts: u32, state: JobState) -> Self {
+        Self {
+            id: envelope.id,
+            task: envelope.task.clone(),
+            queue: queue.to_owned(),
+            args: envelope.args.clone(),
+            attempt: envelope.attempt,
+            max_attempts,
+            enqueued_at: envelope.enqueued_at,
+            state,
+            started_at: None,
+            finished_at: None,
+            error: None,
+            next_attempt_at: None,
+        }
+    }
+}
+
+struct Pending {
+    change: StateChange,
+    done: Option<oneshot::Sender<()>>,
+}
+
+/// Queues changes for the writer task. Cheap to clone.
+#[derive(Clone)]
+pub struct StateWriter {
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+impl StateWriter {
+    /// Starts the writer task. It stops once every `StateWriter` is dropped and
+    /// the queue is empty, or when `stop` is cancelled while a commit keeps failing.
+    pub fn start(pool: PgPool, batch_max: usize, stop: CancellationToken) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(pool, rx, batch_max, stop));
+        Self { tx }
+    }
+
+    /// Queues a change without waiting for its commit.
+    pub fn record(&self, change: StateChange) {
+        let _ = self.tx.send(Pending { change, done: None });
+    }
+
+    /// Queues a change and waits until it is committed. `false` when the writer
+    /// stopped before committing it.
+    pub async fn commit(&self, change: StateChange) -> bool {
+        let (done, committed) = oneshot::channel();
+        if self
+            .tx
+            .send(Pending {
+                change,
+                done: Some(done),
+            })
+            .is_err()
+        {
+            return false;
+        }
+        committed.await.is_ok()
+    }
+}
+
+async fn write_loop(
+    pool: PgPool,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    batch_max: usize,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(batch_max);
+    while rx.recv_many(&mut batch, batch_max).await > 0 {
+        let changes: std::sync::Arc<Vec<StateChange>> =
+            std::sync::Arc::new(batch.iter().map(|p| p.change.clone()).collect());
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let pool = pool.clone();
+            let shared = changes.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let mut conn = pool.get().map_err(|e| e.to_string())?;
+                conn.transaction(|conn| write_batch(conn, &shared))
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+            match result {
+                Ok(Ok(())) => break,
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, rows = changes.len(), retry_in_ms = backoff.as_millis() as u64, "job state commit failed; retrying");
+                }
+                Err(err) => tracing::error!(error = %err, "job state writer task failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        for pending in batch.drain(..) {
+            if let Some(done) = pending.done {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Writes `changes` in order. A job may appear more than once (e.g. `running`
+/// then `succeeded`); an upsert cannot touch one row twice, so the batch is
+/// split into rounds in which each id appears at most once.
+fn write_batch(conn: &mut PgConnection, changes: &[StateChange]) -> QueryResult<()> {
+    let mut round: Vec<&StateChange> = Vec::with_capacity(changes.len());
+    let mut ids = std::collections::HashSet::with_capacity(changes.len());
+    for change in changes {
+        if !ids.insert(change.id) {
+            upsert(conn, &round)?;
+            round.clear();
+            ids.clear();
+            ids.insert(change.id);
+        }
+        round.push(change);
+    }
+    upsert(conn, &round)
+}
+
+const UPSERT: &str = "
+INSERT INTO jobs (id, task, queue, state, args, attempts, runs, max_attempts, enqueued_at,
+                  started_at, finished_at, last_error, errors, next_attempt_at, updated_at)
+SELECT d.id, d.task, d.queue, d.state, d.args, d.attempt, (d.state = 'running')::int4, d.max_attempts, d.enqueued_at,
+       d.started_at, d.finished_at, d.error,
+       CASE WHEN d.error IS NULL THEN '[]'::jsonb
+            ELSE jsonb_build_array(jsonb_build_object('attempt', d.attempt, 'at', now(), 'error', d.error)) END,
+       d.next_attempt_at, now()
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int4[], $7::int4[],
+            $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::timestamptz[])
+     AS d(id, task, queue, state, args, attempt, max_attempts, enqueued_at,
+          started_at, finished_at, error, next_attempt_at)
+ON CONFLICT (id) DO UPDATE SET
+    state = EXCLUDED.state,
+    attempts = EXCLUDED.attempts,
+    runs = jobs.runs + EXCLUDED.runs,
+    started_at = COALESCE(EXCLUDED.started_at, jobs.started_at),
+    finished_at = EXCLUDED.finished_at,
+    last_error = COALESCE(EXCLUDED.last_error, jobs.last_error),
+    errors = jobs.errors || EXCLUDED.errors,
+    next_attempt_at = EXCLUDED.next_attempt_at,
+    updated_at = now()
+WHERE jobs.state NOT IN ('succeeded', 'dead') AND EXCLUDED.attempts >= jobs.attempts";
+
+fn upsert(conn: &mut PgConnection, round: &[&StateChange]) -> QueryResult<()> {
+    if round.is_empty() {
+        return Ok(());
+    }
+    let int = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+    diesel::sql_query(UPSERT)
+        .bind::<Array<SqlUuid>, _>(round.iter().map(|c| c.id).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(round.iter().map(|c| c.task.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(round.iter().map(|c| c.queue.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(round.iter().map(|c| c.state.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Jsonb>, _>(round.iter().map(|c| c.args.clone()).collect::<Vec<_>>())
+        .bind::<Array<Int4>, _>(round.iter().map(|c| int(c.attempt)).collect::<Vec<_>>())
+        .bind::<Array<Int4>, _>(
+            round
+                .iter()
+                .map(|c| int(c.max_attempts))
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<Timestamptz>, _>(round.iter().map(|c| c.enqueued_at).collect::<Vec<_>>())
+        .bind::<Array<Nullable<Timestamptz>>, _>(
+            round.iter().map(|c| c.started_at).collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<Timestamptz>>, _>(
+            round.iter().map(|c| c.finished_at).collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<Text>>, _>(
+            round.iter().map(|c| c.error.as_deref()).collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<Timestamptz>>, _>(
+            round.iter().map(|c| c.next_attempt_at).collect::<Vec<_>>(),
+        )
+        .execute(conn)?;
+    Ok(())
+}
