@@ -122,14 +122,14 @@ async fn commit_batch(
     publisher: &Publisher,
     metrics: &Metrics,
 ) {
-    let (records, rest): (
-        Vec<NewJob>,
-        Vec<(Outgoing, oneshot::Sender<Result<(), SubmitError>>)>,
-    ) = batch
-        .into_iter()
-        .map(|s| (s.record, (s.message, s.reply)))
-        .unzip();
-    let (messages, replies): (Vec<Outgoing>, Vec<_>) = rest.into_iter().unzip();
+    let mut records = Vec::with_capacity(batch.len());
+    let mut messages = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
+    for submission in batch {
+        records.push(submission.record);
+        messages.push(submission.message);
+        replies.push(submission.reply);
+    }
     let ids: Vec<Uuid> = records.iter().map(|r| r.id).collect();
 
     let (inserted_tx, inserted_rx) = oneshot::channel::<Result<(), String>>();

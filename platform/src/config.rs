@@ -223,7 +223,12 @@ impl Config {
             }
             None => {}
         }
-        let env = Env::prefixed("CONVEYOR_").map(|key| key.as_str().replacen('_', ".", 1).into());
+        let env = Env::prefixed("CONVEYOR_").map(|key| {
+            key.as_str()
+                .to_ascii_lowercase()
+                .replacen('_', ".", 1)
+                .into()
+        });
         let config: Config = figment
             .merge(env)
             .extract()
@@ -320,12 +325,30 @@ impl Config {
     }
 }
 
+/// Each figment error as "`dotted.key`: problem (source)", joined on one line.
 fn one_line(err: &figment::Error) -> String {
     err.clone()
         .into_iter()
-        .map(|e| e.to_string())
+        .map(|e| {
+            let key = e.path.join(".").to_ascii_lowercase();
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| format!(" (from {})", m.name))
+                .unwrap_or_default();
+            if key.is_empty() {
+                format!("{}{source}", e.kind)
+            } else {
+                format!("`{key}`: {}{source}", e.kind)
+            }
+        })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// The database URL, exposed for the one place each process builds its pool.
+pub fn database_url(config: &Config) -> String {
+    config.database.url.expose_secret().to_owned()
 }
 
 #[cfg(test)]
@@ -386,9 +409,4 @@ mod tests {
         );
         config.validate().unwrap();
     }
-}
-
-/// The database URL, exposed for the one place each process builds its pool.
-pub fn database_url(config: &Config) -> String {
-    config.database.url.expose_secret().to_owned()
 }

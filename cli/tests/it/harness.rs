@@ -1,0 +1,465 @@
+//! `TestApp`: the real ingress and workers on port 0 against a private
+//! database and broker namespace, plus helpers to look inside both.
+
+#![allow(
+    dead_code,
+    reason = "each test module uses a different part of the harness"
+)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use conveyor_platform::Config;
+use conveyor_platform::amqp::Topology;
+use conveyor_schema::db::jobs;
+use conveyor_schema::models::Job;
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::Text;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const PG_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Installs a test logger when `TEST_LOG` is set; silent otherwise.
+fn init_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = conveyor_platform::telemetry::init(&Default::default()).map(std::mem::forget);
+        }
+    });
+}
+
+/// A fresh database copied from a migrated template, dropped on drop.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub fn create() -> Self {
+        let template = template_database();
+        let name = format!("t_{}", Uuid::new_v4().simple());
+        let mut admin = admin();
+        let mut tries = 0;
+        loop {
+            match admin.batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}")) {
+                Ok(()) => break,
+                Err(err) if tries < 20 && err.to_string().contains("being accessed") => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(err) => panic!("create test database: {err}"),
+            }
+        }
+        Self {
+            url: format!("{PG_SERVER}/{name}"),
+            name,
+        }
+    }
+
+    /// An empty database (no migrations), for migration tests.
+    pub fn create_empty() -> Self {
+        let name = format!("t_{}", Uuid::new_v4().simple());
+        admin()
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create empty db");
+        Self {
+            url: format!("{PG_SERVER}/{name}"),
+            name,
+        }
+    }
+
+    pub fn conn(&self) -> PgConnection {
+        PgConnection::establish(&self.url).expect("connect to test db")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = admin().batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+fn admin() -> PgConnection {
+    PgConnection::establish(&format!("{PG_SERVER}/postgres")).expect("connect to postgres")
+}
+
+/// The name of a template database holding the current migrations, created once
+/// (under an advisory lock, so parallel test processes agree).
+fn template_database() -> String {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(|| {
+        let mut hasher = Sha256::new();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+        let mut entries: Vec<_> = walk(&dir);
+        entries.sort();
+        for path in entries {
+            hasher.update(path.to_string_lossy().as_bytes());
+            hasher.update(std::fs::read(&path).unwrap());
+        }
+        let digest = hasher.finalize();
+        let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+        let name = format!("conveyor_tmpl_{hex}");
+        let mut admin = admin();
+        admin
+            .batch_execute("SELECT pg_advisory_lock(4242)")
+            .unwrap();
+        #[derive(QueryableByName)]
+        struct Found {
+            #[diesel(sql_type = Text)]
+            datname: String,
+        }
+        let exists = diesel::sql_query("SELECT datname FROM pg_database WHERE datname = $1")
+            .bind::<Text, _>(&name)
+            .load::<Found>(&mut admin)
+            .unwrap()
+            .into_iter()
+            .any(|f| f.datname == name);
+        if !exists {
+            let building = format!("{name}_building");
+            admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"))
+                .unwrap();
+            admin
+                .batch_execute(&format!("CREATE DATABASE {building}"))
+                .unwrap();
+            let mut config = Config::default();
+            config.database.url = format!("{PG_SERVER}/{building}").into();
+            conveyor_platform::migrations::run_pending(&config.database).expect("migrate template");
+            admin
+                .batch_execute(&format!("ALTER DATABASE {building} RENAME TO {name}"))
+                .unwrap();
+        }
+        admin
+            .batch_execute("SELECT pg_advisory_unlock(4242)")
+            .unwrap();
+        name
+    })
+    .clone()
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// The config of a test: private database and namespace, port 0 everywhere, short grace.
+pub fn test_config(db: &TestDb) -> Config {
+    let mut config = Config {
+        namespace: format!("t{}", &Uuid::new_v4().simple().to_string()[..12]),
+        ..Config::default()
+    };
+    config.database.url = db.url.clone().into();
+    config.database.pool_size = 8;
+    config.amqp.url = AMQP_URL.into();
+    config.ingress.addr = "127.0.0.1:0".parse().unwrap();
+    config.worker.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    config.worker.grace_period_ms = 5_000;
+    config
+}
+
+/// An in-process worker.
+pub struct RunningWorker {
+    pub shutdown: CancellationToken,
+    pub worker: conveyor_worker::Worker,
+}
+
+/// Ingress plus workers on a private database and namespace.
+pub struct TestApp {
+    pub config: Config,
+    pub db: TestDb,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub workers: Vec<RunningWorker>,
+    pub processes: Vec<Child>,
+    ingress_shutdown: CancellationToken,
+    pub metrics_url: String,
+}
+
+impl TestApp {
+    /// Ingress and one in-process worker.
+    pub async fn spawn() -> Self {
+        Self::spawn_with(1, |_| {}).await
+    }
+
+    /// Ingress and `workers` in-process workers, after `tweak` adjusts the config.
+    pub async fn spawn_with(workers: usize, tweak: impl FnOnce(&mut Config)) -> Self {
+        init_logging();
+        let db = tokio::task::spawn_blocking(TestDb::create).await.unwrap();
+        let mut config = test_config(&db);
+        tweak(&mut config);
+        let ingress_shutdown = CancellationToken::new();
+        let ingress = conveyor_ingress::start(config.clone(), ingress_shutdown.clone())
+            .await
+            .expect("start ingress");
+        let mut app = Self {
+            base: format!("http://{}", ingress.addr),
+            client: reqwest::Client::new(),
+            workers: Vec::new(),
+            processes: Vec::new(),
+            ingress_shutdown,
+            metrics_url: String::new(),
+            config,
+            db,
+        };
+        for _ in 0..workers {
+            app.start_worker().await;
+        }
+        app
+    }
+
+    /// Starts one more in-process worker.
+    pub async fn start_worker(&mut self) {
+        let shutdown = CancellationToken::new();
+        let worker = conveyor_worker::start(
+            self.config.clone(),
+            conveyor_tasks::registry(),
+            shutdown.clone(),
+        )
+        .await
+        .expect("start worker");
+        self.metrics_url = format!("http://{}/metrics", worker.http_addr);
+        wait_until(Duration::from_secs(10), || async {
+            reqwest::get(format!("http://{}/readyz", worker.http_addr))
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        self.workers.push(RunningWorker { shutdown, worker });
+    }
+
+    /// Starts a worker as a separate `conveyor worker` process.
+    pub fn spawn_worker_process(&mut self, grace_ms: u64) -> u32 {
+        let log = if std::env::var_os("TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+            .arg("worker")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CONVEYOR_DATABASE_URL", &self.db.url)
+            .env("CONVEYOR_AMQP_URL", AMQP_URL)
+            .env("CONVEYOR_NAMESPACE", &self.config.namespace)
+            .env("CONVEYOR_WORKER_METRICS_ADDR", "127.0.0.1:0")
+            .env("CONVEYOR_WORKER_GRACE_PERIOD_MS", grace_ms.to_string())
+            .env("CONVEYOR_LOG_LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn worker process");
+        let pid = child.id();
+        self.processes.push(child);
+        pid
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `POST /v1/jobs` with `body` as JSON.
+    pub async fn post_job(&self, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/jobs"))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /v1/jobs")
+    }
+
+    /// Enqueues `task` with `args`, asserting 202; returns the job id.
+    pub async fn enqueue(&self, task: &str, args: Value) -> Uuid {
+        let response = self.post_job(json!({"task": task, "args": args})).await;
+        assert_eq!(
+            response.status(),
+            202,
+            "{}",
+            response.text().await.unwrap_or_default()
+        );
+        let body: Value = response.json().await.unwrap();
+        body["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// The job record.
+    pub async fn job(&self, id: Uuid) -> Option<Job> {
+        let url = self.db.url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = PgConnection::establish(&url).unwrap();
+            jobs::table
+                .find(id)
+                .select(Job::as_select())
+                .first(&mut conn)
+                .optional()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Waits until job `id` is in `state` (panics after `timeout`).
+    pub async fn wait_for_state(&self, id: Uuid, state: &str, timeout: Duration) -> Job {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let job = self.job(id).await;
+            if let Some(job) = &job
+                && job.state == state
+            {
+                return job.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} not {state} after {timeout:?}: {job:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Runs `sql` returning one bigint column named `n`.
+    pub async fn count(&self, sql: &str) -> i64 {
+        let url = self.db.url.clone();
+        let sql = sql.to_owned();
+        tokio::task::spawn_blocking(move || {
+            #[derive(QueryableByName)]
+            struct N {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                n: i64,
+            }
+            let mut conn = PgConnection::establish(&url).unwrap();
+            diesel::sql_query(&sql)
+                .get_result::<N>(&mut conn)
+                .unwrap()
+                .n
+        })
+        .await
+        .unwrap()
+    }
+
+    pub fn topology(&self) -> Topology {
+        Topology::for_config(&self.config)
+    }
+
+    /// Messages ready in broker queue `name`.
+    pub async fn queue_len(&self, name: &str) -> u32 {
+        let conn = lapin::Connection::connect(AMQP_URL, Default::default())
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        let queue = channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = conn.close(200, "done".into()).await;
+        queue.message_count()
+    }
+
+    /// Takes every message from broker queue `name` (acking them): (headers, body) pairs.
+    pub async fn drain_queue(&self, name: &str) -> Vec<(FieldTable, Vec<u8>)> {
+        let conn = lapin::Connection::connect(AMQP_URL, Default::default())
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(message) = channel
+            .basic_get(name.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            let headers = message
+                .delivery
+                .properties
+                .headers()
+                .clone()
+                .unwrap_or_default();
+            out.push((headers, message.delivery.data.clone()));
+            message
+                .delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .unwrap();
+        }
+        let _ = conn.close(200, "done".into()).await;
+        out
+    }
+
+    /// Stops in-process workers (draining) and waits for them.
+    pub async fn stop_workers(&mut self) {
+        for worker in self.workers.drain(..) {
+            worker.shutdown.cancel();
+            let _ = worker.worker.finished.await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.ingress_shutdown.cancel();
+        for worker in &self.workers {
+            worker.shutdown.cancel();
+        }
+        for child in &mut self.processes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let topology = self.topology();
+        // Drop runs inside the test's runtime; clean the broker from a thread of our own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(conn) = lapin::Connection::connect(AMQP_URL, Default::default()).await {
+                    if let Ok(channel) = conn.create_channel().await {
+                        let _ = topology.delete(&channel).await;
+                    }
+                    let _ = conn.close(200, "cleanup".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Polls `check` every 25 ms until it is true; panics after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

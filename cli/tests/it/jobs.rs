@@ -1,0 +1,200 @@
+//! A job's whole path: HTTP → RabbitMQ → worker → Postgres, with retries and dead letters.
+
+use std::time::Duration;
+
+use conveyor_platform::amqp::{ERROR_HEADER, Outgoing, Publisher};
+use conveyor_schema::Envelope;
+use lapin::types::AMQPValue;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{AMQP_URL, TestApp};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn header(headers: &lapin::types::FieldTable, name: &str) -> Option<String> {
+    headers
+        .inner()
+        .iter()
+        .find(|(k, _)| k.as_str() == name)
+        .map(|(_, v)| match v {
+            AMQPValue::LongString(s) => s.to_string(),
+            other => format!("{other:?}"),
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueued_job_runs_and_succeeds() {
+    let app = TestApp::spawn().await;
+    let id = app.enqueue("diag.noop", json!({})).await;
+    // Visible as soon as the 202 was sent.
+    let status: Value = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        ["queued", "running", "succeeded"].contains(&status["state"].as_str().unwrap()),
+        "{status}"
+    );
+    let job = app.wait_for_state(id, "succeeded", WAIT).await;
+    assert_eq!((job.attempts, job.runs), (1, 1));
+    let status: Value = app
+        .client
+        .get(app.url(&format!("/v1/jobs/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["state"], "succeeded");
+    assert!(status["finished_at"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_job_succeeds_on_third_attempt_after_backoff() {
+    let app = TestApp::spawn().await;
+    let id = app.enqueue("diag.fail", json!({"until_attempt": 3})).await;
+    let job = app.wait_for_state(id, "succeeded", WAIT).await;
+    assert_eq!(job.attempts, 3);
+    let errors = job.errors.as_array().unwrap();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    let at =
+        |i: usize| chrono::DateTime::parse_from_rfc3339(errors[i]["at"].as_str().unwrap()).unwrap();
+    // Backoff before attempt 3 is 200 ms with equal jitter: at least 100 ms between the failures.
+    let gap = at(1) - at(0);
+    assert!(
+        gap >= chrono::Duration::milliseconds(100),
+        "second failure only {gap} after the first"
+    );
+    let started = job.started_at.unwrap();
+    assert!(started - at(1).with_timezone(&chrono::Utc) >= chrono::Duration::milliseconds(100));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn always_failing_job_is_dead_lettered_with_its_error() {
+    let app = TestApp::spawn().await;
+    let id = app.enqueue("diag.fail", json!({})).await;
+    let job = app.wait_for_state(id, "dead", WAIT).await;
+    assert_eq!(job.attempts, 5);
+    assert!(
+        job.last_error
+            .as_deref()
+            .unwrap()
+            .contains("failing attempt 5"),
+        "{job:?}"
+    );
+    let dlq = app.topology().dead_letter_queue("default");
+    let messages = app.drain_queue(&dlq).await;
+    assert_eq!(messages.len(), 1);
+    let (headers, body) = &messages[0];
+    assert_eq!(Envelope::decode(body).unwrap().id, id);
+    assert!(
+        header(headers, ERROR_HEADER)
+            .unwrap()
+            .contains("gave up after 5 attempts")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panicking_job_is_dead_lettered_while_others_flow() {
+    let app = TestApp::spawn().await;
+    let panicking = app.enqueue("diag.panic", json!({})).await;
+    let mut others = Vec::new();
+    for _ in 0..20 {
+        others.push(app.enqueue("diag.noop", json!({})).await);
+    }
+    for id in others {
+        app.wait_for_state(id, "succeeded", WAIT).await;
+    }
+    let job = app.wait_for_state(panicking, "dead", WAIT).await;
+    assert!(job.last_error.unwrap().contains("task panicked"));
+    assert_eq!(
+        app.drain_queue(&app.topology().dead_letter_queue("default"))
+            .await
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_job_waits_in_the_broker() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .post_job(json!({"task": "diag.noop", "delay_ms": 700}))
+        .await;
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let job = app.wait_for_state(id, "succeeded", WAIT).await;
+    let waited = job.started_at.unwrap() - job.enqueued_at;
+    assert!(
+        waited >= chrono::Duration::milliseconds(700),
+        "started after only {waited}"
+    );
+}
+
+/// Messages that are not valid jobs go to the dead-letter queue with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_messages_are_dead_lettered_not_dropped() {
+    let app = TestApp::spawn().await;
+    let topology = app.topology();
+    let stop = CancellationToken::new();
+    let publisher = Publisher::start(
+        &[AMQP_URL],
+        "test",
+        topology.clone(),
+        1,
+        Duration::from_secs(5),
+        stop.clone(),
+    );
+    assert!(publisher.wait_connected(Duration::from_secs(5)).await);
+    let work = topology.work_queue("default");
+    let raw = |body: Vec<u8>| Outgoing {
+        exchange: String::new(),
+        routing_key: work.clone(),
+        body,
+        message_id: uuid::Uuid::now_v7(),
+        task: String::new(),
+        headers: vec![],
+    };
+
+    let unknown_task = Envelope::new("no.such.task", json!({}));
+    let mut future_version = serde_json::to_value(Envelope::new("diag.noop", json!({}))).unwrap();
+    future_version["version"] = json!(99);
+    for message in [
+        raw(b"this is not json".to_vec()),
+        raw(unknown_task.encode()),
+        raw(serde_json::to_vec(&future_version).unwrap()),
+    ] {
+        publisher.publish(&message).await.unwrap();
+    }
+    let dlq = topology.dead_letter_queue("default");
+    crate::harness::wait_until(WAIT, || async { app.queue_len(&dlq).await == 3 }).await;
+    let mut reasons: Vec<String> = app
+        .drain_queue(&dlq)
+        .await
+        .iter()
+        .map(|(headers, _)| header(headers, ERROR_HEADER).unwrap())
+        .collect();
+    reasons.sort();
+    assert!(reasons[0].contains("undecodable envelope"), "{reasons:?}");
+    assert!(
+        reasons[1].contains("unknown task `no.such.task`"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[2].contains("unsupported envelope version 99"),
+        "{reasons:?}"
+    );
+    assert_eq!(app.job(unknown_task.id).await.unwrap().state, "dead");
+    stop.cancel();
+}

@@ -1,0 +1,13 @@
+//! Conveyor's integration tests: one binary, real PostgreSQL, RabbitMQ and SMTP.
+//!
+//! Every test gets its own database (a copy of a migrated template, dropped
+//! afterwards) and its own broker namespace (queues deleted afterwards), so
+//! tests run in parallel and leave nothing behind. Set `TEST_LOG=1` to see logs.
+
+mod harness;
+
+mod drain;
+mod http_errors;
+mod jobs;
+mod migrations;
+mod openapi;
