@@ -1,0 +1,25 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+SHELL := /bin/bash
+export CONVEYOR_GIT_COMMIT := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+
+.PHONY: run test lint services bench fmt
+
+run: ## Start services, migrate, run one ingress and one worker
+	@bash deploy/local/run.sh
+
+services: ## Make sure PostgreSQL and RabbitMQ answer (starting or installing them)
+	@bash deploy/local/ensure-services.sh
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --all-targets -- -D warnings
+
+test: lint ## fmt check, clippy, and the whole test suite against real services
+	@if cargo nextest --version >/dev/null 2>&1; then \
+	  CI=true cargo nextest run --workspace --no-fail-fast; \
+	else \
+	  CI=true cargo test --workspace --no-fail-fast; \
+	fi
+
+fmt:
+	cargo fmt --all
