@@ -41,8 +41,27 @@ pub struct Ingress {
 }
 
 /// The application router over `state`.
-pub fn router(state: AppState, body_limit: usize) -> Router {
+pub fn router(state: AppState, body_limit: usize, recipients_body_limit: usize) -> Router {
+    use routes::campaigns;
+    // Campaign creation and recipient lists may be far larger than a job.
+    let bulk = Router::new()
+        .route("/v1/campaigns", post(campaigns::create))
+        .route(
+            "/v1/campaigns/{id}/recipients",
+            post(campaigns::add_recipients).get(campaigns::recipients),
+        )
+        .layer(axum::Extension(BodyLimit(recipients_body_limit)));
     Router::new()
+        .merge(bulk)
+        .route("/v1/campaigns/{id}", get(campaigns::status))
+        .route("/v1/campaigns/{id}/send", post(campaigns::send))
+        .route("/v1/campaigns/{id}/pause", post(campaigns::pause))
+        .route("/v1/campaigns/{id}/resume", post(campaigns::resume))
+        .route("/v1/campaigns/{id}/cancel", post(campaigns::cancel))
+        .route(
+            "/v1/campaigns/{id}/resend-unknown",
+            post(campaigns::resend_unknown),
+        )
         .route("/v1/jobs", post(routes::jobs::enqueue))
         .route("/v1/jobs/{id}", get(routes::jobs::status))
         .route("/healthz", get(routes::health::healthz))
@@ -111,13 +130,18 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         recorder,
         topology,
         metrics,
+        templates: conveyor_templates::MailTemplates::new(config.mail.templates_dir.clone()),
         shutdown: shutdown.clone(),
     };
     let listener = tokio::net::TcpListener::bind(config.ingress.addr)
         .await
         .with_context(|| format!("ingress.addr: cannot listen on {}", config.ingress.addr))?;
     let addr = listener.local_addr()?;
-    let app = router(state, config.ingress.body_limit_bytes);
+    let app = router(
+        state,
+        config.ingress.body_limit_bytes,
+        config.ingress.recipients_body_limit_bytes,
+    );
     // Wait briefly for the broker so the first requests do not all see 503.
     publisher
         .wait_connected(std::time::Duration::from_secs(5))

@@ -20,6 +20,8 @@ pub struct AppState {
     pub topology: Topology,
     /// This process's metrics.
     pub metrics: Metrics,
+    /// Mail templates, to validate campaigns.
+    pub templates: conveyor_templates::MailTemplates,
     /// Cancelled when the ingress starts shutting down (readiness fails at once).
     pub shutdown: CancellationToken,
 }

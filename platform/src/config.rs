@@ -32,6 +32,8 @@ pub struct Config {
     pub ingress: IngressConfig,
     /// The worker runtime.
     pub worker: WorkerConfig,
+    /// Mail fan-out.
+    pub mail: MailConfig,
 }
 
 /// Logging output.
@@ -93,6 +95,8 @@ pub struct IngressConfig {
     pub addr: SocketAddr,
     /// Largest request body accepted, in bytes.
     pub body_limit_bytes: usize,
+    /// Largest body of campaign creation and recipient appends, in bytes.
+    pub recipients_body_limit_bytes: usize,
     /// Confirm-mode channels used to publish.
     pub publisher_channels: usize,
     /// Most jobs recorded and published together in one group commit.
@@ -117,6 +121,54 @@ pub struct WorkerConfig {
     pub state_batch_max: usize,
 }
 
+/// Mail fan-out settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailConfig {
+    /// SMTP server: `smtp://[user:pass@]host[:port][?tls=required|opportunistic|none]`, or `smtps://…` for implicit TLS.
+    #[serde(serialize_with = "expose")]
+    pub smtp_url: SecretString,
+    /// Pooled SMTP connections per worker.
+    pub smtp_pool_size: u32,
+    /// SMTP command timeout.
+    pub smtp_timeout_ms: u64,
+    /// Recipients one chunk job talks to at once (the most that can be in doubt per killed worker).
+    pub smtp_concurrency: usize,
+    /// Recipients per chunk job.
+    pub chunk_size: usize,
+    /// How long a recipient's claim is trusted; must exceed `smtp_timeout_ms`.
+    pub claim_ttl_ms: u64,
+    /// Send-rate ceiling over all campaigns and workers together.
+    pub global_rate_per_sec: Option<f64>,
+    /// SMTP attempts per recipient before a temporary (4xx) failure becomes permanent.
+    pub max_smtp_attempts: u32,
+    /// Delay after a 4xx reply; doubles per attempt.
+    pub retry_backoff_ms: u64,
+    /// Directory whose `<name>/{subject.txt,body.txt,body.html}` override the embedded templates.
+    pub templates_dir: Option<PathBuf>,
+    /// Unsubscribe link put in every message; `{campaign}` and `{recipient}` are replaced.
+    pub unsubscribe_url: String,
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        Self {
+            smtp_url: "smtp://127.0.0.1:2525?tls=none".into(),
+            smtp_pool_size: 16,
+            smtp_timeout_ms: 30_000,
+            smtp_concurrency: 8,
+            chunk_size: 100,
+            claim_ttl_ms: 120_000,
+            global_rate_per_sec: None,
+            max_smtp_attempts: 5,
+            retry_backoff_ms: 30_000,
+            templates_dir: None,
+            unsubscribe_url: "https://example.invalid/unsubscribe?c={campaign}&r={recipient}"
+                .into(),
+        }
+    }
+}
+
 fn expose<S: serde::Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(secret.expose_secret())
 }
@@ -130,6 +182,7 @@ impl Default for Config {
             amqp: AmqpConfig::default(),
             ingress: IngressConfig::default(),
             worker: WorkerConfig::default(),
+            mail: MailConfig::default(),
         }
     }
 }
@@ -170,6 +223,7 @@ impl Default for IngressConfig {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             body_limit_bytes: 1024 * 1024,
+            recipients_body_limit_bytes: 64 * 1024 * 1024,
             publisher_channels: 4,
             batch_max: 512,
             batches_in_flight: 4,
@@ -297,6 +351,45 @@ impl Config {
         if self.worker.prefetch == 0 {
             return invalid("worker.prefetch", "must be at least 1".into());
         }
+        match url::Url::parse(self.mail.smtp_url.expose_secret()) {
+            Ok(url) if matches!(url.scheme(), "smtp" | "smtps") => {}
+            Ok(url) => {
+                return invalid(
+                    "mail.smtp_url",
+                    format!("scheme `{}` is not smtp or smtps", url.scheme()),
+                );
+            }
+            Err(err) => return invalid("mail.smtp_url", err.to_string()),
+        }
+        if self.mail.chunk_size == 0
+            || self.mail.smtp_concurrency == 0
+            || self.mail.smtp_pool_size == 0
+        {
+            return invalid(
+                "mail.chunk_size",
+                "chunk_size, smtp_concurrency and smtp_pool_size must be at least 1".into(),
+            );
+        }
+        if self.mail.claim_ttl_ms <= self.mail.smtp_timeout_ms {
+            return invalid(
+                "mail.claim_ttl_ms",
+                "must exceed mail.smtp_timeout_ms, or live conversations would be judged dead"
+                    .into(),
+            );
+        }
+        if self
+            .mail
+            .global_rate_per_sec
+            .is_some_and(|r| !(r > 0.0 && r.is_finite()))
+        {
+            return invalid(
+                "mail.global_rate_per_sec",
+                "must be a positive number".into(),
+            );
+        }
+        if self.mail.max_smtp_attempts == 0 {
+            return invalid("mail.max_smtp_attempts", "must be at least 1".into());
+        }
         if self.worker.state_batch_max == 0 {
             return invalid("worker.state_batch_max", "must be at least 1".into());
         }
@@ -349,6 +442,11 @@ fn one_line(err: &figment::Error) -> String {
 /// The database URL, exposed for the one place each process builds its pool.
 pub fn database_url(config: &Config) -> String {
     config.database.url.expose_secret().to_owned()
+}
+
+/// The SMTP URL (it may carry credentials), exposed for the one place the pool is built.
+pub fn smtp_url(config: &Config) -> String {
+    config.mail.smtp_url.expose_secret().to_owned()
 }
 
 #[cfg(test)]

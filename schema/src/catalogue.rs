@@ -126,6 +126,8 @@ pub fn catalogue() -> &'static [TaskDescriptor] {
             TaskDescriptor::of::<args::diag::Sleep>(),
             TaskDescriptor::of::<args::diag::Fail>(),
             TaskDescriptor::of::<args::diag::Panic>(),
+            TaskDescriptor::of::<args::mail::PlanCampaign>(),
+            TaskDescriptor::of::<args::mail::SendChunk>(),
         ]
     })
 }

@@ -26,3 +26,65 @@ diesel::table! {
         updated_at -> Timestamptz,
     }
 }
+
+diesel::table! {
+    campaigns (id) {
+        id -> Uuid,
+        name -> Text,
+        template -> Text,
+        from_addr -> Text,
+        reply_to -> Nullable<Text>,
+        vars -> Jsonb,
+        rate_per_sec -> Nullable<Float8>,
+        state -> Text,
+        plan_generation -> Int4,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+        send_started_at -> Nullable<Timestamptz>,
+        completed_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    campaign_recipients (id) {
+        id -> Int8,
+        campaign_id -> Uuid,
+        email -> Text,
+        vars -> Jsonb,
+        state -> Text,
+        chunk_id -> Nullable<Uuid>,
+        claimed_by -> Nullable<Text>,
+        claimed_at -> Nullable<Timestamptz>,
+        claim_expires_at -> Nullable<Timestamptz>,
+        attempts -> Int4,
+        next_attempt_at -> Nullable<Timestamptz>,
+        last_reply -> Nullable<Text>,
+        sent_at -> Nullable<Timestamptz>,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    campaign_chunks (id) {
+        id -> Uuid,
+        campaign_id -> Uuid,
+        plan_generation -> Int4,
+        first_recipient -> Int8,
+        last_recipient -> Int8,
+        recipients -> Int4,
+        published_at -> Nullable<Timestamptz>,
+        finished_at -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    send_rate_slots (key) {
+        key -> Text,
+        next_slot_at -> Timestamptz,
+    }
+}
+
+diesel::joinable!(campaign_recipients -> campaigns (campaign_id));
+diesel::joinable!(campaign_chunks -> campaigns (campaign_id));
+diesel::allow_tables_to_appear_in_same_query!(campaigns, campaign_recipients, campaign_chunks);

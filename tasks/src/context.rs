@@ -25,6 +25,8 @@ pub struct Services {
     pub enqueue: Arc<dyn Enqueue>,
     /// This worker's identity (host:pid:uuid), recorded in claims.
     pub worker_id: String,
+    /// SMTP pool, mail templates and fan-out settings.
+    pub mail: Arc<crate::mail::MailServices>,
 }
 
 /// One attempt's context.

@@ -18,6 +18,9 @@ pub enum TaskError {
     },
     /// Trying again cannot help: dead-letter now.
     Permanent(anyhow::Error),
+    /// The task stopped early at a safe point because the worker is draining;
+    /// the delivery goes back to its queue unchanged (no attempt is used).
+    Interrupted,
 }
 
 impl TaskError {
@@ -31,13 +34,6 @@ impl TaskError {
         Self::Retry {
             error: error.into(),
             after: Some(after),
-        }
-    }
-
-    /// The cause.
-    pub fn error(&self) -> &anyhow::Error {
-        match self {
-            Self::Retry { error, .. } | Self::Permanent(error) => error,
         }
     }
 
@@ -62,6 +58,7 @@ impl fmt::Display for TaskError {
         match self {
             Self::Retry { error, .. } => write!(f, "{error:#}"),
             Self::Permanent(error) => write!(f, "permanent: {error:#}"),
+            Self::Interrupted => f.write_str("interrupted by shutdown"),
         }
     }
 }

@@ -10,6 +10,7 @@
 pub mod context;
 pub mod diag;
 pub mod error;
+pub mod mail;
 pub mod registry;
 
 pub use context::{Enqueue, JobContext, Services};

@@ -144,6 +144,13 @@ async fn run_envelope(rt: Arc<Runtime>, queue: Arc<str>, delivery: Delivery, env
 
     let mut change = StateChange::of(&envelope, &queue, options.max_attempts, JobState::Succeeded);
     match outcome {
+        Err(TaskError::Interrupted) => {
+            tracing::info!(
+                elapsed_ms,
+                "task stopped for shutdown; returning the job to its queue"
+            );
+            requeue(&delivery).await;
+        }
         Ok(()) => {
             change.finished_at = Some(Utc::now());
             tracing::debug!(elapsed_ms, "job succeeded");

@@ -77,10 +77,12 @@ pub async fn start(
         publisher: publisher.clone(),
         metrics: metrics.clone(),
     });
+    let mail = Arc::new(mail_services(&config)?);
     let services = Services {
         db: db.clone(),
         enqueue,
         worker_id: worker_id.clone(),
+        mail,
     };
     let permits: HashMap<&'static str, Arc<Semaphore>> = registry
         .tasks()
@@ -152,6 +154,27 @@ pub async fn start(
         http_addr,
         finished,
     })
+}
+
+fn mail_services(config: &Config) -> anyhow::Result<conveyor_tasks::mail::MailServices> {
+    use std::time::Duration;
+    let mail = &config.mail;
+    let settings = conveyor_tasks::mail::MailSettings {
+        chunk_size: mail.chunk_size,
+        smtp_concurrency: mail.smtp_concurrency,
+        claim_ttl: Duration::from_millis(mail.claim_ttl_ms),
+        global_rate_per_sec: mail.global_rate_per_sec,
+        max_smtp_attempts: mail.max_smtp_attempts,
+        retry_backoff: Duration::from_millis(mail.retry_backoff_ms),
+        unsubscribe_url: mail.unsubscribe_url.clone(),
+    };
+    conveyor_tasks::mail::MailServices::new(
+        &conveyor_platform::config::smtp_url(config),
+        mail.smtp_pool_size,
+        Duration::from_millis(mail.smtp_timeout_ms),
+        conveyor_templates::MailTemplates::new(mail.templates_dir.clone()),
+        settings,
+    )
 }
 
 fn hostname() -> String {

@@ -192,6 +192,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub workers: Vec<RunningWorker>,
     pub processes: Vec<Child>,
+    /// Extra `CONVEYOR_*` variables for worker processes (config the process cannot get otherwise).
+    pub process_env: Vec<(String, String)>,
     ingress_shutdown: CancellationToken,
     pub metrics_url: String,
 }
@@ -217,6 +219,7 @@ impl TestApp {
             client: reqwest::Client::new(),
             workers: Vec::new(),
             processes: Vec::new(),
+            process_env: Vec::new(),
             ingress_shutdown,
             metrics_url: String::new(),
             config,
@@ -265,6 +268,11 @@ impl TestApp {
             .env("CONVEYOR_WORKER_METRICS_ADDR", "127.0.0.1:0")
             .env("CONVEYOR_WORKER_GRACE_PERIOD_MS", grace_ms.to_string())
             .env("CONVEYOR_LOG_LEVEL", "info")
+            .envs(
+                self.process_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

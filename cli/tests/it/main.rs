@@ -5,9 +5,12 @@
 //! tests run in parallel and leave nothing behind. Set `TEST_LOG=1` to see logs.
 
 mod harness;
+mod smtp;
 
 mod drain;
 mod http_errors;
 mod jobs;
+mod mail;
+mod mail_api;
 mod migrations;
 mod openapi;

@@ -1,4 +1,5 @@
 //! HTTP routes, one file per resource.
 
+pub mod campaigns;
 pub mod health;
 pub mod jobs;

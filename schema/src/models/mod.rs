@@ -1,5 +1,7 @@
 //! Row types, one file per table.
 
+pub mod campaign;
 pub mod job;
 
+pub use campaign::{Campaign, CampaignState, NewCampaign, NewRecipient, Recipient, RecipientState};
 pub use job::{Job, NewJob};

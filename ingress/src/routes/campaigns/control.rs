@@ -1,0 +1,254 @@
+//! State changes: send, pause, resume, cancel, resend-unknown.
+//!
+//! Each is one guarded UPDATE (`… WHERE state IN (allowed)`), so concurrent
+//! calls cannot both win. Those that need the planner enqueue it after the
+//! commit; if that publish fails the change is undone and the caller gets 503.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use conveyor_schema::db::{campaign_recipients, campaigns};
+use conveyor_schema::models::CampaignState;
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use super::enqueue_planner;
+use super::types::Transition;
+use crate::problem::Problem;
+use crate::state::AppState;
+
+/// Moves the campaign from one of `from` to `to`; returns the previous state.
+/// `replan` also bumps the plan generation (a fresh set of chunk ids).
+async fn transition(
+    state: &AppState,
+    id: Uuid,
+    from: &'static [CampaignState],
+    to: CampaignState,
+    replan: bool,
+) -> Result<CampaignState, Problem> {
+    let allowed: Vec<&'static str> = from.iter().map(|s| s.as_str()).collect();
+    let changed = conveyor_schema::pool::run(&state.db, move |conn| {
+        conn.transaction(|conn| {
+            let current: Option<String> = campaigns::table
+                .find(id)
+                .select(campaigns::state)
+                .for_update()
+                .first(conn)
+                .optional()?;
+            let Some(current) = current else {
+                return Ok(None);
+            };
+            if !allowed.contains(&current.as_str()) {
+                return Ok(Some(Err(current)));
+            }
+            let bump = if replan { 1 } else { 0 };
+            diesel::update(campaigns::table.find(id))
+                .set((
+                    campaigns::state.eq(to.as_str()),
+                    campaigns::plan_generation.eq(campaigns::plan_generation + bump),
+                    campaigns::updated_at.eq(diesel::dsl::now),
+                ))
+                .execute(conn)?;
+            if to == CampaignState::Sending {
+                diesel::update(
+                    campaigns::table
+                        .find(id)
+                        .filter(campaigns::send_started_at.is_null()),
+                )
+                .set(campaigns::send_started_at.eq(diesel::dsl::now))
+                .execute(conn)?;
+            }
+            Ok(Some(Ok(current)))
+        })
+    })
+    .await
+    .map_err(|err| Problem::unavailable(err.to_string(), 1))?;
+    match changed {
+        None => Err(Problem::not_found(format!("no campaign {id}"))),
+        Some(Err(current)) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "invalid-transition",
+            "Invalid state transition",
+            format!("campaign {id} is {current}; cannot become {}", to.as_str()),
+        )),
+        Some(Ok(previous)) => Ok(CampaignState::parse(&previous).unwrap_or(CampaignState::Draft)),
+    }
+}
+
+/// Puts the campaign back in `previous` after a failed planner publish.
+async fn undo(state: &AppState, id: Uuid, previous: CampaignState) {
+    let restored = conveyor_schema::pool::run(&state.db, move |conn| {
+        diesel::update(campaigns::table.find(id))
+            .set(campaigns::state.eq(previous.as_str()))
+            .execute(conn)
+    })
+    .await;
+    if let Err(err) = restored {
+        tracing::error!(campaign.id = %id, error = %err, "could not undo a campaign transition");
+    }
+}
+
+async fn start_planning(
+    state: &AppState,
+    id: Uuid,
+    previous: CampaignState,
+) -> Result<Json<Transition>, Problem> {
+    match enqueue_planner(state, id).await {
+        Ok(job) => Ok(Json(Transition {
+            state: CampaignState::Sending,
+            planner_job_id: Some(job),
+            recipients: None,
+        })),
+        Err(problem) => {
+            undo(state, id, previous).await;
+            Err(problem)
+        }
+    }
+}
+
+/// Start sending a draft campaign.
+#[utoipa::path(post, path = "/v1/campaigns/{id}/send", tag = "campaigns",
+    params(("id" = Uuid, Path, description = "Campaign id")),
+    responses(
+        (status = 200, description = "Sending; the planner job was enqueued", body = Transition),
+        (status = 404, description = "No such campaign", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not a draft", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Planner could not be enqueued; nothing changed", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn send(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Transition>, Problem> {
+    let previous = transition(
+        &state,
+        id,
+        &[CampaignState::Draft],
+        CampaignState::Sending,
+        false,
+    )
+    .await?;
+    start_planning(&state, id, previous).await
+}
+
+/// Pause sending: senders stop at their next recipient group and hand the rest back.
+#[utoipa::path(post, path = "/v1/campaigns/{id}/pause", tag = "campaigns",
+    params(("id" = Uuid, Path, description = "Campaign id")),
+    responses(
+        (status = 200, description = "Paused", body = Transition),
+        (status = 404, description = "No such campaign", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not sending", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn pause(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Transition>, Problem> {
+    transition(
+        &state,
+        id,
+        &[CampaignState::Sending],
+        CampaignState::Paused,
+        false,
+    )
+    .await?;
+    Ok(Json(Transition {
+        state: CampaignState::Paused,
+        planner_job_id: None,
+        recipients: None,
+    }))
+}
+
+/// Resume a paused campaign: the remaining recipients are planned afresh.
+#[utoipa::path(post, path = "/v1/campaigns/{id}/resume", tag = "campaigns",
+    params(("id" = Uuid, Path, description = "Campaign id")),
+    responses(
+        (status = 200, description = "Sending again; the planner job was enqueued", body = Transition),
+        (status = 404, description = "No such campaign", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not paused", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Planner could not be enqueued; nothing changed", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn resume(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Transition>, Problem> {
+    let previous = transition(
+        &state,
+        id,
+        &[CampaignState::Paused],
+        CampaignState::Sending,
+        true,
+    )
+    .await?;
+    start_planning(&state, id, previous).await
+}
+
+/// Cancel for good: pending recipients are never sent.
+#[utoipa::path(post, path = "/v1/campaigns/{id}/cancel", tag = "campaigns",
+    params(("id" = Uuid, Path, description = "Campaign id")),
+    responses(
+        (status = 200, description = "Cancelled", body = Transition),
+        (status = 404, description = "No such campaign", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already completed or cancelled", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Transition>, Problem> {
+    transition(
+        &state,
+        id,
+        &[
+            CampaignState::Draft,
+            CampaignState::Sending,
+            CampaignState::Paused,
+        ],
+        CampaignState::Cancelled,
+        false,
+    )
+    .await?;
+    Ok(Json(Transition {
+        state: CampaignState::Cancelled,
+        planner_job_id: None,
+        recipients: None,
+    }))
+}
+
+/// Send again to recipients in doubt (`unknown`): the operator accepts that some may get it twice.
+#[utoipa::path(post, path = "/v1/campaigns/{id}/resend-unknown", tag = "campaigns",
+    params(("id" = Uuid, Path, description = "Campaign id")),
+    responses(
+        (status = 200, description = "Unknown recipients are pending again; the planner job was enqueued", body = Transition),
+        (status = 404, description = "No such campaign", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Campaign draft, paused or cancelled", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Planner could not be enqueued", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn resend_unknown(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Transition>, Problem> {
+    let previous = transition(
+        &state,
+        id,
+        &[CampaignState::Sending, CampaignState::Completed],
+        CampaignState::Sending,
+        true,
+    )
+    .await?;
+    let moved = conveyor_schema::pool::run(&state.db, move |conn| {
+        diesel::update(
+            campaign_recipients::table
+                .filter(campaign_recipients::campaign_id.eq(id))
+                .filter(campaign_recipients::state.eq("unknown")),
+        )
+        .set((
+            campaign_recipients::state.eq("pending"),
+            campaign_recipients::chunk_id.eq(None::<Uuid>),
+            campaign_recipients::next_attempt_at.eq(None::<chrono::DateTime<chrono::Utc>>),
+        ))
+        .execute(conn)
+    })
+    .await
+    .map_err(|err| Problem::unavailable(err.to_string(), 1))?;
+    let mut result = start_planning(&state, id, previous).await?;
+    result.recipients = Some(moved as u64);
+    Ok(result)
+}

@@ -1,0 +1,81 @@
+//! `mail.plan_campaign`: chunk the campaign and hand each chunk to a sender job.
+//!
+//! Safe to run any number of times: chunk ids are derived from (campaign,
+//! plan generation, first recipient) and recorded, recipients are assigned to a
+//! chunk once, and only chunks not yet confirmed as published are published.
+//! A redelivered or replayed planner therefore makes no second chunk and, as
+//! sender jobs reuse the chunk id as job id, no second job record.
+
+use conveyor_schema::Envelope;
+use conveyor_schema::args::mail::{self, PlanCampaignArgs, SendChunkArgs};
+use conveyor_schema::models::CampaignState;
+use conveyor_schema::pool;
+
+use super::ledger;
+use crate::{JobContext, Task, TaskError};
+
+/// Sender jobs published per broker round trip.
+const PUBLISH_BATCH: usize = 200;
+
+/// The planner.
+pub struct PlanCampaign;
+
+impl Task for PlanCampaign {
+    type Spec = mail::PlanCampaign;
+
+    async fn run(&self, args: PlanCampaignArgs, ctx: JobContext) -> Result<(), TaskError> {
+        let db = &ctx.services.db;
+        let chunk_size = ctx.services.mail.settings.chunk_size;
+        let campaign_id = args.campaign_id;
+        let mut planned = 0usize;
+        loop {
+            let Some(campaign) = pool::run(db, move |c| ledger::campaign(c, campaign_id)).await?
+            else {
+                return Err(TaskError::permanent(anyhow::anyhow!(
+                    "campaign {campaign_id} does not exist"
+                )));
+            };
+            if campaign.campaign_state() != CampaignState::Sending {
+                tracing::info!(campaign.id = %campaign_id, state = %campaign.state, "campaign not sending; planner stops");
+                return Ok(());
+            }
+            if ctx.shutdown.is_cancelled() {
+                break;
+            }
+            match pool::run(db, move |c| {
+                ledger::plan_next_chunk(c, &campaign, chunk_size)
+            })
+            .await?
+            {
+                Some(_) => planned += 1,
+                None => break,
+            }
+        }
+        let chunks = pool::run(db, move |c| ledger::unpublished_chunks(c, campaign_id)).await?;
+        for batch in chunks.chunks(PUBLISH_BATCH) {
+            let jobs = batch
+                .iter()
+                .map(|&chunk_id| {
+                    let args = serde_json::to_value(SendChunkArgs {
+                        campaign_id,
+                        chunk_id,
+                    })
+                    .unwrap_or_default();
+                    Envelope {
+                        id: chunk_id,
+                        ..Envelope::new(<mail::SendChunk as conveyor_schema::TaskSpec>::NAME, args)
+                    }
+                })
+                .collect();
+            ctx.services.enqueue.enqueue(jobs).await?;
+            let ids = batch.to_vec();
+            pool::run(db, move |c| ledger::mark_published(c, &ids)).await?;
+        }
+        if ctx.shutdown.is_cancelled() {
+            return Err(TaskError::Interrupted);
+        }
+        pool::run(db, move |c| ledger::complete_if_done(c, campaign_id)).await?;
+        tracing::info!(campaign.id = %campaign_id, planned, published = chunks.len(), "campaign planned");
+        Ok(())
+    }
+}
