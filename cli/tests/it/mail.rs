@@ -188,7 +188,7 @@ async fn kill_9_three_times_never_sends_twice_and_reports_what_is_in_doubt() {
         rng_state = rng_state
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let more = 150 + (rng_state >> 64) as i64 % 300;
+        let more = 150 + ((rng_state >> 64) as u64 % 300) as i64;
         let target = sent_so_far(&app).await + more;
         wait_until(Duration::from_secs(60), || async {
             sent_so_far(&app).await >= target.min(1990)
@@ -206,6 +206,7 @@ async fn kill_9_three_times_never_sends_twice_and_reports_what_is_in_doubt() {
     }
     let status = wait_completed(&app, &id, Duration::from_secs(180)).await;
     let delivered = assert_no_duplicates(&smtp);
+    eprintln!("after 3 kills: {}", status["counts"]);
     let counts = &status["counts"];
     let (sent, failed, unknown) = (
         counts["sent"].as_i64().unwrap(),

@@ -154,3 +154,42 @@ async fn duplicates_are_stored_once_and_the_ledger_pages_by_keyset() {
         404
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_takes_a_hundred_thousand_recipients_in_appends() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let (status, created) = post(
+        &app,
+        "/v1/campaigns",
+        &campaign(json!([{"email": "first@example.com", "vars": {"name": "First"}}])),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let id = created["id"].as_str().unwrap().to_owned();
+    for part in 0..4 {
+        let recipients: Vec<Value> = (0..25_000)
+            .map(
+                |i| json!({"email": format!("p{part}-{i}@example.com"), "vars": {"name": "Guest"}}),
+            )
+            .collect();
+        let (status, added) = post(
+            &app,
+            &format!("/v1/campaigns/{id}/recipients"),
+            &json!({"recipients": recipients}),
+        )
+        .await;
+        assert_eq!(status, 200, "{added}");
+        assert_eq!(added["added"], 25_000);
+    }
+    let status: Value = app
+        .client
+        .get(app.url(&format!("/v1/campaigns/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["counts"]["total"], 100_001);
+    assert_eq!(status["counts"]["pending"], 100_001);
+}
