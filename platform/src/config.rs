@@ -15,6 +15,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+pub use crate::schedule::{ScheduleConfig, SchedulerConfig, StatsConfig};
+
 /// The whole configuration tree.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,6 +34,12 @@ pub struct Config {
     pub ingress: IngressConfig,
     /// The worker runtime.
     pub worker: WorkerConfig,
+    /// Periodic jobs (`[[schedules]]`), see [`crate::schedule`].
+    pub schedules: Vec<ScheduleConfig>,
+    /// The scheduler loop every worker runs.
+    pub scheduler: SchedulerConfig,
+    /// Statistics rollups and retention.
+    pub stats: StatsConfig,
 }
 
 /// Logging output.
@@ -130,6 +138,9 @@ impl Default for Config {
             amqp: AmqpConfig::default(),
             ingress: IngressConfig::default(),
             worker: WorkerConfig::default(),
+            schedules: Vec::new(),
+            scheduler: SchedulerConfig::default(),
+            stats: StatsConfig::default(),
         }
     }
 }
@@ -200,6 +211,14 @@ pub enum ConfigError {
     Invalid {
         /// Dotted key, e.g. `database.url`.
         key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A value in an array entry (e.g. `schedules[2].cron`) makes no sense.
+    #[error("invalid configuration: `{key}`: {problem}")]
+    InvalidEntry {
+        /// Dotted key with the entry's index.
+        key: String,
         /// What is wrong with it.
         problem: String,
     },
@@ -300,6 +319,7 @@ impl Config {
         if self.worker.state_batch_max == 0 {
             return invalid("worker.state_batch_max", "must be at least 1".into());
         }
+        crate::schedule::validate(self)?;
         Ok(())
     }
 
@@ -397,6 +417,18 @@ mod tests {
                 .to_string()
                 .contains("`log.level`")
         );
+    }
+
+    #[test]
+    fn schedules_load_from_a_file() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "[[schedules]]\nname = \"tick\"\ncron = \"*/2 * * * * *\"\ntask = \"diag.sleep\"\nargs = {{ ms = 5 }}\ncatch_up = \"once\"\n\n[[schedules]]\nname = \"bad\"\ncron = \"* * * * *\"\ntask = \"diag.noop\"\ntimezone = \"Nowhere/Land\""
+        )
+        .unwrap();
+        let err = Config::load(Some(file.path())).unwrap_err().to_string();
+        assert!(err.contains("`schedules[1].timezone`"), "{err}");
     }
 
     #[test]

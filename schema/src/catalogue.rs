@@ -126,6 +126,9 @@ pub fn catalogue() -> &'static [TaskDescriptor] {
             TaskDescriptor::of::<args::diag::Sleep>(),
             TaskDescriptor::of::<args::diag::Fail>(),
             TaskDescriptor::of::<args::diag::Panic>(),
+            TaskDescriptor::of::<args::stats::RollupHourly>(),
+            TaskDescriptor::of::<args::stats::RollupDaily>(),
+            TaskDescriptor::of::<args::stats::Retention>(),
         ]
     })
 }

@@ -26,3 +26,18 @@ diesel::table! {
         updated_at -> Timestamptz,
     }
 }
+
+diesel::table! {
+    schedule_ticks (schedule, tick_at) {
+        schedule -> Text,
+        tick_at -> Timestamptz,
+        job_id -> Uuid,
+        catch_up -> Bool,
+        claimed_by -> Text,
+        claimed_at -> Timestamptz,
+        published_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::joinable!(schedule_ticks -> jobs (job_id));
+diesel::allow_tables_to_appear_in_same_query!(jobs, schedule_ticks);
