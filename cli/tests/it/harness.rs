@@ -192,6 +192,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub workers: Vec<RunningWorker>,
     pub processes: Vec<Child>,
+    /// Config files of worker processes, deleted on drop.
+    pub config_files: Vec<tempfile::TempPath>,
     ingress_shutdown: CancellationToken,
     pub metrics_url: String,
 }
@@ -217,6 +219,7 @@ impl TestApp {
             client: reqwest::Client::new(),
             workers: Vec::new(),
             processes: Vec::new(),
+            config_files: Vec::new(),
             ingress_shutdown,
             metrics_url: String::new(),
             config,
@@ -250,12 +253,25 @@ impl TestApp {
 
     /// Starts a worker as a separate `conveyor worker` process.
     pub fn spawn_worker_process(&mut self, grace_ms: u64) -> u32 {
+        self.spawn_worker_process_with(grace_ms, None)
+    }
+
+    /// Like [`Self::spawn_worker_process`], with `config_toml` written to a file
+    /// passed as `--config` (for what env variables cannot say, like `[[schedules]]`).
+    pub fn spawn_worker_process_with(&mut self, grace_ms: u64, config_toml: Option<&str>) -> u32 {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_conveyor"));
+        if let Some(toml) = config_toml {
+            let mut file = tempfile::NamedTempFile::new().expect("config file");
+            std::io::Write::write_all(&mut file, toml.as_bytes()).expect("write config");
+            command.arg("--config").arg(file.path());
+            self.config_files.push(file.into_temp_path());
+        }
         let log = if std::env::var_os("TEST_LOG").is_some() {
             Stdio::inherit()
         } else {
             Stdio::null()
         };
-        let child = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        let child = command
             .arg("worker")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

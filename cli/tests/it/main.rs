@@ -11,3 +11,5 @@ mod http_errors;
 mod jobs;
 mod migrations;
 mod openapi;
+mod schedules;
+mod stats;
