@@ -175,6 +175,8 @@ pub fn test_config(db: &TestDb) -> Config {
     config.ingress.addr = "127.0.0.1:0".parse().unwrap();
     config.worker.metrics_addr = "127.0.0.1:0".parse().unwrap();
     config.worker.grace_period_ms = 5_000;
+    // Built-in rollup schedules would add jobs at 5-minute boundaries; tests that want them opt in.
+    config.stats.default_schedules = false;
     config
 }
 
@@ -281,6 +283,10 @@ impl TestApp {
             .env("CONVEYOR_WORKER_METRICS_ADDR", "127.0.0.1:0")
             .env("CONVEYOR_WORKER_GRACE_PERIOD_MS", grace_ms.to_string())
             .env("CONVEYOR_LOG_LEVEL", "info")
+            .env(
+                "CONVEYOR_STATS_DEFAULT_SCHEDULES",
+                self.config.stats.default_schedules.to_string(),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -61,7 +61,6 @@ async fn ticks(app: &TestApp, schedule: &str) -> Vec<TickRow> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_worker_processes_fire_each_tick_once_and_survive_a_kill() {
     let mut app = TestApp::spawn_with(0, |config| {
-        config.stats.default_schedules = false;
         config
             .schedules
             .push(every_second("every-second", CatchUp::Skip));
@@ -195,7 +194,6 @@ async fn three_worker_processes_fire_each_tick_once_and_survive_a_kill() {
 /// and returns (last tick before the stop, ticks after it).
 async fn downtime(catch_up: CatchUp) -> (DateTime<Utc>, Vec<TickRow>) {
     let mut app = TestApp::spawn_with(1, |config| {
-        config.stats.default_schedules = false;
         config.scheduler.grace_ms = 1_000;
         config.schedules.push(every_second("catch-up", catch_up));
     })
@@ -266,7 +264,6 @@ async fn catch_up_skip_fires_nothing_for_the_missed_ticks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_claimed_but_never_published_is_republished() {
     let mut app = TestApp::spawn_with(0, |config| {
-        config.stats.default_schedules = false;
         config.scheduler.republish_after_ms = 300;
         config.scheduler.max_sleep_ms = 200;
         config.schedules.push(ScheduleConfig {

@@ -16,10 +16,7 @@ use uuid::Uuid;
 use crate::harness::TestApp;
 
 async fn app() -> TestApp {
-    TestApp::spawn_with(1, |config| {
-        config.stats.default_schedules = false;
-    })
-    .await
+    TestApp::spawn_with(1, |_| {}).await
 }
 
 async fn execute(app: &TestApp, sql: &str) {
@@ -533,8 +530,8 @@ async fn mail_and_webhook_rollups_skip_absent_tables_and_csv_matches_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_seals_old_days_then_deletes_their_finished_jobs_in_batches() {
-    let app = TestApp::spawn_with(1, |_| {}).await;
-    // The built-in schedules are listed by default.
+    let app = TestApp::spawn_with(1, |config| config.stats.default_schedules = true).await;
+    // The built-in schedules are listed when enabled (the default outside tests).
     let list: Vec<Value> = app
         .client
         .get(app.url("/v1/schedules"))
