@@ -64,6 +64,9 @@ pub fn router(state: AppState, body_limit: usize, recipients_body_limit: usize) 
         )
         .route("/v1/jobs", post(routes::jobs::enqueue))
         .route("/v1/jobs/{id}", get(routes::jobs::status))
+        .route("/v1/schedules", get(routes::schedules::list))
+        .route("/v1/schedules/{name}/ticks", get(routes::schedules::ticks))
+        .route("/v1/stats/{family}", get(routes::stats::stats))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))
@@ -107,6 +110,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config.database.pool_size,
     );
     let topology = conveyor_platform::amqp::Topology::for_config(&config);
+    let schedules = std::sync::Arc::new(
+        conveyor_platform::schedule::schedules(&config).context("invalid schedules")?,
+    );
     let metrics = Metrics::new();
     let plumbing = CancellationToken::new();
     let publisher = Publisher::start(
@@ -132,6 +138,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         metrics,
         templates: conveyor_templates::MailTemplates::new(config.mail.templates_dir.clone()),
         shutdown: shutdown.clone(),
+        schedules,
     };
     let listener = tokio::net::TcpListener::bind(config.ingress.addr)
         .await

@@ -2,6 +2,9 @@
 
 use conveyor_platform::amqp::{Publisher, Topology};
 use conveyor_platform::metrics::Metrics;
+use std::sync::Arc;
+
+use conveyor_platform::schedule::Schedule;
 use conveyor_schema::pool::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -24,4 +27,6 @@ pub struct AppState {
     pub templates: conveyor_templates::MailTemplates,
     /// Cancelled when the ingress starts shutting down (readiness fails at once).
     pub shutdown: CancellationToken,
+    /// Every schedule in force (for `/v1/schedules`).
+    pub schedules: Arc<Vec<Schedule>>,
 }

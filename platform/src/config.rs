@@ -15,6 +15,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+pub use crate::schedule::{ScheduleConfig, SchedulerConfig, StatsConfig};
+
 /// The whole configuration tree.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -34,6 +36,12 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// Mail fan-out.
     pub mail: MailConfig,
+    /// Periodic jobs (`[[schedules]]`), see [`crate::schedule`].
+    pub schedules: Vec<ScheduleConfig>,
+    /// The scheduler loop every worker runs.
+    pub scheduler: SchedulerConfig,
+    /// Statistics rollups and retention.
+    pub stats: StatsConfig,
 }
 
 /// Logging output.
@@ -183,6 +191,9 @@ impl Default for Config {
             ingress: IngressConfig::default(),
             worker: WorkerConfig::default(),
             mail: MailConfig::default(),
+            schedules: Vec::new(),
+            scheduler: SchedulerConfig::default(),
+            stats: StatsConfig::default(),
         }
     }
 }
@@ -254,6 +265,14 @@ pub enum ConfigError {
     Invalid {
         /// Dotted key, e.g. `database.url`.
         key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A value in an array entry (e.g. `schedules[2].cron`) makes no sense.
+    #[error("invalid configuration: `{key}`: {problem}")]
+    InvalidEntry {
+        /// Dotted key with the entry's index.
+        key: String,
         /// What is wrong with it.
         problem: String,
     },
@@ -393,6 +412,7 @@ impl Config {
         if self.worker.state_batch_max == 0 {
             return invalid("worker.state_batch_max", "must be at least 1".into());
         }
+        crate::schedule::validate(self)?;
         Ok(())
     }
 
@@ -495,6 +515,18 @@ mod tests {
                 .to_string()
                 .contains("`log.level`")
         );
+    }
+
+    #[test]
+    fn schedules_load_from_a_file() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "[[schedules]]\nname = \"tick\"\ncron = \"*/2 * * * * *\"\ntask = \"diag.sleep\"\nargs = {{ ms = 5 }}\ncatch_up = \"once\"\n\n[[schedules]]\nname = \"bad\"\ncron = \"* * * * *\"\ntask = \"diag.noop\"\ntimezone = \"Nowhere/Land\""
+        )
+        .unwrap();
+        let err = Config::load(Some(file.path())).unwrap_err().to_string();
+        assert!(err.contains("`schedules[1].timezone`"), "{err}");
     }
 
     #[test]

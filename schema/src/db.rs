@@ -88,3 +88,18 @@ diesel::table! {
 diesel::joinable!(campaign_recipients -> campaigns (campaign_id));
 diesel::joinable!(campaign_chunks -> campaigns (campaign_id));
 diesel::allow_tables_to_appear_in_same_query!(campaigns, campaign_recipients, campaign_chunks);
+
+diesel::table! {
+    schedule_ticks (schedule, tick_at) {
+        schedule -> Text,
+        tick_at -> Timestamptz,
+        job_id -> Uuid,
+        catch_up -> Bool,
+        claimed_by -> Text,
+        claimed_at -> Timestamptz,
+        published_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::joinable!(schedule_ticks -> jobs (job_id));
+diesel::allow_tables_to_appear_in_same_query!(jobs, schedule_ticks);

@@ -14,3 +14,5 @@ mod mail;
 mod mail_api;
 mod migrations;
 mod openapi;
+mod schedules;
+mod stats;

@@ -3,3 +3,5 @@
 pub mod campaigns;
 pub mod health;
 pub mod jobs;
+pub mod schedules;
+pub mod stats;
