@@ -5,7 +5,10 @@
 //! [`recorder`]), and answers 202 only after both are durable. [`start`] is used
 //! by `conveyor ingress` and by the integration tests alike.
 
+pub mod admin_auth;
+pub mod dead_jobs;
 pub mod json_body;
+pub mod monitor;
 pub mod openapi;
 pub mod problem;
 pub mod recorder;
@@ -42,7 +45,24 @@ pub struct Ingress {
 
 /// The application router over `state`.
 pub fn router(state: AppState, body_limit: usize) -> Router {
+    let admin = Router::new()
+        .route("/v1/admin/dead-jobs", get(routes::admin::list))
+        .route("/v1/admin/dead-jobs/{id}", get(routes::admin::show))
+        .route(
+            "/v1/admin/dead-jobs/{id}/replay",
+            post(routes::admin::replay),
+        )
+        .route(
+            "/v1/admin/dead-jobs/{id}/discard",
+            post(routes::admin::discard),
+        )
+        .route("/v1/admin/queues", get(routes::admin::queues))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            admin_auth::require_admin,
+        ));
     Router::new()
+        .merge(admin)
         .route("/v1/jobs", post(routes::jobs::enqueue))
         .route("/v1/jobs/{id}", get(routes::jobs::status))
         .route("/healthz", get(routes::health::healthz))
@@ -105,6 +125,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config.ingress.batch_max,
         config.ingress.batches_in_flight,
     );
+    let snapshot = monitor::SharedSnapshot::default();
+    tokio::spawn(monitor::run(
+        config.amqp_urls().iter().map(|u| (*u).to_owned()).collect(),
+        topology.clone(),
+        db.clone(),
+        metrics.clone(),
+        snapshot.clone(),
+        monitor::PollSettings::from_config(&config),
+        plumbing.clone(),
+    ));
     let state = AppState {
         db,
         publisher: publisher.clone(),
@@ -112,6 +142,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         topology,
         metrics,
         shutdown: shutdown.clone(),
+        admin_token: config.admin.token.clone(),
+        snapshot,
+        worker_gone_after: std::time::Duration::from_millis(config.monitor.worker_gone_after_ms),
     };
     let listener = tokio::net::TcpListener::bind(config.ingress.addr)
         .await

@@ -4,18 +4,38 @@
 use utoipa::OpenApi;
 
 use crate::problem::Problem;
-use crate::routes::{health, jobs};
+use crate::routes::{admin, health, jobs};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 /// The whole API.
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Conveyor", description = "Durable jobs over HTTP: enqueue, inspect, operate."),
-    paths(jobs::enqueue, jobs::status, health::healthz, health::readyz, health::metrics),
-    components(schemas(Problem, jobs::EnqueueRequest, jobs::Accepted, jobs::JobStatus, conveyor_schema::JobState)),
+    paths(jobs::enqueue, jobs::status, health::healthz, health::readyz, health::metrics,
+          admin::list, admin::show, admin::replay, admin::discard, admin::queues),
+    components(schemas(Problem, jobs::EnqueueRequest, jobs::Accepted, jobs::JobStatus, conveyor_schema::JobState,
+                       admin::DeadJobView, admin::ActionView, admin::ReplayRequest, admin::ReplayResult,
+                       admin::DiscardResult, crate::monitor::Snapshot, crate::monitor::QueueStats,
+                       crate::monitor::DelayedCount)),
+    modifiers(&AdminToken),
     tags((name = "jobs", description = "Enqueue jobs and read their status"),
-         (name = "operations", description = "Probes and metrics"))
+         (name = "operations", description = "Probes and metrics"),
+         (name = "admin", description = "Dead jobs, queues and workers; needs the admin token (later: an API key with the `admin` scope)"))
 )]
 pub struct ApiDoc;
+
+/// Declares the `admin_token` bearer scheme the admin paths refer to.
+struct AdminToken;
+
+impl utoipa::Modify for AdminToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
 
 /// `GET /openapi.json`.
 pub async fn serve() -> axum::Json<utoipa::openapi::OpenApi> {

@@ -5,6 +5,7 @@ use conveyor_platform::metrics::Metrics;
 use conveyor_schema::pool::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::monitor::SharedSnapshot;
 use crate::recorder::Recorder;
 
 /// Shared by all handlers. Cheap to clone.
@@ -22,4 +23,10 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Cancelled when the ingress starts shutting down (readiness fails at once).
     pub shutdown: CancellationToken,
+    /// `[admin] token`; `None` disables the admin API and dashboard.
+    pub admin_token: Option<secrecy::SecretString>,
+    /// The queue monitor's latest poll.
+    pub snapshot: SharedSnapshot,
+    /// A worker silent this long is shown as gone.
+    pub worker_gone_after: std::time::Duration,
 }

@@ -6,8 +6,10 @@
 //! run the real thing.
 
 mod consumer;
+mod dead_letters;
 mod enqueuer;
 mod execute;
+mod heartbeat;
 mod http;
 mod runtime;
 mod state_writer;
@@ -102,6 +104,20 @@ pub async fn start(
             "worker.queues: no task uses queue `{queue}`"
         );
     }
+    let identity = heartbeat::Identity {
+        id: worker_id.clone(),
+        host: hostname(),
+        queues: queues.clone(),
+        started_at: chrono::Utc::now(),
+    };
+    let beats_stop = CancellationToken::new();
+    let beats = tokio::spawn(heartbeat::run(
+        db.clone(),
+        metrics.clone(),
+        identity,
+        std::time::Duration::from_millis(config.monitor.heartbeat_ms),
+        beats_stop.clone(),
+    ));
     let rt = Arc::new(runtime::Runtime {
         registry,
         topology,
@@ -144,6 +160,8 @@ pub async fn start(
     tracing::info!(worker.id = %worker_id, http = %http_addr, "worker started");
     let finished = tokio::spawn(async move {
         consumer::run(rt, options, consuming).await;
+        beats_stop.cancel();
+        let _ = beats.await;
         plumbing.cancel();
         let _ = http.await;
         tracing::info!("worker stopped");

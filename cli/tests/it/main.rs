@@ -6,8 +6,11 @@
 
 mod harness;
 
+mod dead_letters;
+mod dlq;
 mod drain;
 mod http_errors;
 mod jobs;
+mod metrics;
 mod migrations;
 mod openapi;

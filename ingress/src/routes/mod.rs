@@ -1,4 +1,5 @@
 //! HTTP routes, one file per resource.
 
+pub mod admin;
 pub mod health;
 pub mod jobs;
