@@ -6,6 +6,7 @@
 //! by `conveyor ingress` and by the integration tests alike.
 
 pub mod admin_auth;
+pub mod dashboard;
 pub mod dead_jobs;
 pub mod json_body;
 pub mod monitor;
@@ -63,6 +64,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         ));
     Router::new()
         .merge(admin)
+        .merge(dashboard::router(state.clone()))
         .route("/v1/jobs", post(routes::jobs::enqueue))
         .route("/v1/jobs/{id}", get(routes::jobs::status))
         .route("/healthz", get(routes::health::healthz))

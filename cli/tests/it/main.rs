@@ -6,6 +6,7 @@
 
 mod harness;
 
+mod dashboard;
 mod dead_letters;
 mod dlq;
 mod drain;
@@ -14,3 +15,4 @@ mod jobs;
 mod metrics;
 mod migrations;
 mod openapi;
+mod webdriver;
