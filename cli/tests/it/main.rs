@@ -8,6 +8,7 @@ mod harness;
 
 mod dashboard;
 mod dead_letters;
+mod deploy;
 mod dlq;
 mod drain;
 mod http_errors;
