@@ -93,7 +93,7 @@ async fn pages_load_and_a_dead_job_is_replayed_by_clicking() {
     browser.goto(&app.url("/dashboard/dead")).await;
     browser.screenshot(&shot("dead-jobs")).await;
     browser.click(&format!("#dead-{dead} button.replay")).await;
-    let flash = browser.text("#flash").await;
+    let flash = browser.wait_for_text("#flash", "Replayed", WAIT).await;
     assert!(
         flash.starts_with(&format!("Replayed {dead} as job ")),
         "{flash}"

@@ -89,7 +89,12 @@ impl Browser {
         }
     }
 
-    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+    async fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
         let mut request = self
             .client
             .request(method.parse().unwrap(), format!("{}{path}", self.base));
@@ -97,13 +102,35 @@ impl Browser {
             request = request.json(&body);
         }
         let response: Value = request.send().await.unwrap().json().await.unwrap();
-        if let Some(error) = response["value"]["error"].as_str() {
-            panic!(
+        match response["value"]["error"].as_str() {
+            Some(error) => Err(format!(
                 "webdriver {method} {path}: {error}: {}",
                 response["value"]["message"]
-            );
+            )),
+            None => Ok(response["value"].clone()),
         }
-        response["value"].clone()
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        self.try_call(method, path, body)
+            .await
+            .unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// The text of `css`, or why it could not be read (absent, stale).
+    async fn try_text(&self, css: &str) -> Result<String, String> {
+        let found = self
+            .try_call(
+                "POST",
+                "/element",
+                Some(json!({"using": "css selector", "value": css})),
+            )
+            .await?;
+        let id = found[ELEMENT].as_str().unwrap_or_default().to_owned();
+        let text = self
+            .try_call("GET", &format!("/element/{id}/text"), None)
+            .await?;
+        Ok(text.as_str().unwrap_or_default().to_owned())
     }
 
     /// Loads `url`.
@@ -135,11 +162,22 @@ impl Browser {
             .to_owned()
     }
 
-    /// Clicks the element matching `css`.
+    /// Clicks the element matching `css`, finding it again if the page's
+    /// auto-refresh replaced it in between.
     pub async fn click(&self, css: &str) {
-        let id = self.find(css).await;
-        self.call("POST", &format!("/element/{id}/click"), Some(json!({})))
-            .await;
+        let mut last = String::new();
+        for _ in 0..10 {
+            let id = self.find(css).await;
+            match self
+                .try_call("POST", &format!("/element/{id}/click"), Some(json!({})))
+                .await
+            {
+                Ok(_) => return,
+                Err(err) => last = err,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("could not click `{css}`: {last}");
     }
 
     /// Types `text` into the element matching `css`.
@@ -167,7 +205,7 @@ impl Browser {
     pub async fn wait_for_text(&self, css: &str, wanted: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            let text = self.text(css).await;
+            let text = self.try_text(css).await.unwrap_or_else(|err| err);
             if text.contains(wanted) {
                 return text;
             }
