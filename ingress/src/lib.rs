@@ -5,7 +5,11 @@
 //! [`recorder`]), and answers 202 only after both are durable. [`start`] is used
 //! by `conveyor ingress` and by the integration tests alike.
 
+pub mod admin_auth;
+pub mod dashboard;
+pub mod dead_jobs;
 pub mod json_body;
+pub mod monitor;
 pub mod openapi;
 pub mod problem;
 pub mod recorder;
@@ -51,8 +55,26 @@ pub fn router(state: AppState, body_limit: usize, recipients_body_limit: usize) 
             post(campaigns::add_recipients).get(campaigns::recipients),
         )
         .layer(axum::Extension(BodyLimit(recipients_body_limit)));
+    let admin = Router::new()
+        .route("/v1/admin/dead-jobs", get(routes::admin::list))
+        .route("/v1/admin/dead-jobs/{id}", get(routes::admin::show))
+        .route(
+            "/v1/admin/dead-jobs/{id}/replay",
+            post(routes::admin::replay),
+        )
+        .route(
+            "/v1/admin/dead-jobs/{id}/discard",
+            post(routes::admin::discard),
+        )
+        .route("/v1/admin/queues", get(routes::admin::queues))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            admin_auth::require_admin,
+        ));
     Router::new()
         .merge(bulk)
+        .merge(admin)
+        .merge(dashboard::router(state.clone()))
         .route("/v1/campaigns/{id}", get(campaigns::status))
         .route("/v1/campaigns/{id}/send", post(campaigns::send))
         .route("/v1/campaigns/{id}/pause", post(campaigns::pause))
@@ -130,6 +152,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config.ingress.batch_max,
         config.ingress.batches_in_flight,
     );
+    let snapshot = monitor::SharedSnapshot::default();
+    tokio::spawn(monitor::run(
+        config.amqp_urls().iter().map(|u| (*u).to_owned()).collect(),
+        topology.clone(),
+        db.clone(),
+        metrics.clone(),
+        snapshot.clone(),
+        monitor::PollSettings::from_config(&config),
+        plumbing.clone(),
+    ));
     let state = AppState {
         db,
         publisher: publisher.clone(),
@@ -139,6 +171,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         templates: conveyor_templates::MailTemplates::new(config.mail.templates_dir.clone()),
         shutdown: shutdown.clone(),
         schedules,
+        admin_token: config.admin.token.clone(),
+        snapshot,
+        worker_gone_after: std::time::Duration::from_millis(config.monitor.worker_gone_after_ms),
     };
     let listener = tokio::net::TcpListener::bind(config.ingress.addr)
         .await

@@ -6,8 +6,10 @@
 //! run the real thing.
 
 mod consumer;
+mod dead_letters;
 mod enqueuer;
 mod execute;
+mod heartbeat;
 mod http;
 mod runtime;
 pub mod scheduler;
@@ -115,6 +117,20 @@ pub async fn start(
             "worker.queues: no task uses queue `{queue}`"
         );
     }
+    let identity = heartbeat::Identity {
+        id: worker_id.clone(),
+        host: hostname(),
+        queues: queues.clone(),
+        started_at: chrono::Utc::now(),
+    };
+    let beats_stop = CancellationToken::new();
+    let beats = tokio::spawn(heartbeat::run(
+        db.clone(),
+        metrics.clone(),
+        identity,
+        std::time::Duration::from_millis(config.monitor.heartbeat_ms),
+        beats_stop.clone(),
+    ));
     let rt = Arc::new(runtime::Runtime {
         registry,
         topology,
@@ -162,6 +178,8 @@ pub async fn start(
         if let Some(scheduling) = scheduling {
             let _ = scheduling.await;
         }
+        beats_stop.cancel();
+        let _ = beats.await;
         plumbing.cancel();
         let _ = http.await;
         tracing::info!("worker stopped");
