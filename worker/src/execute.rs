@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use conveyor_platform::amqp::{Outgoing, delay_level_for};
+use conveyor_platform::amqp::{DELAY_LEVELS_MS, Outgoing, delay_level_for};
 use conveyor_schema::db::jobs;
 use conveyor_schema::{Envelope, JobState};
 use conveyor_tasks::{JobContext, TaskError};
@@ -81,11 +81,13 @@ async fn run_envelope(rt: Arc<Runtime>, queue: Arc<str>, delivery: Delivery, env
     let options = task.descriptor().options.clone();
     if let Some(not_before) = envelope.not_before {
         let remaining = (not_before - Utc::now()).to_std().unwrap_or_default();
-        if remaining > Duration::from_millis(20) {
+        if remaining >= Duration::from_millis(DELAY_LEVELS_MS[0]) {
             let again =
                 Outgoing::delayed(&rt.topology, &queue, &envelope, delay_level_for(remaining));
             return finish_with(&rt, &delivery, &again, None, None).await;
         }
+        // Less than the shortest delay queue: wait here rather than run early.
+        tokio::time::sleep(remaining).await;
     }
     if delivery.redelivered && already_done(&rt, &envelope).await {
         tracing::info!(

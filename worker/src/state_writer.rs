@@ -55,6 +55,8 @@ pub struct StateChange {
     pub error: Option<String>,
     /// When the next attempt is due, on `retrying`.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// When the change happened (the time recorded with an error).
+    pub at: DateTime<Utc>,
 }
 
 impl StateChange {
@@ -73,6 +75,7 @@ impl StateChange {
             finished_at: None,
             error: None,
             next_attempt_at: None,
+            at: Utc::now(),
         }
     }
 }
@@ -221,12 +224,12 @@ INSERT INTO jobs (id, task, queue, state, args, attempts, runs, max_attempts, en
 SELECT d.id, d.task, d.queue, d.state, d.args, d.attempt, (d.state = 'running')::int4, d.max_attempts, d.enqueued_at,
        d.started_at, d.finished_at, d.error,
        CASE WHEN d.error IS NULL THEN '[]'::jsonb
-            ELSE jsonb_build_array(jsonb_build_object('attempt', d.attempt, 'at', now(), 'error', d.error)) END,
+            ELSE jsonb_build_array(jsonb_build_object('attempt', d.attempt, 'at', d.at, 'error', d.error)) END,
        d.next_attempt_at, now()
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int4[], $7::int4[],
-            $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::timestamptz[])
+            $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::timestamptz[], $13::timestamptz[])
      AS d(id, task, queue, state, args, attempt, max_attempts, enqueued_at,
-          started_at, finished_at, error, next_attempt_at)
+          started_at, finished_at, error, next_attempt_at, at)
 ON CONFLICT (id) DO UPDATE SET
     state = EXCLUDED.state,
     attempts = EXCLUDED.attempts,
@@ -270,6 +273,7 @@ fn upsert(conn: &mut PgConnection, round: &[&StateChange]) -> QueryResult<()> {
         .bind::<Array<Nullable<Timestamptz>>, _>(
             round.iter().map(|c| c.next_attempt_at).collect::<Vec<_>>(),
         )
+        .bind::<Array<Timestamptz>, _>(round.iter().map(|c| c.at).collect::<Vec<_>>())
         .execute(conn)?;
     Ok(())
 }
