@@ -15,6 +15,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+pub mod webhooks;
+pub use webhooks::{HeadshotConfig, HeadshotStorage, WebhookSource, WebhooksConfig};
+
 /// The whole configuration tree.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,6 +35,8 @@ pub struct Config {
     pub ingress: IngressConfig,
     /// The worker runtime.
     pub worker: WorkerConfig,
+    /// Signed inbound webhooks (sources, keys, headshot downloads).
+    pub webhooks: WebhooksConfig,
 }
 
 /// Logging output.
@@ -130,6 +135,7 @@ impl Default for Config {
             amqp: AmqpConfig::default(),
             ingress: IngressConfig::default(),
             worker: WorkerConfig::default(),
+            webhooks: WebhooksConfig::default(),
         }
     }
 }
@@ -195,6 +201,15 @@ pub enum ConfigError {
     /// A layer could not be read or a value has the wrong type.
     #[error("invalid configuration: {0}")]
     Load(String),
+    /// An entry of a map or list is unusable (the key is built at run time,
+    /// e.g. `webhooks.sources.crm.keys[1]`).
+    #[error("invalid configuration: `{key}`: {problem}")]
+    InvalidEntry {
+        /// Dotted key with the entry's name or index.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// A value parsed but makes no sense.
     #[error("invalid configuration: `{key}`: {problem}")]
     Invalid {
@@ -300,6 +315,7 @@ impl Config {
         if self.worker.state_batch_max == 0 {
             return invalid("worker.state_batch_max", "must be at least 1".into());
         }
+        self.webhooks.validate()?;
         Ok(())
     }
 

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod migrations;
 pub mod shutdown;
 pub mod telemetry;
+pub mod webhook_signature;
 
 pub use config::{Config, ConfigError};
 
