@@ -11,6 +11,7 @@ pub mod problem;
 pub mod recorder;
 pub mod routes;
 pub mod state;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -45,6 +46,11 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
     Router::new()
         .route("/v1/jobs", post(routes::jobs::enqueue))
         .route("/v1/jobs/{id}", get(routes::jobs::status))
+        .route(
+            "/v1/webhooks/{source}/profiles",
+            post(routes::webhooks::receive),
+        )
+        .route("/v1/profiles/{id}", get(routes::profiles::show))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))
@@ -105,7 +111,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config.ingress.batch_max,
         config.ingress.batches_in_flight,
     );
+    let webhooks = std::sync::Arc::new(webhooks::Sources::from_config(&config.webhooks)?);
+    webhooks::spawn_sweeper(db.clone(), plumbing.clone());
     let state = AppState {
+        webhooks,
         db,
         publisher: publisher.clone(),
         recorder,

@@ -20,6 +20,8 @@ pub struct AppState {
     pub topology: Topology,
     /// This process's metrics.
     pub metrics: Metrics,
+    /// Webhook sources and their keys.
+    pub webhooks: crate::webhooks::SharedSources,
     /// Cancelled when the ingress starts shutting down (readiness fails at once).
     pub shutdown: CancellationToken,
 }

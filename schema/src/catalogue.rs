@@ -126,6 +126,7 @@ pub fn catalogue() -> &'static [TaskDescriptor] {
             TaskDescriptor::of::<args::diag::Sleep>(),
             TaskDescriptor::of::<args::diag::Fail>(),
             TaskDescriptor::of::<args::diag::Panic>(),
+            TaskDescriptor::of::<args::webhooks::ProfileSync>(),
         ]
     })
 }

@@ -2,3 +2,5 @@
 
 pub mod health;
 pub mod jobs;
+pub mod profiles;
+pub mod webhooks;

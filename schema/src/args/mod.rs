@@ -4,3 +4,4 @@
 //! [`TaskSpec`](crate::TaskSpec) that ties its name, argument type and options together.
 
 pub mod diag;
+pub mod webhooks;
