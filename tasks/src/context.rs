@@ -25,6 +25,8 @@ pub struct Services {
     pub enqueue: Arc<dyn Enqueue>,
     /// This worker's identity (host:pid:uuid), recorded in claims.
     pub worker_id: String,
+    /// How `webhook.profile_sync` fetches and stores headshots.
+    pub headshots: Arc<crate::webhooks::HeadshotPolicy>,
 }
 
 /// One attempt's context.

@@ -11,6 +11,7 @@ pub mod context;
 pub mod diag;
 pub mod error;
 pub mod registry;
+pub mod webhooks;
 
 pub use context::{Enqueue, JobContext, Services};
 pub use error::TaskError;

@@ -10,7 +10,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
 
-use crate::{JobContext, TaskError, diag};
+use crate::{JobContext, TaskError, diag, webhooks};
 
 /// A task implementation for the spec `Spec`.
 pub trait Task: Send + Sync + 'static {
@@ -92,6 +92,7 @@ pub fn registry() -> Registry {
     registry.register(diag::Sleep);
     registry.register(diag::Fail);
     registry.register(diag::Panic);
+    registry.register(webhooks::ProfileSync);
     registry
 }
 
