@@ -254,7 +254,13 @@ mod tests {
             expected
         );
         let public = VerifyingKey::parse(&public_key_string(&signing.verifying_key())).unwrap();
-        assert!(verify(&[public.clone()], id, ts, body, expected));
+        assert!(verify(
+            std::slice::from_ref(&public),
+            id,
+            ts,
+            body,
+            expected
+        ));
         assert!(!verify(
             &[public],
             id,

@@ -11,3 +11,4 @@ mod http_errors;
 mod jobs;
 mod migrations;
 mod openapi;
+mod webhooks;
