@@ -25,6 +25,12 @@ pub enum Command {
     Ingress,
     /// Consume and run jobs; SIGTERM drains within `worker.grace_period_ms`.
     Worker,
+    /// Signed webhooks: sign a body as a producer would, or make keys.
+    Webhook {
+        /// Webhook action.
+        #[command(subcommand)]
+        action: crate::webhook::WebhookAction,
+    },
     /// Database schema migrations.
     Migrate {
         /// Migration action.
@@ -69,6 +75,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Migrate { action } => migrate(action, config).await?,
         Command::Dlq { action } => crate::dlq::run(action, config).await?,
+        Command::Webhook { action } => crate::webhook::run(action)?,
     }
     Ok(())
 }

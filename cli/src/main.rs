@@ -7,6 +7,7 @@ use clap::Parser;
 
 mod cli;
 mod dlq;
+mod webhook;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();

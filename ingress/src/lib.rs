@@ -15,6 +15,7 @@ pub mod problem;
 pub mod recorder;
 pub mod routes;
 pub mod state;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -89,6 +90,11 @@ pub fn router(state: AppState, body_limit: usize, recipients_body_limit: usize) 
         .route("/v1/schedules", get(routes::schedules::list))
         .route("/v1/schedules/{name}/ticks", get(routes::schedules::ticks))
         .route("/v1/stats/{family}", get(routes::stats::stats))
+        .route(
+            "/v1/webhooks/{source}/profiles",
+            post(routes::webhooks::receive),
+        )
+        .route("/v1/profiles/{id}", get(routes::profiles::show))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))
@@ -162,7 +168,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         monitor::PollSettings::from_config(&config),
         plumbing.clone(),
     ));
+    let webhooks = std::sync::Arc::new(webhooks::Sources::from_config(&config.webhooks)?);
+    webhooks::spawn_sweeper(db.clone(), plumbing.clone());
     let state = AppState {
+        webhooks,
         db,
         publisher: publisher.clone(),
         recorder,

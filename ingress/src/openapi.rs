@@ -4,7 +4,7 @@
 use utoipa::OpenApi;
 
 use crate::problem::Problem;
-use crate::routes::{admin, campaigns, health, jobs, schedules, stats};
+use crate::routes::{admin, campaigns, health, jobs, profiles, schedules, stats, webhooks};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 /// The whole API.
@@ -16,7 +16,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         campaigns::create::create, campaigns::create::add_recipients, campaigns::read::status,
         campaigns::read::recipients, campaigns::control::send, campaigns::control::pause,
         campaigns::control::resume, campaigns::control::cancel, campaigns::control::resend_unknown,
-        schedules::list, schedules::ticks, stats::stats,
+        schedules::list, schedules::ticks, stats::stats, webhooks::receive, profiles::show,
         admin::list, admin::show, admin::replay, admin::discard, admin::queues,
         health::healthz, health::readyz, health::metrics
     ),
@@ -28,13 +28,15 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         schedules::ScheduleView, schedules::Tick, stats::StatsResponse, stats::StatsRows, stats::JobStatsRow,
         stats::MailStatsRow, stats::WebhookStatsRow, conveyor_schema::stats::Family, conveyor_schema::stats::Granularity,
         admin::DeadJobView, admin::ActionView, admin::ReplayRequest, admin::ReplayResult,
-        admin::DiscardResult, crate::monitor::Snapshot, crate::monitor::QueueStats, crate::monitor::DelayedCount
+        admin::DiscardResult, crate::monitor::Snapshot, crate::monitor::QueueStats, crate::monitor::DelayedCount,
+        webhooks::WebhookAccepted, profiles::ProfileView, profiles::HeadshotView
     )),
     modifiers(&AdminToken),
     tags((name = "jobs", description = "Enqueue jobs and read their status"),
          (name = "campaigns", description = "Mail fan-out: campaigns, recipients and their delivery ledger"),
          (name = "schedules", description = "Periodic jobs and the ticks they fired"),
          (name = "stats", description = "Hourly and daily rollups as JSON or CSV"),
+         (name = "webhooks", description = "Signed inbound webhooks and the profiles they sync"),
          (name = "operations", description = "Probes and metrics"),
          (name = "admin", description = "Dead jobs, queues and workers; needs the admin token (later: an API key with the `admin` scope)"))
 )]

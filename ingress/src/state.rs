@@ -26,6 +26,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Mail templates, to validate campaigns.
     pub templates: conveyor_templates::MailTemplates,
+    /// Webhook sources and their keys.
+    pub webhooks: crate::webhooks::SharedSources,
     /// Cancelled when the ingress starts shutting down (readiness fails at once).
     pub shutdown: CancellationToken,
     /// Every schedule in force (for `/v1/schedules`).

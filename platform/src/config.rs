@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::schedule::{ScheduleConfig, SchedulerConfig, StatsConfig};
 
+pub mod webhooks;
+pub use webhooks::{HeadshotConfig, HeadshotStorage, WebhookSource, WebhooksConfig};
+
 /// The whole configuration tree.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -46,6 +49,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Heartbeats and the broker poller.
     pub monitor: MonitorConfig,
+    /// Signed inbound webhooks (sources, keys, headshot downloads).
+    pub webhooks: WebhooksConfig,
 }
 
 /// Logging output.
@@ -247,6 +252,7 @@ impl Default for Config {
             stats: StatsConfig::default(),
             admin: AdminConfig::default(),
             monitor: MonitorConfig::default(),
+            webhooks: WebhooksConfig::default(),
         }
     }
 }
@@ -486,6 +492,7 @@ impl Config {
             return invalid("admin.token", "must be at least 16 characters".into());
         }
         crate::schedule::validate(self)?;
+        self.webhooks.validate()?;
         Ok(())
     }
 

@@ -13,6 +13,7 @@ pub mod migrations;
 pub mod schedule;
 pub mod shutdown;
 pub mod telemetry;
+pub mod webhook_signature;
 
 pub use config::{Config, ConfigError};
 

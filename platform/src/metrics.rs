@@ -2,7 +2,7 @@
 //!
 //! Per-instance metrics (each ingress or worker process counts its own; sum
 //! them across instances): `conveyor_jobs_*_total`, `conveyor_job_*_seconds`,
-//! `conveyor_jobs_in_flight`, `conveyor_http_*`. Service-wide metrics (polled
+//! `conveyor_jobs_in_flight`, `conveyor_http_*`, `conveyor_webhooks_*`. Service-wide metrics (polled
 //! from the broker by the ingress only, so there is one set per deployment, not
 //! one per worker): `conveyor_queue_*`, `conveyor_workers` and
 //! `conveyor_dead_jobs`, each carrying the constant label `scope="service"` so
@@ -55,6 +55,9 @@ pub struct Metrics {
     pub dead_jobs: IntGaugeVec,
     /// Always 1; labels carry version and git commit.
     pub build_info: IntGaugeVec,
+    /// Inbound webhooks by configured source (`unknown` for any other name) and
+    /// outcome (`accepted`, `duplicate`, or the rejection reason). Per-instance.
+    pub webhooks_received: IntCounterVec,
 }
 
 /// The constant label on every service-wide metric.
@@ -226,6 +229,12 @@ impl Metrics {
                 "conveyor_build_info",
                 "Build information; always 1.",
                 &["version", "commit"],
+            ),
+            webhooks_received: counter(
+                r,
+                "conveyor_webhooks_received_total",
+                "Inbound webhooks by source and outcome (accepted, duplicate or why rejected).",
+                &["source", "outcome"],
             ),
             registry,
         };

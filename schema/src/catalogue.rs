@@ -131,6 +131,7 @@ pub fn catalogue() -> &'static [TaskDescriptor] {
             TaskDescriptor::of::<args::stats::RollupHourly>(),
             TaskDescriptor::of::<args::stats::RollupDaily>(),
             TaskDescriptor::of::<args::stats::Retention>(),
+            TaskDescriptor::of::<args::webhooks::ProfileSync>(),
         ]
     })
 }

@@ -151,3 +151,56 @@ diesel::table! {
 
 diesel::joinable!(dead_job_actions -> dead_jobs (dead_job_id));
 diesel::allow_tables_to_appear_in_same_query!(jobs, workers, dead_jobs, dead_job_actions);
+
+diesel::table! {
+    profiles (id) {
+        id -> Text,
+        source -> Text,
+        email -> Nullable<Text>,
+        display_name -> Nullable<Text>,
+        locale -> Nullable<Text>,
+        fields_updated_at -> Nullable<Timestamptz>,
+        headshot_sha256 -> Nullable<Text>,
+        headshot_content_type -> Nullable<Text>,
+        headshot_size_bytes -> Nullable<Int4>,
+        headshot_url -> Nullable<Text>,
+        headshot_updated_at -> Nullable<Timestamptz>,
+        source_updated_at -> Nullable<Timestamptz>,
+        deleted_at -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    headshots (sha256) {
+        sha256 -> Text,
+        content_type -> Text,
+        size_bytes -> Int4,
+        data -> Nullable<Bytea>,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    webhook_deliveries (source, webhook_id) {
+        source -> Text,
+        webhook_id -> Text,
+        job_id -> Uuid,
+        received_at -> Timestamptz,
+        expires_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    webhook_events (id) {
+        id -> Int8,
+        source -> Text,
+        webhook_id -> Text,
+        profile_id -> Nullable<Text>,
+        action -> Nullable<Text>,
+        outcome -> Text,
+        detail -> Nullable<Text>,
+        recorded_at -> Timestamptz,
+    }
+}

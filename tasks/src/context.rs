@@ -27,6 +27,8 @@ pub struct Services {
     pub worker_id: String,
     /// SMTP pool, mail templates and fan-out settings.
     pub mail: Arc<crate::mail::MailServices>,
+    /// How `webhook.profile_sync` fetches and stores headshots.
+    pub headshots: Arc<crate::webhooks::HeadshotPolicy>,
 }
 
 /// One attempt's context.

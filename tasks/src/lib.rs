@@ -13,6 +13,7 @@ pub mod error;
 pub mod mail;
 pub mod registry;
 pub mod stats;
+pub mod webhooks;
 
 pub use context::{Enqueue, JobContext, Services};
 pub use error::TaskError;

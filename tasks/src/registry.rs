@@ -10,7 +10,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
 
-use crate::{JobContext, TaskError, diag, mail, stats};
+use crate::{JobContext, TaskError, diag, mail, stats, webhooks};
 
 /// A task implementation for the spec `Spec`.
 pub trait Task: Send + Sync + 'static {
@@ -97,6 +97,7 @@ pub fn registry() -> Registry {
     registry.register(stats::RollupHourly);
     registry.register(stats::RollupDaily);
     registry.register(stats::Retention);
+    registry.register(webhooks::ProfileSync);
     registry
 }
 

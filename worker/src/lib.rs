@@ -96,6 +96,7 @@ pub async fn start(
         enqueue,
         worker_id: worker_id.clone(),
         mail,
+        headshots: Arc::new(headshot_policy(&config.webhooks.headshots)),
     };
     let permits: HashMap<&'static str, Arc<Semaphore>> = registry
         .tasks()
@@ -209,6 +210,28 @@ fn mail_services(config: &Config) -> anyhow::Result<conveyor_tasks::mail::MailSe
         conveyor_templates::MailTemplates::new(mail.templates_dir.clone()),
         settings,
     )
+}
+
+/// The task-side view of `[webhooks.headshots]`.
+fn headshot_policy(
+    config: &conveyor_platform::config::HeadshotConfig,
+) -> conveyor_tasks::webhooks::HeadshotPolicy {
+    use conveyor_platform::config::HeadshotStorage;
+    conveyor_tasks::webhooks::HeadshotPolicy {
+        allowed_hosts: config.allowed_hosts.clone(),
+        allow_internal_addresses: config.allow_internal_addresses,
+        max_bytes: config.max_bytes,
+        timeout: std::time::Duration::from_millis(config.timeout_ms),
+        content_types: config
+            .content_types
+            .iter()
+            .map(|t| t.to_ascii_lowercase())
+            .collect(),
+        dir: match config.storage {
+            HeadshotStorage::Database => None,
+            HeadshotStorage::Directory => config.dir.clone(),
+        },
+    }
 }
 
 fn hostname() -> String {

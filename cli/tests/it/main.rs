@@ -22,3 +22,4 @@ mod openapi;
 mod schedules;
 mod stats;
 mod webdriver;
+mod webhooks;

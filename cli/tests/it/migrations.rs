@@ -102,14 +102,15 @@ fn a_migration_blocked_by_traffic_fails_fast() {
     let db = TestDb::create_empty();
     let mut config = config_for(&db);
     config.database.lock_timeout_ms = 300;
-    // Apply the first migration, then hold a lock on `jobs` while reverting it.
+    // Apply every migration, then hold a lock on `jobs` while reverting them all:
+    // later migrations revert, the one that drops `jobs` must fail fast.
     migrations::run_pending(&config.database).unwrap();
     let mut holder = db.conn();
     holder
         .batch_execute("BEGIN; LOCK TABLE jobs IN ACCESS SHARE MODE;")
         .unwrap();
     let started = std::time::Instant::now();
-    let err = migrations::revert_last(&config.database)
+    let err = migrations::revert_all(&config.database)
         .unwrap_err()
         .to_string();
     assert!(started.elapsed() < std::time::Duration::from_secs(5));

@@ -431,7 +431,7 @@ async fn mail_and_webhook_rollups_skip_absent_tables_and_csv_matches_json() {
                     date_trunc('hour', now(), 'UTC') - interval '1 hour' + i * interval '10 seconds' \
              FROM generate_series(1, 300) i; \
              CREATE TABLE webhook_events (source text NOT NULL, outcome text NOT NULL, reason text, \
-                 received_at timestamptz NOT NULL); \
+                 recorded_at timestamptz NOT NULL); \
              INSERT INTO webhook_events \
              SELECT (ARRAY['stripe','github'])[1 + i % 2], \
                     (ARRAY['accepted','rejected','applied','stale'])[1 + i % 4], \

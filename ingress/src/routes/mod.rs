@@ -4,5 +4,7 @@ pub mod admin;
 pub mod campaigns;
 pub mod health;
 pub mod jobs;
+pub mod profiles;
 pub mod schedules;
 pub mod stats;
+pub mod webhooks;

@@ -6,3 +6,4 @@
 pub mod diag;
 pub mod mail;
 pub mod stats;
+pub mod webhooks;

@@ -3,6 +3,7 @@
 pub mod campaign;
 pub mod dead_job;
 pub mod job;
+pub mod profile;
 pub mod worker;
 
 pub use campaign::{Campaign, CampaignState, NewCampaign, NewRecipient, Recipient, RecipientState};
@@ -10,5 +11,6 @@ pub mod schedule_tick;
 
 pub use dead_job::{DeadJob, DeadJobAction, NewDeadJobAction};
 pub use job::{Job, NewJob};
+pub use profile::Profile;
 pub use schedule_tick::ScheduleTick;
 pub use worker::WorkerRow;

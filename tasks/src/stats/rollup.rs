@@ -104,7 +104,7 @@ pub fn mail(
 
 /// Recomputes webhook statistics for `[from, to)` per source, outcome and
 /// reason (when `webhook_events` has a `reason` column), bucketed by
-/// `received_at`; `None` when `webhook_events` does not exist.
+/// `recorded_at`; `None` when `webhook_events` does not exist.
 pub fn webhooks(
     conn: &mut PgConnection,
     granularity: Granularity,
@@ -121,10 +121,10 @@ pub fn webhooks(
     };
     let sql = format!(
         "INSERT INTO {table} AS t (bucket, source, outcome, reason, events, computed_at) \
-         SELECT date_trunc('{unit}', received_at, 'UTC'), source::text, outcome::text, {reason}, \
+         SELECT date_trunc('{unit}', recorded_at, 'UTC'), source::text, outcome::text, {reason}, \
                 count(*), now() \
          FROM webhook_events \
-         WHERE received_at >= $1 AND received_at < $2 \
+         WHERE recorded_at >= $1 AND recorded_at < $2 \
          GROUP BY 1, 2, 3, 4 \
          ON CONFLICT (bucket, source, outcome, reason) DO UPDATE SET \
              events = EXCLUDED.events, computed_at = EXCLUDED.computed_at \

@@ -1,0 +1,293 @@
+//! `POST /v1/webhooks/{source}/profiles`: signed profile webhooks (Standard Webhooks).
+//!
+//! Checks run cheapest first and nothing is written until all pass: known
+//! source (404), headers present and well-formed (400), declared and actual
+//! size within the limit (413, before any hashing), timestamp within the
+//! source's tolerance (401), a valid signature over the raw bytes (401), then
+//! the body's shape (400/422). Only then is the `webhook-id` claimed (a repeat
+//! answers 200) and the `webhook.profile_sync` job recorded and published (202
+//! after the broker's confirm).
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use conveyor_platform::amqp::Outgoing;
+use conveyor_platform::webhook_signature;
+use conveyor_schema::args::webhooks::{ProfileEvent, ProfileSync, ProfileSyncArgs};
+use conveyor_schema::models::NewJob;
+use conveyor_schema::{Envelope, TaskSpec};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::json_body;
+use crate::problem::Problem;
+use crate::state::AppState;
+use crate::webhooks::{self, Claim, Source};
+
+/// The answer to an accepted (202) or repeated (200) webhook.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WebhookAccepted {
+    /// The `webhook.profile_sync` job that applies it.
+    pub job_id: Uuid,
+    /// Where to read that job's status.
+    pub status_url: String,
+    /// True when this `webhook-id` had already been accepted (nothing new was enqueued).
+    pub duplicate: bool,
+}
+
+/// The three Standard Webhooks headers, checked for shape.
+struct Signed<'a> {
+    id: &'a str,
+    timestamp: i64,
+    signature: &'a str,
+}
+
+fn bad_headers(detail: impl Into<String>) -> Problem {
+    Problem::new(
+        StatusCode::BAD_REQUEST,
+        "invalid-webhook-headers",
+        "Missing or malformed webhook headers",
+        detail,
+    )
+}
+
+fn unauthorized(kind: &str, title: &str, detail: &str) -> Problem {
+    Problem::new(StatusCode::UNAUTHORIZED, kind, title, detail)
+}
+
+fn signed_headers(headers: &HeaderMap) -> Result<Signed<'_>, Problem> {
+    let get = |name: &str| -> Result<&str, Problem> {
+        let value = headers
+            .get(name)
+            .ok_or_else(|| bad_headers(format!("the `{name}` header is missing")))?
+            .to_str()
+            .map_err(|_| bad_headers(format!("the `{name}` header is not visible ASCII")))?
+            .trim();
+        if value.is_empty() {
+            return Err(bad_headers(format!("the `{name}` header is empty")));
+        }
+        Ok(value)
+    };
+    let id = get("webhook-id")?;
+    if id.len() > 256 {
+        return Err(bad_headers("`webhook-id` is longer than 256 characters"));
+    }
+    let timestamp = get("webhook-timestamp")?
+        .parse::<i64>()
+        .map_err(|_| bad_headers("`webhook-timestamp` is not an integer (Unix seconds)"))?;
+    let signature = get("webhook-signature")?;
+    let well_formed = signature.split(' ').filter(|s| !s.is_empty()).all(|entry| {
+        entry
+            .split_once(',')
+            .is_some_and(|(version, sig)| !version.is_empty() && !sig.is_empty())
+    });
+    if !well_formed {
+        return Err(bad_headers(
+            "`webhook-signature` must be space-separated `version,base64` entries",
+        ));
+    }
+    Ok(Signed {
+        id,
+        timestamp,
+        signature,
+    })
+}
+
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, Problem> {
+    let too_large = || {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Request body too large",
+            format!("the body exceeds the limit of {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_large())
+}
+
+/// Receive a signed profile webhook.
+#[utoipa::path(
+    post, path = "/v1/webhooks/{source}/profiles", tag = "webhooks",
+    params(
+        ("source" = String, Path, description = "A source configured under `[webhooks.sources]`"),
+        ("webhook-id" = String, Header, description = "Unique id of this webhook (deduplicated per source)"),
+        ("webhook-timestamp" = i64, Header, description = "Unix seconds when it was signed"),
+        ("webhook-signature" = String, Header, description = "Space-separated `v1,<base64 HMAC>` / `v1a,<base64 Ed25519>` signatures"),
+    ),
+    request_body(content = Object, content_type = "application/json",
+        description = "`{\"action\": \"UPDATE\"|\"IMPORT_HEADSHOT\"|\"DELETE\", \"profile_id\", \"occurred_at\", \"data\"}`"),
+    responses(
+        (status = 202, description = "Verified, recorded and confirmed by the broker", body = WebhookAccepted),
+        (status = 200, description = "This webhook-id was already accepted; nothing new enqueued", body = WebhookAccepted),
+        (status = 400, description = "Missing or malformed webhook headers, or malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid signature, or timestamp outside the tolerance", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown source", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The same webhook-id is being recorded right now; retry", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over `webhooks.body_limit_bytes`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown action or invalid fields (with a JSON pointer)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Broker or database unavailable; retry", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn receive(
+    State(state): State<AppState>,
+    Path(source_name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(source) = state.webhooks.by_name.get(&source_name) else {
+        count(&state, "unknown", "unknown_source");
+        return Problem::not_found(format!("no webhook source `{source_name}`")).into_response();
+    };
+    match verified(&state, &source_name, source, &headers, body).await {
+        Ok(response) => response,
+        Err((reason, problem)) => {
+            count(&state, &source_name, reason);
+            problem.into_response()
+        }
+    }
+}
+
+fn count(state: &AppState, source: &str, outcome: &str) {
+    state
+        .metrics
+        .webhooks_received
+        .with_label_values(&[source, outcome])
+        .inc();
+}
+
+type Rejection = (&'static str, Problem);
+
+async fn verified(
+    state: &AppState,
+    source_name: &str,
+    source: &Source,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Rejection> {
+    let signed = signed_headers(headers).map_err(|p| ("bad_headers", p))?;
+    let raw = read_body(headers, body, state.webhooks.body_limit)
+        .await
+        .map_err(|p| ("too_large", p))?;
+    let now = Utc::now().timestamp();
+    if !webhook_signature::timestamp_is_fresh(signed.timestamp, now, source.tolerance_secs) {
+        let detail = format!(
+            "`webhook-timestamp` is more than {} s from the server's clock",
+            source.tolerance_secs
+        );
+        return Err((
+            "stale_timestamp",
+            unauthorized(
+                "stale-timestamp",
+                "Webhook timestamp outside the tolerance",
+                &detail,
+            ),
+        ));
+    }
+    if !webhook_signature::verify(
+        &source.keys,
+        signed.id,
+        signed.timestamp,
+        &raw,
+        signed.signature,
+    ) {
+        return Err((
+            "bad_signature",
+            unauthorized(
+                "invalid-signature",
+                "Invalid webhook signature",
+                "no signature matches the body under this source's keys",
+            ),
+        ));
+    }
+    let event: ProfileEvent = json_body::decode(&raw).map_err(|p| ("invalid_body", p))?;
+    event
+        .change()
+        .map_err(|err| ("invalid_body", Problem::invalid(err.pointer, err.message)))?;
+    let unavailable = |err: String| ("unavailable", Problem::unavailable(err, 1));
+
+    let args = ProfileSyncArgs {
+        source: source_name.to_owned(),
+        webhook_id: signed.id.to_owned(),
+        event,
+    };
+    let args_json = serde_json::to_value(&args).map_err(|e| unavailable(e.to_string()))?;
+    let envelope = Envelope::new(ProfileSync::NAME, args_json);
+    let retention = i64::try_from(source.retention_secs).unwrap_or(i64::MAX);
+    let expires_at =
+        chrono::DateTime::from_timestamp(signed.timestamp.saturating_add(retention), 0)
+            .unwrap_or_else(|| Utc::now() + chrono::Duration::days(1));
+    let claimed = webhooks::claim(&state.db, source_name, signed.id, envelope.id, expires_at)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    let (profile_id, action) = (args.event.profile_id.as_str(), args.event.action.as_str());
+    let job_id = match claimed {
+        Claim::Fresh(id) => id,
+        Claim::Accepted(existing) => {
+            count(state, source_name, "duplicate");
+            webhooks::record_event(
+                &state.db,
+                source_name,
+                signed.id,
+                Some(profile_id),
+                Some(action),
+                "duplicate",
+            )
+            .await;
+            return Ok(answer(StatusCode::OK, existing, true));
+        }
+        Claim::InProgress => {
+            let mut problem = Problem::new(
+                StatusCode::CONFLICT,
+                "delivery-in-progress",
+                "Webhook being recorded",
+                "a delivery with this webhook-id is being recorded right now; retry shortly",
+            );
+            problem.retry_after = Some(1);
+            return Err(("in_progress", problem));
+        }
+    };
+    let options = ProfileSync::options();
+    let record = NewJob::queued(&envelope, &options);
+    let message = Outgoing::job(&state.topology, options.queue, &envelope);
+    if let Err(err) = state.recorder.submit(record, message).await {
+        webhooks::release(&state.db, source_name, signed.id, job_id).await;
+        return Err(unavailable(err.to_string()));
+    }
+    count(state, source_name, "accepted");
+    webhooks::record_event(
+        &state.db,
+        source_name,
+        signed.id,
+        Some(profile_id),
+        Some(action),
+        "accepted",
+    )
+    .await;
+    Ok(answer(StatusCode::ACCEPTED, job_id, false))
+}
+
+fn answer(status: StatusCode, job_id: Uuid, duplicate: bool) -> Response {
+    let body = WebhookAccepted {
+        job_id,
+        status_url: format!("/v1/jobs/{job_id}"),
+        duplicate,
+    };
+    (status, Json(body)).into_response()
+}

@@ -1,0 +1,214 @@
+//! What the webhook endpoint needs beyond the request: the configured sources
+//! with their parsed keys, and the memory of `webhook-id`s already accepted.
+//!
+//! Deduplication is a claim row in `webhook_deliveries`, inserted with
+//! `ON CONFLICT DO NOTHING` before the job is submitted, naming the job id it
+//! will get. A repeat finds the claim: when the named job exists the webhook
+//! was accepted (answer 200, publish nothing); when it does not, the first
+//! delivery is still being recorded (answer 409, the producer retries), unless
+//! the claim is older than [`ORPHAN_AFTER`], in which case its request died
+//! between claim and record and the repeat takes the claim over. A failed
+//! submit removes its own claim. Claims expire at `webhook-timestamp + 2 ×
+//! tolerance + margin`; past that the timestamp check alone refuses a replay.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use conveyor_platform::config::WebhooksConfig;
+use conveyor_platform::webhook_signature::VerifyingKey;
+use conveyor_schema::db::{jobs, webhook_deliveries, webhook_events};
+use conveyor_schema::pool::{DbError, PgPool};
+use diesel::prelude::*;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A claim older than this whose job does not exist was abandoned (its request
+/// crashed or timed out between claim and record) and may be taken over.
+pub const ORPHAN_AFTER: Duration = Duration::from_secs(60);
+
+/// One configured source, ready to verify.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Any of these may have signed.
+    pub keys: Vec<VerifyingKey>,
+    /// Allowed distance of `webhook-timestamp` from now, either way.
+    pub tolerance_secs: u64,
+    /// How long an accepted id is remembered past its timestamp.
+    pub retention_secs: u64,
+}
+
+/// Every source by name, plus the body limit.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// By the `{source}` path segment.
+    pub by_name: HashMap<String, Source>,
+    /// Largest body, checked before hashing.
+    pub body_limit: usize,
+}
+
+impl Sources {
+    /// Parses the configured keys (already validated at start-up).
+    pub fn from_config(config: &WebhooksConfig) -> anyhow::Result<Self> {
+        let mut by_name = HashMap::new();
+        for (name, source) in &config.sources {
+            let keys = source
+                .verifying_keys()
+                .map_err(|e| anyhow::anyhow!("webhooks.sources.{name}.keys: {e}"))?;
+            by_name.insert(
+                name.clone(),
+                Source {
+                    keys,
+                    tolerance_secs: source.tolerance_secs,
+                    retention_secs: source.dedup_retention_secs(config.dedup_margin_secs),
+                },
+            );
+        }
+        Ok(Self {
+            by_name,
+            body_limit: config.body_limit_bytes,
+        })
+    }
+}
+
+/// What the claim found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// New (or taken over): submit the job with this id.
+    Fresh(Uuid),
+    /// Already accepted as this job.
+    Accepted(Uuid),
+    /// Another request is recording it right now.
+    InProgress,
+}
+
+/// Claims `(source, webhook_id)` for a new job `job_id`.
+pub async fn claim(
+    db: &PgPool,
+    source: &str,
+    webhook_id: &str,
+    job_id: Uuid,
+    expires_at: DateTime<Utc>,
+) -> Result<Claim, DbError> {
+    let (source, webhook_id) = (source.to_owned(), webhook_id.to_owned());
+    conveyor_schema::pool::run(db, move |conn| {
+        let inserted = diesel::insert_into(webhook_deliveries::table)
+            .values((
+                webhook_deliveries::source.eq(&source),
+                webhook_deliveries::webhook_id.eq(&webhook_id),
+                webhook_deliveries::job_id.eq(job_id),
+                webhook_deliveries::expires_at.eq(expires_at),
+            ))
+            .on_conflict_do_nothing()
+            .execute(conn)?;
+        if inserted == 1 {
+            return Ok(Claim::Fresh(job_id));
+        }
+        let key = webhook_deliveries::table.find((&source, &webhook_id));
+        let Some((existing, received_at)) = key
+            .select((webhook_deliveries::job_id, webhook_deliveries::received_at))
+            .first::<(Uuid, DateTime<Utc>)>(conn)
+            .optional()?
+        else {
+            // Expired and swept between the two statements: treat as in progress; a retry claims it.
+            return Ok(Claim::InProgress);
+        };
+        let recorded: i64 = jobs::table
+            .filter(jobs::id.eq(existing))
+            .count()
+            .get_result(conn)?;
+        if recorded > 0 {
+            return Ok(Claim::Accepted(existing));
+        }
+        let orphaned =
+            Utc::now() - received_at > chrono::Duration::from_std(ORPHAN_AFTER).unwrap_or_default();
+        if orphaned {
+            let taken = diesel::update(key.filter(webhook_deliveries::job_id.eq(existing)))
+                .set((
+                    webhook_deliveries::job_id.eq(job_id),
+                    webhook_deliveries::received_at.eq(diesel::dsl::now),
+                ))
+                .execute(conn)?;
+            if taken == 1 {
+                return Ok(Claim::Fresh(job_id));
+            }
+        }
+        Ok(Claim::InProgress)
+    })
+    .await
+}
+
+/// Removes the claim of a job that could not be submitted, so a retry may claim again.
+pub async fn release(db: &PgPool, source: &str, webhook_id: &str, job_id: Uuid) {
+    let (source, webhook_id) = (source.to_owned(), webhook_id.to_owned());
+    let released = conveyor_schema::pool::run(db, move |conn| {
+        diesel::delete(
+            webhook_deliveries::table
+                .find((&source, &webhook_id))
+                .filter(webhook_deliveries::job_id.eq(job_id)),
+        )
+        .execute(conn)
+    })
+    .await;
+    if let Err(err) = released {
+        tracing::warn!(error = %err, "could not release a webhook claim; it is taken over after {ORPHAN_AFTER:?}");
+    }
+}
+
+/// Records an ingress-side outcome (`accepted` or `duplicate`) for statistics.
+/// A failure is logged, never returned: the webhook's fate is already decided.
+pub async fn record_event(
+    db: &PgPool,
+    source: &str,
+    webhook_id: &str,
+    profile_id: Option<&str>,
+    action: Option<&str>,
+    outcome: &'static str,
+) {
+    let row = (
+        webhook_events::source.eq(source.to_owned()),
+        webhook_events::webhook_id.eq(webhook_id.to_owned()),
+        webhook_events::profile_id.eq(profile_id.map(str::to_owned)),
+        webhook_events::action.eq(action.map(str::to_owned)),
+        webhook_events::outcome.eq(outcome),
+    );
+    let written = conveyor_schema::pool::run(db, move |conn| {
+        diesel::insert_into(webhook_events::table)
+            .values(row)
+            .execute(conn)
+    })
+    .await;
+    if let Err(err) = written {
+        tracing::warn!(error = %err, outcome, "could not record a webhook event");
+    }
+}
+
+/// Deletes expired claims every minute until `stop`.
+pub fn spawn_sweeper(db: PgPool, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let swept = conveyor_schema::pool::run(&db, |conn| {
+                diesel::delete(
+                    webhook_deliveries::table
+                        .filter(webhook_deliveries::expires_at.lt(diesel::dsl::now)),
+                )
+                .execute(conn)
+            })
+            .await;
+            match swept {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(swept = n, "expired webhook ids forgotten"),
+                Err(err) => tracing::warn!(error = %err, "could not sweep expired webhook ids"),
+            }
+        }
+    });
+}
+
+/// The claims' handle for the application state.
+pub type SharedSources = Arc<Sources>;

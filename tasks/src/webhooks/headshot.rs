@@ -1,0 +1,282 @@
+//! Fetching and storing profile headshots, defensively.
+//!
+//! The URL comes from a producer, so the fetch is fenced: the host must be on
+//! the allow-list; every address it resolves to must be public unless internal
+//! addresses are allowed (and the connection is pinned to the address checked,
+//! so a second DNS answer cannot swap in an internal one); redirects are not
+//! followed; the whole download has a deadline; the `Content-Type` must be an
+//! accepted image type; and the body is cut off at the size cap (a declared
+//! `Content-Length` over it is refused before reading). Images are stored
+//! content-addressed by SHA-256, in the `headshots` table or as files.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use conveyor_schema::db::headshots;
+use conveyor_schema::pool::{DbError, PgPool};
+use diesel::prelude::*;
+use sha2::{Digest, Sha256};
+
+/// How headshots are fetched and where they go (from `[webhooks.headshots]`).
+#[derive(Debug, Clone, Default)]
+pub struct HeadshotPolicy {
+    /// Exact hosts, or `*.domain` for its subdomains. Empty refuses everything.
+    pub allowed_hosts: Vec<String>,
+    /// Permits loopback, private and other non-public addresses.
+    pub allow_internal_addresses: bool,
+    /// Size cap in bytes.
+    pub max_bytes: u64,
+    /// Deadline for one download.
+    pub timeout: Duration,
+    /// Accepted content types (lowercase, without parameters).
+    pub content_types: Vec<String>,
+    /// Store files here; `None` stores in the database.
+    pub dir: Option<PathBuf>,
+}
+
+/// A downloaded image.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    /// The response's content type, without parameters.
+    pub content_type: String,
+    /// Lowercase hex SHA-256 of `bytes`.
+    pub sha256: String,
+}
+
+/// Why a download did not produce an image.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// Refused by policy or by what the server sent; retrying cannot help.
+    #[error("{0}")]
+    Permanent(String),
+    /// A timeout, connection failure, 429 or 5xx; worth retrying.
+    #[error("{0}")]
+    Transient(String),
+}
+
+fn permanent(message: impl Into<String>) -> DownloadError {
+    DownloadError::Permanent(message.into())
+}
+
+/// Whether `host` is allowed by `allowed` (exact, or `*.domain` for a strict subdomain).
+pub fn host_allowed(allowed: &[String], host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    allowed.iter().any(|rule| match rule.strip_prefix("*.") {
+        Some(domain) => host.ends_with(&format!(".{domain}")),
+        None => *rule == host,
+    })
+}
+
+/// True for addresses on the public internet; false for loopback, private,
+/// link-local, shared, documentation, multicast and unspecified ranges.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_public_v4(v4),
+            None => is_public_v6(v6),
+        },
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    !(ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_documentation()
+        || ip.is_multicast()
+        || a == 0
+        || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
+        || (a == 198 && (b == 18 || b == 19)) // benchmarking
+        || a >= 240)
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    let first = ip.segments()[0];
+    !(ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || (first & 0xfe00) == 0xfc00 // unique local
+        || (first & 0xffc0) == 0xfe80 // link-local
+        || first == 0x2001 && ip.segments()[1] == 0x0db8) // documentation
+}
+
+/// Downloads `url` under `policy`.
+pub async fn download(policy: &HeadshotPolicy, url: &str) -> Result<Image, DownloadError> {
+    let parsed = url::Url::parse(url).map_err(|e| permanent(format!("invalid URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(permanent("only http and https URLs are fetched"));
+    }
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| permanent("the URL has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    if !host_allowed(&policy.allowed_hosts, &host) {
+        return Err(permanent(format!(
+            "host `{host}` is not in webhooks.headshots.allowed_hosts"
+        )));
+    }
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| DownloadError::Transient(format!("cannot resolve `{host}`: {e}")))?
+        .collect();
+    let Some(first) = addrs.first().copied() else {
+        return Err(DownloadError::Transient(format!(
+            "`{host}` resolved to no address"
+        )));
+    };
+    if !policy.allow_internal_addresses
+        && let Some(internal) = addrs.iter().find(|a| !is_public(a.ip()))
+    {
+        return Err(permanent(format!(
+            "`{host}` resolves to the internal address {}, and internal addresses are not allowed",
+            internal.ip()
+        )));
+    }
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(policy.timeout)
+        .no_proxy()
+        .resolve(&host, first)
+        .build()
+        .map_err(|e| DownloadError::Transient(format!("HTTP client: {e}")))?;
+    let transient = |e: reqwest::Error| DownloadError::Transient(format!("downloading {url}: {e}"));
+    let mut response = client.get(parsed).send().await.map_err(transient)?;
+    let status = response.status();
+    if status.as_u16() == 404 || status.as_u16() == 410 {
+        return Err(permanent(format!("{url} answered {status}: no such image")));
+    }
+    if status.as_u16() == 429 || status.is_server_error() {
+        return Err(DownloadError::Transient(format!("{url} answered {status}")));
+    }
+    if !status.is_success() {
+        return Err(permanent(format!(
+            "{url} answered {status} (redirects are not followed)"
+        )));
+    }
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    if !policy.content_types.contains(&content_type) {
+        return Err(permanent(format!(
+            "content type `{content_type}` is not an accepted image type"
+        )));
+    }
+    let too_large = || permanent(format!("the image exceeds {} bytes", policy.max_bytes));
+    if response
+        .content_length()
+        .is_some_and(|n| n > policy.max_bytes)
+    {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(transient)? {
+        if (bytes.len() + chunk.len()) as u64 > policy.max_bytes {
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    Ok(Image {
+        bytes,
+        content_type,
+        sha256,
+    })
+}
+
+/// Whether an image with this checksum is already stored.
+pub async fn is_stored(db: &PgPool, sha256: &str) -> Result<bool, DbError> {
+    let sha = sha256.to_owned();
+    conveyor_schema::pool::run(db, move |conn| {
+        let n: i64 = headshots::table.find(sha).count().get_result(conn)?;
+        Ok(n > 0)
+    })
+    .await
+}
+
+/// Stores `image` once: a file named by its checksum (written to a temporary
+/// name, then renamed) or the bytes in `headshots`; either way a `headshots` row.
+pub async fn store(db: &PgPool, policy: &HeadshotPolicy, image: &Image) -> anyhow::Result<()> {
+    let data = match &policy.dir {
+        Some(dir) => {
+            let path = dir.join(&image.sha256);
+            if !tokio::fs::try_exists(&path).await? {
+                tokio::fs::create_dir_all(dir).await?;
+                let partial = dir.join(format!(
+                    ".{}.{}",
+                    image.sha256,
+                    uuid::Uuid::new_v4().simple()
+                ));
+                tokio::fs::write(&partial, &image.bytes).await?;
+                tokio::fs::rename(&partial, &path).await?;
+            }
+            None
+        }
+        None => Some(image.bytes.clone()),
+    };
+    let row = (
+        headshots::sha256.eq(image.sha256.clone()),
+        headshots::content_type.eq(image.content_type.clone()),
+        headshots::size_bytes.eq(i32::try_from(image.bytes.len()).unwrap_or(i32::MAX)),
+        headshots::data.eq(data),
+    );
+    conveyor_schema::pool::run(db, move |conn| {
+        diesel::insert_into(headshots::table)
+            .values(row)
+            .on_conflict_do_nothing()
+            .execute(conn)
+    })
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list_matches_exact_hosts_and_subdomains() {
+        let allowed = vec!["img.example.com".to_owned(), "*.cdn.example.org".to_owned()];
+        assert!(host_allowed(&allowed, "img.example.com"));
+        assert!(host_allowed(&allowed, "IMG.example.com."));
+        assert!(host_allowed(&allowed, "a.cdn.example.org"));
+        assert!(!host_allowed(&allowed, "cdn.example.org"));
+        assert!(!host_allowed(&allowed, "evilimg.example.com"));
+        assert!(!host_allowed(&allowed, "img.example.com.evil.net"));
+    }
+
+    #[test]
+    fn internal_addresses_are_not_public() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "2606:2800:220:1::1"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+}

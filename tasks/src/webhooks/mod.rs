@@ -1,0 +1,7 @@
+//! Tasks fed by signed inbound webhooks (see `conveyor_schema::args::webhooks`).
+
+pub mod headshot;
+mod profile_sync;
+
+pub use headshot::HeadshotPolicy;
+pub use profile_sync::{Decision, ProfileSync, decide};

@@ -1,0 +1,446 @@
+//! `webhook.profile_sync`: applies one verified profile event, idempotently and in order.
+//!
+//! Ordering is by the producer's `occurred_at`, per aspect: the fields keep the
+//! time of the UPDATE they came from, the headshot the time of its
+//! IMPORT_HEADSHOT. An older event is skipped (`skipped_stale`), the same one
+//! again changes nothing (`unchanged`), so any delivery order and any number of
+//! redeliveries end in the row that applying the events in order gives. A
+//! DELETE clears the profile and leaves a tombstone that every other event
+//! respects (`skipped_deleted`): deletion is final, so a late UPDATE never
+//! resurrects the profile. Each decision is taken under the row's lock and
+//! recorded in `webhook_events` in the same transaction.
+
+use chrono::{DateTime, Utc};
+use conveyor_schema::args::webhooks::{
+    self as spec, HeadshotRef, ProfileChange, ProfileFields, ProfileSyncArgs,
+};
+use conveyor_schema::db::{headshots, profiles, webhook_events};
+use conveyor_schema::models::Profile;
+use diesel::prelude::*;
+
+use super::headshot::{self, DownloadError, Image};
+use crate::{JobContext, Task, TaskError};
+
+/// Applies profile webhooks.
+pub struct ProfileSync;
+
+/// What to do with an event given the stored row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Newer than what is stored: apply it.
+    Apply,
+    /// Exactly what is stored already (a redelivery).
+    Unchanged,
+    /// Older than what is stored.
+    Stale,
+    /// The profile is deleted; only an earlier DELETE still matters.
+    Deleted,
+}
+
+impl Decision {
+    fn outcome(self) -> &'static str {
+        match self {
+            Self::Apply => "applied",
+            Self::Unchanged => "unchanged",
+            Self::Stale => "skipped_stale",
+            Self::Deleted => "skipped_deleted",
+        }
+    }
+}
+
+fn by_time(stored: Option<DateTime<Utc>>, at: DateTime<Utc>) -> Decision {
+    match stored {
+        Some(s) if s == at => Decision::Unchanged,
+        Some(s) if s > at => Decision::Stale,
+        _ => Decision::Apply,
+    }
+}
+
+/// The decision for `change` at `at` against `row` (a blank row when new).
+pub fn decide(row: &Profile, change: &ProfileChange, at: DateTime<Utc>) -> Decision {
+    match (change, row.deleted_at) {
+        // An earlier DELETE moves the tombstone back; a later or equal one changes nothing.
+        (ProfileChange::Delete, Some(deleted)) if deleted <= at => Decision::Unchanged,
+        (ProfileChange::Delete, _) => Decision::Apply,
+        (_, Some(_)) => Decision::Deleted,
+        (ProfileChange::Update(_), None) => by_time(row.fields_updated_at, at),
+        (ProfileChange::ImportHeadshot(_), None) => by_time(row.headshot_updated_at, at),
+    }
+}
+
+impl Task for ProfileSync {
+    type Spec = spec::ProfileSync;
+
+    async fn run(&self, args: ProfileSyncArgs, ctx: JobContext) -> Result<(), TaskError> {
+        let change = args
+            .event
+            .change()
+            .map_err(|e| TaskError::permanent(anyhow::anyhow!("invalid event: {e}")))?;
+        let outcome = match &change {
+            ProfileChange::ImportHeadshot(headshot) => {
+                import_headshot(&args, headshot, &ctx).await?
+            }
+            _ => apply(&ctx, &args, change.clone(), None).await?,
+        };
+        tracing::info!(
+            profile.id = %args.event.profile_id,
+            action = args.event.action.as_str(),
+            outcome,
+            "profile event handled"
+        );
+        Ok(())
+    }
+}
+
+/// What an IMPORT_HEADSHOT stores: the image's checksum, type and size.
+#[derive(Debug, Clone)]
+struct Stored {
+    sha256: String,
+    content_type: String,
+    size_bytes: i32,
+    detail: Option<&'static str>,
+}
+
+async fn import_headshot(
+    args: &ProfileSyncArgs,
+    headshot: &HeadshotRef,
+    ctx: &JobContext,
+) -> Result<&'static str, TaskError> {
+    let db = &ctx.services.db;
+    let policy = &ctx.services.headshots;
+    let current = load(db, &args.event.profile_id).await?;
+    let change = ProfileChange::ImportHeadshot(headshot.clone());
+    let decision = current.as_ref().map_or(Decision::Apply, |row| {
+        decide(row, &change, args.event.occurred_at)
+    });
+    if decision != Decision::Apply {
+        // Nothing to fetch; record the skip under the lock like any other decision.
+        return apply(ctx, args, change, None).await;
+    }
+    let known = headshot.sha256.as_deref();
+    let stored = match (
+        known,
+        current.as_ref().and_then(|r| r.headshot_sha256.clone()),
+    ) {
+        (Some(sha), Some(current_sha)) if sha == current_sha => Stored {
+            sha256: current_sha,
+            content_type: current
+                .as_ref()
+                .and_then(|r| r.headshot_content_type.clone())
+                .unwrap_or_default(),
+            size_bytes: current
+                .as_ref()
+                .and_then(|r| r.headshot_size_bytes)
+                .unwrap_or_default(),
+            detail: Some("checksum unchanged; download skipped"),
+        },
+        _ => match stored_blob(db, known).await? {
+            Some(blob) => blob,
+            None => fetch(ctx, args, policy, &headshot.url, known).await?,
+        },
+    };
+    apply(ctx, args, change, Some(stored)).await
+}
+
+/// The already stored image with checksum `sha256`, if any.
+async fn stored_blob(
+    db: &conveyor_schema::pool::PgPool,
+    sha256: Option<&str>,
+) -> Result<Option<Stored>, TaskError> {
+    let Some(sha) = sha256.map(str::to_owned) else {
+        return Ok(None);
+    };
+    let row = conveyor_schema::pool::run(db, move |conn| {
+        headshots::table
+            .find(sha)
+            .select((
+                headshots::sha256,
+                headshots::content_type,
+                headshots::size_bytes,
+            ))
+            .first::<(String, String, i32)>(conn)
+            .optional()
+    })
+    .await?;
+    Ok(row.map(|(sha256, content_type, size_bytes)| Stored {
+        sha256,
+        content_type,
+        size_bytes,
+        detail: Some("image already stored; download skipped"),
+    }))
+}
+
+async fn fetch(
+    ctx: &JobContext,
+    args: &ProfileSyncArgs,
+    policy: &headshot::HeadshotPolicy,
+    url: &str,
+    expected: Option<&str>,
+) -> Result<Stored, TaskError> {
+    let image: Image = match headshot::download(policy, url).await {
+        Ok(image) => image,
+        Err(DownloadError::Transient(reason)) => return Err(anyhow::anyhow!(reason).into()),
+        Err(DownloadError::Permanent(reason)) => return Err(failed(ctx, args, reason).await),
+    };
+    if expected.is_some_and(|sha| sha != image.sha256) {
+        let reason = format!(
+            "the image's SHA-256 is {}, not the {} announced",
+            image.sha256,
+            expected.unwrap_or_default()
+        );
+        return Err(failed(ctx, args, reason).await);
+    }
+    headshot::store(&ctx.services.db, policy, &image).await?;
+    Ok(Stored {
+        sha256: image.sha256,
+        content_type: image.content_type,
+        size_bytes: i32::try_from(image.bytes.len()).unwrap_or(i32::MAX),
+        detail: None,
+    })
+}
+
+/// Records a permanent failure and returns the error that dead-letters the job.
+async fn failed(ctx: &JobContext, args: &ProfileSyncArgs, reason: String) -> TaskError {
+    let row = event_row(args, "failed", Some(reason.clone()));
+    let recorded = conveyor_schema::pool::run(&ctx.services.db, move |conn| {
+        diesel::insert_into(webhook_events::table)
+            .values(row)
+            .execute(conn)
+    })
+    .await;
+    if let Err(err) = recorded {
+        tracing::warn!(error = %err, "could not record a failed webhook event");
+    }
+    TaskError::permanent(anyhow::anyhow!(reason))
+}
+
+type EventRow = (
+    diesel::dsl::Eq<webhook_events::source, String>,
+    diesel::dsl::Eq<webhook_events::webhook_id, String>,
+    diesel::dsl::Eq<webhook_events::profile_id, Option<String>>,
+    diesel::dsl::Eq<webhook_events::action, Option<String>>,
+    diesel::dsl::Eq<webhook_events::outcome, &'static str>,
+    diesel::dsl::Eq<webhook_events::detail, Option<String>>,
+);
+
+fn event_row(args: &ProfileSyncArgs, outcome: &'static str, detail: Option<String>) -> EventRow {
+    (
+        webhook_events::source.eq(args.source.clone()),
+        webhook_events::webhook_id.eq(args.webhook_id.clone()),
+        webhook_events::profile_id.eq(Some(args.event.profile_id.clone())),
+        webhook_events::action.eq(Some(args.event.action.as_str().to_owned())),
+        webhook_events::outcome.eq(outcome),
+        webhook_events::detail.eq(detail),
+    )
+}
+
+async fn load(db: &conveyor_schema::pool::PgPool, id: &str) -> Result<Option<Profile>, TaskError> {
+    let id = id.to_owned();
+    Ok(conveyor_schema::pool::run(db, move |conn| {
+        profiles::table
+            .find(id)
+            .select(Profile::as_select())
+            .first(conn)
+            .optional()
+    })
+    .await?)
+}
+
+/// Decides and applies `change` under the row lock, recording the outcome.
+async fn apply(
+    ctx: &JobContext,
+    args: &ProfileSyncArgs,
+    change: ProfileChange,
+    image: Option<Stored>,
+) -> Result<&'static str, TaskError> {
+    let args = args.clone();
+    let dir = ctx.services.headshots.dir.clone();
+    let (outcome, orphan) = conveyor_schema::pool::run(&ctx.services.db, move |conn| {
+        conn.transaction(|conn| apply_locked(conn, &args, &change, image))
+    })
+    .await?;
+    if let (Some(dir), Some(sha)) = (dir, orphan) {
+        // The last reference went with a DELETE: remove the file too (best effort).
+        if let Err(err) = tokio::fs::remove_file(dir.join(&sha)).await {
+            tracing::warn!(error = %err, sha256 = sha, "could not remove an unreferenced headshot file");
+        }
+    }
+    Ok(outcome)
+}
+
+/// Returns the outcome and, after a DELETE, the checksum of a headshot no profile uses any more.
+fn apply_locked(
+    conn: &mut PgConnection,
+    args: &ProfileSyncArgs,
+    change: &ProfileChange,
+    image: Option<Stored>,
+) -> QueryResult<(&'static str, Option<String>)> {
+    let id = &args.event.profile_id;
+    let at = args.event.occurred_at;
+    diesel::insert_into(profiles::table)
+        .values((profiles::id.eq(id), profiles::source.eq(&args.source)))
+        .on_conflict_do_nothing()
+        .execute(conn)?;
+    let row: Profile = profiles::table
+        .find(id)
+        .select(Profile::as_select())
+        .for_update()
+        .first(conn)?;
+    let decision = decide(&row, change, at);
+    let newest = row.source_updated_at.map_or(at, |s| s.max(at));
+    let target = profiles::table.find(id);
+    let mut detail = None;
+    let mut orphan = None;
+    if decision == Decision::Apply {
+        match change {
+            ProfileChange::Update(ProfileFields {
+                email,
+                display_name,
+                locale,
+            }) => {
+                diesel::update(target)
+                    .set((
+                        profiles::source.eq(&args.source),
+                        profiles::email.eq(email),
+                        profiles::display_name.eq(display_name),
+                        profiles::locale.eq(locale),
+                        profiles::fields_updated_at.eq(at),
+                        profiles::source_updated_at.eq(newest),
+                        profiles::updated_at.eq(diesel::dsl::now),
+                    ))
+                    .execute(conn)?;
+            }
+            ProfileChange::ImportHeadshot(headshot) => {
+                let Some(image) = image else {
+                    return Err(diesel::result::Error::RollbackTransaction);
+                };
+                detail = image.detail.map(str::to_owned);
+                diesel::update(target)
+                    .set((
+                        profiles::source.eq(&args.source),
+                        profiles::headshot_sha256.eq(&image.sha256),
+                        profiles::headshot_content_type.eq(&image.content_type),
+                        profiles::headshot_size_bytes.eq(image.size_bytes),
+                        profiles::headshot_url.eq(&headshot.url),
+                        profiles::headshot_updated_at.eq(at),
+                        profiles::source_updated_at.eq(newest),
+                        profiles::updated_at.eq(diesel::dsl::now),
+                    ))
+                    .execute(conn)?;
+            }
+            ProfileChange::Delete => {
+                diesel::update(target)
+                    .set((
+                        profiles::source.eq(&args.source),
+                        profiles::email.eq(None::<String>),
+                        profiles::display_name.eq(None::<String>),
+                        profiles::locale.eq(None::<String>),
+                        profiles::fields_updated_at.eq(None::<DateTime<Utc>>),
+                        profiles::headshot_sha256.eq(None::<String>),
+                        profiles::headshot_content_type.eq(None::<String>),
+                        profiles::headshot_size_bytes.eq(None::<i32>),
+                        profiles::headshot_url.eq(None::<String>),
+                        profiles::headshot_updated_at.eq(None::<DateTime<Utc>>),
+                        profiles::source_updated_at.eq(at),
+                        profiles::deleted_at.eq(at),
+                        profiles::updated_at.eq(diesel::dsl::now),
+                    ))
+                    .execute(conn)?;
+                if let Some(sha) = row.headshot_sha256 {
+                    let still_used: i64 = profiles::table
+                        .filter(profiles::headshot_sha256.eq(&sha))
+                        .count()
+                        .get_result(conn)?;
+                    if still_used == 0 {
+                        diesel::delete(headshots::table.find(&sha)).execute(conn)?;
+                        orphan = Some(sha);
+                    }
+                }
+            }
+        }
+    }
+    let mut outcome = decision.outcome();
+    if decision == Decision::Apply
+        && matches!(change, ProfileChange::ImportHeadshot(_))
+        && detail.as_deref() == Some("checksum unchanged; download skipped")
+    {
+        outcome = "unchanged";
+    }
+    diesel::insert_into(webhook_events::table)
+        .values(event_row(args, outcome, detail))
+        .execute(conn)?;
+    Ok((outcome, orphan))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    fn blank() -> Profile {
+        Profile {
+            id: "p".into(),
+            source: "s".into(),
+            email: None,
+            display_name: None,
+            locale: None,
+            fields_updated_at: None,
+            headshot_sha256: None,
+            headshot_content_type: None,
+            headshot_size_bytes: None,
+            headshot_url: None,
+            headshot_updated_at: None,
+            source_updated_at: None,
+            deleted_at: None,
+            created_at: t(0),
+            updated_at: t(0),
+        }
+    }
+
+    #[test]
+    fn older_equal_and_newer_events() {
+        let update = ProfileChange::Update(ProfileFields {
+            email: "a@b".into(),
+            display_name: "A".into(),
+            locale: None,
+        });
+        let mut row = blank();
+        assert_eq!(decide(&row, &update, t(2)), Decision::Apply);
+        row.fields_updated_at = Some(t(2));
+        assert_eq!(decide(&row, &update, t(1)), Decision::Stale);
+        assert_eq!(decide(&row, &update, t(2)), Decision::Unchanged);
+        assert_eq!(decide(&row, &update, t(3)), Decision::Apply);
+        // The headshot is ordered on its own clock.
+        let headshot = ProfileChange::ImportHeadshot(HeadshotRef {
+            url: "https://x".into(),
+            sha256: None,
+        });
+        assert_eq!(decide(&row, &headshot, t(1)), Decision::Apply);
+    }
+
+    #[test]
+    fn a_tombstone_is_final() {
+        let mut row = blank();
+        row.deleted_at = Some(t(3));
+        let update = ProfileChange::Update(ProfileFields {
+            email: "a@b".into(),
+            display_name: "A".into(),
+            locale: None,
+        });
+        assert_eq!(decide(&row, &update, t(2)), Decision::Deleted);
+        assert_eq!(decide(&row, &update, t(9)), Decision::Deleted);
+        assert_eq!(
+            decide(&row, &ProfileChange::Delete, t(3)),
+            Decision::Unchanged
+        );
+        assert_eq!(
+            decide(&row, &ProfileChange::Delete, t(4)),
+            Decision::Unchanged
+        );
+        assert_eq!(decide(&row, &ProfileChange::Delete, t(1)), Decision::Apply);
+    }
+}
