@@ -1,6 +1,5 @@
 # The two commands a newcomer needs: `make run` and `make test`.
 SHELL := /bin/bash
-export CONVEYOR_GIT_COMMIT := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
 .PHONY: run test lint services bench fmt
 

@@ -242,7 +242,7 @@ impl Metrics {
             .build_info
             .with_label_values(&[
                 env!("CARGO_PKG_VERSION"),
-                option_env!("CONVEYOR_GIT_COMMIT").unwrap_or("unknown"),
+                option_env!("BUILD_GIT_COMMIT").unwrap_or("unknown"),
             ])
             .set(1);
         metrics
