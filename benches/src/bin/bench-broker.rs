@@ -33,6 +33,9 @@ struct Args {
     /// Consumer prefetch.
     #[arg(long, default_value_t = 1000)]
     prefetch: u16,
+    /// Deliveries settled by one `multiple` ack (1 = ack each delivery); default prefetch / 4.
+    #[arg(long)]
+    ack_batch: Option<usize>,
 }
 
 #[tokio::main]
@@ -109,7 +112,10 @@ async fn main() -> anyhow::Result<()> {
         anyhow::Ok(())
     });
     let started = Instant::now();
-    let batch = usize::from(args.prefetch / 4).max(1);
+    let batch = args
+        .ack_batch
+        .unwrap_or(usize::from(args.prefetch / 4))
+        .max(1);
     let mut received = 0usize;
     while received < args.messages {
         let Some(delivery) = consumer.next().await else {
@@ -127,7 +133,12 @@ async fn main() -> anyhow::Result<()> {
     println!("ceiling: publish {publish_rate:.0}/s, consume {consume_rate:.0}/s");
     let out = Recorder::new(common, "ceiling", "ceiling");
     out.put("publish_rate", publish_rate, "msg/s")?;
-    out.put("consume_rate", consume_rate, "msg/s")?;
+    let metric = if batch == 1 {
+        "consume_rate_single_acks"
+    } else {
+        "consume_rate"
+    };
+    out.put(metric, consume_rate, "msg/s")?;
     channel
         .queue_delete(queue, QueueDeleteOptions::default())
         .await?;
