@@ -19,12 +19,14 @@ END = "<!-- generated:end -->"
 
 def load(path):
     values = defaultdict(list)
+    runs = set()
     with open(path) as f:
         for line in f:
             if line.strip():
                 r = json.loads(line)
                 values[(r["scenario"], r["system"], r["metric"])].append(r["value"])
-    return values
+                runs.add(r["run"])
+    return values, len(runs)
 
 
 class Results:
@@ -122,7 +124,7 @@ def render(r, m, args):
     L.append(f"Measured {m['date']} at commit `{m['commit']}` on {m['nproc']} cores "
              f"({m['cpu']}), {m['memory']} memory, Linux {m['kernel']}. "
              f"Load generators ran on the same machine. Each cell is min / **median** / max "
-             f"over {args.runs_hint} repetitions; ratios use medians. Whole run: {args.seconds // 60} min {args.seconds % 60} s.")
+             f"over {args.runs_hint} repetitions; ratios use medians. Whole run (after compiling): {args.seconds // 60} min {args.seconds % 60} s.")
     L.append("")
 
     L.append("### 1. HTTP enqueue (`diag.noop`, 64 connections)")
@@ -240,8 +242,7 @@ def main():
     p.add_argument("--seconds", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    values = load(args.results)
-    args.runs_hint = max((len(v) for v in values.values()), default=0)
+    values, args.runs_hint = load(args.results)
     body = render(Results(values), machine(), args)
     block = f"{BEGIN}\n{body}\n{END}"
     if os.path.exists(args.out):
