@@ -23,3 +23,6 @@ test: lint ## fmt check, clippy, and the whole test suite against real services
 
 fmt:
 	cargo fmt --all
+
+bench: ## Conveyor vs Dramatiq vs the bare broker, written to benches/RESULTS.md (< 15 min)
+	@bash benches/run.sh

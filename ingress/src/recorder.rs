@@ -131,6 +131,7 @@ async fn commit_batch(
         replies.push(submission.reply);
     }
     let ids: Vec<Uuid> = records.iter().map(|r| r.id).collect();
+    let started = std::time::Instant::now();
 
     let (inserted_tx, inserted_rx) = oneshot::channel::<Result<(), String>>();
     let (decision_tx, decision_rx) = std::sync::mpsc::channel::<Decision>();
@@ -187,7 +188,9 @@ async fn commit_batch(
             );
         }
     }
+    let inserted_ms = started.elapsed().as_secs_f64() * 1000.0;
     let results = publisher.publish_all(&messages).await;
+    let confirmed_ms = started.elapsed().as_secs_f64() * 1000.0;
     let failed: Vec<Uuid> = ids
         .iter()
         .zip(&results)
@@ -206,6 +209,13 @@ async fn commit_batch(
         Ok(Err(err)) => Err(err),
         Err(err) => Err(err.to_string()),
     };
+    tracing::debug!(
+        jobs = ids.len(),
+        inserted_ms,
+        confirmed_ms,
+        committed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "group commit"
+    );
     for ((reply, result), message) in replies.into_iter().zip(results).zip(&messages) {
         let outcome = match (&committed, result) {
             (Err(err), _) => Err(SubmitError::Database(err.clone())),

@@ -162,22 +162,37 @@ async fn write_loop(
 ) {
     let mut batch = Vec::with_capacity(batch_max);
     while rx.recv_many(&mut batch, batch_max).await > 0 {
-        let changes: std::sync::Arc<Vec<Item>> =
-            std::sync::Arc::new(batch.iter().map(|p| p.item.clone()).collect());
+        let mut waiters = Vec::with_capacity(batch.len());
+        let mut changes = Vec::with_capacity(batch.len());
+        let mut dead = Vec::new();
+        for pending in batch.drain(..) {
+            waiters.extend(pending.done);
+            changes.extend(pending.item.change);
+            dead.extend(pending.item.dead);
+        }
+        let rows = changes.len();
+        let started = std::time::Instant::now();
+        let work = std::sync::Arc::new((plan(changes), dead));
+        let rounds = &work.0;
         let mut backoff = Duration::from_millis(50);
         loop {
             let pool = pool.clone();
-            let shared = changes.clone();
+            let shared = work.clone();
             let result = tokio::task::spawn_blocking(move || {
                 let mut conn = pool.get().map_err(|e| e.to_string())?;
-                conn.transaction(|conn| write_batch(conn, &shared))
-                    .map_err(|e| e.to_string())
+                conn.transaction(|conn| {
+                    let (rounds, dead) = &*shared;
+                    rounds.iter().try_for_each(|round| upsert(conn, round))?;
+                    dead.iter()
+                        .try_for_each(|record| crate::dead_letters::insert(conn, record))
+                })
+                .map_err(|e| e.to_string())
             })
             .await;
             match result {
                 Ok(Ok(())) => break,
                 Ok(Err(err)) => {
-                    tracing::warn!(error = %err, rows = changes.len(), retry_in_ms = backoff.as_millis() as u64, "job state commit failed; retrying");
+                    tracing::warn!(error = %err, rounds = rounds.len(), retry_in_ms = backoff.as_millis() as u64, "job state commit failed; retrying");
                 }
                 Err(err) => tracing::error!(error = %err, "job state writer task failed"),
             }
@@ -187,49 +202,80 @@ async fn write_loop(
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-        for pending in batch.drain(..) {
-            if let Some(done) = pending.done {
-                let _ = done.send(());
-            }
+        tracing::debug!(
+            rows,
+            rounds = rounds.len(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "job states committed"
+        );
+        for done in waiters {
+            let _ = done.send(());
         }
     }
 }
 
-/// Writes `items` in order: first every state change, then the dead-job
-/// records. A job may appear more than once (e.g. `running` then `succeeded`);
-/// an upsert cannot touch one row twice, so the changes are split into rounds
-/// in which each id appears at most once.
-fn write_batch(conn: &mut PgConnection, items: &[Item]) -> QueryResult<()> {
-    let mut round: Vec<&StateChange> = Vec::with_capacity(items.len());
-    let mut ids = std::collections::HashSet::with_capacity(items.len());
-    for change in items.iter().filter_map(|item| item.change.as_ref()) {
-        if !ids.insert(change.id) {
-            upsert(conn, &round)?;
-            round.clear();
-            ids.clear();
-            ids.insert(change.id);
+/// One row of an upsert: a job's latest change in the batch, with the number
+/// of attempt starts (`running` changes) folded into it.
+#[derive(Debug)]
+struct Row {
+    change: StateChange,
+    runs: i32,
+}
+
+/// Orders `changes` into upsert rounds in which each job appears once (an
+/// upsert cannot touch one row twice).
+///
+/// Changes of the same attempt are folded into one row: the usual `running`
+/// then `succeeded` of a fast job become a single `succeeded` row that keeps
+/// the start time and counts the run, which is what applying both in order
+/// gives. Only when folding would lose something (an earlier change carries an
+/// error, or the attempts differ) does a new round start.
+fn plan(changes: Vec<StateChange>) -> Vec<Vec<Row>> {
+    let mut rounds = Vec::new();
+    let mut round: Vec<Row> = Vec::with_capacity(changes.len());
+    let mut index = std::collections::HashMap::with_capacity(changes.len());
+    for change in changes {
+        let runs = i32::from(change.state == JobState::Running);
+        match index.get(&change.id) {
+            Some(&at) => {
+                let row: &mut Row = &mut round[at];
+                if row.change.error.is_none() && row.change.attempt == change.attempt {
+                    let started_at = change.started_at.or(row.change.started_at);
+                    row.change = change;
+                    row.change.started_at = started_at;
+                    row.runs += runs;
+                } else {
+                    rounds.push(std::mem::take(&mut round));
+                    index.clear();
+                    index.insert(change.id, 0);
+                    round.push(Row { change, runs });
+                }
+            }
+            None => {
+                index.insert(change.id, round.len());
+                round.push(Row { change, runs });
+            }
         }
-        round.push(change);
     }
-    upsert(conn, &round)?;
-    for dead in items.iter().filter_map(|item| item.dead.as_ref()) {
-        crate::dead_letters::insert(conn, dead)?;
+    if !round.is_empty() {
+        rounds.push(round);
     }
-    Ok(())
+    rounds
 }
 
 const UPSERT: &str = "
 INSERT INTO jobs (id, task, queue, state, args, attempts, runs, max_attempts, enqueued_at,
                   started_at, finished_at, last_error, errors, next_attempt_at, updated_at)
-SELECT d.id, d.task, d.queue, d.state, d.args, d.attempt, (d.state = 'running')::int4, d.max_attempts, d.enqueued_at,
+SELECT d.id, d.task, d.queue, d.state, d.args, d.attempt, d.runs, d.max_attempts, d.enqueued_at,
        d.started_at, d.finished_at, d.error,
        CASE WHEN d.error IS NULL THEN '[]'::jsonb
             ELSE jsonb_build_array(jsonb_build_object('attempt', d.attempt, 'at', d.at, 'error', d.error)) END,
        d.next_attempt_at, now()
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int4[], $7::int4[],
-            $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::timestamptz[], $13::timestamptz[])
+            $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::timestamptz[],
+            $13::int4[], $14::timestamptz[])
      AS d(id, task, queue, state, args, attempt, max_attempts, enqueued_at,
-          started_at, finished_at, error, next_attempt_at, at)
+          started_at, finished_at, error, next_attempt_at, runs, at)
 ON CONFLICT (id) DO UPDATE SET
     state = EXCLUDED.state,
     attempts = EXCLUDED.attempts,
@@ -242,7 +288,8 @@ ON CONFLICT (id) DO UPDATE SET
     updated_at = now()
 WHERE jobs.state NOT IN ('succeeded', 'dead') AND EXCLUDED.attempts >= jobs.attempts";
 
-fn upsert(conn: &mut PgConnection, round: &[&StateChange]) -> QueryResult<()> {
+fn upsert(conn: &mut PgConnection, rows: &[Row]) -> QueryResult<()> {
+    let round: Vec<&StateChange> = rows.iter().map(|row| &row.change).collect();
     if round.is_empty() {
         return Ok(());
     }
@@ -273,7 +320,59 @@ fn upsert(conn: &mut PgConnection, round: &[&StateChange]) -> QueryResult<()> {
         .bind::<Array<Nullable<Timestamptz>>, _>(
             round.iter().map(|c| c.next_attempt_at).collect::<Vec<_>>(),
         )
+        .bind::<Array<Int4>, _>(rows.iter().map(|row| row.runs).collect::<Vec<_>>())
         .bind::<Array<Timestamptz>, _>(round.iter().map(|c| c.at).collect::<Vec<_>>())
         .execute(conn)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn change(envelope: &Envelope, state: JobState) -> StateChange {
+        StateChange::of(envelope, "default", 5, state)
+    }
+
+    #[test]
+    fn running_then_final_folds_into_one_row() {
+        let a = Envelope::new("diag.noop", json!({}));
+        let b = Envelope::new("diag.noop", json!({}));
+        let mut running_a = change(&a, JobState::Running);
+        running_a.started_at = Some(Utc::now());
+        let mut done_a = change(&a, JobState::Succeeded);
+        done_a.finished_at = Some(Utc::now());
+        let rounds = plan(vec![
+            running_a.clone(),
+            change(&b, JobState::Running),
+            done_a,
+            change(&b, JobState::Succeeded),
+        ]);
+        assert_eq!(rounds.len(), 1);
+        let rows = &rounds[0];
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].change.id, a.id);
+        assert_eq!(rows[0].change.state, JobState::Succeeded);
+        assert_eq!(rows[0].change.started_at, running_a.started_at);
+        assert!(rows[0].change.finished_at.is_some());
+        assert_eq!(rows[0].runs, 1);
+        assert_eq!(rows[1].runs, 1);
+    }
+
+    #[test]
+    fn a_change_after_an_error_or_of_another_attempt_starts_a_new_round() {
+        let a = Envelope::new("diag.fail", json!({}));
+        let mut retrying = change(&a, JobState::Retrying);
+        retrying.error = Some("boom".into());
+        let rounds = plan(vec![retrying, change(&a, JobState::Dead)]);
+        assert_eq!(rounds.len(), 2);
+        let next = a.next_attempt();
+        let rounds = plan(vec![
+            change(&a, JobState::Running),
+            change(&next, JobState::Running),
+        ]);
+        assert_eq!(rounds.len(), 2);
+        assert_eq!(rounds[1][0].change.attempt, 2);
+    }
 }

@@ -1,0 +1,71 @@
+//! Broker helpers: queue depth, purge, and removing a bench namespace.
+
+use conveyor_platform::amqp::{Topology, connect};
+use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection};
+
+/// A connection and one channel for housekeeping.
+pub struct Admin {
+    /// Kept open while the channel is used.
+    pub connection: Connection,
+    /// Housekeeping channel.
+    pub channel: Channel,
+}
+
+impl Admin {
+    /// Connects to `url`.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let connection = connect(&[url], "conveyor-bench-admin").await?;
+        let channel = connection.create_channel().await?;
+        Ok(Self {
+            connection,
+            channel,
+        })
+    }
+
+    /// Ready messages in `queue` (which must exist).
+    pub async fn depth(&self, queue: &str) -> anyhow::Result<u32> {
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let queue = self
+            .channel
+            .queue_declare(
+                ShortString::from(queue.to_owned()),
+                options,
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(queue.message_count())
+    }
+
+    /// Drops every ready message of `queue`.
+    pub async fn purge(&self, queue: &str) -> anyhow::Result<()> {
+        self.channel
+            .queue_purge(
+                ShortString::from(queue.to_owned()),
+                QueuePurgeOptions::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Declares Conveyor's topology for `topology`'s namespace.
+    pub async fn declare(&self, topology: &Topology) -> anyhow::Result<()> {
+        topology.declare(&self.channel).await?;
+        Ok(())
+    }
+
+    /// Deletes every queue and exchange of the namespace.
+    pub async fn delete(&self, topology: &Topology) -> anyhow::Result<()> {
+        topology.delete(&self.channel).await?;
+        Ok(())
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        let _ = self.connection.close(200, ShortString::from("done")).await;
+    }
+}

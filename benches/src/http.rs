@@ -1,0 +1,89 @@
+//! A lean HTTP/1.1 client for the load generators: one keep-alive connection
+//! per task, no pool, so the generator spends as little of the shared CPU as possible.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Request, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use uuid::Uuid;
+
+/// The body of every benchmark request.
+pub const NOOP_JOB: &[u8] = br#"{"task":"diag.noop","args":{}}"#;
+
+/// One open connection to the ingress.
+pub struct Client {
+    sender: SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+/// What one `POST /v1/jobs` gave.
+pub struct Outcome {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The job id, on 202.
+    pub id: Option<Uuid>,
+    /// Round-trip time.
+    pub latency: Duration,
+}
+
+#[derive(Deserialize)]
+struct Accepted {
+    id: Uuid,
+}
+
+impl Client {
+    /// Opens a connection to `addr`.
+    pub async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(Self {
+            sender,
+            host: addr.to_string(),
+        })
+    }
+
+    /// Posts `body` to `/v1/jobs` and reads the answer.
+    pub async fn enqueue(&mut self, body: &'static [u8]) -> anyhow::Result<Outcome> {
+        self.sender.ready().await?;
+        let request = Request::post("/v1/jobs")
+            .header(header::HOST, self.host.as_str())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from_static(body)))?;
+        let started = Instant::now();
+        let response = self.sender.send_request(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        let latency = started.elapsed();
+        let id = if status == StatusCode::ACCEPTED {
+            Some(serde_json::from_slice::<Accepted>(&body)?.id)
+        } else {
+            None
+        };
+        Ok(Outcome {
+            status,
+            id,
+            latency,
+        })
+    }
+}
+
+/// Peak and current resident memory of process `pid`, in MiB (`VmHWM`, `VmRSS`).
+pub fn memory_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> f64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    Ok((field("VmHWM:"), field("VmRSS:")))
+}
