@@ -14,7 +14,17 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Starts `conveyor worker` on the bench database and namespace.
     pub fn spawn(bin: &Path, common: &Common) -> anyhow::Result<Self> {
+        Self::spawn_with_env(bin, common, &[])
+    }
+
+    /// Like [`spawn`](Self::spawn), with extra `CONVEYOR_*` variables.
+    pub fn spawn_with_env(
+        bin: &Path,
+        common: &Common,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
         let child = Command::new(bin)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .arg("worker")
             .env("CONVEYOR_DATABASE_URL", &common.database_url)
             .env("CONVEYOR_AMQP_URL", &common.amqp_url)

@@ -1,0 +1,246 @@
+//! Scenario 4, mail fan-out: one campaign of N recipients sent to a local SMTP
+//! sink by 1, 2 and 4 `conveyor worker` processes; recipients per second end
+//! to end (from the first claim to the last `sent` in the ledger). The ceiling
+//! is a bare lettre client driving the same sink at the workers' combined SMTP
+//! concurrency.
+//!
+//! The campaign is written straight into the ledger and its planner enqueued
+//! as a job (recorded and confirmed), so what is timed is planning, chunking,
+//! claiming, SMTP and the ledger commits: the part that has to be safe.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use conveyor_benches::procs::WorkerProcess;
+use conveyor_benches::results::Recorder;
+use conveyor_benches::{Common, broker::Admin, db};
+use conveyor_platform::amqp::{Outgoing, Publisher, Topology};
+use conveyor_schema::Envelope;
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Double};
+use lettre::message::Mailbox;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use mailin_embedded::{Handler, Response, Server};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    common: Common,
+    /// Recipients in the campaign.
+    #[arg(long, default_value_t = 100_000)]
+    recipients: i64,
+    /// Worker-process counts to measure, e.g. `1,2,4`.
+    #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+    workers: Vec<usize>,
+    /// SMTP conversations per worker (`mail.smtp_concurrency`).
+    #[arg(long, default_value_t = 8)]
+    smtp_concurrency: usize,
+    /// The release `conveyor` binary.
+    #[arg(long)]
+    conveyor_bin: PathBuf,
+    /// Give up after this long per measurement.
+    #[arg(long, default_value_t = 600)]
+    timeout_seconds: u64,
+}
+
+/// An SMTP sink that accepts everything and only counts messages.
+#[derive(Clone)]
+struct Sink(Arc<AtomicU64>);
+
+impl Handler for Sink {
+    fn data_end(&mut self) -> Response {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        mailin_embedded::response::OK
+    }
+}
+
+fn start_sink() -> anyhow::Result<(String, Arc<AtomicU64>)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let count = Arc::new(AtomicU64::new(0));
+    let mut server = Server::new(Sink(count.clone()));
+    server
+        .with_name("sink")
+        .with_num_threads(128)
+        .with_tcp_listener(listener);
+    std::thread::spawn(move || {
+        let _ = server.serve();
+    });
+    Ok((format!("smtp://127.0.0.1:{port}?tls=none"), count))
+}
+
+#[derive(QueryableByName)]
+struct Span {
+    #[diesel(sql_type = BigInt)]
+    sent: i64,
+    #[diesel(sql_type = Double)]
+    seconds: f64,
+}
+
+/// Writes a sending campaign of `n` recipients and enqueues its planner.
+async fn start_campaign(
+    common: &Common,
+    db: &conveyor_schema::pool::PgPool,
+    n: i64,
+) -> anyhow::Result<Uuid> {
+    let id = Uuid::now_v7();
+    let sql = format!(
+        "INSERT INTO campaigns (id, name, template, from_addr, vars, state)
+         VALUES ('{id}', 'bench', 'event_announcement', 'Bench <bench@example.com>',
+                 '{{\"event\": {{\"title\": \"Bench\", \"date\": \"today\", \"venue\": \"here\"}}}}', 'sending');
+         INSERT INTO campaign_recipients (campaign_id, email, vars)
+         SELECT '{id}', 'r' || i || '@example.com', jsonb_build_object('name', 'R' || i)
+           FROM generate_series(1, {n}) i;"
+    );
+    conveyor_schema::pool::run(db, move |conn| conn.batch_execute(&sql)).await?;
+    let topology = Topology::for_config(&common.config());
+    let stop = CancellationToken::new();
+    let publisher = Publisher::start(
+        &[common.amqp_url.as_str()],
+        "bench-fanout",
+        topology.clone(),
+        1,
+        Duration::from_secs(10),
+        stop.clone(),
+    );
+    anyhow::ensure!(
+        publisher.wait_connected(Duration::from_secs(10)).await,
+        "broker unreachable"
+    );
+    let envelope = Envelope::new("mail.plan_campaign", serde_json::json!({"campaign_id": id}));
+    publisher
+        .publish(&Outgoing::job(&topology, "mail", &envelope))
+        .await?;
+    stop.cancel();
+    Ok(id)
+}
+
+async fn measure_workers(
+    args: &Args,
+    sink_url: &str,
+    workers: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let common = &args.common;
+    let db = db::pool(&common.database_url);
+    let id = start_campaign(common, &db, args.recipients).await?;
+    let env = [
+        ("CONVEYOR_MAIL_SMTP_URL", sink_url.to_owned()),
+        (
+            "CONVEYOR_MAIL_SMTP_CONCURRENCY",
+            args.smtp_concurrency.to_string(),
+        ),
+        (
+            "CONVEYOR_MAIL_SMTP_POOL_SIZE",
+            args.smtp_concurrency.to_string(),
+        ),
+    ];
+    let spawned = Instant::now();
+    let procs = (0..workers)
+        .map(|_| WorkerProcess::spawn_with_env(&args.conveyor_bin, common, &env))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let deadline = spawned + Duration::from_secs(args.timeout_seconds);
+    let span = loop {
+        let query = format!(
+            "SELECT count(*) FILTER (WHERE state = 'sent') AS sent,
+                    coalesce(extract(epoch FROM max(sent_at) - min(claimed_at)), 0)::float8 AS seconds
+               FROM campaign_recipients WHERE campaign_id = '{id}'"
+        );
+        let span: Span =
+            conveyor_schema::pool::run(&db, move |conn| diesel::sql_query(query).get_result(conn))
+                .await?;
+        if span.sent >= args.recipients {
+            break span;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {} sent",
+            span.sent,
+            args.recipients
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let wall = spawned.elapsed().as_secs_f64();
+    for worker in procs {
+        worker.stop();
+    }
+    Ok((
+        span.sent as f64 / span.seconds.max(1e-9),
+        span.sent as f64 / wall,
+    ))
+}
+
+/// The bare lettre client at `concurrency`, sending `n` messages of the same shape.
+async fn measure_ceiling(sink_url: &str, n: usize, concurrency: usize) -> anyhow::Result<f64> {
+    let url = sink_url.replace("?tls=none", "");
+    let transport = Arc::new(
+        AsyncSmtpTransport::<Tokio1Executor>::from_url(&url)?
+            .pool_config(lettre::transport::smtp::PoolConfig::new().max_size(concurrency as u32))
+            .build(),
+    );
+    let from: Mailbox = "Bench <bench@example.com>".parse()?;
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (transport, from, next) = (transport.clone(), from.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n as u64 {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    let message = Message::builder()
+                        .from(from.clone())
+                        .to(format!("r{i}@example.com").parse()?)
+                        .subject("Bench, you're invited: Bench")
+                        .multipart(lettre::message::MultiPart::alternative_plain_html(
+                            "Hello R, we are delighted to invite you.".repeat(8),
+                            "<p>Hello R, we are delighted to invite you.</p>".repeat(8),
+                        ))?;
+                    transport.send(message).await?;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let common = &args.common;
+    let topology = Topology::for_config(&common.config());
+    let admin = Admin::connect(&common.amqp_url).await?;
+    admin.declare(&topology).await?;
+    let (sink_url, _count) = start_sink()?;
+    let recorder = Recorder::new(common, "fanout", "conveyor");
+    for &workers in &args.workers {
+        let (rate, wall_rate) = measure_workers(&args, &sink_url, workers).await?;
+        println!("{workers} worker(s): {rate:.0} recipients/s ({wall_rate:.0}/s from spawn)");
+        recorder.put(&format!("rate_{workers}w"), rate, "recipients/s")?;
+        if workers == 1 {
+            recorder.put("rate", rate, "recipients/s")?;
+        }
+    }
+    let concurrency = args.smtp_concurrency * args.workers.iter().copied().max().unwrap_or(1);
+    let ceiling = measure_ceiling(
+        &sink_url,
+        (args.recipients as usize).min(50_000),
+        concurrency,
+    )
+    .await?;
+    println!("bare lettre at concurrency {concurrency}: {ceiling:.0} messages/s");
+    Recorder::new(common, "fanout", "ceiling").put("rate", ceiling, "messages/s")?;
+    admin.close().await;
+    Ok(())
+}
