@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export CONVEYOR_GIT_COMMIT := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
-.PHONY: run test lint services bench fmt
+.PHONY: run test lint services bench fmt fuzz
 
 run: ## Start services, migrate, run one ingress and one worker
 	@bash deploy/local/run.sh
@@ -24,3 +24,6 @@ test: lint ## fmt check, clippy, and the whole test suite against real services
 
 fmt:
 	cargo fmt --all
+
+fuzz: ## schemathesis over /openapi.json against a real ingress (no 5xx allowed); FUZZ_EXAMPLES=25 per operation
+	@bash deploy/local/fuzz.sh

@@ -176,3 +176,49 @@ async fn expired_keys_are_purged_in_batches_and_can_be_reused() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_create_and_send_replay_with_a_campaigns_key() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let client = app.client_with(&app.create_key(&["campaigns"]).await);
+    let campaign = json!({
+        "name": "Spring meetup",
+        "template": "event_announcement",
+        "from": "Events <events@example.com>",
+        "vars": {"event": {"title": "Spring meetup", "date": "1 April", "venue": "Hall 1"}},
+        "recipients": [{"email": "ada@example.com", "vars": {"name": "Ada"}}],
+    });
+    let create = |key: &'static str| {
+        client
+            .post(app.url("/v1/campaigns"))
+            .header("Idempotency-Key", key)
+            .json(&campaign)
+            .send()
+    };
+    let first = create("spring").await.unwrap();
+    let status = first.status();
+    let first: Value = first.json().await.unwrap();
+    assert!(status.is_success(), "{status} {first}");
+    let again = create("spring").await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap(), first);
+    assert_eq!(app.count("SELECT count(*) AS n FROM campaigns").await, 1);
+
+    let id = first["id"].as_str().unwrap();
+    let send = || {
+        client
+            .post(app.url(&format!("/v1/campaigns/{id}/send")))
+            .header("Idempotency-Key", "send-spring")
+            .json(&json!({}))
+            .send()
+    };
+    let sent = send().await.unwrap();
+    assert!(sent.status().is_success(), "{}", sent.status());
+    let resent = send().await.unwrap();
+    assert_eq!(resent.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM jobs WHERE task = 'mail.plan_campaign'")
+            .await,
+        1
+    );
+}
