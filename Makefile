@@ -1,7 +1,7 @@
 # The two commands a newcomer needs: `make run` and `make test`.
 SHELL := /bin/bash
 
-.PHONY: run test lint services bench fmt
+.PHONY: run test lint services bench fmt fuzz
 
 run: ## Start services, migrate, run one ingress and one worker
 	@bash deploy/local/run.sh
@@ -26,3 +26,5 @@ fmt:
 
 bench: ## Conveyor vs Dramatiq vs the bare broker, written to benches/RESULTS.md (< 15 min)
 	@bash benches/run.sh
+fuzz: ## schemathesis over /openapi.json against a real ingress (no 5xx allowed); FUZZ_EXAMPLES=25 per operation
+	@bash deploy/local/fuzz.sh

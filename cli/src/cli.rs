@@ -37,6 +37,12 @@ pub enum Command {
         #[command(subcommand)]
         action: MigrateAction,
     },
+    /// Producers' API keys: create, list, revoke.
+    Keys {
+        /// Key action.
+        #[command(subcommand)]
+        action: crate::keys::KeysAction,
+    },
     /// Dead jobs: list, show, replay, discard.
     Dlq {
         /// Dead-letter action.
@@ -75,6 +81,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Migrate { action } => migrate(action, config).await?,
         Command::Dlq { action } => crate::dlq::run(action, config).await?,
+        Command::Keys { action } => crate::keys::run(action, config).await?,
         Command::Webhook { action } => crate::webhook::run(action)?,
     }
     Ok(())

@@ -7,6 +7,7 @@ use clap::Parser;
 
 mod cli;
 mod dlq;
+mod keys;
 mod webhook;
 
 fn main() -> ExitCode {

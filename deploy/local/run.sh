@@ -10,6 +10,8 @@ cargo build --quiet --bin conveyor
 BIN=target/debug/conveyor
 
 "$BIN" migrate run
+# A development key (admin scope: jobs, campaigns, dashboard); the key is the last line.
+KEY="$("$BIN" keys create --producer dev --scope admin --expires 7d | tail -n1)"
 ADDR="${CONVEYOR_INGRESS_ADDR:-127.0.0.1:8080}"
 
 pids=()
@@ -33,9 +35,14 @@ cat <<MSG
 
 Conveyor is running: ingress http://$ADDR  (OpenAPI: http://$ADDR/openapi.json)
 
-  curl -s -X POST http://$ADDR/v1/jobs -H 'content-type: application/json' \\
-       -d '{"task": "diag.noop", "args": {}}'
-  curl -s http://$ADDR/v1/jobs/<id from the answer above>
+Development API key (admin scope, expires in 7 days; also the dashboard login at
+http://$ADDR/dashboard):
+
+  KEY=$KEY
+
+  curl -s -X POST http://$ADDR/v1/jobs -H "Authorization: Bearer \$KEY" \\
+       -H 'content-type: application/json' -d '{"task": "diag.noop", "args": {}}'
+  curl -s -H "Authorization: Bearer \$KEY" http://$ADDR/v1/jobs/<id from the answer above>
 
 Press Ctrl-C to stop.
 MSG

@@ -6,8 +6,11 @@
 //! by `conveyor ingress` and by the integration tests alike.
 
 pub mod admin_auth;
+pub mod auth;
 pub mod dashboard;
 pub mod dead_jobs;
+pub mod hardening;
+pub mod idempotency;
 pub mod json_body;
 pub mod monitor;
 pub mod openapi;
@@ -45,12 +48,22 @@ pub struct Ingress {
     pub finished: JoinHandle<()>,
 }
 
-/// The application router over `state`.
-pub fn router(state: AppState, body_limit: usize, recipients_body_limit: usize) -> Router {
+/// The application router over `state`: every route behind [`auth::guard`],
+/// `Idempotency-Key` on the three creating POSTs, then the [`hardening`] limits.
+pub fn router(
+    state: AppState,
+    body_limit: usize,
+    recipients_body_limit: usize,
+    limits: hardening::Limits,
+) -> Router {
     use routes::campaigns;
+    let idempotent = middleware::from_fn_with_state(state.clone(), idempotency::idempotent);
     // Campaign creation and recipient lists may be far larger than a job.
     let bulk = Router::new()
-        .route("/v1/campaigns", post(campaigns::create))
+        .route(
+            "/v1/campaigns",
+            post(campaigns::create).route_layer(idempotent.clone()),
+        )
         .route(
             "/v1/campaigns/{id}/recipients",
             post(campaigns::add_recipients).get(campaigns::recipients),
@@ -67,17 +80,16 @@ pub fn router(state: AppState, body_limit: usize, recipients_body_limit: usize) 
             "/v1/admin/dead-jobs/{id}/discard",
             post(routes::admin::discard),
         )
-        .route("/v1/admin/queues", get(routes::admin::queues))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            admin_auth::require_admin,
-        ));
-    Router::new()
+        .route("/v1/admin/queues", get(routes::admin::queues));
+    let app = Router::new()
         .merge(bulk)
         .merge(admin)
-        .merge(dashboard::router(state.clone()))
+        .merge(dashboard::router())
         .route("/v1/campaigns/{id}", get(campaigns::status))
-        .route("/v1/campaigns/{id}/send", post(campaigns::send))
+        .route(
+            "/v1/campaigns/{id}/send",
+            post(campaigns::send).route_layer(idempotent.clone()),
+        )
         .route("/v1/campaigns/{id}/pause", post(campaigns::pause))
         .route("/v1/campaigns/{id}/resume", post(campaigns::resume))
         .route("/v1/campaigns/{id}/cancel", post(campaigns::cancel))
@@ -85,7 +97,10 @@ pub fn router(state: AppState, body_limit: usize, recipients_body_limit: usize) 
             "/v1/campaigns/{id}/resend-unknown",
             post(campaigns::resend_unknown),
         )
-        .route("/v1/jobs", post(routes::jobs::enqueue))
+        .route(
+            "/v1/jobs",
+            post(routes::jobs::enqueue).route_layer(idempotent),
+        )
         .route("/v1/jobs/{id}", get(routes::jobs::status))
         .route("/v1/schedules", get(routes::schedules::list))
         .route("/v1/schedules/{name}/ticks", get(routes::schedules::ticks))
@@ -100,9 +115,11 @@ pub fn router(state: AppState, body_limit: usize, recipients_body_limit: usize) 
         .route("/metrics", get(routes::health::metrics))
         .route("/openapi.json", get(openapi::serve))
         .fallback(|| async { Problem::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(state.clone(), auth::guard))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::Extension(BodyLimit(body_limit)))
-        .with_state(state)
+        .with_state(state);
+    hardening::apply(app, limits)
 }
 
 /// Counts and times each request by route template.
@@ -170,6 +187,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     ));
     let webhooks = std::sync::Arc::new(webhooks::Sources::from_config(&config.webhooks)?);
     webhooks::spawn_sweeper(db.clone(), plumbing.clone());
+    idempotency::spawn_purger(db.clone(), plumbing.clone());
+    let auth = auth::Auth::new(db.clone(), &config.auth);
     let state = AppState {
         webhooks,
         db,
@@ -180,7 +199,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         templates: conveyor_templates::MailTemplates::new(config.mail.templates_dir.clone()),
         shutdown: shutdown.clone(),
         schedules,
-        admin_token: config.admin.token.clone(),
+        auth,
+        idempotency: idempotency::Settings {
+            retention: std::time::Duration::from_secs(config.auth.idempotency_retention_secs),
+            in_flight_timeout: std::time::Duration::from_millis(
+                config
+                    .ingress
+                    .request_timeout_ms
+                    .saturating_mul(2)
+                    .max(60_000),
+            ),
+        },
         snapshot,
         worker_gone_after: std::time::Duration::from_millis(config.monitor.worker_gone_after_ms),
     };
@@ -192,6 +221,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         state,
         config.ingress.body_limit_bytes,
         config.ingress.recipients_body_limit_bytes,
+        hardening::Limits {
+            request_timeout: std::time::Duration::from_millis(config.ingress.request_timeout_ms),
+            max_concurrent: config.ingress.max_concurrent_requests,
+            max_header_bytes: config.ingress.max_header_bytes,
+        },
     );
     // Wait briefly for the broker so the first requests do not all see 503.
     publisher

@@ -5,7 +5,7 @@ use utoipa::OpenApi;
 
 use crate::problem::Problem;
 use crate::routes::{admin, campaigns, health, jobs, profiles, schedules, stats, webhooks};
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 
 /// The whole API.
 #[derive(OpenApi)]
@@ -31,27 +31,55 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         admin::DiscardResult, crate::monitor::Snapshot, crate::monitor::QueueStats, crate::monitor::DelayedCount,
         webhooks::WebhookAccepted, profiles::ProfileView, profiles::HeadshotView
     )),
-    modifiers(&AdminToken),
+    modifiers(&ApiKey),
     tags((name = "jobs", description = "Enqueue jobs and read their status"),
          (name = "campaigns", description = "Mail fan-out: campaigns, recipients and their delivery ledger"),
          (name = "schedules", description = "Periodic jobs and the ticks they fired"),
          (name = "stats", description = "Hourly and daily rollups as JSON or CSV"),
          (name = "webhooks", description = "Signed inbound webhooks and the profiles they sync"),
          (name = "operations", description = "Probes and metrics"),
-         (name = "admin", description = "Dead jobs, queues and workers; needs the admin token (later: an API key with the `admin` scope)"))
+         (name = "admin", description = "Dead jobs, queues and workers; needs an API key with the `admin` scope"))
 )]
 pub struct ApiDoc;
 
-/// Declares the `admin_token` bearer scheme the admin paths refer to.
-struct AdminToken;
+/// Declares the `api_key` bearer scheme and requires it on every `/v1` path
+/// except the signed webhooks.
+struct ApiKey;
 
-impl utoipa::Modify for AdminToken {
+impl utoipa::Modify for ApiKey {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
-            "admin_token",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "`Authorization: Bearer cvk_<id>_<secret>`, made with `conveyor keys create`",
+                    ))
+                    .build(),
+            ),
         );
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/v1/") || path.starts_with("/v1/webhooks/") {
+                continue;
+            }
+            for operation in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                operation.security = Some(vec![SecurityRequirement::new(
+                    "api_key",
+                    Vec::<String>::new(),
+                )]);
+            }
+        }
     }
 }
 

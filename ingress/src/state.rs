@@ -32,8 +32,10 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Every schedule in force (for `/v1/schedules`).
     pub schedules: Arc<Vec<Schedule>>,
-    /// `[admin] token`; `None` disables the admin API and dashboard.
-    pub admin_token: Option<secrecy::SecretString>,
+    /// API keys and rate limits.
+    pub auth: crate::auth::Auth,
+    /// `Idempotency-Key` retention and in-flight takeover.
+    pub idempotency: crate::idempotency::Settings,
     /// The queue monitor's latest poll.
     pub snapshot: SharedSnapshot,
     /// A worker silent this long is shown as gone.

@@ -45,8 +45,8 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// Statistics rollups and retention.
     pub stats: StatsConfig,
-    /// Admin API and dashboard access.
-    pub admin: AdminConfig,
+    /// API keys, rate limits and idempotency keys.
+    pub auth: AuthConfig,
     /// Heartbeats and the broker poller.
     pub monitor: MonitorConfig,
     /// Signed inbound webhooks (sources, keys, headshot downloads).
@@ -120,6 +120,12 @@ pub struct IngressConfig {
     pub batch_max: usize,
     /// Group commits in flight at once.
     pub batches_in_flight: usize,
+    /// A request still unanswered after this gets a 503 problem.
+    pub request_timeout_ms: u64,
+    /// Requests served at once; beyond this new ones are shed with 503 and `Retry-After`.
+    pub max_concurrent_requests: usize,
+    /// Largest total size of a request's headers (431 beyond).
+    pub max_header_bytes: usize,
 }
 
 /// Worker settings.
@@ -186,16 +192,34 @@ impl Default for MailConfig {
     }
 }
 
-/// Access to `/v1/admin` and `/dashboard`.
-///
-/// For now one shared token guards both; it moves to API keys with the `admin`
-/// scope once those exist. Without a token the admin surface answers 403.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// API keys, rate limits and idempotency (see `conveyor_ingress::auth`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct AdminConfig {
-    /// Sent as `Authorization: Bearer <token>`, or typed into the dashboard's login form.
-    #[serde(serialize_with = "expose_opt")]
-    pub token: Option<SecretString>,
+pub struct AuthConfig {
+    /// Requests per second a key may make when it has no rate of its own.
+    pub default_rate_per_sec: f64,
+    /// Requests a key may make at once (bucket size) when it has no burst of its own.
+    pub default_burst: u32,
+    /// Ingress replicas behind the load balancer: each enforces `rate / replicas` and
+    /// `burst / replicas` in memory, so the limit is exact with one replica and holds
+    /// within what the balancer's spread allows with several.
+    pub ingress_replicas: u32,
+    /// How long a key looked up in Postgres is trusted; a revocation takes effect within this.
+    pub cache_ttl_ms: u64,
+    /// How long an `Idempotency-Key` and its stored response are kept.
+    pub idempotency_retention_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            default_rate_per_sec: 100.0,
+            default_burst: 200,
+            ingress_replicas: 1,
+            cache_ttl_ms: 2_000,
+            idempotency_retention_secs: 24 * 3600,
+        }
+    }
 }
 
 /// Worker heartbeats and the ingress's broker poller.
@@ -223,16 +247,6 @@ impl Default for MonitorConfig {
     }
 }
 
-fn expose_opt<S: serde::Serializer>(
-    secret: &Option<SecretString>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match secret {
-        Some(secret) => s.serialize_some(secret.expose_secret()),
-        None => s.serialize_none(),
-    }
-}
-
 fn expose<S: serde::Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(secret.expose_secret())
 }
@@ -250,7 +264,7 @@ impl Default for Config {
             schedules: Vec::new(),
             scheduler: SchedulerConfig::default(),
             stats: StatsConfig::default(),
-            admin: AdminConfig::default(),
+            auth: AuthConfig::default(),
             monitor: MonitorConfig::default(),
             webhooks: WebhooksConfig::default(),
         }
@@ -297,6 +311,9 @@ impl Default for IngressConfig {
             publisher_channels: 4,
             batch_max: 512,
             batches_in_flight: 4,
+            request_timeout_ms: 30_000,
+            max_concurrent_requests: 1024,
+            max_header_bytes: 16 * 1024,
         }
     }
 }
@@ -483,13 +500,29 @@ impl Config {
                 "must be longer than monitor.heartbeat_ms".into(),
             );
         }
-        if self
-            .admin
-            .token
-            .as_ref()
-            .is_some_and(|t| t.expose_secret().len() < 16)
-        {
-            return invalid("admin.token", "must be at least 16 characters".into());
+        if !(self.auth.default_rate_per_sec > 0.0 && self.auth.default_rate_per_sec.is_finite()) {
+            return invalid(
+                "auth.default_rate_per_sec",
+                "must be a positive number".into(),
+            );
+        }
+        if self.auth.default_burst == 0 || self.auth.ingress_replicas == 0 {
+            return invalid(
+                "auth.default_burst",
+                "default_burst and ingress_replicas must be at least 1".into(),
+            );
+        }
+        if self.auth.cache_ttl_ms > 3_000 {
+            return invalid(
+                "auth.cache_ttl_ms",
+                "must be at most 3000, so a revoked key stops within 5 seconds".into(),
+            );
+        }
+        if self.ingress.max_concurrent_requests == 0 || self.ingress.request_timeout_ms == 0 {
+            return invalid(
+                "ingress.max_concurrent_requests",
+                "max_concurrent_requests and request_timeout_ms must be at least 1".into(),
+            );
         }
         crate::schedule::validate(self)?;
         self.webhooks.validate()?;

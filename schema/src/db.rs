@@ -204,3 +204,32 @@ diesel::table! {
         recorded_at -> Timestamptz,
     }
 }
+
+diesel::table! {
+    api_keys (id) {
+        id -> Text,
+        producer -> Text,
+        secret_hash -> Bytea,
+        display_prefix -> Text,
+        scopes -> Array<Text>,
+        expires_at -> Nullable<Timestamptz>,
+        revoked_at -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+        rate_per_sec -> Nullable<Float8>,
+        burst -> Nullable<Int4>,
+    }
+}
+
+diesel::table! {
+    idempotency_keys (producer, key) {
+        producer -> Text,
+        key -> Text,
+        request_hash -> Bytea,
+        state -> Text,
+        response_status -> Nullable<Int2>,
+        response_type -> Nullable<Text>,
+        response_body -> Nullable<Bytea>,
+        created_at -> Timestamptz,
+        expires_at -> Timestamptz,
+    }
+}

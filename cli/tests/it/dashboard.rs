@@ -8,7 +8,6 @@ use std::time::Duration;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::dlq::TOKEN;
 use crate::harness::{AMQP_URL, TestApp, wait_until};
 use crate::webdriver::Browser;
 
@@ -45,7 +44,6 @@ async fn bounce(queue: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_load_and_a_dead_job_is_replayed_by_clicking() {
     let mut app = TestApp::spawn_with(0, |config| {
-        config.admin.token = Some(TOKEN.into());
         config.amqp.delivery_limit = 1;
         crate::metrics::fast_monitor(config);
     })
@@ -63,7 +61,7 @@ async fn pages_load_and_a_dead_job_is_replayed_by_clicking() {
     assert!(browser.url().await.ends_with("/dashboard/login"));
     browser.screenshot(&shot("login")).await;
     browser.type_into("#name", "carol").await;
-    browser.type_into("#token", TOKEN).await;
+    browser.type_into("#token", &app.admin_key).await;
     browser.click("#sign-in").await;
     assert!(browser.url().await.ends_with("/dashboard/queues"));
 

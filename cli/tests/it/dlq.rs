@@ -10,7 +10,6 @@ use uuid::Uuid;
 use crate::harness::{AMQP_URL, TestApp};
 
 const WAIT: Duration = Duration::from_secs(30);
-pub const TOKEN: &str = "test-admin-token-0123456789";
 
 fn cli(app: &TestApp, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_conveyor"))
@@ -175,7 +174,7 @@ async fn admin(app: &TestApp, method: &str, path: &str, body: Option<Value>) -> 
     let mut request = app
         .client
         .request(method.parse().unwrap(), app.url(path))
-        .bearer_auth(TOKEN)
+        .bearer_auth(&app.admin_key)
         .header("x-conveyor-actor", "bob");
     if let Some(body) = body {
         request = request.json(&body);
@@ -184,11 +183,10 @@ async fn admin(app: &TestApp, method: &str, path: &str, body: Option<Value>) -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_api_needs_the_token_and_replays_once() {
-    let app = TestApp::spawn_with(1, |config| config.admin.token = Some(TOKEN.into())).await;
+async fn admin_api_needs_an_admin_key_and_replays_once() {
+    let app = TestApp::spawn().await;
     let dead = dead_job(&app).await;
-    let anonymous = app
-        .client
+    let anonymous = reqwest::Client::new()
         .get(app.url("/v1/admin/dead-jobs"))
         .send()
         .await
@@ -197,7 +195,7 @@ async fn admin_api_needs_the_token_and_replays_once() {
     let wrong = app
         .client
         .get(app.url("/v1/admin/dead-jobs"))
-        .bearer_auth("not-the-token-at-all")
+        .bearer_auth(format!("cvk_{}_{}", "0".repeat(16), "1".repeat(64)))
         .send()
         .await
         .unwrap();
@@ -261,12 +259,12 @@ async fn admin_api_needs_the_token_and_replays_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_api_is_closed_without_a_configured_token() {
+async fn admin_api_is_closed_to_keys_without_the_admin_scope() {
     let app = TestApp::spawn_with(0, |_| {}).await;
+    let producer = app.create_key(&["enqueue:*", "campaigns"]).await;
     let response = app
-        .client
+        .client_with(&producer)
         .get(app.url("/v1/admin/dead-jobs"))
-        .bearer_auth("anything-at-all-really")
         .send()
         .await
         .unwrap();

@@ -180,6 +180,43 @@ pub fn test_config(db: &TestDb) -> Config {
     config
 }
 
+/// A client with `Authorization: Bearer <key>` on every request (a request's own header wins).
+pub fn client_with(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).unwrap();
+    value.set_sensitive(true);
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+/// Inserts a key straight into the test database.
+async fn create_key(
+    db: &TestDb,
+    producer: &str,
+    scopes: &[&str],
+    limit: Option<(f64, i32)>,
+) -> String {
+    let url = db.url.clone();
+    let new = conveyor_ingress::auth::keys::NewKey {
+        producer: producer.to_owned(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        expires_at: None,
+        rate_per_sec: limit.map(|l| l.0),
+        burst: limit.map(|l| l.1),
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut conn = PgConnection::establish(&url).expect("connect to test db");
+        conveyor_ingress::auth::keys::create(&mut conn, new)
+            .expect("create key")
+            .1
+    })
+    .await
+    .unwrap()
+}
+
 /// An in-process worker.
 pub struct RunningWorker {
     pub shutdown: CancellationToken,
@@ -200,6 +237,8 @@ pub struct TestApp {
     pub config_files: Vec<tempfile::TempPath>,
     ingress_shutdown: CancellationToken,
     pub metrics_url: String,
+    /// An API key with the `admin` scope and a limit no test reaches; `client` sends it.
+    pub admin_key: String,
 }
 
 impl TestApp {
@@ -218,9 +257,11 @@ impl TestApp {
         let ingress = conveyor_ingress::start(config.clone(), ingress_shutdown.clone())
             .await
             .expect("start ingress");
+        let admin_key = create_key(&db, "test-admin", &["admin"], Some((1e9, 1_000_000_000))).await;
         let mut app = Self {
             base: format!("http://{}", ingress.addr),
-            client: reqwest::Client::new(),
+            client: client_with(&admin_key),
+            admin_key,
             workers: Vec::new(),
             processes: Vec::new(),
             process_env: Vec::new(),
@@ -234,6 +275,41 @@ impl TestApp {
             app.start_worker().await;
         }
         app
+    }
+
+    /// `POST /v1/jobs` of `diag.noop` with `client`.
+    pub async fn enqueue_response(&self, client: &reqwest::Client) -> reqwest::Response {
+        client
+            .post(self.url("/v1/jobs"))
+            .json(&json!({"task": "diag.noop", "args": {}}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The status of [`Self::enqueue_response`].
+    pub async fn enqueue_status(&self, client: &reqwest::Client) -> u16 {
+        self.enqueue_response(client).await.status().as_u16()
+    }
+
+    /// A client that sends `key` on every request.
+    pub fn client_with(&self, key: &str) -> reqwest::Client {
+        client_with(key)
+    }
+
+    /// A new key for producer `test` with `scopes` and the default rate limit.
+    pub async fn create_key(&self, scopes: &[&str]) -> String {
+        create_key(&self.db, "test", scopes, None).await
+    }
+
+    /// A new key for `producer` with `scopes` and its own `(rate, burst)`.
+    pub async fn create_key_with(
+        &self,
+        producer: &str,
+        scopes: &[&str],
+        limit: Option<(f64, i32)>,
+    ) -> String {
+        create_key(&self.db, producer, scopes, limit).await
     }
 
     /// Starts one more in-process worker.

@@ -7,12 +7,15 @@
 mod harness;
 mod smtp;
 
+mod auth;
 mod dashboard;
 mod dead_letters;
 mod deploy;
 mod dlq;
 mod drain;
+mod hardening;
 mod http_errors;
+mod idempotency;
 mod jobs;
 mod mail;
 mod mail_api;

@@ -1,6 +1,6 @@
 //! The operator dashboard at `/dashboard`: server-rendered minijinja pages
 //! (queues, workers, job search, dead jobs with replay and discard, campaigns,
-//! schedules), behind [`crate::admin_auth`].
+//! schedules), behind an `admin` API key ([`crate::auth`]).
 //!
 //! Templates live in `templates/dashboard/` and are compiled into the binary,
 //! so the ingress needs no files at run time and the pages load nothing from
@@ -15,13 +15,12 @@ use std::sync::OnceLock;
 use axum::Router;
 use axum::extract::{Form, Query};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use minijinja::Environment;
 use serde::{Deserialize, Serialize};
 
-use crate::admin_auth::{self, ACTOR_COOKIE, TOKEN_COOKIE};
+use crate::admin_auth::{ACTOR_COOKIE, TOKEN_COOKIE};
 use crate::state::AppState;
 
 /// The pages in the navigation bar, in order.
@@ -116,8 +115,8 @@ fn render(template: &str, page: &str, fragment: bool, context: impl Serialize) -
     }
 }
 
-/// The dashboard's routes: the login form is open, everything else needs the admin token.
-pub fn router(state: AppState) -> Router<AppState> {
+/// The dashboard's routes: the login form is open, everything else needs an `admin` key ([`crate::auth::guard`]).
+pub fn router() -> Router<AppState> {
     let protected = Router::new()
         .route(
             "/dashboard",
@@ -131,11 +130,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/dashboard/dead/{id}/replay", post(pages::replay))
         .route("/dashboard/dead/{id}/discard", post(pages::discard))
         .route("/dashboard/campaigns", get(pages::campaigns))
-        .route("/dashboard/schedules", get(pages::schedules))
-        .route_layer(middleware::from_fn_with_state(
-            state,
-            admin_auth::require_admin,
-        ));
+        .route("/dashboard/schedules", get(pages::schedules));
     Router::new()
         .route("/dashboard/login", get(login_form).post(login))
         .merge(protected)
@@ -155,7 +150,7 @@ async fn login_form(Query(_): Query<Fragment>) -> Response {
 pub struct Login {
     /// The operator's name, recorded in audits.
     pub name: String,
-    /// The admin token.
+    /// An API key with the `admin` scope.
     pub token: String,
 }
 
@@ -163,12 +158,16 @@ async fn login(
     axum::extract::State(state): axum::extract::State<AppState>,
     Form(form): Form<Login>,
 ) -> Response {
-    if !admin_auth::token_matches(&state, &form.token) {
+    let is_admin = matches!(
+        state.auth.verify(form.token.trim()).await,
+        Ok((principal, _, _)) if principal.has("admin")
+    );
+    if !is_admin {
         let mut response = render(
             "login.html",
             "login",
             false,
-            minijinja::context! { error => "That token is not the admin token." },
+            minijinja::context! { error => "That is not a valid API key with the admin scope." },
         );
         *response.status_mut() = StatusCode::UNAUTHORIZED;
         return response;
@@ -183,7 +182,7 @@ async fn login(
     for cookie in [
         format!(
             "{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-            form.token
+            form.token.trim()
         ),
         format!("{ACTOR_COOKIE}={name}; Path=/; HttpOnly; SameSite=Strict"),
     ] {

@@ -164,9 +164,8 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
 
 /// List dead jobs, newest first.
 #[utoipa::path(get, path = "/v1/admin/dead-jobs", tag = "admin", params(DeadJobQuery),
-    security(("admin_token" = [])),
     responses((status = 200, description = "Matching dead jobs", body = Vec<DeadJobView>),
-              (status = 401, description = "No or wrong admin token", body = Problem, content_type = "application/problem+json")))]
+              (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json")))]
 pub async fn list(
     State(state): State<AppState>,
     Query(query): Query<DeadJobQuery>,
@@ -179,7 +178,7 @@ pub async fn list(
 
 /// One dead job with its audit trail.
 #[utoipa::path(get, path = "/v1/admin/dead-jobs/{id}", tag = "admin",
-    params(("id" = String, Path, description = "Dead job id")), security(("admin_token" = [])),
+    params(("id" = String, Path, description = "Dead job id")), 
     responses((status = 200, description = "The dead job", body = DeadJobView),
               (status = 404, description = "No such dead job", body = Problem, content_type = "application/problem+json")))]
 pub async fn show(
@@ -254,7 +253,7 @@ pub fn replay_problem(err: ReplayError) -> Problem {
 
 /// Replay one dead job as a fresh job (new id, attempt 1, `replay_of` set).
 #[utoipa::path(post, path = "/v1/admin/dead-jobs/{id}/replay", tag = "admin",
-    params(("id" = String, Path, description = "Dead job id")), security(("admin_token" = [])),
+    params(("id" = String, Path, description = "Dead job id")), 
     request_body(content = ReplayRequest, content_type = "application/json"),
     responses((status = 200, description = "Replayed, or why nothing was done", body = ReplayResult),
               (status = 404, description = "No such dead job", body = Problem, content_type = "application/problem+json"),
@@ -299,7 +298,7 @@ pub struct DiscardResult {
 
 /// Discard one dead job (hidden from the default listing, audited).
 #[utoipa::path(post, path = "/v1/admin/dead-jobs/{id}/discard", tag = "admin",
-    params(("id" = String, Path, description = "Dead job id")), security(("admin_token" = [])),
+    params(("id" = String, Path, description = "Dead job id")), 
     responses((status = 200, description = "Discarded", body = DiscardResult),
               (status = 404, description = "No such dead job", body = Problem, content_type = "application/problem+json")))]
 pub async fn discard(
@@ -323,7 +322,7 @@ pub async fn discard(
 }
 
 /// Queue depths, consumers, oldest waiting job and backlog per worker, as last polled.
-#[utoipa::path(get, path = "/v1/admin/queues", tag = "admin", security(("admin_token" = [])),
+#[utoipa::path(get, path = "/v1/admin/queues", tag = "admin", 
     responses((status = 200, description = "Latest poll", body = Snapshot)))]
 pub async fn queues(State(state): State<AppState>) -> Json<Snapshot> {
     Json(state.snapshot.read().map(|s| s.clone()).unwrap_or_default())

@@ -1,9 +1,9 @@
 //! `POST /v1/jobs` (enqueue) and `GET /v1/jobs/{id}` (status).
 
-use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use axum::{Extension, Json};
 use chrono::{DateTime, Duration, Utc};
 use conveyor_platform::amqp::{Outgoing, delay_level_for};
 use conveyor_schema::db::jobs;
@@ -15,6 +15,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::auth::Principal;
 use crate::json_body::StrictJson;
 use crate::problem::Problem;
 use crate::recorder::SubmitError;
@@ -115,14 +116,28 @@ impl From<Job> for JobStatus {
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over the limit", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not application/json", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Unknown task, invalid args or unknown field (with a JSON pointer)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, unknown, expired or revoked API key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key's `enqueue:` scopes do not cover this task", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A request with this Idempotency-Key is still in progress", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown task, invalid args or unknown field (with a JSON pointer), or an Idempotency-Key reused with another body", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The key's rate limit is exhausted; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Broker or database unavailable; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
-    )
+    ),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key: the same key and body within 24 h replays the first response (header `Idempotent-Replayed: true`)"))
 )]
 pub async fn enqueue(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     StrictJson { value: request, .. }: StrictJson<EnqueueRequest>,
 ) -> Result<impl IntoResponse, Problem> {
+    if let Some(Extension(principal)) = &principal
+        && !principal.may_enqueue(&request.task)
+    {
+        return Err(crate::auth::forbidden(format!(
+            "key {} (producer `{}`) may not enqueue `{}`",
+            principal.key_id, principal.producer, request.task
+        )));
+    }
     let task = find_task(&request.task)
         .filter(|task| task.public)
         .ok_or_else(|| Problem::invalid("/task", format!("unknown task `{}`", request.task)))?;

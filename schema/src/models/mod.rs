@@ -1,11 +1,13 @@
 //! Row types, one file per table.
 
+pub mod api_key;
 pub mod campaign;
 pub mod dead_job;
 pub mod job;
 pub mod profile;
 pub mod worker;
 
+pub use api_key::ApiKey;
 pub use campaign::{Campaign, CampaignState, NewCampaign, NewRecipient, Recipient, RecipientState};
 pub mod schedule_tick;
 

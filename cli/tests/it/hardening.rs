@@ -1,0 +1,130 @@
+//! Limits in front of the handlers: gzip bodies inflating past the limit (413),
+//! oversized headers (431), load shedding and request timeouts (503 with
+//! `Retry-After`), and Postgres going away (503, nothing written or published).
+
+use std::io::Write;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use serde_json::Value;
+
+use crate::harness::{PG_SERVER, TestApp};
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+async fn post_gzip(app: &TestApp, body: Vec<u8>) -> reqwest::Response {
+    app.client
+        .post(app.url("/v1/jobs"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_bombs_are_413_and_big_headers_431() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let small = gzip(br#"{"task": "diag.noop", "args": {}}"#);
+    assert_eq!(post_gzip(&app, small).await.status(), 202);
+
+    // 3 MB of JSON whitespace compresses to a few KB and inflates past the 1 MB limit.
+    let mut json = br#"{"task": "diag.noop", "args": {}"#.to_vec();
+    json.extend(std::iter::repeat_n(b' ', 3 * 1024 * 1024));
+    json.push(b'}');
+    let bomb = gzip(&json);
+    assert!(bomb.len() < 20_000, "{}", bomb.len());
+    let response = post_gzip(&app, bomb).await;
+    assert_eq!(response.status(), 413);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["status"], 413);
+
+    // The idempotent path buffers the body itself and applies the same limit.
+    let response = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .header("idempotency-key", "bomb")
+        .body(gzip(&json))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+
+    let response = app
+        .client
+        .get(app.url("/v1/jobs/x"))
+        .header("x-padding", "p".repeat(20_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 431);
+    assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 1);
+}
+
+/// A request whose body never finishes: it holds a concurrency slot until dropped.
+fn stalled_request(app: &TestApp) -> tokio::task::JoinHandle<u16> {
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Vec<u8>, std::io::Error>>();
+    tx.unbounded_send(Ok(br#"{"task": "#.to_vec())).unwrap();
+    let request = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(rx));
+    tokio::spawn(async move {
+        let _keep_open = tx;
+        request.send().await.map_or(0, |r| r.status().as_u16())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_shed_and_slow_requests_time_out() {
+    let app = TestApp::spawn_with(0, |config| {
+        config.ingress.max_concurrent_requests = 1;
+        config.ingress.request_timeout_ms = 1_500;
+    })
+    .await;
+    let stalled = stalled_request(&app);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let shed = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(shed.status(), 503);
+    assert_eq!(shed.headers()["retry-after"], "1");
+    // The stalled request is abandoned at the timeout with a 503 of its own.
+    assert_eq!(stalled.await.unwrap(), 503);
+    let after = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(after.status(), 200);
+    assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_gone_is_503_with_nothing_published() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let work = app.topology().work_queue("default");
+    let unused_key = app.create_key(&["enqueue:*"]).await;
+    assert_eq!(app.enqueue_status(&app.client).await, 202);
+
+    let name = app.db.name.clone();
+    tokio::task::spawn_blocking(move || {
+        PgConnection::establish(&format!("{PG_SERVER}/postgres"))
+            .unwrap()
+            .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    // The admin key is still cached: the job's own write fails.
+    let response = app.enqueue_response(&app.client).await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    // A key not cached cannot be verified.
+    let response = app.enqueue_response(&app.client_with(&unused_key)).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(app.queue_len(&work).await, 1);
+}

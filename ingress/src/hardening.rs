@@ -1,0 +1,77 @@
+//! Limits that keep one ingress answering under abuse or overload: a request
+//! timeout, a global concurrency limit that sheds load (503 with `Retry-After`
+//! instead of queueing), a header-size limit (431), and gzip/deflate request
+//! bodies inflated in front of the body limit, so a small compressed body that
+//! inflates past it is a 413 like any other.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tower::BoxError;
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower_http::decompression::RequestDecompressionLayer;
+
+use crate::problem::Problem;
+
+/// The limits (from `[ingress]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest a request may take before a 503.
+    pub request_timeout: Duration,
+    /// Requests served at once before new ones are shed.
+    pub max_concurrent: usize,
+    /// Largest total size of the request headers.
+    pub max_header_bytes: usize,
+}
+
+/// Wraps `router` (already holding its state) in the limits.
+pub fn apply(router: Router, limits: Limits) -> Router {
+    let max_header_bytes = limits.max_header_bytes;
+    router
+        .layer(RequestDecompressionLayer::new())
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(overloaded))
+                .load_shed()
+                .layer(GlobalConcurrencyLimitLayer::new(limits.max_concurrent))
+                .timeout(limits.request_timeout),
+        )
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            header_limit(max_header_bytes, request, next)
+        }))
+}
+
+async fn overloaded(err: BoxError) -> Response {
+    if err.is::<tower::timeout::error::Elapsed>() {
+        return Problem::unavailable("the request took too long and was abandoned", 1)
+            .into_response();
+    }
+    if err.is::<tower::load_shed::error::Overloaded>() {
+        return Problem::unavailable("the ingress is at its concurrency limit", 1).into_response();
+    }
+    Problem::internal(err).into_response()
+}
+
+async fn header_limit(max: usize, request: Request, next: Next) -> Response {
+    let size: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if size > max {
+        return Problem::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers-too-large",
+            "Request headers too large",
+            format!("the request's headers total {size} bytes; the limit is {max}"),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}

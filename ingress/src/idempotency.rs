@@ -1,0 +1,326 @@
+//! `Idempotency-Key` on `POST /v1/jobs`, `POST /v1/campaigns` and
+//! `POST /v1/campaigns/{id}/send`, after the IETF httpapi idempotency-key draft
+//! and Stripe's behaviour.
+//!
+//! The key is claimed per producer with `INSERT … ON CONFLICT DO NOTHING` into
+//! `idempotency_keys` together with a hash of method, path and body, then:
+//! - the first request runs; a success (status < 400) is stored and replayed
+//!   to every later request with the same key and body, with
+//!   `Idempotent-Replayed: true`; a 4xx or 5xx is not stored (the row is
+//!   deleted, so the key can be retried with a corrected request);
+//! - the same key with another body → 422;
+//! - the same key while the first is still running → 409;
+//! - a claim left `in_flight` longer than [`Settings::in_flight_timeout`]
+//!   (a crashed ingress) is taken over.
+//!
+//! The first request runs on its own task, so a client that disconnects does
+//! not leave its claim unfinished. Rows expire after [`Settings::retention`]
+//! (`auth.idempotency_retention_secs`, default 24 h) and are purged in batches
+//! of [`PURGE_BATCH`] by [`spawn_purger`].
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use conveyor_schema::db::idempotency_keys as ik;
+use conveyor_schema::pool::{self, PgPool};
+use diesel::prelude::*;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Principal;
+use crate::json_body::BodyLimit;
+use crate::problem::Problem;
+use crate::state::AppState;
+
+/// The request header.
+pub const HEADER: &str = "idempotency-key";
+/// The header set on a replayed response.
+pub const REPLAYED: &str = "idempotent-replayed";
+/// Rows deleted per purge statement.
+pub const PURGE_BATCH: i64 = 1_000;
+/// Longest key accepted.
+const MAX_KEY_LEN: usize = 255;
+
+/// Retention settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// How long a key and its response are kept.
+    pub retention: Duration,
+    /// An `in_flight` claim older than this is presumed abandoned and taken over.
+    pub in_flight_timeout: Duration,
+}
+
+/// What a claim found.
+enum Claim {
+    /// This request owns the key: run it.
+    Mine,
+    /// Another request with this key and another body.
+    Mismatch,
+    /// The first request with this key is still running.
+    InFlight,
+    /// The stored first response.
+    Done(i16, Option<String>, Vec<u8>),
+}
+
+fn problem(status: StatusCode, kind: &str, title: &str, detail: &str) -> Response {
+    Problem::new(status, kind, title, detail).into_response()
+}
+
+/// Middleware: runs the request at most once per (producer, key).
+pub async fn idempotent(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(key) = request.headers().get(HEADER) else {
+        return next.run(request).await;
+    };
+    let key = match key.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= MAX_KEY_LEN => k.to_owned(),
+        _ => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "invalid-idempotency-key",
+                "Invalid Idempotency-Key",
+                "the Idempotency-Key header must be 1 to 255 visible ASCII characters",
+            );
+        }
+    };
+    let Some(producer) = request
+        .extensions()
+        .get::<Principal>()
+        .map(|p| p.producer.clone())
+    else {
+        return next.run(request).await;
+    };
+    let limit = request
+        .extensions()
+        .get::<BodyLimit>()
+        .map_or(1024 * 1024, |l| l.0);
+    let (parts, body) = request.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, limit).await else {
+        return problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Request body too large",
+            &format!("the body exceeds the limit of {limit} bytes"),
+        );
+    };
+    let mut hasher = Sha256::new();
+    hasher.update(parts.method.as_str());
+    hasher.update(b"\n");
+    hasher.update(parts.uri.path());
+    hasher.update(b"\n");
+    hasher.update(&body);
+    let hash = hasher.finalize().to_vec();
+
+    let claim = claim(&state, producer.clone(), key.clone(), hash).await;
+    match claim {
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot claim an idempotency key");
+            Problem::unavailable("cannot record the Idempotency-Key: database unavailable", 1)
+                .into_response()
+        }
+        Ok(Claim::Mismatch) => problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            "this Idempotency-Key was used with a different request",
+        ),
+        Ok(Claim::InFlight) => problem(
+            StatusCode::CONFLICT,
+            "idempotency-key-in-flight",
+            "Request in progress",
+            "a request with this Idempotency-Key is still being processed; retry later",
+        ),
+        Ok(Claim::Done(status, content_type, body)) => replay(status, content_type, body),
+        Ok(Claim::Mine) => {
+            let request = Request::from_parts(parts, Body::from(body));
+            let db = state.db.clone();
+            // Own task: the outcome is stored even if the client goes away.
+            let run = tokio::spawn(async move {
+                let response = next.run(request).await;
+                settle(&db, producer, key, response).await
+            });
+            run.await
+                .unwrap_or_else(|err| Problem::internal(err).into_response())
+        }
+    }
+}
+
+fn replay(status: i16, content_type: Option<String>, body: Vec<u8>) -> Response {
+    let status = u16::try_from(status)
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    if let Some(value) = content_type.and_then(|t| HeaderValue::from_str(&t).ok()) {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+    headers.insert(REPLAYED, HeaderValue::from_static("true"));
+    response
+}
+
+async fn claim(
+    state: &AppState,
+    producer: String,
+    key: String,
+    hash: Vec<u8>,
+) -> Result<Claim, pool::DbError> {
+    let settings = state.idempotency;
+    pool::run(&state.db, move |conn| {
+        let now = Utc::now();
+        let expires = now + settings.retention;
+        let stale = now - settings.in_flight_timeout;
+        for _ in 0..3 {
+            let inserted = diesel::insert_into(ik::table)
+                .values((
+                    ik::producer.eq(&producer),
+                    ik::key.eq(&key),
+                    ik::request_hash.eq(&hash),
+                    ik::state.eq("in_flight"),
+                    ik::created_at.eq(now),
+                    ik::expires_at.eq(expires),
+                ))
+                .on_conflict_do_nothing()
+                .execute(conn)?;
+            if inserted == 1 {
+                return Ok(Claim::Mine);
+            }
+            let taken_over = diesel::update(
+                ik::table.find((&producer, &key)).filter(
+                    ik::expires_at
+                        .lt(now)
+                        .or(ik::state.eq("in_flight").and(ik::created_at.lt(stale))),
+                ),
+            )
+            .set((
+                ik::request_hash.eq(&hash),
+                ik::state.eq("in_flight"),
+                ik::response_status.eq(None::<i16>),
+                ik::response_type.eq(None::<String>),
+                ik::response_body.eq(None::<Vec<u8>>),
+                ik::created_at.eq(now),
+                ik::expires_at.eq(expires),
+            ))
+            .execute(conn)?;
+            if taken_over == 1 {
+                return Ok(Claim::Mine);
+            }
+            let row = ik::table
+                .find((&producer, &key))
+                .select((
+                    ik::request_hash,
+                    ik::state,
+                    ik::response_status,
+                    ik::response_type,
+                    ik::response_body,
+                ))
+                .first::<(
+                    Vec<u8>,
+                    String,
+                    Option<i16>,
+                    Option<String>,
+                    Option<Vec<u8>>,
+                )>(conn)
+                .optional()?;
+            // Deleted in between (the first request failed): try to claim again.
+            let Some((stored_hash, row_state, status, content_type, body)) = row else {
+                continue;
+            };
+            if stored_hash != hash {
+                return Ok(Claim::Mismatch);
+            }
+            return Ok(match (row_state.as_str(), status) {
+                ("done", Some(status)) => {
+                    Claim::Done(status, content_type, body.unwrap_or_default())
+                }
+                _ => Claim::InFlight,
+            });
+        }
+        Ok(Claim::InFlight)
+    })
+    .await
+}
+
+/// Stores a success for replay, or releases the key after a failure; returns the response.
+async fn settle(db: &PgPool, producer: String, key: String, response: Response) -> Response {
+    let status = response.status();
+    if status.as_u16() >= 400 {
+        let released = pool::run(db, move |conn| {
+            diesel::delete(ik::table.find((producer, key))).execute(conn)
+        })
+        .await;
+        if let Err(err) = released {
+            tracing::warn!(error = %err, "cannot release an idempotency key");
+        }
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let body: Bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(body) => body,
+        Err(err) => return Problem::internal(err).into_response(),
+    };
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let stored = body.to_vec();
+    let code = status.as_u16() as i16;
+    let saved = pool::run(db, move |conn| {
+        diesel::update(ik::table.find((producer, key)))
+            .set((
+                ik::state.eq("done"),
+                ik::response_status.eq(Some(code)),
+                ik::response_type.eq(content_type),
+                ik::response_body.eq(Some(stored)),
+            ))
+            .execute(conn)
+    })
+    .await;
+    if let Err(err) = saved {
+        tracing::error!(error = %err, "cannot store an idempotent response; the key stays in flight until it is taken over");
+    }
+    Response::from_parts(parts, Body::from(body))
+}
+
+/// Deletes expired keys every minute, [`PURGE_BATCH`] rows per statement.
+pub fn spawn_purger(db: PgPool, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            match purge_expired(&db).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(purged = n, "expired idempotency keys purged"),
+                Err(err) => tracing::warn!(error = %err, "could not purge idempotency keys"),
+            }
+        }
+    });
+}
+
+/// Deletes every expired key in batches; returns how many.
+pub async fn purge_expired(db: &PgPool) -> Result<usize, pool::DbError> {
+    let mut total = 0;
+    loop {
+        let n = pool::run(db, |conn| {
+            diesel::sql_query(
+                "DELETE FROM idempotency_keys WHERE (producer, key) IN \
+                 (SELECT producer, key FROM idempotency_keys WHERE expires_at < now() LIMIT $1)",
+            )
+            .bind::<diesel::sql_types::BigInt, _>(PURGE_BATCH)
+            .execute(conn)
+        })
+        .await?;
+        total += n;
+        if (n as i64) < PURGE_BATCH {
+            return Ok(total);
+        }
+    }
+}
