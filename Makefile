@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export CONVEYOR_GIT_COMMIT := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
-.PHONY: run test lint services bench fmt
+.PHONY: run test lint services bench fmt cluster-test
 
 run: ## Start services, migrate, run one ingress and one worker
 	@bash deploy/local/run.sh
@@ -23,3 +23,6 @@ test: lint ## fmt check, clippy, and the whole test suite against real services
 
 fmt:
 	cargo fmt --all
+
+cluster-test: ## The failover proof: a private 3-node RabbitMQ cluster and PostgreSQL, node and database restarts mid-load (root, ~3 min)
+	@bash deploy/cluster/run-proof.sh

@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use conveyor_platform::amqp::connect;
+use conveyor_platform::amqp::Nodes;
 use futures::StreamExt;
 use futures::stream::SelectAll;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::execute;
@@ -36,11 +37,12 @@ pub async fn run(rt: Arc<Runtime>, options: ConsumeOptions, consuming: Arc<Atomi
     let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(100);
     let urls: Vec<&str> = options.urls.iter().map(String::as_str).collect();
+    let nodes = Nodes::new(&urls);
     let mut connection: Option<Connection> = None;
     while !rt.shutdown.is_cancelled() {
         let conn = tokio::select! {
             _ = rt.shutdown.cancelled() => break,
-            conn = connect(&urls, &options.name) => conn,
+            conn = nodes.connect(&options.name) => conn,
         };
         let conn = match conn {
             Ok(conn) => conn,
@@ -55,12 +57,15 @@ pub async fn run(rt: Arc<Runtime>, options: ConsumeOptions, consuming: Arc<Atomi
             }
         };
         backoff = Duration::from_millis(100);
-        match consume(&rt, &conn, &options, &tracker, &consuming).await {
+        let lost = CancellationToken::new();
+        let consumed = consume(&rt, &conn, &options, &tracker, &consuming, &lost).await;
+        match consumed {
             Ok(()) => {
                 connection = Some(conn);
                 break;
             }
             Err(err) => {
+                lost.cancel();
                 consuming.store(false, Ordering::Relaxed);
                 tracing::warn!(error = %err, "consumer lost its connection; reconnecting");
                 let _ = conn.close(200, ShortString::from("reconnecting")).await;
@@ -99,6 +104,7 @@ async fn consume(
     options: &ConsumeOptions,
     tracker: &TaskTracker,
     consuming: &AtomicBool,
+    lost: &CancellationToken,
 ) -> Result<(), lapin::Error> {
     let setup = conn.create_channel().await?;
     rt.topology.declare(&setup).await?;
@@ -133,7 +139,7 @@ async fn consume(
         };
         match next {
             Some((queue, Ok(delivery))) => {
-                tracker.spawn(execute::handle(rt.clone(), queue, delivery));
+                tracker.spawn(execute::handle(rt.clone(), queue, delivery, lost.clone()));
             }
             Some((_, Err(err))) => return Err(err),
             None => {

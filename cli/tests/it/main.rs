@@ -7,6 +7,7 @@
 mod harness;
 mod smtp;
 
+mod cluster;
 mod drain;
 mod http_errors;
 mod jobs;
