@@ -9,6 +9,7 @@ run: ## Start services, migrate, run one ingress and one worker
 
 services: ## Make sure PostgreSQL and RabbitMQ answer (starting or installing them)
 	@bash deploy/local/ensure-services.sh
+	@bash deploy/local/test-prereqs.sh
 
 lint:
 	cargo fmt --all --check

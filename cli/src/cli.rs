@@ -31,6 +31,12 @@ pub enum Command {
         #[command(subcommand)]
         action: MigrateAction,
     },
+    /// Dead jobs: list, show, replay, discard.
+    Dlq {
+        /// Dead-letter action.
+        #[command(subcommand)]
+        action: crate::dlq::DlqAction,
+    },
 }
 
 /// `conveyor migrate …`
@@ -62,6 +68,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             worker.finished.await?;
         }
         Command::Migrate { action } => migrate(action, config).await?,
+        Command::Dlq { action } => crate::dlq::run(action, config).await?,
     }
     Ok(())
 }

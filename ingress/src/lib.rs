@@ -5,7 +5,11 @@
 //! [`recorder`]), and answers 202 only after both are durable. [`start`] is used
 //! by `conveyor ingress` and by the integration tests alike.
 
+pub mod admin_auth;
+pub mod dashboard;
+pub mod dead_jobs;
 pub mod json_body;
+pub mod monitor;
 pub mod openapi;
 pub mod problem;
 pub mod recorder;
@@ -51,8 +55,26 @@ pub fn router(state: AppState, body_limit: usize, recipients_body_limit: usize) 
             post(campaigns::add_recipients).get(campaigns::recipients),
         )
         .layer(axum::Extension(BodyLimit(recipients_body_limit)));
+    let admin = Router::new()
+        .route("/v1/admin/dead-jobs", get(routes::admin::list))
+        .route("/v1/admin/dead-jobs/{id}", get(routes::admin::show))
+        .route(
+            "/v1/admin/dead-jobs/{id}/replay",
+            post(routes::admin::replay),
+        )
+        .route(
+            "/v1/admin/dead-jobs/{id}/discard",
+            post(routes::admin::discard),
+        )
+        .route("/v1/admin/queues", get(routes::admin::queues))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            admin_auth::require_admin,
+        ));
     Router::new()
         .merge(bulk)
+        .merge(admin)
+        .merge(dashboard::router(state.clone()))
         .route("/v1/campaigns/{id}", get(campaigns::status))
         .route("/v1/campaigns/{id}/send", post(campaigns::send))
         .route("/v1/campaigns/{id}/pause", post(campaigns::pause))
@@ -64,6 +86,9 @@ pub fn router(state: AppState, body_limit: usize, recipients_body_limit: usize) 
         )
         .route("/v1/jobs", post(routes::jobs::enqueue))
         .route("/v1/jobs/{id}", get(routes::jobs::status))
+        .route("/v1/schedules", get(routes::schedules::list))
+        .route("/v1/schedules/{name}/ticks", get(routes::schedules::ticks))
+        .route("/v1/stats/{family}", get(routes::stats::stats))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))
@@ -107,6 +132,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config.database.pool_size,
     );
     let topology = conveyor_platform::amqp::Topology::for_config(&config);
+    let schedules = std::sync::Arc::new(
+        conveyor_platform::schedule::schedules(&config).context("invalid schedules")?,
+    );
     let metrics = Metrics::new();
     let plumbing = CancellationToken::new();
     let publisher = Publisher::start(
@@ -124,6 +152,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config.ingress.batch_max,
         config.ingress.batches_in_flight,
     );
+    let snapshot = monitor::SharedSnapshot::default();
+    tokio::spawn(monitor::run(
+        config.amqp_urls().iter().map(|u| (*u).to_owned()).collect(),
+        topology.clone(),
+        db.clone(),
+        metrics.clone(),
+        snapshot.clone(),
+        monitor::PollSettings::from_config(&config),
+        plumbing.clone(),
+    ));
     let state = AppState {
         db,
         publisher: publisher.clone(),
@@ -132,6 +170,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         metrics,
         templates: conveyor_templates::MailTemplates::new(config.mail.templates_dir.clone()),
         shutdown: shutdown.clone(),
+        schedules,
+        admin_token: config.admin.token.clone(),
+        snapshot,
+        worker_gone_after: std::time::Duration::from_millis(config.monitor.worker_gone_after_ms),
     };
     let listener = tokio::net::TcpListener::bind(config.ingress.addr)
         .await

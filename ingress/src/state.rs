@@ -2,9 +2,13 @@
 
 use conveyor_platform::amqp::{Publisher, Topology};
 use conveyor_platform::metrics::Metrics;
+use std::sync::Arc;
+
+use conveyor_platform::schedule::Schedule;
 use conveyor_schema::pool::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::monitor::SharedSnapshot;
 use crate::recorder::Recorder;
 
 /// Shared by all handlers. Cheap to clone.
@@ -24,4 +28,12 @@ pub struct AppState {
     pub templates: conveyor_templates::MailTemplates,
     /// Cancelled when the ingress starts shutting down (readiness fails at once).
     pub shutdown: CancellationToken,
+    /// Every schedule in force (for `/v1/schedules`).
+    pub schedules: Arc<Vec<Schedule>>,
+    /// `[admin] token`; `None` disables the admin API and dashboard.
+    pub admin_token: Option<secrecy::SecretString>,
+    /// The queue monitor's latest poll.
+    pub snapshot: SharedSnapshot,
+    /// A worker silent this long is shown as gone.
+    pub worker_gone_after: std::time::Duration,
 }

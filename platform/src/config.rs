@@ -15,6 +15,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+pub use crate::schedule::{ScheduleConfig, SchedulerConfig, StatsConfig};
+
 /// The whole configuration tree.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -34,6 +36,16 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// Mail fan-out.
     pub mail: MailConfig,
+    /// Periodic jobs (`[[schedules]]`), see [`crate::schedule`].
+    pub schedules: Vec<ScheduleConfig>,
+    /// The scheduler loop every worker runs.
+    pub scheduler: SchedulerConfig,
+    /// Statistics rollups and retention.
+    pub stats: StatsConfig,
+    /// Admin API and dashboard access.
+    pub admin: AdminConfig,
+    /// Heartbeats and the broker poller.
+    pub monitor: MonitorConfig,
 }
 
 /// Logging output.
@@ -177,6 +189,53 @@ impl Default for MailConfig {
     }
 }
 
+/// Access to `/v1/admin` and `/dashboard`.
+///
+/// For now one shared token guards both; it moves to API keys with the `admin`
+/// scope once those exist. Without a token the admin surface answers 403.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Sent as `Authorization: Bearer <token>`, or typed into the dashboard's login form.
+    #[serde(serialize_with = "expose_opt")]
+    pub token: Option<SecretString>,
+}
+
+/// Worker heartbeats and the ingress's broker poller.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// How often each worker writes its heartbeat row.
+    pub heartbeat_ms: u64,
+    /// A worker silent for this long is shown as gone (and not counted as live).
+    pub worker_gone_after_ms: u64,
+    /// A worker silent (or stopped) for this long is deleted from `workers`.
+    pub worker_prune_after_ms: u64,
+    /// How often the ingress polls the broker and the jobs table for the queue metrics.
+    pub queue_poll_ms: u64,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 5_000,
+            worker_gone_after_ms: 30_000,
+            worker_prune_after_ms: 24 * 3600 * 1000,
+            queue_poll_ms: 5_000,
+        }
+    }
+}
+
+fn expose_opt<S: serde::Serializer>(
+    secret: &Option<SecretString>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(secret) => s.serialize_some(secret.expose_secret()),
+        None => s.serialize_none(),
+    }
+}
+
 fn expose<S: serde::Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(secret.expose_secret())
 }
@@ -191,6 +250,11 @@ impl Default for Config {
             ingress: IngressConfig::default(),
             worker: WorkerConfig::default(),
             mail: MailConfig::default(),
+            schedules: Vec::new(),
+            scheduler: SchedulerConfig::default(),
+            stats: StatsConfig::default(),
+            admin: AdminConfig::default(),
+            monitor: MonitorConfig::default(),
         }
     }
 }
@@ -263,6 +327,14 @@ pub enum ConfigError {
     Invalid {
         /// Dotted key, e.g. `database.url`.
         key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A value in an array entry (e.g. `schedules[2].cron`) makes no sense.
+    #[error("invalid configuration: `{key}`: {problem}")]
+    InvalidEntry {
+        /// Dotted key with the entry's index.
+        key: String,
         /// What is wrong with it.
         problem: String,
     },
@@ -402,6 +474,27 @@ impl Config {
         if self.worker.state_batch_max == 0 {
             return invalid("worker.state_batch_max", "must be at least 1".into());
         }
+        if self.monitor.heartbeat_ms == 0 || self.monitor.queue_poll_ms == 0 {
+            return invalid(
+                "monitor.heartbeat_ms",
+                "heartbeat_ms and queue_poll_ms must be at least 1".into(),
+            );
+        }
+        if self.monitor.worker_gone_after_ms <= self.monitor.heartbeat_ms {
+            return invalid(
+                "monitor.worker_gone_after_ms",
+                "must be longer than monitor.heartbeat_ms".into(),
+            );
+        }
+        if self
+            .admin
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose_secret().len() < 16)
+        {
+            return invalid("admin.token", "must be at least 16 characters".into());
+        }
+        crate::schedule::validate(self)?;
         Ok(())
     }
 
@@ -513,6 +606,18 @@ mod tests {
                 .to_string()
                 .contains("`log.level`")
         );
+    }
+
+    #[test]
+    fn schedules_load_from_a_file() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "[[schedules]]\nname = \"tick\"\ncron = \"*/2 * * * * *\"\ntask = \"diag.sleep\"\nargs = {{ ms = 5 }}\ncatch_up = \"once\"\n\n[[schedules]]\nname = \"bad\"\ncron = \"* * * * *\"\ntask = \"diag.noop\"\ntimezone = \"Nowhere/Land\""
+        )
+        .unwrap();
+        let err = Config::load(Some(file.path())).unwrap_err().to_string();
+        assert!(err.contains("`schedules[1].timezone`"), "{err}");
     }
 
     #[test]

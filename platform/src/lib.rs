@@ -10,6 +10,7 @@ pub mod amqp;
 pub mod config;
 pub mod metrics;
 pub mod migrations;
+pub mod schedule;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -4,8 +4,10 @@
 //! them across instances): `conveyor_jobs_*_total`, `conveyor_job_*_seconds`,
 //! `conveyor_jobs_in_flight`, `conveyor_http_*`. Service-wide metrics (polled
 //! from the broker by the ingress only, so there is one set per deployment, not
-//! one per worker): `conveyor_queue_*`. Names follow Prometheus conventions:
-//! base units, `_total` for counters, `_seconds` for durations.
+//! one per worker): `conveyor_queue_*`, `conveyor_workers` and
+//! `conveyor_dead_jobs`, each carrying the constant label `scope="service"` so
+//! a query can tell them apart. Names follow Prometheus conventions: base units,
+//! `_total` for counters, `_seconds` for durations.
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -47,8 +49,42 @@ pub struct Metrics {
     pub queue_oldest_job_age: prometheus::GaugeVec,
     /// Waiting jobs divided by live workers, per queue: the autoscaling target. Service-wide.
     pub queue_backlog_per_worker: prometheus::GaugeVec,
+    /// Workers by heartbeat state (`live`, `gone`). Service-wide.
+    pub workers: IntGaugeVec,
+    /// Dead-job records neither replayed nor discarded, per queue. Service-wide.
+    pub dead_jobs: IntGaugeVec,
     /// Always 1; labels carry version and git commit.
     pub build_info: IntGaugeVec,
+}
+
+/// The constant label on every service-wide metric.
+pub const SERVICE_SCOPE: (&str, &str) = ("scope", "service");
+
+fn service_opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).const_label(SERVICE_SCOPE.0, SERVICE_SCOPE.1)
+}
+
+fn service_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let metric = IntGaugeVec::new(service_opts(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
+}
+
+fn service_float_gauge(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::GaugeVec {
+    let metric = prometheus::GaugeVec::new(service_opts(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -62,20 +98,6 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let metric = IntGaugeVec::new(Opts::new(name, help), labels)
-        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    registry
-        .register(Box::new(metric.clone()))
-        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    metric
-}
-
-fn float_gauge(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> prometheus::GaugeVec {
-    let metric = prometheus::GaugeVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|e| panic!("metric {name}: {e}"));
     registry
         .register(Box::new(metric.clone()))
@@ -163,28 +185,40 @@ impl Metrics {
                 "HTTP request latency.",
                 &["route"],
             ),
-            queue_messages_ready: gauge(
+            queue_messages_ready: service_gauge(
                 r,
                 "conveyor_queue_messages_ready",
                 "Messages ready in a broker queue (service-wide).",
                 &["queue", "kind"],
             ),
-            queue_consumers: gauge(
+            queue_consumers: service_gauge(
                 r,
                 "conveyor_queue_consumers",
                 "Consumers on a work queue (service-wide).",
                 &["queue"],
             ),
-            queue_oldest_job_age: float_gauge(
+            queue_oldest_job_age: service_float_gauge(
                 r,
                 "conveyor_queue_oldest_job_age_seconds",
                 "Age of the oldest waiting job (service-wide).",
                 &["queue"],
             ),
-            queue_backlog_per_worker: float_gauge(
+            queue_backlog_per_worker: service_float_gauge(
                 r,
                 "conveyor_queue_backlog_per_worker",
                 "Waiting jobs per live worker: the autoscaling target (service-wide).",
+                &["queue"],
+            ),
+            workers: service_gauge(
+                r,
+                "conveyor_workers",
+                "Workers by heartbeat state: live or gone (service-wide).",
+                &["state"],
+            ),
+            dead_jobs: service_gauge(
+                r,
+                "conveyor_dead_jobs",
+                "Dead-job records neither replayed nor discarded (service-wide).",
                 &["queue"],
             ),
             build_info: gauge(

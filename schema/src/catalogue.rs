@@ -128,6 +128,9 @@ pub fn catalogue() -> &'static [TaskDescriptor] {
             TaskDescriptor::of::<args::diag::Panic>(),
             TaskDescriptor::of::<args::mail::PlanCampaign>(),
             TaskDescriptor::of::<args::mail::SendChunk>(),
+            TaskDescriptor::of::<args::stats::RollupHourly>(),
+            TaskDescriptor::of::<args::stats::RollupDaily>(),
+            TaskDescriptor::of::<args::stats::Retention>(),
         ]
     })
 }

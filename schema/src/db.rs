@@ -88,3 +88,66 @@ diesel::table! {
 diesel::joinable!(campaign_recipients -> campaigns (campaign_id));
 diesel::joinable!(campaign_chunks -> campaigns (campaign_id));
 diesel::allow_tables_to_appear_in_same_query!(campaigns, campaign_recipients, campaign_chunks);
+
+diesel::table! {
+    schedule_ticks (schedule, tick_at) {
+        schedule -> Text,
+        tick_at -> Timestamptz,
+        job_id -> Uuid,
+        catch_up -> Bool,
+        claimed_by -> Text,
+        claimed_at -> Timestamptz,
+        published_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::joinable!(schedule_ticks -> jobs (job_id));
+diesel::allow_tables_to_appear_in_same_query!(jobs, schedule_ticks);
+diesel::table! {
+    workers (id) {
+        id -> Text,
+        host -> Text,
+        pid -> Int4,
+        version -> Text,
+        started_at -> Timestamptz,
+        queues -> Array<Text>,
+        in_flight -> Int4,
+        last_seen_at -> Timestamptz,
+        stopped_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    dead_jobs (id) {
+        id -> Uuid,
+        task -> Text,
+        queue -> Text,
+        envelope -> Nullable<Jsonb>,
+        body -> Nullable<Text>,
+        attempts -> Int4,
+        errors -> Jsonb,
+        reason -> Text,
+        x_death -> Nullable<Jsonb>,
+        source -> Text,
+        dead_at -> Timestamptz,
+        replayed_as -> Nullable<Uuid>,
+        replayed_at -> Nullable<Timestamptz>,
+        replay_count -> Int4,
+        discarded_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    dead_job_actions (id) {
+        id -> Int8,
+        dead_job_id -> Uuid,
+        action -> Text,
+        actor -> Text,
+        at -> Timestamptz,
+        new_job_id -> Nullable<Uuid>,
+        detail -> Jsonb,
+    }
+}
+
+diesel::joinable!(dead_job_actions -> dead_jobs (dead_job_id));
+diesel::allow_tables_to_appear_in_same_query!(jobs, workers, dead_jobs, dead_job_actions);

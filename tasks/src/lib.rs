@@ -12,6 +12,7 @@ pub mod diag;
 pub mod error;
 pub mod mail;
 pub mod registry;
+pub mod stats;
 
 pub use context::{Enqueue, JobContext, Services};
 pub use error::TaskError;

@@ -10,7 +10,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
 
-use crate::{JobContext, TaskError, diag, mail};
+use crate::{JobContext, TaskError, diag, mail, stats};
 
 /// A task implementation for the spec `Spec`.
 pub trait Task: Send + Sync + 'static {
@@ -94,6 +94,9 @@ pub fn registry() -> Registry {
     registry.register(diag::Panic);
     registry.register(mail::PlanCampaign);
     registry.register(mail::SendChunk);
+    registry.register(stats::RollupHourly);
+    registry.register(stats::RollupDaily);
+    registry.register(stats::Retention);
     registry
 }
 

@@ -8,14 +8,16 @@ use std::time::Duration;
 use conveyor_platform::amqp::Nodes;
 use futures::StreamExt;
 use futures::stream::SelectAll;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::execute;
 use crate::runtime::Runtime;
+use crate::{dead_letters, execute};
 
 /// Consumer settings.
 pub struct ConsumeOptions {
@@ -128,7 +130,35 @@ async fn consume(
             .await?;
         consumers.push((channel, consumer.tag()));
         let queue: Arc<str> = Arc::from(queue.as_str());
-        streams.push(consumer.map(move |delivery| (queue.clone(), delivery)));
+        streams.push(
+            consumer
+                .map(move |delivery| (queue.clone(), None, delivery))
+                .boxed(),
+        );
+    }
+    // The dead-letter inbox of each queue, on its own confirm-mode channel:
+    // the recorder republishes to the `.dlq` on it before acking.
+    for queue in &options.queues {
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channel.basic_qos(16, BasicQosOptions::default()).await?;
+        let consumer = channel
+            .basic_consume(
+                ShortString::from(rt.topology.dead_letter_inbox(queue)),
+                ShortString::from(format!("{}/{queue}/dlq-inbox", options.name)),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        consumers.push((channel.clone(), consumer.tag()));
+        let queue: Arc<str> = Arc::from(queue.as_str());
+        streams.push(
+            consumer
+                .map(move |delivery| (queue.clone(), Some(channel.clone()), delivery))
+                .boxed(),
+        );
     }
     consuming.store(true, Ordering::Relaxed);
     tracing::info!(queues = ?options.queues, prefetch = options.prefetch, "consuming");
@@ -138,10 +168,18 @@ async fn consume(
             next = streams.next() => next,
         };
         match next {
-            Some((queue, Ok(delivery))) => {
+            Some((queue, None, Ok(delivery))) => {
                 tracker.spawn(execute::handle(rt.clone(), queue, delivery, lost.clone()));
             }
-            Some((_, Err(err))) => return Err(err),
+            Some((queue, Some(channel), Ok(delivery))) => {
+                tracker.spawn(dead_letters::record_from_inbox(
+                    rt.clone(),
+                    queue,
+                    channel,
+                    delivery,
+                ));
+            }
+            Some((_, _, Err(err))) => return Err(err),
             None => {
                 return Err(lapin::Error::from(
                     lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),

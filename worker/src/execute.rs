@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use conveyor_platform::amqp::{Outgoing, delay_level_for};
+use conveyor_platform::amqp::{DELAY_LEVELS_MS, Outgoing, delay_level_for};
 use conveyor_schema::db::jobs;
 use conveyor_schema::{Envelope, JobState};
 use conveyor_tasks::{JobContext, TaskError};
@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::dead_letters::DeadLetter;
 use crate::runtime::Runtime;
 use crate::state_writer::StateChange;
 
@@ -46,7 +47,9 @@ pub async fn handle(
     let envelope = match Envelope::decode(&delivery.data) {
         Ok(envelope) => envelope,
         Err(err) => {
-            let id = message_id(&delivery);
+            let id = Some(message_id(&delivery))
+                .filter(|id| !id.is_nil())
+                .unwrap_or_else(Uuid::now_v7);
             tracing::warn!(job.id = %id, queue = %queue, error = %err, "dead-lettering an unreadable message");
             let dead = Outgoing::dead_letter(
                 &rt.topology,
@@ -56,7 +59,8 @@ pub async fn handle(
                 "",
                 &err.to_string(),
             );
-            return finish_with(&rt, &delivery, &dead, None).await;
+            let record = DeadLetter::unreadable(id, &queue, &delivery.data, &err.to_string());
+            return finish_with(&rt, &delivery, &dead, None, Some(record)).await;
         }
     };
     let span = tracing::info_span!("job", job.id = %envelope.id, task = %envelope.task, attempt = envelope.attempt);
@@ -83,19 +87,22 @@ async fn run_envelope(
             &envelope.task,
             &reason,
         );
+        let record = DeadLetter::of(&envelope, &queue, &reason);
         let mut change = StateChange::of(&envelope, &queue, envelope.attempt, JobState::Dead);
         change.error = Some(reason);
         change.finished_at = Some(Utc::now());
-        return finish_with(&rt, &delivery, &dead, Some(change)).await;
+        return finish_with(&rt, &delivery, &dead, Some(change), Some(record)).await;
     };
     let options = task.descriptor().options.clone();
     if let Some(not_before) = envelope.not_before {
         let remaining = (not_before - Utc::now()).to_std().unwrap_or_default();
-        if remaining > Duration::from_millis(20) {
+        if remaining >= Duration::from_millis(DELAY_LEVELS_MS[0]) {
             let again =
                 Outgoing::delayed(&rt.topology, &queue, &envelope, delay_level_for(remaining));
-            return finish_with(&rt, &delivery, &again, None).await;
+            return finish_with(&rt, &delivery, &again, None, None).await;
         }
+        // Less than the shortest delay queue: wait here rather than run early.
+        tokio::time::sleep(remaining).await;
     }
     if delivery.redelivered && already_done(&rt, &envelope).await {
         tracing::info!(
@@ -200,7 +207,7 @@ async fn run_envelope(
             change.error = Some(err.to_string());
             change.next_attempt_at = Some(due);
             metrics.jobs_retried.with_label_values(&labels).inc();
-            finish_with(&rt, &delivery, &next, Some(change)).await;
+            finish_with(&rt, &delivery, &next, Some(change), None).await;
         }
         Err(err) => {
             let reason = if err.is_permanent() {
@@ -217,33 +224,38 @@ async fn run_envelope(
                 &envelope.task,
                 &reason,
             );
+            let record = DeadLetter::of(&envelope, &queue, &reason);
             change.state = JobState::Dead;
             change.error = Some(reason);
             change.finished_at = Some(Utc::now());
             metrics.jobs_dead.with_label_values(&labels).inc();
-            finish_with(&rt, &delivery, &dead, Some(change)).await;
+            finish_with(&rt, &delivery, &dead, Some(change), Some(record)).await;
         }
     }
 }
 
-/// Publishes `message` (confirmed), commits `change`, then acks. If the publish
-/// fails the delivery is returned to the queue to be handled again.
+/// Publishes `message` (confirmed), commits `change` and the dead-job record
+/// `dead` together, then acks. If the publish fails the delivery is returned to
+/// the queue to be handled again.
 async fn finish_with(
     rt: &Runtime,
     delivery: &Delivery,
     message: &Outgoing,
     change: Option<StateChange>,
+    dead: Option<DeadLetter>,
 ) {
     if let Err(err) = rt.publisher.publish(message).await {
         tracing::error!(error = %err, routing_key = %message.routing_key, "could not publish; returning the delivery to its queue");
         return requeue(delivery).await;
     }
-    if let Some(change) = change
-        && !rt.states.commit(change).await
-    {
-        return;
+    let committed = match (change, dead) {
+        (change, Some(dead)) => rt.states.commit_dead(change, dead).await,
+        (Some(change), None) => rt.states.commit(change).await,
+        (None, None) => true,
+    };
+    if committed {
+        ack(delivery).await;
     }
-    ack(delivery).await;
 }
 
 async fn ack(delivery: &Delivery) {

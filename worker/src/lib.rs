@@ -6,10 +6,13 @@
 //! run the real thing.
 
 mod consumer;
+mod dead_letters;
 mod enqueuer;
 mod execute;
+mod heartbeat;
 mod http;
 mod runtime;
+pub mod scheduler;
 mod state_writer;
 
 use std::collections::HashMap;
@@ -72,6 +75,16 @@ pub async fn start(
         plumbing.clone(),
     );
     let states = StateWriter::start(db.clone(), config.worker.state_batch_max, plumbing.clone());
+    let schedules =
+        Arc::new(conveyor_platform::schedule::schedules(&config).context("invalid schedules")?);
+    let scheduler = config.scheduler.enabled.then(|| scheduler::Scheduler {
+        db: db.clone(),
+        publisher: publisher.clone(),
+        metrics: metrics.clone(),
+        schedules,
+        config: config.scheduler.clone(),
+        worker_id: worker_id.clone(),
+    });
     let enqueue = Arc::new(enqueuer::Enqueuer {
         db: db.clone(),
         publisher: publisher.clone(),
@@ -104,6 +117,20 @@ pub async fn start(
             "worker.queues: no task uses queue `{queue}`"
         );
     }
+    let identity = heartbeat::Identity {
+        id: worker_id.clone(),
+        host: hostname(),
+        queues: queues.clone(),
+        started_at: chrono::Utc::now(),
+    };
+    let beats_stop = CancellationToken::new();
+    let beats = tokio::spawn(heartbeat::run(
+        db.clone(),
+        metrics.clone(),
+        identity,
+        std::time::Duration::from_millis(config.monitor.heartbeat_ms),
+        beats_stop.clone(),
+    ));
     let rt = Arc::new(runtime::Runtime {
         registry,
         topology,
@@ -144,8 +171,15 @@ pub async fn start(
         name: format!("conveyor-worker {worker_id}"),
     };
     tracing::info!(worker.id = %worker_id, http = %http_addr, "worker started");
+    // The scheduler stops claiming ticks as soon as draining starts.
+    let scheduling = scheduler.map(|s| s.spawn(shutdown.clone()));
     let finished = tokio::spawn(async move {
         consumer::run(rt, options, consuming).await;
+        if let Some(scheduling) = scheduling {
+            let _ = scheduling.await;
+        }
+        beats_stop.cancel();
+        let _ = beats.await;
         plumbing.cancel();
         let _ = http.await;
         tracing::info!("worker stopped");

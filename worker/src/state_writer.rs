@@ -11,6 +11,9 @@
 //!
 //! The upsert also creates the row when the job's publisher has not committed
 //! it yet, and never moves a job out of a final state or back to an older attempt.
+//!
+//! A dead job's `dead_jobs` record travels with its `dead` state and is written
+//! in the same transaction, after the state (so it sees every error).
 
 use std::time::Duration;
 
@@ -22,6 +25,8 @@ use diesel::sql_types::{Array, Int4, Jsonb, Nullable, Text, Timestamptz, Uuid as
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use crate::dead_letters::DeadLetter;
 
 /// One job's new state.
 #[derive(Debug, Clone)]
@@ -50,6 +55,8 @@ pub struct StateChange {
     pub error: Option<String>,
     /// When the next attempt is due, on `retrying`.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// When the change happened (the time recorded with an error).
+    pub at: DateTime<Utc>,
 }
 
 impl StateChange {
@@ -68,13 +75,21 @@ impl StateChange {
             finished_at: None,
             error: None,
             next_attempt_at: None,
+            at: Utc::now(),
         }
     }
 }
 
 struct Pending {
-    change: StateChange,
+    item: Item,
     done: Option<oneshot::Sender<()>>,
+}
+
+/// What one pending entry writes.
+#[derive(Clone)]
+struct Item {
+    change: Option<StateChange>,
+    dead: Option<DeadLetter>,
 }
 
 /// Queues changes for the writer task. Cheap to clone.
@@ -94,17 +109,41 @@ impl StateWriter {
 
     /// Queues a change without waiting for its commit.
     pub fn record(&self, change: StateChange) {
-        let _ = self.tx.send(Pending { change, done: None });
+        let _ = self.tx.send(Pending {
+            item: Item {
+                change: Some(change),
+                dead: None,
+            },
+            done: None,
+        });
     }
 
     /// Queues a change and waits until it is committed. `false` when the writer
     /// stopped before committing it.
     pub async fn commit(&self, change: StateChange) -> bool {
+        self.commit_item(Item {
+            change: Some(change),
+            dead: None,
+        })
+        .await
+    }
+
+    /// Commits `change` (if any) and the dead-job record `dead` in one
+    /// transaction; waits like [`commit`](Self::commit).
+    pub async fn commit_dead(&self, change: Option<StateChange>, dead: DeadLetter) -> bool {
+        self.commit_item(Item {
+            change,
+            dead: Some(dead),
+        })
+        .await
+    }
+
+    async fn commit_item(&self, item: Item) -> bool {
         let (done, committed) = oneshot::channel();
         if self
             .tx
             .send(Pending {
-                change,
+                item,
                 done: Some(done),
             })
             .is_err()
@@ -123,8 +162,8 @@ async fn write_loop(
 ) {
     let mut batch = Vec::with_capacity(batch_max);
     while rx.recv_many(&mut batch, batch_max).await > 0 {
-        let changes: std::sync::Arc<Vec<StateChange>> =
-            std::sync::Arc::new(batch.iter().map(|p| p.change.clone()).collect());
+        let changes: std::sync::Arc<Vec<Item>> =
+            std::sync::Arc::new(batch.iter().map(|p| p.item.clone()).collect());
         let mut backoff = Duration::from_millis(50);
         loop {
             let pool = pool.clone();
@@ -156,13 +195,14 @@ async fn write_loop(
     }
 }
 
-/// Writes `changes` in order. A job may appear more than once (e.g. `running`
-/// then `succeeded`); an upsert cannot touch one row twice, so the batch is
-/// split into rounds in which each id appears at most once.
-fn write_batch(conn: &mut PgConnection, changes: &[StateChange]) -> QueryResult<()> {
-    let mut round: Vec<&StateChange> = Vec::with_capacity(changes.len());
-    let mut ids = std::collections::HashSet::with_capacity(changes.len());
-    for change in changes {
+/// Writes `items` in order: first every state change, then the dead-job
+/// records. A job may appear more than once (e.g. `running` then `succeeded`);
+/// an upsert cannot touch one row twice, so the changes are split into rounds
+/// in which each id appears at most once.
+fn write_batch(conn: &mut PgConnection, items: &[Item]) -> QueryResult<()> {
+    let mut round: Vec<&StateChange> = Vec::with_capacity(items.len());
+    let mut ids = std::collections::HashSet::with_capacity(items.len());
+    for change in items.iter().filter_map(|item| item.change.as_ref()) {
         if !ids.insert(change.id) {
             upsert(conn, &round)?;
             round.clear();
@@ -171,7 +211,11 @@ fn write_batch(conn: &mut PgConnection, changes: &[StateChange]) -> QueryResult<
         }
         round.push(change);
     }
-    upsert(conn, &round)
+    upsert(conn, &round)?;
+    for dead in items.iter().filter_map(|item| item.dead.as_ref()) {
+        crate::dead_letters::insert(conn, dead)?;
+    }
+    Ok(())
 }
 
 const UPSERT: &str = "
@@ -180,12 +224,12 @@ INSERT INTO jobs (id, task, queue, state, args, attempts, runs, max_attempts, en
 SELECT d.id, d.task, d.queue, d.state, d.args, d.attempt, (d.state = 'running')::int4, d.max_attempts, d.enqueued_at,
        d.started_at, d.finished_at, d.error,
        CASE WHEN d.error IS NULL THEN '[]'::jsonb
-            ELSE jsonb_build_array(jsonb_build_object('attempt', d.attempt, 'at', now(), 'error', d.error)) END,
+            ELSE jsonb_build_array(jsonb_build_object('attempt', d.attempt, 'at', d.at, 'error', d.error)) END,
        d.next_attempt_at, now()
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int4[], $7::int4[],
-            $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::timestamptz[])
+            $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::timestamptz[], $13::timestamptz[])
      AS d(id, task, queue, state, args, attempt, max_attempts, enqueued_at,
-          started_at, finished_at, error, next_attempt_at)
+          started_at, finished_at, error, next_attempt_at, at)
 ON CONFLICT (id) DO UPDATE SET
     state = EXCLUDED.state,
     attempts = EXCLUDED.attempts,
@@ -229,6 +273,7 @@ fn upsert(conn: &mut PgConnection, round: &[&StateChange]) -> QueryResult<()> {
         .bind::<Array<Nullable<Timestamptz>>, _>(
             round.iter().map(|c| c.next_attempt_at).collect::<Vec<_>>(),
         )
+        .bind::<Array<Timestamptz>, _>(round.iter().map(|c| c.at).collect::<Vec<_>>())
         .execute(conn)?;
     Ok(())
 }

@@ -175,6 +175,8 @@ pub fn test_config(db: &TestDb) -> Config {
     config.ingress.addr = "127.0.0.1:0".parse().unwrap();
     config.worker.metrics_addr = "127.0.0.1:0".parse().unwrap();
     config.worker.grace_period_ms = 5_000;
+    // Built-in rollup schedules would add jobs at 5-minute boundaries; tests that want them opt in.
+    config.stats.default_schedules = false;
     config
 }
 
@@ -194,6 +196,8 @@ pub struct TestApp {
     pub processes: Vec<Child>,
     /// Extra `CONVEYOR_*` variables for worker processes (config the process cannot get otherwise).
     pub process_env: Vec<(String, String)>,
+    /// Config files of worker processes, deleted on drop.
+    pub config_files: Vec<tempfile::TempPath>,
     ingress_shutdown: CancellationToken,
     pub metrics_url: String,
 }
@@ -220,6 +224,7 @@ impl TestApp {
             workers: Vec::new(),
             processes: Vec::new(),
             process_env: Vec::new(),
+            config_files: Vec::new(),
             ingress_shutdown,
             metrics_url: String::new(),
             config,
@@ -253,12 +258,25 @@ impl TestApp {
 
     /// Starts a worker as a separate `conveyor worker` process.
     pub fn spawn_worker_process(&mut self, grace_ms: u64) -> u32 {
+        self.spawn_worker_process_with(grace_ms, None)
+    }
+
+    /// Like [`Self::spawn_worker_process`], with `config_toml` written to a file
+    /// passed as `--config` (for what env variables cannot say, like `[[schedules]]`).
+    pub fn spawn_worker_process_with(&mut self, grace_ms: u64, config_toml: Option<&str>) -> u32 {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_conveyor"));
+        if let Some(toml) = config_toml {
+            let mut file = tempfile::NamedTempFile::new().expect("config file");
+            std::io::Write::write_all(&mut file, toml.as_bytes()).expect("write config");
+            command.arg("--config").arg(file.path());
+            self.config_files.push(file.into_temp_path());
+        }
         let log = if std::env::var_os("TEST_LOG").is_some() {
             Stdio::inherit()
         } else {
             Stdio::null()
         };
-        let child = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        let child = command
             .arg("worker")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -272,6 +290,10 @@ impl TestApp {
                 self.process_env
                     .iter()
                     .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .env(
+                "CONVEYOR_STATS_DEFAULT_SCHEDULES",
+                self.config.stats.default_schedules.to_string(),
             )
             .stdout(Stdio::null())
             .stderr(log)

@@ -66,14 +66,19 @@ async fn failing_job_succeeds_on_third_attempt_after_backoff() {
     assert_eq!(errors.len(), 2, "{errors:?}");
     let at =
         |i: usize| chrono::DateTime::parse_from_rfc3339(errors[i]["at"].as_str().unwrap()).unwrap();
-    // Backoff before attempt 3 is 200 ms with equal jitter: at least 100 ms between the failures.
+    // Equal jitter: attempt 2 waits 50–100 ms, attempt 3 waits 100–200 ms (timestamps are the
+    // worker's own, taken when each attempt failed or started).
     let gap = at(1) - at(0);
     assert!(
-        gap >= chrono::Duration::milliseconds(100),
+        gap >= chrono::Duration::milliseconds(50),
         "second failure only {gap} after the first"
     );
     let started = job.started_at.unwrap();
-    assert!(started - at(1).with_timezone(&chrono::Utc) >= chrono::Duration::milliseconds(100));
+    let wait = started - at(1).with_timezone(&chrono::Utc);
+    assert!(
+        wait >= chrono::Duration::milliseconds(100),
+        "attempt 3 started {wait} after the second failure"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,10 +8,18 @@ mod harness;
 mod smtp;
 
 mod cluster;
+mod dashboard;
+mod dead_letters;
+mod deploy;
+mod dlq;
 mod drain;
 mod http_errors;
 mod jobs;
 mod mail;
 mod mail_api;
+mod metrics;
 mod migrations;
 mod openapi;
+mod schedules;
+mod stats;
+mod webdriver;

@@ -22,6 +22,9 @@ async fn openapi_document_is_served_and_matches_snapshot() {
         "/healthz",
         "/readyz",
         "/metrics",
+        "/v1/schedules",
+        "/v1/schedules/{name}/ticks",
+        "/v1/stats/{family}",
     ] {
         assert!(doc["paths"][path].is_object(), "missing {path}");
     }

@@ -2,8 +2,14 @@
 //!
 //! For each logical queue `q` in namespace `ns`:
 //! - `ns.q`, the work queue: quorum, with a delivery limit (a crash-loop guard)
-//!   and at-least-once dead-lettering to `ns.q.dlq`;
-//! - `ns.q.dlq`, where dead jobs wait for RabbitMQ-native tooling.
+//!   and at-least-once dead-lettering to `ns.q.dlq-inbox`;
+//! - `ns.q.dlq-inbox`, where the broker puts what it dead-letters itself (the
+//!   delivery limit). Workers consume it, record each message in `dead_jobs`
+//!   and only then move it on to `ns.q.dlq`, so that every message in the
+//!   `.dlq` has its record in PostgreSQL;
+//! - `ns.q.dlq`, where dead jobs wait for RabbitMQ-native tooling. Workers
+//!   publish jobs they give up on straight here, committing the record with the
+//!   job's `dead` state.
 //!
 //! Shared by all queues, the broker-side delay for retries:
 //! - `ns.delay`, a headers exchange, routes a message by its `conveyor-delay`
@@ -89,6 +95,12 @@ impl Topology {
         format!("{}.{queue}.dlq", self.namespace)
     }
 
+    /// Where the broker dead-letters messages of logical queue `queue` (delivery
+    /// limit); a worker records each and moves it to the dead-letter queue.
+    pub fn dead_letter_inbox(&self, queue: &str) -> String {
+        format!("{}.{queue}.dlq-inbox", self.namespace)
+    }
+
     /// The headers exchange that routes to delay queues.
     pub fn delay_exchange(&self) -> String {
         format!("{}.delay", self.namespace)
@@ -131,7 +143,7 @@ impl Topology {
         args.insert(key("x-dead-letter-exchange"), long(""));
         args.insert(
             key("x-dead-letter-routing-key"),
-            long(&self.dead_letter_queue(queue)),
+            long(&self.dead_letter_inbox(queue)),
         );
         Self::at_least_once(&mut args);
         args
@@ -187,13 +199,11 @@ impl Topology {
                 .await?;
         }
         for queue in &self.queues {
-            channel
-                .queue_declare(
-                    key(&self.dead_letter_queue(queue)),
-                    durable,
-                    self.quorum_args(),
-                )
-                .await?;
+            for dead in [self.dead_letter_queue(queue), self.dead_letter_inbox(queue)] {
+                channel
+                    .queue_declare(key(&dead), durable, self.quorum_args())
+                    .await?;
+            }
             let work = self.work_queue(queue);
             channel
                 .queue_declare(key(&work), durable, self.work_queue_args(queue))
@@ -220,6 +230,9 @@ impl Topology {
                 .await?;
             channel
                 .queue_delete(key(&self.dead_letter_queue(queue)), opts)
+                .await?;
+            channel
+                .queue_delete(key(&self.dead_letter_inbox(queue)), opts)
                 .await?;
         }
         for level in DELAY_LEVELS_MS {

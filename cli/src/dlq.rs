@@ -1,0 +1,378 @@
+//! `conveyor dlq …`: browse, replay and discard dead jobs from a terminal.
+//!
+//! Reads `dead_jobs` directly and publishes replays through the platform's
+//! confirmed [`Publisher`]; the operations are the same functions the admin
+//! HTTP API uses (`conveyor_ingress::dead_jobs`), so both audit alike.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand};
+use conveyor_ingress::dead_jobs::{self, DiscardOutcome, Filter, ReplayOptions, ReplayOutcome};
+use conveyor_platform::Config;
+use conveyor_platform::amqp::{Publisher, Topology};
+use conveyor_schema::models::DeadJob;
+use conveyor_schema::pool::{self, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// `conveyor dlq …`
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List dead jobs, newest first (not yet replayed or discarded unless --all).
+    List {
+        /// Which ones.
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Also list replayed and discarded ones.
+        #[arg(long)]
+        all: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead job: envelope, every error, x-death history, audit trail.
+    Show {
+        /// Dead job id.
+        id: Uuid,
+    },
+    /// Re-publish dead jobs as fresh jobs (new id, attempt 1, linked to the dead record).
+    Replay {
+        /// Dead job ids.
+        #[arg(
+            required_unless_present = "all_matching",
+            conflicts_with = "all_matching"
+        )]
+        ids: Vec<Uuid>,
+        /// Replay every dead job matching the filter flags instead of listed ids.
+        #[arg(long)]
+        all_matching: bool,
+        /// Which ones (with --all-matching).
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Replays per second at most.
+        #[arg(long, value_name = "N/s", value_parser = parse_rate)]
+        rate: Option<f64>,
+        /// Validate and list what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Replay records already replayed or discarded.
+        #[arg(long)]
+        force: bool,
+        /// Replace the arguments with this JSON file's content (validated like a new job).
+        #[arg(long, value_name = "FILE")]
+        set_args: Option<PathBuf>,
+        /// Who is replaying, for the audit (default: cli@<host>).
+        #[arg(long)]
+        actor: Option<String>,
+    },
+    /// Mark dead jobs discarded (audited; they stay in the table and the .dlq queue).
+    Discard {
+        /// Dead job ids.
+        #[arg(
+            required_unless_present = "all_matching",
+            conflicts_with = "all_matching"
+        )]
+        ids: Vec<Uuid>,
+        /// Discard every dead job matching the filter flags.
+        #[arg(long)]
+        all_matching: bool,
+        /// Which ones (with --all-matching).
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// List what would be discarded; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Who is discarding, for the audit (default: cli@<host>).
+        #[arg(long)]
+        actor: Option<String>,
+    },
+}
+
+/// Filter flags shared by the subcommands.
+#[derive(Debug, Clone, Args)]
+pub struct FilterArgs {
+    /// Exact task name.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Exact logical queue.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Dead since: RFC 3339 time, or an age like 30m, 2h, 7d.
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<DateTime<Utc>>,
+    /// The final error contains this text (case-insensitive).
+    #[arg(long)]
+    pub error_contains: Option<String>,
+}
+
+impl FilterArgs {
+    fn filter(&self, all: bool, limit: i64) -> Filter {
+        Filter {
+            task: self.task.clone(),
+            queue: self.queue.clone(),
+            since: self.since,
+            error_contains: self.error_contains.clone(),
+            include_discarded: all,
+            include_replayed: all,
+            limit,
+        }
+    }
+}
+
+fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(time) = DateTime::parse_from_rfc3339(s) {
+        return Ok(time.with_timezone(&Utc));
+    }
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is neither RFC 3339 nor an age like 30m, 2h, 7d"))?;
+    let age = match unit {
+        "s" => chrono::Duration::seconds(n),
+        "m" => chrono::Duration::minutes(n),
+        "h" => chrono::Duration::hours(n),
+        "d" => chrono::Duration::days(n),
+        _ => return Err(format!("`{s}`: the unit must be s, m, h or d")),
+    };
+    Ok(Utc::now() - age)
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let n: f64 = s
+        .trim_end_matches("/s")
+        .parse()
+        .map_err(|_| format!("`{s}` is not a rate like 10 or 10/s"))?;
+    if n.is_finite() && n > 0.0 {
+        Ok(n)
+    } else {
+        Err(format!("`{s}`: the rate must be above 0"))
+    }
+}
+
+fn default_actor(actor: Option<String>) -> String {
+    actor.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("cli@{host}")
+    })
+}
+
+/// Runs one `dlq` action.
+pub async fn run(action: DlqAction, config: Config) -> anyhow::Result<()> {
+    let db = pool::pool(
+        &conveyor_platform::config::database_url(&config),
+        config.database.pool_size.min(4),
+    );
+    match action {
+        DlqAction::List {
+            filter,
+            all,
+            limit,
+            json,
+        } => {
+            let found = dead_jobs::list(&db, filter.filter(all, limit)).await?;
+            print_list(&found, json);
+        }
+        DlqAction::Show { id } => {
+            let (dead, actions) = dead_jobs::show(&db, id)
+                .await?
+                .with_context(|| format!("no dead job {id}"))?;
+            print_one(&dead);
+            for a in actions {
+                println!(
+                    "{} {} by {}{}",
+                    a.at.to_rfc3339(),
+                    a.action,
+                    a.actor,
+                    a.new_job_id
+                        .map(|j| format!(" -> job {j}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        DlqAction::Replay {
+            ids,
+            all_matching,
+            filter,
+            rate,
+            dry_run,
+            force,
+            set_args,
+            actor,
+        } => {
+            let args = match set_args {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("--set-args: cannot read {}", path.display()))?;
+                    Some(
+                        serde_json::from_str(&text).with_context(|| {
+                            format!("--set-args: {} is not JSON", path.display())
+                        })?,
+                    )
+                }
+                None => None,
+            };
+            let ids = select(&db, ids, all_matching, &filter, force).await?;
+            let options = ReplayOptions {
+                force,
+                dry_run,
+                args,
+                actor: default_actor(actor),
+            };
+            replay_all(&db, &config, ids, options, rate).await?;
+        }
+        DlqAction::Discard {
+            ids,
+            all_matching,
+            filter,
+            dry_run,
+            actor,
+        } => {
+            let ids = select(&db, ids, all_matching, &filter, false).await?;
+            let actor = default_actor(actor);
+            for id in ids {
+                if dry_run {
+                    println!("{id}: would discard");
+                    continue;
+                }
+                match dead_jobs::discard(&db, id, actor.clone()).await? {
+                    DiscardOutcome::Discarded => println!("{id}: discarded"),
+                    DiscardOutcome::AlreadyDiscarded => println!("{id}: already discarded"),
+                    DiscardOutcome::NotFound => println!("{id}: no such dead job"),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn select(
+    db: &PgPool,
+    ids: Vec<Uuid>,
+    all_matching: bool,
+    filter: &FilterArgs,
+    force: bool,
+) -> anyhow::Result<Vec<Uuid>> {
+    if !all_matching {
+        return Ok(ids);
+    }
+    let found = dead_jobs::list(db, filter.filter(force, 10_000)).await?;
+    Ok(found.into_iter().rev().map(|d| d.id).collect())
+}
+
+async fn replay_all(
+    db: &PgPool,
+    config: &Config,
+    ids: Vec<Uuid>,
+    options: ReplayOptions,
+    rate: Option<f64>,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let topology = Topology::for_config(config);
+    let publisher = Publisher::start(
+        &config.amqp_urls(),
+        "conveyor-cli",
+        topology.clone(),
+        1,
+        config.publish_timeout(),
+        stop.clone(),
+    );
+    if !options.dry_run && !publisher.wait_connected(Duration::from_secs(10)).await {
+        bail!("cannot reach the broker at amqp.url");
+    }
+    let pause = rate.map(|r| Duration::from_secs_f64(1.0 / r));
+    let mut failed = 0;
+    for (i, id) in ids.iter().enumerate() {
+        if let (Some(pause), true) = (pause, i > 0) {
+            tokio::time::sleep(pause).await;
+        }
+        match dead_jobs::replay(db, &publisher, &topology, *id, options.clone()).await {
+            Ok(ReplayOutcome::Replayed { new_job_id }) => {
+                println!("{id}: replayed as job {new_job_id}")
+            }
+            Ok(ReplayOutcome::WouldReplay { task, args }) => {
+                println!("{id}: would replay {task} {args}")
+            }
+            Ok(ReplayOutcome::AlreadyReplayed { replayed_as }) => println!(
+                "{id}: already replayed{} (use --force to replay again)",
+                replayed_as
+                    .map(|j| format!(" as job {j}"))
+                    .unwrap_or_default()
+            ),
+            Ok(ReplayOutcome::Discarded) => {
+                println!("{id}: discarded (use --force to replay anyway)")
+            }
+            Err(err) => {
+                failed += 1;
+                eprintln!("{id}: {err}");
+            }
+        }
+    }
+    stop.cancel();
+    if failed > 0 {
+        bail!("{failed} of {} replays failed", ids.len());
+    }
+    Ok(())
+}
+
+fn print_list(found: &[DeadJob], json: bool) {
+    if json {
+        for d in found {
+            let row = serde_json::json!({
+                "id": d.id, "task": d.task, "queue": d.queue, "attempts": d.attempts,
+                "reason": d.reason, "source": d.source, "dead_at": d.dead_at,
+                "replayed_as": d.replayed_as, "discarded_at": d.discarded_at,
+            });
+            println!("{row}");
+        }
+        return;
+    }
+    println!(
+        "{:36}  {:20}  {:10}  {:>3}  {:20}  REASON",
+        "ID", "TASK", "QUEUE", "ATT", "DEAD AT"
+    );
+    for d in found {
+        let reason: String = d.reason.chars().take(80).collect();
+        println!(
+            "{:36}  {:20}  {:10}  {:>3}  {:20}  {reason}",
+            d.id,
+            d.task,
+            d.queue,
+            d.attempts,
+            d.dead_at.format("%Y-%m-%d %H:%M:%S")
+        );
+    }
+}
+
+fn print_one(d: &DeadJob) {
+    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    println!("id:        {}", d.id);
+    println!("task:      {}", d.task);
+    println!("queue:     {}", d.queue);
+    println!("attempts:  {}", d.attempts);
+    println!("source:    {}", d.source);
+    println!("dead at:   {}", d.dead_at.to_rfc3339());
+    println!("reason:    {}", d.reason);
+    if let Some(replayed) = d.replayed_as {
+        println!("replayed:  as job {replayed} ({} times)", d.replay_count);
+    }
+    if let Some(at) = d.discarded_at {
+        println!("discarded: {}", at.to_rfc3339());
+    }
+    match (&d.envelope, &d.body) {
+        (Some(envelope), _) => println!("envelope:\n{}", pretty(envelope)),
+        (None, Some(body)) => println!("body (unreadable):\n{body}"),
+        _ => {}
+    }
+    println!("errors:\n{}", pretty(&d.errors));
+    if let Some(x_death) = &d.x_death {
+        println!("x-death:\n{}", pretty(x_death));
+    }
+}

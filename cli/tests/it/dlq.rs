@@ -1,0 +1,274 @@
+//! `conveyor dlq …` and `/v1/admin/dead-jobs…`: list, show, replay (once unless
+//! forced, with edited args validated), discard, and the audit of each.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::harness::{AMQP_URL, TestApp};
+
+const WAIT: Duration = Duration::from_secs(30);
+pub const TOKEN: &str = "test-admin-token-0123456789";
+
+fn cli(app: &TestApp, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(args)
+        .env_clear()
+        .env("CONVEYOR_DATABASE_URL", &app.db.url)
+        .env("CONVEYOR_AMQP_URL", AMQP_URL)
+        .env("CONVEYOR_NAMESPACE", &app.config.namespace)
+        .env("CONVEYOR_LOG_LEVEL", "warn")
+        .output()
+        .expect("run conveyor")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+async fn dead_job(app: &TestApp) -> Uuid {
+    let id = app.enqueue("diag.fail", json!({})).await;
+    app.wait_for_state(id, "dead", WAIT).await;
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_lists_shows_replays_once_and_discards() {
+    let app = TestApp::spawn().await;
+    let dead = dead_job(&app).await;
+    let other = dead_job(&app).await;
+    let id = dead.to_string();
+
+    let listed = stdout(&cli(&app, &["dlq", "list", "--task", "diag.fail"]));
+    assert!(
+        listed.contains(&id) && listed.contains(&other.to_string()),
+        "{listed}"
+    );
+    let none = stdout(&cli(&app, &["dlq", "list", "--task", "diag.noop"]));
+    assert!(!none.contains(&id), "{none}");
+    let by_error = stdout(&cli(
+        &app,
+        &[
+            "dlq",
+            "list",
+            "--error-contains",
+            "GAVE UP",
+            "--since",
+            "10m",
+        ],
+    ));
+    assert!(by_error.contains(&id), "{by_error}");
+
+    let shown = stdout(&cli(&app, &["dlq", "show", &id]));
+    assert!(shown.contains("failing attempt 5"), "{shown}");
+    assert!(shown.contains("failing attempt 1"), "{shown}");
+
+    // Edited args are validated like a new job's.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"until_attempt": "soon"}"#).unwrap();
+    let refused = cli(
+        &app,
+        &["dlq", "replay", &id, "--set-args", bad.to_str().unwrap()],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("/args/until_attempt"),
+        "{refused:?}"
+    );
+
+    let dry = stdout(&cli(&app, &["dlq", "replay", &id, "--dry-run"]));
+    assert!(dry.contains("would replay diag.fail"), "{dry}");
+
+    let good = dir.path().join("good.json");
+    std::fs::write(&good, r#"{"until_attempt": 1}"#).unwrap();
+    let replayed = stdout(&cli(
+        &app,
+        &[
+            "dlq",
+            "replay",
+            &id,
+            "--set-args",
+            good.to_str().unwrap(),
+            "--actor",
+            "alice",
+        ],
+    ));
+    let new_id: Uuid = replayed
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{replayed}"));
+    let job = app.wait_for_state(new_id, "succeeded", WAIT).await;
+    assert_eq!((job.replay_of, job.attempts), (Some(dead), 1));
+
+    let again = stdout(&cli(&app, &["dlq", "replay", &id]));
+    assert!(again.contains("already replayed"), "{again}");
+    let forced = stdout(&cli(&app, &["dlq", "replay", &id, "--force"]));
+    assert!(forced.contains("replayed as job"), "{forced}");
+
+    let discarded = stdout(&cli(&app, &["dlq", "discard", &other.to_string()]));
+    assert!(discarded.contains("discarded"), "{discarded}");
+    let listed = stdout(&cli(&app, &["dlq", "list"]));
+    assert!(!listed.contains(&other.to_string()), "{listed}");
+
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) AS n FROM dead_job_actions WHERE dead_job_id = '{id}' AND action = 'replay'"
+        ))
+        .await,
+        2
+    );
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM dead_job_actions WHERE actor = 'alice'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM dead_job_actions WHERE action = 'discard'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_replays_all_matching_at_a_rate() {
+    let app = TestApp::spawn().await;
+    let first = dead_job(&app).await;
+    let second = dead_job(&app).await;
+    let out = stdout(&cli(
+        &app,
+        &[
+            "dlq",
+            "replay",
+            "--all-matching",
+            "--task",
+            "diag.fail",
+            "--rate",
+            "20/s",
+        ],
+    ));
+    assert_eq!(out.matches("replayed as job").count(), 2, "{out}");
+    for id in [first, second] {
+        assert_eq!(
+            app.count(&format!(
+                "SELECT count(*) AS n FROM jobs WHERE replay_of = '{id}'"
+            ))
+            .await,
+            1
+        );
+    }
+    let none = stdout(&cli(&app, &["dlq", "replay", "--all-matching"]));
+    assert!(!none.contains("replayed as job"), "{none}");
+}
+
+async fn admin(app: &TestApp, method: &str, path: &str, body: Option<Value>) -> reqwest::Response {
+    let mut request = app
+        .client
+        .request(method.parse().unwrap(), app.url(path))
+        .bearer_auth(TOKEN)
+        .header("x-conveyor-actor", "bob");
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_needs_the_token_and_replays_once() {
+    let app = TestApp::spawn_with(1, |config| config.admin.token = Some(TOKEN.into())).await;
+    let dead = dead_job(&app).await;
+    let anonymous = app
+        .client
+        .get(app.url("/v1/admin/dead-jobs"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let wrong = app
+        .client
+        .get(app.url("/v1/admin/dead-jobs"))
+        .bearer_auth("not-the-token-at-all")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+
+    let list: Value = admin(&app, "GET", "/v1/admin/dead-jobs?task=diag.fail", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list[0]["id"], dead.to_string());
+    assert_eq!(list[0]["errors"].as_array().unwrap().len(), 5);
+
+    let path = format!("/v1/admin/dead-jobs/{dead}/replay");
+    let invalid = admin(&app, "POST", &path, Some(json!({"args": {"nope": 1}}))).await;
+    assert_eq!(invalid.status(), 422);
+    let replayed: Value = admin(
+        &app,
+        "POST",
+        &path,
+        Some(json!({"args": {"until_attempt": 1}})),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(replayed["outcome"], "replayed", "{replayed}");
+    let new_id: Uuid = replayed["job_id"].as_str().unwrap().parse().unwrap();
+    app.wait_for_state(new_id, "succeeded", WAIT).await;
+    let again: Value = admin(&app, "POST", &path, Some(json!({})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["outcome"], "already_replayed");
+
+    let shown: Value = admin(&app, "GET", &format!("/v1/admin/dead-jobs/{dead}"), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["actions"][0]["actor"], "http:bob");
+    assert_eq!(shown["replay_count"], 1);
+
+    let discard = admin(
+        &app,
+        "POST",
+        &format!("/v1/admin/dead-jobs/{dead}/discard"),
+        None,
+    )
+    .await;
+    assert_eq!(discard.status(), 200);
+    let missing = admin(
+        &app,
+        "POST",
+        &format!("/v1/admin/dead-jobs/{}/discard", Uuid::now_v7()),
+        None,
+    )
+    .await;
+    assert_eq!(missing.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_is_closed_without_a_configured_token() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let response = app
+        .client
+        .get(app.url("/v1/admin/dead-jobs"))
+        .bearer_auth("anything-at-all-really")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+}

@@ -1,0 +1,191 @@
+//! Both `/metrics` endpoints: names follow Prometheus conventions, the per-job
+//! counters move after a job, and the ingress serves the service-wide queue and
+//! worker gauges from the broker poller and heartbeats.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{TestApp, wait_until};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// `# TYPE` lines: metric family name → type.
+pub fn families(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .map(|(name, kind)| (name.to_owned(), kind.to_owned()))
+        .collect()
+}
+
+/// The value of the sample whose name and labels start with `prefix`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+pub fn fast_monitor(config: &mut conveyor_platform::Config) {
+    config.monitor.queue_poll_ms = 100;
+    config.monitor.heartbeat_ms = 100;
+    config.monitor.worker_gone_after_ms = 2_000;
+}
+
+async fn scrape(url: &str) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+fn assert_conventions(text: &str) {
+    let families = families(text);
+    assert!(!families.is_empty());
+    for (name, kind) in &families {
+        assert!(name.starts_with("conveyor_"), "{name} lacks the prefix");
+        match kind.as_str() {
+            "counter" => assert!(
+                name.ends_with("_total"),
+                "counter {name} must end in _total"
+            ),
+            "histogram" => assert!(
+                name.ends_with("_seconds"),
+                "histogram {name} not in seconds"
+            ),
+            "gauge" => assert!(!name.ends_with("_total"), "gauge {name} ends in _total"),
+            other => panic!("unexpected type {other} for {name}"),
+        }
+        assert!(
+            !name.contains("_ms") && !name.contains("millis"),
+            "{name}: use base units"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_endpoints_follow_conventions_and_counters_move() {
+    let app = TestApp::spawn_with(1, fast_monitor).await;
+    let ingress_metrics = app.url("/metrics");
+    let labels = [("task", "diag.noop"), ("queue", "default")];
+    let before = scrape(&app.metrics_url).await;
+    assert_eq!(
+        sample(&before, "conveyor_jobs_started_total", &labels),
+        None
+    );
+
+    let id = app.enqueue("diag.noop", json!({})).await;
+    app.wait_for_state(id, "succeeded", WAIT).await;
+    let failing = app.enqueue("diag.fail", json!({"until_attempt": 2})).await;
+    app.wait_for_state(failing, "succeeded", WAIT).await;
+
+    let worker = scrape(&app.metrics_url).await;
+    assert_conventions(&worker);
+    assert_eq!(
+        sample(&worker, "conveyor_jobs_started_total", &labels),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&worker, "conveyor_jobs_succeeded_total", &labels),
+        Some(1.0)
+    );
+    let fail = [("task", "diag.fail"), ("queue", "default")];
+    assert_eq!(
+        sample(&worker, "conveyor_jobs_retried_total", &fail),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&worker, "conveyor_job_duration_seconds_count", &labels),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&worker, "conveyor_job_queue_wait_seconds_count", &labels),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&worker, "conveyor_jobs_in_flight", &labels),
+        Some(0.0)
+    );
+    // Service-wide gauges belong to the ingress only.
+    assert!(!worker.contains("scope=\"service\""));
+
+    // The poller sees the worker's consumer and heartbeat.
+    wait_until(WAIT, || async {
+        let text = scrape(&ingress_metrics).await;
+        sample(
+            &text,
+            "conveyor_queue_consumers",
+            &[("queue", "default"), ("scope", "service")],
+        ) == Some(1.0)
+            && sample(&text, "conveyor_workers", &[("state", "live")]) == Some(1.0)
+    })
+    .await;
+    let ingress = scrape(&ingress_metrics).await;
+    assert_conventions(&ingress);
+    assert_eq!(
+        sample(&ingress, "conveyor_jobs_published_total", &labels),
+        Some(1.0)
+    );
+    assert!(
+        sample(
+            &ingress,
+            "conveyor_http_requests_total",
+            &[("route", "/v1/jobs"), ("status", "202")]
+        )
+        .is_some_and(|n| n >= 2.0)
+    );
+    for (name, labels) in [
+        (
+            "conveyor_queue_messages_ready",
+            vec![("queue", "default"), ("kind", "work")],
+        ),
+        (
+            "conveyor_queue_messages_ready",
+            vec![("queue", "default"), ("kind", "dead_letter")],
+        ),
+        (
+            "conveyor_queue_messages_ready",
+            vec![("queue", "delay.100"), ("kind", "delay")],
+        ),
+        (
+            "conveyor_queue_oldest_job_age_seconds",
+            vec![("queue", "default")],
+        ),
+        (
+            "conveyor_queue_backlog_per_worker",
+            vec![("queue", "default")],
+        ),
+        ("conveyor_build_info", vec![]),
+    ] {
+        assert!(
+            sample(&ingress, name, &labels).is_some(),
+            "{name} {labels:?} missing:\n{ingress}"
+        );
+    }
+}
+
+/// Waiting jobs without a consumer: the oldest age and backlog per worker grow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_and_oldest_age_reflect_waiting_jobs() {
+    let app = TestApp::spawn_with(0, fast_monitor).await;
+    for _ in 0..3 {
+        app.enqueue("diag.noop", json!({})).await;
+    }
+    let url = app.url("/metrics");
+    wait_until(WAIT, || async {
+        let text = scrape(&url).await;
+        let q = [("queue", "default")];
+        sample(&text, "conveyor_queue_backlog_per_worker", &q) == Some(3.0)
+            && sample(&text, "conveyor_queue_oldest_job_age_seconds", &q)
+                .is_some_and(|age| age > 0.0)
+            && sample(&text, "conveyor_queue_consumers", &q) == Some(0.0)
+    })
+    .await;
+}

@@ -1,0 +1,624 @@
+//! Rollups: idempotent, equal to an independent recomputation, late rows
+//! counted; mail and webhook parts skipped when their tables are absent; the
+//! stats API's CSV matches its JSON; retention deletes only rolled-up rows.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, DurationRound, Utc};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Double, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::harness::TestApp;
+
+async fn app() -> TestApp {
+    TestApp::spawn_with(1, |_| {}).await
+}
+
+async fn execute(app: &TestApp, sql: &str) {
+    let url = app.db.url.clone();
+    let sql = sql.to_owned();
+    tokio::task::spawn_blocking(move || {
+        PgConnection::establish(&url)
+            .unwrap()
+            .batch_execute(&sql)
+            .unwrap()
+    })
+    .await
+    .unwrap();
+}
+
+async fn load<T: QueryableByName<diesel::pg::Pg> + Send + 'static>(
+    app: &TestApp,
+    sql: &str,
+) -> Vec<T> {
+    let url = app.db.url.clone();
+    let sql = sql.to_owned();
+    tokio::task::spawn_blocking(move || {
+        diesel::sql_query(sql)
+            .load(&mut PgConnection::establish(&url).unwrap())
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// Runs `task` through the real path (HTTP, broker, worker) and waits for it.
+async fn run(app: &TestApp, task: &str, args: Value) {
+    let id = app.enqueue(task, args).await;
+    app.wait_for_state(id, "succeeded", Duration::from_secs(30))
+        .await;
+}
+
+/// Inserts `n` jobs finishing spread over `span_secs` from `base` (an SQL
+/// expression): a mix of tasks, states, attempts and durations, some unfinished.
+async fn insert_jobs(app: &TestApp, n: u32, base: &str, span_secs: u32, salt: u32) {
+    execute(
+        app,
+        &format!(
+            "INSERT INTO jobs (id, task, queue, state, args, attempts, max_attempts, enqueued_at, started_at, finished_at) \
+             SELECT gen_random_uuid(), (ARRAY['diag.noop','diag.fail','diag.sleep'])[1 + (i + {salt}) % 3], 'default', \
+                    CASE WHEN i % 7 = 0 THEN 'dead' WHEN i % 11 = 0 THEN 'running' ELSE 'succeeded' END, \
+                    '{{}}', 1 + (i * {salt}) % 3, 5, f - interval '1 minute', \
+                    f - ((i * 37 + {salt}) % 5000) * interval '1.001 millisecond', \
+                    CASE WHEN i % 11 = 0 THEN NULL ELSE f END \
+             FROM (SELECT i, {base} + ((i * 7919 + {salt}) % {span_secs}) * interval '1 second' AS f \
+                   FROM generate_series(1, {n}) i) s"
+        ),
+    )
+    .await;
+}
+
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+struct JobStat {
+    #[diesel(sql_type = Timestamptz)]
+    bucket: DateTime<Utc>,
+    #[diesel(sql_type = Text)]
+    task: String,
+    #[diesel(sql_type = BigInt)]
+    succeeded: i64,
+    #[diesel(sql_type = BigInt)]
+    retried: i64,
+    #[diesel(sql_type = BigInt)]
+    dead: i64,
+    #[diesel(sql_type = Nullable<Double>)]
+    p50_ms: Option<f64>,
+    #[diesel(sql_type = Nullable<Double>)]
+    p95_ms: Option<f64>,
+    #[diesel(sql_type = Nullable<Double>)]
+    max_ms: Option<f64>,
+    #[diesel(sql_type = Timestamptz)]
+    computed_at: DateTime<Utc>,
+}
+
+#[derive(Debug, QueryableByName)]
+struct RawJob {
+    #[diesel(sql_type = Text)]
+    task: String,
+    #[diesel(sql_type = Text)]
+    state: String,
+    #[diesel(sql_type = Integer)]
+    attempts: i32,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    started_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    finished_at: Option<DateTime<Utc>>,
+}
+
+/// (bucket, task) -> (succeeded, retried, dead, p50, p95, max).
+type Expected =
+    BTreeMap<(DateTime<Utc>, String), (i64, i64, i64, Option<f64>, Option<f64>, Option<f64>)>;
+
+/// Linear-interpolation percentile, as SQL's `percentile_cont` defines it.
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let pos = p * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    Some(sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64))
+}
+
+/// Job statistics computed in Rust from the raw rows: (bucket, task) -> row.
+async fn expected_job_stats(app: &TestApp, width: chrono::Duration) -> Expected {
+    let raw: Vec<RawJob> = load(
+        app,
+        "SELECT task, state, attempts, started_at, finished_at FROM jobs WHERE task NOT LIKE 'stats.%'",
+    )
+    .await;
+    let mut groups: BTreeMap<(DateTime<Utc>, String), Vec<&RawJob>> = BTreeMap::new();
+    for job in &raw {
+        let Some(finished) = job.finished_at else {
+            continue;
+        };
+        if job.state != "succeeded" && job.state != "dead" {
+            continue;
+        }
+        let bucket = finished.duration_trunc(width).unwrap();
+        groups
+            .entry((bucket, job.task.clone()))
+            .or_default()
+            .push(job);
+    }
+    groups
+        .into_iter()
+        .map(|(key, jobs)| {
+            let mut ms: Vec<f64> = jobs
+                .iter()
+                .filter_map(|j| {
+                    let us = (j.finished_at? - j.started_at?).num_microseconds()?;
+                    Some(us as f64 / 1000.0)
+                })
+                .collect();
+            ms.sort_by(f64::total_cmp);
+            let count = |f: &dyn Fn(&RawJob) -> bool| jobs.iter().filter(|j| f(j)).count() as i64;
+            let value = (
+                count(&|j| j.state == "succeeded"),
+                count(&|j| j.attempts > 1),
+                count(&|j| j.state == "dead"),
+                percentile(&ms, 0.5),
+                percentile(&ms, 0.95),
+                ms.last().copied(),
+            );
+            (key, value)
+        })
+        .collect()
+}
+
+async fn table(app: &TestApp, name: &str) -> Vec<JobStat> {
+    load(
+        app,
+        &format!("SELECT * FROM {name} WHERE task NOT LIKE 'stats.%' ORDER BY bucket, task"),
+    )
+    .await
+}
+
+/// Asserts the rollup `rows` equal the independent computation over the
+/// buckets in `[from, to)`.
+fn assert_matches(rows: &[JobStat], expected: &Expected, from: DateTime<Utc>, to: DateTime<Utc>) {
+    let close = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => (a - b).abs() < 1e-6,
+        (a, b) => a == b,
+    };
+    let wanted: Vec<_> = expected
+        .iter()
+        .filter(|((bucket, _), _)| *bucket >= from && *bucket < to)
+        .collect();
+    let got: Vec<_> = rows
+        .iter()
+        .filter(|r| r.bucket >= from && r.bucket < to)
+        .collect();
+    assert!(!wanted.is_empty());
+    assert_eq!(got.len(), wanted.len(), "{got:#?}\n{wanted:#?}");
+    for (row, ((bucket, task), e)) in got.iter().zip(&wanted) {
+        assert_eq!((&row.bucket, &row.task), (bucket, task));
+        assert_eq!(
+            (row.succeeded, row.retried, row.dead),
+            (e.0, e.1, e.2),
+            "{row:?}"
+        );
+        assert!(
+            close(row.p50_ms, e.3) && close(row.p95_ms, e.4) && close(row.max_ms, e.5),
+            "{row:?} vs {e:?}"
+        );
+    }
+}
+
+#[derive(QueryableByName)]
+struct Windows {
+    #[diesel(sql_type = Timestamptz)]
+    hour: DateTime<Utc>,
+    #[diesel(sql_type = Timestamptz)]
+    day: DateTime<Utc>,
+}
+
+async fn current_windows(app: &TestApp) -> (DateTime<Utc>, DateTime<Utc>) {
+    let w: Vec<Windows> = load(
+        app,
+        "SELECT date_trunc('hour', now(), 'UTC') AS hour, date_trunc('day', now(), 'UTC') AS day",
+    )
+    .await;
+    (w[0].hour, w[0].day)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_are_idempotent_match_a_recomputation_and_count_late_rows() {
+    let app = app().await;
+    let (hour, day) = current_windows(&app).await;
+    let hours = chrono::Duration::hours(1);
+    let days = chrono::Duration::days(1);
+    insert_jobs(
+        &app,
+        400,
+        "date_trunc('hour', now(), 'UTC') - interval '2 hours'",
+        7200,
+        3,
+    )
+    .await;
+    insert_jobs(
+        &app,
+        300,
+        "date_trunc('day', now(), 'UTC') - interval '1 day'",
+        86_400,
+        5,
+    )
+    .await;
+    run(&app, "stats.rollup_hourly", json!({"lookback": 3})).await;
+    run(&app, "stats.rollup_daily", json!({"lookback": 2})).await;
+    let hourly = table(&app, "job_stats_hourly").await;
+    let daily = table(&app, "job_stats_daily").await;
+
+    // Twice gives identical tables (untouched rows keep their computed_at too).
+    run(&app, "stats.rollup_hourly", json!({"lookback": 3})).await;
+    run(&app, "stats.rollup_daily", json!({"lookback": 2})).await;
+    assert_eq!(table(&app, "job_stats_hourly").await, hourly);
+    assert_eq!(table(&app, "job_stats_daily").await, daily);
+
+    // ...equal to a recomputation from the raw rows written here.
+    assert_matches(
+        &hourly,
+        &expected_job_stats(&app, hours).await,
+        hour - hours * 2,
+        hour,
+    );
+    assert_matches(
+        &daily,
+        &expected_job_stats(&app, days).await,
+        day - days,
+        day,
+    );
+
+    // Rows arriving late in an old (but still recomputed) window are counted.
+    insert_jobs(
+        &app,
+        50,
+        "date_trunc('hour', now(), 'UTC') - interval '2 hours'",
+        3600,
+        11,
+    )
+    .await;
+    run(&app, "stats.rollup_hourly", json!({"lookback": 3})).await;
+    run(&app, "stats.rollup_daily", json!({"lookback": 2})).await;
+    let late_hourly = table(&app, "job_stats_hourly").await;
+    assert_ne!(late_hourly, hourly);
+    assert_matches(
+        &late_hourly,
+        &expected_job_stats(&app, hours).await,
+        hour - hours * 2,
+        hour,
+    );
+    assert_matches(
+        &table(&app, "job_stats_daily").await,
+        &expected_job_stats(&app, days).await,
+        day - days,
+        day,
+    );
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+struct MailRow {
+    bucket: DateTime<Utc>,
+    campaign_id: Uuid,
+    sent: i64,
+    failed: i64,
+    unknown: i64,
+}
+
+#[derive(Debug, PartialEq, Deserialize)]
+struct WebhookRow {
+    bucket: DateTime<Utc>,
+    source: String,
+    outcome: String,
+    reason: String,
+    events: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct JobRow {
+    bucket: DateTime<Utc>,
+    task: String,
+    succeeded: i64,
+    retried: i64,
+    dead: i64,
+    p50_ms: Option<f64>,
+    p95_ms: Option<f64>,
+    max_ms: Option<f64>,
+}
+
+/// Equal, floats to within rounding: serde_json's default float parser is not
+/// correctly rounded, the csv crate's (std's) is.
+impl PartialEq for JobRow {
+    fn eq(&self, other: &Self) -> bool {
+        let close = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => (a - b).abs() <= a.abs() * 1e-12,
+            (a, b) => a == b,
+        };
+        (
+            &self.bucket,
+            &self.task,
+            self.succeeded,
+            self.retried,
+            self.dead,
+        ) == (
+            &other.bucket,
+            &other.task,
+            other.succeeded,
+            other.retried,
+            other.dead,
+        ) && close(self.p50_ms, other.p50_ms)
+            && close(self.p95_ms, other.p95_ms)
+            && close(self.max_ms, other.max_ms)
+    }
+}
+
+/// `GET /v1/stats/{family}` as JSON rows and as parsed CSV records.
+async fn json_and_csv<T: for<'de> Deserialize<'de>>(app: &TestApp, path: &str) -> (Vec<T>, Vec<T>) {
+    let json: Value = app
+        .client
+        .get(app.url(path))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows = serde_json::from_value(json["rows"].clone()).unwrap();
+    let response = app
+        .client
+        .get(app.url(path))
+        .header("accept", "text/csv")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    let text = response.text().await.unwrap();
+    let csv = csv::Reader::from_reader(text.as_bytes())
+        .deserialize()
+        .collect::<Result<Vec<T>, _>>()
+        .unwrap();
+    (rows, csv)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_and_webhook_rollups_skip_absent_tables_and_csv_matches_json() {
+    let app = app().await;
+    // Whatever the mail and webhook features create, start without their tables.
+    execute(
+        &app,
+        "DROP TABLE IF EXISTS campaign_recipients, webhook_events CASCADE",
+    )
+    .await;
+    insert_jobs(
+        &app,
+        60,
+        "date_trunc('hour', now(), 'UTC') - interval '1 hour'",
+        3600,
+        7,
+    )
+    .await;
+    run(&app, "stats.rollup_hourly", json!({})).await;
+    assert!(
+        app.count("SELECT count(*) AS n FROM job_stats_hourly")
+            .await
+            > 0
+    );
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM mail_stats_hourly")
+            .await,
+        0
+    );
+
+    // The shapes this rollup expects of the other features' tables.
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    execute(
+        &app,
+        &format!(
+            "CREATE TABLE campaign_recipients (campaign_id uuid NOT NULL, email text NOT NULL, \
+                 state text NOT NULL, sent_at timestamptz); \
+             INSERT INTO campaign_recipients \
+             SELECT CASE WHEN i % 3 = 0 THEN '{a}'::uuid ELSE '{b}'::uuid END, 'r' || i || '@example.com', \
+                    (ARRAY['sent','sent','failed','unknown','queued'])[1 + i % 5], \
+                    date_trunc('hour', now(), 'UTC') - interval '1 hour' + i * interval '10 seconds' \
+             FROM generate_series(1, 300) i; \
+             CREATE TABLE webhook_events (source text NOT NULL, outcome text NOT NULL, reason text, \
+                 received_at timestamptz NOT NULL); \
+             INSERT INTO webhook_events \
+             SELECT (ARRAY['stripe','github'])[1 + i % 2], \
+                    (ARRAY['accepted','rejected','applied','stale'])[1 + i % 4], \
+                    CASE WHEN i % 4 = 1 THEN (ARRAY['signature','too_old'])[1 + i % 3 % 2] END, \
+                    date_trunc('hour', now(), 'UTC') - interval '1 hour' + i * interval '9 seconds' \
+             FROM generate_series(1, 200) i;"
+        ),
+    )
+    .await;
+    run(&app, "stats.rollup_hourly", json!({})).await;
+    run(&app, "stats.rollup_daily", json!({})).await;
+
+    // Independent counts from the raw tables, in Rust.
+    #[derive(QueryableByName)]
+    struct Recipient {
+        #[diesel(sql_type = SqlUuid)]
+        campaign_id: Uuid,
+        #[diesel(sql_type = Text)]
+        state: String,
+    }
+    let recipients: Vec<Recipient> =
+        load(&app, "SELECT campaign_id, state FROM campaign_recipients").await;
+    let (hour, _) = current_windows(&app).await;
+    let from =
+        (hour - chrono::Duration::hours(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let to = hour.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let (json_rows, csv_rows) = json_and_csv::<MailRow>(
+        &app,
+        &format!("/v1/stats/mail?from={from}&to={to}&granularity=hour"),
+    )
+    .await;
+    assert_eq!(json_rows, csv_rows);
+    assert_eq!(json_rows.len(), 2);
+    for row in &json_rows {
+        let of = |state: &str| {
+            recipients
+                .iter()
+                .filter(|r| r.campaign_id == row.campaign_id && r.state == state)
+                .count() as i64
+        };
+        assert_eq!(
+            (row.sent, row.failed, row.unknown),
+            (of("sent"), of("failed"), of("unknown"))
+        );
+    }
+
+    let (json_rows, csv_rows) =
+        json_and_csv::<WebhookRow>(&app, &format!("/v1/stats/webhooks?from={from}&to={to}")).await;
+    assert_eq!(json_rows, csv_rows);
+    assert_eq!(json_rows.iter().map(|r| r.events).sum::<i64>(), 200);
+    assert!(
+        json_rows
+            .iter()
+            .any(|r| r.outcome == "rejected" && r.reason == "signature")
+    );
+    let (stripe, _) = json_and_csv::<WebhookRow>(
+        &app,
+        &format!("/v1/stats/webhooks?from={from}&to={to}&source=stripe&outcome=applied"),
+    )
+    .await;
+    assert!(
+        !stripe.is_empty()
+            && stripe
+                .iter()
+                .all(|r| r.source == "stripe" && r.outcome == "applied")
+    );
+
+    let (json_rows, csv_rows) = json_and_csv::<JobRow>(
+        &app,
+        &format!("/v1/stats/jobs?from={from}&to={to}&task=diag.noop"),
+    )
+    .await;
+    assert_eq!(json_rows, csv_rows);
+    assert!(!json_rows.is_empty() && json_rows.iter().all(|r| r.task == "diag.noop"));
+    let (daily, _) = json_and_csv::<JobRow>(&app, "/v1/stats/jobs?granularity=day").await;
+    assert!(!daily.is_empty());
+
+    for (path, status) in [
+        ("/v1/stats/jobs?granularity=week", 400),
+        (
+            "/v1/stats/jobs?campaign=00000000-0000-0000-0000-000000000000",
+            400,
+        ),
+        (&format!("/v1/stats/jobs?from={to}&to={from}"), 400),
+        ("/v1/stats/jobs?colour=red", 400),
+        ("/v1/stats/queues", 404),
+    ] {
+        let response = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), status, "{path}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_seals_old_days_then_deletes_their_finished_jobs_in_batches() {
+    let app = TestApp::spawn_with(1, |config| config.stats.default_schedules = true).await;
+    // The built-in schedules are listed when enabled (the default outside tests).
+    let list: Vec<Value> = app
+        .client
+        .get(app.url("/v1/schedules"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<_> = list.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "stats.rollup_hourly",
+            "stats.rollup_daily",
+            "stats.retention"
+        ]
+    );
+
+    insert_jobs(
+        &app,
+        120,
+        "date_trunc('day', now(), 'UTC') - interval '40 days'",
+        86_400,
+        13,
+    )
+    .await;
+    insert_jobs(
+        &app,
+        30,
+        "date_trunc('day', now(), 'UTC') - interval '2 days'",
+        86_400,
+        17,
+    )
+    .await;
+    let old = "finished_at < date_trunc('day', now(), 'UTC') - interval '30 days'";
+    let old_day_stats = expected_job_stats(&app, chrono::Duration::days(1)).await;
+    let old_finished = app
+        .count(&format!("SELECT count(*) AS n FROM jobs WHERE {old}"))
+        .await;
+    let unfinished = app
+        .count("SELECT count(*) AS n FROM jobs WHERE finished_at IS NULL")
+        .await;
+    let recent = app
+        .count("SELECT count(*) AS n FROM jobs WHERE finished_at >= now() - interval '30 days' AND task NOT LIKE 'stats.%'")
+        .await;
+    assert!(old_finished > 0 && unfinished > 0);
+
+    run(
+        &app,
+        "stats.retention",
+        json!({"max_age_days": 30, "batch": 7}),
+    )
+    .await;
+
+    assert_eq!(
+        app.count(&format!("SELECT count(*) AS n FROM jobs WHERE {old}"))
+            .await,
+        0
+    );
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM jobs WHERE finished_at IS NULL")
+            .await,
+        unfinished
+    );
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM jobs WHERE finished_at >= now() - interval '30 days' AND task NOT LIKE 'stats.%'")
+            .await,
+        recent
+    );
+    // The old day was rolled up from its complete rows before they went.
+    let day = chrono::Utc::now()
+        .duration_trunc(chrono::Duration::days(1))
+        .unwrap()
+        - chrono::Duration::days(40);
+    let sealed = table(&app, "job_stats_daily").await;
+    let sealed: Vec<_> = sealed.into_iter().filter(|r| r.bucket == day).collect();
+    assert!(!sealed.is_empty());
+    assert_matches(
+        &sealed,
+        &old_day_stats,
+        day,
+        day + chrono::Duration::days(1),
+    );
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM stats_sealed_days")
+            .await,
+        1
+    );
+}

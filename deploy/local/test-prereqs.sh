@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the tools the test suite drives besides PostgreSQL and RabbitMQ:
+# Debian's chromium + chromedriver (dashboard browser test) and promtool from
+# the `prometheus` package (alert rules check). Uses what is there; installs
+# with apt when root on Debian; else says exactly what to run.
+set -euo pipefail
+
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v promtool >/dev/null || missing+=(prometheus)
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+  echo "test tools present: chromium, chromedriver, promtool"
+  exit 0
+fi
+if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+  echo "Installing ${missing[*]} with apt..."
+  apt-get update -q >/dev/null || true
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  # The prometheus package starts a server we do not need.
+  if [[ " ${missing[*]} " == *" prometheus "* ]]; then
+    (service prometheus stop || systemctl stop prometheus) >/dev/null 2>&1 || true
+  fi
+else
+  echo "test-prereqs: missing ${missing[*]}. Run: sudo apt-get install ${missing[*]}" >&2
+  exit 1
+fi

@@ -1,0 +1,324 @@
+//! The dashboard's page handlers: each reads what it shows and renders one template.
+
+use axum::Extension;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Redirect, Response};
+use chrono::Utc;
+use conveyor_schema::JobState;
+use conveyor_schema::db::{jobs, workers};
+use conveyor_schema::models::{Job, WorkerRow};
+use conveyor_schema::pool;
+use diesel::prelude::*;
+use diesel::sql_types::{Nullable, Text};
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{Fragment, render};
+use crate::admin_auth::Actor;
+use crate::dead_jobs::{self, Filter, ReplayOptions, ReplayOutcome};
+use crate::routes::admin::{ActionView, DeadJobQuery, DeadJobView};
+use crate::state::AppState;
+
+fn is_fragment(f: &Fragment) -> bool {
+    f.fragment.as_deref() == Some("1")
+}
+
+fn unavailable(err: impl std::fmt::Display) -> Response {
+    crate::problem::Problem::unavailable(err.to_string(), 1).into_response()
+}
+
+pub async fn queues(State(state): State<AppState>, Query(f): Query<Fragment>) -> Response {
+    let snapshot = state.snapshot.read().map(|s| s.clone()).unwrap_or_default();
+    render(
+        "queues.html",
+        "queues",
+        is_fragment(&f),
+        minijinja::context! { title => "Queues", snapshot },
+    )
+}
+
+pub async fn workers(State(state): State<AppState>, Query(f): Query<Fragment>) -> Response {
+    let rows = pool::run(&state.db, |conn| {
+        workers::table
+            .order(workers::started_at.desc())
+            .select(WorkerRow::as_select())
+            .load(conn)
+    })
+    .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(err) => return unavailable(err),
+    };
+    let gone_before = Utc::now() - state.worker_gone_after;
+    let shown: Vec<Value> = rows
+        .into_iter()
+        .map(|w| {
+            let status = if w.stopped_at.is_some() {
+                "stopped"
+            } else if w.last_seen_at < gone_before {
+                "gone"
+            } else {
+                "live"
+            };
+            serde_json::json!({
+                "id": w.id, "status": status, "host": w.host, "pid": w.pid, "version": w.version,
+                "queues": w.queues, "in_flight": w.in_flight,
+                "started_at": w.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                "last_seen_at": w.last_seen_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            })
+        })
+        .collect();
+    render(
+        "workers.html",
+        "workers",
+        is_fragment(&f),
+        minijinja::context! { title => "Workers", workers => shown },
+    )
+}
+
+/// Job search fields.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+pub struct JobSearch {
+    id: Option<String>,
+    task: Option<String>,
+    state: Option<String>,
+    fragment: Option<String>,
+}
+
+pub async fn jobs(State(state): State<AppState>, Query(query): Query<JobSearch>) -> Response {
+    let fragment = query.fragment.as_deref() == Some("1");
+    let nonempty = |s: &Option<String>| s.clone().filter(|s| !s.trim().is_empty());
+    let (id, task, wanted) = (
+        nonempty(&query.id),
+        nonempty(&query.task),
+        nonempty(&query.state),
+    );
+    let mut error = None;
+    let id = match id.map(|s| Uuid::parse_str(s.trim())) {
+        Some(Ok(id)) => Some(id),
+        Some(Err(_)) => {
+            error = Some("That is not a job id (a UUID).");
+            None
+        }
+        None => None,
+    };
+    let found = pool::run(&state.db, move |conn| {
+        let mut q = jobs::table.select(Job::as_select()).into_boxed();
+        if let Some(id) = id {
+            q = q.filter(jobs::id.eq(id));
+        }
+        if let Some(task) = task {
+            q = q.filter(jobs::task.eq(task));
+        }
+        if let Some(wanted) = wanted {
+            q = q.filter(jobs::state.eq(wanted));
+        }
+        q.order(jobs::enqueued_at.desc()).limit(50).load(conn)
+    })
+    .await;
+    let found = match found {
+        Ok(found) => found,
+        Err(err) => return unavailable(err),
+    };
+    let shown: Vec<Value> = found
+        .into_iter()
+        .map(|j| {
+            serde_json::json!({
+                "id": j.id, "task": j.task, "queue": j.queue, "state": j.state, "attempts": j.attempts,
+                "max_attempts": j.max_attempts, "last_error": j.last_error, "replay_of": j.replay_of,
+                "enqueued_at": j.enqueued_at.format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
+                "finished_at": j.finished_at.map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string()),
+            })
+        })
+        .collect();
+    let states: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+    render(
+        "jobs.html",
+        "jobs",
+        fragment,
+        minijinja::context! { title => "Jobs", jobs => shown, query, states, error },
+    )
+}
+
+/// Dead-job filters plus the flash message after an action.
+#[derive(Debug, Default, Deserialize)]
+pub struct DeadPage {
+    #[serde(flatten)]
+    filter: DeadJobQuery,
+    #[serde(default)]
+    flash: Option<String>,
+}
+
+pub async fn dead(
+    State(state): State<AppState>,
+    Query(raw): Query<Vec<(String, String)>>,
+) -> Response {
+    // Parsed by hand so the refresh's `fragment` and empty form fields are accepted.
+    let get = |k: &str| {
+        raw.iter()
+            .find(|(key, v)| key == k && !v.is_empty())
+            .map(|(_, v)| v.clone())
+    };
+    let page = DeadPage {
+        filter: DeadJobQuery {
+            task: get("task"),
+            queue: get("queue"),
+            error_contains: get("error_contains"),
+            include_replayed: get("include_replayed").is_some(),
+            include_discarded: get("include_discarded").is_some(),
+            ..Default::default()
+        },
+        flash: get("flash"),
+    };
+    let query = serde_json::json!({
+        "task": page.filter.task, "queue": page.filter.queue, "error_contains": page.filter.error_contains,
+        "include_replayed": page.filter.include_replayed, "include_discarded": page.filter.include_discarded,
+    });
+    let mut filter = Filter::from(page.filter);
+    filter.limit = 200;
+    let found = match dead_jobs::list(&state.db, filter).await {
+        Ok(found) => found,
+        Err(err) => return unavailable(err),
+    };
+    let shown: Vec<DeadJobView> = found.into_iter().map(Into::into).collect();
+    render(
+        "dead.html",
+        "dead",
+        get("fragment").as_deref() == Some("1"),
+        minijinja::context! { title => "Dead jobs", dead => shown, query, flash => page.flash },
+    )
+}
+
+pub async fn dead_job(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+    Query(f): Query<Fragment>,
+) -> Response {
+    let (dead, actions) = match dead_jobs::show(&state.db, id).await {
+        Ok(Some(found)) => found,
+        Ok(None) => {
+            return crate::problem::Problem::not_found(format!("no dead job {id}")).into_response();
+        }
+        Err(err) => return unavailable(err),
+    };
+    let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    let errors = pretty(&dead.errors);
+    let envelope = dead.envelope.as_ref().map(pretty);
+    let x_death = dead.x_death.as_ref().map(pretty);
+    let actions: Vec<ActionView> = actions.into_iter().map(Into::into).collect();
+    let dead = DeadJobView::from(dead);
+    render(
+        "dead_job.html",
+        "dead",
+        is_fragment(&f),
+        minijinja::context! { title => "Dead job", dead, errors, envelope, x_death, actions },
+    )
+}
+
+fn back_with(flash: &str) -> Response {
+    let encoded: String = url_encode(flash);
+    Redirect::to(&format!("/dashboard/dead?flash={encoded}")).into_response()
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub async fn replay(
+    State(state): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(id): Path<Uuid>,
+) -> Response {
+    let options = ReplayOptions {
+        actor: format!("dashboard:{actor}"),
+        ..Default::default()
+    };
+    match dead_jobs::replay(&state.db, &state.publisher, &state.topology, id, options).await {
+        Ok(ReplayOutcome::Replayed { new_job_id }) => {
+            back_with(&format!("Replayed {id} as job {new_job_id}."))
+        }
+        Ok(ReplayOutcome::AlreadyReplayed { .. }) => {
+            back_with(&format!("{id} was already replayed."))
+        }
+        Ok(ReplayOutcome::Discarded) => back_with(&format!("{id} is discarded.")),
+        Ok(ReplayOutcome::WouldReplay { .. }) => back_with("Nothing done."),
+        Err(err) => back_with(&format!("Could not replay {id}: {err}")),
+    }
+}
+
+pub async fn discard(
+    State(state): State<AppState>,
+    Extension(Actor(actor)): Extension<Actor>,
+    Path(id): Path<Uuid>,
+) -> Response {
+    match dead_jobs::discard(&state.db, id, format!("dashboard:{actor}")).await {
+        Ok(_) => back_with(&format!("Discarded {id}.")),
+        Err(err) => back_with(&format!("Could not discard {id}: {err}")),
+    }
+}
+
+#[derive(QueryableByName)]
+struct JsonRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    row: Option<String>,
+}
+
+/// Up to 100 rows of `table` as JSON objects, or `None` when the table does not
+/// exist (campaigns and schedules arrive with their own features).
+async fn optional_table(
+    state: &AppState,
+    table: &'static str,
+) -> Result<Option<Vec<Value>>, pool::DbError> {
+    pool::run(&state.db, move |conn| {
+        let exists: Vec<JsonRow> = diesel::sql_query("SELECT to_regclass($1)::text AS row")
+            .bind::<Text, _>(table)
+            .load(conn)?;
+        if exists.first().and_then(|r| r.row.as_ref()).is_none() {
+            return Ok(None);
+        }
+        let rows: Vec<JsonRow> = diesel::sql_query(format!(
+            "SELECT row_to_json(t)::text AS row FROM {table} t LIMIT 100"
+        ))
+        .load(conn)?;
+        Ok(Some(
+            rows.into_iter()
+                .filter_map(|r| r.row.and_then(|s| serde_json::from_str(&s).ok()))
+                .collect(),
+        ))
+    })
+    .await
+}
+
+async fn table_page(state: AppState, f: Fragment, table: &'static str, title: &str) -> Response {
+    let rows = match optional_table(&state, table).await {
+        Ok(rows) => rows,
+        Err(err) => return unavailable(err),
+    };
+    let exists = rows.is_some();
+    let rows = rows.unwrap_or_default();
+    let columns: Vec<String> = rows
+        .first()
+        .and_then(Value::as_object)
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    render(
+        "table.html",
+        table,
+        is_fragment(&f),
+        minijinja::context! { title, exists, rows, columns },
+    )
+}
+
+pub async fn campaigns(State(state): State<AppState>, Query(f): Query<Fragment>) -> Response {
+    table_page(state, f, "campaigns", "Campaigns").await
+}
+
+pub async fn schedules(State(state): State<AppState>, Query(f): Query<Fragment>) -> Response {
+    table_page(state, f, "schedules", "Schedules").await
+}

@@ -1,0 +1,294 @@
+//! Operations on dead jobs, shared by the admin HTTP API, the dashboard and
+//! `conveyor dlq`: list, show, replay and discard.
+//!
+//! A replay publishes a fresh job (new id, attempt 1, `replay_of` = the dead
+//! job) and, in one transaction, records the new job, marks the dead record
+//! replayed and writes the audit row; the transaction commits only after the
+//! broker confirmed the message. The dead row is locked while that happens, so
+//! two operators replaying the same record at once replay it once. Replaying a
+//! record that was already replayed (or discarded) does nothing unless forced.
+//! The `.dlq` queues are not touched: they stay the raw archive for
+//! RabbitMQ-native tooling.
+
+use chrono::{DateTime, Utc};
+use conveyor_platform::amqp::{Outgoing, PublishError, Publisher, Topology};
+use conveyor_schema::db::{dead_job_actions, dead_jobs, jobs};
+use conveyor_schema::models::{DeadJob, DeadJobAction, NewDeadJobAction, NewJob};
+use conveyor_schema::pool::{self, DbError, PgPool};
+use conveyor_schema::{Envelope, find_task};
+use diesel::prelude::*;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// Which dead jobs to list or act on.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Exact task name.
+    pub task: Option<String>,
+    /// Exact logical queue.
+    pub queue: Option<String>,
+    /// Dead at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// The final reason contains this text (case-insensitive).
+    pub error_contains: Option<String>,
+    /// Include discarded records.
+    pub include_discarded: bool,
+    /// Include records already replayed.
+    pub include_replayed: bool,
+    /// At most this many, newest first.
+    pub limit: i64,
+}
+
+/// Lists dead jobs matching `filter`, newest first.
+pub async fn list(db: &PgPool, filter: Filter) -> Result<Vec<DeadJob>, DbError> {
+    pool::run(db, move |conn| {
+        let mut query = dead_jobs::table.select(DeadJob::as_select()).into_boxed();
+        if let Some(task) = filter.task {
+            query = query.filter(dead_jobs::task.eq(task));
+        }
+        if let Some(queue) = filter.queue {
+            query = query.filter(dead_jobs::queue.eq(queue));
+        }
+        if let Some(since) = filter.since {
+            query = query.filter(dead_jobs::dead_at.ge(since));
+        }
+        if let Some(text) = filter.error_contains {
+            let pattern = format!("%{}%", text.replace('%', "\\%").replace('_', "\\_"));
+            query = query.filter(dead_jobs::reason.ilike(pattern));
+        }
+        if !filter.include_discarded {
+            query = query.filter(dead_jobs::discarded_at.is_null());
+        }
+        if !filter.include_replayed {
+            query = query.filter(dead_jobs::replayed_at.is_null());
+        }
+        query
+            .order(dead_jobs::dead_at.desc())
+            .limit(filter.limit.clamp(1, 10_000))
+            .load(conn)
+    })
+    .await
+}
+
+/// One dead job and its audit trail (oldest action first); `None` when unknown.
+pub async fn show(db: &PgPool, id: Uuid) -> Result<Option<(DeadJob, Vec<DeadJobAction>)>, DbError> {
+    pool::run(db, move |conn| {
+        let Some(dead) = dead_jobs::table
+            .find(id)
+            .select(DeadJob::as_select())
+            .first(conn)
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let actions = dead_job_actions::table
+            .filter(dead_job_actions::dead_job_id.eq(id))
+            .order(dead_job_actions::id.asc())
+            .select(DeadJobAction::as_select())
+            .load(conn)?;
+        Ok(Some((dead, actions)))
+    })
+    .await
+}
+
+/// How to replay.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    /// Replay even if already replayed or discarded.
+    pub force: bool,
+    /// Check everything, change nothing.
+    pub dry_run: bool,
+    /// Replace the arguments (validated like a new job's).
+    pub args: Option<Value>,
+    /// Who asks (recorded in the audit).
+    pub actor: String,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplayOutcome {
+    /// A new job was published.
+    Replayed {
+        /// The new job's id.
+        new_job_id: Uuid,
+    },
+    /// Dry run: this would have been published.
+    WouldReplay {
+        /// Task name.
+        task: String,
+        /// Arguments it would carry.
+        args: Value,
+    },
+    /// Nothing done: already replayed (use force to replay again).
+    AlreadyReplayed {
+        /// The job the earlier replay created.
+        replayed_as: Option<Uuid>,
+    },
+    /// Nothing done: the record was discarded (use force to replay anyway).
+    Discarded,
+}
+
+/// Why a replay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// No such dead job.
+    #[error("no dead job {0}")]
+    NotFound(Uuid),
+    /// The dead message was not a readable envelope, so there is nothing to replay.
+    #[error("dead job {0} has no readable envelope to replay")]
+    Unreadable(Uuid),
+    /// Its task is not in this build's catalogue.
+    #[error("task `{0}` is not in the catalogue")]
+    UnknownTask(String),
+    /// The (edited) arguments are invalid.
+    #[error("invalid args at {pointer}: {message}")]
+    InvalidArgs {
+        /// JSON pointer into the job request (`/args/...`).
+        pointer: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The broker did not confirm the new job; nothing was recorded.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// The database failed; nothing was recorded.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<diesel::result::Error> for ReplayError {
+    fn from(err: diesel::result::Error) -> Self {
+        Self::Db(DbError::Query(err))
+    }
+}
+
+/// Replays dead job `id` through `publisher`.
+pub async fn replay(
+    db: &PgPool,
+    publisher: &Publisher,
+    topology: &Topology,
+    id: Uuid,
+    options: ReplayOptions,
+) -> Result<ReplayOutcome, ReplayError> {
+    let handle = tokio::runtime::Handle::current();
+    let (pool, publisher, topology) = (db.clone(), publisher.clone(), topology.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut conn = pool.get().map_err(DbError::from)?;
+        conn.transaction(|conn| {
+            let dead: DeadJob = dead_jobs::table
+                .find(id)
+                .select(DeadJob::as_select())
+                .for_update()
+                .first(conn)
+                .optional()?
+                .ok_or(ReplayError::NotFound(id))?;
+            if dead.replayed_at.is_some() && !options.force {
+                return Ok(ReplayOutcome::AlreadyReplayed {
+                    replayed_as: dead.replayed_as,
+                });
+            }
+            if dead.discarded_at.is_some() && !options.force {
+                return Ok(ReplayOutcome::Discarded);
+            }
+            let old: Envelope = dead
+                .envelope
+                .clone()
+                .and_then(|value| serde_json::from_value(value).ok())
+                .ok_or(ReplayError::Unreadable(id))?;
+            let task =
+                find_task(&old.task).ok_or_else(|| ReplayError::UnknownTask(old.task.clone()))?;
+            let edited = options.args.is_some();
+            let args = options.args.clone().unwrap_or(old.args.clone());
+            task.validate(&args)
+                .map_err(|err| ReplayError::InvalidArgs {
+                    pointer: err.pointer,
+                    message: err.message,
+                })?;
+            if options.dry_run {
+                return Ok(ReplayOutcome::WouldReplay {
+                    task: task.name.to_owned(),
+                    args,
+                });
+            }
+            let mut fresh = Envelope::new(task.name, args.clone());
+            fresh.replay_of = Some(id);
+            diesel::insert_into(jobs::table)
+                .values(NewJob::queued(&fresh, &task.options))
+                .execute(conn)?;
+            diesel::update(dead_jobs::table.find(id))
+                .set((
+                    dead_jobs::replayed_as.eq(fresh.id),
+                    dead_jobs::replayed_at.eq(Utc::now()),
+                    dead_jobs::replay_count.eq(dead_jobs::replay_count + 1),
+                ))
+                .execute(conn)?;
+            let detail = json!({
+                "forced": options.force && dead.replayed_at.is_some(),
+                "args": if edited { args } else { Value::Null },
+            });
+            diesel::insert_into(dead_job_actions::table)
+                .values(NewDeadJobAction {
+                    dead_job_id: id,
+                    action: "replay".into(),
+                    actor: options.actor.clone(),
+                    new_job_id: Some(fresh.id),
+                    detail,
+                })
+                .execute(conn)?;
+            let message = Outgoing::job(&topology, task.options.queue, &fresh);
+            // Blocking threads may wait on async work; the row lock is held until the confirm.
+            handle.block_on(publisher.publish(&message))?;
+            Ok(ReplayOutcome::Replayed {
+                new_job_id: fresh.id,
+            })
+        })
+    })
+    .await
+    .map_err(|err| ReplayError::Db(DbError::Join(err)))?
+}
+
+/// What a discard did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscardOutcome {
+    /// Marked discarded now.
+    Discarded,
+    /// It already was; nothing changed.
+    AlreadyDiscarded,
+    /// No such dead job.
+    NotFound,
+}
+
+/// Marks dead job `id` discarded (hidden from the default listing; never replayed
+/// without force) and audits it.
+pub async fn discard(db: &PgPool, id: Uuid, actor: String) -> Result<DiscardOutcome, DbError> {
+    pool::run(db, move |conn| {
+        conn.transaction(|conn| {
+            let found: Option<Option<DateTime<Utc>>> = dead_jobs::table
+                .find(id)
+                .select(dead_jobs::discarded_at)
+                .for_update()
+                .first(conn)
+                .optional()?;
+            match found {
+                None => Ok(DiscardOutcome::NotFound),
+                Some(Some(_)) => Ok(DiscardOutcome::AlreadyDiscarded),
+                Some(None) => {
+                    diesel::update(dead_jobs::table.find(id))
+                        .set(dead_jobs::discarded_at.eq(Utc::now()))
+                        .execute(conn)?;
+                    diesel::insert_into(dead_job_actions::table)
+                        .values(NewDeadJobAction {
+                            dead_job_id: id,
+                            action: "discard".into(),
+                            actor,
+                            new_job_id: None,
+                            detail: json!({}),
+                        })
+                        .execute(conn)?;
+                    Ok(DiscardOutcome::Discarded)
+                }
+            }
+        })
+    })
+    .await
+}

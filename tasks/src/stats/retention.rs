@@ -1,0 +1,114 @@
+//! `stats.retention`: deletes finished job records older than `max_age_days`
+//! in bounded batches, after their windows are rolled up.
+//!
+//! Before any record of a UTC day is deleted, that day's hourly and daily job
+//! rollups are recomputed one last time from the complete raw rows and the day
+//! is *sealed* (`stats_sealed_days`); deletes only touch sealed days. Rollup
+//! lookbacks (at most 48 hours, 3 days) never reach a day this old (at least 7),
+//! so a sealed window is never recomputed from partial rows. Jobs that never
+//! reached a final state are kept: they need an operator, not a sweeper. Old
+//! schedule ticks go too, except each schedule's latest (the scheduler's memory).
+
+use chrono::{DateTime, Utc};
+use conveyor_schema::args::stats::{self, RetentionArgs};
+use conveyor_schema::stats::Granularity;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Integer, Timestamptz};
+
+use super::rollup;
+use crate::{JobContext, Task, TaskError};
+
+/// Most batches one run deletes; the next run continues.
+const MAX_BATCHES: usize = 1000;
+
+/// Deletes old finished job records.
+pub struct Retention;
+
+impl Task for Retention {
+    type Spec = stats::Retention;
+    async fn run(&self, args: RetentionArgs, ctx: JobContext) -> Result<(), TaskError> {
+        let max_age_days = args.max_age_days.unwrap_or(30);
+        let batch = i64::from(args.batch.unwrap_or(5_000).max(1));
+        if max_age_days < 7 {
+            return Err(TaskError::permanent(anyhow::anyhow!(
+                "max_age_days must be at least 7, not {max_age_days}"
+            )));
+        }
+        let db = ctx.services.db.clone();
+        let (cutoff, sealed) =
+            conveyor_schema::pool::run(&db, move |conn| seal(conn, max_age_days)).await?;
+        let mut deleted = 0;
+        for _ in 0..MAX_BATCHES {
+            if ctx.shutdown.is_cancelled() {
+                break;
+            }
+            let n = conveyor_schema::pool::run(&db, move |conn| delete_batch(conn, cutoff, batch))
+                .await?;
+            deleted += n;
+            if (n as i64) < batch {
+                break;
+            }
+        }
+        let ticks = conveyor_schema::pool::run(&db, move |conn| delete_ticks(conn, cutoff)).await?;
+        tracing::info!(%cutoff, days.sealed = sealed, jobs.deleted = deleted, ticks.deleted = ticks, "retention done");
+        Ok(())
+    }
+}
+
+/// The cutoff (a UTC midnight `max_age_days` back) and how many days were newly sealed.
+fn seal(conn: &mut PgConnection, max_age_days: u32) -> QueryResult<(DateTime<Utc>, usize)> {
+    #[derive(QueryableByName)]
+    struct Day {
+        #[diesel(sql_type = Timestamptz)]
+        day: DateTime<Utc>,
+    }
+    let cutoff = diesel::sql_query(
+        "SELECT date_trunc('day', now() - make_interval(days => $1), 'UTC') AS day",
+    )
+    .bind::<Integer, _>(i32::try_from(max_age_days).unwrap_or(i32::MAX))
+    .get_result::<Day>(conn)?
+    .day;
+    let days = diesel::sql_query(
+        "SELECT DISTINCT date_trunc('day', finished_at, 'UTC') AS day FROM jobs \
+         WHERE finished_at < $1 AND state IN ('succeeded', 'dead') \
+         EXCEPT SELECT day FROM stats_sealed_days ORDER BY 1",
+    )
+    .bind::<Timestamptz, _>(cutoff)
+    .load::<Day>(conn)?;
+    for Day { day } in &days {
+        let end = *day + Granularity::Day.duration();
+        conn.transaction(|conn| {
+            rollup::jobs(conn, Granularity::Hour, *day, end)?;
+            rollup::jobs(conn, Granularity::Day, *day, end)?;
+            diesel::sql_query(
+                "INSERT INTO stats_sealed_days (day) VALUES ($1) ON CONFLICT DO NOTHING",
+            )
+            .bind::<Timestamptz, _>(*day)
+            .execute(conn)
+        })?;
+    }
+    Ok((cutoff, days.len()))
+}
+
+fn delete_batch(conn: &mut PgConnection, cutoff: DateTime<Utc>, batch: i64) -> QueryResult<usize> {
+    diesel::sql_query(
+        "DELETE FROM jobs WHERE id IN ( \
+             SELECT j.id FROM jobs j \
+             WHERE j.finished_at < $1 AND j.state IN ('succeeded', 'dead') \
+               AND EXISTS (SELECT 1 FROM stats_sealed_days s \
+                           WHERE s.day = date_trunc('day', j.finished_at, 'UTC')) \
+             LIMIT $2)",
+    )
+    .bind::<Timestamptz, _>(cutoff)
+    .bind::<BigInt, _>(batch)
+    .execute(conn)
+}
+
+fn delete_ticks(conn: &mut PgConnection, cutoff: DateTime<Utc>) -> QueryResult<usize> {
+    diesel::sql_query(
+        "DELETE FROM schedule_ticks t WHERE t.tick_at < $1 AND t.published_at IS NOT NULL \
+           AND t.tick_at < (SELECT max(l.tick_at) FROM schedule_ticks l WHERE l.schedule = t.schedule)",
+    )
+    .bind::<Timestamptz, _>(cutoff)
+    .execute(conn)
+}

@@ -1,0 +1,205 @@
+//! The rollup queries: recompute windows `[from, to)` of one granularity from
+//! raw rows and upsert them.
+//!
+//! Each statement is deterministic, so recomputing a window gives identical
+//! rows; the upsert leaves a row untouched (its `computed_at` included) when
+//! nothing changed. Rows are never deleted: windows whose raw rows retention
+//! removed are sealed and lie outside every rollup's lookback.
+//!
+//! Mail and webhook rollups read tables that other features own
+//! (`campaign_recipients`, `webhook_events`); when such a table does not exist
+//! in this database, that part is skipped.
+
+use chrono::{DateTime, Utc};
+use conveyor_schema::stats::{Family, Granularity};
+use diesel::PgConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{Bool, Text, Timestamptz};
+
+/// What one rollup did, for the log.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Rolled {
+    /// Job rows inserted or changed.
+    pub jobs: usize,
+    /// Mail rows inserted or changed; `None` when `campaign_recipients` is absent.
+    pub mail: Option<usize>,
+    /// Webhook rows inserted or changed; `None` when `webhook_events` is absent.
+    pub webhooks: Option<usize>,
+}
+
+/// Recomputes job statistics for `[from, to)`: jobs that reached a final
+/// state in each window, per task. `retried` counts those that needed more
+/// than one attempt; durations are of the final attempt.
+pub fn jobs(
+    conn: &mut PgConnection,
+    granularity: Granularity,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> QueryResult<usize> {
+    let sql = format!(
+        "WITH finished AS ( \
+             SELECT date_trunc('{unit}', finished_at, 'UTC') AS bucket, task, state, attempts, \
+                    (extract(epoch FROM finished_at - started_at) * 1000)::float8 AS ms \
+             FROM jobs \
+             WHERE finished_at >= $1 AND finished_at < $2 AND state IN ('succeeded', 'dead')) \
+         INSERT INTO {table} AS t \
+             (bucket, task, succeeded, retried, dead, p50_ms, p95_ms, max_ms, computed_at) \
+         SELECT bucket, task, \
+                count(*) FILTER (WHERE state = 'succeeded'), \
+                count(*) FILTER (WHERE attempts > 1), \
+                count(*) FILTER (WHERE state = 'dead'), \
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), \
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY ms), \
+                max(ms), now() \
+         FROM finished GROUP BY bucket, task \
+         ON CONFLICT (bucket, task) DO UPDATE SET \
+             succeeded = EXCLUDED.succeeded, retried = EXCLUDED.retried, dead = EXCLUDED.dead, \
+             p50_ms = EXCLUDED.p50_ms, p95_ms = EXCLUDED.p95_ms, max_ms = EXCLUDED.max_ms, \
+             computed_at = EXCLUDED.computed_at \
+         WHERE (t.succeeded, t.retried, t.dead, t.p50_ms, t.p95_ms, t.max_ms) IS DISTINCT FROM \
+               (EXCLUDED.succeeded, EXCLUDED.retried, EXCLUDED.dead, EXCLUDED.p50_ms, EXCLUDED.p95_ms, EXCLUDED.max_ms)",
+        unit = granularity.unit(),
+        table = Family::Jobs.table(granularity),
+    );
+    diesel::sql_query(sql)
+        .bind::<Timestamptz, _>(from)
+        .bind::<Timestamptz, _>(to)
+        .execute(conn)
+}
+
+/// Recomputes mail statistics for `[from, to)` per campaign, bucketed by
+/// `sent_at`; `None` when `campaign_recipients` does not exist.
+pub fn mail(
+    conn: &mut PgConnection,
+    granularity: Granularity,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> QueryResult<Option<usize>> {
+    if !table_exists(conn, Family::Mail.source_table())? {
+        return Ok(None);
+    }
+    let sql = format!(
+        "INSERT INTO {table} AS t (bucket, campaign_id, sent, failed, unknown, computed_at) \
+         SELECT date_trunc('{unit}', sent_at, 'UTC'), campaign_id, \
+                count(*) FILTER (WHERE state = 'sent'), \
+                count(*) FILTER (WHERE state = 'failed'), \
+                count(*) FILTER (WHERE state = 'unknown'), now() \
+         FROM campaign_recipients \
+         WHERE sent_at >= $1 AND sent_at < $2 AND state::text IN ('sent', 'failed', 'unknown') \
+         GROUP BY 1, 2 \
+         ON CONFLICT (bucket, campaign_id) DO UPDATE SET \
+             sent = EXCLUDED.sent, failed = EXCLUDED.failed, unknown = EXCLUDED.unknown, \
+             computed_at = EXCLUDED.computed_at \
+         WHERE (t.sent, t.failed, t.unknown) IS DISTINCT FROM \
+               (EXCLUDED.sent, EXCLUDED.failed, EXCLUDED.unknown)",
+        unit = granularity.unit(),
+        table = Family::Mail.table(granularity),
+    );
+    diesel::sql_query(sql)
+        .bind::<Timestamptz, _>(from)
+        .bind::<Timestamptz, _>(to)
+        .execute(conn)
+        .map(Some)
+}
+
+/// Recomputes webhook statistics for `[from, to)` per source, outcome and
+/// reason (when `webhook_events` has a `reason` column), bucketed by
+/// `received_at`; `None` when `webhook_events` does not exist.
+pub fn webhooks(
+    conn: &mut PgConnection,
+    granularity: Granularity,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> QueryResult<Option<usize>> {
+    if !table_exists(conn, Family::Webhooks.source_table())? {
+        return Ok(None);
+    }
+    let reason = if column_exists(conn, "webhook_events", "reason")? {
+        "coalesce(reason::text, '')"
+    } else {
+        "''"
+    };
+    let sql = format!(
+        "INSERT INTO {table} AS t (bucket, source, outcome, reason, events, computed_at) \
+         SELECT date_trunc('{unit}', received_at, 'UTC'), source::text, outcome::text, {reason}, \
+                count(*), now() \
+         FROM webhook_events \
+         WHERE received_at >= $1 AND received_at < $2 \
+         GROUP BY 1, 2, 3, 4 \
+         ON CONFLICT (bucket, source, outcome, reason) DO UPDATE SET \
+             events = EXCLUDED.events, computed_at = EXCLUDED.computed_at \
+         WHERE t.events IS DISTINCT FROM EXCLUDED.events",
+        unit = granularity.unit(),
+        table = Family::Webhooks.table(granularity),
+    );
+    diesel::sql_query(sql)
+        .bind::<Timestamptz, _>(from)
+        .bind::<Timestamptz, _>(to)
+        .execute(conn)
+        .map(Some)
+}
+
+/// Every family for `[from, to)`, each in its own transaction, so job
+/// statistics are committed even if a table owned by another feature has an
+/// unexpected shape (that error is returned after).
+pub fn all(
+    conn: &mut PgConnection,
+    granularity: Granularity,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> QueryResult<Rolled> {
+    let jobs = conn.transaction(|conn| jobs(conn, granularity, from, to))?;
+    let mail = conn.transaction(|conn| mail(conn, granularity, from, to))?;
+    let webhooks = conn.transaction(|conn| webhooks(conn, granularity, from, to))?;
+    Ok(Rolled {
+        jobs,
+        mail,
+        webhooks,
+    })
+}
+
+/// The start of the current window of `granularity` by the database clock.
+pub fn current_window(
+    conn: &mut PgConnection,
+    granularity: Granularity,
+) -> QueryResult<DateTime<Utc>> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Timestamptz)]
+        start: DateTime<Utc>,
+    }
+    diesel::sql_query(format!(
+        "SELECT date_trunc('{}', now(), 'UTC') AS start",
+        granularity.unit()
+    ))
+    .get_result::<Row>(conn)
+    .map(|r| r.start)
+}
+
+fn table_exists(conn: &mut PgConnection, table: &str) -> QueryResult<bool> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Bool)]
+        found: bool,
+    }
+    diesel::sql_query("SELECT to_regclass($1) IS NOT NULL AS found")
+        .bind::<Text, _>(table)
+        .get_result::<Row>(conn)
+        .map(|r| r.found)
+}
+
+fn column_exists(conn: &mut PgConnection, table: &str, column: &str) -> QueryResult<bool> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Bool)]
+        found: bool,
+    }
+    diesel::sql_query(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns \
+         WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2) AS found",
+    )
+    .bind::<Text, _>(table)
+    .bind::<Text, _>(column)
+    .get_result::<Row>(conn)
+    .map(|r| r.found)
+}

@@ -1,0 +1,283 @@
+//! Durable dead-letter records: every message that reaches a `.dlq` queue has a
+//! row in `dead_jobs` that operators browse, replay and discard.
+//!
+//! Two roads lead to the dead-letter queue, and both record:
+//! - the worker gives up on a job (attempts exhausted, permanent failure,
+//!   unreadable message, unknown task). It publishes to `<q>.dlq` itself and
+//!   commits the record in the same transaction as the job's `dead` state
+//!   ([`DeadLetter`] rides along with the state change in the state writer);
+//! - the broker gives up on a message (its delivery limit, e.g. a job that
+//!   crashes its worker every time). The broker routes those to
+//!   `<q>.dlq-inbox`; [`record_from_inbox`] commits the record and the job's
+//!   `dead` state, then republishes the message with all its headers (RabbitMQ's
+//!   `x-death` history included) to `<q>.dlq`, and only then acks the inbox copy.
+//!
+//! Either way the record is committed before the dead-letter message can be
+//! lost, and recording is idempotent (`ON CONFLICT DO NOTHING` on the job id),
+//! so a redelivery never records twice.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use conveyor_platform::amqp::ERROR_HEADER;
+use conveyor_schema::{Envelope, JobState, find_task};
+use diesel::prelude::*;
+use diesel::sql_types::{Int4, Jsonb, Nullable, Text, Uuid as SqlUuid};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, Confirmation};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::runtime::Runtime;
+use crate::state_writer::StateChange;
+
+/// Who dead-lettered a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The worker gave up.
+    Worker,
+    /// The broker's delivery limit.
+    Broker,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Worker => "worker",
+            Self::Broker => "broker",
+        }
+    }
+}
+
+/// One dead-job record about to be written.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The job id (a fresh id when the message had none).
+    pub id: Uuid,
+    /// Task name; empty when unreadable.
+    pub task: String,
+    /// Logical queue.
+    pub queue: String,
+    /// The envelope, when readable.
+    pub envelope: Option<Value>,
+    /// The raw body, when the envelope was unreadable.
+    pub body: Option<String>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The final reason.
+    pub reason: String,
+    /// RabbitMQ's `x-death` header as JSON, when the broker dead-lettered it.
+    pub x_death: Option<Value>,
+    /// Who gave up.
+    pub source: Source,
+}
+
+impl DeadLetter {
+    /// The record of `envelope` given up by the worker for `reason`.
+    pub fn of(envelope: &Envelope, queue: &str, reason: &str) -> Self {
+        Self {
+            id: envelope.id,
+            task: envelope.task.clone(),
+            queue: queue.to_owned(),
+            envelope: serde_json::to_value(envelope).ok(),
+            body: None,
+            attempts: envelope.attempt,
+            reason: reason.to_owned(),
+            x_death: None,
+            source: Source::Worker,
+        }
+    }
+
+    /// The record of a message that is not a readable envelope.
+    pub fn unreadable(id: Uuid, queue: &str, body: &[u8], reason: &str) -> Self {
+        Self {
+            id: if id.is_nil() { Uuid::now_v7() } else { id },
+            task: String::new(),
+            queue: queue.to_owned(),
+            envelope: None,
+            body: Some(String::from_utf8_lossy(body).chars().take(65_536).collect()),
+            attempts: 0,
+            reason: reason.to_owned(),
+            x_death: None,
+            source: Source::Worker,
+        }
+    }
+}
+
+/// Every failure comes from the job's record (written earlier in the same
+/// transaction); a message without a record gets its final reason alone.
+const INSERT: &str = "
+INSERT INTO dead_jobs (id, task, queue, envelope, body, attempts, errors, reason, x_death, source)
+SELECT $1, $2, $3, $4, $5, $6,
+       COALESCE((SELECT j.errors FROM jobs j WHERE j.id = $1 AND j.errors <> '[]'::jsonb),
+                jsonb_build_array(jsonb_build_object('attempt', $6, 'at', now(), 'error', $7))),
+       $7, $8, $9
+ON CONFLICT (id) DO NOTHING";
+
+/// Writes `dead` unless a record for its id exists.
+pub fn insert(conn: &mut PgConnection, dead: &DeadLetter) -> QueryResult<()> {
+    diesel::sql_query(INSERT)
+        .bind::<SqlUuid, _>(dead.id)
+        .bind::<Text, _>(&dead.task)
+        .bind::<Text, _>(&dead.queue)
+        .bind::<Nullable<Jsonb>, _>(&dead.envelope)
+        .bind::<Nullable<Text>, _>(&dead.body)
+        .bind::<Int4, _>(i32::try_from(dead.attempts).unwrap_or(i32::MAX))
+        .bind::<Text, _>(&dead.reason)
+        .bind::<Nullable<Jsonb>, _>(&dead.x_death)
+        .bind::<Text, _>(dead.source.as_str())
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Records one message the broker dead-lettered from `queue`, moves it to the
+/// dead-letter queue on `channel` (in confirm mode) and acks it.
+pub async fn record_from_inbox(
+    rt: Arc<Runtime>,
+    queue: Arc<str>,
+    channel: Channel,
+    delivery: Delivery,
+) {
+    let headers = delivery.properties.headers().clone().unwrap_or_default();
+    let x_death = headers
+        .inner()
+        .iter()
+        .find(|(k, _)| k.as_str() == "x-death")
+        .map(|(_, v)| amqp_to_json(v));
+    let (why, count) = x_death
+        .as_ref()
+        .and_then(|d| d.get(0))
+        .map(|first| {
+            (
+                first["reason"].as_str().unwrap_or("unknown").to_owned(),
+                first["count"].as_i64().unwrap_or(0),
+            )
+        })
+        .unwrap_or_else(|| ("unknown".into(), 0));
+    let reason = format!("dead-lettered by the broker ({why}) after {count} deliveries");
+    let id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .and_then(|id| Uuid::parse_str(id.as_str()).ok())
+        .unwrap_or_else(Uuid::nil);
+    let (change, mut dead) = match Envelope::decode(&delivery.data) {
+        Ok(envelope) => {
+            let max_attempts = find_task(&envelope.task)
+                .map_or(envelope.attempt, |task| task.options.max_attempts);
+            let mut change = StateChange::of(&envelope, &queue, max_attempts, JobState::Dead);
+            change.error = Some(reason.clone());
+            change.finished_at = Some(Utc::now());
+            (Some(change), DeadLetter::of(&envelope, &queue, &reason))
+        }
+        Err(err) => (
+            None,
+            DeadLetter::unreadable(id, &queue, &delivery.data, &format!("{reason}; {err}")),
+        ),
+    };
+    dead.source = Source::Broker;
+    dead.x_death = x_death;
+    let labels = [dead.task.clone(), queue.to_string()];
+    tracing::warn!(job.id = %dead.id, task = %dead.task, reason, "recording a message the broker dead-lettered");
+    if !rt.states.commit_dead(change, dead).await {
+        return;
+    }
+    rt.metrics.jobs_dead.with_label_values(&labels).inc();
+
+    let mut forwarded = headers;
+    forwarded.insert(
+        ShortString::from(ERROR_HEADER),
+        AMQPValue::LongString(LongString::from(reason)),
+    );
+    let properties = delivery.properties.clone().with_headers(forwarded);
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let published = channel
+        .basic_publish(
+            ShortString::from(""),
+            ShortString::from(rt.topology.dead_letter_queue(&queue)),
+            options,
+            &delivery.data,
+            properties,
+        )
+        .await;
+    let confirmed = match published {
+        Ok(confirm) => confirm.await,
+        Err(err) => Err(err),
+    };
+    match confirmed {
+        Ok(Confirmation::Ack(None)) => {
+            if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
+                tracing::debug!(error = %err, "inbox ack failed; the recorded copy will be recorded again as a no-op");
+            }
+        }
+        other => {
+            tracing::error!(outcome = ?other, "could not move a dead letter to its queue; returning it to the inbox");
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            let _ = delivery.acker.nack(requeue).await;
+        }
+    }
+}
+
+/// An AMQP header value as JSON (tables become objects, timestamps seconds).
+pub fn amqp_to_json(value: &AMQPValue) -> Value {
+    match value {
+        AMQPValue::Boolean(b) => json!(b),
+        AMQPValue::ShortShortInt(n) => json!(n),
+        AMQPValue::ShortShortUInt(n) => json!(n),
+        AMQPValue::ShortInt(n) => json!(n),
+        AMQPValue::ShortUInt(n) => json!(n),
+        AMQPValue::LongInt(n) => json!(n),
+        AMQPValue::LongUInt(n) => json!(n),
+        AMQPValue::LongLongInt(n) => json!(n),
+        AMQPValue::Float(n) => json!(n),
+        AMQPValue::Double(n) => json!(n),
+        AMQPValue::DecimalValue(d) => json!(f64::from(d.value) / 10f64.powi(i32::from(d.scale))),
+        AMQPValue::ShortString(s) => json!(s.as_str()),
+        AMQPValue::LongString(s) => json!(s.to_string()),
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(amqp_to_json).collect()),
+        AMQPValue::Timestamp(t) => json!(t),
+        AMQPValue::FieldTable(t) => table_to_json(t),
+        AMQPValue::ByteArray(b) => json!(String::from_utf8_lossy(b.as_slice())),
+        AMQPValue::Void => Value::Null,
+    }
+}
+
+fn table_to_json(table: &FieldTable) -> Value {
+    Value::Object(
+        table
+            .inner()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), amqp_to_json(v)))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::FieldArray;
+
+    #[test]
+    fn x_death_converts_to_json() {
+        let mut entry = FieldTable::default();
+        entry.insert(
+            "reason".into(),
+            AMQPValue::LongString("delivery_limit".into()),
+        );
+        entry.insert("count".into(), AMQPValue::LongLongInt(3));
+        entry.insert("time".into(), AMQPValue::Timestamp(1_700_000_000));
+        let value = AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(entry)]));
+        assert_eq!(
+            amqp_to_json(&value),
+            json!([{"reason": "delivery_limit", "count": 3, "time": 1_700_000_000u64}])
+        );
+    }
+}
