@@ -11,6 +11,7 @@ mod cluster;
 mod dashboard;
 mod dead_letters;
 mod deploy;
+mod deploy_files;
 mod dlq;
 mod drain;
 mod http_errors;
