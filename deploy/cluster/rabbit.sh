@@ -3,7 +3,8 @@
 # and the benchmark. It never touches the node on 5672 (other tests use it).
 #
 #   rabbit.sh up          start c1..c3 (AMQP 5681..5683), join them, wait until clustered
-#   rabbit.sh down        stop them and delete their data
+#   rabbit.sh solo        start c4 (AMQP 5684), a standalone node, for one-node benchmarks
+#   rabbit.sh down        stop every node this script started and delete their data
 #   rabbit.sh stop N      stop node N (1..3) the hard way (the Erlang VM exits)
 #   rabbit.sh start N     start node N again; it rejoins the cluster by itself
 #   rabbit.sh leader Q    the node (c1@localhost...) leading quorum queue Q
@@ -78,8 +79,12 @@ case "${1:-}" in
     [[ "$running" == "3" ]] || { echo "rabbit.sh: cluster has $running running nodes, expected 3" >&2; exit 1; }
     echo "three-node cluster up: $("$0" urls)"
     ;;
+  solo)
+    start_node 4
+    echo "standalone node up: amqp://guest:guest@127.0.0.1:$((PORT0 + 4))/%2f"
+    ;;
   down)
-    for n in "${NODES[@]}"; do stop_node "$n"; done
+    for n in 1 2 3 4; do [[ -d "$BASE/c$n" ]] && stop_node "$n"; done
     rm -rf "$BASE"
     ;;
   stop) stop_node "$2" ;;
@@ -103,5 +108,5 @@ case "${1:-}" in
     for n in "${NODES[@]}"; do urls+=("amqp://guest:guest@127.0.0.1:$((PORT0 + n))/%2f"); done
     (IFS=,; echo "${urls[*]}")
     ;;
-  *) sed -n '2,13p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,14p' "$0" >&2; exit 2 ;;
 esac

@@ -109,10 +109,13 @@ impl Deployment {
     async fn start(env: &ClusterEnv) -> Self {
         let namespace = format!("c{}", &Uuid::new_v4().simple().to_string()[..10]);
         let db_url = format!("{}/{namespace}", env.pg_server);
-        // Placement is fixed so both failover paths run whichever node leads the
-        // queue: the ingress and worker 0 start at node 1, worker 1 at node 2.
-        // The processes on the leader must reconnect elsewhere; the others keep
-        // their connection while the queue elects a new leader.
+        // Placement is fixed so every failover path runs: the ingress starts
+        // alone at node 1 and declares the queues, so node 1 leads them (the
+        // broker's `client-local` leader locator); worker 0 also starts at node
+        // 1, worker 1 at node 2. Stopping the leader thus cuts the ingress and
+        // worker 0 off (they must reconnect elsewhere, and the ingress must
+        // answer 503 meanwhile) while worker 1 keeps its connection through the
+        // queue's leader election.
         let nodes: Vec<&str> = env.amqp_urls.split(',').collect();
         let starting_at = |first: usize| {
             let mut rotated = nodes.clone();
@@ -146,6 +149,13 @@ impl Deployment {
         base(ingress.arg("ingress"));
         ingress.env("CONVEYOR_INGRESS_ADDR", format!("127.0.0.1:{ingress_port}"));
         children.push(ingress.spawn().expect("spawn ingress"));
+        let ingress_url = format!("http://127.0.0.1:{ingress_port}");
+        crate::harness::wait_until(Duration::from_secs(60), || async {
+            reqwest::get(format!("{ingress_url}/readyz"))
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
         let mut worker_metrics = Vec::new();
         for index in 0..2 {
             let port = free_port();
@@ -161,7 +171,7 @@ impl Deployment {
         let deployment = Self {
             db_url,
             namespace,
-            ingress: format!("http://127.0.0.1:{ingress_port}"),
+            ingress: ingress_url,
             worker_metrics,
             children,
         };
