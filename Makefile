@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 
 .PHONY: run test lint services bench fmt fuzz
+.PHONY: run test lint services bench fmt cluster-test
 
 run: ## Start services, migrate, run one ingress and one worker
 	@bash deploy/local/run.sh
@@ -28,3 +29,5 @@ bench: ## Conveyor vs Dramatiq vs the bare broker, written to benches/RESULTS.md
 	@bash benches/run.sh
 fuzz: ## schemathesis over /openapi.json against a real ingress (no 5xx allowed); FUZZ_EXAMPLES=25 per operation
 	@bash deploy/local/fuzz.sh
+cluster-test: ## The failover proof: a private 3-node RabbitMQ cluster and PostgreSQL, node and database restarts mid-load (root, ~3 min)
+	@bash deploy/cluster/run-proof.sh

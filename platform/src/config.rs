@@ -95,10 +95,18 @@ pub struct AmqpConfig {
     /// One `amqp://` URL, or several separated by commas (cluster nodes, tried in order).
     #[serde(serialize_with = "expose")]
     pub url: SecretString,
+    /// With several nodes, start each process at a random one of them (the list is
+    /// rotated, not reordered), so the connections of many processes spread over
+    /// the cluster; `false` always starts with the first listed node.
+    pub shuffle_nodes: bool,
     /// Deliveries of one message before the broker dead-letters it (a crash-loop guard;
     /// ordinary retries are new messages and do not count).
     pub delivery_limit: u32,
-    /// Replicas of each quorum queue; unset lets the broker choose (all nodes up to its default).
+    /// Replicas of each quorum queue. Unset: the broker's `quorum_cluster_size`,
+    /// which is 3 on RabbitMQ 3.10, i.e. every node of a one- to three-node cluster
+    /// and three nodes of a larger one. It applies when a queue is first declared;
+    /// a different value later makes every redeclaration fail with
+    /// PRECONDITION_FAILED, so change replicas with `rabbitmq-queues grow|shrink`.
     pub quorum_initial_group_size: Option<u32>,
     /// How long to wait for a publisher confirm.
     pub publish_timeout_ms: u64,
@@ -295,6 +303,7 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            shuffle_nodes: true,
             delivery_limit: 20,
             quorum_initial_group_size: None,
             publish_timeout_ms: 5_000,
@@ -529,15 +538,24 @@ impl Config {
         Ok(())
     }
 
-    /// The broker node URLs, in the order to try them.
+    /// The broker node URLs, in the order this process tries them first: as
+    /// listed, rotated by a per-process random offset when `amqp.shuffle_nodes`.
     pub fn amqp_urls(&self) -> Vec<&str> {
-        self.amqp
+        let mut urls: Vec<&str> = self
+            .amqp
             .url
             .expose_secret()
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .collect()
+            .collect();
+        if self.amqp.shuffle_nodes && urls.len() > 1 {
+            static OFFSET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+            let offset = *OFFSET.get_or_init(|| uuid::Uuid::new_v4().as_u128() as usize);
+            let len = urls.len();
+            urls.rotate_left(offset % len);
+        }
+        urls
     }
 
     /// The drain deadline after SIGTERM.
@@ -646,10 +664,26 @@ mod tests {
     fn several_broker_nodes() {
         let mut config = Config::default();
         config.amqp.url = "amqp://a:5672/%2f, amqp://b:5672/%2f".into();
+        config.amqp.shuffle_nodes = false;
         assert_eq!(
             config.amqp_urls(),
             ["amqp://a:5672/%2f", "amqp://b:5672/%2f"]
         );
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn shuffled_nodes_are_a_rotation() {
+        let mut config = Config::default();
+        config.amqp.url = "amqp://a/%2f,amqp://b/%2f,amqp://c/%2f".into();
+        let urls = config.amqp_urls();
+        let start = ["amqp://a/%2f", "amqp://b/%2f", "amqp://c/%2f"]
+            .iter()
+            .position(|u| *u == urls[0])
+            .unwrap();
+        let mut expected = vec!["amqp://a/%2f", "amqp://b/%2f", "amqp://c/%2f"];
+        expected.rotate_left(start);
+        assert_eq!(urls, expected);
+        assert_eq!(config.amqp_urls(), urls, "stable within a process");
     }
 }

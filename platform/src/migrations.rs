@@ -37,11 +37,6 @@ pub enum MigrationError {
     /// The database is behind this binary.
     #[error("the database has {0} pending migration(s) ({1}); run `conveyor migrate run` first")]
     Pending(usize, String),
-    /// The database is ahead of this binary.
-    #[error(
-        "the database has migration(s) this binary does not know ({0}); run a newer conveyor or revert them"
-    )]
-    Unknown(String),
 }
 
 /// One migration and whether it is applied.
@@ -179,7 +174,13 @@ fn table_exists(conn: &mut PgConnection) -> Result<bool, MigrationError> {
     Ok(row.exists)
 }
 
-/// Fails unless the database has exactly the migrations this binary carries.
+/// Fails when the database lacks a migration this binary carries.
+///
+/// Migrations the binary does not know (a newer release applied them) are
+/// logged and accepted: migrations are written expand-then-contract, so the
+/// previous release keeps working on the expanded schema. That is what lets an
+/// old pod restart in the middle of a rolling deploy, and a rollback to the
+/// previous image run without reverting anything (see deploy/RUNBOOK.md).
 pub fn ensure_current(config: &DatabaseConfig) -> Result<(), MigrationError> {
     let mut conn = connect(config)?;
     let all = status_on(&mut conn)?;
@@ -193,7 +194,10 @@ pub fn ensure_current(config: &DatabaseConfig) -> Result<(), MigrationError> {
         })
         .collect();
     if !unknown.is_empty() {
-        return Err(MigrationError::Unknown(unknown.join(", ")));
+        tracing::warn!(
+            migrations = %unknown.join(", "),
+            "the database is ahead of this binary (a newer release migrated it); running on the expanded schema"
+        );
     }
     let pending: Vec<_> = all
         .iter()

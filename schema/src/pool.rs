@@ -33,13 +33,20 @@ pub enum DbError {
 
 /// Builds a pool without waiting for a first connection, so a process can start
 /// while the database is still coming up; `/readyz` reports when it answers.
+///
+/// Each checkout pings the connection (`SELECT 1`, one round trip) and replaces
+/// it when the ping fails. Without that, a database restart or failover would
+/// leave every pooled connection dead: Diesel reports a `PgConnection` as broken
+/// only when its transaction state is, so r2d2 would hand the dead sockets out
+/// again and again until they aged out. Callers batch their writes, so the
+/// ping costs little next to the work of a checkout.
 pub fn pool(url: &str, size: u32) -> PgPool {
     let manager = ConnectionManager::<PgConnection>::new(url);
     Pool::builder()
         .max_size(size)
         .min_idle(Some(0))
         .connection_timeout(Duration::from_secs(5))
-        .test_on_check_out(false)
+        .test_on_check_out(true)
         .build_unchecked(manager)
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use conveyor_platform::amqp::connect;
+use conveyor_platform::amqp::Nodes;
 use futures::StreamExt;
 use futures::stream::SelectAll;
 use lapin::options::{
@@ -13,6 +13,7 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::runtime::Runtime;
@@ -38,11 +39,12 @@ pub async fn run(rt: Arc<Runtime>, options: ConsumeOptions, consuming: Arc<Atomi
     let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(100);
     let urls: Vec<&str> = options.urls.iter().map(String::as_str).collect();
+    let nodes = Nodes::new(&urls);
     let mut connection: Option<Connection> = None;
     while !rt.shutdown.is_cancelled() {
         let conn = tokio::select! {
             _ = rt.shutdown.cancelled() => break,
-            conn = connect(&urls, &options.name) => conn,
+            conn = nodes.connect(&options.name) => conn,
         };
         let conn = match conn {
             Ok(conn) => conn,
@@ -57,12 +59,15 @@ pub async fn run(rt: Arc<Runtime>, options: ConsumeOptions, consuming: Arc<Atomi
             }
         };
         backoff = Duration::from_millis(100);
-        match consume(&rt, &conn, &options, &tracker, &consuming).await {
+        let lost = CancellationToken::new();
+        let consumed = consume(&rt, &conn, &options, &tracker, &consuming, &lost).await;
+        match consumed {
             Ok(()) => {
                 connection = Some(conn);
                 break;
             }
             Err(err) => {
+                lost.cancel();
                 consuming.store(false, Ordering::Relaxed);
                 tracing::warn!(error = %err, "consumer lost its connection; reconnecting");
                 let _ = conn.close(200, ShortString::from("reconnecting")).await;
@@ -101,6 +106,7 @@ async fn consume(
     options: &ConsumeOptions,
     tracker: &TaskTracker,
     consuming: &AtomicBool,
+    lost: &CancellationToken,
 ) -> Result<(), lapin::Error> {
     let setup = conn.create_channel().await?;
     rt.topology.declare(&setup).await?;
@@ -163,7 +169,7 @@ async fn consume(
         };
         match next {
             Some((queue, None, Ok(delivery))) => {
-                tracker.spawn(execute::handle(rt.clone(), queue, delivery));
+                tracker.spawn(execute::handle(rt.clone(), queue, delivery, lost.clone()));
             }
             Some((queue, Some(channel), Ok(delivery))) => {
                 tracker.spawn(dead_letters::record_from_inbox(

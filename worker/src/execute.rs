@@ -26,6 +26,7 @@ use futures::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use rand::Rng;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -33,8 +34,16 @@ use crate::dead_letters::DeadLetter;
 use crate::runtime::Runtime;
 use crate::state_writer::StateChange;
 
-/// Handles one delivery from logical queue `queue`.
-pub async fn handle(rt: Arc<Runtime>, queue: Arc<str>, delivery: Delivery) {
+/// Handles one delivery from logical queue `queue`. `lost` is cancelled when
+/// the delivery's connection is gone: the broker has then already returned the
+/// message to its queue (another worker may hold it), so an attempt that has
+/// not started yet must not start.
+pub async fn handle(
+    rt: Arc<Runtime>,
+    queue: Arc<str>,
+    delivery: Delivery,
+    lost: CancellationToken,
+) {
     let envelope = match Envelope::decode(&delivery.data) {
         Ok(envelope) => envelope,
         Err(err) => {
@@ -55,12 +64,18 @@ pub async fn handle(rt: Arc<Runtime>, queue: Arc<str>, delivery: Delivery) {
         }
     };
     let span = tracing::info_span!("job", job.id = %envelope.id, task = %envelope.task, attempt = envelope.attempt);
-    run_envelope(rt, queue, delivery, envelope)
+    run_envelope(rt, queue, delivery, envelope, lost)
         .instrument(span)
         .await
 }
 
-async fn run_envelope(rt: Arc<Runtime>, queue: Arc<str>, delivery: Delivery, envelope: Envelope) {
+async fn run_envelope(
+    rt: Arc<Runtime>,
+    queue: Arc<str>,
+    delivery: Delivery,
+    envelope: Envelope,
+    lost: CancellationToken,
+) {
     let Some(task) = rt.registry.get(&envelope.task).cloned() else {
         let reason = format!("unknown task `{}`", envelope.task);
         tracing::warn!(reason, "dead-lettering");
@@ -100,11 +115,16 @@ async fn run_envelope(rt: Arc<Runtime>, queue: Arc<str>, delivery: Delivery, env
         Some(semaphore) => tokio::select! {
             permit = semaphore.acquire_owned() => permit.ok(),
             _ = rt.shutdown.cancelled() => return requeue(&delivery).await,
+            _ = lost.cancelled() => return,
         },
         None => None,
     };
     if rt.shutdown.is_cancelled() {
         return requeue(&delivery).await;
+    }
+    if lost.is_cancelled() {
+        tracing::debug!("connection lost before the attempt started; the broker redelivers it");
+        return;
     }
     let labels = [envelope.task.as_str(), options.queue];
     let metrics = &rt.metrics;

@@ -8,9 +8,11 @@ mod harness;
 mod smtp;
 
 mod auth;
+mod cluster;
 mod dashboard;
 mod dead_letters;
 mod deploy;
+mod deploy_files;
 mod dlq;
 mod drain;
 mod hardening;

@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{DELAY_HEADER, ERROR_HEADER, TASK_HEADER, Topology, connect};
+use super::{DELAY_HEADER, ERROR_HEADER, Nodes, TASK_HEADER, Topology};
 use conveyor_schema::Envelope;
 
 /// One message to publish.
@@ -129,8 +129,8 @@ pub struct Publisher {
 }
 
 struct Inner {
-    /// Broker node URLs, tried in order on each reconnect.
-    urls: Vec<String>,
+    /// Broker nodes; each reconnect starts after the node that served last.
+    nodes: Nodes,
     /// Connection name shown in the management UI.
     name: String,
     /// Declared after each (re)connect.
@@ -167,7 +167,7 @@ impl Publisher {
         shutdown: CancellationToken,
     ) -> Self {
         let inner = Arc::new(Inner {
-            urls: urls.iter().map(|u| (*u).to_owned()).collect(),
+            nodes: Nodes::new(urls),
             name: name.to_owned(),
             topology,
             channel_count: channel_count.max(1),
@@ -291,10 +291,9 @@ impl Publisher {
 async fn maintain(inner: Arc<Inner>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let urls: Vec<&str> = inner.urls.iter().map(String::as_str).collect();
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => break,
-            attempt = open(&urls, &inner) => attempt,
+            attempt = open(&inner) => attempt,
         };
         let live = match attempt {
             Ok(live) => Arc::new(live),
@@ -326,6 +325,8 @@ async fn maintain(inner: Arc<Inner>, shutdown: CancellationToken) {
                     }
                 }
             } => false,
+            // A safety net for a close that raises no event (e.g. a node shutting down cleanly).
+            _ = watch_status(&live.connection) => false,
         };
         if let Ok(mut slot) = inner.live.write() {
             *slot = None;
@@ -343,8 +344,20 @@ async fn maintain(inner: Arc<Inner>, shutdown: CancellationToken) {
     }
 }
 
-async fn open(urls: &[&str], inner: &Inner) -> anyhow::Result<Live> {
-    let connection = connect(urls, &inner.name).await?;
+/// Resolves once `connection` is no longer connected, checking every 500 ms.
+async fn watch_status(connection: &Connection) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if !connection.status().connected() {
+            tracing::warn!("publisher connection closed");
+            return;
+        }
+    }
+}
+
+async fn open(inner: &Inner) -> anyhow::Result<Live> {
+    let connection = inner.nodes.connect(&inner.name).await?;
     let setup = connection.create_channel().await?;
     inner.topology.declare(&setup).await?;
     let _ = setup

@@ -1,0 +1,555 @@
+//! The failover proof (issue 9): an ingress and two worker *processes* on a
+//! three-node RabbitMQ cluster and a private PostgreSQL, 10 000 jobs posted at
+//! a steady rate, and mid-load either the node leading the work queue or the
+//! database is stopped and started again.
+//!
+//! It passes when every job that got a 202 ends `succeeded` with exactly one
+//! run counted in PostgreSQL, every other answer was a 503 with `Retry-After`,
+//! and each worker completes jobs again within 30 s of the fault.
+//!
+//! "Exactly once" here means: one final `succeeded` transition per accepted job
+//! and `runs == 1`, where `runs` counts attempt starts. Delivery is at least
+//! once, so a job whose delivery was cut off by the fault *may* be started a
+//! second time; the worker narrows that window (it never starts a delivery
+//! whose connection is gone, and skips redeliveries of finished jobs), and this
+//! test asserts the window stayed shut.
+//!
+//! Needs the cluster, so these tests are `#[ignore]`d: `make cluster-test`
+//! starts the nodes and the database (deploy/cluster/), sets
+//! `CONVEYOR_CLUSTER_AMQP_URLS` and `CONVEYOR_CLUSTER_PG`, runs them one at a
+//! time, and tears everything down.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Uuid as SqlUuid};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+const JOBS: usize = 10_000;
+const RATE_PER_SEC: u64 = 250;
+/// Requests in flight at most; beyond this the rate drops rather than queueing without bound.
+const MAX_IN_FLIGHT: usize = 512;
+/// The fault starts this far into the load.
+const FAULT_AFTER: Duration = Duration::from_secs(12);
+/// Workers must be completing jobs again this soon after the fault.
+const RESUME_WITHIN: Duration = Duration::from_secs(30);
+
+/// What to break mid-load.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Stop the RabbitMQ node leading the work queue; start it 10 s later.
+    QueueLeader,
+    /// Stop PostgreSQL; start it 5 s later.
+    Postgres,
+}
+
+/// The environment `make cluster-test` provides.
+struct ClusterEnv {
+    amqp_urls: String,
+    pg_server: String,
+    scripts: PathBuf,
+}
+
+fn cluster_env() -> ClusterEnv {
+    let (Ok(amqp_urls), Ok(pg_server)) = (
+        std::env::var("CONVEYOR_CLUSTER_AMQP_URLS"),
+        std::env::var("CONVEYOR_CLUSTER_PG"),
+    ) else {
+        panic!(
+            "\n\n*** The cluster proof needs a three-node RabbitMQ cluster and a private PostgreSQL. ***\n\
+             *** Run it with `make cluster-test` (see deploy/cluster/run-proof.sh).             ***\n\n"
+        );
+    };
+    ClusterEnv {
+        amqp_urls,
+        pg_server,
+        scripts: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/cluster"),
+    }
+}
+
+fn script(env: &ClusterEnv, name: &str, args: &[&str]) -> String {
+    let out = Command::new("bash")
+        .arg(env.scripts.join(name))
+        .args(args)
+        .output()
+        .expect("run cluster script");
+    assert!(
+        out.status.success(),
+        "{name} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One ingress and two worker processes on their own database and namespace.
+struct Deployment {
+    db_url: String,
+    namespace: String,
+    ingress: String,
+    worker_metrics: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Deployment {
+    async fn start(env: &ClusterEnv) -> Self {
+        let namespace = format!("c{}", &Uuid::new_v4().simple().to_string()[..10]);
+        let db_url = format!("{}/{namespace}", env.pg_server);
+        // Placement is fixed so every failover path runs: the ingress starts
+        // alone at node 1 and declares the queues, so node 1 leads them (the
+        // broker's `client-local` leader locator); worker 0 also starts at node
+        // 1, worker 1 at node 2. Stopping the leader thus cuts the ingress and
+        // worker 0 off (they must reconnect elsewhere, and the ingress must
+        // answer 503 meanwhile) while worker 1 keeps its connection through the
+        // queue's leader election.
+        let nodes: Vec<&str> = env.amqp_urls.split(',').collect();
+        let starting_at = |first: usize| {
+            let mut rotated = nodes.clone();
+            rotated.rotate_left(first % nodes.len());
+            rotated.join(",")
+        };
+        let base = |cmd: &mut Command| {
+            let log = if std::env::var_os("TEST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            };
+            cmd.env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("CONVEYOR_DATABASE_URL", &db_url)
+                .env("CONVEYOR_AMQP_URL", starting_at(0))
+                .env("CONVEYOR_AMQP_SHUFFLE_NODES", "false")
+                .env("CONVEYOR_NAMESPACE", &namespace)
+                .env("CONVEYOR_LOG_LEVEL", "warn")
+                .stdout(Stdio::null())
+                .stderr(log);
+        };
+        let bin = env!("CARGO_BIN_EXE_conveyor");
+        let mut migrate = Command::new(bin);
+        base(migrate.args(["migrate", "run"]));
+        assert!(migrate.status().unwrap().success(), "conveyor migrate run");
+
+        let mut children = Vec::new();
+        let ingress_port = free_port();
+        let mut ingress = Command::new(bin);
+        base(ingress.arg("ingress"));
+        ingress.env("CONVEYOR_INGRESS_ADDR", format!("127.0.0.1:{ingress_port}"));
+        children.push(ingress.spawn().expect("spawn ingress"));
+        let ingress_url = format!("http://127.0.0.1:{ingress_port}");
+        crate::harness::wait_until(Duration::from_secs(60), || async {
+            reqwest::get(format!("{ingress_url}/readyz"))
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await;
+        let mut worker_metrics = Vec::new();
+        for index in 0..2 {
+            let port = free_port();
+            let mut worker = Command::new(bin);
+            base(worker.arg("worker"));
+            worker
+                .env("CONVEYOR_AMQP_URL", starting_at(index))
+                .env("CONVEYOR_WORKER_METRICS_ADDR", format!("127.0.0.1:{port}"))
+                .env("CONVEYOR_WORKER_GRACE_PERIOD_MS", "5000");
+            children.push(worker.spawn().expect("spawn worker"));
+            worker_metrics.push(format!("http://127.0.0.1:{port}"));
+        }
+        let deployment = Self {
+            db_url,
+            namespace,
+            ingress: ingress_url,
+            worker_metrics,
+            children,
+        };
+        let mut probes = vec![format!("{}/readyz", deployment.ingress)];
+        probes.extend(
+            deployment
+                .worker_metrics
+                .iter()
+                .map(|base| format!("{base}/readyz")),
+        );
+        for probe in probes {
+            crate::harness::wait_until(Duration::from_secs(60), || async {
+                reqwest::get(&probe)
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            })
+            .await;
+        }
+        deployment
+    }
+
+    fn work_queue(&self) -> String {
+        format!("{}.default", self.namespace)
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What the load generator saw.
+#[derive(Default)]
+struct Outcomes {
+    /// Jobs answered 202.
+    accepted: Vec<Uuid>,
+    /// 503 answers (all carried `Retry-After`).
+    unavailable: usize,
+    /// Anything else, described.
+    unexpected: Vec<String>,
+    /// When the first and last 503 came, relative to the start.
+    unavailable_span: Option<(Duration, Duration)>,
+}
+
+/// Posts `JOBS` `diag.noop` jobs at `RATE_PER_SEC`.
+async fn post_load(ingress: String, started: Instant) -> Outcomes {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let outcomes = Arc::new(Mutex::new(Outcomes::default()));
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE_PER_SEC));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..JOBS {
+        tick.tick().await;
+        let slot = slots.clone().acquire_owned().await.unwrap();
+        let (client, url, outcomes) = (
+            client.clone(),
+            format!("{ingress}/v1/jobs"),
+            outcomes.clone(),
+        );
+        tasks.spawn(async move {
+            let sent = client
+                .post(url)
+                .json(&json!({"task": "diag.noop", "args": {}}))
+                .send()
+                .await;
+            drop(slot);
+            let at = started.elapsed();
+            let mut out = outcomes.lock().unwrap();
+            match sent {
+                Ok(response) if response.status() == 202 => {
+                    drop(out);
+                    let body: Value = response.json().await.unwrap();
+                    let id = body["id"].as_str().unwrap().parse().unwrap();
+                    outcomes.lock().unwrap().accepted.push(id);
+                }
+                Ok(response) if response.status() == 503 => {
+                    if response.headers().get("retry-after").is_none() {
+                        out.unexpected.push("503 without Retry-After".into());
+                    }
+                    out.unavailable += 1;
+                    let span = out.unavailable_span.get_or_insert((at, at));
+                    span.1 = at;
+                }
+                Ok(response) => out.unexpected.push(format!("status {}", response.status())),
+                Err(err) => out.unexpected.push(format!("request failed: {err}")),
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Arc::try_unwrap(outcomes)
+        .ok()
+        .unwrap()
+        .into_inner()
+        .unwrap()
+}
+
+/// `conveyor_jobs_succeeded_total` summed over labels, or `None` when the worker does not answer.
+async fn succeeded_total(client: &reqwest::Client, base: &str) -> Option<f64> {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with("conveyor_jobs_succeeded_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+/// Samples every worker's success counter each 250 ms until `stop`.
+async fn sample_workers(
+    workers: Vec<String>,
+    started: Instant,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<Vec<(Duration, f64)>> {
+    let client = reqwest::Client::new();
+    let mut samples = vec![Vec::new(); workers.len()];
+    while !stop.is_cancelled() {
+        for (i, base) in workers.iter().enumerate() {
+            if let Some(total) = succeeded_total(&client, base).await {
+                samples[i].push((started.elapsed(), total));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    samples
+}
+
+/// When the worker next completed a job after `fault_at` (the end of the first
+/// sampling interval after the fault in which its counter rose).
+fn resumed_at(samples: &[(Duration, f64)], fault_at: Duration) -> Option<Duration> {
+    let after: Vec<_> = samples.iter().filter(|(t, _)| *t >= fault_at).collect();
+    after
+        .windows(2)
+        .find(|pair| pair[1].1 > pair[0].1)
+        .map(|pair| pair[1].0)
+}
+
+/// When a fault began and when the broken part was certainly down, from the start of the load.
+#[derive(Debug, Clone, Copy)]
+struct FaultTimes {
+    began: Duration,
+    down: Duration,
+}
+
+/// Breaks what `fault` names at `FAULT_AFTER` and repairs it.
+async fn inject(fault: Fault, env: &ClusterEnv, queue: String, started: Instant) -> FaultTimes {
+    tokio::time::sleep(FAULT_AFTER.saturating_sub(started.elapsed())).await;
+    let env = ClusterEnv {
+        amqp_urls: env.amqp_urls.clone(),
+        pg_server: env.pg_server.clone(),
+        scripts: env.scripts.clone(),
+    };
+    tokio::task::spawn_blocking(move || match fault {
+        Fault::QueueLeader => {
+            let leader = script(&env, "rabbit.sh", &["leader", &queue]);
+            let node = leader
+                .strip_prefix('c')
+                .and_then(|rest| rest.split('@').next())
+                .unwrap_or_else(|| panic!("unexpected leader `{leader}` of {queue}"))
+                .to_owned();
+            let members = script(&env, "rabbit.sh", &["members", &queue]);
+            assert_eq!(members, "3", "{queue} should have a replica on every node");
+            let began = started.elapsed();
+            eprintln!("cluster: stopping {leader}, the leader of {queue}, at {began:?}");
+            script(&env, "rabbit.sh", &["stop", &node]);
+            let down = started.elapsed();
+            eprintln!("cluster: {leader} is down at {down:?}");
+            std::thread::sleep(Duration::from_secs(10));
+            eprintln!(
+                "cluster: starting {leader} again at {:?}",
+                started.elapsed()
+            );
+            script(&env, "rabbit.sh", &["start", &node]);
+            eprintln!("cluster: {leader} is back at {:?}", started.elapsed());
+            FaultTimes { began, down }
+        }
+        Fault::Postgres => {
+            let began = started.elapsed();
+            eprintln!("cluster: stopping PostgreSQL at {began:?}");
+            script(&env, "postgres.sh", &["stop"]);
+            let down = started.elapsed();
+            std::thread::sleep(Duration::from_secs(5));
+            script(&env, "postgres.sh", &["start"]);
+            eprintln!("cluster: PostgreSQL is back at {:?}", started.elapsed());
+            FaultTimes { began, down }
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// The accepted jobs by outcome.
+#[derive(QueryableByName, Debug)]
+struct Tally {
+    /// Succeeded, started once.
+    #[diesel(sql_type = BigInt)]
+    succeeded_once: i64,
+    /// Succeeded, started more than once (a redelivery ran it again).
+    #[diesel(sql_type = BigInt)]
+    succeeded_more: i64,
+    /// Recorded but not (yet) succeeded.
+    #[diesel(sql_type = BigInt)]
+    not_succeeded: i64,
+    /// No record at all.
+    #[diesel(sql_type = BigInt)]
+    missing: i64,
+    /// Jobs in the table that were answered 503 (their publish was confirmed
+    /// or in doubt when the record's commit failed): allowed, reported.
+    #[diesel(sql_type = BigInt)]
+    ran_without_202: i64,
+}
+
+/// Counts the accepted jobs by outcome, and the jobs that ran without a 202.
+fn tally(db_url: &str, accepted: &[Uuid]) -> Tally {
+    let mut conn = PgConnection::establish(db_url).expect("connect to the cluster database");
+    diesel::sql_query(
+        "WITH a AS (SELECT unnest($1::uuid[]) AS id)
+         SELECT count(*) FILTER (WHERE j.state = 'succeeded' AND j.runs = 1) AS succeeded_once,
+                count(*) FILTER (WHERE j.state = 'succeeded' AND j.runs > 1) AS succeeded_more,
+                count(*) FILTER (WHERE j.state IS DISTINCT FROM 'succeeded' AND j.id IS NOT NULL) AS not_succeeded,
+                count(*) FILTER (WHERE j.id IS NULL) AS missing,
+                (SELECT count(*) FROM jobs WHERE id NOT IN (SELECT id FROM a)) AS ran_without_202
+         FROM a LEFT JOIN jobs j USING (id)",
+    )
+    .bind::<Array<SqlUuid>, _>(accepted)
+    .get_result(&mut conn)
+    .expect("tally jobs")
+}
+
+async fn prove(fault: Fault) {
+    let env = cluster_env();
+    let deployment = Deployment::start(&env).await;
+    let started = Instant::now();
+    let stop_sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = tokio::spawn(sample_workers(
+        deployment.worker_metrics.clone(),
+        started,
+        stop_sampling.clone(),
+    ));
+    let load = tokio::spawn(post_load(deployment.ingress.clone(), started));
+    let fault_at = inject(fault, &env, deployment.work_queue(), started).await;
+    let outcomes = load.await.unwrap();
+    let load_secs = started.elapsed().as_secs_f64();
+
+    // Every accepted job must finish; give the backlog time to drain.
+    let db_url = deployment.db_url.clone();
+    let accepted = Arc::new(outcomes.accepted.clone());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let final_tally = loop {
+        let (url, ids) = (db_url.clone(), accepted.clone());
+        let now = tokio::task::spawn_blocking(move || tally(&url, &ids))
+            .await
+            .unwrap();
+        if now.succeeded_once + now.succeeded_more == accepted.len() as i64
+            || Instant::now() > deadline
+        {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    stop_sampling.cancel();
+    let samples = sampler.await.unwrap();
+    let resumed: Vec<Option<Duration>> = samples
+        .iter()
+        .map(|worker| resumed_at(worker, fault_at.down))
+        .collect();
+
+    eprintln!(
+        "cluster proof ({fault:?}): {} posted in {load_secs:.1} s; 202: {}, 503: {} (first..last {:?}); \
+         fault at {fault_at:?}; workers completed jobs again at {resumed:?}; {final_tally:?}; \
+         503-answered jobs that ran anyway: {}",
+        JOBS,
+        outcomes.accepted.len(),
+        outcomes.unavailable,
+        outcomes.unavailable_span,
+        final_tally.ran_without_202,
+    );
+    assert!(
+        outcomes.unexpected.is_empty(),
+        "answers other than 202/503: {:?}",
+        summarize(&outcomes.unexpected)
+    );
+    assert_eq!(outcomes.accepted.len() + outcomes.unavailable, JOBS);
+    assert_eq!(final_tally.missing, 0, "accepted jobs with no record");
+    assert_eq!(
+        final_tally.not_succeeded, 0,
+        "accepted jobs that did not succeed"
+    );
+    assert_eq!(
+        final_tally.succeeded_more, 0,
+        "accepted jobs started more than once"
+    );
+    assert_eq!(final_tally.succeeded_once, outcomes.accepted.len() as i64);
+    // A rise counts only once the broken part is certainly down; it is timed from when the fault began.
+    for (worker, at) in resumed.iter().enumerate() {
+        let at =
+            at.unwrap_or_else(|| panic!("worker {worker} never completed a job after the fault"));
+        let after = at.saturating_sub(fault_at.began);
+        assert!(
+            after <= RESUME_WITHIN,
+            "worker {worker} completed jobs again only {after:?} after the fault"
+        );
+    }
+}
+
+fn summarize(items: &[String]) -> HashMap<&str, usize> {
+    let mut counts = HashMap::new();
+    for item in items {
+        *counts.entry(item.as_str()).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the three-node cluster: run `make cluster-test`"]
+async fn losing_the_work_queue_leader_loses_no_accepted_job() {
+    prove(Fault::QueueLeader).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the private PostgreSQL: run `make cluster-test`"]
+async fn restarting_postgres_loses_no_accepted_job() {
+    prove(Fault::Postgres).await;
+}
+
+#[test]
+fn resumption_is_the_first_rise_after_the_fault() {
+    let s = |secs: u64, total: f64| (Duration::from_secs(secs), total);
+    let samples = [s(1, 10.0), s(2, 20.0), s(3, 20.0), s(4, 20.0), s(5, 25.0)];
+    assert_eq!(
+        resumed_at(&samples, Duration::from_secs(3)),
+        Some(Duration::from_secs(5))
+    );
+    assert_eq!(resumed_at(&samples[..4], Duration::from_secs(3)), None);
+}
+
+/// Why `amqp.quorum_initial_group_size` stays unset by default (the broker's
+/// own default is already 3): a queue declared without it refuses to be
+/// redeclared with it, so deriving it from the node count would stop every
+/// process of an existing deployment from starting once a third URL is listed.
+#[tokio::test]
+async fn a_group_size_added_later_is_refused_by_the_broker() {
+    let namespace = format!("g{}", &Uuid::new_v4().simple().to_string()[..10]);
+    let mut config = conveyor_platform::Config {
+        namespace,
+        ..Default::default()
+    };
+    config.amqp.url = crate::harness::AMQP_URL.into();
+    let before = conveyor_platform::amqp::Topology::for_config(&config);
+    let after = conveyor_platform::amqp::Topology {
+        quorum_group_size: Some(3),
+        ..before.clone()
+    };
+    let conn = lapin::Connection::connect(crate::harness::AMQP_URL, Default::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    before.declare(&channel).await.unwrap();
+    let redeclared = after.declare(&channel).await;
+    let cleanup = conn.create_channel().await.unwrap();
+    let _ = before.delete(&cleanup).await;
+    let _ = conn.close(200, "done".into()).await;
+    let err = redeclared
+        .expect_err("the broker accepted a changed group size")
+        .to_string();
+    assert!(err.contains("x-quorum-initial-group-size"), "{err}");
+}

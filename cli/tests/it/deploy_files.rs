@@ -1,0 +1,555 @@
+//! `deploy/` says only true things about the project: the compose file, the
+//! Kubernetes manifests, the systemd units and the Dockerfile parse, every
+//! `conveyor` subcommand they run exists, every `CONVEYOR_*` variable they set
+//! is a configuration key, every port they name is the one the code listens on,
+//! every file they mount is in the repository; every `conveyor …` command in
+//! the runbook is a real subcommand with real flags. Docker and a cluster are
+//! not available here, so nothing is started: this is what can be checked.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use conveyor_platform::Config;
+use serde::Deserialize;
+use serde_json::Value;
+
+fn deploy(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(deploy(path)).unwrap_or_else(|err| panic!("deploy/{path}: {err}"))
+}
+
+/// Every YAML document in `deploy/<path>`, with `<<:` merge keys applied, as JSON values.
+fn yaml_documents(path: &str) -> Vec<Value> {
+    let text = read(path);
+    serde_norway::Deserializer::from_str(&text)
+        .map(|doc| {
+            let mut yaml = serde_norway::Value::deserialize(doc)
+                .unwrap_or_else(|err| panic!("deploy/{path} does not parse: {err}"));
+            yaml.apply_merge()
+                .unwrap_or_else(|err| panic!("deploy/{path}: bad merge key: {err}"));
+            serde_json::to_value(yaml).unwrap()
+        })
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+/// `conveyor <words…> --help` succeeds; returns its help text. Cached: each path runs once.
+fn help(words: &[&str]) -> String {
+    static CACHE: Mutex<Option<HashMap<String, Option<String>>>> = Mutex::new(None);
+    let key = words.join(" ");
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let found = cache
+        .get_or_insert_with(HashMap::new)
+        .entry(key.clone())
+        .or_insert_with(|| {
+            let out = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+                .args(words)
+                .arg("--help")
+                .env_clear()
+                .output()
+                .expect("run conveyor --help");
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        });
+    let found = found.clone();
+    drop(cache);
+    found.unwrap_or_else(|| panic!("`conveyor {key}` is not a conveyor subcommand"))
+}
+
+/// The leading subcommand words of `args` (up to the first flag or value that
+/// is not a subcommand), checked against `--help`.
+fn subcommand_path<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut path: Vec<&str> = Vec::new();
+    for word in args {
+        if word.starts_with('-') {
+            break;
+        }
+        let parent = help(&path);
+        let listed = parent
+            .lines()
+            .skip_while(|l| !l.starts_with("Commands:"))
+            .any(|l| l.split_whitespace().next() == Some(*word));
+        if !listed {
+            break;
+        }
+        path.push(word);
+    }
+    assert!(
+        !path.is_empty(),
+        "`conveyor {}` names no subcommand",
+        args.join(" ")
+    );
+    help(&path);
+    path
+}
+
+/// Every dotted key of the configuration tree (`namespace`, `amqp.url`, …).
+fn config_keys() -> BTreeSet<String> {
+    let tree = serde_json::to_value(Config::default()).unwrap();
+    let mut keys = BTreeSet::new();
+    for (section, value) in tree.as_object().unwrap() {
+        match value.as_object() {
+            Some(fields) => keys.extend(fields.keys().map(|k| format!("{section}.{k}"))),
+            None => {
+                keys.insert(section.clone());
+            }
+        }
+    }
+    keys
+}
+
+/// Fails unless `CONVEYOR_X` names a configuration key (the first `_` separates section from key).
+fn assert_config_var(name: &str, context: &str) {
+    let Some(rest) = name.strip_prefix("CONVEYOR_") else {
+        return;
+    };
+    let key = rest.to_ascii_lowercase().replacen('_', ".", 1);
+    assert!(
+        config_keys().contains(&key),
+        "{context}: {name} is not a configuration key (`{key}`)"
+    );
+}
+
+fn default_ports() -> (u16, u16) {
+    let config = Config::default();
+    (
+        config.ingress.addr.port(),
+        config.worker.metrics_addr.port(),
+    )
+}
+
+fn grace_secs() -> u64 {
+    Config::default().worker.grace_period_ms.div_ceil(1000)
+}
+
+fn strings(value: &Value) -> Vec<&str> {
+    value
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn seconds(text: &str) -> u64 {
+    text.trim_end_matches('s')
+        .parse()
+        .unwrap_or_else(|_| panic!("`{text}` is not a number of seconds"))
+}
+
+#[test]
+fn compose_file_runs_real_commands_on_real_ports() {
+    let compose = yaml_documents("docker-compose.yml").remove(0);
+    let services = compose["services"].as_object().expect("services");
+    let (ingress_port, worker_port) = default_ports();
+    for name in [
+        "rabbitmq1",
+        "rabbitmq2",
+        "rabbitmq3",
+        "postgres",
+        "migrate",
+        "ingress",
+        "worker1",
+        "worker2",
+        "prometheus",
+        "grafana",
+        "mailpit",
+    ] {
+        assert!(
+            services.contains_key(name),
+            "compose has no `{name}` service"
+        );
+    }
+    let mut conveyor_services = 0;
+    for (name, service) in services {
+        let image = service["image"].as_str().unwrap_or_default();
+        if image.starts_with("conveyor:") {
+            conveyor_services += 1;
+            assert_eq!(
+                service["build"]["dockerfile"], "deploy/Dockerfile",
+                "{name} must build our image"
+            );
+            assert!(deploy("Dockerfile").exists());
+            subcommand_path(&strings(&service["command"]));
+            for var in service["environment"].as_object().unwrap().keys() {
+                assert_config_var(var, &format!("compose service {name}"));
+            }
+            let stop = seconds(service["stop_grace_period"].as_str().unwrap());
+            assert!(
+                stop > grace_secs(),
+                "{name}: stop_grace_period {stop}s does not cover the drain"
+            );
+        }
+        for mount in strings(&service["volumes"]) {
+            if let Some(source) = mount.strip_prefix("./") {
+                let file = source.split(':').next().unwrap();
+                assert!(
+                    deploy(file).exists(),
+                    "{name} mounts deploy/{file}, which does not exist"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        conveyor_services, 4,
+        "migrate, ingress and two workers run our image"
+    );
+    assert_eq!(strings(&services["migrate"]["command"]), ["migrate", "run"]);
+    assert_eq!(
+        strings(&services["ingress"]["ports"]),
+        [format!("{ingress_port}:{ingress_port}")]
+    );
+
+    // Every broker node is in the URL list, and it is the version we test against.
+    let urls = services["ingress"]["environment"]["CONVEYOR_AMQP_URL"]
+        .as_str()
+        .unwrap();
+    for node in ["rabbitmq1", "rabbitmq2", "rabbitmq3"] {
+        assert!(
+            urls.contains(&format!("@{node}:5672/")),
+            "CONVEYOR_AMQP_URL lacks {node}"
+        );
+        assert!(
+            services[node]["image"]
+                .as_str()
+                .unwrap()
+                .starts_with("rabbitmq:3.10")
+        );
+        assert_eq!(
+            services[node]["environment"]["RABBITMQ_ERLANG_COOKIE"],
+            services["rabbitmq1"]["environment"]["RABBITMQ_ERLANG_COOKIE"],
+            "one cookie for the cluster"
+        );
+    }
+    assert!(
+        services["postgres"]["image"]
+            .as_str()
+            .unwrap()
+            .starts_with("postgres:15")
+    );
+    let cluster = read("compose/rabbitmq.conf");
+    for node in ["rabbit@rabbitmq1", "rabbit@rabbitmq2", "rabbit@rabbitmq3"] {
+        assert!(
+            cluster.contains(node),
+            "compose/rabbitmq.conf does not list {node}"
+        );
+    }
+
+    // Prometheus scrapes the ports the processes listen on, and loads our rules.
+    let prometheus = yaml_documents("compose/prometheus.yml").remove(0);
+    assert_eq!(
+        strings(&prometheus["rule_files"]),
+        ["/etc/prometheus/rules.yml"]
+    );
+    let targets: Vec<String> = prometheus["scrape_configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|job| job["static_configs"].as_array().unwrap().iter())
+        .flat_map(|c| strings(&c["targets"]).into_iter().map(str::to_owned))
+        .collect();
+    for target in [
+        format!("ingress:{ingress_port}"),
+        format!("worker1:{worker_port}"),
+        format!("worker2:{worker_port}"),
+    ] {
+        assert!(
+            targets.contains(&target),
+            "prometheus does not scrape {target}"
+        );
+    }
+}
+
+#[test]
+fn dockerfile_builds_one_binary_for_a_non_root_user_on_the_default_ports() {
+    let text = read("Dockerfile");
+    let (ingress_port, worker_port) = default_ports();
+    assert!(text.contains("cargo build --release --locked --bin conveyor"));
+    assert!(text.contains("FROM debian:bookworm-slim"));
+    let user = text
+        .lines()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("a USER line");
+    assert!(
+        !user.starts_with("root") && !user.starts_with("0"),
+        "runs as root"
+    );
+    let expose = text
+        .lines()
+        .find_map(|l| l.strip_prefix("EXPOSE "))
+        .expect("an EXPOSE line");
+    assert_eq!(expose.trim(), format!("{ingress_port} {worker_port}"));
+    for line in text.lines().filter(|l| l.contains("CONVEYOR_")) {
+        for word in line.split_whitespace() {
+            if let Some((name, _)) = word.split_once('=') {
+                assert_config_var(name.trim_start_matches("ENV "), "Dockerfile");
+            }
+        }
+    }
+    let cmd = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CMD "))
+        .expect("CMD");
+    let cmd: Vec<String> = serde_json::from_str(cmd).unwrap();
+    subcommand_path(&cmd.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// The containers of every workload in a Kubernetes document.
+fn containers(doc: &Value) -> Vec<&Value> {
+    let pod = match doc["kind"].as_str() {
+        Some("Deployment") | Some("Job") => &doc["spec"]["template"]["spec"],
+        _ => return Vec::new(),
+    };
+    pod["containers"]
+        .as_array()
+        .map(|c| c.iter().collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn kubernetes_manifests_run_real_commands_and_probe_real_endpoints() {
+    let secret = yaml_documents("k8s/secret.example.yaml").remove(0);
+    let secret_keys: BTreeSet<&str> = secret["stringData"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let (ingress_port, _) = default_ports();
+    let mut seen = BTreeSet::new();
+    for file in [
+        "k8s/ingress.yaml",
+        "k8s/migrate-job.yaml",
+        "autoscaling/worker-deployment.yaml",
+    ] {
+        for doc in yaml_documents(file) {
+            let name = doc["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            seen.insert(format!(
+                "{}/{name}",
+                doc["kind"].as_str().unwrap_or_default()
+            ));
+            for container in containers(&doc) {
+                let image = container["image"].as_str().unwrap();
+                assert!(
+                    image.starts_with("conveyor:"),
+                    "{file}: image `{image}` is not ours"
+                );
+                subcommand_path(&strings(&container["args"]));
+                for var in container["env"].as_array().into_iter().flatten() {
+                    assert_config_var(var["name"].as_str().unwrap(), file);
+                    if let Some(key) = var["valueFrom"]["secretKeyRef"]["key"].as_str() {
+                        assert_eq!(
+                            var["valueFrom"]["secretKeyRef"]["name"],
+                            secret["metadata"]["name"]
+                        );
+                        assert!(
+                            secret_keys.contains(key),
+                            "{file}: secret key `{key}` is not in secret.example.yaml"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    for expected in [
+        "Deployment/conveyor-ingress",
+        "Service/conveyor-ingress",
+        "Job/conveyor-migrate",
+    ] {
+        assert!(seen.contains(expected), "no {expected} in deploy/k8s");
+    }
+
+    let ingress = yaml_documents("k8s/ingress.yaml");
+    let deployment = ingress.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let container = containers(deployment)[0];
+    assert_eq!(strings(&container["args"]), ["ingress"]);
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["ports"][0]["containerPort"], ingress_port);
+    let addr = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "CONVEYOR_INGRESS_ADDR")
+        .unwrap()["value"]
+        .as_str()
+        .unwrap();
+    assert!(addr.ends_with(&format!(":{ingress_port}")));
+    let service = ingress.iter().find(|d| d["kind"] == "Service").unwrap();
+    assert_eq!(
+        service["spec"]["ports"][0]["targetPort"],
+        container["ports"][0]["name"]
+    );
+    let selected = "app.kubernetes.io/name";
+    assert_eq!(
+        service["spec"]["selector"][selected],
+        deployment["spec"]["template"]["metadata"]["labels"][selected]
+    );
+
+    let job = yaml_documents("k8s/migrate-job.yaml").remove(0);
+    assert_eq!(strings(&containers(&job)[0]["args"]), ["migrate", "run"]);
+    assert_eq!(
+        job["spec"]["backoffLimit"], 0,
+        "a failed migration needs a person"
+    );
+}
+
+/// `key=value` lines of a systemd unit (the last value wins, as in systemd for these keys).
+fn unit(path: &str) -> HashMap<String, Vec<String>> {
+    let mut entries: HashMap<String, Vec<String>> = HashMap::new();
+    for line in read(path).lines() {
+        if let Some((key, value)) = line.split_once('=')
+            && !line.starts_with('#')
+        {
+            entries
+                .entry(key.trim().to_owned())
+                .or_default()
+                .push(value.trim().to_owned());
+        }
+    }
+    entries
+}
+
+#[test]
+fn systemd_units_drain_on_sigterm_and_restart_on_failure() {
+    for (path, subcommand) in [
+        ("systemd/conveyor-ingress.service", vec!["ingress"]),
+        ("systemd/conveyor-worker@.service", vec!["worker"]),
+        ("systemd/conveyor-migrate.service", vec!["migrate", "run"]),
+    ] {
+        let unit = unit(path);
+        let exec = &unit["ExecStart"][0];
+        let args: Vec<&str> = exec.split_whitespace().skip(1).collect();
+        assert_eq!(args, subcommand, "{path}");
+        subcommand_path(&args);
+        for env in unit.get("Environment").into_iter().flatten() {
+            assert_config_var(env.split('=').next().unwrap(), path);
+        }
+        if subcommand[0] == "migrate" {
+            assert_eq!(unit["Type"], ["oneshot"]);
+            continue;
+        }
+        assert_eq!(unit["KillSignal"], ["SIGTERM"], "{path}");
+        assert_eq!(unit["Restart"], ["on-failure"], "{path}");
+        let stop = seconds(&unit["TimeoutStopSec"][0]);
+        assert!(
+            stop > grace_secs(),
+            "{path}: TimeoutStopSec={stop} does not cover the drain"
+        );
+    }
+}
+
+/// Every `conveyor …` line inside a fenced code block of the runbook.
+fn runbook_commands(markdown: &str) -> Vec<String> {
+    let mut commands = Vec::new();
+    let mut in_code = false;
+    for line in markdown.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with("```") {
+            in_code = !in_code;
+            continue;
+        }
+        if in_code && trimmed.starts_with("conveyor ") {
+            commands.push(trimmed.to_owned());
+        }
+    }
+    commands
+}
+
+#[test]
+fn runbook_commands_are_real_subcommands_with_real_flags() {
+    let commands = runbook_commands(&read("RUNBOOK.md"));
+    assert!(
+        commands.len() >= 8,
+        "the runbook shows too few commands: {commands:?}"
+    );
+    let mut paths = BTreeSet::new();
+    for command in &commands {
+        let words: Vec<&str> = command.split_whitespace().skip(1).collect();
+        let path = subcommand_path(&words);
+        let help = help(&path);
+        for flag in words.iter().filter(|w| w.starts_with("--")) {
+            let flag = flag.split('=').next().unwrap();
+            assert!(
+                help.split(|c: char| c.is_whitespace() || c == ',')
+                    .any(|w| w == flag),
+                "`{command}`: `conveyor {}` has no {flag}",
+                path.join(" ")
+            );
+        }
+        paths.insert(path.join(" "));
+    }
+    // The runbook covers the commands its sections promise.
+    for needed in [
+        "migrate status",
+        "migrate run",
+        "migrate revert",
+        "dlq list",
+        "dlq replay",
+    ] {
+        assert!(
+            paths.contains(needed),
+            "the runbook never shows `conveyor {needed}`"
+        );
+    }
+}
+
+#[test]
+fn the_checks_reject_what_does_not_exist() {
+    // The helpers above must be able to fail, or the tests prove nothing.
+    assert!(std::panic::catch_unwind(|| subcommand_path(&["deploy"])).is_err());
+    assert!(
+        std::panic::catch_unwind(|| assert_config_var("CONVEYOR_INGRESS_ADRESS", "test")).is_err()
+    );
+    assert_config_var("CONVEYOR_AMQP_SHUFFLE_NODES", "test");
+    assert_eq!(
+        runbook_commands("text\n```sh\nconveyor migrate run\n```\nconveyor not-in-code\n"),
+        ["conveyor migrate run"]
+    );
+    assert!(Path::new(&deploy("RUNBOOK.md")).exists());
+}
+
+/// The precondition of the runbook's rollback: an older binary (one that does
+/// not know the newest migration) starts on the newer schema, while a binary
+/// whose migrations are not all applied still refuses to.
+#[tokio::test]
+async fn an_older_binary_starts_on_a_newer_schema_but_not_on_an_older_one() {
+    use diesel::connection::SimpleConnection;
+    let db = tokio::task::spawn_blocking(crate::harness::TestDb::create)
+        .await
+        .unwrap();
+    let config = crate::harness::test_config(&db);
+    let mut conn = db.conn();
+    conn.batch_execute(
+        "INSERT INTO __diesel_schema_migrations (version) VALUES ('20991231000000')",
+    )
+    .unwrap();
+    let database = config.database.clone();
+    tokio::task::spawn_blocking(move || conveyor_platform::migrations::ensure_current(&database))
+        .await
+        .unwrap()
+        .expect("a newer schema is accepted");
+    conn.batch_execute(
+        "DELETE FROM __diesel_schema_migrations WHERE version = (SELECT min(version) FROM __diesel_schema_migrations)",
+    )
+    .unwrap();
+    let database = config.database.clone();
+    let err = tokio::task::spawn_blocking(move || {
+        conveyor_platform::migrations::ensure_current(&database)
+    })
+    .await
+    .unwrap()
+    .expect_err("a missing migration is refused");
+    assert!(err.to_string().contains("pending"), "{err}");
+}
