@@ -184,8 +184,19 @@ def render(r, m, args):
     L.append("### 4. Mail fan-out")
     L.append("")
     fan = r.get("fanout", "conveyor", "rate")
-    L.append("not yet measured: arrives with the mail issue (hook `scenario_fanout` in `benches/run.sh`)." if not fan
-             else f"Conveyor recipients/s: {r.cell('fanout','conveyor','rate')}")
+    if not fan:
+        L.append("not measured in this run (`scenario_fanout` in `benches/run.sh`).")
+    else:
+        L.append("Recipients per second end to end (first claim to last `sent` in the ledger), to one local SMTP sink;")
+        L.append("the ceiling is a bare lettre client on the same sink at the 4-worker SMTP concurrency.")
+        L.append("")
+        L.append("| workers | recipients/s (min / median / max) | share of the ceiling |")
+        L.append("|---|---|---|")
+        ceiling = r.median("fanout", "ceiling", "rate")
+        for w in (1, 2, 4):
+            med = r.median("fanout", "conveyor", f"rate_{w}w")
+            L.append(f"| {w} | {r.cell('fanout', 'conveyor', f'rate_{w}w')} | {fmt_ratio(ratio(med, ceiling))} |")
+        L.append(f"| bare lettre (ceiling) | {r.cell('fanout', 'ceiling', 'rate')} | 1.00× |")
     L.append("")
 
     L.append("### Memory")

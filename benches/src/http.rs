@@ -19,6 +19,8 @@ pub const NOOP_JOB: &[u8] = br#"{"task":"diag.noop","args":{}}"#;
 pub struct Client {
     sender: SendRequest<Full<Bytes>>,
     host: String,
+    /// `Bearer <key>` from `BENCH_API_KEY` (run.sh creates a key with `enqueue:*`).
+    authorization: Option<String>,
 }
 
 /// What one `POST /v1/jobs` gave.
@@ -46,16 +48,20 @@ impl Client {
         Ok(Self {
             sender,
             host: addr.to_string(),
+            authorization: std::env::var("BENCH_API_KEY").ok().map(|key| format!("Bearer {key}")),
         })
     }
 
     /// Posts `body` to `/v1/jobs` and reads the answer.
     pub async fn enqueue(&mut self, body: &'static [u8]) -> anyhow::Result<Outcome> {
         self.sender.ready().await?;
-        let request = Request::post("/v1/jobs")
+        let mut request = Request::post("/v1/jobs")
             .header(header::HOST, self.host.as_str())
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from_static(body)))?;
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(authorization) = &self.authorization {
+            request = request.header(header::AUTHORIZATION, authorization.as_str());
+        }
+        let request = request.body(Full::new(Bytes::from_static(body)))?;
         let started = Instant::now();
         let response = self.sender.send_request(request).await?;
         let status = response.status();
