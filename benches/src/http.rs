@@ -48,7 +48,9 @@ impl Client {
         Ok(Self {
             sender,
             host: addr.to_string(),
-            authorization: std::env::var("BENCH_API_KEY").ok().map(|key| format!("Bearer {key}")),
+            authorization: std::env::var("BENCH_API_KEY")
+                .ok()
+                .map(|key| format!("Bearer {key}")),
         })
     }
 
