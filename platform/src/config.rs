@@ -86,6 +86,10 @@ pub struct DatabaseConfig {
     pub pool_size: u32,
     /// How long a migration waits for a table lock before failing.
     pub lock_timeout_ms: u64,
+    /// Start even when the database has migrations this binary does not know
+    /// (a newer release expanded the schema). Off by default, so a stale binary
+    /// is refused; turn it on for release N−1 during a rolling deploy or a rollback.
+    pub allow_newer_schema: bool,
 }
 
 /// RabbitMQ connection and topology settings.
@@ -295,6 +299,7 @@ impl Default for DatabaseConfig {
             url: "postgres://postgres@127.0.0.1:5432/conveyor".into(),
             pool_size: 16,
             lock_timeout_ms: 5_000,
+            allow_newer_schema: false,
         }
     }
 }

@@ -34,6 +34,13 @@ pub enum MigrationError {
     /// A statement failed; the message says which migration when known.
     #[error("{0}")]
     Failed(String),
+    /// The database is ahead of this binary and `database.allow_newer_schema` is off.
+    #[error(
+        "the database has migration(s) this binary does not know ({0}): a newer release migrated it; \
+         run that release, or set database.allow_newer_schema = true (CONVEYOR_DATABASE_ALLOW_NEWER_SCHEMA) \
+         to run this one on the expanded schema"
+    )]
+    Unknown(String),
     /// The database is behind this binary.
     #[error("the database has {0} pending migration(s) ({1}); run `conveyor migrate run` first")]
     Pending(usize, String),
@@ -177,10 +184,11 @@ fn table_exists(conn: &mut PgConnection) -> Result<bool, MigrationError> {
 /// Fails when the database lacks a migration this binary carries.
 ///
 /// Migrations the binary does not know (a newer release applied them) are
-/// logged and accepted: migrations are written expand-then-contract, so the
-/// previous release keeps working on the expanded schema. That is what lets an
-/// old pod restart in the middle of a rolling deploy, and a rollback to the
-/// previous image run without reverting anything (see deploy/RUNBOOK.md).
+/// refused unless `database.allow_newer_schema` is set; then they are logged
+/// and accepted: migrations are written expand-then-contract, so the previous
+/// release keeps working on the expanded schema. That is what lets an old pod
+/// restart in the middle of a rolling deploy, and a rollback to the previous
+/// image run without reverting anything (see deploy/RUNBOOK.md).
 pub fn ensure_current(config: &DatabaseConfig) -> Result<(), MigrationError> {
     let mut conn = connect(config)?;
     let all = status_on(&mut conn)?;
@@ -193,6 +201,9 @@ pub fn ensure_current(config: &DatabaseConfig) -> Result<(), MigrationError> {
                 .to_owned()
         })
         .collect();
+    if !unknown.is_empty() && !config.allow_newer_schema {
+        return Err(MigrationError::Unknown(unknown.join(", ")));
+    }
     if !unknown.is_empty() {
         tracing::warn!(
             migrations = %unknown.join(", "),

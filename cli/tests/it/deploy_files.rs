@@ -521,8 +521,9 @@ fn the_checks_reject_what_does_not_exist() {
 }
 
 /// The precondition of the runbook's rollback: an older binary (one that does
-/// not know the newest migration) starts on the newer schema, while a binary
-/// whose migrations are not all applied still refuses to.
+/// not know the newest migration) is refused by default, starts on the newer
+/// schema with `database.allow_newer_schema`, while a binary whose migrations
+/// are not all applied always refuses to.
 #[tokio::test]
 async fn an_older_binary_starts_on_a_newer_schema_but_not_on_an_older_one() {
     use diesel::connection::SimpleConnection;
@@ -536,20 +537,30 @@ async fn an_older_binary_starts_on_a_newer_schema_but_not_on_an_older_one() {
     )
     .unwrap();
     let database = config.database.clone();
-    tokio::task::spawn_blocking(move || conveyor_platform::migrations::ensure_current(&database))
-        .await
-        .unwrap()
-        .expect("a newer schema is accepted");
-    conn.batch_execute(
-        "DELETE FROM __diesel_schema_migrations WHERE version = (SELECT min(version) FROM __diesel_schema_migrations)",
-    )
-    .unwrap();
-    let database = config.database.clone();
     let err = tokio::task::spawn_blocking(move || {
         conveyor_platform::migrations::ensure_current(&database)
     })
     .await
     .unwrap()
-    .expect_err("a missing migration is refused");
+    .expect_err("a newer schema is refused by default");
+    assert!(err.to_string().contains("allow_newer_schema"), "{err}");
+    let mut database = config.database.clone();
+    database.allow_newer_schema = true;
+    tokio::task::spawn_blocking(move || conveyor_platform::migrations::ensure_current(&database))
+        .await
+        .unwrap()
+        .expect("a newer schema is accepted when allowed");
+    conn.batch_execute(
+        "DELETE FROM __diesel_schema_migrations WHERE version = (SELECT min(version) FROM __diesel_schema_migrations)",
+    )
+    .unwrap();
+    let mut database = config.database.clone();
+    database.allow_newer_schema = true;
+    let err = tokio::task::spawn_blocking(move || {
+        conveyor_platform::migrations::ensure_current(&database)
+    })
+    .await
+    .unwrap()
+    .expect_err("a missing migration is refused, whatever allow_newer_schema says");
     assert!(err.to_string().contains("pending"), "{err}");
 }
