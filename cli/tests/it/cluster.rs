@@ -101,6 +101,8 @@ struct Deployment {
     db_url: String,
     namespace: String,
     ingress: String,
+    /// An `enqueue:*` key with a rate limit far above the load.
+    api_key: String,
     worker_metrics: Vec<String>,
     children: Vec<Child>,
 }
@@ -142,6 +144,30 @@ impl Deployment {
         let mut migrate = Command::new(bin);
         base(migrate.args(["migrate", "run"]));
         assert!(migrate.status().unwrap().success(), "conveyor migrate run");
+        let mut create_key = Command::new(bin);
+        base(create_key.args([
+            "keys",
+            "create",
+            "--producer",
+            "cluster-proof",
+            "--scope",
+            "enqueue:*",
+            "--rate",
+            "100000",
+            "--burst",
+            "100000",
+        ]));
+        let created = create_key
+            .stdout(Stdio::piped())
+            .output()
+            .expect("conveyor keys create");
+        assert!(created.status.success(), "conveyor keys create");
+        let api_key = String::from_utf8_lossy(&created.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
 
         let mut children = Vec::new();
         let ingress_port = free_port();
@@ -172,6 +198,7 @@ impl Deployment {
             db_url,
             namespace,
             ingress: ingress_url,
+            api_key,
             worker_metrics,
             children,
         };
@@ -221,8 +248,14 @@ struct Outcomes {
 }
 
 /// Posts `JOBS` `diag.noop` jobs at `RATE_PER_SEC`.
-async fn post_load(ingress: String, started: Instant) -> Outcomes {
+async fn post_load(ingress: String, api_key: String, started: Instant) -> Outcomes {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {api_key}").parse().unwrap(),
+    );
     let client = reqwest::Client::builder()
+        .default_headers(headers)
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
@@ -425,7 +458,11 @@ async fn prove(fault: Fault) {
         started,
         stop_sampling.clone(),
     ));
-    let load = tokio::spawn(post_load(deployment.ingress.clone(), started));
+    let load = tokio::spawn(post_load(
+        deployment.ingress.clone(),
+        deployment.api_key.clone(),
+        started,
+    ));
     let fault_at = inject(fault, &env, deployment.work_queue(), started).await;
     let outcomes = load.await.unwrap();
     let load_secs = started.elapsed().as_secs_f64();
