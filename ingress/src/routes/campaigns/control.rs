@@ -29,12 +29,7 @@ async fn transition(
     let allowed: Vec<&'static str> = from.iter().map(|s| s.as_str()).collect();
     let changed = conveyor_schema::pool::run(&state.db, move |conn| {
         conn.transaction(|conn| {
-            let current: Option<String> = campaigns::table
-                .find(id)
-                .select(campaigns::state)
-                .for_update()
-                .first(conn)
-                .optional()?;
+            let current = super::locked_state(conn, id)?;
             let Some(current) = current else {
                 return Ok(None);
             };

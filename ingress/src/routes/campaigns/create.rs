@@ -186,12 +186,7 @@ pub async fn add_recipients(
     let offered = rows.len() as u64;
     let outcome = conveyor_schema::pool::run(&state.db, move |conn| {
         conn.transaction(|conn| {
-            let current: Option<String> = campaigns::table
-                .find(id)
-                .select(campaigns::state)
-                .for_update()
-                .first(conn)
-                .optional()?;
+            let current = super::locked_state(conn, id)?;
             let Some(current) = current else {
                 return Ok(Err(Problem::not_found(format!("no campaign {id}"))));
             };

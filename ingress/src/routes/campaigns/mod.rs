@@ -37,3 +37,16 @@ async fn enqueue_planner(state: &AppState, campaign_id: Uuid) -> Result<Uuid, Pr
         .map_err(|err| Problem::unavailable(format!("could not enqueue the planner: {err}"), 1))?;
     Ok(envelope.id)
 }
+
+/// The campaign's state name, with its row locked until the transaction ends
+/// (so concurrent transitions and appends are serialised); `None` if absent.
+fn locked_state(conn: &mut diesel::PgConnection, id: Uuid) -> diesel::QueryResult<Option<String>> {
+    use conveyor_schema::db::campaigns;
+    use diesel::prelude::*;
+    campaigns::table
+        .find(id)
+        .select(campaigns::state)
+        .for_update()
+        .first(conn)
+        .optional()
+}
