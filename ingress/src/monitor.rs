@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use conveyor_platform::Config;
-use conveyor_platform::amqp::{DELAY_LEVELS_MS, Topology, connect};
+use conveyor_platform::amqp::{DELAY_LEVELS_MS, Topology, close_quietly, connect};
 use conveyor_platform::metrics::Metrics;
 use conveyor_schema::pool::{self, PgPool};
 use diesel::prelude::*;
@@ -98,6 +98,9 @@ impl PollSettings {
     }
 }
 
+/// One poll of the broker may take this long.
+const POLL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Polls until `stop`, updating `metrics` and `snapshot`.
 pub async fn run(
     urls: Vec<String>,
@@ -121,7 +124,11 @@ pub async fn run(
             connection = connect(&urls, "conveyor-ingress-monitor").await.ok();
         }
         let broker = match &connection {
-            Some(conn) => poll_broker(conn, &topology).await,
+            // Bounded: a passive declare waits on the queue's leader, which can
+            // take seconds while a node is lost; the next tick tries again.
+            Some(conn) => tokio::time::timeout(POLL_TIMEOUT, poll_broker(conn, &topology))
+                .await
+                .unwrap_or_else(|_| Err("the broker did not answer the poll in time".to_owned())),
             None => Err("not connected to the broker".to_owned()),
         };
         let db_stats = poll_database(&db, settings).await;
@@ -131,7 +138,7 @@ pub async fn run(
         }
     }
     if let Some(conn) = connection {
-        let _ = conn.close(200, ShortString::from("ingress stopping")).await;
+        close_quietly(&conn, "ingress stopping").await;
     }
 }
 
@@ -160,7 +167,8 @@ async fn poll_broker(conn: &Connection, topology: &Topology) -> Result<BrokerCou
             }
         }
     }
-    let _ = channel.close(200, ShortString::from("polled")).await;
+    let closing = channel.close(200, ShortString::from("polled"));
+    let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
     Ok(counts)
 }
 

@@ -93,6 +93,25 @@ async fn connect_one(url: &str, connection_name: &str) -> Result<Connection, Str
     }
 }
 
+/// How long closing a connection may wait for the broker's `close-ok`.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Closes `connection`, waiting at most 2 s for the broker to answer.
+///
+/// A connection whose socket just failed may not be marked broken yet, and
+/// then `close` waits for a `close-ok` that never comes: a reconnect loop that
+/// awaited it would hang for good (seen in the cluster proof when a node was
+/// stopped). Every close of a connection that may be dead goes through here.
+pub async fn close_quietly(connection: &Connection, reason: &str) {
+    let closing = connection.close(200, reason.to_owned().into());
+    if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
+        tracing::debug!(
+            reason,
+            "the broker did not answer close within 2 s; dropping the connection"
+        );
+    }
+}
+
 /// The URL without its password, for logs.
 fn redact(url: &str) -> String {
     match url::Url::parse(url) {

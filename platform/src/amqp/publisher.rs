@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{DELAY_HEADER, ERROR_HEADER, Nodes, TASK_HEADER, Topology};
+use super::{DELAY_HEADER, ERROR_HEADER, Nodes, TASK_HEADER, Topology, close_quietly};
 use conveyor_schema::Envelope;
 
 /// One message to publish.
@@ -290,10 +290,11 @@ impl Publisher {
 
 async fn maintain(inner: Arc<Inner>, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
+    let mut first = true;
     loop {
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => break,
-            attempt = open(&inner) => attempt,
+            attempt = open(&inner, first) => attempt,
         };
         let live = match attempt {
             Ok(live) => Arc::new(live),
@@ -308,6 +309,7 @@ async fn maintain(inner: Arc<Inner>, shutdown: CancellationToken) {
             }
         };
         backoff = Duration::from_millis(100);
+        first = false;
         let mut events = live.connection.events_listener();
         if let Ok(mut slot) = inner.live.write() {
             *slot = Some(live.clone());
@@ -331,10 +333,7 @@ async fn maintain(inner: Arc<Inner>, shutdown: CancellationToken) {
         if let Ok(mut slot) = inner.live.write() {
             *slot = None;
         }
-        let _ = live
-            .connection
-            .close(200, ShortString::from("conveyor publisher closing"))
-            .await;
+        close_quietly(&live.connection, "conveyor publisher closing").await;
         if stop {
             break;
         }
@@ -356,20 +355,33 @@ async fn watch_status(connection: &Connection) {
     }
 }
 
-async fn open(inner: &Inner) -> anyhow::Result<Live> {
+/// Connects and opens the confirm channels; `first` is the process's first
+/// connection (see [`Topology::declare_on`]).
+async fn open(inner: &Inner, first: bool) -> anyhow::Result<Live> {
     let connection = inner.nodes.connect(&inner.name).await?;
-    let setup = connection.create_channel().await?;
-    inner.topology.declare(&setup).await?;
-    let _ = setup
-        .close(200, ShortString::from("topology declared"))
-        .await;
+    if let Err(err) = inner.topology.declare_on(&connection, first).await {
+        close_quietly(&connection, "topology failed").await;
+        return Err(err);
+    }
     let mut channels = Vec::with_capacity(inner.channel_count);
     for _ in 0..inner.channel_count {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        channels.push(channel);
+        let opened = async {
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            lapin::Result::Ok(channel)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), opened).await {
+            Ok(Ok(channel)) => channels.push(channel),
+            failed => {
+                close_quietly(&connection, "channel failed").await;
+                return Err(match failed {
+                    Ok(Err(err)) => err.into(),
+                    _ => anyhow::anyhow!("opening a confirm channel took over 10 s"),
+                });
+            }
+        }
     }
     Ok(Live {
         connection,

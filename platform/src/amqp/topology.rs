@@ -27,7 +27,7 @@ use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use super::DELAY_HEADER;
 
@@ -48,6 +48,9 @@ pub fn delay_level_for(delay: Duration) -> u64 {
         .find(|level| *level <= ms)
         .unwrap_or(DELAY_LEVELS_MS[0])
 }
+
+/// How long declaring the topology may take before a (re)connect gives up on it.
+pub const DECLARE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Names and arguments of everything Conveyor declares on the broker.
 #[derive(Debug, Clone)]
@@ -147,6 +150,41 @@ impl Topology {
         );
         Self::at_least_once(&mut args);
         args
+    }
+
+    /// Declares the topology on a channel of its own on `connection`, the way
+    /// a (re)connecting process needs it.
+    ///
+    /// On a process's first connection (`first`) it waits, up to
+    /// [`DECLARE_TIMEOUT`], and fails on any error, so a misconfiguration stops
+    /// the start. On a reconnect the topology already exists unless the broker
+    /// lost its definitions, and declaring can stall for seconds while quorum
+    /// queues elect new leaders after a node loss (the broker asks each queue's
+    /// leader for its counts to answer `declare-ok`), so it runs in the
+    /// background and the caller resumes publishing or consuming at once.
+    pub async fn declare_on(&self, connection: &Connection, first: bool) -> anyhow::Result<()> {
+        let channel = connection.create_channel().await?;
+        let topology = self.clone();
+        let declare = async move {
+            let declared = tokio::time::timeout(DECLARE_TIMEOUT, topology.declare(&channel)).await;
+            let closing = channel.close(200, ShortString::from("topology declared"));
+            let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
+            match declared {
+                Ok(result) => result.map_err(anyhow::Error::from),
+                Err(_) => Err(anyhow::anyhow!(
+                    "declaring the queues took longer than {DECLARE_TIMEOUT:?}"
+                )),
+            }
+        };
+        if first {
+            return declare.await;
+        }
+        tokio::spawn(async move {
+            if let Err(err) = declare.await {
+                tracing::warn!(error = %err, "re-declaring the topology after a reconnect failed");
+            }
+        });
+        Ok(())
     }
 
     /// Declares every exchange, queue and binding; idempotent.
