@@ -7,7 +7,7 @@
 //! 3. publish what the outcome needs (the next attempt to a delay queue, or the
 //!    job to its dead-letter queue) and wait for the broker's confirm;
 //! 4. commit the job's new state;
-//! 5. only then acknowledge the delivery.
+//! 5. only then acknowledge the delivery (in a batch with others: `acks`).
 //!
 //! A crash anywhere before 5 redelivers the message; a redelivered message whose
 //! job is already final (or has moved to a later attempt) is acknowledged without running.
@@ -24,12 +24,12 @@ use conveyor_tasks::{JobContext, TaskError};
 use diesel::prelude::*;
 use futures::FutureExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::acks::ChannelAcks;
 use crate::dead_letters::DeadLetter;
 use crate::runtime::Runtime;
 use crate::state_writer::StateChange;
@@ -42,8 +42,13 @@ pub async fn handle(
     rt: Arc<Runtime>,
     queue: Arc<str>,
     delivery: Delivery,
+    acks: Arc<ChannelAcks>,
     lost: CancellationToken,
 ) {
+    let settle = Settle {
+        acks,
+        tag: delivery.delivery_tag,
+    };
     let envelope = match Envelope::decode(&delivery.data) {
         Ok(envelope) => envelope,
         Err(err) => {
@@ -60,11 +65,11 @@ pub async fn handle(
                 &err.to_string(),
             );
             let record = DeadLetter::unreadable(id, &queue, &delivery.data, &err.to_string());
-            return finish_with(&rt, &delivery, &dead, None, Some(record)).await;
+            return finish_with(&rt, &settle, &dead, None, Some(record)).await;
         }
     };
     let span = tracing::info_span!("job", job.id = %envelope.id, task = %envelope.task, attempt = envelope.attempt);
-    run_envelope(rt, queue, delivery, envelope, lost)
+    run_envelope(rt, queue, delivery, settle, envelope, lost)
         .instrument(span)
         .await
 }
@@ -73,6 +78,7 @@ async fn run_envelope(
     rt: Arc<Runtime>,
     queue: Arc<str>,
     delivery: Delivery,
+    settle: Settle,
     envelope: Envelope,
     lost: CancellationToken,
 ) {
@@ -91,7 +97,7 @@ async fn run_envelope(
         let mut change = StateChange::of(&envelope, &queue, envelope.attempt, JobState::Dead);
         change.error = Some(reason);
         change.finished_at = Some(Utc::now());
-        return finish_with(&rt, &delivery, &dead, Some(change), Some(record)).await;
+        return finish_with(&rt, &settle, &dead, Some(change), Some(record)).await;
     };
     let options = task.descriptor().options.clone();
     if let Some(not_before) = envelope.not_before {
@@ -99,7 +105,7 @@ async fn run_envelope(
         if remaining >= Duration::from_millis(DELAY_LEVELS_MS[0]) {
             let again =
                 Outgoing::delayed(&rt.topology, &queue, &envelope, delay_level_for(remaining));
-            return finish_with(&rt, &delivery, &again, None, None).await;
+            return finish_with(&rt, &settle, &again, None, None).await;
         }
         // Less than the shortest delay queue: wait here rather than run early.
         tokio::time::sleep(remaining).await;
@@ -108,19 +114,19 @@ async fn run_envelope(
         tracing::info!(
             "redelivered job already finished or moved on; acknowledging without running"
         );
-        return ack(&delivery).await;
+        return settle.ack();
     }
     let permits = rt.permits_for(task.descriptor().name);
     let _permit = match permits {
         Some(semaphore) => tokio::select! {
             permit = semaphore.acquire_owned() => permit.ok(),
-            _ = rt.shutdown.cancelled() => return requeue(&delivery).await,
+            _ = rt.shutdown.cancelled() => return settle.requeue().await,
             _ = lost.cancelled() => return,
         },
         None => None,
     };
     if rt.shutdown.is_cancelled() {
-        return requeue(&delivery).await;
+        return settle.requeue().await;
     }
     if lost.is_cancelled() {
         tracing::debug!("connection lost before the attempt started; the broker redelivers it");
@@ -176,14 +182,14 @@ async fn run_envelope(
                 elapsed_ms,
                 "task stopped for shutdown; returning the job to its queue"
             );
-            requeue(&delivery).await;
+            settle.requeue().await;
         }
         Ok(()) => {
             change.finished_at = Some(Utc::now());
             tracing::debug!(elapsed_ms, "job succeeded");
             if rt.states.commit(change).await {
                 metrics.jobs_succeeded.with_label_values(&labels).inc();
-                ack(&delivery).await;
+                settle.ack();
             }
         }
         Err(err) if !err.is_permanent() && envelope.attempt < options.max_attempts => {
@@ -207,7 +213,7 @@ async fn run_envelope(
             change.error = Some(err.to_string());
             change.next_attempt_at = Some(due);
             metrics.jobs_retried.with_label_values(&labels).inc();
-            finish_with(&rt, &delivery, &next, Some(change), None).await;
+            finish_with(&rt, &settle, &next, Some(change), None).await;
         }
         Err(err) => {
             let reason = if err.is_permanent() {
@@ -229,7 +235,7 @@ async fn run_envelope(
             change.error = Some(reason);
             change.finished_at = Some(Utc::now());
             metrics.jobs_dead.with_label_values(&labels).inc();
-            finish_with(&rt, &delivery, &dead, Some(change), Some(record)).await;
+            finish_with(&rt, &settle, &dead, Some(change), Some(record)).await;
         }
     }
 }
@@ -239,14 +245,14 @@ async fn run_envelope(
 /// the queue to be handled again.
 async fn finish_with(
     rt: &Runtime,
-    delivery: &Delivery,
+    settle: &Settle,
     message: &Outgoing,
     change: Option<StateChange>,
     dead: Option<DeadLetter>,
 ) {
     if let Err(err) = rt.publisher.publish(message).await {
         tracing::error!(error = %err, routing_key = %message.routing_key, "could not publish; returning the delivery to its queue");
-        return requeue(delivery).await;
+        return settle.requeue().await;
     }
     let committed = match (change, dead) {
         (change, Some(dead)) => rt.states.commit_dead(change, dead).await,
@@ -254,24 +260,24 @@ async fn finish_with(
         (None, None) => true,
     };
     if committed {
-        ack(delivery).await;
+        settle.ack();
     }
 }
 
-async fn ack(delivery: &Delivery) {
-    if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
-        // The channel is gone; the broker will redeliver, and the redelivery check skips finished work.
-        tracing::debug!(error = %err, "ack failed");
-    }
+/// How one delivery is settled: acked with its channel's next batch (only
+/// after the commit that records its outcome), or returned to the queue.
+struct Settle {
+    acks: Arc<ChannelAcks>,
+    tag: u64,
 }
 
-async fn requeue(delivery: &Delivery) {
-    let options = BasicNackOptions {
-        requeue: true,
-        ..Default::default()
-    };
-    if let Err(err) = delivery.acker.nack(options).await {
-        tracing::debug!(error = %err, "nack failed");
+impl Settle {
+    fn ack(&self) {
+        self.acks.ack(self.tag);
+    }
+
+    async fn requeue(&self) {
+        self.acks.requeue(self.tag).await;
     }
 }
 

@@ -5,6 +5,7 @@
 //! `conveyor worker` subcommand and the integration tests both use it, so tests
 //! run the real thing.
 
+mod acks;
 mod consumer;
 mod dead_letters;
 mod enqueuer;
