@@ -39,7 +39,8 @@ pub struct QueueStats {
     pub dead_letters: u32,
     /// Dead-job records neither replayed nor discarded.
     pub dead_jobs: i64,
-    /// Age of the oldest job waiting to start, in seconds.
+    /// Age of the oldest job waiting to start, in seconds, counted from when it
+    /// became runnable (a delayed job or a retry waiting out its backoff is not waiting).
     pub oldest_waiting_seconds: f64,
     /// Live workers consuming this queue.
     pub live_workers: i64,
@@ -207,20 +208,21 @@ struct QueueStateCount {
     n: i64,
 }
 
+/// Waiting since the job became runnable: its enqueue, its delay's end
+/// (`not_before`, recorded as `next_attempt_at` while queued) or its retry's due
+/// time. Jobs not due yet are left out: they are delayed, not waiting.
+const OLDEST_WAITING: &str = "
+SELECT queue, EXTRACT(EPOCH FROM now() - min(since))::float8 AS value FROM (
+    SELECT queue, GREATEST(enqueued_at, COALESCE(next_attempt_at, enqueued_at)) AS since
+    FROM jobs WHERE state IN ('queued', 'retrying')) w
+WHERE since <= now() GROUP BY queue";
+
 async fn poll_database(db: &PgPool, settings: PollSettings) -> Option<DbStats> {
     let gone_ms = settings.gone_after.as_millis() as f64;
     let prune_ms = settings.prune_after.as_millis() as f64;
     let result = pool::run(db, move |conn| {
         let mut stats = DbStats::default();
-        // Waiting since enqueue, or since the retry became due; not-yet-due retries do not count.
-        let oldest: Vec<QueueNumber> = diesel::sql_query(
-            "SELECT queue, EXTRACT(EPOCH FROM now() - min(since))::float8 AS value FROM (
-                 SELECT queue, CASE WHEN state = 'retrying' THEN COALESCE(next_attempt_at, enqueued_at)
-                                    ELSE enqueued_at END AS since
-                 FROM jobs WHERE state IN ('queued', 'retrying')) w
-             WHERE since <= now() GROUP BY queue",
-        )
-        .load(conn)?;
+        let oldest: Vec<QueueNumber> = diesel::sql_query(OLDEST_WAITING).load(conn)?;
         stats.oldest = oldest.into_iter().map(|r| (r.queue, r.value)).collect();
         diesel::sql_query(
             "DELETE FROM workers WHERE last_seen_at < now() - make_interval(secs => $1 / 1000.0)",
