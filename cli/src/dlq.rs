@@ -1,8 +1,9 @@
 //! `conveyor dlq …`: browse, replay and discard dead jobs from a terminal.
 //!
 //! Reads `dead_jobs` directly and publishes replays through the platform's
-//! confirmed [`Publisher`]; the operations are the same functions the admin
-//! HTTP API uses (`conveyor_ingress::dead_jobs`), so both audit alike.
+//! confirmed [`Publisher`]; the operations, including the `--all-matching`
+//! selection and the paced loop, are the same functions the admin HTTP API uses
+//! (`conveyor_ingress::dead_jobs` and its `bulk`), so both behave and audit alike.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,7 +11,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
-use conveyor_ingress::dead_jobs::{self, DiscardOutcome, Filter, ReplayOptions, ReplayOutcome};
+use conveyor_ingress::dead_jobs::bulk::{self, Pace};
+use conveyor_ingress::dead_jobs::{
+    self, DiscardOptions, DiscardOutcome, Filter, ReplayOptions, ReplayOutcome,
+};
 use conveyor_platform::Config;
 use conveyor_platform::amqp::{Publisher, Topology};
 use conveyor_schema::models::DeadJob;
@@ -121,26 +125,13 @@ impl FilterArgs {
             include_discarded: all,
             include_replayed: all,
             limit,
+            oldest_first: false,
         }
     }
 }
 
 fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
-    if let Ok(time) = DateTime::parse_from_rfc3339(s) {
-        return Ok(time.with_timezone(&Utc));
-    }
-    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: i64 = number
-        .parse()
-        .map_err(|_| format!("`{s}` is neither RFC 3339 nor an age like 30m, 2h, 7d"))?;
-    let age = match unit {
-        "s" => chrono::Duration::seconds(n),
-        "m" => chrono::Duration::minutes(n),
-        "h" => chrono::Duration::hours(n),
-        "d" => chrono::Duration::days(n),
-        _ => return Err(format!("`{s}`: the unit must be s, m, h or d")),
-    };
-    Ok(Utc::now() - age)
+    bulk::parse_since(s).map_err(|err| err.to_string())
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -148,11 +139,7 @@ fn parse_rate(s: &str) -> Result<f64, String> {
         .trim_end_matches("/s")
         .parse()
         .map_err(|_| format!("`{s}` is not a rate like 10 or 10/s"))?;
-    if n.is_finite() && n > 0.0 {
-        Ok(n)
-    } else {
-        Err(format!("`{s}`: the rate must be above 0"))
-    }
+    bulk::check_rate(n).map_err(|err| format!("`{s}`: {err}"))
 }
 
 fn default_actor(actor: Option<String>) -> String {
@@ -219,12 +206,24 @@ pub async fn run(action: DlqAction, config: Config) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let ids = select(&db, ids, all_matching, &filter, force).await?;
+            if let (true, Some(args)) = (all_matching, &args) {
+                bulk::check_args(filter.task.as_deref(), args).map_err(|err| {
+                    match err.pointer.as_str() {
+                        "/args" => anyhow::anyhow!(
+                            "--set-args with --all-matching needs --task (args belong to one task)"
+                        ),
+                        "/filter/task" => anyhow::anyhow!("--task: {err}"),
+                        pointer => anyhow::anyhow!("invalid args at {pointer}: {err}"),
+                    }
+                })?;
+            }
+            let (ids, bulk) = select(&db, ids, all_matching, &filter, force).await?;
             let options = ReplayOptions {
                 force,
                 dry_run,
                 args,
                 actor: default_actor(actor),
+                bulk,
             };
             replay_all(&db, &config, ids, options, rate).await?;
         }
@@ -235,36 +234,49 @@ pub async fn run(action: DlqAction, config: Config) -> anyhow::Result<()> {
             dry_run,
             actor,
         } => {
-            let ids = select(&db, ids, all_matching, &filter, false).await?;
-            let actor = default_actor(actor);
-            for id in ids {
-                if dry_run {
-                    println!("{id}: would discard");
-                    continue;
+            let (ids, bulk) = select(&db, ids, all_matching, &filter, false).await?;
+            let options = DiscardOptions {
+                actor: default_actor(actor),
+                dry_run,
+                bulk,
+            };
+            let mut failed = None;
+            bulk::discard_each(&db, &ids, &options, None, |id, outcome| match outcome {
+                Ok(DiscardOutcome::Discarded) => println!("{id}: discarded"),
+                Ok(DiscardOutcome::WouldDiscard) => println!("{id}: would discard"),
+                Ok(DiscardOutcome::AlreadyDiscarded) => println!("{id}: already discarded"),
+                Ok(DiscardOutcome::NotFound) => println!("{id}: no such dead job"),
+                Err(err) => {
+                    eprintln!("{id}: {err}");
+                    failed.get_or_insert(err);
                 }
-                match dead_jobs::discard(&db, id, actor.clone()).await? {
-                    DiscardOutcome::Discarded => println!("{id}: discarded"),
-                    DiscardOutcome::AlreadyDiscarded => println!("{id}: already discarded"),
-                    DiscardOutcome::NotFound => println!("{id}: no such dead job"),
-                }
+            })
+            .await;
+            if let Some(err) = failed {
+                return Err(err.into());
             }
         }
     }
     Ok(())
 }
 
+/// The ids to act on, and the filter to audit when they were chosen by it.
 async fn select(
     db: &PgPool,
     ids: Vec<Uuid>,
     all_matching: bool,
     filter: &FilterArgs,
     force: bool,
-) -> anyhow::Result<Vec<Uuid>> {
+) -> anyhow::Result<(Vec<Uuid>, Option<serde_json::Value>)> {
     if !all_matching {
-        return Ok(ids);
+        return Ok((ids, None));
     }
-    let found = dead_jobs::list(db, filter.filter(force, 10_000)).await?;
-    Ok(found.into_iter().rev().map(|d| d.id).collect())
+    let filter = filter.filter(force, bulk::MAX_RECORDS);
+    let found = bulk::matching(db, &filter, force).await?;
+    Ok((
+        found.into_iter().map(|d| d.id).collect(),
+        Some(filter.audit()),
+    ))
 }
 
 async fn replay_all(
@@ -287,13 +299,19 @@ async fn replay_all(
     if !options.dry_run && !publisher.wait_connected(Duration::from_secs(10)).await {
         bail!("cannot reach the broker at amqp.url");
     }
-    let pause = rate.map(|r| Duration::from_secs_f64(1.0 / r));
     let mut failed = 0;
-    for (i, id) in ids.iter().enumerate() {
-        if let (Some(pause), true) = (pause, i > 0) {
-            tokio::time::sleep(pause).await;
-        }
-        match dead_jobs::replay(db, &publisher, &topology, *id, options.clone()).await {
+    let pace = Pace {
+        rate,
+        deadline: None,
+    };
+    bulk::replay_each(
+        db,
+        &publisher,
+        &topology,
+        &ids,
+        &options,
+        pace,
+        |id, outcome| match outcome {
             Ok(ReplayOutcome::Replayed { new_job_id }) => {
                 println!("{id}: replayed as job {new_job_id}")
             }
@@ -313,8 +331,9 @@ async fn replay_all(
                 failed += 1;
                 eprintln!("{id}: {err}");
             }
-        }
-    }
+        },
+    )
+    .await;
     stop.cancel();
     if failed > 0 {
         bail!("{failed} of {} replays failed", ids.len());

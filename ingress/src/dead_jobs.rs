@@ -8,7 +8,10 @@
 //! two operators replaying the same record at once replay it once. Replaying a
 //! record that was already replayed (or discarded) does nothing unless forced.
 //! The `.dlq` queues are not touched: they stay the raw archive for
-//! RabbitMQ-native tooling.
+//! RabbitMQ-native tooling. Acting on every record a filter matches, at a
+//! rate, is in [`bulk`].
+
+pub mod bulk;
 
 use chrono::{DateTime, Utc};
 use conveyor_platform::amqp::{Outgoing, PublishError, Publisher, Topology};
@@ -35,8 +38,20 @@ pub struct Filter {
     pub include_discarded: bool,
     /// Include records already replayed.
     pub include_replayed: bool,
-    /// At most this many, newest first.
+    /// At most this many, newest first (oldest first with `oldest_first`).
     pub limit: i64,
+    /// Take the oldest matches first (bulk operations work in death order).
+    pub oldest_first: bool,
+}
+
+impl Filter {
+    /// The filter as recorded in the audit of a bulk operation.
+    pub fn audit(&self) -> Value {
+        json!({
+            "task": self.task, "queue": self.queue, "since": self.since,
+            "error_contains": self.error_contains,
+        })
+    }
 }
 
 /// Lists dead jobs matching `filter`, newest first.
@@ -62,10 +77,12 @@ pub async fn list(db: &PgPool, filter: Filter) -> Result<Vec<DeadJob>, DbError> 
         if !filter.include_replayed {
             query = query.filter(dead_jobs::replayed_at.is_null());
         }
-        query
-            .order(dead_jobs::dead_at.desc())
-            .limit(filter.limit.clamp(1, 10_000))
-            .load(conn)
+        query = if filter.oldest_first {
+            query.order(dead_jobs::dead_at.asc())
+        } else {
+            query.order(dead_jobs::dead_at.desc())
+        };
+        query.limit(filter.limit.clamp(1, 10_000)).load(conn)
     })
     .await
 }
@@ -102,6 +119,8 @@ pub struct ReplayOptions {
     pub args: Option<Value>,
     /// Who asks (recorded in the audit).
     pub actor: String,
+    /// The filter of the bulk operation this replay is part of (recorded in the audit).
+    pub bulk: Option<Value>,
 }
 
 /// What a replay did.
@@ -222,10 +241,13 @@ pub async fn replay(
                     dead_jobs::replay_count.eq(dead_jobs::replay_count + 1),
                 ))
                 .execute(conn)?;
-            let detail = json!({
+            let mut detail = json!({
                 "forced": options.force && dead.replayed_at.is_some(),
                 "args": if edited { args } else { Value::Null },
             });
+            if let Some(bulk) = &options.bulk {
+                detail["bulk"] = bulk.clone();
+            }
             diesel::insert_into(dead_job_actions::table)
                 .values(NewDeadJobAction {
                     dead_job_id: id,
@@ -252,15 +274,41 @@ pub async fn replay(
 pub enum DiscardOutcome {
     /// Marked discarded now.
     Discarded,
+    /// Dry run: it would have been marked discarded.
+    WouldDiscard,
     /// It already was; nothing changed.
     AlreadyDiscarded,
     /// No such dead job.
     NotFound,
 }
 
+/// How to discard.
+#[derive(Debug, Clone, Default)]
+pub struct DiscardOptions {
+    /// Who asks (recorded in the audit).
+    pub actor: String,
+    /// Check, change nothing.
+    pub dry_run: bool,
+    /// The filter of the bulk operation this discard is part of (recorded in the audit).
+    pub bulk: Option<Value>,
+}
+
 /// Marks dead job `id` discarded (hidden from the default listing; never replayed
 /// without force) and audits it.
 pub async fn discard(db: &PgPool, id: Uuid, actor: String) -> Result<DiscardOutcome, DbError> {
+    let options = DiscardOptions {
+        actor,
+        ..Default::default()
+    };
+    discard_with(db, id, options).await
+}
+
+/// [`discard`] with a dry run and the bulk operation recorded in the audit.
+pub async fn discard_with(
+    db: &PgPool,
+    id: Uuid,
+    options: DiscardOptions,
+) -> Result<DiscardOutcome, DbError> {
     pool::run(db, move |conn| {
         conn.transaction(|conn| {
             let found: Option<Option<DateTime<Utc>>> = dead_jobs::table
@@ -272,17 +320,22 @@ pub async fn discard(db: &PgPool, id: Uuid, actor: String) -> Result<DiscardOutc
             match found {
                 None => Ok(DiscardOutcome::NotFound),
                 Some(Some(_)) => Ok(DiscardOutcome::AlreadyDiscarded),
+                Some(None) if options.dry_run => Ok(DiscardOutcome::WouldDiscard),
                 Some(None) => {
                     diesel::update(dead_jobs::table.find(id))
                         .set(dead_jobs::discarded_at.eq(Utc::now()))
                         .execute(conn)?;
+                    let detail = match options.bulk {
+                        Some(bulk) => json!({ "bulk": bulk }),
+                        None => json!({}),
+                    };
                     diesel::insert_into(dead_job_actions::table)
                         .values(NewDeadJobAction {
                             dead_job_id: id,
                             action: "discard".into(),
-                            actor,
+                            actor: options.actor,
                             new_job_id: None,
-                            detail: json!({}),
+                            detail,
                         })
                         .execute(conn)?;
                     Ok(DiscardOutcome::Discarded)

@@ -80,7 +80,18 @@ pub fn router(
             "/v1/admin/dead-jobs/{id}/discard",
             post(routes::admin::discard),
         )
-        .route("/v1/admin/queues", get(routes::admin::queues));
+        .route("/v1/admin/queues", get(routes::admin::queues))
+        .route(
+            "/v1/admin/dead-jobs/replay-matching",
+            post(routes::admin::bulk::replay_matching),
+        )
+        .route(
+            "/v1/admin/dead-jobs/discard-matching",
+            post(routes::admin::bulk::discard_matching),
+        )
+        .layer(axum::Extension(routes::admin::bulk::Budget::within(
+            limits.request_timeout,
+        )));
     let app = Router::new()
         .merge(bulk)
         .merge(admin)

@@ -1,5 +1,5 @@
-//! The service-wide poller: queue depths from the broker, waiting-job ages and
-//! live workers from PostgreSQL, turned into the `conveyor_queue_*`,
+//! The service-wide poller: queue depths from the broker, waiting-job ages,
+//! per-minute rates and live workers from PostgreSQL, turned into the `conveyor_queue_*`,
 //! `conveyor_workers` and `conveyor_dead_jobs` gauges and into the snapshot the
 //! dashboard shows.
 //!
@@ -39,14 +39,21 @@ pub struct QueueStats {
     pub dead_letters: u32,
     /// Dead-job records neither replayed nor discarded.
     pub dead_jobs: i64,
-    /// Age of the oldest job waiting to start, in seconds.
+    /// Age of the oldest job waiting to start, in seconds, counted from when it
+    /// became runnable (a delayed job or a retry waiting out its backoff is not waiting).
     pub oldest_waiting_seconds: f64,
     /// Live workers consuming this queue.
     pub live_workers: i64,
     /// Ready messages per live worker (ready when no worker is live).
     pub backlog_per_worker: f64,
+    /// Jobs published (recorded) in the last minute: new, scheduled and replayed ones.
+    pub published_last_minute: i64,
+    /// Jobs whose latest attempt started in the last minute.
+    pub started_last_minute: i64,
     /// Jobs that succeeded in the last minute.
     pub succeeded_last_minute: i64,
+    /// Failed attempts rescheduled for a retry in the last minute.
+    pub retried_last_minute: i64,
     /// Jobs that died in the last minute.
     pub dead_last_minute: i64,
 }
@@ -194,8 +201,53 @@ struct DbStats {
     workers_live: i64,
     workers_gone: i64,
     dead_jobs: HashMap<String, i64>,
-    finished: HashMap<(String, String), i64>,
+    rates: HashMap<String, QueueRates>,
 }
+
+/// Per-queue counts over the last minute, from the job records.
+#[derive(QueryableByName)]
+struct QueueRates {
+    #[diesel(sql_type = Text)]
+    queue: String,
+    #[diesel(sql_type = BigInt)]
+    published: i64,
+    #[diesel(sql_type = BigInt)]
+    started: i64,
+    #[diesel(sql_type = BigInt)]
+    succeeded: i64,
+    #[diesel(sql_type = BigInt)]
+    retried: i64,
+    #[diesel(sql_type = BigInt)]
+    dead: i64,
+}
+
+/// Waiting since the job became runnable: its enqueue, its delay's end
+/// (`not_before`, recorded as `next_attempt_at` while queued) or its retry's due
+/// time. Jobs not due yet are left out: they are delayed, not waiting.
+const OLDEST_WAITING: &str = "
+SELECT queue, EXTRACT(EPOCH FROM now() - min(since))::float8 AS value FROM (
+    SELECT queue, GREATEST(enqueued_at, COALESCE(next_attempt_at, enqueued_at)) AS since
+    FROM jobs WHERE state IN ('queued', 'retrying')) w
+WHERE since <= now() GROUP BY queue";
+
+/// Events of the last minute, per queue, in one pass over the rows changed
+/// lately (every event updates `updated_at`; the BRIN index on it keeps this to
+/// the table's recent pages, and the margin absorbs worker clocks running ahead).
+/// `retried` counts failed attempts that were not a job's last: every error of
+/// a job that is not dead, all but the final one of a dead job.
+const RATES: &str = "
+SELECT queue,
+    count(*) FILTER (WHERE enqueued_at > now() - interval '60 seconds') AS published,
+    count(*) FILTER (WHERE started_at > now() - interval '60 seconds') AS started,
+    count(*) FILTER (WHERE state = 'succeeded' AND finished_at > now() - interval '60 seconds') AS succeeded,
+    count(*) FILTER (WHERE state = 'dead' AND finished_at > now() - interval '60 seconds') AS dead,
+    COALESCE(sum((
+        SELECT count(*) FROM jsonb_array_elements(errors) e
+        WHERE (e->>'at')::timestamptz > now() - interval '60 seconds'
+          AND NOT (state = 'dead' AND (e->>'attempt')::int >= attempts)
+    ) ) FILTER (WHERE errors <> '[]'::jsonb), 0)::int8 AS retried
+FROM jobs WHERE updated_at > now() - interval '90 seconds'
+GROUP BY queue";
 
 #[derive(QueryableByName)]
 struct QueueNumber {
@@ -220,15 +272,7 @@ async fn poll_database(db: &PgPool, settings: PollSettings) -> Option<DbStats> {
     let prune_ms = settings.prune_after.as_millis() as f64;
     let result = pool::run(db, move |conn| {
         let mut stats = DbStats::default();
-        // Waiting since enqueue, or since the retry became due; not-yet-due retries do not count.
-        let oldest: Vec<QueueNumber> = diesel::sql_query(
-            "SELECT queue, EXTRACT(EPOCH FROM now() - min(since))::float8 AS value FROM (
-                 SELECT queue, CASE WHEN state = 'retrying' THEN COALESCE(next_attempt_at, enqueued_at)
-                                    ELSE enqueued_at END AS since
-                 FROM jobs WHERE state IN ('queued', 'retrying')) w
-             WHERE since <= now() GROUP BY queue",
-        )
-        .load(conn)?;
+        let oldest: Vec<QueueNumber> = diesel::sql_query(OLDEST_WAITING).load(conn)?;
         stats.oldest = oldest.into_iter().map(|r| (r.queue, r.value)).collect();
         diesel::sql_query(
             "DELETE FROM workers WHERE last_seen_at < now() - make_interval(secs => $1 / 1000.0)",
@@ -268,15 +312,8 @@ async fn poll_database(db: &PgPool, settings: PollSettings) -> Option<DbStats> {
         )
         .load(conn)?;
         stats.dead_jobs = dead.into_iter().map(|r| (r.queue, r.n)).collect();
-        let finished: Vec<QueueStateCount> = diesel::sql_query(
-            "SELECT queue, state, count(*) AS n FROM jobs
-             WHERE finished_at > now() - interval '60 seconds' GROUP BY queue, state",
-        )
-        .load(conn)?;
-        stats.finished = finished
-            .into_iter()
-            .map(|r| ((r.queue, r.state), r.n))
-            .collect();
+        let rates: Vec<QueueRates> = diesel::sql_query(RATES).load(conn)?;
+        stats.rates = rates.into_iter().map(|r| (r.queue.clone(), r)).collect();
         Ok(stats)
     })
     .await;
@@ -333,14 +370,13 @@ fn assemble(
             stats.oldest_waiting_seconds = db.oldest.get(queue).copied().unwrap_or(0.0).max(0.0);
             stats.live_workers = db.live_workers.get(queue).copied().unwrap_or(0);
             stats.dead_jobs = db.dead_jobs.get(queue).copied().unwrap_or(0);
-            let finished = |state: &str| {
-                db.finished
-                    .get(&(queue.clone(), state.to_owned()))
-                    .copied()
-                    .unwrap_or(0)
-            };
-            stats.succeeded_last_minute = finished("succeeded");
-            stats.dead_last_minute = finished("dead");
+            let rates = db.rates.get(queue);
+            let rate = |pick: fn(&QueueRates) -> i64| rates.map_or(0, pick);
+            stats.published_last_minute = rate(|r| r.published);
+            stats.started_last_minute = rate(|r| r.started);
+            stats.succeeded_last_minute = rate(|r| r.succeeded);
+            stats.retried_last_minute = rate(|r| r.retried);
+            stats.dead_last_minute = rate(|r| r.dead);
             metrics
                 .queue_oldest_job_age
                 .with_label_values(&[queue.as_str()])

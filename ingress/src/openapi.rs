@@ -18,6 +18,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
         campaigns::control::resume, campaigns::control::cancel, campaigns::control::resend_unknown,
         schedules::list, schedules::ticks, stats::stats, webhooks::receive, profiles::show,
         admin::list, admin::show, admin::replay, admin::discard, admin::queues,
+        admin::bulk::replay_matching, admin::bulk::discard_matching,
         health::healthz, health::readyz, health::metrics
     ),
     components(schemas(
@@ -28,7 +29,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
         schedules::ScheduleView, schedules::Tick, stats::StatsResponse, stats::StatsRows, stats::JobStatsRow,
         stats::MailStatsRow, stats::WebhookStatsRow, conveyor_schema::stats::Family, conveyor_schema::stats::Granularity,
         admin::DeadJobView, admin::ActionView, admin::ReplayRequest, admin::ReplayResult,
-        admin::DiscardResult, crate::monitor::Snapshot, crate::monitor::QueueStats, crate::monitor::DelayedCount,
+        admin::DiscardResult, admin::bulk::BulkFilter, admin::bulk::BulkReplayRequest,
+        admin::bulk::BulkDiscardRequest, admin::bulk::BulkResult, admin::bulk::BulkItem, crate::monitor::Snapshot, crate::monitor::QueueStats, crate::monitor::DelayedCount,
         webhooks::WebhookAccepted, profiles::ProfileView, profiles::HeadshotView
     )),
     modifiers(&ApiKey),

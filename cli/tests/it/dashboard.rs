@@ -1,6 +1,7 @@
-//! The dashboard in a real headless browser: sign in, load every page, replay a
-//! dead job by clicking and see the replay succeed; a screenshot of each page
-//! goes to `<target>/tmp/dashboard-screenshots/`.
+//! The dashboard in a real headless browser: sign in, load every page (the
+//! queues page with its per-minute rates), replay a dead job by clicking and
+//! see the replay succeed; a screenshot of each page goes to
+//! `<target>/tmp/dashboard-screenshots/`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -55,6 +56,9 @@ async fn pages_load_and_a_dead_job_is_replayed_by_clicking() {
     bounce(&work).await;
     app.start_worker().await;
     app.wait_for_state(dead, "dead", WAIT).await;
+    // One retry, then success: every rate column has something to show.
+    let retried = app.enqueue("diag.fail", json!({"until_attempt": 2})).await;
+    app.wait_for_state(retried, "succeeded", WAIT).await;
 
     let browser = Browser::start().await;
     browser.goto(&app.url("/dashboard")).await;
@@ -69,6 +73,29 @@ async fn pages_load_and_a_dead_job_is_replayed_by_clicking() {
     browser.wait_for_text("#refreshed", "updated", WAIT).await;
     let queues = browser.wait_for_text("#queues", "default", WAIT).await;
     assert!(queues.contains("Consumers"), "{queues}");
+    for column in [
+        "Published / min",
+        "Started / min",
+        "Succeeded / min",
+        "Retried / min",
+        "Dead / min",
+    ] {
+        assert!(queues.contains(column), "{column} missing: {queues}");
+    }
+    // Two jobs recorded; the failing one started (its latest attempt), retried once
+    // and succeeded; the bounced one was dead-lettered by the broker, never started.
+    for (rate, shown) in [
+        ("published", "2"),
+        ("started", "1"),
+        ("succeeded", "1"),
+        ("retried", "1"),
+        ("dead", "1"),
+    ] {
+        let cell = browser
+            .wait_for_text(&format!("#queue-default .{rate}"), shown, WAIT)
+            .await;
+        assert_eq!(cell, shown, "{rate}");
+    }
     browser.screenshot(&shot("queues")).await;
 
     browser.goto(&app.url("/dashboard/workers")).await;

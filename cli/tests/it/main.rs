@@ -14,6 +14,7 @@ mod dead_letters;
 mod deploy;
 mod deploy_files;
 mod dlq;
+mod dlq_bulk;
 mod drain;
 mod hardening;
 mod http_errors;

@@ -189,3 +189,81 @@ async fn backlog_and_oldest_age_reflect_waiting_jobs() {
     })
     .await;
 }
+
+/// The ingress's latest poll (`GET /v1/admin/queues`).
+async fn snapshot(app: &TestApp) -> serde_json::Value {
+    app.client
+        .get(app.url("/v1/admin/queues"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits for a poll that began after this call.
+async fn next_poll(app: &TestApp) -> serde_json::Value {
+    let seen = snapshot(app).await["polled_at"].clone();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut fresh = snapshot(app).await;
+    while fresh["polled_at"] == seen {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        fresh = snapshot(app).await;
+    }
+    // The poll that was running may have begun before; one more makes sure.
+    let seen = fresh["polled_at"].clone();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let next = snapshot(app).await;
+        if next["polled_at"] != seen {
+            return next;
+        }
+    }
+}
+
+/// A job delayed 10 minutes, whether enqueued with a delay or waiting out a
+/// retry's backoff, is not waiting: the oldest age ignores it until it is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_jobs_do_not_raise_the_oldest_age() {
+    let app = TestApp::spawn_with(0, fast_monitor).await;
+    let delayed = app
+        .post_job(json!({"task": "diag.noop", "delay_ms": 600_000}))
+        .await;
+    assert_eq!(delayed.status(), 202);
+    // As the worker records a failed attempt: enqueued an hour ago, next try in 10 minutes.
+    app.count(
+        "WITH r AS (INSERT INTO jobs (id, task, queue, state, args, attempts, max_attempts,
+                                      enqueued_at, next_attempt_at)
+                    VALUES (gen_random_uuid(), 'diag.noop', 'default', 'retrying', '{}', 1, 5,
+                            now() - interval '1 hour', now() + interval '10 minutes')
+                    RETURNING 1)
+         SELECT count(*) AS n FROM r",
+    )
+    .await;
+    // Long enough for an over-count to show.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let polled = next_poll(&app).await;
+    let default = &polled["queues"][0];
+    assert_eq!(default["queue"], "default");
+    assert_eq!(default["oldest_waiting_seconds"], 0.0, "{polled}");
+    let text = scrape(&app.url("/metrics")).await;
+    let q = [("queue", "default")];
+    assert_eq!(
+        sample(&text, "conveyor_queue_oldest_job_age_seconds", &q),
+        Some(0.0)
+    );
+
+    // A runnable job does age the queue, from its own enqueue (not the hour-old retry's).
+    app.enqueue("diag.noop", json!({})).await;
+    let url = app.url("/metrics");
+    wait_until(WAIT, || async {
+        let text = scrape(&url).await;
+        sample(&text, "conveyor_queue_oldest_job_age_seconds", &q).is_some_and(|age| age > 0.5)
+    })
+    .await;
+    let age = snapshot(&app).await["queues"][0]["oldest_waiting_seconds"]
+        .as_f64()
+        .unwrap();
+    assert!(age < 60.0, "{age}");
+}

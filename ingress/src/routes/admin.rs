@@ -1,5 +1,8 @@
 //! The admin API (`/v1/admin/*`): dead jobs (list, show, replay, discard),
-//! queues and workers. Behind [`crate::admin_auth`].
+//! queues and workers. Behind [`crate::admin_auth`]. The bulk operations
+//! (every dead job a filter matches) are in [`bulk`].
+
+pub mod bulk;
 
 use axum::Extension;
 use axum::Json;
@@ -143,6 +146,7 @@ impl From<DeadJobQuery> for Filter {
             include_discarded: q.include_discarded,
             include_replayed: q.include_replayed,
             limit: q.limit.unwrap_or(100),
+            oldest_first: false,
         }
     }
 }
@@ -271,6 +275,7 @@ pub async fn replay(
         dry_run: request.dry_run,
         args: request.args,
         actor: format!("http:{actor}"),
+        bulk: None,
     };
     let outcome = dead_jobs::replay(&state.db, &state.publisher, &state.topology, id, options)
         .await
@@ -312,7 +317,7 @@ pub async fn discard(
         .map_err(db_problem)?;
     let outcome = match outcome {
         DiscardOutcome::NotFound => return Err(Problem::not_found(format!("no dead job {id}"))),
-        DiscardOutcome::Discarded => "discarded",
+        DiscardOutcome::Discarded | DiscardOutcome::WouldDiscard => "discarded",
         DiscardOutcome::AlreadyDiscarded => "already_discarded",
     };
     Ok(Json(DiscardResult {

@@ -80,7 +80,7 @@ pub struct JobStatus {
     pub started_at: Option<DateTime<Utc>>,
     /// When it reached a final state.
     pub finished_at: Option<DateTime<Utc>>,
-    /// When the next attempt is due, while retrying.
+    /// When the next attempt is due, while retrying or delayed.
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// Last change.
     pub updated_at: DateTime<Utc>,

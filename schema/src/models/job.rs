@@ -42,7 +42,8 @@ pub struct Job {
     pub started_at: Option<DateTime<Utc>>,
     /// When it reached a final state.
     pub finished_at: Option<DateTime<Utc>>,
-    /// When the next attempt is due, while `retrying`.
+    /// When the next attempt is due: while `retrying`, or while `queued` with a
+    /// delay (the envelope's `not_before`).
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
@@ -77,6 +78,9 @@ pub struct NewJob {
     pub replay_of: Option<Uuid>,
     /// Acceptance time.
     pub enqueued_at: DateTime<Utc>,
+    /// The envelope's `not_before` when it was enqueued with a delay: the job is
+    /// not waiting (and does not age its queue) before then.
+    pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
 impl NewJob {
@@ -92,6 +96,7 @@ impl NewJob {
             idempotency_key: envelope.idempotency_key.clone(),
             replay_of: envelope.replay_of,
             enqueued_at: envelope.enqueued_at,
+            next_attempt_at: envelope.not_before,
         }
     }
 }
