@@ -18,6 +18,7 @@ pub mod problem;
 pub mod recorder;
 pub mod routes;
 pub mod state;
+pub mod webhook_rejections;
 pub mod webhooks;
 
 use std::net::SocketAddr;
@@ -198,10 +199,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     ));
     let webhooks = std::sync::Arc::new(webhooks::Sources::from_config(&config.webhooks)?);
     webhooks::spawn_sweeper(db.clone(), plumbing.clone());
+    let webhook_rejections = webhook_rejections::Rejections::default();
+    let rejections_flushed = webhook_rejections
+        .clone()
+        .spawn_flusher(db.clone(), plumbing.clone());
     idempotency::spawn_purger(db.clone(), plumbing.clone());
     let auth = auth::Auth::new(db.clone(), &config.auth);
     let state = AppState {
         webhooks,
+        webhook_rejections,
         db,
         publisher: publisher.clone(),
         recorder,
@@ -251,6 +257,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             tracing::error!(error = %err, "ingress server failed");
         }
         plumbing.cancel();
+        let _ = rejections_flushed.await;
         tracing::info!("ingress stopped");
     });
     Ok(Ingress { addr, finished })

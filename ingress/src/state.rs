@@ -28,6 +28,8 @@ pub struct AppState {
     pub templates: conveyor_templates::MailTemplates,
     /// Webhook sources and their keys.
     pub webhooks: crate::webhooks::SharedSources,
+    /// Rejected webhooks, counted in memory and written in batches.
+    pub webhook_rejections: crate::webhook_rejections::Rejections,
     /// Cancelled when the ingress starts shutting down (readiness fails at once).
     pub shutdown: CancellationToken,
     /// Every schedule in force (for `/v1/schedules`).

@@ -567,6 +567,16 @@ async fn retention_seals_old_days_then_deletes_their_finished_jobs_in_batches() 
         17,
     )
     .await;
+    // Webhook rejection counts: two minutes of the old day, one recent.
+    execute(
+        &app,
+        "INSERT INTO webhook_rejections (minute, source, reason, requests) VALUES \
+         (date_trunc('day', now(), 'UTC') - interval '40 days' + interval '3 hours', 'members', 'bad_signature', 7), \
+         (date_trunc('day', now(), 'UTC') - interval '40 days' + interval '181 minutes', 'members', 'bad_signature', 5), \
+         (date_trunc('day', now(), 'UTC') - interval '40 days' + interval '5 hours', '(unknown)', 'unknown_source', 2), \
+         (date_trunc('day', now(), 'UTC') - interval '2 days', 'members', 'too_large', 1)",
+    )
+    .await;
     let old = "finished_at < date_trunc('day', now(), 'UTC') - interval '30 days'";
     let old_day_stats = expected_job_stats(&app, chrono::Duration::days(1)).await;
     let old_finished = app
@@ -621,4 +631,288 @@ async fn retention_seals_old_days_then_deletes_their_finished_jobs_in_batches() 
             .await,
         1
     );
+    // The old day's rejection counts were rolled up, then deleted; recent ones stay.
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM webhook_rejections")
+            .await,
+        1
+    );
+    for table in ["webhook_stats_hourly", "webhook_stats_daily"] {
+        let rows = webhook_table(&app, table).await;
+        let old_day: Vec<_> = rows
+            .iter()
+            .filter(|r| r.bucket >= day && r.bucket < day + chrono::Duration::days(1))
+            .cloned()
+            .collect();
+        assert_eq!(
+            stat_totals(&old_day),
+            totals([
+                ("members", "rejected", "bad_signature", 12),
+                ("(unknown)", "rejected", "unknown_source", 2),
+            ]),
+            "{table}"
+        );
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, QueryableByName)]
+struct WebhookStat {
+    #[diesel(sql_type = Timestamptz)]
+    bucket: DateTime<Utc>,
+    #[diesel(sql_type = Text)]
+    source: String,
+    #[diesel(sql_type = Text)]
+    outcome: String,
+    #[diesel(sql_type = Text)]
+    reason: String,
+    #[diesel(sql_type = BigInt)]
+    events: i64,
+    #[diesel(sql_type = Timestamptz)]
+    computed_at: DateTime<Utc>,
+}
+
+async fn webhook_table(app: &TestApp, name: &str) -> Vec<WebhookStat> {
+    load(
+        app,
+        &format!("SELECT * FROM {name} ORDER BY bucket, source, outcome, reason"),
+    )
+    .await
+}
+
+/// (source, outcome, reason) -> events, summed over buckets.
+type Totals = BTreeMap<(String, String, String), i64>;
+
+fn totals<'a>(rows: impl IntoIterator<Item = (&'a str, &'a str, &'a str, i64)>) -> Totals {
+    let mut totals = Totals::new();
+    for (source, outcome, reason, n) in rows {
+        *totals
+            .entry((source.to_owned(), outcome.to_owned(), reason.to_owned()))
+            .or_default() += n;
+    }
+    totals
+}
+
+fn stat_totals(rows: &[WebhookStat]) -> Totals {
+    totals(rows.iter().map(|r| {
+        (
+            r.source.as_str(),
+            r.outcome.as_str(),
+            r.reason.as_str(),
+            r.events,
+        )
+    }))
+}
+
+/// What the test sent, plus one event per `webhook_events` row (counted here,
+/// not by the rollup's SQL).
+async fn expected_webhook_totals(app: &TestApp, rejected: &[(&str, &str, i64)]) -> Totals {
+    #[derive(QueryableByName)]
+    struct Event {
+        #[diesel(sql_type = Text)]
+        source: String,
+        #[diesel(sql_type = Text)]
+        outcome: String,
+    }
+    let events: Vec<Event> = load(app, "SELECT source, outcome FROM webhook_events").await;
+    let mut expected = totals(
+        events
+            .iter()
+            .map(|e| (e.source.as_str(), e.outcome.as_str(), "", 1)),
+    );
+    expected.extend(totals(
+        rejected
+            .iter()
+            .map(|&(source, reason, n)| (source, "rejected", reason, n)),
+    ));
+    expected
+}
+
+async fn rejections_recorded(app: &TestApp) -> i64 {
+    app.count("SELECT coalesce(sum(requests), 0)::bigint AS n FROM webhook_rejections")
+        .await
+}
+
+/// UTC minutes touched between `start` and now.
+fn minutes_since(start: DateTime<Utc>) -> i64 {
+    let minute = |t: DateTime<Utc>| t.timestamp().div_euclid(60);
+    minute(Utc::now()) - minute(start) + 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_webhooks_are_counted_by_reason_rolled_up_and_exported() {
+    use crate::webhooks::{self as hooks, Keys, TOLERANCE};
+    use conveyor_platform::webhook_signature::{self, SigningKey};
+
+    let keys = Keys::new();
+    let app = hooks::spawn(1, &keys, |_| {}).await;
+    let body = hooks::update("p1", "2026-01-01T00:00:00Z", "a@x.io").to_string();
+    let post = |headers: Vec<(&'static str, String)>| {
+        let (app, body) = (&app, body.clone());
+        async move { hooks::post_raw(app, "members", &headers, body).await }
+    };
+    let signed = |key: &str, id: &str, ts: i64| {
+        let signature = SigningKey::parse(key)
+            .unwrap()
+            .sign(id, ts, body.as_bytes());
+        vec![
+            ("webhook-id", id.to_owned()),
+            ("webhook-timestamp", ts.to_string()),
+            ("webhook-signature", signature),
+        ]
+    };
+
+    // 20 bad signatures (a key the source does not have): 401.
+    let stranger = webhook_signature::generate_hmac_secret();
+    let flood_started = Utc::now();
+    for i in 0..20 {
+        let response = post(signed(&stranger, &format!("bad{i}"), hooks::now())).await;
+        assert_eq!(response.status(), 401);
+    }
+    let flood_minutes = minutes_since(flood_started);
+    // 2 stale timestamps, well outside the tolerance: 401.
+    for i in 0..2 {
+        let ts = hooks::now() - TOLERANCE as i64 - 120;
+        let response = post(signed(&keys.hmac_old, &format!("old{i}"), ts)).await;
+        assert_eq!(response.status(), 401);
+    }
+    // 3 malformed header sets: 400.
+    let good = signed(&keys.hmac_old, "m1", hooks::now());
+    for headers in [
+        vec![good[0].clone(), good[2].clone()],
+        vec![
+            good[0].clone(),
+            ("webhook-timestamp", "yesterday".to_owned()),
+            good[2].clone(),
+        ],
+        vec![
+            good[0].clone(),
+            good[1].clone(),
+            ("webhook-signature", "v1".to_owned()),
+        ],
+    ] {
+        assert_eq!(post(headers).await.status(), 400);
+    }
+    // A source nobody configured: 404, stored under `(unknown)`, never its name.
+    let response = hooks::post_raw(&app, "strangers", &[], body.clone()).await;
+    assert_eq!(response.status(), 404);
+    // One accepted webhook, applied by the worker.
+    let job = hooks::send(
+        &app,
+        &keys.hmac_new,
+        &hooks::update("p2", "2026-01-01T00:00:00Z", "b@x.io"),
+    )
+    .await;
+    app.wait_for_state(job, "succeeded", Duration::from_secs(30))
+        .await;
+
+    // The counts reach the database in the next batch; rejections made no jobs.
+    crate::harness::wait_until(Duration::from_secs(15), || async {
+        rejections_recorded(&app).await == 26
+    })
+    .await;
+    assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM webhook_rejections WHERE source = 'strangers'")
+            .await,
+        0
+    );
+    // One row per minute, source and reason, however many requests.
+    assert!(
+        app.count("SELECT count(*) AS n FROM webhook_rejections WHERE reason = 'bad_signature'")
+            .await
+            <= flood_minutes
+    );
+
+    let mut rejected = vec![
+        ("members", "bad_signature", 20),
+        ("members", "stale_timestamp", 2),
+        ("members", "bad_headers", 3),
+        ("(unknown)", "unknown_source", 1),
+    ];
+    let roll = || async {
+        run(&app, "stats.rollup_hourly", json!({"lookback": 3})).await;
+        run(&app, "stats.rollup_daily", json!({"lookback": 2})).await;
+    };
+    roll().await;
+    let hourly = webhook_table(&app, "webhook_stats_hourly").await;
+    let daily = webhook_table(&app, "webhook_stats_daily").await;
+    let expected = expected_webhook_totals(&app, &rejected).await;
+    assert!(expected.contains_key(&("members".into(), "applied".into(), String::new())));
+    assert_eq!(stat_totals(&hourly), expected);
+    assert_eq!(stat_totals(&daily), expected);
+
+    // Twice gives identical tables, computed_at included.
+    roll().await;
+    assert_eq!(webhook_table(&app, "webhook_stats_hourly").await, hourly);
+    assert_eq!(webhook_table(&app, "webhook_stats_daily").await, daily);
+
+    // A rejection after the rollup is counted by the next one.
+    let response = post(signed(&stranger, "late", hooks::now())).await;
+    assert_eq!(response.status(), 401);
+    crate::harness::wait_until(Duration::from_secs(15), || async {
+        rejections_recorded(&app).await == 27
+    })
+    .await;
+    rejected[0].2 += 1;
+    roll().await;
+    let expected = expected_webhook_totals(&app, &rejected).await;
+    let hourly = webhook_table(&app, "webhook_stats_hourly").await;
+    assert_eq!(stat_totals(&hourly), expected);
+    assert_eq!(
+        stat_totals(&webhook_table(&app, "webhook_stats_daily").await),
+        expected
+    );
+
+    // The API: JSON and CSV agree, filtered to rejections or to one reason.
+    let (hour, day) = current_windows(&app).await;
+    let span = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let range = format!(
+        "from={}&to={}",
+        span(hour - chrono::Duration::hours(2)),
+        span(hour + chrono::Duration::hours(1))
+    );
+    let (json_rows, csv_rows) = json_and_csv::<WebhookRow>(
+        &app,
+        &format!("/v1/stats/webhooks?{range}&outcome=rejected"),
+    )
+    .await;
+    assert_eq!(json_rows, csv_rows);
+    let by_reason = totals(json_rows.iter().map(|r| {
+        (
+            r.source.as_str(),
+            r.outcome.as_str(),
+            r.reason.as_str(),
+            r.events,
+        )
+    }));
+    let rejected_only: Totals = expected
+        .into_iter()
+        .filter(|((_, outcome, _), _)| outcome == "rejected")
+        .collect();
+    assert_eq!(by_reason, rejected_only);
+    let days = format!(
+        "from={}&to={}",
+        span(day - chrono::Duration::days(1)),
+        span(day + chrono::Duration::days(1))
+    );
+    let (json_rows, csv_rows) = json_and_csv::<WebhookRow>(
+        &app,
+        &format!("/v1/stats/webhooks?{days}&granularity=day&reason=stale_timestamp"),
+    )
+    .await;
+    assert_eq!(json_rows, csv_rows);
+    assert!(
+        json_rows
+            .iter()
+            .all(|r| r.outcome == "rejected" && r.reason == "stale_timestamp"),
+        "{json_rows:?}"
+    );
+    assert_eq!(json_rows.iter().map(|r| r.events).sum::<i64>(), 2);
+    let response = app
+        .client
+        .get(app.url("/v1/stats/jobs?reason=bad_signature"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
 }

@@ -35,8 +35,10 @@ pub struct StatsQuery {
     pub campaign: Option<Uuid>,
     /// Webhooks only: one source.
     pub source: Option<String>,
-    /// Webhooks only: one outcome.
+    /// Webhooks only: one outcome (`rejected` for every rejection reason).
     pub outcome: Option<String>,
+    /// Webhooks only: one rejection reason (e.g. `bad_signature`).
+    pub reason: Option<String>,
 }
 
 /// Job runs of one task in one bucket (jobs that reached a final state then).
@@ -88,19 +90,24 @@ pub struct MailStatsRow {
     pub unknown: i64,
 }
 
-/// Webhook events of one source and outcome in one bucket.
+/// Webhook events of one source, outcome and reason in one bucket. Rejected
+/// requests have outcome `rejected`, one row per reason; their total is the
+/// sum of those rows.
 #[derive(Debug, Serialize, Deserialize, ToSchema, QueryableByName, PartialEq)]
 pub struct WebhookStatsRow {
     /// Start of the bucket (UTC).
     #[diesel(sql_type = Timestamptz)]
     pub bucket: DateTime<Utc>,
-    /// Source name.
+    /// Source name; `(unknown)` for rejected requests to a source that is not configured.
     #[diesel(sql_type = Text)]
     pub source: String,
-    /// Outcome (accepted, rejected, applied, stale, …).
+    /// `accepted`, `duplicate`, `applied`, `unchanged`, `skipped_stale`,
+    /// `skipped_deleted`, `failed`, or `rejected`.
     #[diesel(sql_type = Text)]
     pub outcome: String,
-    /// Rejection reason; empty when none.
+    /// Why a request was rejected (`unknown_source`, `bad_headers`,
+    /// `too_large`, `stale_timestamp`, `bad_signature`, `invalid_body`,
+    /// `in_progress`, `unavailable`); empty for the other outcomes.
     #[diesel(sql_type = Text)]
     pub reason: String,
     /// Events.
@@ -184,6 +191,7 @@ pub async fn stats(
         ("campaign", query.campaign.is_some(), Family::Mail),
         ("source", query.source.is_some(), Family::Webhooks),
         ("outcome", query.outcome.is_some(), Family::Webhooks),
+        ("reason", query.reason.is_some(), Family::Webhooks),
     ];
     if let Some((name, ..)) = given
         .iter()
@@ -222,12 +230,14 @@ pub async fn stats(
                     "SELECT bucket, source, outcome, reason, events FROM {table} \
                      WHERE {range} AND ($3::text IS NULL OR source = $3) \
                        AND ($4::text IS NULL OR outcome = $4) \
+                       AND ($5::text IS NULL OR reason = $5) \
                      ORDER BY bucket, source, outcome, reason"
                 ))
                 .bind::<Timestamptz, _>(from)
                 .bind::<Timestamptz, _>(to)
                 .bind::<Nullable<Text>, _>(query.source)
                 .bind::<Nullable<Text>, _>(query.outcome)
+                .bind::<Nullable<Text>, _>(query.reason)
                 .load(conn)?,
             ),
         })

@@ -6,7 +6,8 @@
 //! source's tolerance (401), a valid signature over the raw bytes (401), then
 //! the body's shape (400/422). Only then is the `webhook-id` claimed (a repeat
 //! answers 200) and the `webhook.profile_sync` job recorded and published (202
-//! after the broker's confirm).
+//! after the broker's confirm). A rejection is counted, by reason, in the
+//! metrics and (batched, see [`crate::webhook_rejections`]) in the database.
 
 use axum::Json;
 use axum::body::Body;
@@ -153,12 +154,14 @@ pub async fn receive(
 ) -> Response {
     let Some(source) = state.webhooks.by_name.get(&source_name) else {
         count(&state, "unknown", "unknown_source");
+        state.webhook_rejections.record(None, "unknown_source");
         return Problem::not_found(format!("no webhook source `{source_name}`")).into_response();
     };
     match verified(&state, &source_name, source, &headers, body).await {
         Ok(response) => response,
         Err((reason, problem)) => {
             count(&state, &source_name, reason);
+            state.webhook_rejections.record(Some(&source_name), reason);
             problem.into_response()
         }
     }

@@ -54,14 +54,16 @@ impl TaskSpec for RollupDaily {
 }
 
 /// `stats.retention {max_age_days?, batch?}`: seals the rollups of old days,
-/// then deletes finished job records older than `max_age_days` in batches.
+/// then deletes finished job records and webhook rejection counts older than
+/// `max_age_days` in batches.
 pub struct Retention;
 
 /// Arguments of `stats.retention`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionArgs {
-    /// Finished jobs older than this many days are deleted (at least 7; default 30).
+    /// Finished jobs and webhook rejection counts older than this many days are
+    /// deleted (at least 7; default 30).
     #[serde(default)]
     pub max_age_days: Option<u32>,
     /// Rows deleted per transaction (default 5000).

@@ -1,9 +1,10 @@
-//! `stats.retention`: deletes finished job records older than `max_age_days`
-//! in bounded batches, after their windows are rolled up.
+//! `stats.retention`: deletes finished job records and webhook rejection
+//! counts older than `max_age_days` in bounded batches, after their windows
+//! are rolled up.
 //!
-//! Before any record of a UTC day is deleted, that day's hourly and daily job
-//! rollups are recomputed one last time from the complete raw rows and the day
-//! is *sealed* (`stats_sealed_days`); deletes only touch sealed days. Rollup
+//! Before any raw row of a UTC day is deleted, that day's hourly and daily job
+//! and webhook rollups are recomputed one last time from the complete raw rows
+//! and the day is *sealed* (`stats_sealed_days`); deletes only touch sealed days. Rollup
 //! lookbacks (at most 48 hours, 3 days) never reach a day this old (at least 7),
 //! so a sealed window is never recomputed from partial rows. Jobs that never
 //! reached a final state are kept: they need an operator, not a sweeper. Old
@@ -21,7 +22,7 @@ use crate::{JobContext, Task, TaskError};
 /// Most batches one run deletes; the next run continues.
 const MAX_BATCHES: usize = 1000;
 
-/// Deletes old finished job records.
+/// Deletes old finished job records and webhook rejection counts.
 pub struct Retention;
 
 impl Task for Retention {
@@ -37,22 +38,40 @@ impl Task for Retention {
         let db = ctx.services.db.clone();
         let (cutoff, sealed) =
             conveyor_schema::pool::run(&db, move |conn| seal(conn, max_age_days)).await?;
-        let mut deleted = 0;
-        for _ in 0..MAX_BATCHES {
-            if ctx.shutdown.is_cancelled() {
-                break;
-            }
-            let n = conveyor_schema::pool::run(&db, move |conn| delete_batch(conn, cutoff, batch))
-                .await?;
-            deleted += n;
-            if (n as i64) < batch {
-                break;
-            }
-        }
+        let deleted =
+            in_batches(&ctx, batch, move |conn| delete_batch(conn, cutoff, batch)).await?;
+        let rejections = in_batches(&ctx, batch, move |conn| {
+            delete_rejections(conn, cutoff, batch)
+        })
+        .await?;
         let ticks = conveyor_schema::pool::run(&db, move |conn| delete_ticks(conn, cutoff)).await?;
-        tracing::info!(%cutoff, days.sealed = sealed, jobs.deleted = deleted, ticks.deleted = ticks, "retention done");
+        tracing::info!(
+            %cutoff, days.sealed = sealed, jobs.deleted = deleted,
+            webhook_rejections.deleted = rejections, ticks.deleted = ticks, "retention done"
+        );
         Ok(())
     }
+}
+
+/// Runs `delete` (one batch of at most `batch` rows, one transaction) until a
+/// batch comes back short, [`MAX_BATCHES`] ran, or the worker is stopping;
+/// returns the rows deleted.
+async fn in_batches<F>(ctx: &JobContext, batch: i64, delete: F) -> Result<usize, TaskError>
+where
+    F: Fn(&mut PgConnection) -> QueryResult<usize> + Clone + Send + 'static,
+{
+    let mut deleted = 0;
+    for _ in 0..MAX_BATCHES {
+        if ctx.shutdown.is_cancelled() {
+            break;
+        }
+        let n = conveyor_schema::pool::run(&ctx.services.db, delete.clone()).await?;
+        deleted += n;
+        if (n as i64) < batch {
+            break;
+        }
+    }
+    Ok(deleted)
 }
 
 /// The cutoff (a UTC midnight `max_age_days` back) and how many days were newly sealed.
@@ -68,11 +87,13 @@ fn seal(conn: &mut PgConnection, max_age_days: u32) -> QueryResult<(DateTime<Utc
     .bind::<Integer, _>(i32::try_from(max_age_days).unwrap_or(i32::MAX))
     .get_result::<Day>(conn)?
     .day;
-    let days = diesel::sql_query(
-        "SELECT DISTINCT date_trunc('day', finished_at, 'UTC') AS day FROM jobs \
+    let days = diesel::sql_query(format!(
+        "SELECT date_trunc('day', finished_at, 'UTC') AS day FROM jobs \
          WHERE finished_at < $1 AND state IN ('succeeded', 'dead') \
+         UNION SELECT date_trunc('day', minute, 'UTC') FROM {rejections} WHERE minute < $1 \
          EXCEPT SELECT day FROM stats_sealed_days ORDER BY 1",
-    )
+        rejections = rollup::WEBHOOK_REJECTIONS,
+    ))
     .bind::<Timestamptz, _>(cutoff)
     .load::<Day>(conn)?;
     for Day { day } in &days {
@@ -80,6 +101,8 @@ fn seal(conn: &mut PgConnection, max_age_days: u32) -> QueryResult<(DateTime<Utc
         conn.transaction(|conn| {
             rollup::jobs(conn, Granularity::Hour, *day, end)?;
             rollup::jobs(conn, Granularity::Day, *day, end)?;
+            rollup::webhooks(conn, Granularity::Hour, *day, end)?;
+            rollup::webhooks(conn, Granularity::Day, *day, end)?;
             diesel::sql_query(
                 "INSERT INTO stats_sealed_days (day) VALUES ($1) ON CONFLICT DO NOTHING",
             )
@@ -99,6 +122,25 @@ fn delete_batch(conn: &mut PgConnection, cutoff: DateTime<Utc>, batch: i64) -> Q
                            WHERE s.day = date_trunc('day', j.finished_at, 'UTC')) \
              LIMIT $2)",
     )
+    .bind::<Timestamptz, _>(cutoff)
+    .bind::<BigInt, _>(batch)
+    .execute(conn)
+}
+
+fn delete_rejections(
+    conn: &mut PgConnection,
+    cutoff: DateTime<Utc>,
+    batch: i64,
+) -> QueryResult<usize> {
+    diesel::sql_query(format!(
+        "DELETE FROM {rejections} WHERE (minute, source, reason) IN ( \
+             SELECT r.minute, r.source, r.reason FROM {rejections} r \
+             WHERE r.minute < $1 \
+               AND EXISTS (SELECT 1 FROM stats_sealed_days s \
+                           WHERE s.day = date_trunc('day', r.minute, 'UTC')) \
+             LIMIT $2)",
+        rejections = rollup::WEBHOOK_REJECTIONS,
+    ))
     .bind::<Timestamptz, _>(cutoff)
     .bind::<BigInt, _>(batch)
     .execute(conn)

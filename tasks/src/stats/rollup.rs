@@ -7,8 +7,8 @@
 //! removed are sealed and lie outside every rollup's lookback.
 //!
 //! Mail and webhook rollups read tables that other features own
-//! (`campaign_recipients`, `webhook_events`); when such a table does not exist
-//! in this database, that part is skipped.
+//! (`campaign_recipients`, `webhook_events`, `webhook_rejections`); when such a
+//! table does not exist in this database, that part is skipped.
 
 use chrono::{DateTime, Utc};
 use conveyor_schema::stats::{Family, Granularity};
@@ -23,7 +23,8 @@ pub struct Rolled {
     pub jobs: usize,
     /// Mail rows inserted or changed; `None` when `campaign_recipients` is absent.
     pub mail: Option<usize>,
-    /// Webhook rows inserted or changed; `None` when `webhook_events` is absent.
+    /// Webhook rows inserted or changed; `None` when both `webhook_events`
+    /// and `webhook_rejections` are absent.
     pub webhooks: Option<usize>,
 }
 
@@ -102,35 +103,54 @@ pub fn mail(
         .map(Some)
 }
 
+/// The raw counts of rejected webhook requests, per minute, source and
+/// reason (written in batches by the ingress).
+pub const WEBHOOK_REJECTIONS: &str = "webhook_rejections";
+
 /// Recomputes webhook statistics for `[from, to)` per source, outcome and
-/// reason (when `webhook_events` has a `reason` column), bucketed by
-/// `recorded_at`; `None` when `webhook_events` does not exist.
+/// reason: one event per `webhook_events` row, bucketed by `recorded_at`
+/// (reason `''`, or its `reason` column when the table has one), plus the
+/// `webhook_rejections` counts as outcome `rejected` with their reason,
+/// bucketed by minute. `None` when neither table exists.
 pub fn webhooks(
     conn: &mut PgConnection,
     granularity: Granularity,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> QueryResult<Option<usize>> {
-    if !table_exists(conn, Family::Webhooks.source_table())? {
+    let mut parts = Vec::new();
+    if table_exists(conn, Family::Webhooks.source_table())? {
+        let reason = if column_exists(conn, "webhook_events", "reason")? {
+            "coalesce(reason::text, '')"
+        } else {
+            "''"
+        };
+        parts.push(format!(
+            "SELECT recorded_at AS at, source::text AS source, outcome::text AS outcome, \
+                    {reason} AS reason, 1::bigint AS n \
+             FROM webhook_events WHERE recorded_at >= $1 AND recorded_at < $2"
+        ));
+    }
+    if table_exists(conn, WEBHOOK_REJECTIONS)? {
+        parts.push(format!(
+            "SELECT minute AS at, source, 'rejected'::text AS outcome, reason, requests AS n \
+             FROM {WEBHOOK_REJECTIONS} WHERE minute >= $1 AND minute < $2"
+        ));
+    }
+    if parts.is_empty() {
         return Ok(None);
     }
-    let reason = if column_exists(conn, "webhook_events", "reason")? {
-        "coalesce(reason::text, '')"
-    } else {
-        "''"
-    };
     let sql = format!(
         "INSERT INTO {table} AS t (bucket, source, outcome, reason, events, computed_at) \
-         SELECT date_trunc('{unit}', recorded_at, 'UTC'), source::text, outcome::text, {reason}, \
-                count(*), now() \
-         FROM webhook_events \
-         WHERE recorded_at >= $1 AND recorded_at < $2 \
+         SELECT date_trunc('{unit}', at, 'UTC'), source, outcome, reason, sum(n)::bigint, now() \
+         FROM ({raw}) AS raw \
          GROUP BY 1, 2, 3, 4 \
          ON CONFLICT (bucket, source, outcome, reason) DO UPDATE SET \
              events = EXCLUDED.events, computed_at = EXCLUDED.computed_at \
          WHERE t.events IS DISTINCT FROM EXCLUDED.events",
         unit = granularity.unit(),
         table = Family::Webhooks.table(granularity),
+        raw = parts.join(" UNION ALL "),
     );
     diesel::sql_query(sql)
         .bind::<Timestamptz, _>(from)
