@@ -24,6 +24,7 @@ diesel::table! {
         finished_at -> Nullable<Timestamptz>,
         next_attempt_at -> Nullable<Timestamptz>,
         updated_at -> Timestamptz,
+        producer -> Nullable<Text>,
     }
 }
 

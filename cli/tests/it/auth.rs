@@ -254,3 +254,81 @@ async fn cli_creates_lists_and_revokes_and_revocation_bites_within_five_seconds(
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown scope `root`"));
 }
+
+/// `GET /v1/jobs/{id}` of a job another producer enqueued is a 404 exactly
+/// like an unknown id (a 403 would confirm that the id exists); `admin` reads all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_read_only_their_own_jobs() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let billing = app.create_key_with("billing", &["enqueue:*"], None).await;
+    // A second key of the same producer, with a narrower scope.
+    let billing_too = app
+        .create_key_with("billing", &["enqueue:diag.noop"], None)
+        .await;
+    let shipping = app.create_key_with("shipping", &["enqueue:*"], None).await;
+    let (billing, billing_too, shipping) = (
+        app.client_with(&billing),
+        app.client_with(&billing_too),
+        app.client_with(&shipping),
+    );
+    let accepted = |response: reqwest::Response| async move {
+        assert_eq!(response.status(), 202);
+        response.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let plain = accepted(post_job(&billing, &app, "diag.noop").await).await;
+    let idempotent = accepted(
+        billing
+            .post(app.url("/v1/jobs"))
+            .header("idempotency-key", "order-1")
+            .json(&json!({"task": "diag.noop", "args": {}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let by_admin = accepted(post_job(&app.client, &app, "diag.noop").await).await;
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) AS n FROM jobs WHERE producer = 'billing' AND id IN ('{plain}', '{idempotent}')"
+        ))
+        .await,
+        2
+    );
+
+    let get =
+        |client: &reqwest::Client, id: &str| client.get(app.url(&format!("/v1/jobs/{id}"))).send();
+    for id in [&plain, &idempotent] {
+        for client in [&billing, &billing_too, &app.client] {
+            let response = get(client, id).await.unwrap();
+            assert_eq!(response.status(), 200, "{id}");
+            assert_eq!(response.json::<Value>().await.unwrap()["id"], id.as_str());
+        }
+    }
+    // Another producer's job and an unknown job look the same.
+    let unknown = uuid::Uuid::new_v4().to_string();
+    for (client, id) in [
+        (&shipping, &plain),
+        (&shipping, &idempotent),
+        (&billing, &by_admin),
+        (&shipping, &unknown),
+    ] {
+        let body = problem(get(client, id).await.unwrap(), 404).await;
+        assert_eq!(body["detail"], format!("no job {id}"), "{body}");
+    }
+    assert_eq!(get(&app.client, &by_admin).await.unwrap().status(), 200);
+
+    // Jobs Conveyor made itself (schedules, campaigns, replays) have no producer: admin only.
+    let own = uuid::Uuid::new_v4();
+    app.count(&format!(
+        "WITH j AS (INSERT INTO jobs (id, task, queue, state, args, max_attempts, enqueued_at) \
+         VALUES ('{own}', 'diag.noop', 'default', 'queued', '{{}}', 5, now()) RETURNING 1) \
+         SELECT count(*) AS n FROM j"
+    ))
+    .await;
+    let own = own.to_string();
+    problem(get(&billing, &own).await.unwrap(), 404).await;
+    assert_eq!(get(&app.client, &own).await.unwrap().status(), 200);
+}

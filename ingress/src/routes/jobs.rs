@@ -159,7 +159,8 @@ pub async fn enqueue(
         }
         None => Outgoing::job(&state.topology, queue, &envelope),
     };
-    let record = NewJob::queued(&envelope, &task.options);
+    let record =
+        NewJob::queued(&envelope, &task.options).by(principal.map(|Extension(p)| p.producer));
     state
         .recorder
         .submit(record, message)
@@ -176,20 +177,31 @@ pub async fn enqueue(
 }
 
 /// Read a job's status.
+///
+/// A key without `admin` sees only the jobs its producer enqueued; any other
+/// job is a 404, so a producer cannot probe for others' ids.
 #[utoipa::path(
     get, path = "/v1/jobs/{id}", tag = "jobs",
     params(("id" = String, Path, description = "Job id (UUID)")),
     responses(
         (status = 200, description = "The job", body = JobStatus),
         (status = 400, description = "Not a UUID", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, unknown, expired or revoked API key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key has no `enqueue:` scope", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such job, or (without `admin`) one another producer enqueued", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn status(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<String>,
 ) -> Result<Json<JobStatus>, Problem> {
+    // `None`: every job (admin). The guard sets a principal on every `/v1` route;
+    // like `enqueue`, a router without it applies no key rule.
+    let owner = principal
+        .filter(|Extension(p)| !p.has("admin"))
+        .map(|Extension(p)| p.producer);
     let id = Uuid::parse_str(&id).map_err(|_| {
         Problem::new(
             StatusCode::BAD_REQUEST,
@@ -199,11 +211,11 @@ pub async fn status(
         )
     })?;
     let job = conveyor_schema::pool::run(&state.db, move |conn| {
-        jobs::table
-            .find(id)
-            .select(Job::as_select())
-            .first(conn)
-            .optional()
+        let mut query = jobs::table.find(id).select(Job::as_select()).into_boxed();
+        if let Some(owner) = owner {
+            query = query.filter(jobs::producer.eq(owner));
+        }
+        query.first(conn).optional()
     })
     .await
     .map_err(|err| Problem::unavailable(err.to_string(), 1))?

@@ -81,6 +81,8 @@ pub struct NewJob {
     /// The envelope's `not_before` when it was enqueued with a delay: the job is
     /// not waiting (and does not age its queue) before then.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The API key's producer, for jobs enqueued through `POST /v1/jobs` (see [`Self::by`]).
+    pub producer: Option<String>,
 }
 
 impl NewJob {
@@ -97,6 +99,12 @@ impl NewJob {
             replay_of: envelope.replay_of,
             enqueued_at: envelope.enqueued_at,
             next_attempt_at: envelope.not_before,
+            producer: None,
         }
+    }
+
+    /// The same record, owned by `producer` (only it and `admin` keys may read it back).
+    pub fn by(self, producer: Option<String>) -> Self {
+        Self { producer, ..self }
     }
 }
