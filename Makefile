@@ -16,6 +16,7 @@ lint:
 	cargo clippy --all-targets -- -D warnings
 
 test: lint ## fmt check, clippy, and the whole test suite against real services
+	@bash deploy/local/schemathesis.sh >/dev/null  # the fuzz test's `st`
 	@if cargo nextest --version >/dev/null 2>&1; then \
 	  CI=true cargo nextest run --workspace --no-fail-fast; \
 	else \
@@ -27,7 +28,7 @@ fmt:
 
 bench: ## Conveyor vs Dramatiq vs the bare broker, written to benches/RESULTS.md (< 15 min)
 	@bash benches/run.sh
-fuzz: ## schemathesis over /openapi.json against a real ingress (no 5xx allowed); FUZZ_EXAMPLES=25 per operation
+fuzz: ## make test's schemathesis pass alone, deeper: FUZZ_EXAMPLES=100 per operation (no 5xx allowed)
 	@bash deploy/local/fuzz.sh
 cluster-test: ## The failover proof: a private 3-node RabbitMQ cluster and PostgreSQL, node and database restarts mid-load (root, ~3 min)
 	@bash deploy/cluster/run-proof.sh

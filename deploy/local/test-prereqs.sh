@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # Installs the tools the test suite drives besides PostgreSQL and RabbitMQ:
-# Debian's chromium + chromedriver (dashboard browser test) and promtool from
-# the `prometheus` package (alert rules check). Uses what is there; installs
-# with apt when root on Debian; else says exactly what to run.
+# Debian's chromium + chromedriver (dashboard browser test), promtool from
+# the `prometheus` package (alert rules check), and schemathesis from PyPI in a
+# venv under the target directory (the OpenAPI fuzz test). Uses what is there;
+# installs with apt when root on Debian; else says exactly what to run.
 set -euo pipefail
 
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v promtool >/dev/null || missing+=(prometheus)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 
 if [[ ${#missing[@]} -eq 0 ]]; then
-  echo "test tools present: chromium, chromedriver, promtool"
-  exit 0
-fi
-if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+  echo "test tools present: chromium, chromedriver, promtool, python3-venv"
+elif [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
   echo "Installing ${missing[*]} with apt..."
   apt-get update -q >/dev/null || true
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
@@ -26,3 +26,4 @@ else
   echo "test-prereqs: missing ${missing[*]}. Run: sudo apt-get install ${missing[*]}" >&2
   exit 1
 fi
+echo "schemathesis: $(bash "$(dirname "$0")/schemathesis.sh")"

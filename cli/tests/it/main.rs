@@ -16,6 +16,7 @@ mod deploy_files;
 mod dlq;
 mod dlq_bulk;
 mod drain;
+mod fuzz;
 mod hardening;
 mod http_errors;
 mod idempotency;
