@@ -30,5 +30,5 @@ bench: ## Conveyor vs Dramatiq vs the bare broker, written to benches/RESULTS.md
 	@bash benches/run.sh
 fuzz: ## make test's schemathesis pass alone, deeper: FUZZ_EXAMPLES=100 per operation (no 5xx allowed)
 	@bash deploy/local/fuzz.sh
-cluster-test: ## The failover proof: a private 3-node RabbitMQ cluster and PostgreSQL, node and database restarts mid-load (root, ~3 min)
+cluster-test: ## The failover proof: a private 3-node RabbitMQ cluster and PostgreSQL, node and database restarts mid-load, broker stop_app and memory alarm (root, ~5 min)
 	@bash deploy/cluster/run-proof.sh

@@ -4,6 +4,9 @@
 #
 #   rabbit.sh up          start c1..c3 (AMQP 5681..5683), join them, wait until clustered
 #   rabbit.sh solo        start c4 (AMQP 5684), a standalone node, for one-node benchmarks
+#                         and the broker-fault proofs (stop_app, memory alarm)
+#   rabbit.sh solo-url    the AMQP URL of c4
+#   rabbit.sh ctl N ARGS  rabbitmqctl ARGS against node N (1..4), e.g. `ctl 4 stop_app`
 #   rabbit.sh down        stop every node this script started and delete their data
 #   rabbit.sh stop N      stop node N (1..3) the hard way (the Erlang VM exits)
 #   rabbit.sh start N     start node N again; it rejoins the cluster by itself
@@ -87,6 +90,8 @@ case "${1:-}" in
     for n in 1 2 3 4; do [[ -d "$BASE/c$n" ]] && stop_node "$n"; done
     rm -rf "$BASE"
     ;;
+  solo-url) echo "amqp://guest:guest@127.0.0.1:$((PORT0 + 4))/%2f" ;;
+  ctl) n=$2; shift 2; ctl "$n" "$@" ;;
   stop) stop_node "$2" ;;
   start) start_node "$2" ;;
   leader|members)
@@ -108,5 +113,5 @@ case "${1:-}" in
     for n in "${NODES[@]}"; do urls+=("amqp://guest:guest@127.0.0.1:$((PORT0 + n))/%2f"); done
     (IFS=,; echo "${urls[*]}")
     ;;
-  *) sed -n '2,14p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,17p' "$0" >&2; exit 2 ;;
 esac

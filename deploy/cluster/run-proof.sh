@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# `make cluster-test`: the failover proof of issue 9.
+# `make cluster-test`: the failover proof of issue 9 and the broker faults of issue 7.
 #
-# Starts a private three-node RabbitMQ cluster (AMQP 5681..5683) and a private
-# PostgreSQL (5433), runs the `#[ignore]`d tests in cli/tests/it/cluster.rs one
-# at a time against them, and tears both down, also on failure or Ctrl-C.
+# Starts a private three-node RabbitMQ cluster (AMQP 5681..5683), a private
+# standalone node (5684) and a private PostgreSQL (5433), runs the `#[ignore]`d
+# tests in cli/tests/it/cluster.rs and broker_faults.rs one at a time against
+# them, and tears everything down, also on failure or Ctrl-C.
 # The shared broker on 5672 and database on 5432 are never touched.
 # Needs root (the nodes run as the `rabbitmq` user, the database as `postgres`).
 set -euo pipefail
@@ -31,11 +32,13 @@ cargo nextest run --no-run -p conveyor --test it >/dev/null 2>&1 || cargo test -
 
 bash "$HERE/postgres.sh" up
 bash "$HERE/rabbit.sh" up
+bash "$HERE/rabbit.sh" solo
 export CONVEYOR_CLUSTER_AMQP_URLS="$(bash "$HERE/rabbit.sh" urls)"
+export CONVEYOR_SOLO_AMQP_URL="$(bash "$HERE/rabbit.sh" solo-url)"
 export CONVEYOR_CLUSTER_PG="$(bash "$HERE/postgres.sh" url)"
 
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run -p conveyor --test it --run-ignored ignored-only -j 1 --no-capture 'cluster::'
+  cargo nextest run -p conveyor --test it --run-ignored ignored-only -j 1 --no-capture 'cluster::' 'broker_faults::'
 else
-  cargo test -p conveyor --test it -- --ignored --test-threads 1 --nocapture 'cluster::'
+  cargo test -p conveyor --test it -- --ignored --test-threads 1 --nocapture 'cluster::' 'broker_faults::'
 fi

@@ -51,10 +51,13 @@ enum Fault {
 }
 
 /// The environment `make cluster-test` provides.
-struct ClusterEnv {
-    amqp_urls: String,
-    pg_server: String,
-    scripts: PathBuf,
+pub(crate) struct ClusterEnv {
+    /// Comma-separated AMQP URLs of the nodes to use.
+    pub(crate) amqp_urls: String,
+    /// The private PostgreSQL server, without a database.
+    pub(crate) pg_server: String,
+    /// deploy/cluster/, for rabbit.sh and postgres.sh.
+    pub(crate) scripts: PathBuf,
 }
 
 fn cluster_env() -> ClusterEnv {
@@ -74,7 +77,7 @@ fn cluster_env() -> ClusterEnv {
     }
 }
 
-fn script(env: &ClusterEnv, name: &str, args: &[&str]) -> String {
+pub(crate) fn script(env: &ClusterEnv, name: &str, args: &[&str]) -> String {
     let out = Command::new("bash")
         .arg(env.scripts.join(name))
         .args(args)
@@ -97,18 +100,18 @@ fn free_port() -> u16 {
 }
 
 /// One ingress and two worker processes on their own database and namespace.
-struct Deployment {
-    db_url: String,
+pub(crate) struct Deployment {
+    pub(crate) db_url: String,
     namespace: String,
-    ingress: String,
+    pub(crate) ingress: String,
     /// An `enqueue:*` key with a rate limit far above the load.
-    api_key: String,
+    pub(crate) api_key: String,
     worker_metrics: Vec<String>,
     children: Vec<Child>,
 }
 
 impl Deployment {
-    async fn start(env: &ClusterEnv) -> Self {
+    pub(crate) async fn start(env: &ClusterEnv) -> Self {
         let namespace = format!("c{}", &Uuid::new_v4().simple().to_string()[..10]);
         let db_url = format!("{}/{namespace}", env.pg_server);
         // Placement is fixed so every failover path runs: the ingress starts
@@ -236,19 +239,27 @@ impl Drop for Deployment {
 
 /// What the load generator saw.
 #[derive(Default)]
-struct Outcomes {
+pub(crate) struct Outcomes {
     /// Jobs answered 202.
-    accepted: Vec<Uuid>,
+    pub(crate) accepted: Vec<Uuid>,
     /// 503 answers (all carried `Retry-After`).
-    unavailable: usize,
+    pub(crate) unavailable: usize,
     /// Anything else, described.
-    unexpected: Vec<String>,
+    pub(crate) unexpected: Vec<String>,
     /// When the first and last 503 came, relative to the start.
-    unavailable_span: Option<(Duration, Duration)>,
+    pub(crate) unavailable_span: Option<(Duration, Duration)>,
+    /// When the last 202 came, relative to the start.
+    pub(crate) last_accepted: Option<Duration>,
 }
 
-/// Posts `JOBS` `diag.noop` jobs at `RATE_PER_SEC`.
-async fn post_load(ingress: String, api_key: String, started: Instant) -> Outcomes {
+/// Posts `jobs` `diag.noop` jobs at `rate_per_sec`.
+pub(crate) async fn post_load(
+    ingress: String,
+    api_key: String,
+    started: Instant,
+    jobs: usize,
+    rate_per_sec: u64,
+) -> Outcomes {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
         reqwest::header::AUTHORIZATION,
@@ -261,10 +272,10 @@ async fn post_load(ingress: String, api_key: String, started: Instant) -> Outcom
         .unwrap();
     let outcomes = Arc::new(Mutex::new(Outcomes::default()));
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE_PER_SEC));
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate_per_sec));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..JOBS {
+    for _ in 0..jobs {
         tick.tick().await;
         let slot = slots.clone().acquire_owned().await.unwrap();
         let (client, url, outcomes) = (
@@ -286,7 +297,9 @@ async fn post_load(ingress: String, api_key: String, started: Instant) -> Outcom
                     drop(out);
                     let body: Value = response.json().await.unwrap();
                     let id = body["id"].as_str().unwrap().parse().unwrap();
-                    outcomes.lock().unwrap().accepted.push(id);
+                    let mut out = outcomes.lock().unwrap();
+                    out.accepted.push(id);
+                    out.last_accepted = out.last_accepted.max(Some(at));
                 }
                 Ok(response) if response.status() == 503 => {
                     if response.headers().get("retry-after").is_none() {
@@ -294,7 +307,7 @@ async fn post_load(ingress: String, api_key: String, started: Instant) -> Outcom
                     }
                     out.unavailable += 1;
                     let span = out.unavailable_span.get_or_insert((at, at));
-                    span.1 = at;
+                    span.1 = span.1.max(at);
                 }
                 Ok(response) => out.unexpected.push(format!("status {}", response.status())),
                 Err(err) => out.unexpected.push(format!("request failed: {err}")),
@@ -412,27 +425,27 @@ async fn inject(fault: Fault, env: &ClusterEnv, queue: String, started: Instant)
 
 /// The accepted jobs by outcome.
 #[derive(QueryableByName, Debug)]
-struct Tally {
+pub(crate) struct Tally {
     /// Succeeded, started once.
     #[diesel(sql_type = BigInt)]
-    succeeded_once: i64,
+    pub(crate) succeeded_once: i64,
     /// Succeeded, started more than once (a redelivery ran it again).
     #[diesel(sql_type = BigInt)]
-    succeeded_more: i64,
+    pub(crate) succeeded_more: i64,
     /// Recorded but not (yet) succeeded.
     #[diesel(sql_type = BigInt)]
-    not_succeeded: i64,
+    pub(crate) not_succeeded: i64,
     /// No record at all.
     #[diesel(sql_type = BigInt)]
-    missing: i64,
+    pub(crate) missing: i64,
     /// Jobs in the table that were answered 503 (their publish was confirmed
     /// or in doubt when the record's commit failed): allowed, reported.
     #[diesel(sql_type = BigInt)]
-    ran_without_202: i64,
+    pub(crate) ran_without_202: i64,
 }
 
 /// Counts the accepted jobs by outcome, and the jobs that ran without a 202.
-fn tally(db_url: &str, accepted: &[Uuid]) -> Tally {
+pub(crate) fn tally(db_url: &str, accepted: &[Uuid]) -> Tally {
     let mut conn = PgConnection::establish(db_url).expect("connect to the cluster database");
     diesel::sql_query(
         "WITH a AS (SELECT unnest($1::uuid[]) AS id)
@@ -446,6 +459,24 @@ fn tally(db_url: &str, accepted: &[Uuid]) -> Tally {
     .bind::<Array<SqlUuid>, _>(accepted)
     .get_result(&mut conn)
     .expect("tally jobs")
+}
+
+/// [`tally`] once every accepted job succeeded, or as it stands after `within`.
+pub(crate) async fn settled_tally(db_url: &str, accepted: &[Uuid], within: Duration) -> Tally {
+    let accepted = Arc::new(accepted.to_vec());
+    let deadline = Instant::now() + within;
+    loop {
+        let (url, ids) = (db_url.to_owned(), accepted.clone());
+        let now = tokio::task::spawn_blocking(move || tally(&url, &ids))
+            .await
+            .unwrap();
+        if now.succeeded_once + now.succeeded_more == accepted.len() as i64
+            || Instant::now() > deadline
+        {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 async fn prove(fault: Fault) {
@@ -462,27 +493,20 @@ async fn prove(fault: Fault) {
         deployment.ingress.clone(),
         deployment.api_key.clone(),
         started,
+        JOBS,
+        RATE_PER_SEC,
     ));
     let fault_at = inject(fault, &env, deployment.work_queue(), started).await;
     let outcomes = load.await.unwrap();
     let load_secs = started.elapsed().as_secs_f64();
 
     // Every accepted job must finish; give the backlog time to drain.
-    let db_url = deployment.db_url.clone();
-    let accepted = Arc::new(outcomes.accepted.clone());
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let final_tally = loop {
-        let (url, ids) = (db_url.clone(), accepted.clone());
-        let now = tokio::task::spawn_blocking(move || tally(&url, &ids))
-            .await
-            .unwrap();
-        if now.succeeded_once + now.succeeded_more == accepted.len() as i64
-            || Instant::now() > deadline
-        {
-            break now;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let final_tally = settled_tally(
+        &deployment.db_url,
+        &outcomes.accepted,
+        Duration::from_secs(180),
+    )
+    .await;
     stop_sampling.cancel();
     let samples = sampler.await.unwrap();
     let resumed: Vec<Option<Duration>> = samples
@@ -528,7 +552,7 @@ async fn prove(fault: Fault) {
     }
 }
 
-fn summarize(items: &[String]) -> HashMap<&str, usize> {
+pub(crate) fn summarize(items: &[String]) -> HashMap<&str, usize> {
     let mut counts = HashMap::new();
     for item in items {
         *counts.entry(item.as_str()).or_default() += 1;

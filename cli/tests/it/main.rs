@@ -8,6 +8,7 @@ mod harness;
 mod smtp;
 
 mod auth;
+mod broker_faults;
 mod cluster;
 mod dashboard;
 mod dead_letters;
