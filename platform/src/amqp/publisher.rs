@@ -239,17 +239,28 @@ impl Publisher {
             mandatory: true,
             ..Default::default()
         };
+        // One deadline for sending and confirming: lapin stops writing to a connection
+        // the broker blocked, so a send can wait as long as the alarm lasts.
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
         let mut pending = Vec::with_capacity(messages.len());
         for message in messages {
-            let sent = channel
-                .basic_publish(
+            let sent = tokio::time::timeout_at(
+                deadline,
+                channel.basic_publish(
                     ShortString::from(message.exchange.clone()),
                     ShortString::from(message.routing_key.clone()),
                     options,
                     &message.body,
                     message.properties(),
-                )
-                .await;
+                ),
+            )
+            .await;
+            let Ok(sent) = sent else {
+                if !live.connection.status().blocked() {
+                    self.inner.broken.notify_one();
+                }
+                return all(PublishError::Timeout(self.inner.timeout));
+            };
             match sent {
                 Ok(confirm) => pending.push(Some(confirm)),
                 Err(err) => {
@@ -265,9 +276,14 @@ impl Publisher {
             }
         }
         let confirms = join_all(pending.into_iter().flatten());
-        match tokio::time::timeout(self.inner.timeout, confirms).await {
+        match tokio::time::timeout_at(deadline, confirms).await {
             Err(_) => {
-                self.inner.broken.notify_one();
+                // A connection the broker blocked (resource alarm) is healthy: keep it, so
+                // `is_ready` stays false until `connection.unblocked`, instead of
+                // reconnecting to a fresh, not-yet-blocked connection.
+                if !live.connection.status().blocked() {
+                    self.inner.broken.notify_one();
+                }
                 all(PublishError::Timeout(self.inner.timeout))
             }
             Ok(results) => results
