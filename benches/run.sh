@@ -27,7 +27,7 @@ log() { printf '\n== %s (%ss)\n' "$*" "$(($(date +%s) - started_at))"; }
 
 log "building release binaries"
 cargo build --release -q -p conveyor -p conveyor-benches --bins
-[[ -z ${BENCH_SKIP_CRITERION:-} ]] && cargo bench -q -p conveyor-benches --bench envelope --bench validation --no-run 2>/dev/null
+[[ -z ${BENCH_SKIP_CRITERION:-} ]] && cargo bench -q -p conveyor-benches --bench envelope --bench validation --bench templates --no-run 2>/dev/null
 started_at=$(date +%s) # the reported run time excludes compiling
 
 venv=$root/benches/.venv
@@ -112,7 +112,7 @@ log "memory"
 
 if [[ -z ${BENCH_SKIP_CRITERION:-} ]]; then
   log "criterion micro-benchmarks"
-  cargo bench -q -p conveyor-benches --bench envelope --bench validation -- --warm-up-time 1 --measurement-time 2 > "$out/criterion.txt" 2>&1
+  cargo bench -q -p conveyor-benches --bench envelope --bench validation --bench templates -- --warm-up-time 1 --measurement-time 2 > "$out/criterion.txt" 2>&1
 fi
 
 log "report"
