@@ -152,7 +152,7 @@ def render(r, m, args):
     L.append("")
     L.append("| who | jobs/s (first start → last finish) | jobs/s (from process spawn) |")
     L.append("| --- | --- | --- |")
-    L.append(f"| Conveyor, 1 worker process (`diag.noop`, state committed before each ack) | {r.cell('drain_1w','conveyor','rate')} | {r.cell('drain_1w','conveyor','rate_from_spawn')} |")
+    L.append(f"| Conveyor, 1 worker process (`diag.noop`, state committed before the batched acks that cover it) | {r.cell('drain_1w','conveyor','rate')} | {r.cell('drain_1w','conveyor','rate_from_spawn')} |")
     L.append(f"| Conveyor, 2 worker processes | {r.cell('drain_2w','conveyor','rate')} | {r.cell('drain_2w','conveyor','rate_from_spawn')} |")
     L.append(f"| Dramatiq no-op actor ({os.cpu_count()} processes × 8 threads, its default) | {r.cell('drain_1w','dramatiq','rate')} | {r.cell('drain_1w','dramatiq','rate_from_spawn')} |")
     L.append(f"| Dramatiq actor writing one Postgres row | {r.cell('drain_1w_pg','dramatiq','rate')} | {r.cell('drain_1w_pg','dramatiq','rate_from_spawn')} |")
