@@ -1,7 +1,7 @@
 //! Building one recipient's message and classifying the SMTP server's answer.
 
+use lettre::Message;
 use lettre::message::{Mailbox, MultiPart, header};
-use lettre::{AsyncTransport, Message};
 use uuid::Uuid;
 
 use super::MailServices;
@@ -89,7 +89,7 @@ pub async fn send_one(
         Ok(message) => message,
         Err(err) => return Delivery::Failed(format!("cannot build message: {err}")),
     };
-    match mail.transport.send(message).await {
+    match mail.transport.send(&message).await {
         Ok(response) => Delivery::Sent(format!(
             "{} {}",
             response.code(),

@@ -13,6 +13,7 @@ mod message;
 mod plan;
 mod rate;
 mod send_chunk;
+mod smtp;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,10 +21,10 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 use conveyor_templates::MailTemplates;
-use lettre::{AsyncSmtpTransport, Tokio1Executor};
 
 pub use plan::PlanCampaign;
 pub use send_chunk::SendChunk;
+pub use smtp::{SendError, SmtpPool};
 
 /// Tunables of the fan-out.
 #[derive(Debug, Clone)]
@@ -45,27 +46,10 @@ pub struct MailSettings {
     pub unsubscribe_url: String,
 }
 
-/// lettre reads `smtp://host` (no `tls` parameter) as plain SMTP; Conveyor also
-/// accepts the explicit `?tls=none`, which lettre does not know.
-fn lettre_url(smtp_url: &str) -> anyhow::Result<String> {
-    let mut url =
-        url::Url::parse(smtp_url).map_err(|err| anyhow::anyhow!("mail.smtp_url: {err}"))?;
-    let kept: Vec<(String, String)> = url
-        .query_pairs()
-        .filter(|(key, value)| !(key == "tls" && value == "none"))
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    url.set_query(None);
-    if !kept.is_empty() {
-        url.query_pairs_mut().extend_pairs(kept);
-    }
-    Ok(url.to_string())
-}
-
 /// What the mail tasks need, built once per worker.
 pub struct MailServices {
-    /// Pooled SMTP client.
-    pub transport: AsyncSmtpTransport<Tokio1Executor>,
+    /// Pooled SMTP connections (`TCP_NODELAY`; see `smtp`).
+    pub transport: SmtpPool,
     /// Mail templates.
     pub templates: MailTemplates,
     /// Tunables.
@@ -85,11 +69,7 @@ impl MailServices {
         templates: MailTemplates,
         settings: MailSettings,
     ) -> anyhow::Result<Self> {
-        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(&lettre_url(smtp_url)?)
-            .map_err(|err| anyhow::anyhow!("mail.smtp_url: {err}"))?
-            .timeout(Some(timeout))
-            .pool_config(lettre::transport::smtp::PoolConfig::new().max_size(pool_size))
-            .build();
+        let transport = SmtpPool::new(smtp_url, pool_size, timeout)?;
         let conversations = Arc::new(Semaphore::new(settings.smtp_concurrency.max(1)));
         Ok(Self {
             transport,
@@ -97,20 +77,5 @@ impl MailServices {
             settings,
             conversations,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn tls_none_is_plain_smtp() {
-        assert_eq!(
-            super::lettre_url("smtp://127.0.0.1:2525?tls=none").unwrap(),
-            "smtp://127.0.0.1:2525"
-        );
-        assert_eq!(
-            super::lettre_url("smtp://u:p@mail.example:587?tls=required").unwrap(),
-            "smtp://u:p@mail.example:587?tls=required"
-        );
     }
 }
