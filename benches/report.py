@@ -188,7 +188,7 @@ def render(r, m, args):
         L.append("not measured in this run (`scenario_fanout` in `benches/run.sh`).")
     else:
         L.append("Recipients per second end to end (first claim to last `sent` in the ledger), to one local SMTP sink;")
-        L.append("the ceiling is a bare lettre client on the same sink at the 4-worker SMTP concurrency.")
+        L.append("the ceiling is a bare lettre client (`TCP_NODELAY` sockets) on the same sink at the 4-worker SMTP concurrency.")
         L.append("")
         L.append("| workers | recipients/s (min / median / max) | share of the ceiling |")
         L.append("|---|---|---|")
@@ -196,7 +196,10 @@ def render(r, m, args):
         for w in (1, 2, 4):
             med = r.median("fanout", "conveyor", f"rate_{w}w")
             L.append(f"| {w} | {r.cell('fanout', 'conveyor', f'rate_{w}w')} | {fmt_ratio(ratio(med, ceiling))} |")
-        L.append(f"| bare lettre (ceiling) | {r.cell('fanout', 'ceiling', 'rate')} | 1.00× |")
+        L.append(f"| bare lettre, `TCP_NODELAY` sockets (ceiling) | {r.cell('fanout', 'ceiling', 'rate')} | 1.00× |")
+        stock = r.median("fanout", "lettre_transport", "rate")
+        if stock is not None:
+            L.append(f"| lettre's pooled transport (Nagle on, what Conveyor used before) | {r.cell('fanout', 'lettre_transport', 'rate')} | {fmt_ratio(ratio(stock, ceiling))} |")
     L.append("")
 
     L.append("### Memory")

@@ -24,6 +24,8 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Double};
 use lettre::message::Mailbox;
+use lettre::transport::smtp::client::AsyncSmtpConnection;
+use lettre::transport::smtp::extension::ClientId;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use mailin_embedded::{Handler, Response, Server};
 use tokio_util::sync::CancellationToken;
@@ -220,11 +222,36 @@ async fn measure_workers(
     ))
 }
 
-/// The bare lettre client at `concurrency`, sending `n` messages of the same shape.
-async fn measure_ceiling(sink_url: &str, n: usize, concurrency: usize) -> anyhow::Result<f64> {
-    let url = sink_url.replace("?tls=none", "");
+/// One message of the same shape as the campaign's.
+fn bench_message(from: &Mailbox, i: u64) -> anyhow::Result<Message> {
+    Ok(Message::builder()
+        .from(from.clone())
+        .to(format!("r{i}@example.com").parse()?)
+        .subject("Bench, you're invited: Bench")
+        .multipart(lettre::message::MultiPart::alternative_plain_html(
+            "Hello R, we are delighted to invite you.".repeat(8),
+            "<p>Hello R, we are delighted to invite you.</p>".repeat(8),
+        ))?)
+}
+
+/// The bare lettre client at `concurrency`: one `AsyncSmtpConnection` per
+/// task on a socket with `TCP_NODELAY` (no ledger, no broker), the ceiling.
+/// With `stock_transport`, lettre's own pooled transport instead, which keeps
+/// Nagle's algorithm on (what Conveyor used before; see RESULTS.md).
+async fn measure_ceiling(
+    sink_url: &str,
+    n: usize,
+    concurrency: usize,
+    stock_transport: bool,
+) -> anyhow::Result<f64> {
+    let url = url::Url::parse(sink_url)?;
+    let addr = format!(
+        "{}:{}",
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(25)
+    );
     let transport = Arc::new(
-        AsyncSmtpTransport::<Tokio1Executor>::from_url(&url)?
+        AsyncSmtpTransport::<Tokio1Executor>::from_url(&sink_url.replace("?tls=none", ""))?
             .pool_config(lettre::transport::smtp::PoolConfig::new().max_size(concurrency as u32))
             .build(),
     );
@@ -233,22 +260,36 @@ async fn measure_ceiling(sink_url: &str, n: usize, concurrency: usize) -> anyhow
     let next = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (transport, from, next) = (transport.clone(), from.clone(), next.clone());
+            let (transport, from, next, addr) =
+                (transport.clone(), from.clone(), next.clone(), addr.clone());
             tokio::spawn(async move {
+                let mut conn = if stock_transport {
+                    None
+                } else {
+                    let stream = tokio::net::TcpStream::connect(&addr).await?;
+                    stream.set_nodelay(true)?;
+                    Some(
+                        AsyncSmtpConnection::connect_with_transport(
+                            Box::new(stream),
+                            &ClientId::default(),
+                        )
+                        .await?,
+                    )
+                };
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= n as u64 {
                         return Ok::<_, anyhow::Error>(());
                     }
-                    let message = Message::builder()
-                        .from(from.clone())
-                        .to(format!("r{i}@example.com").parse()?)
-                        .subject("Bench, you're invited: Bench")
-                        .multipart(lettre::message::MultiPart::alternative_plain_html(
-                            "Hello R, we are delighted to invite you.".repeat(8),
-                            "<p>Hello R, we are delighted to invite you.</p>".repeat(8),
-                        ))?;
-                    transport.send(message).await?;
+                    let message = bench_message(&from, i)?;
+                    match &mut conn {
+                        Some(conn) => {
+                            conn.send(message.envelope(), &message.formatted()).await?;
+                        }
+                        None => {
+                            transport.send(message).await?;
+                        }
+                    }
                 }
             })
         })
@@ -278,14 +319,15 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let concurrency = args.smtp_concurrency * args.workers.iter().copied().max().unwrap_or(1);
-    let ceiling = measure_ceiling(
-        &sink_url,
-        (args.recipients as usize).min(50_000),
-        concurrency,
-    )
-    .await?;
-    println!("bare lettre at concurrency {concurrency}: {ceiling:.0} messages/s");
+    let messages = (args.recipients as usize).min(50_000);
+    let ceiling = measure_ceiling(&sink_url, messages, concurrency, false).await?;
+    println!("bare lettre (TCP_NODELAY) at concurrency {concurrency}: {ceiling:.0} messages/s");
     Recorder::new(common, "fanout", "ceiling").put("rate", ceiling, "messages/s")?;
+    let stock = measure_ceiling(&sink_url, messages.min(10_000), concurrency, true).await?;
+    println!(
+        "lettre's pooled transport (Nagle on) at concurrency {concurrency}: {stock:.0} messages/s"
+    );
+    Recorder::new(common, "fanout", "lettre_transport").put("rate", stock, "messages/s")?;
     admin.close().await;
     Ok(())
 }

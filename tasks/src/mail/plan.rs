@@ -15,6 +15,9 @@ use super::ledger;
 use crate::{JobContext, Task, TaskError};
 
 /// Sender jobs published per broker round trip.
+/// Chunks planned per round before they are handed to sender jobs.
+const ROUND: usize = 16;
+/// Sender jobs enqueued together.
 const PUBLISH_BATCH: usize = 200;
 
 /// The planner.
@@ -28,6 +31,8 @@ impl Task for PlanCampaign {
         let chunk_size = ctx.services.mail.settings.chunk_size;
         let campaign_id = args.campaign_id;
         let mut planned = 0usize;
+        let mut published = 0usize;
+        // Plan and hand over in rounds, so sending starts while the rest is planned.
         loop {
             let Some(campaign) = pool::run(db, move |c| ledger::campaign(c, campaign_id)).await?
             else {
@@ -39,43 +44,59 @@ impl Task for PlanCampaign {
                 tracing::info!(campaign.id = %campaign_id, state = %campaign.state, "campaign not sending; planner stops");
                 return Ok(());
             }
-            if ctx.shutdown.is_cancelled() {
+            let mut round = 0usize;
+            while round < ROUND && !ctx.shutdown.is_cancelled() {
+                let campaign = campaign.clone();
+                match pool::run(db, move |c| {
+                    ledger::plan_next_chunk(c, &campaign, chunk_size)
+                })
+                .await?
+                {
+                    Some(_) => round += 1,
+                    None => break,
+                }
+            }
+            planned += round;
+            published += publish_unpublished(&ctx, campaign_id).await?;
+            if round < ROUND || ctx.shutdown.is_cancelled() {
                 break;
             }
-            match pool::run(db, move |c| {
-                ledger::plan_next_chunk(c, &campaign, chunk_size)
-            })
-            .await?
-            {
-                Some(_) => planned += 1,
-                None => break,
-            }
-        }
-        let chunks = pool::run(db, move |c| ledger::unpublished_chunks(c, campaign_id)).await?;
-        for batch in chunks.chunks(PUBLISH_BATCH) {
-            let jobs = batch
-                .iter()
-                .map(|&chunk_id| {
-                    let args = serde_json::to_value(SendChunkArgs {
-                        campaign_id,
-                        chunk_id,
-                    })
-                    .unwrap_or_default();
-                    Envelope {
-                        id: chunk_id,
-                        ..Envelope::new(<mail::SendChunk as conveyor_schema::TaskSpec>::NAME, args)
-                    }
-                })
-                .collect();
-            ctx.services.enqueue.enqueue(jobs).await?;
-            let ids = batch.to_vec();
-            pool::run(db, move |c| ledger::mark_published(c, &ids)).await?;
         }
         if ctx.shutdown.is_cancelled() {
             return Err(TaskError::Interrupted);
         }
         pool::run(db, move |c| ledger::complete_if_done(c, campaign_id)).await?;
-        tracing::info!(campaign.id = %campaign_id, planned, published = chunks.len(), "campaign planned");
+        tracing::info!(campaign.id = %campaign_id, planned, published, "campaign planned");
         Ok(())
     }
+}
+
+/// Enqueues a sender job for every chunk of the campaign not yet confirmed as
+/// published, then marks them published; returns how many.
+async fn publish_unpublished(
+    ctx: &JobContext,
+    campaign_id: uuid::Uuid,
+) -> Result<usize, TaskError> {
+    let db = &ctx.services.db;
+    let chunks = pool::run(db, move |c| ledger::unpublished_chunks(c, campaign_id)).await?;
+    for batch in chunks.chunks(PUBLISH_BATCH) {
+        let jobs = batch
+            .iter()
+            .map(|&chunk_id| {
+                let args = serde_json::to_value(SendChunkArgs {
+                    campaign_id,
+                    chunk_id,
+                })
+                .unwrap_or_default();
+                Envelope {
+                    id: chunk_id,
+                    ..Envelope::new(<mail::SendChunk as conveyor_schema::TaskSpec>::NAME, args)
+                }
+            })
+            .collect();
+        ctx.services.enqueue.enqueue(jobs).await?;
+        let ids = batch.to_vec();
+        pool::run(db, move |c| ledger::mark_published(c, &ids)).await?;
+    }
+    Ok(chunks.len())
 }
