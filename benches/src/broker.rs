@@ -2,7 +2,7 @@
 
 use conveyor_platform::amqp::{Topology, connect};
 use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection};
 
 /// A connection and one channel for housekeeping.
@@ -68,4 +68,24 @@ impl Admin {
     pub async fn close(self) {
         let _ = self.connection.close(200, ShortString::from("done")).await;
     }
+}
+
+/// Declares a durable queue `name` of `queue_type` (`quorum` or `classic`) for
+/// the bare-broker scenarios.
+pub async fn declare_queue(
+    channel: &Channel,
+    name: &ShortString,
+    queue_type: &str,
+) -> anyhow::Result<()> {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(queue_type.into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel.queue_declare(name.clone(), durable, args).await?;
+    Ok(())
 }

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use conveyor_platform::Config;
-use conveyor_platform::amqp::{DELAY_LEVELS_MS, Topology, close_quietly, connect};
+use conveyor_platform::amqp::{
+    DELAY_LEVELS_MS, Topology, close_channel_quietly, close_quietly, connect,
+};
 use conveyor_platform::metrics::Metrics;
 use conveyor_schema::pool::{self, PgPool};
 use diesel::prelude::*;
@@ -174,8 +176,7 @@ async fn poll_broker(conn: &Connection, topology: &Topology) -> Result<BrokerCou
             }
         }
     }
-    let closing = channel.close(200, ShortString::from("polled"));
-    let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
+    close_channel_quietly(&channel, "polled").await;
     Ok(counts)
 }
 

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use conveyor_benches::Common;
+use conveyor_benches::broker::declare_queue;
 use conveyor_benches::results::Recorder;
 use conveyor_platform::amqp::connect;
 use conveyor_schema::Envelope;
@@ -15,9 +16,9 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation};
 
 #[derive(Parser)]
@@ -45,18 +46,7 @@ async fn main() -> anyhow::Result<()> {
     let queue = ShortString::from(format!("{}.ceiling", common.namespace));
     let connection = connect(&[common.amqp_url.as_str()], "conveyor-bench-ceiling").await?;
     let channel = connection.create_channel().await?;
-    let mut queue_args = FieldTable::default();
-    queue_args.insert(
-        ShortString::from("x-queue-type"),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(queue.clone(), durable, queue_args)
-        .await?;
+    declare_queue(&channel, &queue, "quorum").await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;

@@ -8,15 +8,16 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use conveyor_benches::Common;
+use conveyor_benches::broker::declare_queue;
 use conveyor_benches::results::Recorder;
 use conveyor_platform::amqp::connect;
 use futures::StreamExt;
 use lapin::BasicProperties;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{FieldTable, ShortString};
 
 #[derive(Parser)]
 struct Args {
@@ -36,18 +37,7 @@ async fn measure(args: &Args, queue_type: &str) -> anyhow::Result<Vec<f64>> {
     let queue = ShortString::from(format!("{}.latency-{queue_type}", common.namespace));
     let connection = connect(&[common.amqp_url.as_str()], "conveyor-bench-latency").await?;
     let channel = connection.create_channel().await?;
-    let mut queue_args = FieldTable::default();
-    queue_args.insert(
-        ShortString::from("x-queue-type"),
-        AMQPValue::LongString(LongString::from(queue_type)),
-    );
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(queue.clone(), durable, queue_args)
-        .await?;
+    declare_queue(&channel, &queue, queue_type).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;

@@ -200,16 +200,7 @@ async fn stopping_the_broker_mid_load_loses_no_accepted_job() {
         outcomes.last_accepted.is_some_and(|at| at > back),
         "no 202 after the broker came back"
     );
-    assert_eq!(final_tally.missing, 0, "accepted jobs with no record");
-    assert_eq!(
-        final_tally.not_succeeded, 0,
-        "accepted jobs that did not succeed"
-    );
-    assert_eq!(
-        final_tally.succeeded_more, 0,
-        "accepted jobs started more than once"
-    );
-    assert_eq!(final_tally.succeeded_once, outcomes.accepted.len() as i64);
+    final_tally.assert_each_accepted_job_ran_once(outcomes.accepted.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -444,6 +444,19 @@ pub(crate) struct Tally {
     pub(crate) ran_without_202: i64,
 }
 
+impl Tally {
+    /// Every accepted job has its record, succeeded, and was started exactly once.
+    pub(crate) fn assert_each_accepted_job_ran_once(&self, accepted: usize) {
+        assert_eq!(self.missing, 0, "accepted jobs with no record");
+        assert_eq!(self.not_succeeded, 0, "accepted jobs that did not succeed");
+        assert_eq!(
+            self.succeeded_more, 0,
+            "accepted jobs started more than once"
+        );
+        assert_eq!(self.succeeded_once, accepted as i64);
+    }
+}
+
 /// Counts the accepted jobs by outcome, and the jobs that ran without a 202.
 pub(crate) fn tally(db_url: &str, accepted: &[Uuid]) -> Tally {
     let mut conn = PgConnection::establish(db_url).expect("connect to the cluster database");
@@ -530,16 +543,7 @@ async fn prove(fault: Fault) {
         summarize(&outcomes.unexpected)
     );
     assert_eq!(outcomes.accepted.len() + outcomes.unavailable, JOBS);
-    assert_eq!(final_tally.missing, 0, "accepted jobs with no record");
-    assert_eq!(
-        final_tally.not_succeeded, 0,
-        "accepted jobs that did not succeed"
-    );
-    assert_eq!(
-        final_tally.succeeded_more, 0,
-        "accepted jobs started more than once"
-    );
-    assert_eq!(final_tally.succeeded_once, outcomes.accepted.len() as i64);
+    final_tally.assert_each_accepted_job_ran_once(outcomes.accepted.len());
     // A rise counts only once the broken part is certainly down; it is timed from when the fault began.
     for (worker, at) in resumed.iter().enumerate() {
         let at =

@@ -112,6 +112,12 @@ pub async fn close_quietly(connection: &Connection, reason: &str) {
     }
 }
 
+/// Closes `channel`, waiting at most 2 s for the broker to answer (see [`close_quietly`]).
+pub async fn close_channel_quietly(channel: &lapin::Channel, reason: &str) {
+    let closing = channel.close(200, reason.to_owned().into());
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
+}
+
 /// The URL without its password, for logs.
 fn redact(url: &str) -> String {
     match url::Url::parse(url) {

@@ -5,7 +5,7 @@ mod connect;
 mod publisher;
 mod topology;
 
-pub use connect::{ConnectError, Nodes, close_quietly, connect};
+pub use connect::{ConnectError, Nodes, close_channel_quietly, close_quietly, connect};
 pub use publisher::{Outgoing, PublishError, Publisher};
 pub use topology::{DELAY_LEVELS_MS, Topology, delay_level_for};
 

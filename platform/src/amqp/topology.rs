@@ -167,8 +167,7 @@ impl Topology {
         let topology = self.clone();
         let declare = async move {
             let declared = tokio::time::timeout(DECLARE_TIMEOUT, topology.declare(&channel)).await;
-            let closing = channel.close(200, ShortString::from("topology declared"));
-            let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
+            super::close_channel_quietly(&channel, "topology declared").await;
             match declared {
                 Ok(result) => result.map_err(anyhow::Error::from),
                 Err(_) => Err(anyhow::anyhow!(
