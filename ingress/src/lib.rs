@@ -205,7 +205,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .spawn_flusher(db.clone(), plumbing.clone());
     idempotency::spawn_purger(db.clone(), plumbing.clone());
     let auth = auth::Auth::new(db.clone(), &config.auth);
-    let state = AppState {
+    let state = AppState::new(state::Handles {
         webhooks,
         webhook_rejections,
         db,
@@ -229,7 +229,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         },
         snapshot,
         worker_gone_after: std::time::Duration::from_millis(config.monitor.worker_gone_after_ms),
-    };
+    });
     let listener = tokio::net::TcpListener::bind(config.ingress.addr)
         .await
         .with_context(|| format!("ingress.addr: cannot listen on {}", config.ingress.addr))?;

@@ -5,15 +5,25 @@
 //! request (one transaction, one confirm round trip) caps the ingress near the
 //! database's single-commit rate, so submissions are batched:
 //!
-//! 1. the batch's records are inserted in one open transaction;
-//! 2. the messages are published on one confirm channel, pipelined;
-//! 3. records whose publish failed are deleted, then the transaction commits;
+//! 1. a database connection is checked out (the pool checks it); if the
+//!    database is unreachable, nothing is published and every submission gets 503;
+//! 2. the batch's records are inserted in one transaction while, at the same
+//!    time, the messages are published on one confirm channel, pipelined;
+//! 3. once both are done, records whose publish failed are deleted and the
+//!    transaction commits (or rolls back when nothing was confirmed);
 //! 4. each waiting request is answered: 202 for a committed and confirmed job, 503 otherwise.
 //!
-//! A worker that receives a message before step 3 commits simply waits on the
-//! row lock (its upsert conflicts with the uncommitted insert). Batching is
-//! natural: whatever arrived while the previous batches were in flight forms
-//! the next one, so a lone request is never delayed by a timer.
+//! Because the message may reach a worker before the insert reaches its row,
+//! the worker's state upsert may create the row first; the insert then keeps
+//! that state and adds only what the ingress knows (producer, idempotency key,
+//! replay origin). A worker that upserts after the insert waits on the row
+//! lock until the commit. Both write rows in id order, so they never wait on
+//! each other in a cycle. Should the insert fail after messages were confirmed
+//! (the database died mid-batch), those jobs still run and their submitters got
+//! 503: the same "in doubt" outcome as a lost confirm.
+//!
+//! Batching is natural: whatever arrived while the previous batches were in
+//! flight forms the next one, so a lone request is never delayed by a timer.
 
 use std::sync::Arc;
 
@@ -116,12 +126,112 @@ enum Decision {
     RollBack,
 }
 
+/// The batch's insert, run in an open transaction on a blocking thread:
+/// `began` once a (checked) connection is in hand, `inserted` once the rows
+/// are in, then it waits for the [`Decision`].
+fn run_transaction(
+    pool: PgPool,
+    records: Vec<NewJob>,
+    began: oneshot::Sender<Result<(), String>>,
+    inserted: oneshot::Sender<Result<(), String>>,
+    decision: std::sync::mpsc::Receiver<Decision>,
+) -> Result<(), String> {
+    let mut conn = match pool.get() {
+        Ok(conn) => conn,
+        Err(err) => {
+            let _ = began.send(Err(err.to_string()));
+            return Err(err.to_string());
+        }
+    };
+    // The pool checked the connection on checkout: the database is there, so
+    // publishing may start while the transaction opens and the insert runs.
+    let _ = began.send(Ok(()));
+    let mut inserted = Some(inserted);
+    let result = conn.transaction::<_, diesel::result::Error, _>(|conn| {
+        let outcome = insert_records(conn, &records);
+        if let Some(inserted) = inserted.take() {
+            let _ = inserted.send(outcome.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        }
+        outcome?;
+        match decision.recv() {
+            Ok(Decision::CommitWithout(failed)) => {
+                if !failed.is_empty() {
+                    diesel::delete(jobs::table.filter(jobs::id.eq_any(failed))).execute(conn)?;
+                }
+                Ok(())
+            }
+            _ => Err(diesel::result::Error::RollbackTransaction),
+        }
+    });
+    if let Some(inserted) = inserted {
+        // BEGIN itself failed.
+        let _ = inserted.send(Err(result
+            .as_ref()
+            .err()
+            .map_or_else(|| "transaction did not start".into(), |e| e.to_string())));
+    }
+    result.map_err(|e| e.to_string())
+}
+
+/// One constant statement for any batch size (prepared once per connection,
+/// never re-planned), with one array parameter per column.
+///
+/// A worker that got a message before this insert reached its row has created
+/// the row already (its state upsert): the insert keeps that state and adds
+/// what only the ingress knows.
+const INSERT: &str = "
+INSERT INTO jobs (id, task, queue, state, args, max_attempts, idempotency_key, replay_of,
+                  enqueued_at, next_attempt_at, producer)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int4[],
+                     $7::text[], $8::uuid[], $9::timestamptz[], $10::timestamptz[], $11::text[])
+ON CONFLICT (id) DO UPDATE SET
+    producer = EXCLUDED.producer,
+    idempotency_key = EXCLUDED.idempotency_key,
+    replay_of = EXCLUDED.replay_of";
+
+fn insert_records(conn: &mut PgConnection, records: &[NewJob]) -> QueryResult<usize> {
+    use diesel::sql_types::{Array, Int4, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+    diesel::sql_query(INSERT)
+        .bind::<Array<SqlUuid>, _>(records.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(records.iter().map(|r| r.task.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(records.iter().map(|r| r.queue.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(records.iter().map(|r| r.state.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Jsonb>, _>(records.iter().map(|r| &r.args).collect::<Vec<_>>())
+        .bind::<Array<Int4>, _>(records.iter().map(|r| r.max_attempts).collect::<Vec<_>>())
+        .bind::<Array<Nullable<Text>>, _>(
+            records
+                .iter()
+                .map(|r| r.idempotency_key.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<SqlUuid>>, _>(
+            records.iter().map(|r| r.replay_of).collect::<Vec<_>>(),
+        )
+        .bind::<Array<Timestamptz>, _>(records.iter().map(|r| r.enqueued_at).collect::<Vec<_>>())
+        .bind::<Array<Nullable<Timestamptz>>, _>(
+            records
+                .iter()
+                .map(|r| r.next_attempt_at)
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<Text>>, _>(
+            records
+                .iter()
+                .map(|r| r.producer.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .execute(conn)
+}
+
 async fn commit_batch(
-    batch: Vec<Submission>,
+    mut batch: Vec<Submission>,
     db: &PgPool,
     publisher: &Publisher,
     metrics: &Metrics,
 ) {
+    // Rows in id order, as the worker's state writer writes them: two
+    // transactions that lock rows in one order cannot wait on each other.
+    batch.sort_unstable_by_key(|submission| submission.record.id);
     let mut records = Vec::with_capacity(batch.len());
     let mut messages = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
@@ -133,44 +243,12 @@ async fn commit_batch(
     let ids: Vec<Uuid> = records.iter().map(|r| r.id).collect();
     let started = std::time::Instant::now();
 
-    let (inserted_tx, inserted_rx) = oneshot::channel::<Result<(), String>>();
+    let (began_tx, began_rx) = oneshot::channel();
+    let (inserted_tx, inserted_rx) = oneshot::channel();
     let (decision_tx, decision_rx) = std::sync::mpsc::channel::<Decision>();
     let pool = db.clone();
-    let transaction = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let mut conn = match pool.get() {
-            Ok(conn) => conn,
-            Err(err) => {
-                let _ = inserted_tx.send(Err(err.to_string()));
-                return Err(err.to_string());
-            }
-        };
-        let mut inserted_tx = Some(inserted_tx);
-        let result = conn.transaction::<_, diesel::result::Error, _>(|conn| {
-            let inserted = diesel::insert_into(jobs::table)
-                .values(&records)
-                .execute(conn);
-            let signal = inserted_tx.take();
-            if let Err(err) = inserted {
-                if let Some(signal) = signal {
-                    let _ = signal.send(Err(err.to_string()));
-                }
-                return Err(err);
-            }
-            if let Some(signal) = signal {
-                let _ = signal.send(Ok(()));
-            }
-            match decision_rx.recv() {
-                Ok(Decision::CommitWithout(failed)) => {
-                    if !failed.is_empty() {
-                        diesel::delete(jobs::table.filter(jobs::id.eq_any(failed)))
-                            .execute(conn)?;
-                    }
-                    Ok(())
-                }
-                _ => Err(diesel::result::Error::RollbackTransaction),
-            }
-        });
-        result.map_err(|e| e.to_string())
+    let transaction = tokio::task::spawn_blocking(move || {
+        run_transaction(pool, records, began_tx, inserted_tx, decision_rx)
     });
 
     let reply_all = |replies: Vec<oneshot::Sender<Result<(), SubmitError>>>, err: SubmitError| {
@@ -178,7 +256,9 @@ async fn commit_batch(
             let _ = reply.send(Err(err.clone()));
         }
     };
-    match inserted_rx.await {
+    // Nothing is published unless the database took the transaction: a
+    // database outage answers 503 without a message behind it.
+    match began_rx.await {
         Ok(Ok(())) => {}
         Ok(Err(err)) => return reply_all(replies, SubmitError::Database(err)),
         Err(_) => {
@@ -188,30 +268,39 @@ async fn commit_batch(
             );
         }
     }
-    let inserted_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let results = publisher.publish_all(&messages).await;
+    let (inserted, results) = tokio::join!(inserted_rx, publisher.publish_all(&messages));
     let confirmed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let inserted = inserted.unwrap_or_else(|_| Err("transaction task ended".into()));
     let failed: Vec<Uuid> = ids
         .iter()
         .zip(&results)
         .filter(|(_, r)| r.is_err())
         .map(|(id, _)| *id)
         .collect();
-    let decision = if failed.len() == ids.len() {
+    let decision = if inserted.is_err() || failed.len() == ids.len() {
         Decision::RollBack
     } else {
         Decision::CommitWithout(failed)
     };
     let _ = decision_tx.send(decision);
-    let committed = match transaction.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(err)) if err.contains("rollback") || err.contains("Rollback") => Ok(()),
-        Ok(Err(err)) => Err(err),
-        Err(err) => Err(err.to_string()),
+    let committed = match (inserted, transaction.await) {
+        (Err(err), _) => Err(err),
+        (Ok(()), Ok(Ok(()))) => Ok(()),
+        (Ok(()), Ok(Err(err))) if err.contains("rollback") || err.contains("Rollback") => Ok(()),
+        (Ok(()), Ok(Err(err))) => Err(err),
+        (Ok(()), Err(err)) => Err(err.to_string()),
     };
+    if committed.is_err() {
+        let in_doubt = results.iter().filter(|r| r.is_ok()).count();
+        if in_doubt > 0 {
+            tracing::warn!(
+                in_doubt,
+                "job records failed after their messages were confirmed; those jobs will run although their submitters got 503"
+            );
+        }
+    }
     tracing::debug!(
         jobs = ids.len(),
-        inserted_ms,
         confirmed_ms,
         committed_ms = started.elapsed().as_secs_f64() * 1000.0,
         "group commit"

@@ -11,9 +11,28 @@ use tokio_util::sync::CancellationToken;
 use crate::monitor::SharedSnapshot;
 use crate::recorder::Recorder;
 
-/// Shared by all handlers. Cheap to clone.
+/// Shared by all handlers: one `Arc`, so the middleware and handlers that take
+/// it per request clone a single pointer rather than every handle inside.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Handles>);
+
+impl AppState {
+    /// Shares `handles`.
+    pub fn new(handles: Handles) -> Self {
+        Self(Arc::new(handles))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Handles;
+
+    fn deref(&self) -> &Handles {
+        &self.0
+    }
+}
+
+/// What every handler can reach, behind [`AppState`].
+pub struct Handles {
     /// The database pool.
     pub db: PgPool,
     /// Confirmed publishing.

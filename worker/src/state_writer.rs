@@ -260,6 +260,11 @@ fn plan(changes: Vec<StateChange>) -> Vec<Vec<Row>> {
     if !round.is_empty() {
         rounds.push(round);
     }
+    // Rows in id order, as the ingress inserts them, so that two transactions
+    // never wait on each other's rows in a cycle.
+    for round in &mut rounds {
+        round.sort_unstable_by_key(|row| row.change.id);
+    }
     rounds
 }
 
@@ -352,12 +357,28 @@ mod tests {
         assert_eq!(rounds.len(), 1);
         let rows = &rounds[0];
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].change.id, a.id);
-        assert_eq!(rows[0].change.state, JobState::Succeeded);
-        assert_eq!(rows[0].change.started_at, running_a.started_at);
-        assert!(rows[0].change.finished_at.is_some());
-        assert_eq!(rows[0].runs, 1);
-        assert_eq!(rows[1].runs, 1);
+        let row_a = rows.iter().find(|row| row.change.id == a.id).unwrap();
+        assert_eq!(row_a.change.state, JobState::Succeeded);
+        assert_eq!(row_a.change.started_at, running_a.started_at);
+        assert!(row_a.change.finished_at.is_some());
+        assert!(rows.iter().all(|row| row.runs == 1));
+    }
+
+    #[test]
+    fn each_round_is_in_id_order() {
+        let mut envelopes: Vec<Envelope> = (0..50)
+            .map(|_| Envelope::new("diag.noop", json!({})))
+            .collect();
+        envelopes.reverse();
+        let rounds = plan(
+            envelopes
+                .iter()
+                .map(|e| change(e, JobState::Running))
+                .collect(),
+        );
+        let ids: Vec<Uuid> = rounds[0].iter().map(|row| row.change.id).collect();
+        assert!(ids.is_sorted());
+        assert_eq!(ids.len(), 50);
     }
 
     #[test]

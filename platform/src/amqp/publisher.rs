@@ -242,40 +242,36 @@ impl Publisher {
         // One deadline for sending and confirming: lapin stops writing to a connection
         // the broker blocked, so a send can wait as long as the alarm lasts.
         let deadline = tokio::time::Instant::now() + self.inner.timeout;
-        let mut pending = Vec::with_capacity(messages.len());
-        for message in messages {
-            let sent = tokio::time::timeout_at(
-                deadline,
-                channel.basic_publish(
-                    ShortString::from(message.exchange.clone()),
-                    ShortString::from(message.routing_key.clone()),
-                    options,
-                    &message.body,
-                    message.properties(),
-                ),
+        // All sends at once: lapin queues each message's frames (and assigns its
+        // delivery tag) on the first poll, in order, so the I/O loop writes the
+        // whole batch in one go instead of waking once per message.
+        let sends = join_all(messages.iter().map(|message| {
+            channel.basic_publish(
+                ShortString::from(message.exchange.as_str()),
+                ShortString::from(message.routing_key.as_str()),
+                options,
+                &message.body,
+                message.properties(),
             )
-            .await;
-            let Ok(sent) = sent else {
-                if !live.connection.status().blocked() {
-                    self.inner.broken.notify_one();
-                }
-                return all(PublishError::Timeout(self.inner.timeout));
-            };
-            match sent {
-                Ok(confirm) => pending.push(Some(confirm)),
+        }));
+        let Ok(sent) = tokio::time::timeout_at(deadline, sends).await else {
+            if !live.connection.status().blocked() {
+                self.inner.broken.notify_one();
+            }
+            return all(PublishError::Timeout(self.inner.timeout));
+        };
+        let mut pending = Vec::with_capacity(messages.len());
+        for result in sent {
+            match result {
+                Ok(confirm) => pending.push(confirm),
                 Err(err) => {
                     self.inner.broken.notify_one();
-                    let mut results: Vec<Result<(), PublishError>> =
-                        Vec::with_capacity(messages.len());
-                    // Those already sent may still be confirmed; we cannot know, so report failure for all.
-                    results.resize_with(messages.len(), || {
-                        Err(PublishError::Channel(err.to_string()))
-                    });
-                    return results;
+                    // Those sent may still be confirmed; we cannot know, so report failure for all.
+                    return all(PublishError::Channel(err.to_string()));
                 }
             }
         }
-        let confirms = join_all(pending.into_iter().flatten());
+        let confirms = join_all(pending);
         match tokio::time::timeout_at(deadline, confirms).await {
             Err(_) => {
                 // A connection the broker blocked (resource alarm) is healthy: keep it, so
