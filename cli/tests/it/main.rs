@@ -16,6 +16,7 @@ mod deploy;
 mod deploy_files;
 mod dlq;
 mod dlq_bulk;
+mod docs;
 mod drain;
 mod fuzz;
 mod hardening;
