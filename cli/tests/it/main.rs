@@ -23,6 +23,7 @@ mod hardening;
 mod http_errors;
 mod idempotency;
 mod jobs;
+mod local_services;
 mod mail;
 mod mail_api;
 mod metrics;
