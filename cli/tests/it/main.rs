@@ -26,6 +26,7 @@ mod jobs;
 mod local_services;
 mod mail;
 mod mail_api;
+mod make_run;
 mod metrics;
 mod migrations;
 mod openapi;
