@@ -27,6 +27,7 @@ mod local_services;
 mod mail;
 mod mail_api;
 mod make_run;
+mod make_run_services;
 mod metrics;
 mod migrations;
 mod openapi;

@@ -33,15 +33,15 @@ use crate::harness::{AMQP_URL, PG_SERVER};
 /// The worker's drain deadline given to run.sh's processes.
 const GRACE: Duration = Duration::from_secs(5);
 
-fn repo() -> PathBuf {
+pub(crate) fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn answers(port: u16) -> bool {
+pub(crate) fn answers(port: u16) -> bool {
     TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).is_ok()
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -105,8 +105,8 @@ fn job_state(database: &str, id: Uuid) -> (String, i32) {
 
 /// run.sh and everything it owns; on drop (a failed assertion included) kills
 /// whatever is left, drops the database and deletes the broker namespace.
-struct MakeRun {
-    child: Child,
+pub(crate) struct MakeRun {
+    pub(crate) child: Child,
     namespace: String,
     database: String,
     /// Every line run.sh and its processes wrote, stdout and stderr interleaved.
@@ -116,6 +116,11 @@ struct MakeRun {
 
 impl MakeRun {
     fn start(port: u16) -> Self {
+        Self::start_with(port, |_| {})
+    }
+
+    /// Like [`Self::start`], after `adjust` changes run.sh's command (its environment).
+    pub(crate) fn start_with(port: u16, adjust: impl FnOnce(&mut Command)) -> Self {
         let namespace = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
         let database = format!("t_make_run_{}", Uuid::new_v4().simple());
         let mut command = Command::new("bash");
@@ -126,7 +131,7 @@ impl MakeRun {
                 command.env_remove(name);
             }
         }
-        let mut child = command
+        command
             .env("MAKE_RUN_BIN", env!("CARGO_BIN_EXE_conveyor"))
             .env("CONVEYOR_DATABASE_URL", format!("{PG_SERVER}/{database}"))
             .env("CONVEYOR_AMQP_URL", AMQP_URL)
@@ -145,9 +150,9 @@ impl MakeRun {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Its own process group, like a terminal's foreground job: Ctrl-C signals the group.
-            .process_group(0)
-            .spawn()
-            .expect("start bash deploy/local/run.sh");
+            .process_group(0);
+        adjust(&mut command);
+        let mut child = command.spawn().expect("start bash deploy/local/run.sh");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let readers = vec![
             read_lines(child.stdout.take().unwrap(), lines.clone()),
@@ -162,12 +167,30 @@ impl MakeRun {
         }
     }
 
-    fn output(&self) -> String {
+    /// Sends one SIGINT to run.sh's process group, as Ctrl-C in its terminal
+    /// would, and waits up to `limit` for run.sh to exit (blocking).
+    pub(crate) fn ctrl_c(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let signalled = Instant::now();
+        killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGINT).unwrap();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                signalled.elapsed() < limit,
+                "run.sh still running {limit:?} after SIGINT:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub(crate) fn output(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
 
     /// The rest of the first line containing `prefix`, waiting up to `timeout`.
-    fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> String {
+    pub(crate) fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(rest) = self
@@ -350,22 +373,7 @@ async fn make_run_runs_a_job_and_one_ctrl_c_drains_the_worker_and_stops_everythi
     }
 
     // Ctrl-C.
-    let signalled = Instant::now();
-    killpg(Pid::from_raw(run.child.id() as i32), Signal::SIGINT).unwrap();
-    let status = tokio::task::block_in_place(|| {
-        let limit = GRACE + Duration::from_secs(10);
-        loop {
-            if let Some(status) = run.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                signalled.elapsed() < limit,
-                "run.sh still running {limit:?} after SIGINT:\n{}",
-                run.output()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
+    let status = tokio::task::block_in_place(|| run.ctrl_c(GRACE + Duration::from_secs(10)));
     // The readers see EOF once every process writing to the pipes has exited.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !run.readers.iter().all(|r| r.is_finished()) {
