@@ -350,3 +350,140 @@ fn ensure_services_dry_run_uses_the_running_servers_and_records_nothing() {
     );
     assert_eq!(std::fs::read_to_string(record.path()).unwrap(), "");
 }
+
+/// A scratch PostgreSQL cluster run by user `postgres`, stopped on drop.
+struct ScratchCluster {
+    bin: PathBuf,
+    data: PathBuf,
+}
+
+impl Drop for ScratchCluster {
+    fn drop(&mut self) {
+        let _ = as_postgres(&format!(
+            "{}/pg_ctl -D {} -m immediate stop",
+            self.bin.display(),
+            self.data.display()
+        ));
+    }
+}
+
+fn as_postgres(command: &str) -> std::process::Output {
+    Command::new("su")
+        .args(["postgres", "-s", "/bin/sh", "-c", command])
+        .output()
+        .expect("run su")
+}
+
+fn psql_without_password(port: u16) -> bool {
+    Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-U", "postgres", "-d", "postgres", "-w", "-c", "select 1"])
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The rules really let the default URL's user in: a scratch cluster made
+/// like Debian's (scram-sha-256 for TCP) refuses a passwordless login, and
+/// accepts one after `svc_pg_trust_local_tcp` and a reload. Needs root,
+/// Debian's PostgreSQL server binaries and the `postgres` user; skipped loudly
+/// otherwise.
+#[test]
+fn trust_rules_let_user_postgres_in_over_tcp_without_a_password() {
+    let mut bins: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dir| dir.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    bins.retain(|bin| bin.join("initdb").exists());
+    bins.sort();
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout == b"0\n");
+    let (Some(bin), true) = (bins.pop(), is_root) else {
+        eprintln!(
+            "\n\n!!!!! SKIPPED: needs root and Debian's PostgreSQL server (/usr/lib/postgresql/*/bin/initdb);\n\
+             !!!!! the pg_hba.conf trust rules were NOT checked against a real server.\n\n"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let chown = Command::new("chown")
+        .arg("postgres")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let init = as_postgres(&format!(
+        "{}/initdb -D {} -U postgres --auth-local=peer --auth-host=scram-sha-256",
+        bin.display(),
+        data.display()
+    ));
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cluster = ScratchCluster {
+        bin: bin.clone(),
+        data: data.clone(),
+    };
+    let start = as_postgres(&format!(
+        "{}/pg_ctl -D {} -l {}/log -w -o '-p {port} -k {} -c listen_addresses=127.0.0.1' start",
+        bin.display(),
+        data.display(),
+        dir.path().display(),
+        dir.path().display()
+    ));
+    assert!(
+        start.status.success(),
+        "{}",
+        String::from_utf8_lossy(&start.stderr)
+    );
+    assert!(
+        !psql_without_password(port),
+        "the scratch cluster let postgres in before the rules"
+    );
+
+    let hba = data.join("pg_hba.conf");
+    let owner = |path: &std::path::Path| {
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(path).unwrap())
+    };
+    let owner_before = owner(&hba);
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -euo pipefail; source deploy/local/services.sh; svc_pg_trust_local_tcp {}",
+            hba.display()
+        ))
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(owner(&hba), owner_before, "pg_hba.conf changed owner");
+    let reload = as_postgres(&format!(
+        "{}/pg_ctl -D {} reload",
+        bin.display(),
+        data.display()
+    ));
+    assert!(reload.status.success());
+    // A reload is asynchronous: give the postmaster a moment to re-read the file.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !psql_without_password(port) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "user postgres still cannot log in over 127.0.0.1 without a password"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(cluster);
+}
