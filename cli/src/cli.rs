@@ -124,3 +124,83 @@ async fn migrate(action: MigrateAction, config: Config) -> anyhow::Result<()> {
     })
     .await?
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Args;
+
+    /// Every argument of `cmd` and its subcommands (except clap's own help and
+    /// version) without a help text, and every subcommand without an about;
+    /// `visited` counts the arguments looked at.
+    fn missing_help(cmd: &clap::Command, path: &str, visited: &mut usize) -> Vec<String> {
+        let mut problems = Vec::new();
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if matches!(id, "help" | "version") {
+                continue;
+            }
+            *visited += 1;
+            let help = arg.get_help().or(arg.get_long_help());
+            if help.is_none_or(|h| h.to_string().trim().is_empty()) {
+                problems.push(format!("`{path}`: argument `{id}` has no help"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            // clap's generated `help` subcommand
+            if sub.get_name() == "help" {
+                continue;
+            }
+            let sub_path = format!("{path} {}", sub.get_name());
+            let about = sub.get_about().or(sub.get_long_about());
+            if about.is_none_or(|a| a.to_string().trim().is_empty()) {
+                problems.push(format!("`{sub_path}` has no about"));
+            }
+            problems.extend(missing_help(sub, &sub_path, visited));
+        }
+        problems
+    }
+
+    #[test]
+    fn every_argument_has_help_and_every_subcommand_an_about() {
+        let mut cmd = Args::command();
+        // Builds the tree as `--help` sees it (global `--config` on every subcommand).
+        cmd.build();
+        let mut visited = 0;
+        let problems = missing_help(&cmd, "conveyor", &mut visited);
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+        // The walk reached the leaves: `keys create --scope` is one of them.
+        let scope = cmd
+            .find_subcommand("keys")
+            .and_then(|keys| keys.find_subcommand("create"))
+            .and_then(|create| {
+                create
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some("scope"))
+            });
+        assert!(scope.is_some(), "`keys create --scope` not found");
+        assert!(visited > 20, "only {visited} arguments looked at");
+    }
+
+    #[test]
+    fn the_check_finds_an_argument_without_help() {
+        let cmd = clap::Command::new("x")
+            .arg(
+                clap::Arg::new("documented")
+                    .long("documented")
+                    .help("Has help."),
+            )
+            .subcommand(clap::Command::new("sub").arg(clap::Arg::new("bare").long("bare")));
+        let mut visited = 0;
+        let problems = missing_help(&cmd, "x", &mut visited);
+        assert_eq!(
+            problems,
+            [
+                "`x sub` has no about",
+                "`x sub`: argument `bare` has no help"
+            ]
+        );
+        assert_eq!(visited, 2);
+    }
+}

@@ -61,7 +61,8 @@ LUA
 
 run_one() { # label urls workers
   local label=$1 urls=$2 workers=$3
-  local ns="bench$(date +%s%N | tail -c 9)"
+  local ns
+  ns="bench$(date +%s%N | tail -c 9)"
   local db="$PG/$ns"
   export CONVEYOR_DATABASE_URL="$db" CONVEYOR_AMQP_URL="$urls" CONVEYOR_NAMESPACE="$ns" CONVEYOR_LOG_LEVEL=warn
   "$BIN" migrate run >/dev/null

@@ -9,9 +9,9 @@
 #   postgres.sh url       the server URL (no database)
 set -euo pipefail
 
-DIR="${CONVEYOR_CLUSTER_PG_DIR:-/tmp/conveyor-pg-cluster}"
-PORT="${CONVEYOR_CLUSTER_PG_PORT:-5433}"
-BIN="${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}"
+DIR="${CLUSTER_TEST_PG_DIR:-/tmp/conveyor-pg-cluster}"
+PORT="${CLUSTER_TEST_PG_PORT:-5433}"
+BIN="${PG_BIN:-$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -1)}"
 
 as_postgres() { su postgres -s /bin/sh -c "$*"; }
 pg_ctl() { as_postgres "$BIN/pg_ctl -D $DIR/data -l $DIR/log -w -t 60 $*"; }
@@ -30,7 +30,7 @@ case "${1:-}" in
   stop) pg_ctl "-m fast stop" >/dev/null ;;
   start) pg_ctl "$OPTS start" >/dev/null ;;
   down)
-    [[ -f "$DIR/data/postmaster.pid" ]] && pg_ctl "-m immediate stop" >/dev/null || true
+    if [[ -f "$DIR/data/postmaster.pid" ]]; then pg_ctl "-m immediate stop" >/dev/null || true; fi
     rm -rf "$DIR"
     ;;
   url) echo "postgres://postgres@127.0.0.1:$PORT" ;;

@@ -18,9 +18,9 @@
 # owned by the `rabbitmq` user, and shares the Erlang cookie of the installed server.
 set -euo pipefail
 
-BASE="${CONVEYOR_CLUSTER_DIR:-/tmp/conveyor-rabbit-cluster}"
-PORT0="${CONVEYOR_CLUSTER_PORT0:-5680}"   # node N listens on PORT0+N
-DIST0="${CONVEYOR_CLUSTER_DIST0:-25680}"  # and distributes on DIST0+N
+BASE="${CLUSTER_TEST_DIR:-/tmp/conveyor-rabbit-cluster}"
+PORT0="${CLUSTER_TEST_PORT0:-5680}"   # node N listens on PORT0+N
+DIST0="${CLUSTER_TEST_DIST0:-25680}"  # and distributes on DIST0+N
 NODES=(1 2 3)
 
 node_name() { echo "c$1@localhost"; }

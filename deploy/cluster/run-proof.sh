@@ -33,9 +33,12 @@ cargo nextest run --no-run -p conveyor --test it >/dev/null 2>&1 || cargo test -
 bash "$HERE/postgres.sh" up
 bash "$HERE/rabbit.sh" up
 bash "$HERE/rabbit.sh" solo
-export CONVEYOR_CLUSTER_AMQP_URLS="$(bash "$HERE/rabbit.sh" urls)"
-export CONVEYOR_SOLO_AMQP_URL="$(bash "$HERE/rabbit.sh" solo-url)"
-export CONVEYOR_CLUSTER_PG="$(bash "$HERE/postgres.sh" url)"
+# Read by cli/tests/it/{cluster,broker_faults}.rs. Not CONVEYOR_* names: every
+# conveyor process reads those as configuration keys and rejects unknown ones.
+CLUSTER_TEST_AMQP_URLS="$(bash "$HERE/rabbit.sh" urls)"
+CLUSTER_TEST_SOLO_AMQP_URL="$(bash "$HERE/rabbit.sh" solo-url)"
+CLUSTER_TEST_PG="$(bash "$HERE/postgres.sh" url)"
+export CLUSTER_TEST_AMQP_URLS CLUSTER_TEST_SOLO_AMQP_URL CLUSTER_TEST_PG
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run -p conveyor --test it --run-ignored ignored-only -j 1 --no-capture 'cluster::' 'broker_faults::'

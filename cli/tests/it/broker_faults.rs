@@ -9,8 +9,8 @@
 //!   `/readyz` failing while the alarm lasts, 202 again once it clears.
 //!
 //! The shared broker on 5672 is never touched. These tests are `#[ignore]`d;
-//! `make cluster-test` starts the node and sets `CONVEYOR_SOLO_AMQP_URL` and
-//! `CONVEYOR_CLUSTER_PG` (see deploy/cluster/run-proof.sh).
+//! `make cluster-test` starts the node and sets `CLUSTER_TEST_SOLO_AMQP_URL` and
+//! `CLUSTER_TEST_PG` (see deploy/cluster/run-proof.sh).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -31,8 +31,8 @@ const RECOVER_WITHIN: Duration = Duration::from_secs(15);
 
 fn solo_env() -> ClusterEnv {
     let (Ok(amqp_urls), Ok(pg_server)) = (
-        std::env::var("CONVEYOR_SOLO_AMQP_URL"),
-        std::env::var("CONVEYOR_CLUSTER_PG"),
+        std::env::var("CLUSTER_TEST_SOLO_AMQP_URL"),
+        std::env::var("CLUSTER_TEST_PG"),
     ) else {
         panic!(
             "\n\n*** The broker-fault proofs need a private RabbitMQ node and PostgreSQL. ***\n\

@@ -16,7 +16,7 @@
 //!
 //! Needs the cluster, so these tests are `#[ignore]`d: `make cluster-test`
 //! starts the nodes and the database (deploy/cluster/), sets
-//! `CONVEYOR_CLUSTER_AMQP_URLS` and `CONVEYOR_CLUSTER_PG`, runs them one at a
+//! `CLUSTER_TEST_AMQP_URLS` and `CLUSTER_TEST_PG`, runs them one at a
 //! time, and tears everything down.
 
 use std::collections::HashMap;
@@ -62,8 +62,8 @@ pub(crate) struct ClusterEnv {
 
 fn cluster_env() -> ClusterEnv {
     let (Ok(amqp_urls), Ok(pg_server)) = (
-        std::env::var("CONVEYOR_CLUSTER_AMQP_URLS"),
-        std::env::var("CONVEYOR_CLUSTER_PG"),
+        std::env::var("CLUSTER_TEST_AMQP_URLS"),
+        std::env::var("CLUSTER_TEST_PG"),
     ) else {
         panic!(
             "\n\n*** The cluster proof needs a three-node RabbitMQ cluster and a private PostgreSQL. ***\n\

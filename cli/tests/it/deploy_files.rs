@@ -94,7 +94,7 @@ fn subcommand_path<'a>(args: &[&'a str]) -> Vec<&'a str> {
 }
 
 /// Every dotted key of the configuration tree (`namespace`, `amqp.url`, …).
-fn config_keys() -> BTreeSet<String> {
+pub(crate) fn config_keys() -> BTreeSet<String> {
     let tree = serde_json::to_value(Config::default()).unwrap();
     let mut keys = BTreeSet::new();
     for (section, value) in tree.as_object().unwrap() {
@@ -109,7 +109,7 @@ fn config_keys() -> BTreeSet<String> {
 }
 
 /// Fails unless `CONVEYOR_X` names a configuration key (the first `_` separates section from key).
-fn assert_config_var(name: &str, context: &str) {
+pub(crate) fn assert_config_var(name: &str, context: &str) {
     let Some(rest) = name.strip_prefix("CONVEYOR_") else {
         return;
     };

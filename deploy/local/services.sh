@@ -1,0 +1,335 @@
+# shellcheck shell=bash
+# The decisions and actions of ensure-services.sh, as functions: sourced by it,
+# and by the tests in cli/tests/it/local_services.rs, which call the
+# `svc_*_actions` functions with made-up facts in dry-run mode.
+#
+# Sourcing this file changes nothing. Every command that changes the system
+# goes through `svc_do`, which only prints it when SERVICES_DRY_RUN=1.
+# When SERVICES_STARTED_FILE names a file, every server started here is
+# recorded in it, one per line (`postgresql <version> <cluster>` or
+# `rabbitmq`), so that `svc_stop_recorded` can stop exactly those later.
+
+SERVICES_DRY_RUN="${SERVICES_DRY_RUN:-0}"
+SERVICES_STARTED_FILE="${SERVICES_STARTED_FILE:-}"
+svc_apt_updated=0
+
+svc_say() { echo "$*"; }
+svc_err() { echo "ensure-services: $*" >&2; }
+svc_dry() { [[ "$SERVICES_DRY_RUN" == 1 ]]; }
+
+# Runs a command that changes the system; in dry-run mode prints it instead.
+svc_do() {
+  if svc_dry; then
+    printf 'would run:'
+    printf ' %q' "$@"
+    printf '\n'
+  else
+    "$@"
+  fi
+}
+
+# Notes that this run started a server, so that the caller may stop it later.
+svc_record() {
+  [[ -n "$SERVICES_STARTED_FILE" ]] || return 0
+  if svc_dry; then
+    echo "would record: $*"
+  else
+    echo "$*" >>"$SERVICES_STARTED_FILE"
+  fi
+}
+
+# --- facts --------------------------------------------------------------------
+
+svc_hostport() { # url default_port -> "host port" (the first node of a list)
+  local rest="${1#*://}" host port
+  rest="${rest%%,*}"; rest="${rest##*@}"; rest="${rest%%/*}"; rest="${rest%%\?*}"
+  if [[ "$rest" == \[* ]]; then # [::1]:5432
+    host="${rest%%]*}"; host="${host#[}"; port="${rest#*]}"; port="${port#:}"
+  elif [[ "$rest" == *:* ]]; then
+    host="${rest%:*}"; port="${rest##*:}"
+  else
+    host="$rest"; port=""
+  fi
+  echo "${host:-127.0.0.1} ${port:-$2}"
+}
+svc_answers() { timeout 2 bash -c "</dev/tcp/$1/$2" 2>/dev/null; }
+svc_is_local() { [[ "$1" == "127.0.0.1" || "$1" == "localhost" || "$1" == "::1" ]]; }
+svc_root() { # yes|no; SERVICES_AS_ROOT=1 pretends to be root, in dry-run mode only
+  if [[ $EUID -eq 0 ]] || { svc_dry && [[ "${SERVICES_AS_ROOT:-0}" == 1 ]]; }; then
+    echo yes
+  else
+    echo no
+  fi
+}
+svc_package_manager() { # apt|dnf|yum|zypper|pacman|apk|brew|none
+  local tool
+  for tool in apt-get dnf yum zypper pacman apk brew; do
+    if command -v "$tool" >/dev/null 2>&1; then
+      echo "${tool%-get}"
+      return
+    fi
+  done
+  echo none
+}
+svc_pg_debian_version() { # the newest Debian cluster `main` (e.g. 15), or nothing
+  local dir
+  for dir in /etc/postgresql/*/main; do
+    [[ -d "$dir" ]] && basename "$(dirname "$dir")"
+  done | sort -V | tail -n1
+}
+svc_pg_binary_present() { # yes|no: a PostgreSQL server is installed in a way we do not start
+  if command -v postgres >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1; then
+    echo yes
+  else
+    echo no
+  fi
+}
+svc_rabbitmq_present() {
+  if command -v rabbitmq-server >/dev/null 2>&1; then echo yes; else echo no; fi
+}
+
+# --- what to tell people --------------------------------------------------------
+
+# How to install and start `service` (postgresql|rabbitmq) with `manager`.
+svc_install_hint() { # service manager
+  case "$1:$2" in
+    postgresql:apt)
+      echo "sudo apt-get update && sudo apt-get install postgresql  (or run this as root: it installs it and allows the passwordless local login the default URL needs)" ;;
+    postgresql:dnf | postgresql:yum)
+      echo "sudo $2 install postgresql-server && sudo postgresql-setup --initdb && sudo systemctl start postgresql" ;;
+    postgresql:zypper)
+      echo "sudo zypper install postgresql-server && sudo systemctl start postgresql" ;;
+    postgresql:pacman)
+      echo "sudo pacman -S postgresql && sudo -u postgres initdb -D /var/lib/postgres/data && sudo systemctl start postgresql" ;;
+    postgresql:apk)
+      echo "sudo apk add postgresql && sudo rc-service postgresql setup && sudo rc-service postgresql start" ;;
+    postgresql:brew)
+      echo "brew install postgresql@16 && brew services start postgresql@16, then CONVEYOR_DATABASE_URL=postgres://$(id -un)@127.0.0.1:5432/conveyor (Homebrew's superuser is you, not postgres)" ;;
+    postgresql:*)
+      echo "install PostgreSQL (https://www.postgresql.org/download/) and start it" ;;
+    rabbitmq:apt)
+      echo "sudo apt-get update && sudo apt-get install rabbitmq-server  (3.10 or newer; or run this as root: it installs it)" ;;
+    rabbitmq:dnf | rabbitmq:yum)
+      echo "install rabbitmq-server 3.10 or newer (https://www.rabbitmq.com/docs/install-rpm), then sudo systemctl start rabbitmq-server" ;;
+    rabbitmq:zypper)
+      echo "sudo zypper install rabbitmq-server && sudo systemctl start rabbitmq-server  (3.10 or newer)" ;;
+    rabbitmq:pacman)
+      echo "sudo pacman -S rabbitmq && sudo systemctl start rabbitmq" ;;
+    rabbitmq:apk)
+      echo "sudo apk add rabbitmq-server && sudo rc-service rabbitmq-server start  (3.10 or newer)" ;;
+    rabbitmq:brew)
+      echo "brew install rabbitmq && brew services start rabbitmq" ;;
+    rabbitmq:*)
+      echo "install RabbitMQ 3.10 or newer (https://www.rabbitmq.com/docs/download) and start it" ;;
+  esac
+}
+
+# --- actions --------------------------------------------------------------------
+
+svc_apt_install() { # package…: apt-get update (once per run), then install
+  if [[ $svc_apt_updated == 0 ]]; then
+    svc_do apt-get update -q
+    svc_apt_updated=1
+  fi
+  svc_do env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+}
+
+svc_wait_for() { # host port name seconds
+  if svc_dry; then
+    echo "would wait up to $4 s for $3 at $1:$2"
+    return 0
+  fi
+  local _
+  for _ in $(seq 1 "$4"); do
+    svc_answers "$1" "$2" && return 0
+    sleep 1
+  done
+  svc_err "$3 did not start listening on $1:$2 within $4 s"
+  return 1
+}
+
+# The rules that let user postgres log in over loopback TCP without a password,
+# as the default URL postgres://postgres@127.0.0.1:5432/conveyor expects.
+SVC_PG_TRUST_MARKER="# Added by Conveyor's deploy/local/ensure-services.sh, which installed this server for local development:"
+SVC_PG_TRUST_RULES=$'host all postgres 127.0.0.1/32 trust\nhost all postgres ::1/128 trust'
+
+# Puts the trust rules first in `pg_hba.conf` (the first matching rule wins).
+# Only for a server this script has just installed; idempotent.
+svc_pg_trust_local_tcp() { # pg_hba.conf
+  local hba="$1" tmp
+  if svc_dry; then
+    echo "would prepend to $hba: ${SVC_PG_TRUST_RULES//$'\n'/; }"
+    return 0
+  fi
+  if grep -qxF "$SVC_PG_TRUST_MARKER" "$hba"; then
+    return 0
+  fi
+  tmp="$(mktemp "$hba.XXXXXX")"
+  { echo "$SVC_PG_TRUST_MARKER"; echo "$SVC_PG_TRUST_RULES"; echo; cat "$hba"; } >"$tmp"
+  chown --reference="$hba" "$tmp" 2>/dev/null || true
+  chmod --reference="$hba" "$tmp" 2>/dev/null || chmod 640 "$tmp"
+  mv "$tmp" "$hba"
+  svc_say "PostgreSQL: user postgres may now log in over 127.0.0.1/::1 without a password ($hba)"
+}
+
+svc_pg_check_login() { # host port
+  svc_dry && return 0
+  command -v psql >/dev/null 2>&1 || return 0
+  if ! PGCONNECT_TIMEOUT=5 psql -h "$1" -p "$2" -U postgres -d postgres -w -c 'select 1' >/dev/null 2>&1; then
+    svc_err "PostgreSQL runs, but user postgres cannot log in over TCP without a password."
+    svc_err "Either set CONVEYOR_DATABASE_URL=postgres://USER:PASSWORD@$1:$2/conveyor, or put"
+    svc_err "  ${SVC_PG_TRUST_RULES//$'\n'/ | }"
+    svc_err "first in pg_hba.conf and reload PostgreSQL (local development only)."
+    return 1
+  fi
+}
+
+# What to do about PostgreSQL, given the facts (each `yes` or `no` unless noted):
+# host port answers is_local debian_version(or empty) binary_present root manager.
+svc_postgres_actions() {
+  local host="$1" port="$2" answers="$3" is_local="$4" version="$5" binary="$6" root="$7" manager="$8"
+  if [[ "$answers" == yes ]]; then
+    svc_say "PostgreSQL answers at $host:$port"
+    return 0
+  fi
+  if [[ "$is_local" != yes ]]; then
+    svc_err "PostgreSQL at $host:$port does not answer, and it is not local; start it or fix CONVEYOR_DATABASE_URL"
+    return 1
+  fi
+  if [[ -n "$version" ]]; then
+    svc_say "Starting PostgreSQL $version..."
+    if ! svc_do pg_ctlcluster --skip-systemctl-redirect "$version" main start; then
+      svc_err "pg_ctlcluster could not start PostgreSQL $version main (it needs root: sudo pg_ctlcluster $version main start)"
+      return 1
+    fi
+    svc_record "postgresql $version main"
+    svc_wait_for "$host" "$port" PostgreSQL 30 || return 1
+    svc_pg_check_login "$host" "$port"
+    return
+  fi
+  if [[ "$binary" == yes ]]; then
+    svc_err "PostgreSQL is installed but does not answer at $host:$port, and it is not a Debian cluster this script can start."
+    svc_err "Start it (e.g. sudo systemctl start postgresql, or brew services start postgresql@16), or fix CONVEYOR_DATABASE_URL"
+    return 1
+  fi
+  if [[ "$root" != yes || "$manager" != apt ]]; then
+    svc_err "PostgreSQL is not installed; to install it: $(svc_install_hint postgresql "$manager")"
+    svc_err "Or point CONVEYOR_DATABASE_URL at a server."
+    return 1
+  fi
+  svc_say "Installing PostgreSQL with apt..."
+  svc_apt_install postgresql || return 1
+  version="$(svc_pg_debian_version)"
+  if svc_dry; then
+    version="${version:-VERSION}"
+  elif [[ -z "$version" ]]; then
+    svc_err "apt installed postgresql, but there is no cluster in /etc/postgresql/*/main"
+    return 1
+  fi
+  # This script installed the server, so it may set its authentication up.
+  svc_pg_trust_local_tcp "/etc/postgresql/$version/main/pg_hba.conf" || return 1
+  # apt may have started the cluster already (then a reload applies the new
+  # rules); where it did not (no init system), start it.
+  svc_say "Starting PostgreSQL $version..."
+  if ! svc_do pg_ctlcluster "$version" main reload 2>/dev/null; then
+    svc_do pg_ctlcluster --skip-systemctl-redirect "$version" main start || return 1
+  fi
+  svc_record "postgresql $version main"
+  svc_wait_for "$host" "$port" PostgreSQL 30 || return 1
+  svc_pg_check_login "$host" "$port"
+}
+
+# What to do about RabbitMQ, given the facts:
+# host port answers is_local installed root manager.
+svc_rabbitmq_actions() {
+  local host="$1" port="$2" answers="$3" is_local="$4" installed="$5" root="$6" manager="$7"
+  if [[ "$answers" == yes ]]; then
+    svc_say "RabbitMQ answers at $host:$port"
+    return 0
+  fi
+  if [[ "$is_local" != yes ]]; then
+    svc_err "RabbitMQ at $host:$port does not answer, and it is not local; start it or fix CONVEYOR_AMQP_URL"
+    return 1
+  fi
+  if [[ "$installed" != yes ]]; then
+    if [[ "$root" != yes || "$manager" != apt ]]; then
+      svc_err "RabbitMQ is not installed; to install it: $(svc_install_hint rabbitmq "$manager")"
+      svc_err "Or point CONVEYOR_AMQP_URL at a broker."
+      return 1
+    fi
+    svc_say "Installing RabbitMQ with apt..."
+    svc_apt_install rabbitmq-server || return 1
+    # Installed by this run, so stopped with it, whether apt started it or we do.
+    svc_record "rabbitmq"
+    if ! svc_dry && svc_wait_quietly "$host" "$port" 10; then
+      return 0
+    fi
+  fi
+  svc_say "Starting RabbitMQ..."
+  if ! svc_do rabbitmq-server -detached; then
+    svc_err "rabbitmq-server -detached failed"
+    return 1
+  fi
+  [[ "$installed" == yes ]] && svc_record "rabbitmq"
+  svc_wait_for "$host" "$port" RabbitMQ 90
+}
+
+svc_wait_quietly() { # host port seconds: true once it answers
+  local _
+  for _ in $(seq 1 "$3"); do
+    svc_answers "$1" "$2" && return 0
+    sleep 1
+  done
+  return 1
+}
+
+# Makes sure both servers answer at the URLs (CONVEYOR_DATABASE_URL, CONVEYOR_AMQP_URL).
+svc_ensure_all() {
+  local db_url="${CONVEYOR_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/conveyor}"
+  local amqp_url="${CONVEYOR_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+  local host port answers is_local root manager
+  root="$(svc_root)"
+  manager="$(svc_package_manager)"
+
+  read -r host port <<<"$(svc_hostport "$db_url" 5432)"
+  answers=no; svc_answers "$host" "$port" && answers=yes
+  is_local=no; svc_is_local "$host" && is_local=yes
+  svc_postgres_actions "$host" "$port" "$answers" "$is_local" \
+    "$(svc_pg_debian_version)" "$(svc_pg_binary_present)" "$root" "$manager" || return 1
+
+  read -r host port <<<"$(svc_hostport "$amqp_url" 5672)"
+  answers=no; svc_answers "$host" "$port" && answers=yes
+  is_local=no; svc_is_local "$host" && is_local=yes
+  svc_rabbitmq_actions "$host" "$port" "$answers" "$is_local" \
+    "$(svc_rabbitmq_present)" "$root" "$manager"
+}
+
+# Stops the servers recorded in `file`, newest first; never anything else.
+svc_stop_recorded() { # file
+  local file="$1" line status=0
+  [[ -s "$file" ]] || return 0
+  local -a lines=()
+  mapfile -t lines <"$file"
+  local i
+  for ((i = ${#lines[@]} - 1; i >= 0; i--)); do
+    line="${lines[$i]}"
+    case "$line" in
+      "postgresql "*)
+        local version cluster
+        read -r _ version cluster <<<"$line"
+        svc_say "Stopping PostgreSQL $version $cluster (started by this run)..."
+        svc_do pg_ctlcluster --skip-systemctl-redirect "$version" "$cluster" stop -m fast || status=1
+        ;;
+      rabbitmq)
+        svc_say "Stopping RabbitMQ (started by this run)..."
+        svc_do rabbitmqctl shutdown || status=1
+        ;;
+      "") ;;
+      *)
+        svc_err "unknown entry in $file: $line"
+        status=1
+        ;;
+    esac
+  done
+  return "$status"
+}
