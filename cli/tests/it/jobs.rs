@@ -118,6 +118,9 @@ async fn panicking_job_is_dead_lettered_while_others_flow() {
         app.wait_for_state(id, "succeeded", WAIT).await;
     }
     let job = app.wait_for_state(panicking, "dead", WAIT).await;
+    // Every panic was a failed attempt, up to diag's maximum of 5.
+    assert_eq!((job.attempts, job.max_attempts), (5, 5), "{job:?}");
+    assert_eq!(job.errors.as_array().unwrap().len(), 5, "{job:?}");
     assert!(job.last_error.unwrap().contains("task panicked"));
     assert_eq!(
         app.drain_queue(&app.topology().dead_letter_queue("default"))

@@ -31,3 +31,4 @@ mod schedules;
 mod stats;
 mod webdriver;
 mod webhooks;
+mod worker_behaviour;
