@@ -134,3 +134,60 @@ async fn broker_dead_letter_keeps_x_death_in_the_dlq() {
         "{headers:?}"
     );
 }
+
+/// A message no worker manages to move out of the dead-letter inbox (here:
+/// returned every time, as by a worker that cannot commit its record) neither
+/// loops there forever nor disappears: after the delivery limit the broker
+/// dead-letters it straight to the `.dlq`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_in_the_inbox_goes_to_the_dlq_after_the_delivery_limit() {
+    let app = TestApp::spawn_with(0, |config| config.amqp.delivery_limit = 1).await;
+    let topology = app.topology();
+    let id = app.enqueue("diag.noop", json!({})).await;
+    let (work, inbox, dlq) = (
+        topology.work_queue("default"),
+        topology.dead_letter_inbox("default"),
+        topology.dead_letter_queue("default"),
+    );
+    // Into the inbox by the work queue's own delivery limit.
+    assert!(bounce_once(&work).await);
+    assert!(bounce_once(&work).await);
+    wait_until(WAIT, || async { app.queue_len(&inbox).await == 1 }).await;
+    // Out of it by the inbox's: delivered twice, returned both times.
+    assert!(bounce_once(&inbox).await);
+    assert!(bounce_once(&inbox).await);
+    wait_until(WAIT, || async { app.queue_len(&dlq).await == 1 }).await;
+    assert!(
+        !bounce_once(&inbox).await,
+        "the message is still in the inbox"
+    );
+    let moved = app.drain_queue(&dlq).await;
+    let (headers, body) = &moved[0];
+    assert_eq!(conveyor_schema::Envelope::decode(body).unwrap().id, id);
+    // Both hops are in its history.
+    let Some(AMQPValue::FieldArray(deaths)) = headers
+        .inner()
+        .iter()
+        .find(|(k, _)| k.as_str() == "x-death")
+        .map(|(_, v)| v.clone())
+    else {
+        panic!("no x-death in {headers:?}");
+    };
+    let queues: BTreeSet<String> = deaths
+        .as_slice()
+        .iter()
+        .filter_map(|death| match death {
+            AMQPValue::FieldTable(t) => {
+                t.inner()
+                    .iter()
+                    .find(|(k, _)| k.as_str() == "queue")
+                    .map(|(_, v)| match v {
+                        AMQPValue::LongString(s) => s.to_string(),
+                        other => format!("{other:?}"),
+                    })
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(queues, BTreeSet::from([work, inbox]));
+}

@@ -6,7 +6,11 @@
 //! - `ns.q.dlq-inbox`, where the broker puts what it dead-letters itself (the
 //!   delivery limit). Workers consume it, record each message in `dead_jobs`
 //!   and only then move it on to `ns.q.dlq`, so that every message in the
-//!   `.dlq` has its record in PostgreSQL;
+//!   `.dlq` has its record in PostgreSQL. The inbox has the same delivery
+//!   limit and at-least-once dead-lettering, straight to `ns.q.dlq`: a message
+//!   that workers keep failing to move (the database down for its whole
+//!   limit, a crash loop) ends in the `.dlq` without its record rather than
+//!   looping in the inbox forever or being dropped;
 //! - `ns.q.dlq`, where dead jobs wait for RabbitMQ-native tooling. Workers
 //!   publish jobs they give up on straight here, committing the record with the
 //!   job's `dead` state.
@@ -152,6 +156,23 @@ impl Topology {
         args
     }
 
+    /// The arguments of a dead-letter inbox: the work queue's delivery limit,
+    /// then at-least-once dead-lettering straight to the dead-letter queue.
+    pub fn dead_letter_inbox_args(&self, queue: &str) -> FieldTable {
+        let mut args = self.quorum_args();
+        args.insert(
+            key("x-delivery-limit"),
+            AMQPValue::LongInt(self.delivery_limit.try_into().unwrap_or(i32::MAX)),
+        );
+        args.insert(key("x-dead-letter-exchange"), long(""));
+        args.insert(
+            key("x-dead-letter-routing-key"),
+            long(&self.dead_letter_queue(queue)),
+        );
+        Self::at_least_once(&mut args);
+        args
+    }
+
     /// Declares the topology on a channel of its own on `connection`, the way
     /// a (re)connecting process needs it.
     ///
@@ -236,11 +257,21 @@ impl Topology {
                 .await?;
         }
         for queue in &self.queues {
-            for dead in [self.dead_letter_queue(queue), self.dead_letter_inbox(queue)] {
-                channel
-                    .queue_declare(key(&dead), durable, self.quorum_args())
-                    .await?;
-            }
+            // The `.dlq` first: the inbox dead-letters to it.
+            channel
+                .queue_declare(
+                    key(&self.dead_letter_queue(queue)),
+                    durable,
+                    self.quorum_args(),
+                )
+                .await?;
+            channel
+                .queue_declare(
+                    key(&self.dead_letter_inbox(queue)),
+                    durable,
+                    self.dead_letter_inbox_args(queue),
+                )
+                .await?;
             let work = self.work_queue(queue);
             channel
                 .queue_declare(key(&work), durable, self.work_queue_args(queue))
