@@ -27,6 +27,7 @@ mod mail_api;
 mod metrics;
 mod migrations;
 mod openapi;
+mod publish_failures;
 mod schedules;
 mod stats;
 mod webdriver;
