@@ -1,6 +1,6 @@
 //! Workers stop safely: SIGTERM drains within the grace period, `kill -9` loses nothing.
 //!
-//! What a drain promises about the job records (see README, "Stopping a worker"):
+//! What a drain promises about the job records (README, Architecture, `worker/`):
 //! a job that finishes within the grace period ran once (`attempts = 1, runs = 1`);
 //! a job still running when the grace period ends is returned to its queue and
 //! started again elsewhere, and since being cut off is not a failed attempt it
