@@ -12,7 +12,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
 
-use crate::harness::{TestApp, free_port, wait_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{AMQP_URL, TestApp, free_port, wait_until};
 
 fn wait_exit(app: &mut TestApp, index: usize, timeout: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + timeout;
@@ -228,10 +230,10 @@ async fn a_second_signal_exits_at_once_with_status_130() {
     assert_eq!(app.job(id).await.unwrap().state, "running");
 }
 
-/// The ingress stops being ready as soon as its shutdown starts. It also stops
-/// accepting connections at that moment, so "not ready" is a 503 on a
-/// connection that was already being served or a refused connection; either
-/// way a load balancer's probe no longer sees 200.
+/// The ingress stops being ready as soon as its shutdown starts. The server
+/// also stops accepting connections at that moment, so from outside "not
+/// ready" is a refused connection; the handler itself is checked below on an
+/// ingress state whose broker and database are both fine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_readyz_fails_once_shutdown_starts() {
     let app = TestApp::spawn_with(0, |_| {}).await;
@@ -244,4 +246,67 @@ async fn ingress_readyz_fails_once_shutdown_starts() {
             .is_ok_and(|r| r.status().is_success())
     })
     .await;
+}
+
+/// `/readyz`'s handler on a real broker and database: 200, then 503
+/// "shutting down" as soon as the shutdown token is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_readyz_handler_answers_503_once_the_shutdown_token_is_cancelled() {
+    use axum::extract::State;
+    use axum::response::IntoResponse;
+    use conveyor_ingress::routes::health::readyz;
+
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let config = &app.config;
+    let db = conveyor_schema::pool::pool(&app.db.url, 2);
+    let stop = CancellationToken::new();
+    let topology = app.topology();
+    let publisher = conveyor_platform::amqp::Publisher::start(
+        &[AMQP_URL],
+        "readyz-test",
+        topology.clone(),
+        1,
+        Duration::from_secs(5),
+        stop.clone(),
+    );
+    publisher.wait_connected(Duration::from_secs(10)).await;
+    let metrics = conveyor_platform::metrics::Metrics::new();
+    let shutdown = CancellationToken::new();
+    let state = conveyor_ingress::state::AppState {
+        recorder: conveyor_ingress::recorder::Recorder::start(
+            db.clone(),
+            publisher.clone(),
+            metrics.clone(),
+            1,
+            1,
+        ),
+        auth: conveyor_ingress::auth::Auth::new(db.clone(), &config.auth),
+        db,
+        publisher,
+        topology,
+        metrics,
+        templates: conveyor_templates::MailTemplates::new(None),
+        webhooks: Default::default(),
+        webhook_rejections: Default::default(),
+        shutdown: shutdown.clone(),
+        schedules: Default::default(),
+        idempotency: conveyor_ingress::idempotency::Settings {
+            retention: Duration::from_secs(60),
+            in_flight_timeout: Duration::from_secs(60),
+        },
+        snapshot: Default::default(),
+        worker_gone_after: Duration::from_secs(60),
+    };
+    let answer = |state| async move {
+        let response = readyz(State(state)).await.into_response();
+        let status = response.status().as_u16();
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    };
+    assert_eq!(answer(state.clone()).await, (200, "ready".to_owned()));
+    shutdown.cancel();
+    assert_eq!(answer(state).await, (503, "shutting down".to_owned()));
+    stop.cancel();
 }
