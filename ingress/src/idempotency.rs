@@ -33,7 +33,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Principal;
-use crate::json_body::BodyLimit;
+use crate::json_body;
 use crate::problem::Problem;
 use crate::state::AppState;
 
@@ -71,13 +71,33 @@ fn problem(status: StatusCode, kind: &str, title: &str, detail: &str) -> Respons
     Problem::new(status, kind, title, detail).into_response()
 }
 
+/// True for a key the middleware accepts: 1 to 255 visible ASCII characters.
+pub fn is_valid_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= MAX_KEY_LEN
+}
+
 /// Middleware: runs the request at most once per (producer, key).
 pub async fn idempotent(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    run_once(state, request, next, false).await
+}
+
+/// [`idempotent`] for routes whose body must be JSON: a wrong content type is
+/// refused (415) before the key is claimed, like an oversized declared length
+/// (413) on every route.
+pub async fn idempotent_json(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    run_once(state, request, next, true).await
+}
+
+async fn run_once(state: AppState, request: Request, next: Next, want_json: bool) -> Response {
     let Some(key) = request.headers().get(HEADER) else {
         return next.run(request).await;
     };
     let key = match key.to_str() {
-        Ok(k) if !k.is_empty() && k.len() <= MAX_KEY_LEN => k.to_owned(),
+        Ok(k) if is_valid_key(k) => k.to_owned(),
         _ => {
             return problem(
                 StatusCode::BAD_REQUEST,
@@ -94,10 +114,11 @@ pub async fn idempotent(State(state): State<AppState>, request: Request, next: N
     else {
         return next.run(request).await;
     };
-    let limit = request
-        .extensions()
-        .get::<BodyLimit>()
-        .map_or(1024 * 1024, |l| l.0);
+    // The cheap checks first: nothing is read or claimed for a request that fails them.
+    let limit = json_body::limit_of(&request);
+    if let Err(refused) = json_body::check_headers(request.headers(), limit, want_json) {
+        return refused.into_response();
+    }
     let (parts, body) = request.into_parts();
     let Ok(body) = axum::body::to_bytes(body, limit).await else {
         return problem(

@@ -8,7 +8,7 @@
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Request};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
 
 use crate::problem::Problem;
@@ -25,15 +25,12 @@ pub struct StrictJson<T> {
     pub raw: axum::body::Bytes,
 }
 
-/// Reads the body of `request` up to its [`BodyLimit`], checking the content type.
-pub async fn read_limited(request: Request, want_json: bool) -> Result<axum::body::Bytes, Problem> {
-    let limit = request
-        .extensions()
-        .get::<BodyLimit>()
-        .map_or(1024 * 1024, |l| l.0);
+/// The checks that need only the headers, so that nothing (no body, no
+/// database) is touched for a request that fails them: the content type when
+/// `want_json` (415), then a declared `Content-Length` over `limit` (413).
+pub fn check_headers(headers: &HeaderMap, limit: usize, want_json: bool) -> Result<(), Problem> {
     if want_json {
-        let content_type = request
-            .headers()
+        let content_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
@@ -52,26 +49,41 @@ pub async fn read_limited(request: Request, want_json: bool) -> Result<axum::bod
             ));
         }
     }
-    let too_large = || {
-        Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body-too-large",
-            "Request body too large",
-            format!("the body exceeds the limit of {limit} bytes"),
-        )
-    };
-    let declared = request
-        .headers()
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > limit) {
-        return Err(too_large());
+        return Err(too_large(limit));
     }
+    Ok(())
+}
+
+fn too_large(limit: usize) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body-too-large",
+        "Request body too large",
+        format!("the body exceeds the limit of {limit} bytes"),
+    )
+}
+
+/// The [`BodyLimit`] of `request` (1 MiB when none is set).
+pub fn limit_of(request: &Request) -> usize {
+    request
+        .extensions()
+        .get::<BodyLimit>()
+        .map_or(1024 * 1024, |l| l.0)
+}
+
+/// Reads the body of `request` up to its [`BodyLimit`], after [`check_headers`].
+pub async fn read_limited(request: Request, want_json: bool) -> Result<axum::body::Bytes, Problem> {
+    let limit = limit_of(&request);
+    check_headers(request.headers(), limit, want_json)?;
     let body: Body = request.into_body();
     axum::body::to_bytes(body, limit)
         .await
-        .map_err(|_| too_large())
+        .map_err(|_| too_large(limit))
 }
 
 /// Decodes JSON `raw` into `T`: 400 for bad syntax, 422 with a pointer for a bad shape.

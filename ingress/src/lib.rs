@@ -59,11 +59,13 @@ pub fn router(
 ) -> Router {
     use routes::campaigns;
     let idempotent = middleware::from_fn_with_state(state.clone(), idempotency::idempotent);
+    let idempotent_json =
+        middleware::from_fn_with_state(state.clone(), idempotency::idempotent_json);
     // Campaign creation and recipient lists may be far larger than a job.
     let bulk = Router::new()
         .route(
             "/v1/campaigns",
-            post(campaigns::create).route_layer(idempotent.clone()),
+            post(campaigns::create).route_layer(idempotent_json.clone()),
         )
         .route(
             "/v1/campaigns/{id}/recipients",
@@ -100,7 +102,7 @@ pub fn router(
         .route("/v1/campaigns/{id}", get(campaigns::status))
         .route(
             "/v1/campaigns/{id}/send",
-            post(campaigns::send).route_layer(idempotent.clone()),
+            post(campaigns::send).route_layer(idempotent),
         )
         .route("/v1/campaigns/{id}/pause", post(campaigns::pause))
         .route("/v1/campaigns/{id}/resume", post(campaigns::resume))
@@ -111,7 +113,7 @@ pub fn router(
         )
         .route(
             "/v1/jobs",
-            post(routes::jobs::enqueue).route_layer(idempotent),
+            post(routes::jobs::enqueue).route_layer(idempotent_json),
         )
         .route("/v1/jobs/{id}", get(routes::jobs::status))
         .route("/v1/schedules", get(routes::schedules::list))

@@ -10,7 +10,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 /// The whole API.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Conveyor", description = "Durable jobs over HTTP: enqueue, inspect, operate."),
+    info(title = "Conveyor", description = "Durable jobs over HTTP: enqueue, inspect, operate. \
+        Every route of the JSON API is described here, this document included; the dashboard's \
+        server-rendered HTML pages (`/dashboard…`) are not."),
     paths(
         jobs::enqueue, jobs::status,
         campaigns::create::create, campaigns::create::add_recipients, campaigns::read::status,
@@ -19,7 +21,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
         schedules::list, schedules::ticks, stats::stats, webhooks::receive, profiles::show,
         admin::list, admin::show, admin::replay, admin::discard, admin::queues,
         admin::bulk::replay_matching, admin::bulk::discard_matching,
-        health::healthz, health::readyz, health::metrics
+        health::healthz, health::readyz, health::metrics, serve
     ),
     components(schemas(
         Problem, jobs::EnqueueRequest, jobs::Accepted, jobs::JobStatus, conveyor_schema::JobState,
@@ -33,7 +35,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
         admin::bulk::BulkDiscardRequest, admin::bulk::BulkResult, admin::bulk::BulkItem, crate::monitor::Snapshot, crate::monitor::QueueStats, crate::monitor::DelayedCount,
         webhooks::WebhookAccepted, profiles::ProfileView, profiles::HeadshotView
     )),
-    modifiers(&ApiKey),
+    modifiers(&ApiKey, &HeaderLimit),
     tags((name = "jobs", description = "Enqueue jobs and read their status"),
          (name = "campaigns", description = "Mail fan-out: campaigns, recipients and their delivery ledger"),
          (name = "schedules", description = "Periodic jobs and the ticks they fired"),
@@ -85,7 +87,46 @@ impl utoipa::Modify for ApiKey {
     }
 }
 
-/// `GET /openapi.json`.
+/// Adds the 431 every route answers when the request's headers exceed
+/// `ingress.max_header_bytes` (checked in front of all routes, see `hardening`).
+struct HeaderLimit;
+
+impl utoipa::Modify for HeaderLimit {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let response = ResponseBuilder::new()
+            .description("Request headers over `ingress.max_header_bytes`")
+            .content(
+                "application/problem+json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                operation
+                    .responses
+                    .responses
+                    .insert("431".into(), response.clone().into());
+            }
+        }
+    }
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", operation_id = "openapi_document", responses(
+    (status = 200, description = "The OpenAPI document of this API", content_type = "application/json", body = Object),
+))]
 pub async fn serve() -> axum::Json<utoipa::openapi::OpenApi> {
     axum::Json(ApiDoc::openapi())
 }

@@ -55,6 +55,57 @@ pub struct TraceContext {
     pub tracestate: Option<String>,
 }
 
+/// Longest `tracestate` carried (W3C allows 32 members of up to 256 bytes; we
+/// keep the usual 512-byte propagation limit).
+const MAX_TRACESTATE_LEN: usize = 512;
+
+impl TraceContext {
+    /// The context of a request's `traceparent` (and `tracestate`) headers, or
+    /// `None` when `traceparent` is not a valid W3C trace context: as the
+    /// specification asks, an invalid one is ignored, not an error. A
+    /// `tracestate` is kept only beside a valid `traceparent` and only when it
+    /// is at most 512 visible ASCII characters.
+    ///
+    /// Valid: `version-traceid-parentid-flags` in lowercase hex (2-32-16-2
+    /// digits), version not `ff`, trace and parent ids not all zeros; version
+    /// `00` has exactly these four fields, a later version may append more.
+    pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Option<Self> {
+        let valid = traceparent.len() >= 55 && {
+            let fields: Vec<&str> = traceparent.splitn(5, '-').collect();
+            let hex = |s: &str, len: usize| {
+                s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            };
+            let not_zero = |s: &str| s.bytes().any(|b| b != b'0');
+            match fields.as_slice() {
+                [version, trace_id, parent_id, flags, rest @ ..] => {
+                    hex(version, 2)
+                        && *version != "ff"
+                        && hex(trace_id, 32)
+                        && not_zero(trace_id)
+                        && hex(parent_id, 16)
+                        && not_zero(parent_id)
+                        && hex(flags, 2)
+                        && (rest.is_empty() || *version != "00")
+                }
+                _ => false,
+            }
+        };
+        valid.then(|| Self {
+            traceparent: traceparent.to_owned(),
+            tracestate: tracestate
+                .filter(|s| {
+                    s.len() <= MAX_TRACESTATE_LEN && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+                })
+                .map(str::to_owned),
+        })
+    }
+
+    /// The 32-hex-digit trace id (the second field of `traceparent`).
+    pub fn trace_id(&self) -> &str {
+        self.traceparent.get(3..35).unwrap_or("")
+    }
+}
+
 /// Why a message could not be read as an [`Envelope`].
 #[derive(Debug, thiserror::Error)]
 pub enum EnvelopeError {
@@ -151,6 +202,36 @@ mod tests {
             Envelope::decode(&serde_json::to_vec(&v).unwrap()),
             Err(EnvelopeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn trace_context_accepts_valid_traceparents_only() {
+        let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let trace = TraceContext::parse(valid, Some("congo=t61rcWkgMzE")).unwrap();
+        assert_eq!(trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(trace.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+        // A later version may carry more fields.
+        assert!(TraceContext::parse(&format!("01{}-extra", &valid[2..]), None).is_some());
+        for invalid in [
+            "",
+            "garbage",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01",
+        ] {
+            assert!(TraceContext::parse(invalid, None).is_none(), "{invalid}");
+        }
+        let long_state = "a=".to_owned() + &"b".repeat(600);
+        assert_eq!(
+            TraceContext::parse(valid, Some(&long_state))
+                .unwrap()
+                .tracestate,
+            None
+        );
     }
 
     #[test]

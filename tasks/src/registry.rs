@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use conveyor_schema::{TaskDescriptor, TaskSpec, catalogue::decode_args};
+use conveyor_schema::{TaskDescriptor, TaskOptions, TaskSpec, catalogue::decode_args};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -53,6 +53,22 @@ impl<T: Task> ErasedTask for Erased<T> {
     }
 }
 
+/// A registered task run with other options (see [`Registry::tune`]).
+struct Tuned {
+    inner: Arc<dyn ErasedTask>,
+    descriptor: TaskDescriptor,
+}
+
+impl ErasedTask for Tuned {
+    fn descriptor(&self) -> &TaskDescriptor {
+        &self.descriptor
+    }
+
+    fn call(&self, args: Value, ctx: JobContext) -> BoxFuture<'static, Result<(), TaskError>> {
+        self.inner.call(args, ctx)
+    }
+}
+
 /// Task implementations by name.
 #[derive(Clone, Default)]
 pub struct Registry {
@@ -72,6 +88,33 @@ impl Registry {
             self.tasks.insert(name, erased).is_none(),
             "task {name} registered twice"
         );
+    }
+
+    /// Changes the options of the task named `name` in this registry only (the
+    /// worker runs it with them; producers and the catalogue are unaffected).
+    /// For tests and benchmarks that need, say, a short timeout or a small
+    /// concurrency limit. Returns false when no such task is registered.
+    ///
+    /// # Panics
+    /// If `tune` changes the queue: queues come from the catalogue, which
+    /// producers also read, so a worker cannot move a task on its own.
+    pub fn tune(&mut self, name: &str, tune: impl FnOnce(&mut TaskOptions)) -> bool {
+        let Some((&key, inner)) = self.tasks.get_key_value(name) else {
+            return false;
+        };
+        let mut descriptor = inner.descriptor().clone();
+        tune(&mut descriptor.options);
+        assert_eq!(
+            descriptor.options.queue,
+            inner.descriptor().options.queue,
+            "Registry::tune cannot move {name} to another queue"
+        );
+        let tuned = Arc::new(Tuned {
+            inner: inner.clone(),
+            descriptor,
+        });
+        self.tasks.insert(key, tuned);
+        true
     }
 
     /// The implementation named `name`.
@@ -114,5 +157,18 @@ mod tests {
             .map(|t| t.name)
             .collect();
         assert_eq!(implemented, declared);
+    }
+
+    #[test]
+    fn tune_changes_one_task_only() {
+        let mut registry = super::registry();
+        assert!(registry.tune("diag.sleep", |o| o.concurrency = 2));
+        assert!(!registry.tune("no.such.task", |o| o.concurrency = 2));
+        let options = |name| registry.get(name).unwrap().descriptor().options.clone();
+        assert_eq!(options("diag.sleep").concurrency, 2);
+        assert_eq!(
+            options("diag.noop"),
+            conveyor_schema::TaskDescriptor::of::<conveyor_schema::args::diag::Noop>().options
+        );
     }
 }

@@ -68,7 +68,18 @@ pub async fn handle(
             return finish_with(&rt, &settle, &dead, None, Some(record)).await;
         }
     };
-    let span = tracing::info_span!("job", job.id = %envelope.id, task = %envelope.task, attempt = envelope.attempt);
+    let span = tracing::info_span!(
+        "job",
+        job.id = %envelope.id,
+        task = %envelope.task,
+        attempt = envelope.attempt,
+        trace_id = tracing::field::Empty,
+    );
+    // The producer's trace (from `traceparent` on `POST /v1/jobs`), so a job's
+    // log lines can be found from the request that created it.
+    if let Some(trace) = &envelope.trace {
+        span.record("trace_id", trace.trace_id());
+    }
     run_envelope(rt, queue, delivery, settle, envelope, lost)
         .instrument(span)
         .await

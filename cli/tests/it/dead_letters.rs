@@ -134,3 +134,113 @@ async fn broker_dead_letter_keeps_x_death_in_the_dlq() {
         "{headers:?}"
     );
 }
+
+/// A message no worker manages to move out of the dead-letter inbox (here:
+/// returned every time, as by a worker that cannot commit its record) neither
+/// loops there forever nor disappears: after the delivery limit the broker
+/// dead-letters it straight to the `.dlq`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_in_the_inbox_goes_to_the_dlq_after_the_delivery_limit() {
+    let app = TestApp::spawn_with(0, |config| config.amqp.delivery_limit = 1).await;
+    let topology = app.topology();
+    let id = app.enqueue("diag.noop", json!({})).await;
+    let (work, inbox, dlq) = (
+        topology.work_queue("default"),
+        topology.dead_letter_inbox("default"),
+        topology.dead_letter_queue("default"),
+    );
+    // Into the inbox by the work queue's own delivery limit.
+    assert!(bounce_once(&work).await);
+    assert!(bounce_once(&work).await);
+    wait_until(WAIT, || async { app.queue_len(&inbox).await == 1 }).await;
+    // Out of it by the inbox's: delivered twice, returned both times.
+    assert!(bounce_once(&inbox).await);
+    assert!(bounce_once(&inbox).await);
+    wait_until(WAIT, || async { app.queue_len(&dlq).await == 1 }).await;
+    assert!(
+        !bounce_once(&inbox).await,
+        "the message is still in the inbox"
+    );
+    let moved = app.drain_queue(&dlq).await;
+    let (headers, body) = &moved[0];
+    assert_eq!(conveyor_schema::Envelope::decode(body).unwrap().id, id);
+    // Both hops are in its history.
+    let Some(AMQPValue::FieldArray(deaths)) = headers
+        .inner()
+        .iter()
+        .find(|(k, _)| k.as_str() == "x-death")
+        .map(|(_, v)| v.clone())
+    else {
+        panic!("no x-death in {headers:?}");
+    };
+    let queues: BTreeSet<String> = deaths
+        .as_slice()
+        .iter()
+        .filter_map(|death| match death {
+            AMQPValue::FieldTable(t) => {
+                t.inner()
+                    .iter()
+                    .find(|(k, _)| k.as_str() == "queue")
+                    .map(|(_, v)| match v {
+                        AMQPValue::LongString(s) => s.to_string(),
+                        other => format!("{other:?}"),
+                    })
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(queues, BTreeSet::from([work, inbox]));
+}
+
+/// An inbox declared by a release before the inbox had a delivery limit (a
+/// plain quorum queue) cannot be redeclared with one; ingress and worker start
+/// anyway, keep it as it is, and dead letters still flow through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_from_an_older_release_is_kept_and_still_works() {
+    let namespace = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let old = conveyor_platform::amqp::Topology::for_config(&conveyor_platform::Config {
+        namespace: namespace.clone(),
+        ..Default::default()
+    });
+    let conn = lapin::Connection::connect(AMQP_URL, Default::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut quorum = lapin::types::FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    channel
+        .queue_declare(
+            old.dead_letter_inbox("default").as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            quorum,
+        )
+        .await
+        .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+
+    // Starting the ingress (and below the worker) would fail on PRECONDITION_FAILED.
+    let mut app = TestApp::spawn_with(0, |config| {
+        config.namespace = namespace.clone();
+        config.amqp.delivery_limit = 1;
+    })
+    .await;
+    let topology = app.topology();
+    let id = app.enqueue("diag.noop", json!({})).await;
+    let work = topology.work_queue("default");
+    assert!(bounce_once(&work).await);
+    assert!(bounce_once(&work).await);
+    let inbox = topology.dead_letter_inbox("default");
+    wait_until(WAIT, || async { app.queue_len(&inbox).await == 1 }).await;
+    app.start_worker().await;
+    let job = app.wait_for_state(id, "dead", WAIT).await;
+    assert!(job.last_error.unwrap().contains("delivery_limit"));
+    let dlq = topology.dead_letter_queue("default");
+    wait_until(WAIT, || async { app.queue_len(&dlq).await == 1 }).await;
+    assert_eq!(app.queue_len(&inbox).await, 0);
+}

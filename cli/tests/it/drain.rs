@@ -1,4 +1,10 @@
 //! Workers stop safely: SIGTERM drains within the grace period, `kill -9` loses nothing.
+//!
+//! What a drain promises about the job records (README, Architecture, `worker/`):
+//! a job that finishes within the grace period ran once (`attempts = 1, runs = 1`);
+//! a job still running when the grace period ends is returned to its queue and
+//! started again elsewhere, and since being cut off is not a failed attempt it
+//! ends with `attempts = 1, runs = 2`.
 
 use std::time::{Duration, Instant};
 
@@ -6,7 +12,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
 
-use crate::harness::{TestApp, wait_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{AMQP_URL, TestApp, free_port, wait_until};
 
 fn wait_exit(app: &mut TestApp, index: usize, timeout: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + timeout;
@@ -87,4 +95,218 @@ async fn kill_9_mid_job_redelivers_and_completes() {
         assert_eq!(job.attempts, 1, "a crash is not a failed attempt");
         assert_eq!(job.runs, 2, "started once before the kill and once after");
     }
+}
+
+/// Jobs longer than the grace period: the worker finishes what it can, exits 0
+/// when the grace period ends (not when the long jobs would), and the long jobs
+/// go back to the queue, where a second worker completes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grace_period_over_returns_unfinished_jobs_and_a_second_worker_completes_them() {
+    const GRACE_MS: u64 = 2_000;
+    // Long enough that "waited for the long jobs" and "cut them off" cannot be confused.
+    const LONG_MS: u64 = 12_000;
+    let mut app = TestApp::spawn_with(0, |_| {}).await;
+    let pid = app.spawn_worker_process(GRACE_MS);
+    let mut long = Vec::new();
+    for _ in 0..4 {
+        long.push(app.enqueue("diag.sleep", json!({"ms": LONG_MS})).await);
+    }
+    let mut short = Vec::new();
+    for _ in 0..4 {
+        short.push(app.enqueue("diag.sleep", json!({"ms": 1_200})).await);
+    }
+    wait_until(Duration::from_secs(20), || async {
+        app.count("SELECT count(*) AS n FROM jobs WHERE state = 'running'")
+            .await
+            == 8
+    })
+    .await;
+    let signalled = Instant::now();
+    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::task::block_in_place(|| wait_exit(&mut app, 0, Duration::from_secs(10)));
+    let took = signalled.elapsed();
+    assert!(status.success(), "worker exited with {status}");
+    // The long jobs had at least LONG_MS - 1 s left; exiting well before that
+    // means the worker stopped waiting at the end of the grace period.
+    assert!(
+        took < Duration::from_millis(GRACE_MS + 5_000),
+        "the worker waited {took:?} (grace {GRACE_MS} ms, long jobs {LONG_MS} ms)"
+    );
+
+    // The short jobs finished inside the grace period, once.
+    for id in &short {
+        let job = app.job(*id).await.unwrap();
+        assert_eq!(
+            (job.state.as_str(), job.attempts, job.runs),
+            ("succeeded", 1, 1),
+            "{job:?}"
+        );
+    }
+    // The long ones were cut off: not failed, not finished, and back in the queue.
+    for id in &long {
+        let job = app.job(*id).await.unwrap();
+        assert_eq!(
+            (job.state.as_str(), job.attempts, job.runs),
+            ("running", 1, 1),
+            "{job:?}"
+        );
+    }
+    let work_queue = app.topology().work_queue("default");
+    wait_until(Duration::from_secs(5), || async {
+        app.queue_len(&work_queue).await == 4
+    })
+    .await;
+
+    app.start_worker().await;
+    for id in &long {
+        let job = app
+            .wait_for_state(*id, "succeeded", Duration::from_secs(40))
+            .await;
+        assert_eq!(
+            job.attempts, 1,
+            "being cut off by a drain is not a failed attempt"
+        );
+        assert_eq!(
+            job.runs, 2,
+            "started before the drain and again on the second worker"
+        );
+        assert!(job.last_error.is_none(), "{job:?}");
+    }
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM jobs WHERE state = 'succeeded'")
+            .await,
+        8
+    );
+}
+
+/// SIGTERM starts a drain (readiness fails at once); a second SIGTERM exits
+/// at once with status 130 instead of waiting out the grace period, and the
+/// job it abandoned goes back to the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once_with_status_130() {
+    let mut app = TestApp::spawn_with(0, |_| {}).await;
+    let port = free_port();
+    app.process_env.push((
+        "CONVEYOR_WORKER_METRICS_ADDR".into(),
+        format!("127.0.0.1:{port}"),
+    ));
+    // A grace period far longer than the test waits for the exit.
+    let pid = app.spawn_worker_process(120_000);
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    let ready_status = || async {
+        match reqwest::get(&readyz).await {
+            Ok(response) => Some(response.status().as_u16()),
+            Err(_) => None,
+        }
+    };
+    wait_until(Duration::from_secs(20), || async {
+        ready_status().await == Some(200)
+    })
+    .await;
+    let id = app.enqueue("diag.sleep", json!({"ms": 120_000})).await;
+    app.wait_for_state(id, "running", Duration::from_secs(20))
+        .await;
+
+    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    // The first signal was handled: the worker is draining and says so.
+    wait_until(Duration::from_secs(5), || async {
+        ready_status().await == Some(503)
+    })
+    .await;
+    assert_eq!(
+        reqwest::get(&readyz).await.unwrap().text().await.unwrap(),
+        "draining"
+    );
+
+    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::task::block_in_place(|| wait_exit(&mut app, 0, Duration::from_secs(10)));
+    assert_eq!(status.code(), Some(130), "worker exited with {status}");
+    // Nothing was acknowledged: the broker holds the job again.
+    let work_queue = app.topology().work_queue("default");
+    wait_until(Duration::from_secs(5), || async {
+        app.queue_len(&work_queue).await == 1
+    })
+    .await;
+    assert_eq!(app.job(id).await.unwrap().state, "running");
+}
+
+/// The ingress stops being ready as soon as its shutdown starts. The server
+/// also stops accepting connections at that moment, so from outside "not
+/// ready" is a refused connection; the handler itself is checked below on an
+/// ingress state whose broker and database are both fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_readyz_fails_once_shutdown_starts() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let readyz = app.url("/readyz");
+    assert_eq!(reqwest::get(&readyz).await.unwrap().status(), 200);
+    app.stop_ingress();
+    wait_until(Duration::from_secs(5), || async {
+        !reqwest::get(&readyz)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+}
+
+/// `/readyz`'s handler on a real broker and database: 200, then 503
+/// "shutting down" as soon as the shutdown token is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_readyz_handler_answers_503_once_the_shutdown_token_is_cancelled() {
+    use axum::extract::State;
+    use axum::response::IntoResponse;
+    use conveyor_ingress::routes::health::readyz;
+
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let config = &app.config;
+    let db = conveyor_schema::pool::pool(&app.db.url, 2);
+    let stop = CancellationToken::new();
+    let topology = app.topology();
+    let publisher = conveyor_platform::amqp::Publisher::start(
+        &[AMQP_URL],
+        "readyz-test",
+        topology.clone(),
+        1,
+        Duration::from_secs(5),
+        stop.clone(),
+    );
+    publisher.wait_connected(Duration::from_secs(10)).await;
+    let metrics = conveyor_platform::metrics::Metrics::new();
+    let shutdown = CancellationToken::new();
+    let state = conveyor_ingress::state::AppState {
+        recorder: conveyor_ingress::recorder::Recorder::start(
+            db.clone(),
+            publisher.clone(),
+            metrics.clone(),
+            1,
+            1,
+        ),
+        auth: conveyor_ingress::auth::Auth::new(db.clone(), &config.auth),
+        db,
+        publisher,
+        topology,
+        metrics,
+        templates: conveyor_templates::MailTemplates::new(None),
+        webhooks: Default::default(),
+        webhook_rejections: Default::default(),
+        shutdown: shutdown.clone(),
+        schedules: Default::default(),
+        idempotency: conveyor_ingress::idempotency::Settings {
+            retention: Duration::from_secs(60),
+            in_flight_timeout: Duration::from_secs(60),
+        },
+        snapshot: Default::default(),
+        worker_gone_after: Duration::from_secs(60),
+    };
+    let answer = |state| async move {
+        let response = readyz(State(state)).await.into_response();
+        let status = response.status().as_u16();
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    };
+    assert_eq!(answer(state.clone()).await, (200, "ready".to_owned()));
+    shutdown.cancel();
+    assert_eq!(answer(state).await, (503, "shutting down".to_owned()));
+    stop.cancel();
 }

@@ -314,14 +314,16 @@ impl TestApp {
 
     /// Starts one more in-process worker.
     pub async fn start_worker(&mut self) {
+        self.start_worker_with(conveyor_tasks::registry()).await;
+    }
+
+    /// Starts one more in-process worker running `registry` (for tests that
+    /// tune a task's options, e.g. a short timeout or a small concurrency).
+    pub async fn start_worker_with(&mut self, registry: conveyor_tasks::Registry) {
         let shutdown = CancellationToken::new();
-        let worker = conveyor_worker::start(
-            self.config.clone(),
-            conveyor_tasks::registry(),
-            shutdown.clone(),
-        )
-        .await
-        .expect("start worker");
+        let worker = conveyor_worker::start(self.config.clone(), registry, shutdown.clone())
+            .await
+            .expect("start worker");
         self.metrics_url = format!("http://{}/metrics", worker.http_addr);
         wait_until(Duration::from_secs(10), || async {
             reqwest::get(format!("http://{}/readyz", worker.http_addr))
@@ -515,6 +517,11 @@ impl TestApp {
         out
     }
 
+    /// Starts the ingress's shutdown (as its first SIGTERM would).
+    pub fn stop_ingress(&self) {
+        self.ingress_shutdown.cancel();
+    }
+
     /// Stops in-process workers (draining) and waits for them.
     pub async fn stop_workers(&mut self) {
         for worker in self.workers.drain(..) {
@@ -552,6 +559,15 @@ impl Drop for TestApp {
         })
         .join();
     }
+}
+
+/// A TCP port that was free a moment ago (for a child process that must listen
+/// on an address the test knows).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// Polls `check` every 25 ms until it is true; panics after `timeout`.

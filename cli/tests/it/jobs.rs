@@ -118,6 +118,9 @@ async fn panicking_job_is_dead_lettered_while_others_flow() {
         app.wait_for_state(id, "succeeded", WAIT).await;
     }
     let job = app.wait_for_state(panicking, "dead", WAIT).await;
+    // Every panic was a failed attempt, up to diag's maximum of 5.
+    assert_eq!((job.attempts, job.max_attempts), (5, 5), "{job:?}");
+    assert_eq!(job.errors.as_array().unwrap().len(), 5, "{job:?}");
     assert!(job.last_error.unwrap().contains("task panicked"));
     assert_eq!(
         app.drain_queue(&app.topology().dead_letter_queue("default"))
@@ -202,4 +205,56 @@ async fn unreadable_messages_are_dead_lettered_not_dropped() {
     );
     assert_eq!(app.job(unknown_task.id).await.unwrap().state, "dead");
     stop.cancel();
+}
+
+/// `Idempotency-Key` and a valid W3C `traceparent` (with its `tracestate`)
+/// reach the job's envelope; an invalid `traceparent` is ignored, not an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_and_trace_context_reach_the_envelope() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let post = |headers: Vec<(&'static str, &'static str)>| {
+        let mut request = app
+            .client
+            .post(app.url("/v1/jobs"))
+            .json(&json!({"task": "diag.noop", "args": {}}));
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 202);
+            response.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .parse::<uuid::Uuid>()
+                .unwrap()
+        }
+    };
+    let traced = post(vec![
+        ("idempotency-key", "order-42"),
+        ("traceparent", traceparent),
+        ("tracestate", "congo=t61rcWkgMzE"),
+    ])
+    .await;
+    let invalid = post(vec![("traceparent", "00-not-a-trace-01")]).await;
+    let plain = post(vec![]).await;
+
+    let messages = app.drain_queue(&app.topology().work_queue("default")).await;
+    let envelopes: Vec<Envelope> = messages
+        .iter()
+        .map(|(_, body)| Envelope::decode(body).unwrap())
+        .collect();
+    let find = |id| envelopes.iter().find(|e| e.id == id).unwrap();
+    assert_eq!(envelopes.len(), 3);
+    let envelope = find(traced);
+    assert_eq!(envelope.idempotency_key.as_deref(), Some("order-42"));
+    let trace = envelope.trace.as_ref().unwrap();
+    assert_eq!(trace.traceparent, traceparent);
+    assert_eq!(trace.tracestate.as_deref(), Some("congo=t61rcWkgMzE"));
+    assert_eq!(find(invalid).trace, None);
+    assert_eq!(
+        (&find(plain).idempotency_key, &find(plain).trace),
+        (&None, &None)
+    );
 }

@@ -133,3 +133,239 @@ fn bad_configuration_is_one_line_naming_the_key() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("worker.prefetch"), "{stderr}");
 }
+
+/// Runs `conveyor migrate <args>` on `db`, asserting success; returns stdout.
+fn conveyor_migrate(db: &TestDb, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .arg("migrate")
+        .args(args)
+        .env("CONVEYOR_DATABASE_URL", &db.url)
+        .env("CONVEYOR_LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "migrate {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `conveyor migrate status` as (state, version) pairs, one per line.
+fn migrate_status(db: &TestDb) -> Vec<(String, String)> {
+    conveyor_migrate(db, &["status"])
+        .lines()
+        .map(|line| {
+            let mut words = line.split_whitespace();
+            let pair = (
+                words.next().unwrap_or_default().to_owned(),
+                words.next().unwrap_or_default().to_owned(),
+            );
+            assert_eq!(
+                words.next(),
+                None,
+                "one state and one version per line: {line}"
+            );
+            pair
+        })
+        .collect()
+}
+
+/// The folders of `migrations/`, oldest first.
+fn migration_folders() -> Vec<String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    let mut folders: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    folders.sort();
+    folders
+}
+
+/// True when `version` (as the CLI prints it) names migration folder `folder`
+/// (`2026-11-26-001100_recipients_unplanned_index`): Diesel's version is the
+/// folder's date-and-number prefix, with or without its dashes.
+fn names(version: &str, folder: &str) -> bool {
+    let prefix = folder.split('_').next().unwrap().replace('-', "");
+    version.replace('-', "").starts_with(&prefix)
+}
+
+#[test]
+fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
+    let db = TestDb::create_empty();
+    let folders = migration_folders();
+    let pending = migrate_status(&db);
+    assert_eq!(pending.len(), folders.len(), "{pending:?}");
+    for ((state, version), folder) in pending.iter().zip(&folders) {
+        assert_eq!(state, "pending");
+        assert!(names(version, folder), "{version} vs {folder}");
+    }
+
+    conveyor_migrate(&db, &["run"]);
+    let applied = migrate_status(&db);
+    assert!(
+        applied.iter().all(|(state, _)| state == "applied"),
+        "{applied:?}"
+    );
+    let versions: Vec<&String> = applied.iter().map(|(_, v)| v).collect();
+    assert_eq!(versions, pending.iter().map(|(_, v)| v).collect::<Vec<_>>());
+
+    // The newest one creates an index; reverting it drops exactly that.
+    let newest = folders.last().unwrap();
+    assert!(
+        newest.ends_with("_recipients_unplanned_index"),
+        "update this test: {newest}"
+    );
+    let index_exists = || {
+        #[derive(diesel::QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        use diesel::RunQueryDsl;
+        diesel::sql_query(
+            "SELECT count(*) AS n FROM pg_indexes WHERE indexname = 'campaign_recipients_unplanned'",
+        )
+        .get_result::<N>(&mut db.conn())
+        .unwrap()
+        .n
+            == 1
+    };
+    assert!(index_exists());
+    let reverted = conveyor_migrate(&db, &["revert"]);
+    let last = &applied.last().unwrap().1;
+    assert_eq!(reverted.trim(), format!("reverted {last}"));
+    assert!(!index_exists());
+    let after = migrate_status(&db);
+    let (newest_state, rest) = after.split_last().unwrap();
+    assert_eq!(newest_state, &("pending".to_owned(), last.clone()));
+    assert!(
+        rest.iter().all(|(state, _)| state == "applied"),
+        "{after:?}"
+    );
+
+    // `run` applies only that one again.
+    assert_eq!(
+        conveyor_migrate(&db, &["run"]).trim(),
+        format!("applied {last}")
+    );
+    assert!(index_exists());
+}
+
+/// The Postgres type of a Diesel type in `schema/src/db.rs`, as
+/// `information_schema.columns.udt_name` spells it.
+fn udt_name(diesel_type: &str) -> String {
+    match diesel_type {
+        "Uuid" => "uuid".into(),
+        "Text" => "text".into(),
+        "Jsonb" => "jsonb".into(),
+        "Json" => "json".into(),
+        "Int2" | "SmallInt" => "int2".into(),
+        "Int4" | "Integer" => "int4".into(),
+        "Int8" | "BigInt" => "int8".into(),
+        "Float4" => "float4".into(),
+        "Float8" | "Double" => "float8".into(),
+        "Bool" => "bool".into(),
+        "Bytea" | "Binary" => "bytea".into(),
+        "Timestamptz" => "timestamptz".into(),
+        "Timestamp" => "timestamp".into(),
+        "Date" => "date".into(),
+        other => match other
+            .strip_prefix("Array<")
+            .and_then(|t| t.strip_suffix('>'))
+        {
+            Some(inner) => format!("_{}", udt_name(inner)),
+            None => panic!("add Diesel type {other} to udt_name"),
+        },
+    }
+}
+
+/// `schema/src/db.rs` as table → column → (udt_name, nullable).
+fn diesel_schema()
+-> std::collections::BTreeMap<String, std::collections::BTreeMap<String, (String, bool)>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema/src/db.rs");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut tables = std::collections::BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with("diesel::table!") || line == "}" {
+            current = None;
+        } else if let Some(header) = line.strip_suffix('{')
+            && current.is_none()
+            && !line.starts_with("diesel::")
+        {
+            // `jobs (id) {`
+            let name = header.split_whitespace().next().unwrap().to_owned();
+            tables.insert(name.clone(), std::collections::BTreeMap::new());
+            current = Some(name);
+        } else if let (Some(table), Some((column, ty))) = (&current, line.split_once(" -> ")) {
+            assert!(!line.starts_with('#'), "attributes are not parsed: {line}");
+            let ty = ty.trim_end_matches(',');
+            let (ty, nullable) = match ty
+                .strip_prefix("Nullable<")
+                .and_then(|t| t.strip_suffix('>'))
+            {
+                Some(inner) => (inner, true),
+                None => (ty, false),
+            };
+            tables
+                .get_mut(table)
+                .unwrap()
+                .insert(column.to_owned(), (udt_name(ty), nullable));
+        }
+    }
+    tables
+}
+
+/// `schema/src/db.rs` is kept by hand: every table it declares has, after all
+/// migrations, exactly its columns, with its nullability and types.
+#[test]
+fn the_diesel_schema_matches_the_migrated_database() {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Column {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        table_name: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        column_name: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        udt_name: String,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        nullable: bool,
+    }
+    let declared = diesel_schema();
+    assert!(declared.len() >= 15, "the parser found only {declared:?}");
+    assert!(declared["jobs"].len() >= 15, "{:?}", declared["jobs"]);
+    let db = TestDb::create();
+    let columns: Vec<Column> = diesel::sql_query(
+        "SELECT table_name::text, column_name::text, udt_name::text, is_nullable = 'YES' AS nullable
+         FROM information_schema.columns WHERE table_schema = 'public'",
+    )
+    .load(&mut db.conn())
+    .unwrap();
+    let mut problems = Vec::new();
+    for (table, expected) in &declared {
+        let actual: std::collections::BTreeMap<String, (String, bool)> = columns
+            .iter()
+            .filter(|c| &c.table_name == table)
+            .map(|c| (c.column_name.clone(), (c.udt_name.clone(), c.nullable)))
+            .collect();
+        if actual.is_empty() {
+            problems.push(format!("{table}: no such table"));
+            continue;
+        }
+        for (column, want) in expected {
+            match actual.get(column) {
+                None => problems.push(format!("{table}.{column}: not in the database")),
+                Some(got) if got != want => problems.push(format!(
+                    "{table}.{column}: schema.rs says {want:?}, the database {got:?} (type, nullable)"
+                )),
+                Some(_) => {}
+            }
+        }
+        for column in actual.keys().filter(|c| !expected.contains_key(*c)) {
+            problems.push(format!("{table}.{column}: not in schema.rs"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

@@ -167,7 +167,7 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
 }
 
 /// List dead jobs, newest first.
-#[utoipa::path(get, path = "/v1/admin/dead-jobs", tag = "admin", params(DeadJobQuery),
+#[utoipa::path(get, path = "/v1/admin/dead-jobs", tag = "admin", operation_id = "list_dead_jobs", params(DeadJobQuery),
     responses((status = 200, description = "Matching dead jobs", body = Vec<DeadJobView>),
               (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json")))]
 pub async fn list(
@@ -181,7 +181,7 @@ pub async fn list(
 }
 
 /// One dead job with its audit trail.
-#[utoipa::path(get, path = "/v1/admin/dead-jobs/{id}", tag = "admin",
+#[utoipa::path(get, path = "/v1/admin/dead-jobs/{id}", tag = "admin", operation_id = "show_dead_job",
     params(("id" = String, Path, description = "Dead job id")), 
     responses((status = 200, description = "The dead job", body = DeadJobView),
               (status = 404, description = "No such dead job", body = Problem, content_type = "application/problem+json")))]

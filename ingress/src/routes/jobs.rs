@@ -1,14 +1,14 @@
 //! `POST /v1/jobs` (enqueue) and `GET /v1/jobs/{id}` (status).
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
 use chrono::{DateTime, Duration, Utc};
 use conveyor_platform::amqp::{Outgoing, delay_level_for};
 use conveyor_schema::db::jobs;
 use conveyor_schema::models::{Job, NewJob};
-use conveyor_schema::{Envelope, JobState, find_task};
+use conveyor_schema::{Envelope, JobState, TraceContext, find_task};
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -123,11 +123,16 @@ impl From<Job> for JobStatus {
         (status = 429, description = "The key's rate limit is exhausted; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Broker or database unavailable; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
-    params(("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key: the same key and body within 24 h replays the first response (header `Idempotent-Replayed: true`)"))
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key: the same key and body within 24 h replays the first response (header `Idempotent-Replayed: true`). Also carried in the job's envelope."),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context; carried in the job's envelope and logged by the worker as `trace_id` on the job's span. An invalid value is ignored, as the W3C specification asks."),
+        ("tracestate" = Option<String>, Header, description = "W3C trace state; carried with a valid `traceparent` when at most 512 visible ASCII characters."),
+    )
 )]
 pub async fn enqueue(
     State(state): State<AppState>,
     principal: Option<Extension<Principal>>,
+    headers: HeaderMap,
     StrictJson { value: request, .. }: StrictJson<EnqueueRequest>,
 ) -> Result<impl IntoResponse, Problem> {
     if let Some(Extension(principal)) = &principal
@@ -150,6 +155,8 @@ pub async fn enqueue(
         ));
     }
     let mut envelope = Envelope::new(task.name, request.args);
+    envelope.idempotency_key = idempotency_key(&headers);
+    envelope.trace = trace_context(&headers);
     let queue = task.options.queue;
     let message = match request.delay_ms.filter(|ms| *ms > 0) {
         Some(ms) => {
@@ -176,12 +183,28 @@ pub async fn enqueue(
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
+/// The request's `Idempotency-Key`, when it is one the idempotency middleware
+/// accepts (1 to 255 visible ASCII characters).
+fn idempotency_key(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(crate::idempotency::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| crate::idempotency::is_valid_key(k))
+        .map(str::to_owned)
+}
+
+/// The request's W3C trace context; `None` without a valid `traceparent`.
+fn trace_context(headers: &HeaderMap) -> Option<TraceContext> {
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    TraceContext::parse(header("traceparent")?, header("tracestate"))
+}
+
 /// Read a job's status.
 ///
 /// A key without `admin` sees only the jobs its producer enqueued; any other
 /// job is a 404, so a producer cannot probe for others' ids.
 #[utoipa::path(
-    get, path = "/v1/jobs/{id}", tag = "jobs",
+    get, path = "/v1/jobs/{id}", tag = "jobs", operation_id = "job_status",
     params(("id" = String, Path, description = "Job id (UUID)")),
     responses(
         (status = 200, description = "The job", body = JobStatus),

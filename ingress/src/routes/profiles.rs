@@ -68,7 +68,7 @@ impl From<Profile> for ProfileView {
 
 /// Read a synced profile.
 #[utoipa::path(
-    get, path = "/v1/profiles/{id}", tag = "webhooks",
+    get, path = "/v1/profiles/{id}", tag = "webhooks", operation_id = "show_profile",
     params(("id" = String, Path, description = "The producer's profile id")),
     responses(
         (status = 200, description = "The profile", body = ProfileView),

@@ -88,7 +88,7 @@ const TICK_COLUMNS: &str = "t.tick_at, t.job_id, t.catch_up, t.claimed_by, t.cla
 
 /// Every schedule in force with its last and next tick.
 #[utoipa::path(
-    get, path = "/v1/schedules", tag = "schedules",
+    get, path = "/v1/schedules", tag = "schedules", operation_id = "list_schedules",
     responses(
         (status = 200, description = "The schedules", body = Vec<ScheduleView>),
         (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),

@@ -6,7 +6,11 @@
 //! - `ns.q.dlq-inbox`, where the broker puts what it dead-letters itself (the
 //!   delivery limit). Workers consume it, record each message in `dead_jobs`
 //!   and only then move it on to `ns.q.dlq`, so that every message in the
-//!   `.dlq` has its record in PostgreSQL;
+//!   `.dlq` has its record in PostgreSQL. The inbox has the same delivery
+//!   limit and at-least-once dead-lettering, straight to `ns.q.dlq`: a message
+//!   that workers keep failing to move (the database down for its whole
+//!   limit, a crash loop) ends in the `.dlq` without its record rather than
+//!   looping in the inbox forever or being dropped;
 //! - `ns.q.dlq`, where dead jobs wait for RabbitMQ-native tooling. Workers
 //!   publish jobs they give up on straight here, committing the record with the
 //!   job's `dead` state.
@@ -67,6 +71,13 @@ pub struct Topology {
 
 fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.to_owned()))
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
 }
 
 fn key(s: &str) -> ShortString {
@@ -152,6 +163,23 @@ impl Topology {
         args
     }
 
+    /// The arguments of a dead-letter inbox: the work queue's delivery limit,
+    /// then at-least-once dead-lettering straight to the dead-letter queue.
+    pub fn dead_letter_inbox_args(&self, queue: &str) -> FieldTable {
+        let mut args = self.quorum_args();
+        args.insert(
+            key("x-delivery-limit"),
+            AMQPValue::LongInt(self.delivery_limit.try_into().unwrap_or(i32::MAX)),
+        );
+        args.insert(key("x-dead-letter-exchange"), long(""));
+        args.insert(
+            key("x-dead-letter-routing-key"),
+            long(&self.dead_letter_queue(queue)),
+        );
+        Self::at_least_once(&mut args);
+        args
+    }
+
     /// Declares the topology on a channel of its own on `connection`, the way
     /// a (re)connecting process needs it.
     ///
@@ -162,14 +190,33 @@ impl Topology {
     /// queues elect new leaders after a node loss (the broker asks each queue's
     /// leader for its counts to answer `declare-ok`), so it runs in the
     /// background and the caller resumes publishing or consuming at once.
+    ///
+    /// Each dead-letter inbox is declared on a channel of its own and an inbox
+    /// left by an older release is kept (see [`Self::declare_inbox_tolerantly`]).
     pub async fn declare_on(&self, connection: &Connection, first: bool) -> anyhow::Result<()> {
         let channel = connection.create_channel().await?;
+        let mut inbox_channels = Vec::with_capacity(self.queues.len());
+        for _ in &self.queues {
+            inbox_channels.push(connection.create_channel().await?);
+        }
         let topology = self.clone();
         let declare = async move {
-            let declared = tokio::time::timeout(DECLARE_TIMEOUT, topology.declare(&channel)).await;
+            let declared = tokio::time::timeout(DECLARE_TIMEOUT, async {
+                topology.declare_except_inboxes(&channel).await?;
+                for (queue, inbox_channel) in topology.queues.iter().zip(&inbox_channels) {
+                    topology
+                        .declare_inbox_tolerantly(inbox_channel, queue)
+                        .await?;
+                }
+                anyhow::Ok(())
+            })
+            .await;
             super::close_channel_quietly(&channel, "topology declared").await;
+            for inbox_channel in &inbox_channels {
+                super::close_channel_quietly(inbox_channel, "topology declared").await;
+            }
             match declared {
-                Ok(result) => result.map_err(anyhow::Error::from),
+                Ok(result) => result,
                 Err(_) => Err(anyhow::anyhow!(
                     "declaring the queues took longer than {DECLARE_TIMEOUT:?}"
                 )),
@@ -186,12 +233,53 @@ impl Topology {
         Ok(())
     }
 
-    /// Declares every exchange, queue and binding; idempotent.
+    /// Declares every exchange, queue and binding; idempotent. Strict: an
+    /// existing queue with other arguments is an error (unlike [`Self::declare_on`]).
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
+        self.declare_except_inboxes(channel).await?;
+        for queue in &self.queues {
+            channel
+                .queue_declare(
+                    key(&self.dead_letter_inbox(queue)),
+                    durable(),
+                    self.dead_letter_inbox_args(queue),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Declares the dead-letter inbox of `queue` on `channel`, its own: a
+    /// release before the inbox had a delivery limit declared it with other
+    /// arguments, which the broker refuses to change (`PRECONDITION_FAILED`,
+    /// closing the channel). Such an inbox is kept, with a warning, and keeps
+    /// working without the limit, so that an upgrade does not stop every
+    /// process from starting and a rollback still finds the inbox it knows.
+    /// Deleting it when empty lets the next start declare it with the limit.
+    async fn declare_inbox_tolerantly(&self, channel: &Channel, queue: &str) -> anyhow::Result<()> {
+        let name = self.dead_letter_inbox(queue);
+        let declared = channel
+            .queue_declare(key(&name), durable(), self.dead_letter_inbox_args(queue))
+            .await;
+        match declared {
+            Ok(_) => Ok(()),
+            Err(err) if err.to_string().contains("inequivalent arg") => {
+                tracing::warn!(
+                    queue = %name,
+                    error = %err,
+                    "this dead-letter inbox was declared by an older release, without a delivery limit; \
+                     it keeps working as it is. Delete it when empty (`rabbitmqctl delete_queue {name} --if-empty`) \
+                     once no older release will run, and the next start declares it with the limit"
+                );
+                Ok(())
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Everything but the dead-letter inboxes.
+    async fn declare_except_inboxes(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable = durable();
         let exchange = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -236,11 +324,14 @@ impl Topology {
                 .await?;
         }
         for queue in &self.queues {
-            for dead in [self.dead_letter_queue(queue), self.dead_letter_inbox(queue)] {
-                channel
-                    .queue_declare(key(&dead), durable, self.quorum_args())
-                    .await?;
-            }
+            // Before the inbox, which dead-letters to it.
+            channel
+                .queue_declare(
+                    key(&self.dead_letter_queue(queue)),
+                    durable,
+                    self.quorum_args(),
+                )
+                .await?;
             let work = self.work_queue(queue);
             channel
                 .queue_declare(key(&work), durable, self.work_queue_args(queue))

@@ -52,8 +52,10 @@ impl TaskSpec for Sleep {
     }
 }
 
-/// `diag.fail {until_attempt?}`: fails every attempt before `until_attempt`
-/// and succeeds on it; fails always when it is absent.
+/// `diag.fail {until_attempt?, permanent?}`: fails every attempt before
+/// `until_attempt` and succeeds on it; fails always when it is absent. With
+/// `permanent: true` a failure is permanent, so the job is dead after that one
+/// attempt (its retries are skipped).
 pub struct Fail;
 /// Arguments of `diag.fail`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -62,6 +64,9 @@ pub struct FailArgs {
     /// The first attempt that succeeds; `None` fails forever.
     #[serde(default)]
     pub until_attempt: Option<u32>,
+    /// Fail with "give up now" instead of "retry later".
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub permanent: bool,
 }
 impl TaskSpec for Fail {
     const NAME: &'static str = "diag.fail";
@@ -74,9 +79,17 @@ impl TaskSpec for Fail {
 /// `diag.panic {until_attempt?}`: like `diag.fail` but panics instead of
 /// returning an error, to prove a panic is contained and counted as a failure.
 pub struct Panic;
+/// Arguments of `diag.panic`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PanicArgs {
+    /// The first attempt that succeeds; `None` panics forever.
+    #[serde(default)]
+    pub until_attempt: Option<u32>,
+}
 impl TaskSpec for Panic {
     const NAME: &'static str = "diag.panic";
-    type Args = FailArgs;
+    type Args = PanicArgs;
     fn options() -> TaskOptions {
         diag_options()
     }

@@ -83,7 +83,7 @@ pub(super) async fn load_status(state: &AppState, id: Uuid) -> Result<CampaignSt
 
 /// A campaign's state, counts per recipient state, current rate and time left.
 #[utoipa::path(
-    get, path = "/v1/campaigns/{id}", tag = "campaigns",
+    get, path = "/v1/campaigns/{id}", tag = "campaigns", operation_id = "campaign_status",
     params(("id" = Uuid, Path, description = "Campaign id")),
     responses(
         (status = 200, description = "The campaign", body = CampaignStatus),

@@ -1,0 +1,171 @@
+//! What the worker promises about one attempt: a permanent failure skips the
+//! retries, an attempt over its timeout fails, a task never runs more attempts
+//! at once than its concurrency limit, and every job's log lines carry its span.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+use crate::harness::TestApp;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failure_skips_the_retries() {
+    let app = TestApp::spawn().await;
+    let id = app.enqueue("diag.fail", json!({"permanent": true})).await;
+    let job = app.wait_for_state(id, "dead", WAIT).await;
+    assert_eq!(
+        job.attempts, 1,
+        "no retry after a permanent failure: {job:?}"
+    );
+    assert_eq!(job.max_attempts, 5);
+    let error = job.last_error.unwrap();
+    assert!(
+        error.starts_with("permanent: diag.fail: failing attempt 1"),
+        "{error}"
+    );
+    let dead = app
+        .drain_queue(&app.topology().dead_letter_queue("default"))
+        .await;
+    assert_eq!(dead.len(), 1);
+}
+
+/// diag tasks allow 60 s per attempt; the worker here runs `diag.sleep` with a
+/// 200 ms timeout (`Registry::tune`), so a 5 s sleep fails every attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_over_its_timeout_fails_and_is_retried() {
+    let mut app = TestApp::spawn_with(0, |_| {}).await;
+    let mut registry = conveyor_tasks::registry();
+    assert!(registry.tune("diag.sleep", |o| o.timeout = Duration::from_millis(200)));
+    app.start_worker_with(registry).await;
+    let id = app.enqueue("diag.sleep", json!({"ms": 5_000})).await;
+    let job = app.wait_for_state(id, "dead", WAIT).await;
+    assert_eq!(job.attempts, 5, "{job:?}");
+    let errors = job.errors.as_array().unwrap();
+    assert_eq!(errors.len(), 5, "{errors:?}");
+    // The last one reads "gave up after 5 attempts: attempt timed out after 200ms".
+    for error in errors {
+        assert!(
+            error["error"]
+                .as_str()
+                .unwrap()
+                .ends_with("attempt timed out after 200ms"),
+            "{errors:?}"
+        );
+    }
+    assert!(
+        job.last_error
+            .unwrap()
+            .ends_with("attempt timed out after 200ms")
+    );
+}
+
+/// With `diag.sleep` limited to 3 at a time, 12 jobs never overlap more than 3
+/// deep (measured on the recorded start and finish of each attempt, both taken
+/// while the attempt holds its permit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_never_runs_more_attempts_at_once_than_its_concurrency() {
+    let mut app = TestApp::spawn_with(0, |_| {}).await;
+    let mut registry = conveyor_tasks::registry();
+    assert!(registry.tune("diag.sleep", |o| o.concurrency = 3));
+    app.start_worker_with(registry).await;
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(app.enqueue("diag.sleep", json!({"ms": 300})).await);
+    }
+    for id in ids {
+        let job = app.wait_for_state(id, "succeeded", WAIT).await;
+        assert_eq!(job.runs, 1);
+    }
+    // Deepest overlap: at each start, how many attempts had started and not finished.
+    let deepest = app
+        .count(
+            "SELECT max(depth) AS n FROM (
+                SELECT (SELECT count(*) FROM jobs o
+                        WHERE o.started_at <= j.started_at AND o.finished_at > j.started_at) AS depth
+                FROM jobs j) d",
+        )
+        .await;
+    assert_eq!(deepest, 3, "the limit was exceeded or never reached");
+}
+
+/// `log.format = "json"` with `log.file_dir`: the file exists, every line is a
+/// JSON object, and a job's lines carry its span (`job.id`, `task`, `attempt`,
+/// and `trace_id` from the `traceparent` it was enqueued with).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_in_a_file_carry_the_job_span() {
+    let mut app = TestApp::spawn_with(0, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    app.process_env
+        .push(("CONVEYOR_LOG_FORMAT".into(), "json".into()));
+    app.process_env.push((
+        "CONVEYOR_LOG_FILE_DIR".into(),
+        dir.path().to_str().unwrap().into(),
+    ));
+    let pid = app.spawn_worker_process(5_000);
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({"task": "diag.fail", "args": {"until_attempt": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.wait_for_state(id.parse().unwrap(), "succeeded", WAIT)
+        .await;
+    // A clean exit flushes the non-blocking writer.
+    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    tokio::task::block_in_place(|| {
+        while app.processes[0].try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "worker did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+
+    let files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(
+        files[0]
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("conveyor.log"),
+        "{files:?}"
+    );
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "worker started"),
+        "{text}"
+    );
+    // The failed first attempt logs a warning inside the job's span.
+    let retry = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "attempt failed; will retry")
+        .unwrap_or_else(|| panic!("no retry line in {text}"));
+    let span = &retry["span"];
+    assert_eq!(span["name"], "job", "{retry}");
+    assert_eq!(span["job.id"], id.as_str(), "{retry}");
+    assert_eq!(span["task"], "diag.fail", "{retry}");
+    assert_eq!(span["attempt"], 1, "{retry}");
+    assert_eq!(span["trace_id"], trace_id, "{retry}");
+}
