@@ -1,6 +1,7 @@
 //! Signed profile webhooks: verification and rejections, rotation, duplicates,
 //! ordered application, and the CLI that signs them.
 
+mod delivery_limits;
 mod headshot_fences;
 mod headshots;
 
