@@ -3,6 +3,7 @@
 
 mod delivery_limits;
 mod headshot_fences;
+mod headshot_race;
 mod headshots;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
