@@ -127,7 +127,7 @@ def render(r, m, args):
              f"over {args.runs_hint} repetitions; ratios use medians. Whole run (after compiling): {args.seconds // 60} min {args.seconds % 60} s.")
     L.append("")
 
-    L.append("### 1. HTTP enqueue (`diag.noop`, 64 connections)")
+    L.append("### 1. HTTP enqueue (`diag.noop`, 64 connections) and signed webhooks")
     L.append("")
     L.append("| who | jobs/s | p50 ms | p99 ms |")
     L.append("| --- | --- | --- | --- |")
@@ -135,6 +135,10 @@ def render(r, m, args):
     L.append(f"| Dramatiq, confirms on (`send()`, one producer thread) | {r.cell('http_enqueue','dramatiq','rate')} | {r.cell('http_enqueue','dramatiq','p50_ms',2)} | {r.cell('http_enqueue','dramatiq','p99_ms',2)} |")
     L.append(f"| Dramatiq, confirms off (its default) | {r.cell('http_enqueue_noconfirm','dramatiq','rate')} | {r.cell('http_enqueue_noconfirm','dramatiq','p50_ms',2)} | {r.cell('http_enqueue_noconfirm','dramatiq','p99_ms',2)} |")
     L.append(f"| Ceiling: bare lapin, quorum, persistent, confirms pipelined (window 1000) | {r.cell('ceiling','ceiling','publish_rate')} | | |")
+    for scheme, name in (("v1a", "Ed25519"), ("v1", "HMAC-SHA256")):
+        scenario = f"webhooks_{scheme}"
+        L.append(f"| Conveyor: signed webhooks accepted/s (`{scheme}`, {name}; 202 after id claim + record commit + broker confirm) | "
+                 f"{r.cell(scenario,'conveyor','rate')} | {r.cell(scenario,'conveyor','p50_ms',2)} | {r.cell(scenario,'conveyor','p99_ms',2)} |")
     conv = r.median("http_enqueue", "conveyor", "rate")
     d_on = r.median("http_enqueue", "dramatiq", "rate")
     d_off = r.median("http_enqueue_noconfirm", "dramatiq", "rate")
@@ -146,6 +150,12 @@ def render(r, m, args):
              f"Every run checked that each 202's id has a record, that no other record exists, and that the work queue "
              f"holds exactly one message per 202: {'all consistent' if r.get('http_enqueue','conveyor','consistent') and all(r.get('http_enqueue','conveyor','consistent')) else 'NOT CONSISTENT or not measured'}; "
              f"refused (non-202) requests per run: {', '.join(f'{v:.0f}' for v in r.get('http_enqueue','conveyor','refused')) or 'n/a'}.")
+    hooks = r.get('webhooks_v1a', 'conveyor', 'consistent') + r.get('webhooks_v1', 'conveyor', 'consistent')
+    L.append("")
+    L.append(f"Signed webhooks (`bench-webhooks`: an `UPDATE` under a new `webhook-id` per request, 64 connections, no worker): every run checked "
+             f"that each 202's job has a record and that remembered ids, `accepted` events, `webhook.profile_sync` records and queued messages "
+             f"all number the 202s: {'all consistent' if hooks and all(hooks) else 'NOT CONSISTENT or not measured'}; "
+             f"refused requests per run: {', '.join(f'{v:.0f}' for v in r.get('webhooks_v1a','conveyor','refused') + r.get('webhooks_v1','conveyor','refused')) or 'n/a'}.")
     L.append("")
 
     L.append("### 2. Drain (pre-enqueued jobs until all are recorded as done)")

@@ -6,7 +6,7 @@
 # to benches/out/<stamp>/results.jsonl; report.py turns them into benches/RESULTS.md.
 # A private database and broker namespace are created and removed again.
 #
-# Knobs (environment): BENCH_RUNS, BENCH_HTTP_SECONDS, BENCH_DRAIN_JOBS,
+# Knobs (environment): BENCH_RUNS, BENCH_HTTP_SECONDS, BENCH_WEBHOOK_SECONDS, BENCH_DRAIN_JOBS,
 # BENCH_DRAMATIQ_DRAIN_JOBS, BENCH_LATENCY_SECONDS, BENCH_SKIP_DRAMATIQ=1,
 # BENCH_SKIP_CRITERION=1, PG_SERVER, AMQP_URL.
 set -euo pipefail
@@ -15,6 +15,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 runs=${BENCH_RUNS:-3}
 http_seconds=${BENCH_HTTP_SECONDS:-10}
+webhook_seconds=${BENCH_WEBHOOK_SECONDS:-10}
 drain_jobs=${BENCH_DRAIN_JOBS:-100000}
 dramatiq_drain_jobs=${BENCH_DRAMATIQ_DRAIN_JOBS:-30000}
 latency_seconds=${BENCH_LATENCY_SECONDS:-20}
@@ -70,9 +71,20 @@ log "database conveyor_bench_$suffix, namespace $CONVEYOR_NAMESPACE"
 BENCH_API_KEY=$("$release/conveyor" keys create --producer bench --scope 'enqueue:*' --rate 10000000 --burst 10000000 | tail -1)
 export BENCH_API_KEY
 
+# The webhook source `bench`, with throwaway keys: an Ed25519 pair (v1a, what the
+# membership producer uses) and an HMAC secret (v1). bench-webhooks signs with either.
+webhook_pair=$("$release/conveyor" webhook keygen --ed25519)
+BENCH_WEBHOOK_ED25519=$(sed -n 's/^signing-key: //p' <<<"$webhook_pair")
+webhook_public=$(sed -n 's/^verifying-key: //p' <<<"$webhook_pair")
+BENCH_WEBHOOK_HMAC=$("$release/conveyor" webhook keygen --hmac | tail -1)
+cat > "$out/conveyor.toml" <<TOML
+[webhooks.sources.bench]
+keys = ["$webhook_public", "$BENCH_WEBHOOK_HMAC"]
+TOML
+
 port=$((18000 + RANDOM % 2000))
 export CONVEYOR_INGRESS_ADDR=127.0.0.1:$port
-"$release/conveyor" ingress > "$out/ingress.log" 2>&1 &
+"$release/conveyor" --config "$out/conveyor.toml" ingress > "$out/ingress.log" 2>&1 &
 ingress_pid=$!
 for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break
@@ -111,6 +123,14 @@ for run in $(seq "$runs"); do
 
   log "run $run/$runs: 4. mail fan-out"
   scenario_fanout
+done
+
+# Signed webhooks, after every HTTP-enqueue repetition so that the ingress peak RSS
+# read by bench-http stays the one of plain enqueue load.
+for run in $(seq "$runs"); do
+  log "run $run/$runs: 5. signed webhooks (v1a Ed25519, then v1 HMAC)"
+  BENCH_WEBHOOK_KEY=$BENCH_WEBHOOK_ED25519 "$release/bench-webhooks" --run "$run" --addr "127.0.0.1:$port" --seconds "$webhook_seconds"
+  BENCH_WEBHOOK_KEY=$BENCH_WEBHOOK_HMAC "$release/bench-webhooks" --run "$run" --addr "127.0.0.1:$port" --seconds "$webhook_seconds"
 done
 
 log "memory"

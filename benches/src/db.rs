@@ -1,4 +1,5 @@
-//! What the scenarios ask the bench database: counts and timings of job records.
+//! What the scenarios ask the bench database: counts and timings of job
+//! records, and the webhook endpoint's remembered ids and events.
 
 use conveyor_schema::pool::{self, PgPool};
 use diesel::prelude::*;
@@ -108,4 +109,55 @@ pub async fn busy_span_seconds(db: &PgPool) -> anyhow::Result<f64> {
     })
     .await?;
     Ok(row.seconds.unwrap_or(0.0))
+}
+
+/// Forgets every remembered webhook id and webhook event, so a repetition starts empty.
+pub async fn truncate_webhooks(db: &PgPool) -> anyhow::Result<()> {
+    pool::run(db, |conn| {
+        diesel::sql_query("TRUNCATE webhook_deliveries, webhook_events").execute(conn)
+    })
+    .await?;
+    Ok(())
+}
+
+/// Remembered webhook ids (`webhook_deliveries` rows) of `source`.
+pub async fn count_webhook_deliveries(db: &PgPool, source: &str) -> anyhow::Result<i64> {
+    let source = source.to_owned();
+    let row = pool::run(db, move |conn| {
+        diesel::sql_query("SELECT count(*) AS n FROM webhook_deliveries WHERE source = $1")
+            .bind::<Text, _>(source)
+            .get_result::<Count>(conn)
+    })
+    .await?;
+    Ok(row.n)
+}
+
+/// `webhook_events` of `source` with `outcome` (`accepted`, `duplicate`, …).
+pub async fn count_webhook_events(
+    db: &PgPool,
+    source: &str,
+    outcome: &'static str,
+) -> anyhow::Result<i64> {
+    let source = source.to_owned();
+    let row = pool::run(db, move |conn| {
+        diesel::sql_query(
+            "SELECT count(*) AS n FROM webhook_events WHERE source = $1 AND outcome = $2",
+        )
+        .bind::<Text, _>(source)
+        .bind::<Text, _>(outcome)
+        .get_result::<Count>(conn)
+    })
+    .await?;
+    Ok(row.n)
+}
+
+/// Job records of `task`.
+pub async fn count_task(db: &PgPool, task: &'static str) -> anyhow::Result<i64> {
+    let row = pool::run(db, move |conn| {
+        diesel::sql_query("SELECT count(*) AS n FROM jobs WHERE task = $1")
+            .bind::<Text, _>(task)
+            .get_result::<Count>(conn)
+    })
+    .await?;
+    Ok(row.n)
 }

@@ -56,19 +56,19 @@ impl Client {
 
     /// Posts `body` to `/v1/jobs` and reads the answer.
     pub async fn enqueue(&mut self, body: &'static [u8]) -> anyhow::Result<Outcome> {
-        self.sender.ready().await?;
-        let mut request = Request::post("/v1/jobs")
-            .header(header::HOST, self.host.as_str())
-            .header(header::CONTENT_TYPE, "application/json");
-        if let Some(authorization) = &self.authorization {
-            request = request.header(header::AUTHORIZATION, authorization.as_str());
-        }
-        let request = request.body(Full::new(Bytes::from_static(body)))?;
-        let started = Instant::now();
-        let response = self.sender.send_request(request).await?;
-        let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
-        let latency = started.elapsed();
+        let authorization = self.authorization.clone();
+        let headers: Vec<(&str, &str)> = authorization
+            .as_deref()
+            .map(|value| ("authorization", value))
+            .into_iter()
+            .collect();
+        let Answer {
+            status,
+            body,
+            latency,
+        } = self
+            .post_json("/v1/jobs", &headers, Bytes::from_static(body))
+            .await?;
         let id = if status == StatusCode::ACCEPTED {
             Some(serde_json::from_slice::<Accepted>(&body)?.id)
         } else {
@@ -78,6 +78,44 @@ impl Client {
             status,
             id,
             latency,
+        })
+    }
+}
+
+/// What one POST gave: status, whole body and round-trip time.
+pub struct Answer {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The response body, read to the end.
+    pub body: Bytes,
+    /// From sending the request to the last byte of the answer.
+    pub latency: Duration,
+}
+
+impl Client {
+    /// Posts the JSON `body` to `path` with the extra `headers` and reads the whole answer.
+    pub async fn post_json(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> anyhow::Result<Answer> {
+        self.sender.ready().await?;
+        let mut request = Request::post(path)
+            .header(header::HOST, self.host.as_str())
+            .header(header::CONTENT_TYPE, "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Full::new(body))?;
+        let started = Instant::now();
+        let response = self.sender.send_request(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok(Answer {
+            status,
+            body,
+            latency: started.elapsed(),
         })
     }
 }

@@ -184,24 +184,30 @@ pub async fn record_event(
     }
 }
 
-/// Deletes expired claims every minute until `stop`.
+/// How often the sweeper forgets expired ids.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Deletes the claims whose `expires_at` has passed; returns how many.
+pub async fn sweep_expired(db: &PgPool) -> Result<usize, DbError> {
+    conveyor_schema::pool::run(db, |conn| {
+        diesel::delete(
+            webhook_deliveries::table.filter(webhook_deliveries::expires_at.lt(diesel::dsl::now)),
+        )
+        .execute(conn)
+    })
+    .await
+}
+
+/// Runs [`sweep_expired`] every [`SWEEP_EVERY`] until `stop`.
 pub fn spawn_sweeper(db: PgPool, stop: CancellationToken) {
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(60));
+        let mut every = tokio::time::interval(SWEEP_EVERY);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = every.tick() => {}
             }
-            let swept = conveyor_schema::pool::run(&db, |conn| {
-                diesel::delete(
-                    webhook_deliveries::table
-                        .filter(webhook_deliveries::expires_at.lt(diesel::dsl::now)),
-                )
-                .execute(conn)
-            })
-            .await;
-            match swept {
+            match sweep_expired(&db).await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(swept = n, "expired webhook ids forgotten"),
                 Err(err) => tracing::warn!(error = %err, "could not sweep expired webhook ids"),

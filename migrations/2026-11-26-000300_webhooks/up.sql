@@ -52,9 +52,10 @@ CREATE INDEX webhook_deliveries_expires_at ON webhook_deliveries (expires_at);
 -- What happened to each authenticated webhook, for statistics: `accepted` and
 -- `duplicate` at the ingress; `applied`, `unchanged`, `skipped_stale`,
 -- `skipped_deleted` and `failed` when the worker applies it. Rejected requests
--- (bad headers, signature, timestamp, size, body, unknown source) are only
--- counted in the ingress's Prometheus metrics: they are unauthenticated and
--- must have no side effect.
+-- (bad headers, signature, timestamp, size, body, unknown source) get no row
+-- here: they are unauthenticated and must have no side effect on jobs or
+-- profiles. They are counted by reason in the ingress's Prometheus metrics and,
+-- aggregated per minute, in `webhook_rejections` (migration 001000).
 CREATE TABLE webhook_events (
     id          bigserial PRIMARY KEY,
     source      text        NOT NULL,

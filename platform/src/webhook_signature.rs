@@ -7,14 +7,16 @@
 //! secret key). A header may carry several space-separated signatures and a
 //! source may have several keys (rotation): one valid pair is enough.
 //!
-//! Verification works on the raw bytes, never on parsed JSON, and compares MACs
-//! in constant time (`hmac`'s `verify_slice`); Ed25519 verification involves no
-//! secret. The ingress and the `conveyor webhook` CLI both use this module, so
+//! Verification works on the raw bytes, never on parsed JSON, computes each
+//! HMAC key's MAC once and compares it with every `v1` entry in constant time
+//! (`CtOutput`); Ed25519 verification involves no secret. A header with more
+//! than [`MAX_SIGNATURES`] entries is refused before any hashing. The ingress and the `conveyor webhook` CLI both use this module, so
 //! what the CLI signs is exactly what the ingress accepts.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::{Signature, Signer, Verifier};
+use hmac::digest::CtOutput;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -139,10 +141,19 @@ impl SigningKey {
     }
 }
 
-fn hmac_of(secret: &[u8], content: &[u8]) -> [u8; 32] {
+/// Bytes in an HMAC-SHA256 tag.
+const MAC_LEN: usize = 32;
+
+fn hmac_of(secret: &[u8], content: &[u8]) -> [u8; MAC_LEN] {
+    mac_of(secret, content).into_bytes().into()
+}
+
+fn mac_of(secret: &[u8], content: &[u8]) -> CtOutput<Hmac<Sha256>> {
+    #[cfg(test)]
+    tests::MACS_COMPUTED.with(|n| n.set(n.get() + 1));
     let mut mac = new_mac(secret);
     mac.update(content);
-    mac.finalize().into_bytes().into()
+    mac.finalize()
 }
 
 fn new_mac(secret: &[u8]) -> Hmac<Sha256> {
@@ -161,34 +172,89 @@ pub fn signed_content(id: &str, timestamp: i64, body: &[u8]) -> Vec<u8> {
     content
 }
 
-/// True when any signature in `header` (space-separated `version,base64`
-/// entries) is valid for the content under any of `keys`. Entries of unknown
-/// versions or bad base64 are ignored; MACs are compared in constant time.
-pub fn verify(keys: &[VerifyingKey], id: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
+/// Most entries one `webhook-signature` header may carry. Each `v1a` entry
+/// costs an Ed25519 verification per key, so an unbounded list would let anyone
+/// make the ingress burn CPU; a real producer sends one, or two during a rotation.
+pub const MAX_SIGNATURES: usize = 10;
+
+/// A `webhook-signature` header with more than [`MAX_SIGNATURES`] entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("`webhook-signature` carries {found} signatures; at most {MAX_SIGNATURES} are accepted")]
+pub struct TooManySignatures {
+    /// How many entries the header had.
+    pub found: usize,
+}
+
+/// The space-separated entries of a `webhook-signature` header, empty ones skipped.
+pub fn signature_entries(header: &str) -> impl Iterator<Item = &str> {
+    header.split(' ').filter(|entry| !entry.is_empty())
+}
+
+/// Whether `header` has at most [`MAX_SIGNATURES`] entries.
+pub fn check_signature_count(header: &str) -> Result<(), TooManySignatures> {
+    let found = signature_entries(header).count();
+    if found > MAX_SIGNATURES {
+        return Err(TooManySignatures { found });
+    }
+    Ok(())
+}
+
+/// Whether any signature in `header` (space-separated `version,base64`
+/// entries) is valid for the content under any of `keys`: `Ok(true)` when one
+/// is, `Ok(false)` when none is, and an error, before any hashing, when the
+/// header has more than [`MAX_SIGNATURES`] entries. Entries of unknown
+/// versions or bad base64 are ignored.
+///
+/// Each HMAC key's MAC is computed once and compared with every `v1` entry in
+/// constant time; every pair is compared (no early exit), so the time taken
+/// says nothing about which entry or key matched.
+pub fn verify(
+    keys: &[VerifyingKey],
+    id: &str,
+    timestamp: i64,
+    body: &[u8],
+    header: &str,
+) -> Result<bool, TooManySignatures> {
+    check_signature_count(header)?;
     let content = signed_content(id, timestamp, body);
+    let macs: Vec<CtOutput<Hmac<Sha256>>> = keys
+        .iter()
+        .filter_map(|key| match key {
+            VerifyingKey::Hmac(secret) => Some(mac_of(secret, &content)),
+            VerifyingKey::Ed25519(_) => None,
+        })
+        .collect();
     let mut valid = false;
-    for entry in header.split(' ').filter(|e| !e.is_empty()) {
+    for entry in signature_entries(header) {
         let Some((version, encoded)) = entry.split_once(',') else {
             continue;
         };
         let Ok(signature) = STANDARD.decode(encoded) else {
             continue;
         };
-        for key in keys {
-            // Every pair is checked (no early exit) so timing says nothing about which matched.
-            valid |= match (version, key) {
-                ("v1", VerifyingKey::Hmac(secret)) => {
-                    let mut mac = new_mac(secret);
-                    mac.update(&content);
-                    mac.verify_slice(&signature).is_ok()
+        match version {
+            "v1" if signature.len() == MAC_LEN => {
+                let presented = CtOutput::<Hmac<Sha256>>::new(
+                    hmac::digest::Output::<Hmac<Sha256>>::clone_from_slice(&signature),
+                );
+                for mac in &macs {
+                    valid |= *mac == presented;
                 }
-                ("v1a", VerifyingKey::Ed25519(public)) => Signature::from_slice(&signature)
-                    .is_ok_and(|sig| public.verify(&content, &sig).is_ok()),
-                _ => false,
-            };
+            }
+            "v1a" => {
+                let Ok(signature) = Signature::from_slice(&signature) else {
+                    continue;
+                };
+                for key in keys {
+                    if let VerifyingKey::Ed25519(public) = key {
+                        valid |= public.verify(&content, &signature).is_ok();
+                    }
+                }
+            }
+            _ => {}
         }
     }
-    valid
+    Ok(valid)
 }
 
 /// Whether `timestamp` (Unix seconds) is within `tolerance_secs` of `now`, either way.
@@ -220,7 +286,69 @@ pub fn public_key_string(key: &ed25519_dalek::VerifyingKey) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
+
+    thread_local! {
+        /// HMACs computed by [`mac_of`] on this thread.
+        pub(super) static MACS_COMPUTED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn macs_computed_by(run: impl FnOnce()) -> usize {
+        MACS_COMPUTED.with(|n| n.set(0));
+        run();
+        MACS_COMPUTED.with(Cell::get)
+    }
+
+    /// [`super::verify`] for headers within the cap.
+    fn verify(keys: &[VerifyingKey], id: &str, ts: i64, body: &[u8], header: &str) -> bool {
+        super::verify(keys, id, ts, body, header).expect("within the signature cap")
+    }
+
+    fn wrong_v1() -> String {
+        format!("v1,{}", STANDARD.encode(rand::random::<[u8; 32]>()))
+    }
+
+    #[test]
+    fn each_hmac_key_is_hashed_once_however_many_entries() {
+        let (old, new) = (generate_hmac_secret(), generate_hmac_secret());
+        let (_, public) = generate_ed25519_pair();
+        let keys = [&old, &new, &public].map(|k| VerifyingKey::parse(k).unwrap());
+        let good = SigningKey::parse(&new).unwrap().sign("m", 5, b"x");
+        let mut entries: Vec<String> = (0..MAX_SIGNATURES - 1).map(|_| wrong_v1()).collect();
+        entries.push(good);
+        let header = entries.join(" ");
+        let mut valid = false;
+        let computed = macs_computed_by(|| valid = verify(&keys, "m", 5, b"x", &header));
+        assert!(valid);
+        assert_eq!(computed, 2, "one MAC per HMAC key, not per entry × key");
+        // A v1 entry of the wrong length is ignored, not a panic.
+        assert!(!verify(&keys, "m", 5, b"x", "v1,AAAA v1,"));
+    }
+
+    #[test]
+    fn more_signatures_than_the_cap_are_refused_before_hashing() {
+        let secret = generate_hmac_secret();
+        let keys = [VerifyingKey::parse(&secret).unwrap()];
+        let good = SigningKey::parse(&secret).unwrap().sign("m", 5, b"x");
+        let mut entries: Vec<String> = (0..MAX_SIGNATURES).map(|_| wrong_v1()).collect();
+        entries.push(good.clone());
+        let header = entries.join(" ");
+        let mut outcome = Ok(true);
+        let computed = macs_computed_by(|| outcome = super::verify(&keys, "m", 5, b"x", &header));
+        assert_eq!(
+            outcome,
+            Err(TooManySignatures {
+                found: MAX_SIGNATURES + 1
+            })
+        );
+        assert_eq!(computed, 0);
+        // Exactly the cap is fine, and empty entries (doubled spaces) do not count.
+        entries.remove(0);
+        assert!(verify(&keys, "m", 5, b"x", &entries.join("  ")));
+        assert_eq!(check_signature_count(&entries.join("   ")), Ok(()));
+    }
 
     /// The Standard Webhooks reference libraries' published `v1` vector.
     #[test]

@@ -1,6 +1,9 @@
 //! Signed profile webhooks: verification and rejections, rotation, duplicates,
 //! ordered application, and the CLI that signs them.
 
+mod delivery_limits;
+mod headshot_fences;
+mod headshot_race;
 mod headshots;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -1,7 +1,8 @@
 //! `POST /v1/webhooks/{source}/profiles`: signed profile webhooks (Standard Webhooks).
 //!
 //! Checks run cheapest first and nothing is written until all pass: known
-//! source (404), headers present and well-formed (400), declared and actual
+//! source (404), headers present and well-formed, with at most
+//! [`webhook_signature::MAX_SIGNATURES`] signatures (400), declared and actual
 //! size within the limit (413, before any hashing), timestamp within the
 //! source's tolerance (401), a valid signature over the raw bytes (401), then
 //! the body's shape (400/422). Only then is the `webhook-id` claimed (a repeat
@@ -91,6 +92,14 @@ fn signed_headers(headers: &HeaderMap) -> Result<Signed<'_>, Problem> {
             "`webhook-signature` must be space-separated `version,base64` entries",
         ));
     }
+    webhook_signature::check_signature_count(signature).map_err(|too_many| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "too-many-signatures",
+            "Too many signatures",
+            too_many.to_string(),
+        )
+    })?;
     Ok(Signed {
         id,
         timestamp,
@@ -203,13 +212,18 @@ async fn verified(
             ),
         ));
     }
-    if !webhook_signature::verify(
+    let valid = webhook_signature::verify(
         &source.keys,
         signed.id,
         signed.timestamp,
         &raw,
         signed.signature,
-    ) {
+    )
+    .map_err(|too_many| {
+        // Checked with the other headers already; kept so the cap holds here too.
+        ("bad_headers", bad_headers(too_many.to_string()))
+    })?;
+    if !valid {
         return Err((
             "bad_signature",
             unauthorized(

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use conveyor_schema::db::headshots;
-use conveyor_schema::pool::{DbError, PgPool};
+use conveyor_schema::pool::PgPool;
 use diesel::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -70,12 +70,18 @@ pub fn host_allowed(allowed: &[String], host: &str) -> bool {
     })
 }
 
-/// True for addresses on the public internet; false for loopback, private,
-/// link-local, shared, documentation, multicast and unspecified ranges.
+/// True for addresses on the public internet. False for loopback, private,
+/// shared (CGNAT), link-local, site-local, unique-local, documentation,
+/// benchmarking, IETF protocol assignments, discard-only, SRv6, multicast,
+/// broadcast, reserved and unspecified ranges, and for the deprecated
+/// IPv4-compatible (`::a.b.c.d`) and SIIT (`::ffff:0:a.b.c.d`) forms. An
+/// address that carries an IPv4 address (`::ffff:a.b.c.d`, NAT64
+/// `64:ff9b::a.b.c.d`, 6to4 `2002:aabb:ccdd::`) is as public as that address,
+/// so an internal target cannot hide inside an IPv6 form.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+        IpAddr::V6(v6) => match embedded_v4(v6) {
             Some(v4) => is_public_v4(v4),
             None => is_public_v6(v6),
         },
@@ -83,7 +89,7 @@ pub fn is_public(ip: IpAddr) -> bool {
 }
 
 fn is_public_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
+    let [a, b, c, _] = ip.octets();
     !(ip.is_loopback()
         || ip.is_private()
         || ip.is_link_local()
@@ -93,18 +99,64 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || ip.is_multicast()
         || a == 0
         || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
+        || (a == 192 && b == 0 && c == 0) // IETF protocol assignments, 192.0.0.0/24
+        || (a == 192 && b == 88 && c == 99) // 6to4 relay anycast, deprecated
         || (a == 198 && (b == 18 || b == 19)) // benchmarking
-        || a >= 240)
+        || a >= 240) // reserved
 }
 
+/// `ip` as 128 bits, for prefix tests.
+fn bits(ip: Ipv6Addr) -> u128 {
+    u128::from_be_bytes(ip.octets())
+}
+
+/// Whether `ip` is in `net`/`len` (`len` from 1 to 128).
+fn in_net(ip: u128, net: u128, len: u32) -> bool {
+    (ip ^ net) >> (128 - len) == 0
+}
+
+const V4_MAPPED: u128 = 0xffff_0000_0000; // ::ffff:0:0/96
+const NAT64: u128 = 0x0064_ff9b << 96; // 64:ff9b::/96
+const SIX_TO_FOUR: u128 = 0x2002 << 112; // 2002::/16
+
+/// The IPv4 address inside an IPv4-mapped, NAT64 (well-known prefix) or 6to4 address.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let ip = bits(ip);
+    let low = |shift: u32| Ipv4Addr::from(((ip >> shift) & 0xffff_ffff) as u32);
+    if in_net(ip, V4_MAPPED, 96) || in_net(ip, NAT64, 96) {
+        return Some(low(0));
+    }
+    if in_net(ip, SIX_TO_FOUR, 16) {
+        return Some(low(80));
+    }
+    None
+}
+
+/// IPv6 ranges that are never a public image host, as (prefix, length, what).
+const NOT_PUBLIC_V6: &[(u128, u32, &str)] = &[
+    (0, 96, "IPv4-compatible (deprecated), loopback, unspecified"),
+    (0xffff_0000_0000_0000, 96, "SIIT IPv4-translated"),
+    (0x0064_ff9b_0001 << 80, 48, "local-use NAT64"),
+    (0x0100 << 112, 64, "discard-only"),
+    (
+        0x2001 << 112,
+        23,
+        "IETF protocol assignments (Teredo, ORCHID, benchmarking)",
+    ),
+    (0x2001_0db8 << 96, 32, "documentation"),
+    (0x3fff << 112, 20, "documentation"),
+    (0x5f00 << 112, 16, "SRv6 SIDs"),
+    (0xfc00 << 112, 7, "unique local"),
+    (0xfe80 << 112, 10, "link-local"),
+    (0xfec0 << 112, 10, "site-local (deprecated)"),
+    (0xff00 << 112, 8, "multicast"),
+];
+
 fn is_public_v6(ip: Ipv6Addr) -> bool {
-    let first = ip.segments()[0];
-    !(ip.is_loopback()
-        || ip.is_unspecified()
-        || ip.is_multicast()
-        || (first & 0xfe00) == 0xfc00 // unique local
-        || (first & 0xffc0) == 0xfe80 // link-local
-        || first == 0x2001 && ip.segments()[1] == 0x0db8) // documentation
+    let ip = bits(ip);
+    !NOT_PUBLIC_V6
+        .iter()
+        .any(|(net, len, _)| in_net(ip, *net, *len))
 }
 
 /// Downloads `url` under `policy`.
@@ -149,7 +201,16 @@ pub async fn download(policy: &HeadshotPolicy, url: &str) -> Result<Image, Downl
         .resolve(&host, first)
         .build()
         .map_err(|e| DownloadError::Transient(format!("HTTP client: {e}")))?;
-    let transient = |e: reqwest::Error| DownloadError::Transient(format!("downloading {url}: {e}"));
+    let transient = |e: reqwest::Error| {
+        if e.is_timeout() {
+            DownloadError::Transient(format!(
+                "downloading {url}: timed out after {:?}",
+                policy.timeout
+            ))
+        } else {
+            DownloadError::Transient(format!("downloading {url}: {e}"))
+        }
+    };
     let mut response = client.get(parsed).send().await.map_err(transient)?;
     let status = response.status();
     if status.as_u16() == 404 || status.as_u16() == 410 {
@@ -195,16 +256,6 @@ pub async fn download(policy: &HeadshotPolicy, url: &str) -> Result<Image, Downl
         content_type,
         sha256,
     })
-}
-
-/// Whether an image with this checksum is already stored.
-pub async fn is_stored(db: &PgPool, sha256: &str) -> Result<bool, DbError> {
-    let sha = sha256.to_owned();
-    conveyor_schema::pool::run(db, move |conn| {
-        let n: i64 = headshots::table.find(sha).count().get_result(conn)?;
-        Ok(n > 0)
-    })
-    .await
 }
 
 /// Stores `image` once: a file named by its checksum (written to a temporary
@@ -268,14 +319,62 @@ mod tests {
             "169.254.169.254",
             "100.64.0.1",
             "0.0.0.0",
+            "192.0.0.8",
+            "192.0.0.170",
+            "192.0.2.1",
+            "192.88.99.1",
+            "198.18.0.1",
+            "224.0.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::",
             "::1",
             "fd00::1",
             "fe80::1",
-            "::ffff:127.0.0.1",
+            "fec0::1",
+            "feff::1",
+            "ff02::1",
+            "100::1",
+            "2001::1",
+            "2001:2::1",
+            "2001:db8::1",
+            "3fff::1",
+            "5f00::1",
+            "64:ff9b:1::1",
+            "::ffff:0:808:808",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["93.184.216.34", "2606:2800:220:1::1"] {
+        for ip in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "2606:2800:220:1::1",
+            "2a00:1450::1",
+        ] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn ipv6_forms_of_ipv4_addresses_are_judged_by_the_ipv4_address() {
+        // IPv4-compatible `::a.b.c.d` is deprecated: refused even for a public address.
+        for ip in ["::127.0.0.1", "::10.0.0.1", "::8.8.8.8"] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        let internal = [
+            "::ffff:127.0.0.1",
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b::169.254.169.254",
+            "2002:7f00:1::",
+            "2002:a00:1::1",
+            "2002:c0a8:101:1::1",
+        ];
+        for ip in internal {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        let public = ["::ffff:8.8.8.8", "64:ff9b::8.8.8.8", "2002:808:808::1"];
+        for ip in public {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
     }

@@ -12,14 +12,16 @@
 
 use chrono::{DateTime, Utc};
 use conveyor_schema::args::webhooks::{
-    self as spec, HeadshotRef, ProfileChange, ProfileFields, ProfileSyncArgs,
+    self as spec, ProfileChange, ProfileFields, ProfileSyncArgs,
 };
 use conveyor_schema::db::{headshots, profiles, webhook_events};
 use conveyor_schema::models::Profile;
 use diesel::prelude::*;
 
-use super::headshot::{self, DownloadError, Image};
+use self::import::import_headshot;
 use crate::{JobContext, Task, TaskError};
+
+mod import;
 
 /// Applies profile webhooks.
 pub struct ProfileSync;
@@ -80,7 +82,7 @@ impl Task for ProfileSync {
             ProfileChange::ImportHeadshot(headshot) => {
                 import_headshot(&args, headshot, &ctx).await?
             }
-            _ => apply(&ctx, &args, change.clone(), None).await?,
+            _ => apply(&ctx, &args, change.clone(), None).await?.outcome()?,
         };
         tracing::info!(
             profile.id = %args.event.profile_id,
@@ -99,104 +101,6 @@ struct Stored {
     content_type: String,
     size_bytes: i32,
     detail: Option<&'static str>,
-}
-
-async fn import_headshot(
-    args: &ProfileSyncArgs,
-    headshot: &HeadshotRef,
-    ctx: &JobContext,
-) -> Result<&'static str, TaskError> {
-    let db = &ctx.services.db;
-    let policy = &ctx.services.headshots;
-    let current = load(db, &args.event.profile_id).await?;
-    let change = ProfileChange::ImportHeadshot(headshot.clone());
-    let decision = current.as_ref().map_or(Decision::Apply, |row| {
-        decide(row, &change, args.event.occurred_at)
-    });
-    if decision != Decision::Apply {
-        // Nothing to fetch; record the skip under the lock like any other decision.
-        return apply(ctx, args, change, None).await;
-    }
-    let known = headshot.sha256.as_deref();
-    let stored = match (
-        known,
-        current.as_ref().and_then(|r| r.headshot_sha256.clone()),
-    ) {
-        (Some(sha), Some(current_sha)) if sha == current_sha => Stored {
-            sha256: current_sha,
-            content_type: current
-                .as_ref()
-                .and_then(|r| r.headshot_content_type.clone())
-                .unwrap_or_default(),
-            size_bytes: current
-                .as_ref()
-                .and_then(|r| r.headshot_size_bytes)
-                .unwrap_or_default(),
-            detail: Some("checksum unchanged; download skipped"),
-        },
-        _ => match stored_blob(db, known).await? {
-            Some(blob) => blob,
-            None => fetch(ctx, args, policy, &headshot.url, known).await?,
-        },
-    };
-    apply(ctx, args, change, Some(stored)).await
-}
-
-/// The already stored image with checksum `sha256`, if any.
-async fn stored_blob(
-    db: &conveyor_schema::pool::PgPool,
-    sha256: Option<&str>,
-) -> Result<Option<Stored>, TaskError> {
-    let Some(sha) = sha256.map(str::to_owned) else {
-        return Ok(None);
-    };
-    let row = conveyor_schema::pool::run(db, move |conn| {
-        headshots::table
-            .find(sha)
-            .select((
-                headshots::sha256,
-                headshots::content_type,
-                headshots::size_bytes,
-            ))
-            .first::<(String, String, i32)>(conn)
-            .optional()
-    })
-    .await?;
-    Ok(row.map(|(sha256, content_type, size_bytes)| Stored {
-        sha256,
-        content_type,
-        size_bytes,
-        detail: Some("image already stored; download skipped"),
-    }))
-}
-
-async fn fetch(
-    ctx: &JobContext,
-    args: &ProfileSyncArgs,
-    policy: &headshot::HeadshotPolicy,
-    url: &str,
-    expected: Option<&str>,
-) -> Result<Stored, TaskError> {
-    let image: Image = match headshot::download(policy, url).await {
-        Ok(image) => image,
-        Err(DownloadError::Transient(reason)) => return Err(anyhow::anyhow!(reason).into()),
-        Err(DownloadError::Permanent(reason)) => return Err(failed(ctx, args, reason).await),
-    };
-    if expected.is_some_and(|sha| sha != image.sha256) {
-        let reason = format!(
-            "the image's SHA-256 is {}, not the {} announced",
-            image.sha256,
-            expected.unwrap_or_default()
-        );
-        return Err(failed(ctx, args, reason).await);
-    }
-    headshot::store(&ctx.services.db, policy, &image).await?;
-    Ok(Stored {
-        sha256: image.sha256,
-        content_type: image.content_type,
-        size_bytes: i32::try_from(image.bytes.len()).unwrap_or(i32::MAX),
-        detail: None,
-    })
 }
 
 /// Records a permanent failure and returns the error that dead-letters the job.
@@ -246,16 +150,40 @@ async fn load(db: &conveyor_schema::pool::PgPool, id: &str) -> Result<Option<Pro
     .await?)
 }
 
+/// What one application transaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    /// Decided and recorded, with this outcome.
+    Done(&'static str),
+    /// The image an IMPORT_HEADSHOT was to reference is no longer stored (a
+    /// DELETE of the last profile using it removed it after it was looked up);
+    /// nothing was recorded.
+    ImageGone,
+}
+
+impl Applied {
+    /// The recorded outcome; an image deleted (again) under an import is an error worth a retry.
+    fn outcome(self) -> Result<&'static str, TaskError> {
+        match self {
+            Self::Done(outcome) => Ok(outcome),
+            Self::ImageGone => Err(anyhow::anyhow!(
+                "the stored headshot was deleted while being imported; retrying"
+            )
+            .into()),
+        }
+    }
+}
+
 /// Decides and applies `change` under the row lock, recording the outcome.
 async fn apply(
     ctx: &JobContext,
     args: &ProfileSyncArgs,
     change: ProfileChange,
     image: Option<Stored>,
-) -> Result<&'static str, TaskError> {
+) -> Result<Applied, TaskError> {
     let args = args.clone();
     let dir = ctx.services.headshots.dir.clone();
-    let (outcome, orphan) = conveyor_schema::pool::run(&ctx.services.db, move |conn| {
+    let (applied, orphan) = conveyor_schema::pool::run(&ctx.services.db, move |conn| {
         conn.transaction(|conn| apply_locked(conn, &args, &change, image))
     })
     .await?;
@@ -265,16 +193,23 @@ async fn apply(
             tracing::warn!(error = %err, sha256 = sha, "could not remove an unreferenced headshot file");
         }
     }
-    Ok(outcome)
+    Ok(applied)
 }
 
-/// Returns the outcome and, after a DELETE, the checksum of a headshot no profile uses any more.
+/// Returns what was done and, after a DELETE, the checksum of a headshot no profile uses any more.
+///
+/// A stored image is shared by every profile with its checksum, so an import
+/// and the DELETE of another profile may race for it. Both take the image's
+/// row lock before deciding: the import `FOR SHARE` (and finds it gone if the
+/// DELETE won), the DELETE `FOR UPDATE` before counting the references in a
+/// new statement, which under READ COMMITTED sees every import that committed
+/// first. So a profile never points at a deleted image.
 fn apply_locked(
     conn: &mut PgConnection,
     args: &ProfileSyncArgs,
     change: &ProfileChange,
     image: Option<Stored>,
-) -> QueryResult<(&'static str, Option<String>)> {
+) -> QueryResult<(Applied, Option<String>)> {
     let id = &args.event.profile_id;
     let at = args.event.occurred_at;
     diesel::insert_into(profiles::table)
@@ -314,6 +249,15 @@ fn apply_locked(
                 let Some(image) = image else {
                     return Err(diesel::result::Error::RollbackTransaction);
                 };
+                let still_stored = headshots::table
+                    .find(&image.sha256)
+                    .select(headshots::sha256)
+                    .for_share()
+                    .first::<String>(conn)
+                    .optional()?;
+                if still_stored.is_none() {
+                    return Ok((Applied::ImageGone, None));
+                }
                 detail = image.detail.map(str::to_owned);
                 diesel::update(target)
                     .set((
@@ -347,6 +291,13 @@ fn apply_locked(
                     ))
                     .execute(conn)?;
                 if let Some(sha) = row.headshot_sha256 {
+                    // Lock first, count after: see this function's doc.
+                    headshots::table
+                        .find(&sha)
+                        .select(headshots::sha256)
+                        .for_update()
+                        .first::<String>(conn)
+                        .optional()?;
                     let still_used: i64 = profiles::table
                         .filter(profiles::headshot_sha256.eq(&sha))
                         .count()
@@ -369,13 +320,14 @@ fn apply_locked(
     diesel::insert_into(webhook_events::table)
         .values(event_row(args, outcome, detail))
         .execute(conn)?;
-    Ok((outcome, orphan))
+    Ok((Applied::Done(outcome), orphan))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::TimeZone;
+    use conveyor_schema::args::webhooks::HeadshotRef;
 
     fn t(secs: i64) -> DateTime<Utc> {
         Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()

@@ -7,10 +7,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use conveyor_platform::config::HeadshotStorage;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use conveyor_platform::config::{HeadshotConfig, HeadshotStorage};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -18,25 +19,67 @@ use super::{Keys, send, spawn};
 use crate::harness::TestApp;
 
 const WAIT: Duration = Duration::from_secs(30);
-const CAP: u64 = 4096;
+pub const CAP: u64 = 4096;
+/// How long `slow.png` takes to answer: far past the download timeout of [`app_with`] tests.
+pub const SLOW: Duration = Duration::from_secs(3);
 
 /// Requests served, by path.
-type Hits = Arc<Mutex<HashMap<String, u32>>>;
+pub type Hits = Arc<Mutex<HashMap<String, u32>>>;
 
-fn png() -> Vec<u8> {
+pub fn png() -> Vec<u8> {
     let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
     bytes.extend((0..1000u32).map(|i| (i % 251) as u8));
     bytes
 }
 
-async fn serve_image(State(hits): State<Hits>, Path(name): Path<String>) -> impl IntoResponse {
+async fn serve_image(
+    State(hits): State<Hits>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let seen = {
         let mut hits = hits.lock().unwrap();
         let n = hits.entry(name.clone()).or_default();
         *n += 1;
         *n
     };
+    let port = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.rsplit_once(':'))
+        .map(|(_, port)| port.to_owned())
+        .unwrap_or_default();
     match name.as_str() {
+        // To the same image by a name that is neither allowed nor public.
+        "redirect.png" => (
+            StatusCode::FOUND,
+            [(
+                header::LOCATION,
+                format!("http://localhost:{port}/img/ok.png"),
+            )],
+        )
+            .into_response(),
+        // Chunked, no Content-Length, and never ending: only a cut-off stops it.
+        "endless.png" => {
+            let chunks = futures::stream::repeat_with(|| {
+                Ok::<_, std::convert::Infallible>(Bytes::from(vec![7u8; 1024]))
+            });
+            (
+                [(header::CONTENT_TYPE, "image/png")],
+                Body::from_stream(chunks),
+            )
+                .into_response()
+        }
+        "slow.png" => {
+            tokio::time::sleep(SLOW).await;
+            ([(header::CONTENT_TYPE, "image/png")], png()).into_response()
+        }
+        _ => fixed(&name, seen),
+    }
+}
+
+fn fixed(name: &str, seen: u32) -> Response {
+    let (status, content_type, body) = match name {
         "ok.png" => (StatusCode::OK, [(header::CONTENT_TYPE, "image/png")], png()),
         "big.png" => (
             StatusCode::OK,
@@ -59,11 +102,12 @@ async fn serve_image(State(hits): State<Hits>, Path(name): Path<String>) -> impl
             [(header::CONTENT_TYPE, "text/plain")],
             Vec::new(),
         ),
-    }
+    };
+    (status, content_type, body).into_response()
 }
 
 /// An image server on 127.0.0.1:0.
-async fn image_server() -> (SocketAddr, Hits) {
+pub async fn image_server() -> (SocketAddr, Hits) {
     let hits = Hits::default();
     let app = axum::Router::new()
         .route("/img/{name}", axum::routing::get(serve_image))
@@ -74,11 +118,11 @@ async fn image_server() -> (SocketAddr, Hits) {
     (addr, hits)
 }
 
-fn hits_of(hits: &Hits, name: &str) -> u32 {
+pub fn hits_of(hits: &Hits, name: &str) -> u32 {
     hits.lock().unwrap().get(name).copied().unwrap_or(0)
 }
 
-fn import(profile: &str, at: &str, url: String, sha256: Option<&str>) -> Value {
+pub fn import(profile: &str, at: &str, url: String, sha256: Option<&str>) -> Value {
     let mut data = json!({"url": url});
     if let Some(sha) = sha256 {
         data["sha256"] = json!(sha);
@@ -87,16 +131,24 @@ fn import(profile: &str, at: &str, url: String, sha256: Option<&str>) -> Value {
 }
 
 async fn app_for(keys: &Keys, allow_internal: bool, dir: Option<std::path::PathBuf>) -> TestApp {
-    spawn(1, keys, move |config| {
-        let h = &mut config.webhooks.headshots;
-        h.allowed_hosts = vec!["127.0.0.1".into()];
+    app_with(keys, |h| {
         h.allow_internal_addresses = allow_internal;
-        h.max_bytes = CAP;
-        h.timeout_ms = 5_000;
         if let Some(dir) = dir {
             h.storage = HeadshotStorage::Directory;
             h.dir = Some(dir);
         }
+    })
+    .await
+}
+
+/// One worker; images from 127.0.0.1 only, at most [`CAP`] bytes within 5 s, then `tweak`.
+pub async fn app_with(keys: &Keys, tweak: impl FnOnce(&mut HeadshotConfig)) -> TestApp {
+    spawn(1, keys, move |config| {
+        let h = &mut config.webhooks.headshots;
+        h.allowed_hosts = vec!["127.0.0.1".into()];
+        h.max_bytes = CAP;
+        h.timeout_ms = 5_000;
+        tweak(h);
     })
     .await
 }
