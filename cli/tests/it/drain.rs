@@ -272,7 +272,7 @@ async fn ingress_readyz_handler_answers_503_once_the_shutdown_token_is_cancelled
     publisher.wait_connected(Duration::from_secs(10)).await;
     let metrics = conveyor_platform::metrics::Metrics::new();
     let shutdown = CancellationToken::new();
-    let state = conveyor_ingress::state::AppState {
+    let state = conveyor_ingress::state::AppState::new(conveyor_ingress::state::Handles {
         recorder: conveyor_ingress::recorder::Recorder::start(
             db.clone(),
             publisher.clone(),
@@ -296,7 +296,7 @@ async fn ingress_readyz_handler_answers_503_once_the_shutdown_token_is_cancelled
         },
         snapshot: Default::default(),
         worker_gone_after: Duration::from_secs(60),
-    };
+    });
     let answer = |state| async move {
         let response = readyz(State(state)).await.into_response();
         let status = response.status().as_u16();
