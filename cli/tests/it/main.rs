@@ -25,6 +25,7 @@ mod jobs;
 mod mail;
 mod mail_api;
 mod metrics;
+mod migration_failures;
 mod migrations;
 mod openapi;
 mod schedules;
