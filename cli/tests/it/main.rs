@@ -32,3 +32,4 @@ mod schedules;
 mod stats;
 mod webdriver;
 mod webhooks;
+mod worker_readiness;
