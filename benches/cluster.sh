@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# `make bench-cluster`: end-to-end throughput of Conveyor with 1, 2 and 4 worker
+# `make bench-cluster`: throughput of Conveyor with 1, 2 and 4 worker
 # processes, on one RabbitMQ node and on a three-node cluster (quorum queues
 # replicated 3 ways).
 #
-#   benches/cluster.sh [SECONDS_OF_LOAD]     (root; default 10; about 6-8 minutes)
+#   benches/cluster.sh [SECONDS_OF_LOAD]     (root; default 10; about 5 minutes)
 #
 # It starts a private PostgreSQL (5433) and private RabbitMQ nodes with
 # deploy/cluster/{postgres,rabbit}.sh (a standalone node on 5684, the cluster on
 # 5681..5683; never the shared 5672/5432), and for each setup: a fresh database
 # and namespace, an API key (`enqueue:*`, rate limit far above the load), one
 # ingress and N `conveyor worker` processes (release build). wrk (2 threads, 64
-# connections) posts `diag.noop` jobs with that key for SECONDS_OF_LOAD; then it
-# waits until every accepted job has succeeded and reports
-#   jobs/s = accepted jobs / (last finished_at - first enqueued_at),
-# the rate of the whole path HTTP → PostgreSQL → broker → worker → PostgreSQL.
+# connections) posts `diag.noop` jobs with that key for SECONDS_OF_LOAD, twice:
+#   end to end: the workers run during the load; when every accepted job has
+#     succeeded, jobs/s = accepted / (last finished_at - first enqueued_at), the
+#     rate of the whole path HTTP → PostgreSQL → broker → worker → PostgreSQL
+#     (bounded by the slower of the HTTP enqueue and the workers);
+#   drain: the workers start only after the load, on the backlog it left;
+#     jobs/s = jobs / (last finished_at - first started_at), what N workers
+#     consume from that broker setup.
 # A setup in which no job was accepted fails the run (with wrk's and the
 # ingress's output), so a broken key or route never passes for a slow system.
 #
@@ -67,8 +71,15 @@ SOLO="$(bash "$HERE/rabbit.sh" solo-url)"
 CLUSTER="$(bash "$HERE/rabbit.sh" urls)"
 
 rows=()
-run_one() { # label urls workers
-  local label=$1 urls=$2 workers=$3
+start_workers() { # n log
+  for _ in $(seq 1 "$1"); do
+    local wport; wport=$(free_port)
+    CONVEYOR_WORKER_METRICS_ADDR="127.0.0.1:$wport" "$BIN" worker 2>>"$2" & pids+=($!)
+    wait_ready "http://127.0.0.1:$wport/readyz"
+  done
+}
+run_one() { # label urls workers mode(e2e|drain)
+  local label=$1 urls=$2 workers=$3 mode=$4
   local ns="bench$(date +%s%N | tail -c 9)"
   local db="$PG/$ns"
   export CONVEYOR_DATABASE_URL="$db" CONVEYOR_AMQP_URL="$urls" CONVEYOR_NAMESPACE="$ns" CONVEYOR_LOG_LEVEL=warn
@@ -85,11 +96,7 @@ LUA
   local port; port=$(free_port)
   CONVEYOR_INGRESS_ADDR="127.0.0.1:$port" "$BIN" ingress 2>"$out/$ns.ingress.log" & pids+=($!)
   wait_ready "http://127.0.0.1:$port/readyz"
-  for _ in $(seq 1 "$workers"); do
-    local wport; wport=$(free_port)
-    CONVEYOR_WORKER_METRICS_ADDR="127.0.0.1:$wport" "$BIN" worker 2>>"$out/$ns.workers.log" & pids+=($!)
-    wait_ready "http://127.0.0.1:$wport/readyz"
-  done
+  [[ $mode == e2e ]] && start_workers "$workers" "$out/$ns.workers.log"
   wrk -t2 -c64 -d"${LOAD_SECS}s" -s "$lua" "http://127.0.0.1:$port/v1/jobs" >"$out/$ns.wrk.txt"
   local non2xx
   non2xx=$(awk '/Non-2xx/ { print $NF }' "$out/$ns.wrk.txt")
@@ -105,28 +112,33 @@ LUA
     tail -20 "$out/$ns.ingress.log" >&2
     exit 1
   fi
+  [[ $mode == drain ]] && start_workers "$workers" "$out/$ns.workers.log"
   local left
   for _ in $(seq 1 600); do
     left=$(psql -tA "$db" -c "select count(*) from jobs where state <> 'succeeded'")
     [[ "$left" == 0 ]] && break
     sleep 0.5
   done
-  local jobs secs
+  local jobs secs from=enqueued_at
+  [[ $mode == drain ]] && from=started_at
   read -r jobs secs < <(psql -tA -F' ' "$db" -c \
-    "select count(*), extract(epoch from max(finished_at) - min(enqueued_at)) from jobs where state = 'succeeded'")
+    "select count(*), extract(epoch from max(finished_at) - min($from)) from jobs where state = 'succeeded'")
   local rate; rate=$(printf '%.0f' "$(echo "$jobs / $secs" | bc -l)")
   local note=""
   [[ "$left" == 0 ]] || note="$left of $accepted not finished after 300 s"
   [[ -n "$non2xx" ]] && note="${note:+$note; }$non2xx non-2xx answers"
-  printf '%-20s %7s %8s %8.1f %8s  %s\n' "$label" "$workers" "$jobs" "$secs" "$rate" "$note"
-  rows+=("| $label | $workers | $jobs | $(printf '%.1f' "$secs") | $rate | ${note:-} |")
+  local what="end to end"; [[ $mode == drain ]] && what="drain"
+  printf '%-20s %-11s %7s %8s %8.1f %8s  %s\n' "$label" "$what" "$workers" "$jobs" "$secs" "$rate" "$note"
+  rows+=("| $label | $what | $workers | $jobs | $(printf '%.1f' "$secs") | $rate | ${note:-} |")
   stop_processes
   unset CONVEYOR_DATABASE_URL CONVEYOR_AMQP_URL CONVEYOR_NAMESPACE CONVEYOR_LOG_LEVEL
 }
 
-printf '%-20s %7s %8s %8s %8s\n' setup workers jobs seconds "jobs/s"
-for workers in 1 2 4; do run_one "one node" "$SOLO" "$workers"; done
-for workers in 1 2 4; do run_one "three-node cluster" "$CLUSTER" "$workers"; done
+printf '%-20s %-11s %7s %8s %8s %8s\n' setup measure workers jobs seconds "jobs/s"
+for mode in e2e drain; do
+  for workers in 1 2 4; do run_one "one node" "$SOLO" "$workers" "$mode"; done
+  for workers in 1 2 4; do run_one "three-node cluster" "$CLUSTER" "$workers" "$mode"; done
+done
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 elapsed=$(($(date +%s) - started_at))
 
@@ -139,10 +151,12 @@ section="$out/section.md"
   echo "<!-- cluster-scaling:begin (written by benches/cluster.sh) -->"
   echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit \`$commit\`, release build; $cpu, $(nproc) cores,"
   echo "$(free -g | awk '/^Mem:/ { print $2 }') GB; load average $load_start at the start, $load_end at the end;"
-  echo "$LOAD_SECS s of load per row, whole run ${elapsed} s."
+  echo "$LOAD_SECS s of load per row, whole run ${elapsed} s. End to end: workers running during the load,"
+  echo "accepted ÷ (last finished − first enqueued). Drain: workers started after the load, on its backlog,"
+  echo "jobs ÷ (last finished − first started)."
   echo
-  echo "| setup | workers | jobs | seconds | jobs/s | note |"
-  echo "| --- | ---: | ---: | ---: | ---: | --- |"
+  echo "| setup | measure | workers | jobs | seconds | jobs/s | note |"
+  echo "| --- | --- | ---: | ---: | ---: | ---: | --- |"
   printf '%s\n' "${rows[@]}"
   echo "<!-- cluster-scaling:end -->"
 } >"$section"
