@@ -262,6 +262,10 @@ impl Session<'_> {
 }
 
 /// A delivery, or the end of one consumer.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one event per delivery, moved once out of the stream; boxing would allocate per delivery"
+)]
 enum Event {
     /// From this logical queue and inbox.
     Delivery((Arc<str>, Inbox, lapin::Result<Delivery>)),
