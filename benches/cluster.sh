@@ -71,12 +71,14 @@ SOLO="$(bash "$HERE/rabbit.sh" solo-url)"
 CLUSTER="$(bash "$HERE/rabbit.sh" urls)"
 
 rows=()
-start_workers() { # n log
+start_workers() { # n log: all at once (a drain lasts seconds), then wait until each consumes
+  local wports=()
   for _ in $(seq 1 "$1"); do
     local wport; wport=$(free_port)
     CONVEYOR_WORKER_METRICS_ADDR="127.0.0.1:$wport" "$BIN" worker 2>>"$2" & pids+=($!)
-    wait_ready "http://127.0.0.1:$wport/readyz"
+    wports+=("$wport")
   done
+  for wport in "${wports[@]}"; do wait_ready "http://127.0.0.1:$wport/readyz"; done
 }
 run_one() { # label urls workers mode(e2e|drain)
   local label=$1 urls=$2 workers=$3 mode=$4
