@@ -32,5 +32,5 @@ fuzz: ## make test's schemathesis pass alone, deeper: FUZZ_EXAMPLES=100 per oper
 	@bash deploy/local/fuzz.sh
 bench-cluster: ## Throughput with 1, 2 and 4 workers on one RabbitMQ node vs a private 3-node cluster, into benches/RESULTS.md (root, ~8 min)
 	@bash benches/cluster.sh
-cluster-test: ## The failover proof: a private 3-node RabbitMQ cluster and PostgreSQL, node and database restarts mid-load, broker stop_app and memory alarm (root, ~5 min)
+cluster-test: ## The failover proof: a private 3-node RabbitMQ cluster and PostgreSQL, node and database restarts mid-load, broker stop_app and memory alarm (root, ~6 min with an incremental build)
 	@bash deploy/cluster/run-proof.sh
