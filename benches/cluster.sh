@@ -22,8 +22,9 @@
 # ingress's output), so a broken key or route never passes for a slow system.
 #
 # The table goes to stdout and, with machine, date and commit, into the section
-# "Scaling: one node vs a three-node cluster" of benches/RESULTS.md (between the
-# `cluster-scaling` markers; BENCH_NO_WRITE=1 skips that). Everything runs on
+# "Scaling: one node vs a three-node cluster" of benches/RESULTS.md and into
+# "Measuring throughput" of deploy/RUNBOOK.md (between the `cluster-scaling`
+# markers; BENCH_NO_WRITE=1 skips that). Everything runs on
 # this one machine, so the load generator, both servers and all Conveyor
 # processes share its cores: compare rows of one run, not absolute numbers.
 # KEEP=1 leaves the nodes and the database running afterwards.
@@ -163,17 +164,19 @@ section="$out/section.md"
   printf '%s\n' "${rows[@]}"
   echo "<!-- cluster-scaling:end -->"
 } >"$section"
-python3 - "$root/benches/RESULTS.md" "$section" <<'PY'
+# The same block replaces the one in deploy/RUNBOOK.md ("Measuring throughput"), so the two agree.
+python3 - "$section" "$root/benches/RESULTS.md" "$root/deploy/RUNBOOK.md" <<'PY'
 import sys
-path, section = sys.argv[1], open(sys.argv[2]).read().rstrip("\n")
+section = open(sys.argv[1]).read().rstrip("\n")
 begin, end = "<!-- cluster-scaling:begin", "<!-- cluster-scaling:end -->"
-text = open(path).read()
-if begin in text and end in text:
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    text = head + section + tail
-else:
-    text = text.rstrip("\n") + "\n\n## Scaling: one node vs a three-node cluster\n\n" + section + "\n"
-open(path, "w").write(text)
+for path in sys.argv[2:]:
+    text = open(path).read()
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + section + tail
+    elif path.endswith("RESULTS.md"):
+        text = text.rstrip("\n") + "\n\n## Scaling: one node vs a three-node cluster\n\n" + section + "\n"
+    open(path, "w").write(text)
 PY
-echo "bench-cluster: wrote the table into benches/RESULTS.md (${elapsed} s)"
+echo "bench-cluster: wrote the table into benches/RESULTS.md and deploy/RUNBOOK.md (${elapsed} s)"

@@ -817,3 +817,28 @@ async fn an_older_binary_starts_on_a_newer_schema_but_not_on_an_older_one() {
     .expect_err("a missing migration is refused, whatever allow_newer_schema says");
     assert!(err.to_string().contains("pending"), "{err}");
 }
+
+/// The runbook's throughput table is the latest `make bench-cluster` run, as in benches/RESULTS.md.
+#[test]
+fn runbook_throughput_numbers_are_those_of_benches_results() {
+    let block = |text: &str| {
+        text.split("<!-- cluster-scaling:begin")
+            .nth(1)
+            .and_then(|rest| rest.split("<!-- cluster-scaling:end -->").next())
+            .map(str::to_owned)
+    };
+    let results = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../benches/RESULTS.md"),
+    )
+    .unwrap();
+    let in_results = block(&results).expect("benches/RESULTS.md has a bench-cluster table");
+    assert!(
+        in_results.contains("| three-node cluster |"),
+        "{in_results}"
+    );
+    assert_eq!(
+        block(&read("RUNBOOK.md")).as_deref(),
+        Some(in_results.as_str()),
+        "deploy/RUNBOOK.md's throughput table differs from benches/RESULTS.md (make bench-cluster writes both)"
+    );
+}
