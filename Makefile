@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 
 .PHONY: run test lint services bench fmt fuzz
-.PHONY: run test lint services bench fmt cluster-test
+.PHONY: run test lint services bench fmt cluster-test bench-cluster
 
 run: ## Start services, migrate, run one ingress and one worker
 	@bash deploy/local/run.sh
@@ -30,5 +30,7 @@ bench: ## Conveyor vs Dramatiq vs the bare broker, written to benches/RESULTS.md
 	@bash benches/run.sh
 fuzz: ## make test's schemathesis pass alone, deeper: FUZZ_EXAMPLES=100 per operation (no 5xx allowed)
 	@bash deploy/local/fuzz.sh
-cluster-test: ## The failover proof: a private 3-node RabbitMQ cluster and PostgreSQL, node and database restarts mid-load, broker stop_app and memory alarm (root, ~5 min)
+bench-cluster: ## Throughput with 1, 2 and 4 workers on one RabbitMQ node vs a private 3-node cluster, into benches/RESULTS.md (root, ~8 min)
+	@bash benches/cluster.sh
+cluster-test: ## The failover proof: a private 3-node RabbitMQ cluster and PostgreSQL, node and database restarts mid-load, broker stop_app and memory alarm (root, ~6 min with an incremental build)
 	@bash deploy/cluster/run-proof.sh

@@ -445,6 +445,12 @@ impl Config {
         if self.amqp.delivery_limit == 0 {
             return invalid("amqp.delivery_limit", "must be at least 1".into());
         }
+        if self.amqp.quorum_initial_group_size == Some(0) {
+            return invalid(
+                "amqp.quorum_initial_group_size",
+                "must be at least 1 (or unset for the broker's default)".into(),
+            );
+        }
         if self.amqp.publish_timeout_ms == 0 {
             return invalid("amqp.publish_timeout_ms", "must be at least 1".into());
         }
@@ -651,6 +657,19 @@ mod tests {
                 .to_string()
                 .contains("`log.level`")
         );
+    }
+
+    #[test]
+    fn a_quorum_group_size_of_zero_is_rejected_by_name() {
+        let mut config = Config::default();
+        config.amqp.quorum_initial_group_size = Some(0);
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("`amqp.quorum_initial_group_size`"), "{err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        config.amqp.quorum_initial_group_size = Some(1);
+        config.validate().unwrap();
+        config.amqp.quorum_initial_group_size = None;
+        config.validate().unwrap();
     }
 
     #[test]

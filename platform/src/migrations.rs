@@ -11,6 +11,8 @@
 use std::collections::BTreeSet;
 
 use diesel::connection::SimpleConnection;
+use diesel::migration::MigrationSource;
+use diesel::pg::Pg;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool};
@@ -94,11 +96,25 @@ fn connect(config: &DatabaseConfig) -> Result<PgConnection, MigrationError> {
 
 /// Runs every pending migration under the advisory lock; returns the versions applied.
 pub fn run_pending(config: &DatabaseConfig) -> Result<Vec<String>, MigrationError> {
+    run_pending_from(config, MIGRATIONS)
+}
+
+/// [`run_pending`] with the migrations of `source` instead of the embedded
+/// ones (tests plant failing migrations this way).
+///
+/// Each migration runs in its own transaction (unless its metadata says
+/// `run_in_transaction = false`), one after the other, so a failure leaves
+/// the ones before it applied, the failing one and those after it pending, and
+/// nothing of the failing one behind. The error names the failing migration.
+pub fn run_pending_from<S: MigrationSource<Pg>>(
+    config: &DatabaseConfig,
+    source: S,
+) -> Result<Vec<String>, MigrationError> {
     create_database_if_missing(config)?;
     let mut conn = connect(config)?;
     with_lock(&mut conn, config, |conn| {
         let applied = conn
-            .run_pending_migrations(MIGRATIONS)
+            .run_pending_migrations(source)
             .map_err(|e| failed("migration failed", e))?;
         Ok(applied.into_iter().map(|v| v.to_string()).collect())
     })
@@ -134,11 +150,22 @@ pub fn revert_all(config: &DatabaseConfig) -> Result<Vec<String>, MigrationError
 
 /// Applied and pending migrations, oldest first, plus applied ones this binary does not know.
 pub fn status(config: &DatabaseConfig) -> Result<Vec<MigrationStatus>, MigrationError> {
-    let mut conn = connect(config)?;
-    status_on(&mut conn)
+    status_from(config, &MIGRATIONS)
 }
 
-fn status_on(conn: &mut PgConnection) -> Result<Vec<MigrationStatus>, MigrationError> {
+/// [`status`] against the migrations of `source` instead of the embedded ones.
+pub fn status_from<S: MigrationSource<Pg>>(
+    config: &DatabaseConfig,
+    source: &S,
+) -> Result<Vec<MigrationStatus>, MigrationError> {
+    let mut conn = connect(config)?;
+    status_on(&mut conn, source)
+}
+
+fn status_on<S: MigrationSource<Pg>>(
+    conn: &mut PgConnection,
+    source: &S,
+) -> Result<Vec<MigrationStatus>, MigrationError> {
     let applied: BTreeSet<String> = if table_exists(conn)? {
         conn.applied_migrations()
             .map_err(|e| failed("reading applied migrations", e))?
@@ -148,12 +175,12 @@ fn status_on(conn: &mut PgConnection) -> Result<Vec<MigrationStatus>, MigrationE
     } else {
         BTreeSet::new()
     };
-    let known: BTreeSet<String> =
-        diesel::migration::MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)
-            .map_err(|e| failed("reading embedded migrations", e))?
-            .iter()
-            .map(|m| m.name().version().to_string())
-            .collect();
+    let known: BTreeSet<String> = source
+        .migrations()
+        .map_err(|e| failed("reading migrations", e))?
+        .iter()
+        .map(|m| m.name().version().to_string())
+        .collect();
     let mut all: Vec<MigrationStatus> = known
         .iter()
         .map(|version| MigrationStatus {
@@ -191,7 +218,7 @@ fn table_exists(conn: &mut PgConnection) -> Result<bool, MigrationError> {
 /// image run without reverting anything (see deploy/RUNBOOK.md).
 pub fn ensure_current(config: &DatabaseConfig) -> Result<(), MigrationError> {
     let mut conn = connect(config)?;
-    let all = status_on(&mut conn)?;
+    let all = status_on(&mut conn, &MIGRATIONS)?;
     let unknown: Vec<_> = all
         .iter()
         .filter(|m| m.version.ends_with("(unknown to this binary)"))

@@ -1,22 +1,32 @@
 //! The consume loop: attach to the work queues, hand each delivery to a
 //! handler task, reconnect when the broker goes away, and drain on shutdown.
+//!
+//! Reconnects back off (see [`Backoff`]) whether the broker refused the
+//! connection or accepted it and then refused the consumers (a queue whose
+//! leader is still being elected, a missing queue); the delay starts small
+//! again once a connection was consuming. A reconnect declares the topology in
+//! the background, except after the broker said a queue does not exist: then
+//! the next connection declares it before consuming.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use conveyor_platform::amqp::{Nodes, close_quietly};
-use futures::StreamExt;
-use futures::stream::SelectAll;
+use futures::stream::{self, BoxStream, SelectAll};
+use futures::{Stream, StreamExt};
+use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::acks::ChannelAcks;
+use crate::execute::jitter;
+use crate::readiness::Consuming;
 use crate::runtime::Runtime;
 use crate::{dead_letters, execute};
 
@@ -36,12 +46,14 @@ pub struct ConsumeOptions {
 
 /// Consumes until shutdown, then drains: stops new deliveries at once, lets
 /// running jobs finish within the grace period and returns the rest to the queue.
-pub async fn run(rt: Arc<Runtime>, options: ConsumeOptions, consuming: Arc<AtomicBool>) {
+pub async fn run(rt: Arc<Runtime>, options: ConsumeOptions, consuming: Consuming) {
     let tracker = TaskTracker::new();
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     let urls: Vec<&str> = options.urls.iter().map(String::as_str).collect();
     let nodes = Nodes::new(&urls);
-    let mut first = true;
+    // Declare the topology and wait for it before consuming: on the first
+    // connection, and after the broker said a queue is missing.
+    let mut declare_first = true;
     let mut connection: Option<(Connection, Vec<Arc<ChannelAcks>>)> = None;
     while !rt.shutdown.is_cancelled() {
         let conn = tokio::select! {
@@ -51,16 +63,15 @@ pub async fn run(rt: Arc<Runtime>, options: ConsumeOptions, consuming: Arc<Atomi
         let conn = match conn {
             Ok(conn) => conn,
             Err(err) => {
-                tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "worker cannot reach the broker");
+                let delay = jitter(backoff.next_delay());
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "worker cannot reach the broker");
                 tokio::select! {
                     _ = rt.shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
         let lost = CancellationToken::new();
         let session = Session {
             rt: &rt,
@@ -70,24 +81,32 @@ pub async fn run(rt: Arc<Runtime>, options: ConsumeOptions, consuming: Arc<Atomi
             consuming: &consuming,
             lost: &lost,
         };
-        match session.consume(&mut first).await {
+        match session.consume(&mut declare_first).await {
             Ok(acks) => {
                 connection = Some((conn, acks));
                 break;
             }
             Err(err) => {
                 lost.cancel();
-                consuming.store(false, Ordering::Relaxed);
-                tracing::warn!(error = %err, "consumer lost its connection; reconnecting");
+                if missing_queue(&err) {
+                    declare_first = true;
+                }
+                // A connection that was consuming is retried soon; one that
+                // never got all its consumers attached waits longer each time.
+                if consuming.detached() {
+                    backoff.reset();
+                }
+                let delay = jitter(backoff.next_delay());
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "consumer lost its connection; reconnecting");
                 close_quietly(&conn, "reconnecting").await;
                 tokio::select! {
                     _ = rt.shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
     }
-    consuming.store(false, Ordering::Relaxed);
+    consuming.detached();
     tracker.close();
     let in_flight = tracker.len();
     tracing::info!(
@@ -119,19 +138,20 @@ struct Session<'a> {
     conn: &'a Connection,
     options: &'a ConsumeOptions,
     tracker: &'a TaskTracker,
-    consuming: &'a AtomicBool,
+    consuming: &'a Consuming,
     /// Cancelled when this connection is given up.
     lost: &'a CancellationToken,
 }
 
 impl Session<'_> {
     /// Consumes until shutdown (`Ok`, with the acks still to flush) or a broker
-    /// error (`Err`). `first` is true until the topology has been declared once
-    /// (see `Topology::declare_on`).
-    async fn consume(&self, first: &mut bool) -> anyhow::Result<Vec<Arc<ChannelAcks>>> {
+    /// error (`Err`). With `declare_first` it declares the topology and waits
+    /// for that before consuming, and clears the flag once it succeeded;
+    /// otherwise the declaration runs in the background (see `Topology::declare_on`).
+    async fn consume(&self, declare_first: &mut bool) -> anyhow::Result<Vec<Arc<ChannelAcks>>> {
         let (rt, conn, options) = (self.rt, self.conn, self.options);
-        rt.topology.declare_on(conn, *first).await?;
-        *first = false;
+        rt.topology.declare_on(conn, *declare_first).await?;
+        *declare_first = false;
         let mut streams = SelectAll::new();
         let mut consumers: Vec<(Channel, ShortString)> = Vec::new();
         let mut all_acks = Vec::new();
@@ -158,11 +178,10 @@ impl Session<'_> {
             let acks = ChannelAcks::start(channel, self.lost.clone());
             all_acks.push(acks.clone());
             let queue: Arc<str> = Arc::from(queue.as_str());
-            streams.push(
-                consumer
-                    .map(move |delivery| (queue.clone(), Inbox::Work(acks.clone()), delivery))
-                    .boxed(),
-            );
+            streams.push(until_cancelled(
+                consumer.tag(),
+                consumer.map(move |delivery| (queue.clone(), Inbox::Work(acks.clone()), delivery)),
+            ));
         }
         // The dead-letter inbox of each queue, on its own confirm-mode channel:
         // the recorder republishes to the `.dlq` on it before acking.
@@ -188,15 +207,19 @@ impl Session<'_> {
             .await?;
             consumers.push((channel.clone(), consumer.tag()));
             let queue: Arc<str> = Arc::from(queue.as_str());
-            streams.push(
-                consumer
-                    .map(move |delivery| {
-                        (queue.clone(), Inbox::DeadLetters(channel.clone()), delivery)
-                    })
-                    .boxed(),
-            );
+            streams.push(until_cancelled(
+                consumer.tag(),
+                consumer.map(move |delivery| {
+                    (queue.clone(), Inbox::DeadLetters(channel.clone()), delivery)
+                }),
+            ));
         }
-        self.consuming.store(true, Ordering::Relaxed);
+        self.consuming.attached(
+            consumers
+                .iter()
+                .map(|(channel, _)| channel.clone())
+                .collect(),
+        );
         tracing::info!(queues = ?options.queues, prefetch = options.prefetch, "consuming");
         loop {
             let next = tokio::select! {
@@ -204,7 +227,7 @@ impl Session<'_> {
                 next = streams.next() => next,
             };
             match next {
-                Some((queue, Inbox::Work(acks), Ok(delivery))) => {
+                Some(Event::Delivery((queue, Inbox::Work(acks), Ok(delivery)))) => {
                     acks.delivered(delivery.delivery_tag);
                     self.tracker.spawn(execute::handle(
                         rt.clone(),
@@ -214,7 +237,7 @@ impl Session<'_> {
                         self.lost.clone(),
                     ));
                 }
-                Some((queue, Inbox::DeadLetters(channel), Ok(delivery))) => {
+                Some(Event::Delivery((queue, Inbox::DeadLetters(channel), Ok(delivery)))) => {
                     self.tracker.spawn(dead_letters::record_from_inbox(
                         rt.clone(),
                         queue,
@@ -222,7 +245,10 @@ impl Session<'_> {
                         delivery,
                     ));
                 }
-                Some((_, _, Err(err))) => return Err(err.into()),
+                Some(Event::Delivery((_, _, Err(err)))) => return Err(err.into()),
+                Some(Event::Cancelled(tag)) => {
+                    anyhow::bail!("the broker cancelled consumer {tag}")
+                }
                 None => anyhow::bail!("the broker closed the consumers"),
             }
         }
@@ -233,6 +259,32 @@ impl Session<'_> {
         }
         Ok(all_acks)
     }
+}
+
+/// A delivery, or the end of one consumer.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one event per delivery, moved once out of the stream; boxing would allocate per delivery"
+)]
+enum Event {
+    /// From this logical queue and inbox.
+    Delivery((Arc<str>, Inbox, lapin::Result<Delivery>)),
+    /// The broker cancelled the consumer with this tag (its queue was deleted,
+    /// say): that queue gets no more deliveries on this connection.
+    Cancelled(ShortString),
+}
+
+/// A consumer's deliveries, then [`Event::Cancelled`] when its stream ends.
+/// `SelectAll` would otherwise drop the finished stream silently and go on
+/// with the others, leaving one queue unconsumed while the worker looks ready.
+fn until_cancelled(
+    tag: ShortString,
+    deliveries: impl Stream<Item = (Arc<str>, Inbox, lapin::Result<Delivery>)> + Send + 'static,
+) -> BoxStream<'static, Event> {
+    deliveries
+        .map(Event::Delivery)
+        .chain(stream::once(async move { Event::Cancelled(tag) }))
+        .boxed()
 }
 
 /// Where a delivery came from.
@@ -253,5 +305,95 @@ async fn within_setup_timeout<T>(
     match tokio::time::timeout(SETUP_TIMEOUT, setup).await {
         Ok(result) => Ok(result?),
         Err(_) => anyhow::bail!("opening a consumer took longer than {SETUP_TIMEOUT:?}"),
+    }
+}
+
+/// True when the broker refused because a queue does not exist (its
+/// definitions were lost, or someone deleted the queue). A reconnect's
+/// background declaration cannot help then: closing the failed connection
+/// cuts it off, so the next connection has to declare before consuming.
+fn missing_queue(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<lapin::Error>().is_some_and(|err| {
+        matches!(
+            err.kind(),
+            lapin::ErrorKind::ProtocolError(amqp)
+                if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
+        )
+    })
+}
+
+/// Delays between attempts to connect and consume: 100 ms, doubling up to 5 s,
+/// and 100 ms again after a connection that was consuming is lost. The caller
+/// adds jitter, so many workers losing the same node do not return in step.
+#[derive(Debug)]
+struct Backoff {
+    /// The delay [`Backoff::next_delay`] returns next.
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    /// The delay before the next attempt; each call doubles the following one, up to 5 s.
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        delay
+    }
+
+    /// A connection consumed: the next failure is retried after the first delay again.
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_five_seconds_and_resets() {
+        let mut backoff = Backoff::new();
+        let ms: Vec<u128> = (0..8).map(|_| backoff.next_delay().as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1_600, 3_200, 5_000, 5_000]);
+        backoff.reset();
+        assert_eq!(backoff.next_delay(), Duration::from_millis(100));
+        assert_eq!(backoff.next_delay(), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn only_a_missing_queue_asks_for_declaring_first() {
+        use lapin::protocol::{AMQPError, AMQPHardError};
+        let amqp = |kind| {
+            anyhow::Error::from(lapin::Error::from(lapin::ErrorKind::ProtocolError(
+                AMQPError::new(kind, "test".into()),
+            )))
+        };
+        assert!(missing_queue(&amqp(AMQPErrorKind::Soft(
+            AMQPSoftError::NOTFOUND
+        ))));
+        assert!(!missing_queue(&amqp(AMQPErrorKind::Soft(
+            AMQPSoftError::RESOURCELOCKED
+        ))));
+        assert!(!missing_queue(&amqp(AMQPErrorKind::Hard(
+            AMQPHardError::CONNECTIONFORCED
+        ))));
+        assert!(!missing_queue(&anyhow::anyhow!("NOT_FOUND in a message")));
+    }
+
+    #[test]
+    fn jittered_delays_stay_between_half_and_all() {
+        for _ in 0..1_000 {
+            let delay = jitter(Duration::from_millis(400));
+            assert!(
+                (Duration::from_millis(200)..=Duration::from_millis(400)).contains(&delay),
+                "{delay:?}"
+            );
+        }
     }
 }

@@ -314,7 +314,7 @@ async fn already_done(rt: &Runtime, envelope: &Envelope) -> bool {
 }
 
 /// Equal jitter: between half and all of `delay`.
-fn jitter(delay: Duration) -> Duration {
+pub(crate) fn jitter(delay: Duration) -> Duration {
     let half = delay / 2;
     half + half.mul_f64(rand::rng().random::<f64>())
 }

@@ -1,7 +1,7 @@
 //! The worker's small HTTP side: `/metrics`, `/healthz`, `/readyz`.
-
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+//!
+//! `/readyz` answers 200 only while every consumer is attached on an open
+//! channel (see [`crate::readiness`]) and the worker is not draining.
 
 use axum::Router;
 use axum::extract::State;
@@ -11,13 +11,15 @@ use axum::routing::get;
 use conveyor_platform::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
+use crate::readiness::Consuming;
+
 /// What the probes look at.
 #[derive(Clone)]
 pub struct Probe {
     /// Rendered by `/metrics`.
     pub metrics: Metrics,
-    /// True while consumers are attached to the broker.
-    pub consuming: Arc<AtomicBool>,
+    /// Whether every consumer is attached on an open channel.
+    pub consuming: Consuming,
     /// Cancelled when draining: readiness fails at once.
     pub shutdown: CancellationToken,
 }
@@ -41,7 +43,7 @@ async fn metrics(State(probe): State<Probe>) -> impl IntoResponse {
 async fn ready(State(probe): State<Probe>) -> impl IntoResponse {
     if probe.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else if !probe.consuming.load(Ordering::Relaxed) {
+    } else if !probe.consuming.is_consuming() {
         (StatusCode::SERVICE_UNAVAILABLE, "not consuming")
     } else {
         (StatusCode::OK, "ready")

@@ -12,6 +12,7 @@ mod enqueuer;
 mod execute;
 mod heartbeat;
 mod http;
+mod readiness;
 mod runtime;
 pub mod scheduler;
 mod state_writer;
@@ -19,7 +20,6 @@ mod state_writer;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use conveyor_platform::Config;
@@ -144,7 +144,7 @@ pub async fn start(
         shutdown: shutdown.clone(),
         permits,
     });
-    let consuming = Arc::new(AtomicBool::new(false));
+    let consuming = readiness::Consuming::default();
     let listener = tokio::net::TcpListener::bind(config.worker.metrics_addr)
         .await
         .with_context(|| {

@@ -5,7 +5,8 @@
 //!
 //! It passes when every job that got a 202 ends `succeeded` with exactly one
 //! run counted in PostgreSQL, every other answer was a 503 with `Retry-After`,
-//! and each worker completes jobs again within 30 s of the fault.
+//! and within 30 s of the fault each worker both completes jobs again and
+//! answers `/readyz` with 200 again (its consumers attached on open channels).
 //!
 //! "Exactly once" here means: one final `succeeded` transition per accepted job
 //! and `runs == 1`, where `runs` counts attempt starts. Delivery is at least
@@ -38,7 +39,7 @@ const RATE_PER_SEC: u64 = 250;
 const MAX_IN_FLIGHT: usize = 512;
 /// The fault starts this far into the load.
 const FAULT_AFTER: Duration = Duration::from_secs(12);
-/// Workers must be completing jobs again this soon after the fault.
+/// Workers must be completing jobs, and answering `/readyz` with 200, again this soon after the fault.
 const RESUME_WITHIN: Duration = Duration::from_secs(30);
 
 /// What to break mid-load.
@@ -359,6 +360,53 @@ async fn sample_workers(
     samples
 }
 
+/// Polls every worker's `/readyz` each 100 ms until `stop`: (when, answered 200).
+/// A worker that does not answer counts as not ready.
+async fn sample_readiness(
+    workers: Vec<String>,
+    started: Instant,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<Vec<(Duration, bool)>> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let mut samples = vec![Vec::new(); workers.len()];
+    while !stop.is_cancelled() {
+        for (i, base) in workers.iter().enumerate() {
+            let asked = started.elapsed();
+            let ready = client
+                .get(format!("{base}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            samples[i].push((asked, ready));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    samples
+}
+
+/// When the worker's `/readyz` first answered 200 in a probe sent at or after
+/// `down` (the broken part certainly down, so a worker cut off by it has
+/// already lost its consumers and is ready only once it consumes again).
+fn ready_again_at(samples: &[(Duration, bool)], down: Duration) -> Option<Duration> {
+    samples
+        .iter()
+        .find(|(t, ready)| *t >= down && *ready)
+        .map(|(t, _)| *t)
+}
+
+/// The first and last not-ready probe from `began` on, for the report.
+fn unready_span(samples: &[(Duration, bool)], began: Duration) -> Option<(Duration, Duration)> {
+    let unready: Vec<Duration> = samples
+        .iter()
+        .filter(|(t, ready)| *t >= began && !*ready)
+        .map(|(t, _)| *t)
+        .collect();
+    Some((*unready.first()?, *unready.last()?))
+}
+
 /// When the worker next completed a job after `fault_at` (the end of the first
 /// sampling interval after the fault in which its counter rose).
 fn resumed_at(samples: &[(Duration, f64)], fault_at: Duration) -> Option<Duration> {
@@ -502,6 +550,11 @@ async fn prove(fault: Fault) {
         started,
         stop_sampling.clone(),
     ));
+    let readiness = tokio::spawn(sample_readiness(
+        deployment.worker_metrics.clone(),
+        started,
+        stop_sampling.clone(),
+    ));
     let load = tokio::spawn(post_load(
         deployment.ingress.clone(),
         deployment.api_key.clone(),
@@ -522,14 +575,24 @@ async fn prove(fault: Fault) {
     .await;
     stop_sampling.cancel();
     let samples = sampler.await.unwrap();
+    let readiness = readiness.await.unwrap();
     let resumed: Vec<Option<Duration>> = samples
         .iter()
         .map(|worker| resumed_at(worker, fault_at.down))
         .collect();
+    let ready_again: Vec<Option<Duration>> = readiness
+        .iter()
+        .map(|worker| ready_again_at(worker, fault_at.down))
+        .collect();
+    let unready: Vec<Option<(Duration, Duration)>> = readiness
+        .iter()
+        .map(|worker| unready_span(worker, fault_at.began))
+        .collect();
 
     eprintln!(
         "cluster proof ({fault:?}): {} posted in {load_secs:.1} s; 202: {}, 503: {} (first..last {:?}); \
-         fault at {fault_at:?}; workers completed jobs again at {resumed:?}; {final_tally:?}; \
+         fault at {fault_at:?}; workers completed jobs again at {resumed:?}; \
+         /readyz not ready (first..last probe) {unready:?}, ready again at {ready_again:?}; {final_tally:?}; \
          503-answered jobs that ran anyway: {}",
         JOBS,
         outcomes.accepted.len(),
@@ -552,6 +615,16 @@ async fn prove(fault: Fault) {
         assert!(
             after <= RESUME_WITHIN,
             "worker {worker} completed jobs again only {after:?} after the fault"
+        );
+    }
+    for (worker, at) in ready_again.iter().enumerate() {
+        let at = at.unwrap_or_else(|| {
+            panic!("worker {worker}'s /readyz never answered 200 after the fault")
+        });
+        let after = at.saturating_sub(fault_at.began);
+        assert!(
+            after <= RESUME_WITHIN,
+            "worker {worker}'s /readyz answered 200 again only {after:?} after the fault"
         );
     }
 }
@@ -585,6 +658,22 @@ fn resumption_is_the_first_rise_after_the_fault() {
         Some(Duration::from_secs(5))
     );
     assert_eq!(resumed_at(&samples[..4], Duration::from_secs(3)), None);
+}
+
+#[test]
+fn readiness_returns_at_the_first_ready_probe_after_the_fault() {
+    let s = |secs: u64, ready: bool| (Duration::from_secs(secs), ready);
+    let samples = [s(1, true), s(2, false), s(3, false), s(4, true), s(5, true)];
+    assert_eq!(
+        ready_again_at(&samples, Duration::from_secs(2)),
+        Some(Duration::from_secs(4))
+    );
+    assert_eq!(ready_again_at(&samples[..3], Duration::from_secs(2)), None);
+    assert_eq!(
+        unready_span(&samples, Duration::from_secs(1)),
+        Some((Duration::from_secs(2), Duration::from_secs(3)))
+    );
+    assert_eq!(unready_span(&samples[3..], Duration::from_secs(1)), None);
 }
 
 /// Why `amqp.quorum_initial_group_size` stays unset by default (the broker's

@@ -1,10 +1,13 @@
-//! `deploy/` says only true things about the project: the compose file, the
-//! Kubernetes manifests, the systemd units and the Dockerfile parse, every
+//! `deploy/` says only true things about the project: the compose file (and
+//! its Grafana provisioning), the Kubernetes manifests (and the KEDA
+//! `ScaledObject`), the systemd units and the Dockerfile parse, every
 //! `conveyor` subcommand they run exists, every `CONVEYOR_*` variable they set
-//! is a configuration key, every port they name is the one the code listens on,
-//! every file they mount is in the repository; every `conveyor …` command in
-//! the runbook is a real subcommand with real flags. Docker and a cluster are
-//! not available here, so nothing is started: this is what can be checked.
+//! is a configuration key, every port and probe path they name is one the code
+//! serves, every metric they scale on is one we export, every file they mount
+//! is in the repository; every `conveyor …` command in the runbook (directly or
+//! through `docker compose run`) is a real subcommand with real flags. Docker
+//! and a cluster are not available here, so nothing is started: this is what
+//! can be checked.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -272,6 +275,24 @@ fn compose_file_runs_real_commands_on_real_ports() {
 fn dockerfile_builds_one_binary_for_a_non_root_user_on_the_default_ports() {
     let text = read("Dockerfile");
     let (ingress_port, worker_port) = default_ports();
+    // Two stages: the runtime image copies the binary out of the build stage.
+    let stages: Vec<Vec<&str>> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("FROM "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(stages.len(), 2, "a build stage and a runtime stage");
+    let build = match stages[0].as_slice() {
+        [_, as_, name] if as_.eq_ignore_ascii_case("as") => *name,
+        other => panic!("the first stage is not named: FROM {}", other.join(" ")),
+    };
+    let runtime_at = text
+        .find("\nFROM debian:bookworm-slim")
+        .expect("the runtime stage");
+    assert!(
+        text[runtime_at..].contains(&format!("COPY --from={build} ")),
+        "the runtime stage does not COPY --from={build}"
+    );
     assert!(text.contains("cargo build --release --locked --bin conveyor"));
     assert!(text.contains("FROM debian:bookworm-slim"));
     let user = text
@@ -405,6 +426,166 @@ fn kubernetes_manifests_run_real_commands_and_probe_real_endpoints() {
     );
 }
 
+/// Fails unless `name` is a metric registered in platform/src/metrics.rs (the one
+/// place metrics are declared, served by the ingress and the workers).
+fn assert_exported_metric(name: &str, context: &str) {
+    let declared = include_str!("../../../platform/src/metrics.rs");
+    assert!(
+        declared.contains(&format!("\"{name}\"")),
+        "{context}: `{name}` is not a metric we export"
+    );
+}
+
+/// Every `conveyor_…` identifier in `text`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("conveyor_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn the_worker_deployment_probes_real_routes_and_keda_scales_it_on_our_metric() {
+    let (_, worker_port) = default_ports();
+    let deployment = yaml_documents("autoscaling/worker-deployment.yaml").remove(0);
+    assert_eq!(deployment["kind"], "Deployment");
+    let name = deployment["metadata"]["name"].as_str().unwrap();
+    let container = containers(&deployment)[0];
+    assert_eq!(strings(&container["args"]), ["worker"]);
+
+    // The port is the worker's default metrics port, and the container listens on it.
+    let port = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["containerPort"] == worker_port)
+        .unwrap_or_else(|| panic!("no containerPort {worker_port} (worker.metrics_addr)"));
+    let env = |var: &str| {
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == var)
+            .unwrap_or_else(|| panic!("the worker Deployment does not set {var}"))
+    };
+    assert!(
+        env("CONVEYOR_WORKER_METRICS_ADDR")["value"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(":{worker_port}"))
+    );
+    assert_eq!(
+        env("CONVEYOR_MAIL_SMTP_URL")["valueFrom"]["secretKeyRef"]["key"],
+        "smtp-url",
+        "mail tasks need the Secret's SMTP URL"
+    );
+    // The probes ask that port for routes the worker serves.
+    let routes = include_str!("../../../worker/src/http.rs");
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        let get = &container[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{probe}");
+        assert!(
+            get["port"] == port["name"] || get["port"] == worker_port,
+            "{probe} asks port {} instead of {worker_port}",
+            get["port"]
+        );
+        assert!(
+            routes.contains(&format!(".route(\"{path}\"")),
+            "the worker serves no {path}"
+        );
+    }
+    let grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(grace > grace_secs(), "{grace}s does not cover the drain");
+
+    // KEDA scales that Deployment, on a metric we export.
+    let scaled = yaml_documents("autoscaling/keda-scaledobject.yaml").remove(0);
+    assert_eq!(scaled["kind"], "ScaledObject");
+    assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], name);
+    let triggers = scaled["spec"]["triggers"].as_array().unwrap();
+    assert!(!triggers.is_empty());
+    for trigger in triggers {
+        let query = trigger["metadata"]["query"].as_str().expect("a query");
+        let metrics = metric_names(query);
+        assert!(!metrics.is_empty(), "`{query}` queries none of our metrics");
+        for metric in metrics {
+            assert_exported_metric(&metric, "keda-scaledobject.yaml");
+        }
+    }
+}
+
+#[test]
+fn grafana_provisioning_points_at_compose_prometheus_and_the_mounted_dashboard() {
+    let compose = yaml_documents("docker-compose.yml").remove(0);
+    let grafana = &compose["services"]["grafana"];
+    let mounts: Vec<(&str, &str)> = strings(&grafana["volumes"])
+        .into_iter()
+        .map(|m| {
+            let mut parts = m.split(':');
+            (parts.next().unwrap(), parts.next().unwrap())
+        })
+        .collect();
+    let mounted_at = |source: &str| {
+        mounts
+            .iter()
+            .find(|(from, _)| *from == source)
+            .unwrap_or_else(|| panic!("grafana does not mount {source}"))
+            .1
+    };
+
+    let datasources = yaml_documents("compose/grafana/datasources.yml").remove(0);
+    assert!(
+        mounted_at("./compose/grafana/datasources.yml")
+            .starts_with("/etc/grafana/provisioning/datasources/")
+    );
+    let prometheus = datasources["datasources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["type"] == "prometheus")
+        .expect("a prometheus datasource (the dashboard's datasource variable asks for one)");
+    let url = prometheus["url"].as_str().unwrap();
+    let (host, port) = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.trim_end_matches('/').split_once(':'))
+        .unwrap_or_else(|| panic!("datasource url `{url}` is not http://host:port"));
+    let service = &compose["services"][host];
+    assert!(
+        service["image"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("prom/prometheus")),
+        "the datasource's host `{host}` is not the compose Prometheus"
+    );
+    let container_port = strings(&service["ports"])[0].rsplit(':').next().unwrap();
+    assert_eq!(
+        port, container_port,
+        "the datasource asks another port than Prometheus listens on"
+    );
+
+    let dashboards = yaml_documents("compose/grafana/dashboards.yml").remove(0);
+    assert!(
+        mounted_at("./compose/grafana/dashboards.yml")
+            .starts_with("/etc/grafana/provisioning/dashboards/")
+    );
+    let folder = dashboards["providers"][0]["options"]["path"]
+        .as_str()
+        .expect("a dashboards folder");
+    let dashboard = mounted_at("./grafana/conveyor.json");
+    assert_eq!(
+        Path::new(dashboard).parent(),
+        Some(Path::new(folder)),
+        "the dashboard is mounted outside the provider's folder"
+    );
+}
+
 /// `key=value` lines of a systemd unit (the last value wins, as in systemd for these keys).
 fn unit(path: &str) -> HashMap<String, Vec<String>> {
     let mut entries: HashMap<String, Vec<String>> = HashMap::new();
@@ -467,9 +648,48 @@ fn runbook_commands(markdown: &str) -> Vec<String> {
     commands
 }
 
+/// Every `docker compose … run --rm …` line inside a fenced code block, or in a comment.
+fn compose_run_commands(text: &str) -> Vec<String> {
+    let mut commands = Vec::new();
+    let mut in_code = false;
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with("```") {
+            in_code = !in_code;
+            continue;
+        }
+        let (code, comment) = (in_code, trimmed.strip_prefix('#').map(str::trim));
+        let candidate = comment.unwrap_or(trimmed);
+        if (code || comment.is_some())
+            && candidate.starts_with("docker compose ")
+            && candidate.contains(" run --rm ")
+        {
+            commands.push(candidate.to_owned());
+        }
+    }
+    commands
+}
+
+/// `conveyor WORDS` is a real subcommand and every `--flag` of it exists; returns the subcommand path.
+fn real_command(command: &str, words: &[&str]) -> String {
+    let path = subcommand_path(words);
+    let help = help(&path);
+    for flag in words.iter().filter(|w| w.starts_with("--")) {
+        let flag = flag.split('=').next().unwrap();
+        assert!(
+            help.split(|c: char| c.is_whitespace() || c == ',')
+                .any(|w| w == flag),
+            "`{command}`: `conveyor {}` has no {flag}",
+            path.join(" ")
+        );
+    }
+    path.join(" ")
+}
+
 #[test]
 fn runbook_commands_are_real_subcommands_with_real_flags() {
-    let commands = runbook_commands(&read("RUNBOOK.md"));
+    let runbook = read("RUNBOOK.md");
+    let commands = runbook_commands(&runbook);
     assert!(
         commands.len() >= 8,
         "the runbook shows too few commands: {commands:?}"
@@ -477,18 +697,35 @@ fn runbook_commands_are_real_subcommands_with_real_flags() {
     let mut paths = BTreeSet::new();
     for command in &commands {
         let words: Vec<&str> = command.split_whitespace().skip(1).collect();
-        let path = subcommand_path(&words);
-        let help = help(&path);
-        for flag in words.iter().filter(|w| w.starts_with("--")) {
-            let flag = flag.split('=').next().unwrap();
-            assert!(
-                help.split(|c: char| c.is_whitespace() || c == ',')
-                    .any(|w| w == flag),
-                "`{command}`: `conveyor {}` has no {flag}",
-                path.join(" ")
-            );
-        }
-        paths.insert(path.join(" "));
+        paths.insert(real_command(command, &words));
+    }
+    // `docker compose … run --rm SERVICE ARGS` in the runbook and in the compose
+    // file's header: SERVICE runs our image, so ARGS go to `conveyor`.
+    let compose_runs: Vec<String> = compose_run_commands(&runbook)
+        .into_iter()
+        .chain(compose_run_commands(&read("docker-compose.yml")))
+        .collect();
+    assert!(
+        compose_runs.len() >= 2,
+        "the runbook and the compose file do not say how to make an API key in compose"
+    );
+    let compose = yaml_documents("docker-compose.yml").remove(0);
+    assert!(
+        read("Dockerfile").contains(r#"ENTRYPOINT ["/usr/local/bin/conveyor"]"#),
+        "compose run passes its arguments to conveyor only with this entrypoint"
+    );
+    for command in &compose_runs {
+        let (_, after) = command.split_once(" run --rm ").unwrap();
+        let mut words = after.split_whitespace();
+        let service = words.next().expect("a service");
+        assert!(
+            compose["services"][service]["image"]
+                .as_str()
+                .is_some_and(|image| image.starts_with("conveyor:")),
+            "`{command}`: compose service `{service}` does not run our image"
+        );
+        let words: Vec<&str> = words.collect();
+        paths.insert(real_command(command, &words));
     }
     // The runbook covers the commands its sections promise.
     for needed in [
@@ -497,6 +734,7 @@ fn runbook_commands_are_real_subcommands_with_real_flags() {
         "migrate revert",
         "dlq list",
         "dlq replay",
+        "keys create",
     ] {
         assert!(
             paths.contains(needed),
@@ -517,6 +755,21 @@ fn the_checks_reject_what_does_not_exist() {
         runbook_commands("text\n```sh\nconveyor migrate run\n```\nconveyor not-in-code\n"),
         ["conveyor migrate run"]
     );
+    assert_eq!(
+        compose_run_commands(
+            "#   docker compose run --rm migrate keys list\ndocker compose run --rm x y\n```\ndocker compose up\n```\n"
+        ),
+        ["docker compose run --rm migrate keys list"]
+    );
+    assert!(
+        std::panic::catch_unwind(|| real_command(
+            "conveyor keys create --nope",
+            &["keys", "create", "--nope"]
+        ))
+        .is_err()
+    );
+    assert!(std::panic::catch_unwind(|| assert_exported_metric("conveyor_nope", "test")).is_err());
+    assert_exported_metric("conveyor_jobs_succeeded_total", "test");
     assert!(Path::new(&deploy("RUNBOOK.md")).exists());
 }
 
@@ -563,4 +816,29 @@ async fn an_older_binary_starts_on_a_newer_schema_but_not_on_an_older_one() {
     .unwrap()
     .expect_err("a missing migration is refused, whatever allow_newer_schema says");
     assert!(err.to_string().contains("pending"), "{err}");
+}
+
+/// The runbook's throughput table is the latest `make bench-cluster` run, as in benches/RESULTS.md.
+#[test]
+fn runbook_throughput_numbers_are_those_of_benches_results() {
+    let block = |text: &str| {
+        text.split("<!-- cluster-scaling:begin")
+            .nth(1)
+            .and_then(|rest| rest.split("<!-- cluster-scaling:end -->").next())
+            .map(str::to_owned)
+    };
+    let results = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../benches/RESULTS.md"),
+    )
+    .unwrap();
+    let in_results = block(&results).expect("benches/RESULTS.md has a bench-cluster table");
+    assert!(
+        in_results.contains("| three-node cluster |"),
+        "{in_results}"
+    );
+    assert_eq!(
+        block(&read("RUNBOOK.md")).as_deref(),
+        Some(in_results.as_str()),
+        "deploy/RUNBOOK.md's throughput table differs from benches/RESULTS.md (make bench-cluster writes both)"
+    );
 }

@@ -189,7 +189,9 @@ impl Topology {
     /// lost its definitions, and declaring can stall for seconds while quorum
     /// queues elect new leaders after a node loss (the broker asks each queue's
     /// leader for its counts to answer `declare-ok`), so it runs in the
-    /// background and the caller resumes publishing or consuming at once.
+    /// background and the caller resumes publishing or consuming at once. A
+    /// caller that learnt the definitions are gone (the broker answered
+    /// NOT_FOUND) passes `first` again to wait for them.
     ///
     /// Each dead-letter inbox is declared on a channel of its own and an inbox
     /// left by an older release is kept (see [`Self::declare_inbox_tolerantly`]).
@@ -387,5 +389,35 @@ mod tests {
         assert_eq!(delay_level_for(Duration::from_millis(400)), 250);
         assert_eq!(delay_level_for(Duration::from_secs(1)), 1_000);
         assert_eq!(delay_level_for(Duration::from_secs(86_400)), 3_600_000);
+    }
+
+    fn topology(quorum_group_size: Option<u32>) -> Topology {
+        Topology {
+            namespace: "ns".into(),
+            queues: vec!["default".into()],
+            delivery_limit: 5,
+            quorum_group_size,
+        }
+    }
+
+    #[test]
+    fn work_queue_args_carry_the_group_size_only_when_configured() {
+        let group_size = key("x-quorum-initial-group-size");
+        let configured = topology(Some(3)).work_queue_args("default");
+        assert_eq!(
+            configured.inner().get(&group_size),
+            Some(&AMQPValue::LongInt(3))
+        );
+        assert_eq!(
+            configured.inner().get(&key("x-queue-type")),
+            Some(&long("quorum"))
+        );
+        let unset = topology(None).work_queue_args("default");
+        assert_eq!(unset.inner().get(&group_size), None);
+        assert_eq!(
+            unset.inner().get(&key("x-queue-type")),
+            Some(&long("quorum")),
+            "still a quorum queue"
+        );
     }
 }
