@@ -543,21 +543,7 @@ impl Drop for TestApp {
         }
         let topology = self.topology();
         // Drop runs inside the test's runtime; clean the broker from a thread of our own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(conn) = lapin::Connection::connect(AMQP_URL, Default::default()).await {
-                    if let Ok(channel) = conn.create_channel().await {
-                        let _ = topology.delete(&channel).await;
-                    }
-                    let _ = conn.close(200, "cleanup".into()).await;
-                }
-            });
-        })
-        .join();
+        crate::harness::delete_topology(topology);
     }
 }
 
@@ -584,4 +570,24 @@ where
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Deletes `topology`'s queues and exchanges from the shared broker, on a
+/// thread and runtime of its own (callable from `Drop` inside a test's runtime).
+pub(crate) fn delete_topology(topology: Topology) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            if let Ok(conn) = lapin::Connection::connect(AMQP_URL, Default::default()).await {
+                if let Ok(channel) = conn.create_channel().await {
+                    let _ = topology.delete(&channel).await;
+                }
+                let _ = conn.close(200, "cleanup".into()).await;
+            }
+        });
+    })
+    .join();
 }

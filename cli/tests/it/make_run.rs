@@ -253,21 +253,24 @@ impl Drop for MakeRun {
             ..Config::default()
         };
         let topology = Topology::for_config(&config);
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(conn) = lapin::Connection::connect(AMQP_URL, Default::default()).await {
-                    if let Ok(channel) = conn.create_channel().await {
-                        let _ = topology.delete(&channel).await;
-                    }
-                    let _ = conn.close(200, "cleanup".into()).await;
-                }
-            });
-        })
-        .join();
+        crate::harness::delete_topology(topology);
+    }
+}
+
+/// Polls the job at `url` until it is in `state`, for up to 30 s.
+async fn wait_for_state(client: &reqwest::Client, url: &str, state: &str, run: &MakeRun) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let job: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+        if job["state"] == json!(state) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job not {state}: {job}\n{}",
+            run.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -319,26 +322,7 @@ async fn make_run_runs_a_job_and_one_ctrl_c_drains_the_worker_and_stops_everythi
     assert_eq!(response.status(), 202);
     let accepted: Value = response.json().await.unwrap();
     let status_url = format!("{base}{}", accepted["status_url"].as_str().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let job: Value = client
-            .get(&status_url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if job["state"] == json!("succeeded") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job not succeeded: {job}\n{}",
-            run.output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_state(&client, &status_url, "succeeded", &run).await;
 
     // A job still running when Ctrl-C comes: the drain lets it finish.
     let response = client
@@ -351,26 +335,7 @@ async fn make_run_runs_a_job_and_one_ctrl_c_drains_the_worker_and_stops_everythi
     let accepted: Value = response.json().await.unwrap();
     let sleeper: Uuid = accepted["id"].as_str().unwrap().parse().unwrap();
     let sleeper_url = format!("{base}{}", accepted["status_url"].as_str().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let job: Value = client
-            .get(&sleeper_url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if job["state"] == json!("running") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job not running: {job}\n{}",
-            run.output()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_state(&client, &sleeper_url, "running", &run).await;
 
     // Ctrl-C.
     let status = tokio::task::block_in_place(|| run.ctrl_c(GRACE + Duration::from_secs(10)));

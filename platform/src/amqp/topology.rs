@@ -149,33 +149,25 @@ impl Topology {
 
     /// The arguments of a work queue (exposed for tests and tooling).
     pub fn work_queue_args(&self, queue: &str) -> FieldTable {
-        let mut args = self.quorum_args();
-        args.insert(
-            key("x-delivery-limit"),
-            AMQPValue::LongInt(self.delivery_limit.try_into().unwrap_or(i32::MAX)),
-        );
-        args.insert(key("x-dead-letter-exchange"), long(""));
-        args.insert(
-            key("x-dead-letter-routing-key"),
-            long(&self.dead_letter_inbox(queue)),
-        );
-        Self::at_least_once(&mut args);
-        args
+        self.limited_args(&self.dead_letter_inbox(queue))
     }
 
     /// The arguments of a dead-letter inbox: the work queue's delivery limit,
     /// then at-least-once dead-lettering straight to the dead-letter queue.
     pub fn dead_letter_inbox_args(&self, queue: &str) -> FieldTable {
+        self.limited_args(&self.dead_letter_queue(queue))
+    }
+
+    /// A quorum queue with the delivery limit that dead-letters, at least
+    /// once, to the queue `dead_letters_to`.
+    fn limited_args(&self, dead_letters_to: &str) -> FieldTable {
         let mut args = self.quorum_args();
         args.insert(
             key("x-delivery-limit"),
             AMQPValue::LongInt(self.delivery_limit.try_into().unwrap_or(i32::MAX)),
         );
         args.insert(key("x-dead-letter-exchange"), long(""));
-        args.insert(
-            key("x-dead-letter-routing-key"),
-            long(&self.dead_letter_queue(queue)),
-        );
+        args.insert(key("x-dead-letter-routing-key"), long(dead_letters_to));
         Self::at_least_once(&mut args);
         args
     }
