@@ -1,8 +1,9 @@
 //! Limits that keep one ingress answering under abuse or overload: a request
 //! timeout, a global concurrency limit that sheds load (503 with `Retry-After`
-//! instead of queueing), a header-size limit (431), and gzip/deflate request
-//! bodies inflated in front of the body limit, so a small compressed body that
-//! inflates past it is a 413 like any other.
+//! instead of queueing), a header-size limit (431), a URL holding an encoded
+//! NUL (`%00`, which PostgreSQL cannot store or compare) refused as 400, and
+//! gzip/deflate request bodies inflated in front of the body limit, so a small
+//! compressed body that inflates past it is a 413 like any other.
 
 use std::time::Duration;
 
@@ -70,6 +71,16 @@ async fn header_limit(max: usize, request: Request, next: Next) -> Response {
             "headers-too-large",
             "Request headers too large",
             format!("the request's headers total {size} bytes; the limit is {max}"),
+        )
+        .into_response();
+    }
+    let url = request.uri().path_and_query().map_or("", |pq| pq.as_str());
+    if url.contains("%00") {
+        return Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed-url",
+            "Malformed URL",
+            "the URL may not contain the NUL character (%00)",
         )
         .into_response();
     }

@@ -86,13 +86,22 @@ pub async fn read_limited(request: Request, want_json: bool) -> Result<axum::bod
         .map_err(|_| too_large(limit))
 }
 
-/// Decodes JSON `raw` into `T`: 400 for bad syntax, 422 with a pointer for a bad shape.
+/// Decodes JSON `raw` into `T`: 400 for bad syntax, 422 with a pointer for a
+/// bad shape or for a string holding U+0000, which PostgreSQL can store in
+/// neither `text` nor `jsonb` (it would fail the write, as a 5xx, every time
+/// the client retried).
 pub fn decode<T: DeserializeOwned>(raw: &[u8]) -> Result<T, Problem> {
     let mut de = serde_json::Deserializer::from_slice(raw);
     let result = serde_path_to_error::deserialize::<_, T>(&mut de);
     if result.is_ok() {
         de.end()
             .map_err(|err| Problem::malformed(format!("the body is not valid JSON: {err}")))?;
+        if let Some(pointer) = nul_character_at(raw) {
+            return Err(Problem::invalid(
+                pointer,
+                "text may not contain the NUL character (U+0000)",
+            ));
+        }
     }
     result.map_err(|err| {
         let inner = err.inner();
@@ -117,6 +126,49 @@ pub fn decode<T: DeserializeOwned>(raw: &[u8]) -> Result<T, Problem> {
     })
 }
 
+/// The JSON pointer of the first string (object key or value) in the valid
+/// JSON `raw` that holds U+0000, if any. JSON can carry it only as the escape
+/// `\u0000`, so bodies without that escape are not parsed again.
+fn nul_character_at(raw: &[u8]) -> Option<String> {
+    let escaped = raw.windows(6).enumerate().any(|(at, window)| {
+        window == b"\\u0000"
+            && raw[..at]
+                .iter()
+                .rev()
+                .take_while(|byte| **byte == b'\\')
+                .count()
+                % 2
+                == 0
+    });
+    if !escaped {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_slice(raw).ok()?;
+    find_nul(&value, String::new())
+}
+
+fn find_nul(value: &serde_json::Value, at: String) -> Option<String> {
+    let escape = |key: &str| key.replace('~', "~0").replace('/', "~1");
+    match value {
+        serde_json::Value::String(text) if text.contains('\0') => {
+            Some(if at.is_empty() { "/".into() } else { at })
+        }
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(index, item)| find_nul(item, format!("{at}/{index}"))),
+        serde_json::Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+            let here = format!("{at}/{}", escape(key));
+            if key.contains('\0') {
+                Some(here)
+            } else {
+                find_nul(item, here)
+            }
+        }),
+        _ => None,
+    }
+}
+
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for StrictJson<T> {
     type Rejection = Problem;
 
@@ -124,5 +176,30 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for StrictJson<T> {
         let raw = read_limited(request, true).await?;
         let value = decode(&raw)?;
         Ok(Self { value, raw })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nul_character_at;
+
+    #[test]
+    fn an_escaped_nul_is_found_with_its_pointer() {
+        let at = |raw: &str| nul_character_at(raw.as_bytes());
+        assert_eq!(at(r#"{"a": "x\u0000y"}"#), Some("/a".into()));
+        assert_eq!(
+            at(r#"{"a": [1, {"b/c": "\u0000"}]}"#),
+            Some("/a/1/b~1c".into())
+        );
+        assert_eq!(at(r#"{"k\u0000": 1}"#), Some("/k\u{0}".into()));
+        assert_eq!(at(r#""\u0000""#), Some("/".into()));
+    }
+
+    #[test]
+    fn an_escaped_backslash_before_u0000_is_not_a_nul() {
+        let at = |raw: &str| nul_character_at(raw.as_bytes());
+        assert_eq!(at(r#"{"a": "\\u0000"}"#), None);
+        assert_eq!(at(r#"{"a": "\\\u0000"}"#), Some("/a".into()));
+        assert_eq!(at(r#"{"a": "plain"}"#), None);
     }
 }

@@ -249,6 +249,12 @@ async fn bulk_input_errors_are_problems_naming_the_field() {
         (replay, json!({"filter": {}, "limit": 0}), "/limit"),
         (discard, json!({"filter": {}, "limit": 10_001}), "/limit"),
         (discard, json!({"filter": {"since": "5x"}}), "/filter/since"),
+        // PostgreSQL cannot store U+0000 (found by the fuzzer as a 503).
+        (
+            discard,
+            json!({"filter": {"error_contains": "b\u{0}d"}}),
+            "/filter/error_contains",
+        ),
     ] {
         let response = post(&app, path, body.clone()).await;
         assert_eq!(response.status(), 422, "{body}");

@@ -69,6 +69,24 @@ async fn gzip_bombs_are_413_and_big_headers_431() {
     assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encoded_nul_in_the_url_is_400_not_a_database_error() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    for path in [
+        "/v1/profiles/a%00b",
+        "/v1/stats/jobs?task=diag%00noop",
+        "/v1/admin/dead-jobs?task=%00",
+    ] {
+        let response = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 400, "{path}");
+        let problem: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(
+            problem["type"],
+            "https://conveyor.dev/problems/malformed-url"
+        );
+    }
+}
+
 /// A request whose body never finishes: it holds a concurrency slot until dropped.
 fn stalled_request(app: &TestApp) -> tokio::task::JoinHandle<u16> {
     let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Vec<u8>, std::io::Error>>();
