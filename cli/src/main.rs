@@ -5,12 +5,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// mimalloc rather than glibc's allocator: under enqueue load the ingress spent
-/// about 13% of its time in `malloc`/`free` (`malloc_consolidate`,
-/// `unlink_chunk`), see benches/RESULTS.md.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod cli;
 mod dlq;
 mod keys;
