@@ -68,16 +68,7 @@ impl utoipa::Modify for ApiKey {
             if !path.starts_with("/v1/") || path.starts_with("/v1/webhooks/") {
                 continue;
             }
-            for operation in [
-                &mut item.get,
-                &mut item.post,
-                &mut item.put,
-                &mut item.patch,
-                &mut item.delete,
-            ]
-            .into_iter()
-            .flatten()
-            {
+            for operation in operations_mut(item) {
                 operation.security = Some(vec![SecurityRequirement::new(
                     "api_key",
                     Vec::<String>::new(),
@@ -104,16 +95,7 @@ impl utoipa::Modify for HeaderLimit {
             )
             .build();
         for item in openapi.paths.paths.values_mut() {
-            for operation in [
-                &mut item.get,
-                &mut item.post,
-                &mut item.put,
-                &mut item.patch,
-                &mut item.delete,
-            ]
-            .into_iter()
-            .flatten()
-            {
+            for operation in operations_mut(item) {
                 operation
                     .responses
                     .responses
@@ -129,4 +111,19 @@ impl utoipa::Modify for HeaderLimit {
 ))]
 pub async fn serve() -> axum::Json<utoipa::openapi::OpenApi> {
     axum::Json(ApiDoc::openapi())
+}
+
+/// Every operation of a path item.
+fn operations_mut(
+    item: &mut utoipa::openapi::PathItem,
+) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    [
+        &mut item.get,
+        &mut item.post,
+        &mut item.put,
+        &mut item.patch,
+        &mut item.delete,
+    ]
+    .into_iter()
+    .flatten()
 }

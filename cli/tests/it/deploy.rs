@@ -18,7 +18,7 @@ fn deploy(path: &str) -> PathBuf {
 }
 
 /// Every `conveyor_…` identifier in `text`.
-fn metric_names(text: &str) -> BTreeSet<String> {
+pub(crate) fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut rest = text;
     while let Some(at) = rest.find("conveyor_") {

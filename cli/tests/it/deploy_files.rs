@@ -436,21 +436,6 @@ fn assert_exported_metric(name: &str, context: &str) {
     );
 }
 
-/// Every `conveyor_…` identifier in `text`.
-fn metric_names(text: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut rest = text;
-    while let Some(at) = rest.find("conveyor_") {
-        let tail = &rest[at..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
-            .unwrap_or(tail.len());
-        names.insert(tail[..end].to_owned());
-        rest = &tail[end..];
-    }
-    names
-}
-
 #[test]
 fn the_worker_deployment_probes_real_routes_and_keda_scales_it_on_our_metric() {
     let (_, worker_port) = default_ports();
@@ -514,7 +499,7 @@ fn the_worker_deployment_probes_real_routes_and_keda_scales_it_on_our_metric() {
     assert!(!triggers.is_empty());
     for trigger in triggers {
         let query = trigger["metadata"]["query"].as_str().expect("a query");
-        let metrics = metric_names(query);
+        let metrics = crate::deploy::metric_names(query);
         assert!(!metrics.is_empty(), "`{query}` queries none of our metrics");
         for metric in metrics {
             assert_exported_metric(&metric, "keda-scaledobject.yaml");
