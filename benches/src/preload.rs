@@ -8,7 +8,6 @@ use conveyor_ingress::recorder::Recorder;
 use conveyor_platform::amqp::{Outgoing, Publisher, Topology, delay_level_for};
 use conveyor_platform::metrics::Metrics;
 use conveyor_schema::models::NewJob;
-use conveyor_schema::pool::PgPool;
 use conveyor_schema::{Envelope, find_task};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +18,6 @@ use crate::Common;
 /// returns the rate achieved, in jobs per second.
 pub async fn noop_jobs(
     common: &Common,
-    db: &PgPool,
     count: usize,
     delay: Option<Duration>,
 ) -> anyhow::Result<f64> {
@@ -39,12 +37,11 @@ pub async fn noop_jobs(
         "preload: broker not reachable"
     );
     let recorder = Recorder::start(
-        db.clone(),
+        &conveyor_platform::config::database_url(&config),
         publisher,
         Metrics::new(),
-        config.ingress.batch_max,
-        config.ingress.batches_in_flight,
-    );
+        &config.ingress,
+    )?;
     let task = find_task("diag.noop").ok_or_else(|| anyhow::anyhow!("no diag.noop"))?;
     let started = Instant::now();
     let failures = futures::stream::iter(0..count)

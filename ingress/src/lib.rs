@@ -183,12 +183,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         plumbing.clone(),
     );
     let recorder = Recorder::start(
-        db.clone(),
+        &conveyor_platform::config::database_url(&config),
         publisher.clone(),
         metrics.clone(),
-        config.ingress.batch_max,
-        config.ingress.batches_in_flight,
-    );
+        &config.ingress,
+    )
+    .context("starting the recorder's database lanes")?;
     let snapshot = monitor::SharedSnapshot::default();
     tokio::spawn(monitor::run(
         config.amqp_urls().iter().map(|u| (*u).to_owned()).collect(),

@@ -130,8 +130,11 @@ pub struct IngressConfig {
     pub publisher_channels: usize,
     /// Most jobs recorded and published together in one group commit.
     pub batch_max: usize,
-    /// Group commits in flight at once.
+    /// Group commits in flight at once (each holds one database connection).
     pub batches_in_flight: usize,
+    /// While other group commits are in flight, a new one waits up to this
+    /// long to fill to the size of recent ones (0: never waits).
+    pub batch_linger_ms: u64,
     /// A request still unanswered after this gets a 503 problem.
     pub request_timeout_ms: u64,
     /// Requests served at once; beyond this new ones are shed with 503 and `Retry-After`.
@@ -325,6 +328,7 @@ impl Default for IngressConfig {
             publisher_channels: 4,
             batch_max: 512,
             batches_in_flight: 4,
+            batch_linger_ms: 1,
             request_timeout_ms: 30_000,
             max_concurrent_requests: 1024,
             max_header_bytes: 16 * 1024,

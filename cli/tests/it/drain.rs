@@ -274,12 +274,16 @@ async fn ingress_readyz_handler_answers_503_once_the_shutdown_token_is_cancelled
     let shutdown = CancellationToken::new();
     let state = conveyor_ingress::state::AppState::new(conveyor_ingress::state::Handles {
         recorder: conveyor_ingress::recorder::Recorder::start(
-            db.clone(),
+            &conveyor_platform::config::database_url(config),
             publisher.clone(),
             metrics.clone(),
-            1,
-            1,
-        ),
+            &conveyor_platform::config::IngressConfig {
+                batch_max: 1,
+                batches_in_flight: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
         auth: conveyor_ingress::auth::Auth::new(db.clone(), &config.auth),
         db,
         publisher,

@@ -146,3 +146,32 @@ async fn postgres_gone_is_503_with_nothing_published() {
     assert_eq!(response.status(), 503);
     assert_eq!(app.queue_len(&work).await, 1);
 }
+
+/// The recorder keeps one connection per batch in flight. One killed since its
+/// last batch (a database restart, a failover, an administrator's
+/// `pg_terminate_backend`) is replaced before anything is published: the next
+/// job is accepted, not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorder_connections_killed_between_batches_are_replaced() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let work = app.topology().work_queue("default");
+    for _ in 0..3 {
+        assert_eq!(app.enqueue_status(&app.client).await, 202);
+    }
+    let lanes = format!(
+        "FROM pg_stat_activity WHERE datname = current_database() AND application_name = '{}'",
+        conveyor_ingress::recorder::LANE_APPLICATION_NAME
+    );
+    assert!(app.count(&format!("SELECT count(*) AS n {lanes}")).await >= 1);
+    let killed = app
+        .count(&format!(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) AS n {lanes}"
+        ))
+        .await;
+    assert!(killed >= 1, "no recorder connection was terminated");
+    for _ in 0..3 {
+        assert_eq!(app.enqueue_status(&app.client).await, 202);
+    }
+    assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 6);
+    assert_eq!(app.queue_len(&work).await, 6);
+}

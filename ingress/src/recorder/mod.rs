@@ -5,9 +5,9 @@
 //! request (one transaction, one confirm round trip) caps the ingress near the
 //! database's single-commit rate, so submissions are batched:
 //!
-//! 1. a database connection is checked out (the pool checks it); if the
-//!    database is unreachable, nothing is published and every submission gets 503;
-//! 2. the batch's records are inserted in one transaction while, at the same
+//! 1. a lane (see [`lane`]) opens a transaction; if the database is
+//!    unreachable, nothing is published and every submission gets 503;
+//! 2. the batch's records are inserted in that transaction while, at the same
 //!    time, the messages are published on one confirm channel, pipelined;
 //! 3. once both are done, records whose publish failed are deleted and the
 //!    transaction commits (or rolls back when nothing was confirmed);
@@ -22,19 +22,30 @@
 //! (the database died mid-batch), those jobs still run and their submitters got
 //! 503: the same "in doubt" outcome as a lost confirm.
 //!
-//! Batching is natural: whatever arrived while the previous batches were in
-//! flight forms the next one, so a lone request is never delayed by a timer.
+//! How batches form: when no batch is in flight, whatever is waiting leaves at
+//! once, so a lone request is never delayed by a timer. While others are in
+//! flight, a new batch waits (up to `ingress.batch_linger_ms`, or until one of
+//! them finishes) to reach the size batches have lately had. Without that,
+//! under load a slot freed by one batch was taken at once by the one or two
+//! requests that had arrived meanwhile, and most transactions and confirm
+//! round trips carried a single job.
+
+mod insert;
+mod lane;
+
+pub use lane::APPLICATION_NAME as LANE_APPLICATION_NAME;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use conveyor_platform::amqp::{Outgoing, PublishError, Publisher};
+use conveyor_platform::config::IngressConfig;
 use conveyor_platform::metrics::Metrics;
-use conveyor_schema::db::jobs;
 use conveyor_schema::models::NewJob;
-use conveyor_schema::pool::PgPool;
-use diesel::prelude::*;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use uuid::Uuid;
+
+use lane::{Decision, Lanes, Work};
 
 /// One job waiting to be recorded and published.
 pub struct Submission {
@@ -67,17 +78,28 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Starts the batching loop.
+    /// Starts the batching loop and its database lanes (one per batch in flight).
     pub fn start(
-        db: PgPool,
+        database_url: &str,
         publisher: Publisher,
         metrics: Metrics,
-        batch_max: usize,
-        in_flight: usize,
-    ) -> Self {
-        let (tx, rx) = mpsc::channel(batch_max * in_flight * 4);
-        tokio::spawn(batch_loop(rx, db, publisher, metrics, batch_max, in_flight));
-        Self { tx }
+        settings: &IngressConfig,
+    ) -> std::io::Result<Self> {
+        let lanes = Lanes::start(database_url, settings.batches_in_flight)?;
+        let (tx, rx) = mpsc::channel(settings.batch_max * settings.batches_in_flight * 4);
+        let batching = Batching {
+            max: settings.batch_max.max(1),
+            in_flight: settings.batches_in_flight.max(1),
+            linger: Duration::from_millis(settings.batch_linger_ms),
+        };
+        tokio::spawn(batch_loop(
+            rx,
+            Arc::new(lanes),
+            publisher,
+            metrics,
+            batching,
+        ));
+        Ok(Self { tx })
     }
 
     /// Records and publishes one job; `Ok` once both are durable.
@@ -95,137 +117,68 @@ impl Recorder {
     }
 }
 
+/// How batches are cut.
+#[derive(Clone, Copy)]
+struct Batching {
+    max: usize,
+    in_flight: usize,
+    linger: Duration,
+}
+
 async fn batch_loop(
     mut rx: mpsc::Receiver<Submission>,
-    db: PgPool,
+    lanes: Arc<Lanes>,
     publisher: Publisher,
     metrics: Metrics,
-    batch_max: usize,
-    in_flight: usize,
+    batching: Batching,
 ) {
-    let slots = Arc::new(Semaphore::new(in_flight));
+    let slots = Arc::new(Semaphore::new(batching.in_flight));
+    let finished = Arc::new(Notify::new());
+    // Recent batch sizes, smoothed: what a batch cut while others are in flight aims for.
+    let mut typical = 1.0_f64;
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut batch = Vec::with_capacity(batch_max);
-        if rx.recv_many(&mut batch, batch_max).await == 0 {
+        let mut batch = Vec::with_capacity(batching.max);
+        if rx.recv_many(&mut batch, batching.max).await == 0 {
             return;
         }
-        let (db, publisher, metrics) = (db.clone(), publisher.clone(), metrics.clone());
+        let others_in_flight = batching.in_flight - 1 - slots.available_permits();
+        let aim = (typical.round() as usize).clamp(1, batching.max);
+        if others_in_flight > 0 && batch.len() < aim && !batching.linger.is_zero() {
+            let deadline = tokio::time::Instant::now() + batching.linger;
+            let one_finished = finished.notified();
+            tokio::pin!(one_finished);
+            while batch.len() < aim {
+                let room = batching.max - batch.len();
+                tokio::select! {
+                    received = rx.recv_many(&mut batch, room) => {
+                        if received == 0 { break; }
+                    }
+                    () = &mut one_finished => break,
+                    () = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+        }
+        typical = 0.8 * typical + 0.2 * batch.len() as f64;
+        let (lanes, publisher, metrics, finished) = (
+            lanes.clone(),
+            publisher.clone(),
+            metrics.clone(),
+            finished.clone(),
+        );
         tokio::spawn(async move {
-            commit_batch(batch, &db, &publisher, &metrics).await;
+            commit_batch(batch, &lanes, &publisher, &metrics).await;
             drop(slot);
+            finished.notify_waiters();
         });
     }
 }
 
-/// What the async side tells the open transaction: commit without these ids, or roll back.
-enum Decision {
-    CommitWithout(Vec<Uuid>),
-    RollBack,
-}
-
-/// The batch's insert, run in an open transaction on a blocking thread:
-/// `began` once a (checked) connection is in hand, `inserted` once the rows
-/// are in, then it waits for the [`Decision`].
-fn run_transaction(
-    pool: PgPool,
-    records: Vec<NewJob>,
-    began: oneshot::Sender<Result<(), String>>,
-    inserted: oneshot::Sender<Result<(), String>>,
-    decision: std::sync::mpsc::Receiver<Decision>,
-) -> Result<(), String> {
-    let mut conn = match pool.get() {
-        Ok(conn) => conn,
-        Err(err) => {
-            let _ = began.send(Err(err.to_string()));
-            return Err(err.to_string());
-        }
-    };
-    // The pool checked the connection on checkout: the database is there, so
-    // publishing may start while the transaction opens and the insert runs.
-    let _ = began.send(Ok(()));
-    let mut inserted = Some(inserted);
-    let result = conn.transaction::<_, diesel::result::Error, _>(|conn| {
-        let outcome = insert_records(conn, &records);
-        if let Some(inserted) = inserted.take() {
-            let _ = inserted.send(outcome.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-        }
-        outcome?;
-        match decision.recv() {
-            Ok(Decision::CommitWithout(failed)) => {
-                if !failed.is_empty() {
-                    diesel::delete(jobs::table.filter(jobs::id.eq_any(failed))).execute(conn)?;
-                }
-                Ok(())
-            }
-            _ => Err(diesel::result::Error::RollbackTransaction),
-        }
-    });
-    if let Some(inserted) = inserted {
-        // BEGIN itself failed.
-        let _ = inserted.send(Err(result
-            .as_ref()
-            .err()
-            .map_or_else(|| "transaction did not start".into(), |e| e.to_string())));
-    }
-    result.map_err(|e| e.to_string())
-}
-
-/// One constant statement for any batch size (prepared once per connection,
-/// never re-planned), with one array parameter per column.
-///
-/// A worker that got a message before this insert reached its row has created
-/// the row already (its state upsert): the insert keeps that state and adds
-/// what only the ingress knows.
-const INSERT: &str = "
-INSERT INTO jobs (id, task, queue, state, args, max_attempts, idempotency_key, replay_of,
-                  enqueued_at, next_attempt_at, producer)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int4[],
-                     $7::text[], $8::uuid[], $9::timestamptz[], $10::timestamptz[], $11::text[])
-ON CONFLICT (id) DO UPDATE SET
-    producer = EXCLUDED.producer,
-    idempotency_key = EXCLUDED.idempotency_key,
-    replay_of = EXCLUDED.replay_of";
-
-fn insert_records(conn: &mut PgConnection, records: &[NewJob]) -> QueryResult<usize> {
-    use diesel::sql_types::{Array, Int4, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
-    diesel::sql_query(INSERT)
-        .bind::<Array<SqlUuid>, _>(records.iter().map(|r| r.id).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(records.iter().map(|r| r.task.as_str()).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(records.iter().map(|r| r.queue.as_str()).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(records.iter().map(|r| r.state.as_str()).collect::<Vec<_>>())
-        .bind::<Array<Jsonb>, _>(records.iter().map(|r| &r.args).collect::<Vec<_>>())
-        .bind::<Array<Int4>, _>(records.iter().map(|r| r.max_attempts).collect::<Vec<_>>())
-        .bind::<Array<Nullable<Text>>, _>(
-            records
-                .iter()
-                .map(|r| r.idempotency_key.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind::<Array<Nullable<SqlUuid>>, _>(
-            records.iter().map(|r| r.replay_of).collect::<Vec<_>>(),
-        )
-        .bind::<Array<Timestamptz>, _>(records.iter().map(|r| r.enqueued_at).collect::<Vec<_>>())
-        .bind::<Array<Nullable<Timestamptz>>, _>(
-            records
-                .iter()
-                .map(|r| r.next_attempt_at)
-                .collect::<Vec<_>>(),
-        )
-        .bind::<Array<Nullable<Text>>, _>(
-            records
-                .iter()
-                .map(|r| r.producer.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .execute(conn)
-}
-
 async fn commit_batch(
     mut batch: Vec<Submission>,
-    db: &PgPool,
+    lanes: &Lanes,
     publisher: &Publisher,
     metrics: &Metrics,
 ) {
@@ -246,9 +199,13 @@ async fn commit_batch(
     let (began_tx, began_rx) = oneshot::channel();
     let (inserted_tx, inserted_rx) = oneshot::channel();
     let (decision_tx, decision_rx) = std::sync::mpsc::channel::<Decision>();
-    let pool = db.clone();
-    let transaction = tokio::task::spawn_blocking(move || {
-        run_transaction(pool, records, began_tx, inserted_tx, decision_rx)
+    let (finished_tx, finished_rx) = oneshot::channel();
+    lanes.submit(Work {
+        records,
+        began: began_tx,
+        inserted: inserted_tx,
+        decision: decision_rx,
+        finished: finished_tx,
     });
 
     let reply_all = |replies: Vec<oneshot::Sender<Result<(), SubmitError>>>, err: SubmitError| {
@@ -261,16 +218,16 @@ async fn commit_batch(
     match began_rx.await {
         Ok(Ok(())) => {}
         Ok(Err(err)) => return reply_all(replies, SubmitError::Database(err)),
-        Err(_) => {
+        _ => {
             return reply_all(
                 replies,
-                SubmitError::Database("transaction task ended".into()),
+                SubmitError::Database("the recorder's database lanes ended".into()),
             );
         }
     }
     let (inserted, results) = tokio::join!(inserted_rx, publisher.publish_all(&messages));
     let confirmed_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let inserted = inserted.unwrap_or_else(|_| Err("transaction task ended".into()));
+    let inserted = inserted.unwrap_or_else(|_| Err("the recorder's database lane ended".into()));
     let failed: Vec<Uuid> = ids
         .iter()
         .zip(&results)
@@ -283,13 +240,13 @@ async fn commit_batch(
         Decision::CommitWithout(failed)
     };
     let _ = decision_tx.send(decision);
-    let committed = match (inserted, transaction.await) {
-        (Err(err), _) => Err(err),
-        (Ok(()), Ok(Ok(()))) => Ok(()),
-        (Ok(()), Ok(Err(err))) if err.contains("rollback") || err.contains("Rollback") => Ok(()),
-        (Ok(()), Ok(Err(err))) => Err(err),
-        (Ok(()), Err(err)) => Err(err.to_string()),
-    };
+    // A rollback decided here (nothing confirmed) finishes `Ok`: each submission then
+    // gets its publish error.
+    let committed = inserted.and(
+        finished_rx
+            .await
+            .unwrap_or_else(|_| Err("the recorder's database lane ended".into())),
+    );
     if committed.is_err() {
         let in_doubt = results.iter().filter(|r| r.is_ok()).count();
         if in_doubt > 0 {

@@ -1,0 +1,182 @@
+//! The database side of a group commit: one thread per batch in flight, each
+//! owning one long-lived connection.
+//!
+//! A batch needs a transaction held open while its messages are confirmed, so
+//! it occupies a connection and a blocking thread for its whole life. Keeping
+//! both for good (rather than a `spawn_blocking` and a pool checkout per batch)
+//! saves a thread hand-off and the pool's `SELECT 1` ping per batch: the
+//! transaction's own `BEGIN` is the proof that the database is there before
+//! anything is published. A kept connection that died since its last batch (a
+//! database restart) fails that `BEGIN`; the lane then connects afresh and
+//! tries once more, which is safe because nothing has been published yet.
+
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+
+use conveyor_schema::db::jobs;
+use conveyor_schema::models::NewJob;
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::insert::insert_records;
+
+/// What the async side tells the open transaction: commit without these ids, or roll back.
+pub(super) enum Decision {
+    CommitWithout(Vec<Uuid>),
+    RollBack,
+}
+
+/// One batch's database work and the signals it exchanges with the async side.
+pub(super) struct Work {
+    pub records: Vec<NewJob>,
+    /// `Ok` once `BEGIN` succeeded: publishing may start.
+    pub began: oneshot::Sender<Result<(), String>>,
+    /// The insert's outcome (rows in, not yet committed).
+    pub inserted: oneshot::Sender<Result<(), String>>,
+    /// Read after the insert; the transaction stays open until it arrives.
+    pub decision: Receiver<Decision>,
+    /// `Ok` once committed (or rolled back as decided).
+    pub finished: oneshot::Sender<Result<(), String>>,
+}
+
+/// Hands batches to idle lane threads. The threads end when this is dropped.
+pub(super) struct Lanes {
+    work: Sender<Work>,
+}
+
+impl Lanes {
+    /// Starts `count` threads that connect to `database_url` on their first batch.
+    pub fn start(database_url: &str, count: usize) -> std::io::Result<Self> {
+        let (work, queue) = channel::<Work>();
+        let queue = Arc::new(Mutex::new(queue));
+        let url = lane_url(database_url);
+        for index in 0..count.max(1) {
+            let (queue, url) = (queue.clone(), url.clone());
+            std::thread::Builder::new()
+                .name(format!("recorder-lane-{index}"))
+                .spawn(move || serve(&queue, &url))?;
+        }
+        Ok(Self { work })
+    }
+
+    /// Queues `work` for the next idle lane. Should every lane have ended, the
+    /// work is dropped, and its `began` says so by closing.
+    pub fn submit(&self, work: Work) {
+        let _ = self.work.send(work);
+    }
+}
+
+/// The name lanes show in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "conveyor-recorder";
+
+/// `url` with what a lane's connection needs unless the URL says otherwise: a
+/// connection attempt gives up after 5 s (the pool's checkout timeout), and
+/// the connection is named [`APPLICATION_NAME`].
+fn lane_url(url: &str) -> String {
+    let mut url = url.to_owned();
+    for (key, value) in [
+        ("connect_timeout", "5"),
+        ("application_name", APPLICATION_NAME),
+    ] {
+        if !url.contains(&format!("{key}=")) {
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str(&format!("{key}={value}"));
+        }
+    }
+    url
+}
+
+fn serve(queue: &Mutex<Receiver<Work>>, url: &str) {
+    let mut connection: Option<PgConnection> = None;
+    loop {
+        let next = match queue.lock() {
+            Ok(queue) => queue.recv(),
+            Err(_) => return,
+        };
+        let Ok(work) = next else { return };
+        if let Err(failed) = run(&mut connection, url, work) {
+            // Whatever went wrong, the next batch starts on a fresh connection
+            // (the server rolls back what this one left open).
+            tracing::debug!(error = %failed, "recorder lane drops its connection");
+            connection = None;
+        }
+    }
+}
+
+/// Runs one batch's transaction; `Err` when its connection should not be reused.
+fn run(slot: &mut Option<PgConnection>, url: &str, work: Work) -> Result<(), String> {
+    let Work {
+        records,
+        began,
+        inserted,
+        decision,
+        finished,
+    } = work;
+    let conn = match begin(slot, url) {
+        Ok(conn) => conn,
+        Err(err) => {
+            let _ = began.send(Err(err.clone()));
+            return Err(err);
+        }
+    };
+    let _ = began.send(Ok(()));
+    if let Err(err) = insert_records(conn, &records) {
+        let err = err.to_string();
+        let _ = inserted.send(Err(err.clone()));
+        return Err(err);
+    }
+    let _ = inserted.send(Ok(()));
+    let outcome = match decision.recv() {
+        Ok(Decision::CommitWithout(failed)) => if failed.is_empty() {
+            Ok(())
+        } else {
+            diesel::delete(jobs::table.filter(jobs::id.eq_any(failed)))
+                .execute(conn)
+                .map(|_| ())
+        }
+        .and_then(|()| conn.batch_execute("COMMIT")),
+        Ok(Decision::RollBack) | Err(_) => conn.batch_execute("ROLLBACK"),
+    }
+    .map_err(|err| err.to_string());
+    let _ = finished.send(outcome.clone());
+    outcome
+}
+
+/// `BEGIN` on the kept connection, or on a new one when there is none or it died.
+fn begin<'c>(
+    slot: &'c mut Option<PgConnection>,
+    url: &str,
+) -> Result<&'c mut PgConnection, String> {
+    if let Some(conn) = slot.as_mut()
+        && conn.batch_execute("BEGIN").is_ok()
+    {
+        return Ok(slot.as_mut().expect("checked above"));
+    }
+    *slot = None;
+    let mut conn = PgConnection::establish(url).map_err(|err| err.to_string())?;
+    conn.batch_execute("BEGIN").map_err(|err| err.to_string())?;
+    Ok(slot.insert(conn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lane_url;
+
+    #[test]
+    fn a_timeout_and_a_name_are_added_unless_the_url_has_them() {
+        assert_eq!(
+            lane_url("postgres://h/db"),
+            "postgres://h/db?connect_timeout=5&application_name=conveyor-recorder"
+        );
+        assert_eq!(
+            lane_url("postgres://h/db?sslmode=disable&application_name=mine"),
+            "postgres://h/db?sslmode=disable&application_name=mine&connect_timeout=5"
+        );
+        assert_eq!(
+            lane_url("postgres://h/db?connect_timeout=1"),
+            "postgres://h/db?connect_timeout=1&application_name=conveyor-recorder"
+        );
+    }
+}
