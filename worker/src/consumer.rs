@@ -229,13 +229,16 @@ impl Session<'_> {
             match next {
                 Some(Event::Delivery((queue, Inbox::Work(acks), Ok(delivery)))) => {
                     acks.delivered(delivery.delivery_tag);
-                    self.tracker.spawn(execute::handle(
+                    // Boxed: the handler's state machine is large, and tokio
+                    // would otherwise copy it whole into the task and again
+                    // when the task finishes (a tenth of a no-op drain's CPU).
+                    self.tracker.spawn(Box::pin(execute::handle(
                         rt.clone(),
                         queue,
                         delivery,
                         acks,
                         self.lost.clone(),
-                    ));
+                    )));
                 }
                 Some(Event::Delivery((queue, Inbox::DeadLetters(channel), Ok(delivery)))) => {
                     self.tracker.spawn(dead_letters::record_from_inbox(
