@@ -55,6 +55,8 @@ pub struct Submission {
     pub message: Outgoing,
     /// Where the outcome goes.
     pub reply: oneshot::Sender<Result<(), SubmitError>>,
+    /// When it was handed over (for the group commit's debug timings).
+    pub arrived: std::time::Instant,
 }
 
 /// Why a job was not accepted.
@@ -110,6 +112,7 @@ impl Recorder {
                 record,
                 message,
                 reply,
+                arrived: std::time::Instant::now(),
             })
             .await
             .map_err(|_| SubmitError::Closed)?;
@@ -188,6 +191,7 @@ async fn commit_batch(
     let mut records = Vec::with_capacity(batch.len());
     let mut messages = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
+    let oldest = batch.iter().map(|submission| submission.arrived).min();
     for submission in batch {
         records.push(submission.record);
         messages.push(submission.message);
@@ -195,6 +199,7 @@ async fn commit_batch(
     }
     let ids: Vec<Uuid> = records.iter().map(|r| r.id).collect();
     let started = std::time::Instant::now();
+    let waited_ms = oldest.map_or(0.0, |at| (started - at).as_secs_f64() * 1000.0);
 
     let (began_tx, began_rx) = oneshot::channel();
     let (inserted_tx, inserted_rx) = oneshot::channel();
@@ -225,6 +230,7 @@ async fn commit_batch(
             );
         }
     }
+    let began_ms = started.elapsed().as_secs_f64() * 1000.0;
     let (inserted, results) = tokio::join!(inserted_rx, publisher.publish_all(&messages));
     let confirmed_ms = started.elapsed().as_secs_f64() * 1000.0;
     let inserted = inserted.unwrap_or_else(|_| Err("the recorder's database lane ended".into()));
@@ -258,6 +264,8 @@ async fn commit_batch(
     }
     tracing::debug!(
         jobs = ids.len(),
+        waited_ms,
+        began_ms,
         confirmed_ms,
         committed_ms = started.elapsed().as_secs_f64() * 1000.0,
         "group commit"
