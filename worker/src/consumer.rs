@@ -55,6 +55,16 @@ pub async fn run(rt: Arc<Runtime>, options: ConsumeOptions, consuming: Consuming
     // connection, and after the broker said a queue is missing.
     let mut declare_first = true;
     let mut connection: Option<(Connection, Vec<Arc<ChannelAcks>>)> = None;
+    // A job's outcome may have to be published (its retry, its dead letter).
+    // Consuming before this worker's publisher is connected would return such
+    // a job to the queue after it ran, to run again, as often as it came back
+    // before the publisher was up.
+    while !rt.shutdown.is_cancelled() && !rt.publisher.is_ready() {
+        tokio::select! {
+            _ = rt.shutdown.cancelled() => {}
+            _ = rt.publisher.wait_connected(Duration::from_secs(1)) => {}
+        }
+    }
     while !rt.shutdown.is_cancelled() {
         let conn = tokio::select! {
             _ = rt.shutdown.cancelled() => break,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use conveyor_platform::amqp::{DELAY_LEVELS_MS, Outgoing, delay_level_for};
+use conveyor_platform::amqp::{DELAY_LEVELS_MS, Outgoing, PublishError, delay_level_for};
 use conveyor_schema::db::jobs;
 use conveyor_schema::{Envelope, JobState};
 use conveyor_tasks::{JobContext, TaskError};
@@ -251,6 +251,10 @@ async fn run_envelope(
     }
 }
 
+/// How long a finished job's outcome waits for a reconnecting publisher
+/// (which backs off up to 5 s) before its delivery is returned to the queue.
+const OUTCOME_PUBLISH_WAIT: Duration = Duration::from_secs(10);
+
 /// Publishes `message` (confirmed), commits `change` and the dead-job record
 /// `dead` together, then acks. If the publish fails the delivery is returned to
 /// the queue to be handled again.
@@ -261,7 +265,15 @@ async fn finish_with(
     change: Option<StateChange>,
     dead: Option<DeadLetter>,
 ) {
-    if let Err(err) = rt.publisher.publish(message).await {
+    let mut published = rt.publisher.publish(message).await;
+    // The task has run: returning the delivery would run it again. While the
+    // publisher is reconnecting, wait for it rather than fail at once.
+    if matches!(published, Err(PublishError::Unavailable(_)))
+        && rt.publisher.wait_connected(OUTCOME_PUBLISH_WAIT).await
+    {
+        published = rt.publisher.publish(message).await;
+    }
+    if let Err(err) = published {
         tracing::error!(error = %err, routing_key = %message.routing_key, "could not publish; returning the delivery to its queue");
         return settle.requeue().await;
     }

@@ -22,6 +22,10 @@ async fn permanent_failure_skips_the_retries() {
         "no retry after a permanent failure: {job:?}"
     );
     assert_eq!(job.max_attempts, 5);
+    assert_eq!(
+        job.runs, 1,
+        "a dead letter published on the first try: {job:?}"
+    );
     let error = job.last_error.unwrap();
     assert!(
         error.starts_with("permanent: diag.fail: failing attempt 1"),

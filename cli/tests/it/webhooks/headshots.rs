@@ -253,6 +253,9 @@ async fn bad_headshots_are_refused_and_flaky_ones_retried() {
         let job = send(&app, key, &import(profile, at, url, None)).await;
         let dead = app.wait_for_state(job, "dead", WAIT).await;
         assert_eq!(dead.attempts, 1, "{profile}: refused at once, not retried");
+        // Also not run again: the first job's dead letter once raced the
+        // worker's publisher connecting, and the job ran up to a dozen times.
+        assert_eq!(dead.runs, 1, "{profile}: ran once");
         let error = dead.last_error.unwrap_or_default();
         assert!(error.contains(why), "{profile}: {error}");
         let profile_row = app.count(&format!("SELECT count(*) AS n FROM profiles WHERE id = '{profile}' AND headshot_sha256 IS NOT NULL")).await;
