@@ -62,12 +62,12 @@ async fn pages_load_and_a_dead_job_is_replayed_by_clicking() {
 
     let browser = Browser::start().await;
     browser.goto(&app.url("/dashboard")).await;
-    assert!(browser.url().await.ends_with("/dashboard/login"));
+    browser.wait_for_url("/dashboard/login", WAIT).await;
     browser.screenshot(&shot("login")).await;
     browser.type_into("#name", "carol").await;
     browser.type_into("#token", &app.admin_key).await;
     browser.click("#sign-in").await;
-    assert!(browser.url().await.ends_with("/dashboard/queues"));
+    browser.wait_for_url("/dashboard/queues", WAIT).await;
 
     // Queues: refreshed in place until the poller shows the worker's consumer.
     browser.wait_for_text("#refreshed", "updated", WAIT).await;

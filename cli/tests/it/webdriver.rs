@@ -217,6 +217,23 @@ impl Browser {
         }
     }
 
+    /// Waits until the page's URL ends with `suffix` (a click's navigation is
+    /// not finished when the click returns), panicking after `timeout`.
+    pub async fn wait_for_url(&self, suffix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let url = self.url().await;
+            if url.ends_with(suffix) {
+                return url;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the URL never ended with `{suffix}`; last: {url}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Saves a PNG screenshot to `path`.
     pub async fn screenshot(&self, path: &Path) {
         let data = self.call("GET", "/screenshot", None).await;
