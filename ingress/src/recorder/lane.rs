@@ -10,6 +10,7 @@
 //! database restart) fails that `BEGIN`; the lane then connects afresh and
 //! tries once more, which is safe because nothing has been published yet.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 
@@ -96,7 +97,12 @@ fn serve(queue: &Mutex<Receiver<Work>>, url: &str) {
             Err(_) => return,
         };
         let Ok(work) = next else { return };
-        if let Err(failed) = run(&mut connection, url, work) {
+        // A panic fails this batch only (its signals close, so its submitters
+        // get 503); the lane lives on for the next one.
+        let outcome =
+            std::panic::catch_unwind(AssertUnwindSafe(|| run(&mut connection, url, work)))
+                .unwrap_or_else(|_| Err("the batch's database work panicked".into()));
+        if let Err(failed) = outcome {
             // Whatever went wrong, the next batch starts on a fresh connection
             // (the server rolls back what this one left open).
             tracing::debug!(error = %failed, "recorder lane drops its connection");

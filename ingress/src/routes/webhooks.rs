@@ -146,7 +146,7 @@ async fn read_body(
     responses(
         (status = 202, description = "Verified, recorded and confirmed by the broker", body = WebhookAccepted),
         (status = 200, description = "This webhook-id was already accepted; nothing new enqueued", body = WebhookAccepted),
-        (status = 400, description = "Missing or malformed webhook headers, or malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Missing or malformed webhook headers, more than 10 entries in `webhook-signature` (problem type `too-many-signatures`), or malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid signature, or timestamp outside the tolerance", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown source", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The same webhook-id is being recorded right now; retry", body = Problem, content_type = "application/problem+json"),
