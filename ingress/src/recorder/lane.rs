@@ -7,12 +7,14 @@
 //! saves a thread hand-off and the pool's `SELECT 1` ping per batch: the
 //! transaction's own `BEGIN` is the proof that the database is there before
 //! anything is published. A kept connection that died since its last batch (a
-//! database restart) fails that `BEGIN`; the lane then connects afresh and
-//! tries once more, which is safe because nothing has been published yet.
+//! database restart) fails that `BEGIN`; the lane then connects afresh,
+//! trying for up to 5 s as a pool checkout would, which is safe because
+//! nothing has been published yet.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use conveyor_schema::db::jobs;
 use conveyor_schema::models::NewJob;
@@ -161,10 +163,31 @@ fn begin<'c>(
         return Ok(slot.as_mut().expect("checked above"));
     }
     *slot = None;
-    let mut conn = PgConnection::establish(url).map_err(|err| err.to_string())?;
-    conn.batch_execute("BEGIN").map_err(|err| err.to_string())?;
-    Ok(slot.insert(conn))
+    // Like a pool checkout, keep trying for a while: a database that is
+    // restarting is usually back within seconds, and a request that waits
+    // that long is better served than one refused at once.
+    let deadline = Instant::now() + CONNECT_WAIT;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let opened = PgConnection::establish(url)
+            .map_err(|err| err.to_string())
+            .and_then(|mut conn| match conn.batch_execute("BEGIN") {
+                Ok(()) => Ok(conn),
+                Err(err) => Err(err.to_string()),
+            });
+        match opened {
+            Ok(conn) => return Ok(slot.insert(conn)),
+            Err(err) if Instant::now() + pause >= deadline => return Err(err),
+            Err(_) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
 }
+
+/// How long a lane keeps trying to connect before its batch gets 503 (the pool's checkout timeout).
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {
