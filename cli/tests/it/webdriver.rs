@@ -203,35 +203,21 @@ impl Browser {
 
     /// Waits until the text of `css` contains `wanted` (panics after `timeout`).
     pub async fn wait_for_text(&self, css: &str, wanted: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let text = self.try_text(css).await.unwrap_or_else(|err| err);
-            if text.contains(wanted) {
-                return text;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "`{css}` never showed `{wanted}`; last: {text}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let what = format!("`{css}` showing `{wanted}`");
+        poll(
+            &what,
+            timeout,
+            |text| text.contains(wanted),
+            || async { self.try_text(css).await.unwrap_or_else(|err| err) },
+        )
+        .await
     }
 
     /// Waits until the page's URL ends with `suffix` (a click's navigation is
     /// not finished when the click returns), panicking after `timeout`.
     pub async fn wait_for_url(&self, suffix: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let url = self.url().await;
-            if url.ends_with(suffix) {
-                return url;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the URL never ended with `{suffix}`; last: {url}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let what = format!("a URL ending with `{suffix}`");
+        poll(&what, timeout, |url| url.ends_with(suffix), || self.url()).await
     }
 
     /// Saves a PNG screenshot to `path`.
@@ -265,5 +251,23 @@ impl Drop for Browser {
         }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+    }
+}
+
+/// Reads `read` every 100 ms until `done` accepts it; panics naming `what`
+/// and the last reading after `timeout`.
+async fn poll<F, Fut>(what: &str, timeout: Duration, done: impl Fn(&str) -> bool, read: F) -> String
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = read().await;
+        if done(&last) {
+            return last;
+        }
+        assert!(Instant::now() < deadline, "never saw {what}; last: {last}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
