@@ -10,6 +10,12 @@ mod dlq;
 mod keys;
 mod webhook;
 
+/// jemalloc instead of the system allocator: an enqueue or a delivery makes
+/// many small short-lived allocations across threads, where glibc's malloc
+/// showed as ~13 % of the ingress's CPU under load (benches/RESULTS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let args = cli::Args::parse();
     let config = match conveyor_platform::Config::load(args.config.as_deref()) {
