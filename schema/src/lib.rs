@@ -14,6 +14,7 @@ pub mod job_state;
 pub mod json_pointer;
 pub mod models;
 pub mod pool;
+pub mod prepared;
 pub mod stats;
 
 pub use catalogue::{ArgsError, TaskDescriptor, TaskOptions, TaskSpec, catalogue, find_task};

@@ -19,8 +19,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use conveyor_schema::pool::PgPool;
+use conveyor_schema::prepared::walk_sql;
 use conveyor_schema::{Envelope, JobState};
+use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, QueryFragment};
 use diesel::sql_types::{Array, Int4, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -293,41 +296,72 @@ ON CONFLICT (id) DO UPDATE SET
     updated_at = now()
 WHERE jobs.state NOT IN ('succeeded', 'dead') AND EXCLUDED.attempts >= jobs.attempts";
 
+/// [`UPSERT`]'s parameters, one array per column: prepared once per connection
+/// (see `conveyor_schema::prepared`).
+struct UpsertStates<'a> {
+    ids: Vec<Uuid>,
+    tasks: Vec<&'a str>,
+    queues: Vec<&'a str>,
+    states: Vec<&'a str>,
+    args: Vec<&'a serde_json::Value>,
+    attempts: Vec<i32>,
+    max_attempts: Vec<i32>,
+    enqueued_at: Vec<DateTime<Utc>>,
+    started_at: Vec<Option<DateTime<Utc>>>,
+    finished_at: Vec<Option<DateTime<Utc>>>,
+    errors: Vec<Option<&'a str>>,
+    next_attempt_at: Vec<Option<DateTime<Utc>>>,
+    runs: Vec<i32>,
+    at: Vec<DateTime<Utc>>,
+}
+
+impl QueryFragment<Pg> for UpsertStates<'_> {
+    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        walk_sql(UPSERT, out, |n, out| match n {
+            1 => out.push_bind_param::<Array<SqlUuid>, _>(&self.ids),
+            2 => out.push_bind_param::<Array<Text>, _>(&self.tasks),
+            3 => out.push_bind_param::<Array<Text>, _>(&self.queues),
+            4 => out.push_bind_param::<Array<Text>, _>(&self.states),
+            5 => out.push_bind_param::<Array<Jsonb>, _>(&self.args),
+            6 => out.push_bind_param::<Array<Int4>, _>(&self.attempts),
+            7 => out.push_bind_param::<Array<Int4>, _>(&self.max_attempts),
+            8 => out.push_bind_param::<Array<Timestamptz>, _>(&self.enqueued_at),
+            9 => out.push_bind_param::<Array<Nullable<Timestamptz>>, _>(&self.started_at),
+            10 => out.push_bind_param::<Array<Nullable<Timestamptz>>, _>(&self.finished_at),
+            11 => out.push_bind_param::<Array<Nullable<Text>>, _>(&self.errors),
+            12 => out.push_bind_param::<Array<Nullable<Timestamptz>>, _>(&self.next_attempt_at),
+            13 => out.push_bind_param::<Array<Int4>, _>(&self.runs),
+            _ => out.push_bind_param::<Array<Timestamptz>, _>(&self.at),
+        })
+    }
+}
+conveyor_schema::prepared_statement!(UpsertStates);
+
 fn upsert(conn: &mut PgConnection, rows: &[Row]) -> QueryResult<()> {
-    let round: Vec<&StateChange> = rows.iter().map(|row| &row.change).collect();
-    if round.is_empty() {
+    fn column<'a, T>(rows: &'a [Row], field: impl Fn(&'a StateChange) -> T) -> Vec<T> {
+        rows.iter().map(|row| field(&row.change)).collect()
+    }
+    if rows.is_empty() {
         return Ok(());
     }
     let int = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
-    diesel::sql_query(UPSERT)
-        .bind::<Array<SqlUuid>, _>(round.iter().map(|c| c.id).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(round.iter().map(|c| c.task.as_str()).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(round.iter().map(|c| c.queue.as_str()).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(round.iter().map(|c| c.state.as_str()).collect::<Vec<_>>())
-        .bind::<Array<Jsonb>, _>(round.iter().map(|c| c.args.clone()).collect::<Vec<_>>())
-        .bind::<Array<Int4>, _>(round.iter().map(|c| int(c.attempt)).collect::<Vec<_>>())
-        .bind::<Array<Int4>, _>(
-            round
-                .iter()
-                .map(|c| int(c.max_attempts))
-                .collect::<Vec<_>>(),
-        )
-        .bind::<Array<Timestamptz>, _>(round.iter().map(|c| c.enqueued_at).collect::<Vec<_>>())
-        .bind::<Array<Nullable<Timestamptz>>, _>(
-            round.iter().map(|c| c.started_at).collect::<Vec<_>>(),
-        )
-        .bind::<Array<Nullable<Timestamptz>>, _>(
-            round.iter().map(|c| c.finished_at).collect::<Vec<_>>(),
-        )
-        .bind::<Array<Nullable<Text>>, _>(
-            round.iter().map(|c| c.error.as_deref()).collect::<Vec<_>>(),
-        )
-        .bind::<Array<Nullable<Timestamptz>>, _>(
-            round.iter().map(|c| c.next_attempt_at).collect::<Vec<_>>(),
-        )
-        .bind::<Array<Int4>, _>(rows.iter().map(|row| row.runs).collect::<Vec<_>>())
-        .bind::<Array<Timestamptz>, _>(round.iter().map(|c| c.at).collect::<Vec<_>>())
-        .execute(conn)?;
+    UpsertStates {
+        ids: column(rows, |c| c.id),
+        tasks: column(rows, |c| c.task.as_str()),
+        queues: column(rows, |c| c.queue.as_str()),
+        states: column(rows, |c| c.state.as_str()),
+        args: column(rows, |c| &c.args),
+        attempts: column(rows, |c| int(c.attempt)),
+        max_attempts: column(rows, |c| int(c.max_attempts)),
+        enqueued_at: column(rows, |c| c.enqueued_at),
+        started_at: column(rows, |c| c.started_at),
+        finished_at: column(rows, |c| c.finished_at),
+        errors: column(rows, |c| c.error.as_deref()),
+        next_attempt_at: column(rows, |c| c.next_attempt_at),
+        runs: rows.iter().map(|row| row.runs).collect(),
+        at: column(rows, |c| c.at),
+    }
+    .execute(conn)?;
     Ok(())
 }
 
