@@ -143,19 +143,27 @@ impl Envelope {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Reads an envelope, checking the version before the shape so that a newer
-    /// producer's message is reported as such rather than as garbage.
+    /// Reads an envelope. A message from a newer producer is reported as such
+    /// (by its version) rather than as garbage, whatever its shape.
+    ///
+    /// The body is parsed once; only a body that does not parse, or parses with
+    /// another version, is read again for its version alone.
     pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
         #[derive(Deserialize)]
         struct VersionOnly {
             version: u64,
         }
-        if let Ok(VersionOnly { version }) = serde_json::from_slice::<VersionOnly>(bytes)
-            && version != u64::from(ENVELOPE_VERSION)
-        {
-            return Err(EnvelopeError::UnsupportedVersion { found: version });
+        let unsupported = |found: u64| EnvelopeError::UnsupportedVersion { found };
+        match serde_json::from_slice::<Self>(bytes) {
+            Ok(envelope) if envelope.version == ENVELOPE_VERSION => Ok(envelope),
+            Ok(envelope) => Err(unsupported(u64::from(envelope.version))),
+            Err(err) => match serde_json::from_slice::<VersionOnly>(bytes) {
+                Ok(VersionOnly { version }) if version != u64::from(ENVELOPE_VERSION) => {
+                    Err(unsupported(version))
+                }
+                _ => Err(err.into()),
+            },
         }
-        Ok(serde_json::from_slice(bytes)?)
     }
 
     /// The same job, one attempt later (for a retry).
