@@ -111,6 +111,44 @@ mod tests {
         assert!(<Example<'_> as diesel::query_builder::QueryId>::query_id().is_some());
     }
 
+    /// The proof against a real server: run twice on one connection, the
+    /// statement is prepared once and kept (`pg_prepared_statements` lists it),
+    /// where a plain `sql_query` leaves nothing behind.
+    #[test]
+    fn a_real_connection_prepares_it_once_and_reuses_it() {
+        use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
+
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let mut conn = PgConnection::establish("postgres://postgres@127.0.0.1:5432/postgres")
+            .expect("PostgreSQL at 127.0.0.1:5432 (see README: make services)");
+        let prepared = |conn: &mut PgConnection| {
+            diesel::sql_query(
+                "SELECT count(*) AS n FROM pg_prepared_statements WHERE statement LIKE '%unnest($1::int4[]%'",
+            )
+            .get_result::<Count>(conn)
+            .unwrap()
+            .n
+        };
+        diesel::sql_query("SELECT * FROM unnest($1::int4[], $2::text[]) WHERE '$' <> ''")
+            .bind::<Array<Int4>, _>(vec![1])
+            .bind::<Array<Text>, _>(vec!["a"])
+            .execute(&mut conn)
+            .unwrap();
+        assert_eq!(prepared(&mut conn), 0, "sql_query is never kept");
+        for _ in 0..2 {
+            let query = Example {
+                numbers: vec![1, 2],
+                names: vec!["a", "b"],
+            };
+            assert_eq!(query.execute(&mut conn).unwrap(), 2);
+        }
+        assert_eq!(prepared(&mut conn), 1);
+    }
+
     struct OutOfOrder;
     impl QueryFragment<Pg> for OutOfOrder {
         fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> diesel::QueryResult<()> {
