@@ -577,6 +577,17 @@ async fn retention_seals_old_days_then_deletes_their_finished_jobs_in_batches() 
          (date_trunc('day', now(), 'UTC') - interval '2 days', 'members', 'too_large', 1)",
     )
     .await;
+    // Webhook events (the per-delivery log): two on the old day, one on an old
+    // day with nothing else (sealed for its events alone), one recent.
+    execute(
+        &app,
+        "INSERT INTO webhook_events (source, webhook_id, outcome, recorded_at) VALUES \
+         ('members', 'msg_old_1', 'accepted', date_trunc('day', now(), 'UTC') - interval '40 days' + interval '2 hours'), \
+         ('members', 'msg_old_1', 'applied', date_trunc('day', now(), 'UTC') - interval '40 days' + interval '121 minutes'), \
+         ('members', 'msg_old_2', 'failed', date_trunc('day', now(), 'UTC') - interval '35 days'), \
+         ('members', 'msg_recent', 'accepted', date_trunc('day', now(), 'UTC') - interval '2 days')",
+    )
+    .await;
     let old = "finished_at < date_trunc('day', now(), 'UTC') - interval '30 days'";
     let old_day_stats = expected_job_stats(&app, chrono::Duration::days(1)).await;
     let old_finished = app
@@ -629,13 +640,24 @@ async fn retention_seals_old_days_then_deletes_their_finished_jobs_in_batches() 
     assert_eq!(
         app.count("SELECT count(*) AS n FROM stats_sealed_days")
             .await,
-        1
+        2
     );
-    // The old day's rejection counts were rolled up, then deleted; recent ones stay.
+    // The old day's rejection counts and webhook events were rolled up, then
+    // deleted; recent ones stay.
     assert_eq!(
         app.count("SELECT count(*) AS n FROM webhook_rejections")
             .await,
         1
+    );
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM webhook_events WHERE webhook_id = 'msg_recent'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM webhook_events WHERE webhook_id LIKE 'msg_old%'")
+            .await,
+        0
     );
     for table in ["webhook_stats_hourly", "webhook_stats_daily"] {
         let rows = webhook_table(&app, table).await;
@@ -647,6 +669,8 @@ async fn retention_seals_old_days_then_deletes_their_finished_jobs_in_batches() 
         assert_eq!(
             stat_totals(&old_day),
             totals([
+                ("members", "accepted", "", 1),
+                ("members", "applied", "", 1),
                 ("members", "rejected", "bad_signature", 12),
                 ("(unknown)", "rejected", "unknown_source", 2),
             ]),

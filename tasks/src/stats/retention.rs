@@ -1,6 +1,6 @@
-//! `stats.retention`: deletes finished job records and webhook rejection
-//! counts older than `max_age_days` in bounded batches, after their windows
-//! are rolled up.
+//! `stats.retention`: deletes finished job records, webhook events and webhook
+//! rejection counts older than `max_age_days` in bounded batches, after their
+//! windows are rolled up.
 //!
 //! Before any raw row of a UTC day is deleted, that day's hourly and daily job
 //! and webhook rollups are recomputed one last time from the complete raw rows
@@ -22,7 +22,7 @@ use crate::{JobContext, Task, TaskError};
 /// Most batches one run deletes; the next run continues.
 const MAX_BATCHES: usize = 1000;
 
-/// Deletes old finished job records and webhook rejection counts.
+/// Deletes old finished job records, webhook events and webhook rejection counts.
 pub struct Retention;
 
 impl Task for Retention {
@@ -40,6 +40,10 @@ impl Task for Retention {
             conveyor_schema::pool::run(&db, move |conn| seal(conn, max_age_days)).await?;
         let deleted =
             in_batches(&ctx, batch, move |conn| delete_batch(conn, cutoff, batch)).await?;
+        let events = in_batches(&ctx, batch, move |conn| {
+            delete_webhook_events(conn, cutoff, batch)
+        })
+        .await?;
         let rejections = in_batches(&ctx, batch, move |conn| {
             delete_rejections(conn, cutoff, batch)
         })
@@ -47,7 +51,8 @@ impl Task for Retention {
         let ticks = conveyor_schema::pool::run(&db, move |conn| delete_ticks(conn, cutoff)).await?;
         tracing::info!(
             %cutoff, days.sealed = sealed, jobs.deleted = deleted,
-            webhook_rejections.deleted = rejections, ticks.deleted = ticks, "retention done"
+            webhook_events.deleted = events, webhook_rejections.deleted = rejections,
+            ticks.deleted = ticks, "retention done"
         );
         Ok(())
     }
@@ -90,6 +95,7 @@ fn seal(conn: &mut PgConnection, max_age_days: u32) -> QueryResult<(DateTime<Utc
     let days = diesel::sql_query(format!(
         "SELECT date_trunc('day', finished_at, 'UTC') AS day FROM jobs \
          WHERE finished_at < $1 AND state IN ('succeeded', 'dead') \
+         UNION SELECT date_trunc('day', recorded_at, 'UTC') FROM webhook_events WHERE recorded_at < $1 \
          UNION SELECT date_trunc('day', minute, 'UTC') FROM {rejections} WHERE minute < $1 \
          EXCEPT SELECT day FROM stats_sealed_days ORDER BY 1",
         rejections = rollup::WEBHOOK_REJECTIONS,
@@ -120,6 +126,24 @@ fn delete_batch(conn: &mut PgConnection, cutoff: DateTime<Utc>, batch: i64) -> Q
              WHERE j.finished_at < $1 AND j.state IN ('succeeded', 'dead') \
                AND EXISTS (SELECT 1 FROM stats_sealed_days s \
                            WHERE s.day = date_trunc('day', j.finished_at, 'UTC')) \
+             LIMIT $2)",
+    )
+    .bind::<Timestamptz, _>(cutoff)
+    .bind::<BigInt, _>(batch)
+    .execute(conn)
+}
+
+fn delete_webhook_events(
+    conn: &mut PgConnection,
+    cutoff: DateTime<Utc>,
+    batch: i64,
+) -> QueryResult<usize> {
+    diesel::sql_query(
+        "DELETE FROM webhook_events WHERE id IN ( \
+             SELECT e.id FROM webhook_events e \
+             WHERE e.recorded_at < $1 \
+               AND EXISTS (SELECT 1 FROM stats_sealed_days s \
+                           WHERE s.day = date_trunc('day', e.recorded_at, 'UTC')) \
              LIMIT $2)",
     )
     .bind::<Timestamptz, _>(cutoff)
