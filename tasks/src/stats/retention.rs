@@ -38,14 +38,16 @@ impl Task for Retention {
         let db = ctx.services.db.clone();
         let (cutoff, sealed) =
             conveyor_schema::pool::run(&db, move |conn| seal(conn, max_age_days)).await?;
-        let deleted =
-            in_batches(&ctx, batch, move |conn| delete_batch(conn, cutoff, batch)).await?;
+        let deleted = in_batches(&ctx, batch, move |conn| {
+            delete_sealed(conn, &FINISHED_JOBS, cutoff, batch)
+        })
+        .await?;
         let events = in_batches(&ctx, batch, move |conn| {
-            delete_webhook_events(conn, cutoff, batch)
+            delete_sealed(conn, &WEBHOOK_EVENTS, cutoff, batch)
         })
         .await?;
         let rejections = in_batches(&ctx, batch, move |conn| {
-            delete_rejections(conn, cutoff, batch)
+            delete_sealed(conn, &WEBHOOK_REJECTIONS, cutoff, batch)
         })
         .await?;
         let ticks = conveyor_schema::pool::run(&db, move |conn| delete_ticks(conn, cutoff)).await?;
@@ -119,51 +121,64 @@ fn seal(conn: &mut PgConnection, max_age_days: u32) -> QueryResult<(DateTime<Utc
     Ok((cutoff, days.len()))
 }
 
-fn delete_batch(conn: &mut PgConnection, cutoff: DateTime<Utc>, batch: i64) -> QueryResult<usize> {
-    diesel::sql_query(
-        "DELETE FROM jobs WHERE id IN ( \
-             SELECT j.id FROM jobs j \
-             WHERE j.finished_at < $1 AND j.state IN ('succeeded', 'dead') \
-               AND EXISTS (SELECT 1 FROM stats_sealed_days s \
-                           WHERE s.day = date_trunc('day', j.finished_at, 'UTC')) \
-             LIMIT $2)",
-    )
-    .bind::<Timestamptz, _>(cutoff)
-    .bind::<BigInt, _>(batch)
-    .execute(conn)
+/// Raw rows that retention deletes once their UTC day is sealed.
+struct Sealable {
+    table: &'static str,
+    /// The key, as the left side of `IN`, and its columns, as a select list.
+    key: &'static str,
+    key_columns: &'static str,
+    /// The timestamp that places a row in its day.
+    at: &'static str,
+    /// A further condition (`AND …`), or nothing.
+    also: &'static str,
 }
 
-fn delete_webhook_events(
+/// Finished jobs only: a job still in flight needs an operator, not a sweeper.
+const FINISHED_JOBS: Sealable = Sealable {
+    table: "jobs",
+    key: "id",
+    key_columns: "id",
+    at: "finished_at",
+    also: "AND state IN ('succeeded', 'dead')",
+};
+
+const WEBHOOK_EVENTS: Sealable = Sealable {
+    table: "webhook_events",
+    key: "id",
+    key_columns: "id",
+    at: "recorded_at",
+    also: "",
+};
+
+const WEBHOOK_REJECTIONS: Sealable = Sealable {
+    table: rollup::WEBHOOK_REJECTIONS,
+    key: "(minute, source, reason)",
+    key_columns: "minute, source, reason",
+    at: "minute",
+    also: "",
+};
+
+/// Deletes at most `batch` rows of `rows` older than `cutoff` whose day is sealed.
+fn delete_sealed(
     conn: &mut PgConnection,
+    rows: &Sealable,
     cutoff: DateTime<Utc>,
     batch: i64,
 ) -> QueryResult<usize> {
-    diesel::sql_query(
-        "DELETE FROM webhook_events WHERE id IN ( \
-             SELECT e.id FROM webhook_events e \
-             WHERE e.recorded_at < $1 \
-               AND EXISTS (SELECT 1 FROM stats_sealed_days s \
-                           WHERE s.day = date_trunc('day', e.recorded_at, 'UTC')) \
-             LIMIT $2)",
-    )
-    .bind::<Timestamptz, _>(cutoff)
-    .bind::<BigInt, _>(batch)
-    .execute(conn)
-}
-
-fn delete_rejections(
-    conn: &mut PgConnection,
-    cutoff: DateTime<Utc>,
-    batch: i64,
-) -> QueryResult<usize> {
+    let Sealable {
+        table,
+        key,
+        key_columns,
+        at,
+        also,
+    } = rows;
     diesel::sql_query(format!(
-        "DELETE FROM {rejections} WHERE (minute, source, reason) IN ( \
-             SELECT r.minute, r.source, r.reason FROM {rejections} r \
-             WHERE r.minute < $1 \
+        "DELETE FROM {table} WHERE {key} IN ( \
+             SELECT {key_columns} FROM {table} \
+             WHERE {at} < $1 {also} \
                AND EXISTS (SELECT 1 FROM stats_sealed_days s \
-                           WHERE s.day = date_trunc('day', r.minute, 'UTC')) \
-             LIMIT $2)",
-        rejections = rollup::WEBHOOK_REJECTIONS,
+                           WHERE s.day = date_trunc('day', {at}, 'UTC')) \
+             LIMIT $2)"
     ))
     .bind::<Timestamptz, _>(cutoff)
     .bind::<BigInt, _>(batch)
