@@ -146,8 +146,8 @@ impl Envelope {
     /// Reads an envelope. A message from a newer producer is reported as such
     /// (by its version) rather than as garbage, whatever its shape.
     ///
-    /// The body is parsed once; only a body that does not parse, or parses with
-    /// another version, is read again for its version alone.
+    /// The body is parsed once; only a body that does not parse is read again,
+    /// for its version alone.
     pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
         #[derive(Deserialize)]
         struct VersionOnly {

@@ -31,6 +31,11 @@ pub enum DbError {
     Join(#[from] tokio::task::JoinError),
 }
 
+/// How long a checkout waits for a connection before the caller hears the
+/// database is unavailable. Other code that connects on its own (the ingress's
+/// recorder lanes) waits as long, so both fail alike.
+pub const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Builds a pool without waiting for a first connection, so a process can start
 /// while the database is still coming up; `/readyz` reports when it answers.
 ///
@@ -45,7 +50,7 @@ pub fn pool(url: &str, size: u32) -> PgPool {
     Pool::builder()
         .max_size(size)
         .min_idle(Some(0))
-        .connection_timeout(Duration::from_secs(5))
+        .connection_timeout(CHECKOUT_TIMEOUT)
         .test_on_check_out(true)
         .build_unchecked(manager)
 }

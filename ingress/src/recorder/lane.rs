@@ -8,7 +8,7 @@
 //! transaction's own `BEGIN` is the proof that the database is there before
 //! anything is published. A kept connection that died since its last batch (a
 //! database restart) fails that `BEGIN`; the lane then connects afresh,
-//! trying for up to 5 s as a pool checkout would, which is safe because
+//! trying for as long as a pool checkout would, which is safe because
 //! nothing has been published yet.
 
 use std::panic::AssertUnwindSafe;
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use conveyor_schema::db::jobs;
 use conveyor_schema::models::NewJob;
+use conveyor_schema::pool::CHECKOUT_TIMEOUT;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use tokio::sync::oneshot;
@@ -75,12 +76,13 @@ impl Lanes {
 pub const APPLICATION_NAME: &str = "conveyor-recorder";
 
 /// `url` with what a lane's connection needs unless the URL says otherwise: a
-/// connection attempt gives up after 5 s (the pool's checkout timeout), and
-/// the connection is named [`APPLICATION_NAME`].
+/// connection attempt gives up after the pool's checkout timeout, and the
+/// connection is named [`APPLICATION_NAME`].
 fn lane_url(url: &str) -> String {
     let mut url = url.to_owned();
+    let timeout = CHECKOUT_TIMEOUT.as_secs().to_string();
     for (key, value) in [
-        ("connect_timeout", "5"),
+        ("connect_timeout", timeout.as_str()),
         ("application_name", APPLICATION_NAME),
     ] {
         if !url.contains(&format!("{key}=")) {
@@ -166,7 +168,7 @@ fn begin<'c>(
     // Like a pool checkout, keep trying for a while: a database that is
     // restarting is usually back within seconds, and a request that waits
     // that long is better served than one refused at once.
-    let deadline = Instant::now() + CONNECT_WAIT;
+    let deadline = Instant::now() + CHECKOUT_TIMEOUT;
     let mut pause = Duration::from_millis(50);
     loop {
         let opened = PgConnection::establish(url)
@@ -185,9 +187,6 @@ fn begin<'c>(
         }
     }
 }
-
-/// How long a lane keeps trying to connect before its batch gets 503 (the pool's checkout timeout).
-const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

@@ -94,13 +94,16 @@ fn seal(conn: &mut PgConnection, max_age_days: u32) -> QueryResult<(DateTime<Utc
     .bind::<Integer, _>(i32::try_from(max_age_days).unwrap_or(i32::MAX))
     .get_result::<Day>(conn)?
     .day;
+    // Every day before the cutoff that holds a row to delete and is not sealed yet.
+    let days_with_rows: Vec<String> = SEALABLE
+        .iter()
+        .map(|Sealable { table, at, also, .. }| {
+            format!("SELECT date_trunc('day', {at}, 'UTC') AS day FROM {table} WHERE {at} < $1 {also}")
+        })
+        .collect();
     let days = diesel::sql_query(format!(
-        "SELECT date_trunc('day', finished_at, 'UTC') AS day FROM jobs \
-         WHERE finished_at < $1 AND state IN ('succeeded', 'dead') \
-         UNION SELECT date_trunc('day', recorded_at, 'UTC') FROM webhook_events WHERE recorded_at < $1 \
-         UNION SELECT date_trunc('day', minute, 'UTC') FROM {rejections} WHERE minute < $1 \
-         EXCEPT SELECT day FROM stats_sealed_days ORDER BY 1",
-        rejections = rollup::WEBHOOK_REJECTIONS,
+        "{} EXCEPT SELECT day FROM stats_sealed_days ORDER BY 1",
+        days_with_rows.join(" UNION ")
     ))
     .bind::<Timestamptz, _>(cutoff)
     .load::<Day>(conn)?;
@@ -124,9 +127,8 @@ fn seal(conn: &mut PgConnection, max_age_days: u32) -> QueryResult<(DateTime<Utc
 /// Raw rows that retention deletes once their UTC day is sealed.
 struct Sealable {
     table: &'static str,
-    /// The key, as the left side of `IN`, and its columns, as a select list.
+    /// The columns that identify a row.
     key: &'static str,
-    key_columns: &'static str,
     /// The timestamp that places a row in its day.
     at: &'static str,
     /// A further condition (`AND …`), or nothing.
@@ -137,7 +139,6 @@ struct Sealable {
 const FINISHED_JOBS: Sealable = Sealable {
     table: "jobs",
     key: "id",
-    key_columns: "id",
     at: "finished_at",
     also: "AND state IN ('succeeded', 'dead')",
 };
@@ -145,18 +146,19 @@ const FINISHED_JOBS: Sealable = Sealable {
 const WEBHOOK_EVENTS: Sealable = Sealable {
     table: "webhook_events",
     key: "id",
-    key_columns: "id",
     at: "recorded_at",
     also: "",
 };
 
 const WEBHOOK_REJECTIONS: Sealable = Sealable {
     table: rollup::WEBHOOK_REJECTIONS,
-    key: "(minute, source, reason)",
-    key_columns: "minute, source, reason",
+    key: "minute, source, reason",
     at: "minute",
     also: "",
 };
+
+/// Every kind of raw row retention deletes: their days are sealed first.
+const SEALABLE: [&Sealable; 3] = [&FINISHED_JOBS, &WEBHOOK_EVENTS, &WEBHOOK_REJECTIONS];
 
 /// Deletes at most `batch` rows of `rows` older than `cutoff` whose day is sealed.
 fn delete_sealed(
@@ -168,13 +170,12 @@ fn delete_sealed(
     let Sealable {
         table,
         key,
-        key_columns,
         at,
         also,
     } = rows;
     diesel::sql_query(format!(
-        "DELETE FROM {table} WHERE {key} IN ( \
-             SELECT {key_columns} FROM {table} \
+        "DELETE FROM {table} WHERE ({key}) IN ( \
+             SELECT {key} FROM {table} \
              WHERE {at} < $1 {also} \
                AND EXISTS (SELECT 1 FROM stats_sealed_days s \
                            WHERE s.day = date_trunc('day', {at}, 'UTC')) \
