@@ -183,7 +183,7 @@ fn migration_folders() -> Vec<String> {
 }
 
 /// True when `version` (as the CLI prints it) names migration folder `folder`
-/// (`2026-11-26-001100_recipients_unplanned_index`): Diesel's version is the
+/// (`2026-12-05-000100_drop_jobs_finished_at_brin`): Diesel's version is the
 /// folder's date-and-number prefix, with or without its dashes.
 fn names(version: &str, folder: &str) -> bool {
     let prefix = folder.split('_').next().unwrap().replace('-', "");
@@ -210,10 +210,10 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
     let versions: Vec<&String> = applied.iter().map(|(_, v)| v).collect();
     assert_eq!(versions, pending.iter().map(|(_, v)| v).collect::<Vec<_>>());
 
-    // The newest one creates an index; reverting it drops exactly that.
+    // The newest one drops an index; reverting it brings exactly that back.
     let newest = folders.last().unwrap();
     assert!(
-        newest.ends_with("_recipients_unplanned_index"),
+        newest.ends_with("_drop_jobs_finished_at_brin"),
         "update this test: {newest}"
     );
     let index_exists = || {
@@ -224,18 +224,17 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         }
         use diesel::RunQueryDsl;
         diesel::sql_query(
-            "SELECT count(*) AS n FROM pg_indexes WHERE indexname = 'campaign_recipients_unplanned'",
+            "SELECT count(*) AS n FROM pg_indexes WHERE indexname = 'jobs_finished_at_brin'",
         )
         .get_result::<N>(&mut db.conn())
         .unwrap()
-        .n
-            == 1
+        .n == 1
     };
-    assert!(index_exists());
+    assert!(!index_exists());
     let reverted = conveyor_migrate(&db, &["revert"]);
     let last = &applied.last().unwrap().1;
     assert_eq!(reverted.trim(), format!("reverted {last}"));
-    assert!(!index_exists());
+    assert!(index_exists());
     let after = migrate_status(&db);
     let (newest_state, rest) = after.split_last().unwrap();
     assert_eq!(newest_state, &("pending".to_owned(), last.clone()));
@@ -249,7 +248,7 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         conveyor_migrate(&db, &["run"]).trim(),
         format!("applied {last}")
     );
-    assert!(index_exists());
+    assert!(!index_exists());
 }
 
 /// The Postgres type of a Diesel type in `schema/src/db.rs`, as
