@@ -155,3 +155,91 @@ async fn pages_load_and_a_dead_job_is_replayed_by_clicking() {
     }
     wait_until(WAIT, || async { shot("schedules").exists() }).await;
 }
+
+/// The jobs page's rows, as (id, task), in the order shown.
+async fn listed_jobs(app: &TestApp, query: &str) -> Vec<(String, String)> {
+    let html = app
+        .client_with(&app.admin_key)
+        .get(app.url(&format!("/dashboard/jobs?fragment=1{query}")))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    html.split("<tr><td>")
+        .skip(1)
+        .map(|row| {
+            let mut cells = row.split("</td><td>");
+            let id = cells.next().unwrap().to_owned();
+            (id, cells.next().unwrap().to_owned())
+        })
+        .collect()
+}
+
+/// What sorting the whole table gives: the newest 50 ids matching `filter`.
+fn newest_by_full_sort(app: &TestApp, filter: &str) -> Vec<String> {
+    #[derive(diesel::QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        id: String,
+    }
+    use diesel::RunQueryDsl;
+    diesel::sql_query(format!(
+        "SELECT id::text AS id FROM jobs WHERE {filter} ORDER BY enqueued_at DESC LIMIT 50"
+    ))
+    .load::<Id>(&mut app.db.conn())
+    .unwrap()
+    .into_iter()
+    .map(|row| row.id)
+    .collect()
+}
+
+/// The jobs page looks at recent rows first and widens its window only when
+/// that holds less than a page, so it must still list exactly what a sort of
+/// the whole table gives: newest first, including a job whose enqueuer's clock
+/// runs ahead of the database's, and old jobs when nothing recent matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jobs_page_lists_the_newest_jobs_first_however_old() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    use diesel::RunQueryDsl;
+    let insert = |task: &str, enqueued: &str, updated: &str, count: i32| {
+        diesel::sql_query(format!(
+            "INSERT INTO jobs (id, task, queue, state, args, max_attempts, enqueued_at, updated_at)
+             SELECT gen_random_uuid(), '{task}', 'default', 'succeeded', '{{}}', 1, {enqueued}, {updated}
+             FROM generate_series(1, {count}) i"
+        ))
+        .execute(&mut app.db.conn())
+        .unwrap();
+    };
+    let seconds_ago = "now() - i * interval '1 second'";
+    let days_ago = "now() - interval '2 days' - i * interval '1 second'";
+    insert("diag.noop", seconds_ago, seconds_ago, 60);
+    insert("diag.fail", days_ago, days_ago, 3);
+    // Enqueued 30.5 s ago by its enqueuer's clock, recorded 70 s ago by the database's.
+    insert(
+        "diag.sleep",
+        "now() - interval '30.5 seconds'",
+        "now() - interval '70 seconds'",
+        1,
+    );
+
+    let all = listed_jobs(&app, "").await;
+    assert_eq!(all.len(), 50);
+    assert!(all.iter().any(|(_, task)| task == "diag.sleep"), "{all:?}");
+    let ids: Vec<String> = all.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, newest_by_full_sort(&app, "true"));
+
+    let old = listed_jobs(&app, "&task=diag.fail").await;
+    let ids: Vec<String> = old.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(ids, newest_by_full_sort(&app, "task = 'diag.fail'"));
+
+    // A full page of recent jobs hides the old ones, also when filtered by state.
+    let succeeded = listed_jobs(&app, "&state=succeeded").await;
+    assert!(succeeded.iter().all(|(_, task)| task != "diag.fail"));
+    let ids: Vec<String> = succeeded.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, newest_by_full_sort(&app, "state = 'succeeded'"));
+}
