@@ -175,6 +175,50 @@ async fn sigterm_mid_campaign_then_a_fresh_worker_finishes_without_duplicates() 
     assert_eq!(assert_no_duplicates(&smtp), 2000);
 }
 
+/// Pausing stops the senders at their next group: nothing is mailed while
+/// paused, no recipient stays claimed, every chunk hands its pending
+/// recipients back, and resuming mails the rest, each address once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pause_stops_sending_at_the_next_group_and_resume_finishes_without_duplicates() {
+    let smtp = TestSmtp::start();
+    let app = TestApp::spawn_with(1, |c| mail_config(c, &smtp)).await;
+    let id = start_campaign(&app, 1000, Some(200.0)).await;
+    wait_until(Duration::from_secs(60), || async {
+        sent_so_far(&app).await >= 100
+    })
+    .await;
+    let control = |action: &'static str| {
+        let request = app
+            .client
+            .post(app.url(&format!("/v1/campaigns/{id}/{action}")));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(control("pause").await, 200);
+    let count = |sql: &'static str| app.count(sql);
+    wait_until(Duration::from_secs(30), || async {
+        count("SELECT count(*) AS n FROM campaign_recipients WHERE state = 'sending'").await == 0
+            && count(
+                "SELECT count(*) AS n FROM campaign_recipients
+                  WHERE state = 'pending' AND chunk_id IS NOT NULL",
+            )
+            .await
+                == 0
+    })
+    .await;
+    // A group claimed just before the pause committed may still finish.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let at_pause = smtp.received().len();
+    assert_eq!(sent_so_far(&app).await, at_pause as i64);
+    assert!(at_pause < 1000, "the campaign should have been mid-way");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(smtp.received().len(), at_pause, "mail sent while paused");
+
+    assert_eq!(control("resume").await, 200);
+    let status = wait_completed(&app, &id, Duration::from_secs(120)).await;
+    assert_eq!(status["counts"]["sent"], 1000, "{status}");
+    assert_eq!(assert_no_duplicates(&smtp), 1000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_three_times_never_sends_twice_and_reports_what_is_in_doubt() {
     let smtp = TestSmtp::start();

@@ -1,12 +1,12 @@
 //! The ledger's SQL: planning chunks, claiming recipients, recording results.
 //!
 //! Every function takes a connection and runs on a blocking thread (callers
-//! use `pool::run`). Each state change is its own short transaction, committed
-//! before the next step acts on it.
+//! use `pool::run`). Each state change is committed before the next step acts
+//! on it: a claim before its SMTP conversations, an outcome after them.
 
 use chrono::{DateTime, Utc};
 use conveyor_schema::db::{campaign_chunks, campaign_recipients, campaigns};
-use conveyor_schema::models::Campaign;
+use conveyor_schema::models::{Campaign, CampaignState};
 use diesel::prelude::*;
 use diesel::sql_types::{
     Array, BigInt, Double, Integer, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
@@ -182,6 +182,38 @@ pub fn record(conn: &mut PgConnection, worker: &str, outcomes: &[Outcome]) -> Qu
     .bind::<Array<Nullable<Timestamptz>>, _>(outcomes.iter().map(|o| o.next_attempt_at).collect::<Vec<_>>())
     .bind::<Text, _>(worker)
     .execute(conn)
+}
+
+/// One step of a chunk's send loop, in one transaction: records the outcomes
+/// of the group just sent, reads the campaign's state and, when `next` is set
+/// and the campaign is still sending, claims the next group (up to `next.1`
+/// recipients, claims trusted for `next.0` seconds). Doing this in one commit
+/// rather than two halves a group's waits for the database's flush, and no
+/// recipient is in doubt for longer: the sent group leaves doubt in the same
+/// commit in which the next one enters it.
+pub fn record_and_claim(
+    conn: &mut PgConnection,
+    worker: &str,
+    outcomes: &[Outcome],
+    campaign_id: Uuid,
+    chunk: Uuid,
+    next: Option<(f64, usize)>,
+) -> QueryResult<(Option<CampaignState>, Vec<Claimed>)> {
+    conn.transaction(|conn| {
+        if !outcomes.is_empty() {
+            record(conn, worker, outcomes)?;
+        }
+        let state = campaign_state(conn, campaign_id)?
+            .as_deref()
+            .and_then(CampaignState::parse);
+        let claimed = match next {
+            Some((ttl_secs, limit)) if state == Some(CampaignState::Sending) => {
+                claim(conn, chunk, worker, ttl_secs, limit)?
+            }
+            _ => Vec::new(),
+        };
+        Ok((state, claimed))
+    })
 }
 
 /// What is left in a chunk after a pass.

@@ -1,8 +1,9 @@
 //! `mail.send_chunk`: deliver one chunk, one claimed group of recipients at a time.
 //!
-//! For each group: check the campaign is still sending, reserve send slots
-//! (shared rate), claim up to `smtp_concurrency` due recipients (committed),
-//! talk to the SMTP server for each, then record every outcome (committed).
+//! For each group: claim up to `smtp_concurrency` due recipients if the
+//! campaign is still sending (committed), reserve send slots (shared rate),
+//! talk to the SMTP server for each, then record every outcome, committed
+//! together with the next group's claim.
 //! A 250 marks the row `sent`; a 5xx marks it `failed` with the reply; a 4xx or
 //! a connection failure defers it with backoff. Rows left claimed by a dead
 //! worker become `unknown` once their claim expires and are never re-sent.
@@ -67,12 +68,31 @@ impl Task for SendChunk {
         let worker = ctx.services.worker_id.clone();
         let ttl_secs = settings.claim_ttl.as_secs_f64();
         let group = settings.smtp_concurrency.max(1);
+        // The conversation slots are taken before the first claim (so claimed rows
+        // never wait for one) and kept for the groups that follow.
+        let mut slots = None;
+        let mut outcomes: Vec<Outcome> = Vec::new();
         loop {
-            if ctx.shutdown.is_cancelled() {
+            let stopping = ctx.shutdown.is_cancelled();
+            if !stopping && slots.is_none() {
+                slots = Some(tokio::select! {
+                    slots = mail.conversations.clone().acquire_many_owned(group as u32) => {
+                        slots.map_err(|_| anyhow::anyhow!("mail service closed"))?
+                    }
+                    _ = ctx.shutdown.cancelled() => return Err(TaskError::Interrupted),
+                });
+            }
+            // The last group's outcomes are recorded in the same commit as the next claim.
+            let (sent, claimer) = (std::mem::take(&mut outcomes), worker.clone());
+            let next = (!stopping).then_some((ttl_secs, group));
+            let (state, claimed) = pool::run(db, move |c| {
+                ledger::record_and_claim(c, &claimer, &sent, campaign_id, chunk_id, next)
+            })
+            .await?;
+            if stopping {
                 return Err(TaskError::Interrupted);
             }
-            let state = pool::run(db, move |c| ledger::campaign_state(c, campaign_id)).await?;
-            match state.as_deref().and_then(CampaignState::parse) {
+            match state {
                 Some(CampaignState::Sending) => {}
                 Some(CampaignState::Paused) => {
                     let released =
@@ -82,18 +102,6 @@ impl Task for SendChunk {
                 }
                 _ => return Ok(()),
             }
-            // Hold the conversation slots before claiming, so claimed rows never wait.
-            let slots = tokio::select! {
-                slots = mail.conversations.clone().acquire_many_owned(group as u32) => {
-                    slots.map_err(|_| anyhow::anyhow!("mail service closed"))?
-                }
-                _ = ctx.shutdown.cancelled() => return Err(TaskError::Interrupted),
-            };
-            let claimer = worker.clone();
-            let claimed = pool::run(db, move |c| {
-                ledger::claim(c, chunk_id, &claimer, ttl_secs, group)
-            })
-            .await?;
             if claimed.is_empty() {
                 break;
             }
@@ -120,15 +128,13 @@ impl Task for SendChunk {
                 }
             });
             let deliveries = join_all(sends).await;
-            let outcomes: Vec<Outcome> = claimed
+            outcomes = claimed
                 .iter()
                 .zip(deliveries)
                 .map(|(recipient, delivery)| outcome(settings, recipient, delivery))
                 .collect();
-            let recorder = worker.clone();
-            pool::run(db, move |c| ledger::record(c, &recorder, &outcomes)).await?;
-            drop(slots);
         }
+        drop(slots);
         let left = pool::run(db, move |c| ledger::leftovers(c, chunk_id)).await?;
         if left.pending > 0 || left.sending > 0 {
             let due = [left.next_due, left.claims_expire]
