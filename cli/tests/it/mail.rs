@@ -48,8 +48,15 @@ fn address(i: usize) -> String {
 
 /// Creates a campaign of `n` recipients and starts it; returns its id.
 async fn start_campaign(app: &TestApp, n: usize, rate: Option<f64>) -> String {
-    let recipients: Vec<Value> = (0..n)
-        .map(|i| json!({"email": address(i), "vars": {"name": format!("Guest {i}")}}))
+    start_campaign_to(app, (0..n).map(address).collect(), rate).await
+}
+
+/// Creates a campaign to `addresses` and starts it; returns its id.
+async fn start_campaign_to(app: &TestApp, addresses: Vec<String>, rate: Option<f64>) -> String {
+    let recipients: Vec<Value> = addresses
+        .into_iter()
+        .enumerate()
+        .map(|(i, email)| json!({"email": email, "vars": {"name": format!("Guest {i}")}}))
         .collect();
     let body = json!({
         "name": "Launch party",
@@ -217,6 +224,36 @@ async fn pause_stops_sending_at_the_next_group_and_resume_finishes_without_dupli
     let status = wait_completed(&app, &id, Duration::from_secs(120)).await;
     assert_eq!(status["counts"]["sent"], 1000, "{status}");
     assert_eq!(assert_no_duplicates(&smtp), 1000);
+}
+
+/// A throttled campaign hands the worker's SMTP conversations back after each
+/// group, so an unthrottled campaign on the same worker is not kept waiting for
+/// the slow one's whole chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttled_campaign_does_not_hold_the_conversations_between_groups() {
+    let smtp = TestSmtp::start();
+    let app = TestApp::spawn_with(1, |c| mail_config(c, &smtp)).await;
+    // 100 recipients at 2/s: one chunk, 50 s.
+    let slow = start_campaign(&app, 100, Some(2.0)).await;
+    wait_until(Duration::from_secs(30), || async {
+        sent_so_far(&app).await >= 1
+    })
+    .await;
+    let others = (0..300)
+        .map(|i| format!("other{i:05}@example.com"))
+        .collect();
+    let fast = start_campaign_to(&app, others, None).await;
+    let status = wait_completed(&app, &fast, Duration::from_secs(30)).await;
+    assert_eq!(status["counts"]["sent"], 300, "{status}");
+    assert_eq!(campaign(&app, &slow).await["state"], "sending");
+    let cancelled = app
+        .client
+        .post(app.url(&format!("/v1/campaigns/{slow}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 200);
+    assert_no_duplicates(&smtp);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

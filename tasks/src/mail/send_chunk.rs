@@ -3,7 +3,9 @@
 //! For each group: claim up to `smtp_concurrency` due recipients if the
 //! campaign is still sending (committed), reserve send slots (shared rate),
 //! talk to the SMTP server for each, then record every outcome, committed
-//! together with the next group's claim.
+//! together with the next group's claim. A throttled group is recorded on its
+//! own instead, and its conversation slots go back to the worker's other
+//! chunks, which would otherwise wait for the slow chunk's end.
 //! A 250 marks the row `sent`; a 5xx marks it `failed` with the reply; a 4xx or
 //! a connection failure defers it with backoff. Rows left claimed by a dead
 //! worker become `unknown` once their claim expires and are never re-sent.
@@ -68,8 +70,8 @@ impl Task for SendChunk {
         let worker = ctx.services.worker_id.clone();
         let ttl_secs = settings.claim_ttl.as_secs_f64();
         let group = settings.smtp_concurrency.max(1);
-        // The conversation slots are taken before the first claim (so claimed rows
-        // never wait for one) and kept for the groups that follow.
+        // The conversation slots are taken before a claim (so claimed rows never
+        // wait for one) and kept for the groups that follow, unless throttled.
         let mut slots = None;
         let mut outcomes: Vec<Outcome> = Vec::new();
         loop {
@@ -133,6 +135,13 @@ impl Task for SendChunk {
                 .zip(deliveries)
                 .map(|(recipient, delivery)| outcome(settings, recipient, delivery))
                 .collect();
+            if spacing.is_some() {
+                // A throttled group took its time: record it now and let the
+                // worker's other chunks have the conversations before the next.
+                let (sent, recorder) = (std::mem::take(&mut outcomes), worker.clone());
+                pool::run(db, move |c| ledger::record(c, &recorder, &sent)).await?;
+                slots = None;
+            }
         }
         drop(slots);
         let left = pool::run(db, move |c| ledger::leftovers(c, chunk_id)).await?;
