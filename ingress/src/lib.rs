@@ -209,6 +209,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let auth = auth::Auth::new(db.clone(), &config.auth);
     let state = AppState::new(state::Handles {
         webhooks,
+        webhook_events: webhooks::EventLog::start(db.clone()),
         webhook_rejections,
         db,
         publisher: publisher.clone(),

@@ -156,31 +156,72 @@ pub async fn release(db: &PgPool, source: &str, webhook_id: &str, job_id: Uuid) 
     }
 }
 
-/// Records an ingress-side outcome (`accepted` or `duplicate`) for statistics.
-/// A failure is logged, never returned: the webhook's fate is already decided.
-pub async fn record_event(
-    db: &PgPool,
-    source: &str,
-    webhook_id: &str,
-    profile_id: Option<&str>,
-    action: Option<&str>,
-    outcome: &'static str,
-) {
-    let row = (
-        webhook_events::source.eq(source.to_owned()),
-        webhook_events::webhook_id.eq(webhook_id.to_owned()),
-        webhook_events::profile_id.eq(profile_id.map(str::to_owned)),
-        webhook_events::action.eq(action.map(str::to_owned)),
-        webhook_events::outcome.eq(outcome),
-    );
-    let written = conveyor_schema::pool::run(db, move |conn| {
-        diesel::insert_into(webhook_events::table)
-            .values(row)
-            .execute(conn)
-    })
-    .await;
-    if let Err(err) = written {
-        tracing::warn!(error = %err, outcome, "could not record a webhook event");
+/// One ingress-side outcome (`accepted` or `duplicate`) of a webhook, for statistics.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = webhook_events)]
+pub struct NewEvent {
+    /// The configured source.
+    pub source: String,
+    /// The `webhook-id`.
+    pub webhook_id: String,
+    /// The profile it was about.
+    pub profile_id: Option<String>,
+    /// The event's action.
+    pub action: Option<String>,
+    /// `accepted` or `duplicate`.
+    pub outcome: &'static str,
+}
+
+/// Most events written by one insert.
+const EVENTS_PER_INSERT: usize = 1000;
+
+/// Writes webhook outcomes in batches. Cheap to clone.
+///
+/// Each accepted webhook used to insert its event row in a transaction of its
+/// own, next to its claim's: two waits for the database's flush per request,
+/// which held signed webhooks near the single-row commit rate. Events now go
+/// to one writer that inserts whatever has accumulated as one multi-row
+/// insert; the request still waits for the commit that holds its row.
+#[derive(Clone)]
+pub struct EventLog {
+    tx: tokio::sync::mpsc::UnboundedSender<(NewEvent, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl EventLog {
+    /// Starts the writer; it ends once every `EventLog` is dropped and the queue is empty.
+    pub fn start(db: PgPool) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(NewEvent, _)>();
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(EVENTS_PER_INSERT);
+            while rx.recv_many(&mut batch, EVENTS_PER_INSERT).await > 0 {
+                let (rows, waiters): (Vec<NewEvent>, Vec<tokio::sync::oneshot::Sender<()>>) =
+                    batch.drain(..).unzip();
+                let count = rows.len();
+                let written = conveyor_schema::pool::run(&db, move |conn| {
+                    diesel::insert_into(webhook_events::table)
+                        .values(&rows)
+                        .execute(conn)
+                })
+                .await;
+                if let Err(err) = written {
+                    // The webhook's fate is already decided: statistics lose these rows.
+                    tracing::warn!(error = %err, events = count, "could not record webhook events");
+                }
+                for waiter in waiters {
+                    let _ = waiter.send(());
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Records `event`; returns once the insert holding it has committed or
+    /// failed. A failure is logged, never returned.
+    pub async fn record(&self, event: NewEvent) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.tx.send((event, done)).is_ok() {
+            let _ = written.await;
+        }
     }
 }
 

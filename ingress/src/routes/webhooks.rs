@@ -253,20 +253,18 @@ async fn verified(
     let claimed = webhooks::claim(&state.db, source_name, signed.id, envelope.id, expires_at)
         .await
         .map_err(|e| unavailable(e.to_string()))?;
-    let (profile_id, action) = (args.event.profile_id.as_str(), args.event.action.as_str());
+    let event = |outcome| webhooks::NewEvent {
+        source: source_name.to_owned(),
+        webhook_id: signed.id.to_owned(),
+        profile_id: Some(args.event.profile_id.clone()),
+        action: Some(args.event.action.as_str().to_owned()),
+        outcome,
+    };
     let job_id = match claimed {
         Claim::Fresh(id) => id,
         Claim::Accepted(existing) => {
             count(state, source_name, "duplicate");
-            webhooks::record_event(
-                &state.db,
-                source_name,
-                signed.id,
-                Some(profile_id),
-                Some(action),
-                "duplicate",
-            )
-            .await;
+            state.webhook_events.record(event("duplicate")).await;
             return Ok(answer(StatusCode::OK, existing, true));
         }
         Claim::InProgress => {
@@ -288,15 +286,7 @@ async fn verified(
         return Err(unavailable(err.to_string()));
     }
     count(state, source_name, "accepted");
-    webhooks::record_event(
-        &state.db,
-        source_name,
-        signed.id,
-        Some(profile_id),
-        Some(action),
-        "accepted",
-    )
-    .await;
+    state.webhook_events.record(event("accepted")).await;
     Ok(answer(StatusCode::ACCEPTED, job_id, false))
 }
 
