@@ -7,6 +7,7 @@
 
 pub mod admin_auth;
 pub mod auth;
+mod batch_writer;
 pub mod dashboard;
 pub mod dead_jobs;
 pub mod hardening;
@@ -209,7 +210,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let auth = auth::Auth::new(db.clone(), &config.auth);
     let state = AppState::new(state::Handles {
         webhooks,
-        webhook_events: webhooks::EventLog::start(db.clone()),
+        webhook_ledger: webhooks::Ledger::start(db.clone()),
         webhook_rejections,
         db,
         publisher: publisher.clone(),

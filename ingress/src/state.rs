@@ -47,8 +47,8 @@ pub struct Handles {
     pub templates: conveyor_templates::MailTemplates,
     /// Webhook sources and their keys.
     pub webhooks: crate::webhooks::SharedSources,
-    /// Accepted and duplicate webhooks, written in batches.
-    pub webhook_events: crate::webhooks::EventLog,
+    /// Webhook claims and outcome events, written in batches.
+    pub webhook_ledger: crate::webhooks::Ledger,
     /// Rejected webhooks, counted in memory and written in batches.
     pub webhook_rejections: crate::webhook_rejections::Rejections,
     /// Cancelled when the ingress starts shutting down (readiness fails at once).

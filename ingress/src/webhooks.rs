@@ -24,6 +24,8 @@ use diesel::prelude::*;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::batch_writer::BatchWriter;
+
 /// A claim older than this whose job does not exist was abandoned (its request
 /// crashed or timed out between claim and record) and may be taken over.
 pub const ORPHAN_AFTER: Duration = Duration::from_secs(60);
@@ -83,60 +85,140 @@ pub enum Claim {
     InProgress,
 }
 
-/// Claims `(source, webhook_id)` for a new job `job_id`.
-pub async fn claim(
-    db: &PgPool,
+/// A claim on `(source, webhook_id)` for the job `job_id`, kept until `expires_at`.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = webhook_deliveries)]
+struct NewClaim {
+    source: String,
+    webhook_id: String,
+    job_id: Uuid,
+    expires_at: DateTime<Utc>,
+}
+
+/// Inserts `claims` in one statement; `true` for each that is now held by its
+/// job (its `webhook-id` was not claimed before, also not earlier in the batch).
+/// Rows go in key order, so that two ingress replicas inserting some of the
+/// same keys wait on each other in one order and cannot deadlock.
+fn insert_claims(conn: &mut PgConnection, mut claims: Vec<NewClaim>) -> QueryResult<Vec<bool>> {
+    let jobs: Vec<Uuid> = claims.iter().map(|c| c.job_id).collect();
+    claims.sort_unstable_by(|a, b| (&a.source, &a.webhook_id).cmp(&(&b.source, &b.webhook_id)));
+    let won: std::collections::HashSet<Uuid> = diesel::insert_into(webhook_deliveries::table)
+        .values(&claims)
+        .on_conflict_do_nothing()
+        .returning(webhook_deliveries::job_id)
+        .get_results(conn)?
+        .into_iter()
+        .collect();
+    Ok(jobs.iter().map(|job| won.contains(job)).collect())
+}
+
+/// What a `webhook-id` that is claimed already means for a new job `job_id`.
+fn existing_claim(
+    conn: &mut PgConnection,
     source: &str,
     webhook_id: &str,
     job_id: Uuid,
-    expires_at: DateTime<Utc>,
-) -> Result<Claim, DbError> {
-    let (source, webhook_id) = (source.to_owned(), webhook_id.to_owned());
-    conveyor_schema::pool::run(db, move |conn| {
-        let inserted = diesel::insert_into(webhook_deliveries::table)
-            .values((
-                webhook_deliveries::source.eq(&source),
-                webhook_deliveries::webhook_id.eq(&webhook_id),
+) -> QueryResult<Claim> {
+    let key = webhook_deliveries::table.find((source, webhook_id));
+    let Some((existing, received_at)) = key
+        .select((webhook_deliveries::job_id, webhook_deliveries::received_at))
+        .first::<(Uuid, DateTime<Utc>)>(conn)
+        .optional()?
+    else {
+        // Expired and swept since the insert: treat as in progress; a retry claims it.
+        return Ok(Claim::InProgress);
+    };
+    let recorded: i64 = jobs::table
+        .filter(jobs::id.eq(existing))
+        .count()
+        .get_result(conn)?;
+    if recorded > 0 {
+        return Ok(Claim::Accepted(existing));
+    }
+    let orphaned =
+        Utc::now() - received_at > chrono::Duration::from_std(ORPHAN_AFTER).unwrap_or_default();
+    if orphaned {
+        let taken = diesel::update(key.filter(webhook_deliveries::job_id.eq(existing)))
+            .set((
                 webhook_deliveries::job_id.eq(job_id),
-                webhook_deliveries::expires_at.eq(expires_at),
+                webhook_deliveries::received_at.eq(diesel::dsl::now),
             ))
-            .on_conflict_do_nothing()
             .execute(conn)?;
-        if inserted == 1 {
+        if taken == 1 {
             return Ok(Claim::Fresh(job_id));
         }
-        let key = webhook_deliveries::table.find((&source, &webhook_id));
-        let Some((existing, received_at)) = key
-            .select((webhook_deliveries::job_id, webhook_deliveries::received_at))
-            .first::<(Uuid, DateTime<Utc>)>(conn)
-            .optional()?
-        else {
-            // Expired and swept between the two statements: treat as in progress; a retry claims it.
-            return Ok(Claim::InProgress);
+    }
+    Ok(Claim::InProgress)
+}
+
+/// Most rows one batched insert writes.
+const ROWS_PER_INSERT: usize = 1000;
+
+/// The ingress's writes for each webhook: its claim and its outcome event.
+///
+/// Each used to be a transaction of its own, so an accepted webhook waited for
+/// the database's flush twice besides its job's group commit, which held
+/// signed webhooks near the single-row commit rate. Both now go through
+/// [`BatchWriter`]s: concurrent webhooks share one insert and one commit.
+/// Only a `webhook-id` found claimed already takes the slower path.
+#[derive(Clone)]
+pub struct Ledger {
+    db: PgPool,
+    claims: BatchWriter<NewClaim, bool>,
+    events: BatchWriter<NewEvent, ()>,
+}
+
+impl Ledger {
+    /// Starts the two writers.
+    pub fn start(db: PgPool) -> Self {
+        let events =
+            BatchWriter::start(db.clone(), ROWS_PER_INSERT, |conn, rows: Vec<NewEvent>| {
+                let written = diesel::insert_into(webhook_events::table)
+                    .values(&rows)
+                    .execute(conn)?;
+                Ok(vec![(); written])
+            });
+        Self {
+            claims: BatchWriter::start(db.clone(), ROWS_PER_INSERT, insert_claims),
+            events,
+            db,
+        }
+    }
+
+    /// Claims `(source, webhook_id)` for a new job `job_id`.
+    pub async fn claim(
+        &self,
+        source: &str,
+        webhook_id: &str,
+        job_id: Uuid,
+        expires_at: DateTime<Utc>,
+    ) -> Result<Claim, String> {
+        let (source, webhook_id) = (source.to_owned(), webhook_id.to_owned());
+        let claim = NewClaim {
+            source: source.clone(),
+            webhook_id: webhook_id.clone(),
+            job_id,
+            expires_at,
         };
-        let recorded: i64 = jobs::table
-            .filter(jobs::id.eq(existing))
-            .count()
-            .get_result(conn)?;
-        if recorded > 0 {
-            return Ok(Claim::Accepted(existing));
+        if self.claims.write(claim).await? {
+            return Ok(Claim::Fresh(job_id));
         }
-        let orphaned =
-            Utc::now() - received_at > chrono::Duration::from_std(ORPHAN_AFTER).unwrap_or_default();
-        if orphaned {
-            let taken = diesel::update(key.filter(webhook_deliveries::job_id.eq(existing)))
-                .set((
-                    webhook_deliveries::job_id.eq(job_id),
-                    webhook_deliveries::received_at.eq(diesel::dsl::now),
-                ))
-                .execute(conn)?;
-            if taken == 1 {
-                return Ok(Claim::Fresh(job_id));
-            }
+        conveyor_schema::pool::run(&self.db, move |conn| {
+            existing_claim(conn, &source, &webhook_id, job_id)
+        })
+        .await
+        .map_err(|err| err.to_string())
+    }
+
+    /// Records an ingress-side outcome for statistics; returns once the insert
+    /// holding it has committed or failed. A failure is logged, never returned:
+    /// the webhook's fate is already decided.
+    pub async fn record_event(&self, event: NewEvent) {
+        let outcome = event.outcome;
+        if let Err(err) = self.events.write(event).await {
+            tracing::warn!(error = %err, outcome, "could not record a webhook event");
         }
-        Ok(Claim::InProgress)
-    })
-    .await
+    }
 }
 
 /// Removes the claim of a job that could not be submitted, so a retry may claim again.
@@ -170,59 +252,6 @@ pub struct NewEvent {
     pub action: Option<String>,
     /// `accepted` or `duplicate`.
     pub outcome: &'static str,
-}
-
-/// Most events written by one insert.
-const EVENTS_PER_INSERT: usize = 1000;
-
-/// Writes webhook outcomes in batches. Cheap to clone.
-///
-/// Each accepted webhook used to insert its event row in a transaction of its
-/// own, next to its claim's: two waits for the database's flush per request,
-/// which held signed webhooks near the single-row commit rate. Events now go
-/// to one writer that inserts whatever has accumulated as one multi-row
-/// insert; the request still waits for the commit that holds its row.
-#[derive(Clone)]
-pub struct EventLog {
-    tx: tokio::sync::mpsc::UnboundedSender<(NewEvent, tokio::sync::oneshot::Sender<()>)>,
-}
-
-impl EventLog {
-    /// Starts the writer; it ends once every `EventLog` is dropped and the queue is empty.
-    pub fn start(db: PgPool) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(NewEvent, _)>();
-        tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(EVENTS_PER_INSERT);
-            while rx.recv_many(&mut batch, EVENTS_PER_INSERT).await > 0 {
-                let (rows, waiters): (Vec<NewEvent>, Vec<tokio::sync::oneshot::Sender<()>>) =
-                    batch.drain(..).unzip();
-                let count = rows.len();
-                let written = conveyor_schema::pool::run(&db, move |conn| {
-                    diesel::insert_into(webhook_events::table)
-                        .values(&rows)
-                        .execute(conn)
-                })
-                .await;
-                if let Err(err) = written {
-                    // The webhook's fate is already decided: statistics lose these rows.
-                    tracing::warn!(error = %err, events = count, "could not record webhook events");
-                }
-                for waiter in waiters {
-                    let _ = waiter.send(());
-                }
-            }
-        });
-        Self { tx }
-    }
-
-    /// Records `event`; returns once the insert holding it has committed or
-    /// failed. A failure is logged, never returned.
-    pub async fn record(&self, event: NewEvent) {
-        let (done, written) = tokio::sync::oneshot::channel();
-        if self.tx.send((event, done)).is_ok() {
-            let _ = written.await;
-        }
-    }
 }
 
 /// How often the sweeper forgets expired ids.

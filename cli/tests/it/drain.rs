@@ -285,7 +285,7 @@ async fn ingress_readyz_handler_answers_503_once_the_shutdown_token_is_cancelled
         )
         .unwrap(),
         auth: conveyor_ingress::auth::Auth::new(db.clone(), &config.auth),
-        webhook_events: conveyor_ingress::webhooks::EventLog::start(db.clone()),
+        webhook_ledger: conveyor_ingress::webhooks::Ledger::start(db.clone()),
         db,
         publisher,
         topology,

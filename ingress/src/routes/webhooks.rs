@@ -250,9 +250,11 @@ async fn verified(
     let expires_at =
         chrono::DateTime::from_timestamp(signed.timestamp.saturating_add(retention), 0)
             .unwrap_or_else(|| Utc::now() + chrono::Duration::days(1));
-    let claimed = webhooks::claim(&state.db, source_name, signed.id, envelope.id, expires_at)
+    let claimed = state
+        .webhook_ledger
+        .claim(source_name, signed.id, envelope.id, expires_at)
         .await
-        .map_err(|e| unavailable(e.to_string()))?;
+        .map_err(unavailable)?;
     let event = |outcome| webhooks::NewEvent {
         source: source_name.to_owned(),
         webhook_id: signed.id.to_owned(),
@@ -264,7 +266,7 @@ async fn verified(
         Claim::Fresh(id) => id,
         Claim::Accepted(existing) => {
             count(state, source_name, "duplicate");
-            state.webhook_events.record(event("duplicate")).await;
+            state.webhook_ledger.record_event(event("duplicate")).await;
             return Ok(answer(StatusCode::OK, existing, true));
         }
         Claim::InProgress => {
@@ -286,7 +288,7 @@ async fn verified(
         return Err(unavailable(err.to_string()));
     }
     count(state, source_name, "accepted");
-    state.webhook_events.record(event("accepted")).await;
+    state.webhook_ledger.record_event(event("accepted")).await;
     Ok(answer(StatusCode::ACCEPTED, job_id, false))
 }
 
