@@ -41,23 +41,25 @@ impl<T: Send + 'static, R: Send + 'static> BatchWriter<T, R> {
                 let (items, replies): (Vec<T>, Vec<Reply<R>>) = batch.drain(..).unzip();
                 let write = write.clone();
                 let written = conveyor_schema::pool::run(&db, move |conn| write(conn, items)).await;
-                match written {
-                    Ok(results) if results.len() == replies.len() => {
+                let results = match written {
+                    Ok(results) if results.len() == replies.len() => Ok(results),
+                    Ok(results) => Err(format!(
+                        "{} results for {} items",
+                        results.len(),
+                        replies.len()
+                    )),
+                    Err(err) => Err(err.to_string()),
+                };
+                match results {
+                    Ok(results) => {
                         for (reply, result) in replies.into_iter().zip(results) {
                             let _ = reply.send(Ok(result));
                         }
                     }
-                    Ok(results) => {
-                        let err = format!("{} results for {} items", results.len(), replies.len());
-                        replies
-                            .into_iter()
-                            .for_each(|r| drop(r.send(Err(err.clone()))));
-                    }
                     Err(err) => {
-                        let err = err.to_string();
-                        replies
-                            .into_iter()
-                            .for_each(|r| drop(r.send(Err(err.clone()))));
+                        for reply in replies {
+                            let _ = reply.send(Err(err.clone()));
+                        }
                     }
                 }
             }

@@ -100,7 +100,7 @@ struct NewClaim {
 /// Rows go in key order, so that two ingress replicas inserting some of the
 /// same keys wait on each other in one order and cannot deadlock.
 fn insert_claims(conn: &mut PgConnection, mut claims: Vec<NewClaim>) -> QueryResult<Vec<bool>> {
-    let jobs: Vec<Uuid> = claims.iter().map(|c| c.job_id).collect();
+    let job_ids: Vec<Uuid> = claims.iter().map(|c| c.job_id).collect();
     claims.sort_unstable_by(|a, b| (&a.source, &a.webhook_id).cmp(&(&b.source, &b.webhook_id)));
     let won: std::collections::HashSet<Uuid> = diesel::insert_into(webhook_deliveries::table)
         .values(&claims)
@@ -109,7 +109,7 @@ fn insert_claims(conn: &mut PgConnection, mut claims: Vec<NewClaim>) -> QueryRes
         .get_results(conn)?
         .into_iter()
         .collect();
-    Ok(jobs.iter().map(|job| won.contains(job)).collect())
+    Ok(job_ids.iter().map(|id| won.contains(id)).collect())
 }
 
 /// What a `webhook-id` that is claimed already means for a new job `job_id`.

@@ -88,6 +88,17 @@ async fn start_campaign_to(app: &TestApp, addresses: Vec<String>, rate: Option<f
     id
 }
 
+/// Posts a state change (`pause`, `resume`, `cancel`) to campaign `id`; returns the status.
+async fn control(app: &TestApp, id: &str, action: &str) -> u16 {
+    app.client
+        .post(app.url(&format!("/v1/campaigns/{id}/{action}")))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 async fn campaign(app: &TestApp, id: &str) -> Value {
     app.client
         .get(app.url(&format!("/v1/campaigns/{id}")))
@@ -194,13 +205,7 @@ async fn pause_stops_sending_at_the_next_group_and_resume_finishes_without_dupli
         sent_so_far(&app).await >= 100
     })
     .await;
-    let control = |action: &'static str| {
-        let request = app
-            .client
-            .post(app.url(&format!("/v1/campaigns/{id}/{action}")));
-        async move { request.send().await.unwrap().status().as_u16() }
-    };
-    assert_eq!(control("pause").await, 200);
+    assert_eq!(control(&app, &id, "pause").await, 200);
     let count = |sql: &'static str| app.count(sql);
     wait_until(Duration::from_secs(30), || async {
         count("SELECT count(*) AS n FROM campaign_recipients WHERE state = 'sending'").await == 0
@@ -220,7 +225,7 @@ async fn pause_stops_sending_at_the_next_group_and_resume_finishes_without_dupli
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(smtp.received().len(), at_pause, "mail sent while paused");
 
-    assert_eq!(control("resume").await, 200);
+    assert_eq!(control(&app, &id, "resume").await, 200);
     let status = wait_completed(&app, &id, Duration::from_secs(120)).await;
     assert_eq!(status["counts"]["sent"], 1000, "{status}");
     assert_eq!(assert_no_duplicates(&smtp), 1000);
@@ -246,13 +251,7 @@ async fn a_throttled_campaign_does_not_hold_the_conversations_between_groups() {
     let status = wait_completed(&app, &fast, Duration::from_secs(30)).await;
     assert_eq!(status["counts"]["sent"], 300, "{status}");
     assert_eq!(campaign(&app, &slow).await["state"], "sending");
-    let cancelled = app
-        .client
-        .post(app.url(&format!("/v1/campaigns/{slow}/cancel")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(cancelled.status(), 200);
+    assert_eq!(control(&app, &slow, "cancel").await, 200);
     assert_no_duplicates(&smtp);
 }
 
