@@ -236,6 +236,8 @@ pub struct TestApp {
     /// Config files of worker processes, deleted on drop.
     pub config_files: Vec<tempfile::TempPath>,
     ingress_shutdown: CancellationToken,
+    /// The in-process ingress's task, awaited on drop before the topology is deleted.
+    ingress_finished: Option<tokio::task::JoinHandle<()>>,
     pub metrics_url: String,
     /// An API key with the `admin` scope and a limit no test reaches; `client` sends it.
     pub admin_key: String,
@@ -267,6 +269,7 @@ impl TestApp {
             process_env: Vec::new(),
             config_files: Vec::new(),
             ingress_shutdown,
+            ingress_finished: Some(ingress.finished),
             metrics_url: String::new(),
             config,
             db,
@@ -537,6 +540,13 @@ impl Drop for TestApp {
         for worker in &self.workers {
             worker.shutdown.cancel();
         }
+        let components = self
+            .ingress_finished
+            .take()
+            .into_iter()
+            .chain(self.workers.drain(..).map(|w| w.worker.finished))
+            .collect();
+        stop_components(components);
         for child in &mut self.processes {
             let _ = child.kill();
             let _ = child.wait();
@@ -544,6 +554,38 @@ impl Drop for TestApp {
         let topology = self.topology();
         // Drop runs inside the test's runtime; clean the broker from a thread of our own.
         crate::harness::delete_topology(topology);
+    }
+}
+
+/// How long [`TestApp`]'s drop lets in-process components drain before aborting
+/// them: past the test config's 5 s grace period, so a worker stops on its own.
+const STOP_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// Waits for the (already cancelled) in-process components to stop, aborting
+/// those still running after [`STOP_TIMEOUT`]. Deleting the topology while one
+/// still runs lets it see its queues vanish, reconnect and declare part of the
+/// topology again, which then outlives the test on the shared broker.
+fn stop_components(components: Vec<tokio::task::JoinHandle<()>>) {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(runtime) if runtime.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| {
+                runtime.block_on(async {
+                    let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+                    for mut component in components {
+                        if tokio::time::timeout_at(deadline, &mut component)
+                            .await
+                            .is_err()
+                        {
+                            component.abort();
+                            let _ = component.await;
+                        }
+                    }
+                })
+            });
+        }
+        // Without a runtime thread to spare, stop them where they are.
+        _ => components.iter().for_each(|c| c.abort()),
     }
 }
 

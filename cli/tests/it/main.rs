@@ -35,6 +35,7 @@ mod openapi;
 mod publish_failures;
 mod schedules;
 mod stats;
+mod teardown;
 mod webdriver;
 mod webhooks;
 mod worker_behaviour;
