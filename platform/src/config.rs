@@ -157,6 +157,10 @@ pub struct WorkerConfig {
     pub queues: Vec<String>,
     /// Most job-state changes committed in one transaction.
     pub state_batch_max: usize,
+    /// Least time between the starts of two job-state commits (0: no limit).
+    /// Changes arriving meanwhile share the next commit; at a low rate each
+    /// would otherwise be a commit, and a disk flush, of its own.
+    pub state_linger_ms: u64,
 }
 
 /// Mail fan-out settings.
@@ -344,6 +348,7 @@ impl Default for WorkerConfig {
             prefetch: 1000,
             queues: Vec::new(),
             state_batch_max: 1000,
+            state_linger_ms: 10,
         }
     }
 }
@@ -512,6 +517,12 @@ impl Config {
         if self.worker.state_batch_max == 0 {
             return invalid("worker.state_batch_max", "must be at least 1".into());
         }
+        if self.worker.state_linger_ms > 1_000 {
+            return invalid(
+                "worker.state_linger_ms",
+                "must be at most 1000: acks and job states wait for it".into(),
+            );
+        }
         if self.monitor.heartbeat_ms == 0 || self.monitor.queue_poll_ms == 0 {
             return invalid(
                 "monitor.heartbeat_ms",
@@ -673,6 +684,16 @@ mod tests {
         config.amqp.quorum_initial_group_size = Some(1);
         config.validate().unwrap();
         config.amqp.quorum_initial_group_size = None;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_state_linger_over_a_second_is_rejected_by_name() {
+        let mut config = Config::default();
+        config.worker.state_linger_ms = 1_001;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("`worker.state_linger_ms`"), "{err}");
+        config.worker.state_linger_ms = 0;
         config.validate().unwrap();
     }
 

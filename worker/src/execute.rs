@@ -128,7 +128,7 @@ async fn run_envelope(
         return settle.ack();
     }
     let permits = rt.permits_for(task.descriptor().name);
-    let _permit = match permits {
+    let permit = match permits {
         Some(semaphore) => tokio::select! {
             permit = semaphore.acquire_owned() => permit.ok(),
             _ = rt.shutdown.cancelled() => return settle.requeue().await,
@@ -180,6 +180,8 @@ async fn run_envelope(
         ))),
     };
     in_flight.dec();
+    // The attempt is over: the next one may start while this one's outcome is committed.
+    drop(permit);
     metrics
         .job_duration
         .with_label_values(&labels)

@@ -75,7 +75,14 @@ pub async fn start(
         config.publish_timeout(),
         plumbing.clone(),
     );
-    let states = StateWriter::start(db.clone(), config.worker.state_batch_max, plumbing.clone());
+    let states = StateWriter::start(
+        db.clone(),
+        state_writer::Batching {
+            max: config.worker.state_batch_max,
+            linger: std::time::Duration::from_millis(config.worker.state_linger_ms),
+        },
+        plumbing.clone(),
+    );
     let schedules =
         Arc::new(conveyor_platform::schedule::schedules(&config).context("invalid schedules")?);
     let scheduler = config.scheduler.enabled.then(|| scheduler::Scheduler {

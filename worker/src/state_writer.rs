@@ -4,7 +4,9 @@
 //! `succeeded`/`retrying`/`dead`). Committing each in its own transaction would
 //! cap a worker near the database's single-row commit rate, so changes are
 //! queued to one writer that commits whatever has accumulated as a single
-//! multi-row upsert. The caller of a final change waits for its commit before
+//! multi-row upsert. Commits start at most once per `worker.state_linger_ms`:
+//! at a low rate that gathers several jobs per flush, and under load a commit
+//! takes longer than that anyway. The caller of a final change waits for its commit before
 //! acknowledging the delivery (ack after commit). A failed commit is retried
 //! with backoff until it succeeds, so a database outage stalls acks (and,
 //! through the prefetch window, consumption) instead of losing state.
@@ -83,6 +85,15 @@ impl StateChange {
     }
 }
 
+/// How the writer forms a transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// Most changes in one transaction.
+    pub max: usize,
+    /// Least time between the starts of two commits.
+    pub linger: Duration,
+}
+
 struct Pending {
     item: Item,
     done: Option<oneshot::Sender<()>>,
@@ -104,9 +115,9 @@ pub struct StateWriter {
 impl StateWriter {
     /// Starts the writer task. It stops once every `StateWriter` is dropped and
     /// the queue is empty, or when `stop` is cancelled while a commit keeps failing.
-    pub fn start(pool: PgPool, batch_max: usize, stop: CancellationToken) -> Self {
+    pub fn start(pool: PgPool, batch: Batching, stop: CancellationToken) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(pool, rx, batch_max, stop));
+        tokio::spawn(write_loop(pool, rx, batch, stop));
         Self { tx }
     }
 
@@ -160,11 +171,27 @@ impl StateWriter {
 async fn write_loop(
     pool: PgPool,
     mut rx: mpsc::UnboundedReceiver<Pending>,
-    batch_max: usize,
+    batching: Batching,
     stop: CancellationToken,
 ) {
+    let batch_max = batching.max.max(1);
     let mut batch = Vec::with_capacity(batch_max);
+    let mut last_commit: Option<tokio::time::Instant> = None;
     while rx.recv_many(&mut batch, batch_max).await > 0 {
+        // At most one commit per `linger`: changes arriving meanwhile share
+        // the next one. At a low rate each change would otherwise be a commit
+        // and a disk flush of its own, and those flushes delay the broker's on a
+        // shared disk. Under load a commit takes longer than `linger` anyway.
+        if let Some(due) = last_commit.map(|at| at + batching.linger) {
+            while batch.len() < batch_max {
+                let room = batch_max - batch.len();
+                let more = rx.recv_many(&mut batch, room);
+                if !matches!(tokio::time::timeout_at(due, more).await, Ok(n) if n > 0) {
+                    break;
+                }
+            }
+        }
+        last_commit = Some(tokio::time::Instant::now());
         let mut waiters = Vec::with_capacity(batch.len());
         let mut changes = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();

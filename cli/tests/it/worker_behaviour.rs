@@ -1,6 +1,7 @@
 //! What the worker promises about one attempt: a permanent failure skips the
 //! retries, an attempt over its timeout fails, a task never runs more attempts
-//! at once than its concurrency limit, and every job's log lines carry its span.
+//! at once than its concurrency limit, state changes share commits at a low
+//! rate without slowing a limited task, and every job's log lines carry its span.
 
 use std::time::{Duration, Instant};
 
@@ -94,6 +95,70 @@ async fn a_task_never_runs_more_attempts_at_once_than_its_concurrency() {
         )
         .await;
     assert_eq!(deepest, 3, "the limit was exceeded or never reached");
+}
+
+/// `worker.state_linger_ms`: a state commit starts no sooner than the linger
+/// after the previous one, and the changes that arrived meanwhile share it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changes_within_the_linger_share_one_commit() {
+    let app = TestApp::spawn_with(1, |c| c.worker.state_linger_ms = 400).await;
+    let first = app.enqueue("diag.noop", json!({})).await;
+    app.wait_for_state(first, "succeeded", WAIT).await;
+    let mut later = Vec::new();
+    for _ in 0..3 {
+        later.push(app.enqueue("diag.noop", json!({})).await);
+    }
+    for id in &later {
+        app.wait_for_state(*id, "succeeded", WAIT).await;
+    }
+    let list = later
+        .iter()
+        .map(|id| format!("'{id}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    // `updated_at` is the committing transaction's start time.
+    let commits = app
+        .count(&format!(
+            "SELECT count(DISTINCT updated_at) AS n FROM jobs WHERE id IN ({list})"
+        ))
+        .await;
+    assert_eq!(commits, 1, "three jobs within the linger, one commit");
+    let gap_ms = app
+        .count(&format!(
+            "SELECT (extract(epoch FROM min(l.updated_at) - f.updated_at) * 1000)::bigint AS n
+               FROM jobs l, jobs f WHERE l.id IN ({list}) AND f.id = '{first}' GROUP BY f.updated_at"
+        ))
+        .await;
+    assert!(
+        gap_ms >= 350,
+        "the next commit came {gap_ms} ms after the first"
+    );
+}
+
+/// A task limited to one attempt at once is not held to one job per state
+/// commit: its slot is free once the attempt returns, not once it is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_task_runs_its_next_attempt_without_waiting_for_the_commit() {
+    let mut app = TestApp::spawn_with(0, |c| c.worker.state_linger_ms = 500).await;
+    let mut registry = conveyor_tasks::registry();
+    assert!(registry.tune("diag.noop", |o| o.concurrency = 1));
+    app.start_worker_with(registry).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(app.enqueue("diag.noop", json!({})).await);
+    }
+    for id in ids {
+        app.wait_for_state(id, "succeeded", WAIT).await;
+    }
+    let spread_ms = app
+        .count(
+            "SELECT (extract(epoch FROM max(started_at) - min(started_at)) * 1000)::bigint AS n FROM jobs",
+        )
+        .await;
+    assert!(
+        spread_ms < 400,
+        "five no-op jobs started over {spread_ms} ms: each waited for a commit"
+    );
 }
 
 /// `log.format = "json"` with `log.file_dir`: the file exists, every line is a
