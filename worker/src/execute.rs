@@ -180,6 +180,7 @@ async fn run_envelope(
         ))),
     };
     in_flight.dec();
+    let ended = Utc::now();
     // The attempt is over: the next one may start while this one's outcome is committed.
     drop(permit);
     metrics
@@ -198,7 +199,7 @@ async fn run_envelope(
             settle.requeue().await;
         }
         Ok(()) => {
-            change.finished_at = Some(Utc::now());
+            change.finished_at = Some(ended);
             tracing::debug!(elapsed_ms, "job succeeded");
             if rt.states.commit(change).await {
                 metrics.jobs_succeeded.with_label_values(&labels).inc();
@@ -246,7 +247,7 @@ async fn run_envelope(
             let record = DeadLetter::of(&envelope, &queue, &reason);
             change.state = JobState::Dead;
             change.error = Some(reason);
-            change.finished_at = Some(Utc::now());
+            change.finished_at = Some(ended);
             metrics.jobs_dead.with_label_values(&labels).inc();
             finish_with(&rt, &settle, &dead, Some(change), Some(record)).await;
         }

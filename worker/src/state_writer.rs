@@ -115,9 +115,9 @@ pub struct StateWriter {
 impl StateWriter {
     /// Starts the writer task. It stops once every `StateWriter` is dropped and
     /// the queue is empty, or when `stop` is cancelled while a commit keeps failing.
-    pub fn start(pool: PgPool, batch: Batching, stop: CancellationToken) -> Self {
+    pub fn start(pool: PgPool, batching: Batching, stop: CancellationToken) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(pool, rx, batch, stop));
+        tokio::spawn(write_loop(pool, rx, batching, stop));
         Self { tx }
     }
 
