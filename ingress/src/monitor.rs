@@ -155,16 +155,9 @@ pub async fn run(
 type BrokerCounts = HashMap<String, (u32, u32)>;
 
 async fn poll_broker(conn: &Connection, topology: &Topology) -> Result<BrokerCounts, String> {
-    let mut names = Vec::new();
-    for queue in &topology.queues {
-        names.push(topology.work_queue(queue));
-        names.push(topology.dead_letter_queue(queue));
-        names.push(topology.dead_letter_inbox(queue));
-    }
-    names.extend(DELAY_LEVELS_MS.iter().map(|ms| topology.delay_queue(*ms)));
     let mut channel = conn.create_channel().await.map_err(|e| e.to_string())?;
     let mut counts = BrokerCounts::new();
-    for name in names {
+    for name in topology.queue_names() {
         match passive(&channel, &name).await {
             Ok(found) => {
                 counts.insert(name, found);

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use conveyor_platform::amqp::{DELAY_LEVELS_MS, Topology};
+use conveyor_platform::amqp::Topology;
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::json;
@@ -15,18 +15,9 @@ async fn left_on_broker(topology: &Topology) -> Vec<String> {
     let conn = lapin::Connection::connect(AMQP_URL, Default::default())
         .await
         .unwrap();
-    let mut queues: Vec<String> = DELAY_LEVELS_MS
-        .iter()
-        .map(|level| topology.delay_queue(*level))
-        .collect();
-    for queue in &topology.queues {
-        queues.push(topology.work_queue(queue));
-        queues.push(topology.dead_letter_queue(queue));
-        queues.push(topology.dead_letter_inbox(queue));
-    }
     let mut found = Vec::new();
     // A failed passive declare closes its channel, so each check has its own.
-    for queue in queues {
+    for queue in topology.queue_names() {
         let channel = conn.create_channel().await.unwrap();
         let passive = QueueDeclareOptions {
             passive: true,
@@ -40,7 +31,7 @@ async fn left_on_broker(topology: &Topology) -> Vec<String> {
             found.push(queue);
         }
     }
-    for exchange in [topology.delay_exchange(), topology.retry_exchange()] {
+    for exchange in topology.exchange_names() {
         let channel = conn.create_channel().await.unwrap();
         let passive = ExchangeDeclareOptions {
             passive: true,

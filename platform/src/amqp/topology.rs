@@ -343,26 +343,32 @@ impl Topology {
         Ok(())
     }
 
+    /// Every queue [`declare`](Self::declare) creates: each logical queue's
+    /// work queue, dead-letter queue and inbox, then the delay queues.
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut names = Vec::with_capacity(self.queues.len() * 3 + DELAY_LEVELS_MS.len());
+        for queue in &self.queues {
+            names.push(self.work_queue(queue));
+            names.push(self.dead_letter_queue(queue));
+            names.push(self.dead_letter_inbox(queue));
+        }
+        names.extend(DELAY_LEVELS_MS.iter().map(|level| self.delay_queue(*level)));
+        names
+    }
+
+    /// Every exchange [`declare`](Self::declare) creates.
+    pub fn exchange_names(&self) -> [String; 2] {
+        [self.delay_exchange(), self.retry_exchange()]
+    }
+
     /// Deletes everything [`declare`](Self::declare) created (tests and teardown).
     pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
-        let opts = QueueDeleteOptions::default();
-        for queue in &self.queues {
+        for queue in self.queue_names() {
             channel
-                .queue_delete(key(&self.work_queue(queue)), opts)
-                .await?;
-            channel
-                .queue_delete(key(&self.dead_letter_queue(queue)), opts)
-                .await?;
-            channel
-                .queue_delete(key(&self.dead_letter_inbox(queue)), opts)
+                .queue_delete(key(&queue), QueueDeleteOptions::default())
                 .await?;
         }
-        for level in DELAY_LEVELS_MS {
-            channel
-                .queue_delete(key(&self.delay_queue(level)), opts)
-                .await?;
-        }
-        for exchange in [self.delay_exchange(), self.retry_exchange()] {
+        for exchange in self.exchange_names() {
             channel
                 .exchange_delete(key(&exchange), Default::default())
                 .await?;
