@@ -245,7 +245,7 @@ impl Session<'_> {
                     self.tracker.spawn(Box::pin(execute::handle(
                         rt.clone(),
                         queue,
-                        delivery,
+                        delivery.into(),
                         acks,
                         self.lost.clone(),
                     )));

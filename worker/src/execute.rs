@@ -23,6 +23,7 @@ use conveyor_schema::{Envelope, JobState};
 use conveyor_tasks::{JobContext, TaskError};
 use diesel::prelude::*;
 use futures::FutureExt;
+use futures::future::BoxFuture;
 use lapin::message::Delivery;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
@@ -41,20 +42,18 @@ use crate::state_writer::StateChange;
 pub async fn handle(
     rt: Arc<Runtime>,
     queue: Arc<str>,
-    delivery: Delivery,
+    delivery: Received,
     acks: Arc<ChannelAcks>,
     lost: CancellationToken,
 ) {
     let settle = Settle {
         acks,
-        tag: delivery.delivery_tag,
+        tag: delivery.tag,
     };
     let envelope = match Envelope::decode(&delivery.data) {
         Ok(envelope) => envelope,
         Err(err) => {
-            let id = Some(message_id(&delivery))
-                .filter(|id| !id.is_nil())
-                .unwrap_or_else(Uuid::now_v7);
+            let id = delivery.message_id.unwrap_or_else(Uuid::now_v7);
             tracing::warn!(job.id = %id, queue = %queue, error = %err, "dead-lettering an unreadable message");
             let dead = Outgoing::dead_letter(
                 &rt.topology,
@@ -88,7 +87,7 @@ pub async fn handle(
 async fn run_envelope(
     rt: Arc<Runtime>,
     queue: Arc<str>,
-    delivery: Delivery,
+    delivery: Received,
     settle: Settle,
     envelope: Envelope,
     lost: CancellationToken,
@@ -261,7 +260,21 @@ const OUTCOME_PUBLISH_WAIT: Duration = Duration::from_secs(10);
 /// Publishes `message` (confirmed), commits `change` and the dead-job record
 /// `dead` together, then acks. If the publish fails the delivery is returned to
 /// the queue to be handled again.
-async fn finish_with(
+///
+/// Boxed: this is the path of retries, dead letters and delays, and inline its
+/// state would be most of every delivery's future, which is moved to the heap
+/// once per delivery.
+fn finish_with<'a>(
+    rt: &'a Runtime,
+    settle: &'a Settle,
+    message: &'a Outgoing,
+    change: Option<StateChange>,
+    dead: Option<DeadLetter>,
+) -> BoxFuture<'a, ()> {
+    async move { finish(rt, settle, message, change, dead).await }.boxed()
+}
+
+async fn finish(
     rt: &Runtime,
     settle: &Settle,
     message: &Outgoing,
@@ -334,13 +347,35 @@ pub(crate) fn jitter(delay: Duration) -> Duration {
     half + half.mul_f64(rand::rng().random::<f64>())
 }
 
-fn message_id(delivery: &Delivery) -> Uuid {
-    delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .and_then(|id| Uuid::parse_str(id.as_str()).ok())
-        .unwrap_or_else(Uuid::nil)
+/// What handling needs of a delivery. The rest of lapin's [`Delivery`] (its
+/// properties, exchange, routing key and acker: about 400 bytes) is dropped on
+/// arrival, so it is not carried, and copied, with every job's future.
+pub struct Received {
+    /// The channel's delivery tag.
+    pub tag: u64,
+    /// The broker delivered this message before (a worker died or disconnected holding it).
+    pub redelivered: bool,
+    /// The `message_id` property as a job id, for naming an unreadable message.
+    pub message_id: Option<Uuid>,
+    /// The body: an encoded [`Envelope`].
+    pub data: Vec<u8>,
+}
+
+impl From<Delivery> for Received {
+    fn from(delivery: Delivery) -> Self {
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|id| Uuid::parse_str(id.as_str()).ok())
+            .filter(|id| !id.is_nil());
+        Self {
+            tag: delivery.delivery_tag,
+            redelivered: delivery.redelivered,
+            message_id,
+            data: delivery.data,
+        }
+    }
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

@@ -178,8 +178,10 @@ async fn unreadable_messages_are_dead_lettered_not_dropped() {
     let unknown_task = Envelope::new("no.such.task", json!({}));
     let mut future_version = serde_json::to_value(Envelope::new("diag.noop", json!({}))).unwrap();
     future_version["version"] = json!(99);
+    let not_json = raw(b"this is not json".to_vec());
+    let not_json_id = not_json.message_id;
     for message in [
-        raw(b"this is not json".to_vec()),
+        not_json,
         raw(unknown_task.encode()),
         raw(serde_json::to_vec(&future_version).unwrap()),
     ] {
@@ -204,6 +206,10 @@ async fn unreadable_messages_are_dead_lettered_not_dropped() {
         "{reasons:?}"
     );
     assert_eq!(app.job(unknown_task.id).await.unwrap().state, "dead");
+    // An unreadable body has no job id of its own: its dead-job record is named
+    // after the message's `message_id`.
+    let named = format!("SELECT count(*) AS n FROM dead_jobs WHERE id = '{not_json_id}'");
+    crate::harness::wait_until(WAIT, || async { app.count(&named).await == 1 }).await;
     stop.cancel();
 }
 
