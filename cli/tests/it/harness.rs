@@ -98,6 +98,10 @@ fn admin() -> PgConnection {
 
 /// The name of a template database holding the current migrations, created once
 /// (under an advisory lock, so parallel test processes agree).
+///
+/// Its name hashes the migrations' paths within `migrations/` and their contents,
+/// so every checkout of the same migrations (a CI clone, a second worktree)
+/// shares one template; it stays on the server as the suite's cache.
 fn template_database() -> String {
     static NAME: OnceLock<String> = OnceLock::new();
     NAME.get_or_init(|| {
@@ -106,7 +110,8 @@ fn template_database() -> String {
         let mut entries: Vec<_> = walk(&dir);
         entries.sort();
         for path in entries {
-            hasher.update(path.to_string_lossy().as_bytes());
+            let relative = path.strip_prefix(&dir).unwrap();
+            hasher.update(relative.to_string_lossy().as_bytes());
             hasher.update(std::fs::read(&path).unwrap());
         }
         let digest = hasher.finalize();
