@@ -247,6 +247,7 @@ impl Session<'_> {
                         queue,
                         delivery.into(),
                         acks,
+                        self.tracker.token(),
                         self.lost.clone(),
                     )));
                 }

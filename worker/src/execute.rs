@@ -27,6 +27,7 @@ use futures::future::BoxFuture;
 use lapin::message::Delivery;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -44,11 +45,13 @@ pub async fn handle(
     queue: Arc<str>,
     delivery: Received,
     acks: Arc<ChannelAcks>,
+    draining: TaskTrackerToken,
     lost: CancellationToken,
 ) {
     let settle = Settle {
         acks,
         tag: delivery.tag,
+        _draining: draining,
     };
     let envelope = match Envelope::decode(&delivery.data) {
         Ok(envelope) => envelope,
@@ -200,10 +203,11 @@ async fn run_envelope(
         Ok(()) => {
             change.finished_at = Some(ended);
             tracing::debug!(elapsed_ms, "job succeeded");
-            if rt.states.commit(change).await {
-                metrics.jobs_succeeded.with_label_values(&labels).inc();
+            let succeeded = metrics.jobs_succeeded.with_label_values(&labels);
+            rt.states.commit_then(change, move || {
+                succeeded.inc();
                 settle.ack();
-            }
+            });
         }
         Err(err) if !err.is_permanent() && envelope.attempt < options.max_attempts => {
             let wanted = match &err {
@@ -305,9 +309,14 @@ async fn finish(
 
 /// How one delivery is settled: acked with its channel's next batch (only
 /// after the commit that records its outcome), or returned to the queue.
+///
+/// It holds a token of the consumer's task tracker until it is dropped, so a
+/// draining worker also waits for outcomes still being committed after their
+/// handler ended (see [`StateWriter::commit_then`](crate::state_writer::StateWriter::commit_then)).
 struct Settle {
     acks: Arc<ChannelAcks>,
     tag: u64,
+    _draining: TaskTrackerToken,
 }
 
 impl Settle {

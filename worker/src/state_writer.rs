@@ -6,10 +6,13 @@
 //! queued to one writer that commits whatever has accumulated as a single
 //! multi-row upsert. Commits start at most once per `worker.state_linger_ms`:
 //! at a low rate that gathers several jobs per flush, and under load a commit
-//! takes longer than that anyway. The caller of a final change waits for its commit before
-//! acknowledging the delivery (ack after commit). A failed commit is retried
-//! with backoff until it succeeds, so a database outage stalls acks (and,
-//! through the prefetch window, consumption) instead of losing state.
+//! takes longer than that anyway. A final change's delivery is acknowledged only
+//! after its commit: the caller of a retry or dead letter waits for it
+//! ([`StateWriter::commit`]); a success is acknowledged by the writer itself once
+//! committed ([`StateWriter::commit_then`]), so its handler need not be woken
+//! again. A failed commit is retried with backoff until it succeeds, so a
+//! database outage stalls acks (and, through the prefetch window, consumption)
+//! instead of losing state.
 //!
 //! The upsert also creates the row when the job's publisher has not committed
 //! it yet, and never moves a job out of a final state or back to an older attempt.
@@ -96,7 +99,26 @@ pub struct Batching {
 
 struct Pending {
     item: Item,
-    done: Option<oneshot::Sender<()>>,
+    done: Option<Done>,
+}
+
+/// What happens once a pending entry is committed.
+enum Done {
+    /// The caller waiting in [`StateWriter::commit`] is woken.
+    Wake(oneshot::Sender<()>),
+    /// This runs on the writer task, and nobody waits.
+    Then(Box<dyn FnOnce() + Send>),
+}
+
+impl Done {
+    fn committed(self) {
+        match self {
+            Done::Wake(waiter) => {
+                let _ = waiter.send(());
+            }
+            Done::Then(then) => then(),
+        }
+    }
 }
 
 /// What one pending entry writes.
@@ -132,6 +154,20 @@ impl StateWriter {
         });
     }
 
+    /// Queues a change and runs `then` on the writer task once it is committed;
+    /// if the writer stops first, `then` is dropped without running. The caller
+    /// does not wait: a job's handler ends here instead of being woken again
+    /// after the commit only to acknowledge its delivery.
+    pub fn commit_then(&self, change: StateChange, then: impl FnOnce() + Send + 'static) {
+        let _ = self.tx.send(Pending {
+            item: Item {
+                change: Some(change),
+                dead: None,
+            },
+            done: Some(Done::Then(Box::new(then))),
+        });
+    }
+
     /// Queues a change and waits until it is committed. `false` when the writer
     /// stopped before committing it.
     pub async fn commit(&self, change: StateChange) -> bool {
@@ -158,7 +194,7 @@ impl StateWriter {
             .tx
             .send(Pending {
                 item,
-                done: Some(done),
+                done: Some(Done::Wake(done)),
             })
             .is_err()
         {
@@ -239,7 +275,7 @@ async fn write_loop(
             "job states committed"
         );
         for done in waiters {
-            let _ = done.send(());
+            done.committed();
         }
     }
 }

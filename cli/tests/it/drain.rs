@@ -70,6 +70,48 @@ async fn sigterm_drains_in_flight_jobs_and_a_second_worker_takes_the_rest() {
     );
 }
 
+/// A job that has finished but whose outcome is still being committed when the
+/// drain starts: its handler has already ended (the ack follows the commit, on
+/// the state writer), and the drain still waits for that commit and ack, so the
+/// message does not go back to the queue to be delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_outcomes_still_being_committed() {
+    use diesel::connection::SimpleConnection;
+    let mut app = TestApp::spawn_with(0, |_| {}).await;
+    let id = app.enqueue("diag.noop", json!({})).await;
+    // Hold the job's row, so the worker's commit of its outcome waits.
+    let mut holder = app.db.conn();
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM jobs WHERE id = '{id}' FOR UPDATE"
+        ))
+        .unwrap();
+    let pid = app.spawn_worker_process(10_000);
+    let db_name = app.db.name.clone();
+    let committing = format!(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = '{db_name}' \
+         AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO jobs%'"
+    );
+    wait_until(Duration::from_secs(20), || async {
+        app.count(&committing).await == 1
+    })
+    .await;
+    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    holder.batch_execute("COMMIT").unwrap();
+    let status = tokio::task::block_in_place(|| wait_exit(&mut app, 0, Duration::from_secs(12)));
+    assert!(status.success(), "worker exited with {status}");
+
+    let job = app.job(id).await.unwrap();
+    assert_eq!((job.state.as_str(), job.runs), ("succeeded", 1));
+    let work_queue = app.topology().work_queue("default");
+    assert_eq!(
+        app.queue_len(&work_queue).await,
+        0,
+        "the finished job's message came back to the queue"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_job_redelivers_and_completes() {
     let mut app = TestApp::spawn_with(0, |_| {}).await;
