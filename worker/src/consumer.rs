@@ -242,7 +242,10 @@ impl Session<'_> {
                     // Boxed: the handler's state machine is large, and tokio
                     // would otherwise copy it whole into the task and again
                     // when the task finishes (a tenth of a no-op drain's CPU).
-                    self.tracker.spawn(Box::pin(execute::handle(
+                    // Tracked by the token it carries, not by the task: the
+                    // token lives until the delivery is settled, which for a
+                    // success is after the handler ended (`commit_then`).
+                    tokio::spawn(Box::pin(execute::handle(
                         rt.clone(),
                         queue,
                         delivery.into(),
