@@ -275,7 +275,7 @@ fn finish_with<'a>(
     change: Option<StateChange>,
     dead: Option<DeadLetter>,
 ) -> BoxFuture<'a, ()> {
-    async move { finish(rt, settle, message, change, dead).await }.boxed()
+    finish(rt, settle, message, change, dead).boxed()
 }
 
 async fn finish(

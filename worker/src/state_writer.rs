@@ -128,6 +128,15 @@ struct Item {
     dead: Option<DeadLetter>,
 }
 
+impl Item {
+    fn change(change: StateChange) -> Self {
+        Self {
+            change: Some(change),
+            dead: None,
+        }
+    }
+}
+
 /// Queues changes for the writer task. Cheap to clone.
 #[derive(Clone)]
 pub struct StateWriter {
@@ -145,13 +154,7 @@ impl StateWriter {
 
     /// Queues a change without waiting for its commit.
     pub fn record(&self, change: StateChange) {
-        let _ = self.tx.send(Pending {
-            item: Item {
-                change: Some(change),
-                dead: None,
-            },
-            done: None,
-        });
+        self.queue(Item::change(change), None);
     }
 
     /// Queues a change and runs `then` on the writer task once it is committed;
@@ -159,23 +162,13 @@ impl StateWriter {
     /// does not wait: a job's handler ends here instead of being woken again
     /// after the commit only to acknowledge its delivery.
     pub fn commit_then(&self, change: StateChange, then: impl FnOnce() + Send + 'static) {
-        let _ = self.tx.send(Pending {
-            item: Item {
-                change: Some(change),
-                dead: None,
-            },
-            done: Some(Done::Then(Box::new(then))),
-        });
+        self.queue(Item::change(change), Some(Done::Then(Box::new(then))));
     }
 
     /// Queues a change and waits until it is committed. `false` when the writer
     /// stopped before committing it.
     pub async fn commit(&self, change: StateChange) -> bool {
-        self.commit_item(Item {
-            change: Some(change),
-            dead: None,
-        })
-        .await
+        self.commit_item(Item::change(change)).await
     }
 
     /// Commits `change` (if any) and the dead-job record `dead` in one
@@ -190,17 +183,12 @@ impl StateWriter {
 
     async fn commit_item(&self, item: Item) -> bool {
         let (done, committed) = oneshot::channel();
-        if self
-            .tx
-            .send(Pending {
-                item,
-                done: Some(Done::Wake(done)),
-            })
-            .is_err()
-        {
-            return false;
-        }
-        committed.await.is_ok()
+        self.queue(item, Some(Done::Wake(done))) && committed.await.is_ok()
+    }
+
+    /// Hands `item` to the writer task; `false` when it has stopped.
+    fn queue(&self, item: Item, done: Option<Done>) -> bool {
+        self.tx.send(Pending { item, done }).is_ok()
     }
 }
 
