@@ -157,9 +157,10 @@ pub struct WorkerConfig {
     pub queues: Vec<String>,
     /// Most job-state changes committed in one transaction.
     pub state_batch_max: usize,
-    /// Least time between the starts of two job-state commits (0: no limit).
-    /// Changes arriving meanwhile share the next commit; at a low rate each
-    /// would otherwise be a commit, and a disk flush, of its own.
+    /// Least time between the starts of two job-state commits (0: no limit),
+    /// unless 128 changes are already waiting. Changes arriving meanwhile share
+    /// the next commit; at a low rate each would otherwise be a commit, and a
+    /// disk flush, of its own.
     pub state_linger_ms: u64,
 }
 

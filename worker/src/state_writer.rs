@@ -4,9 +4,10 @@
 //! `succeeded`/`retrying`/`dead`). Committing each in its own transaction would
 //! cap a worker near the database's single-row commit rate, so changes are
 //! queued to one writer that commits whatever has accumulated as a single
-//! multi-row upsert. Commits start at most once per `worker.state_linger_ms`:
-//! at a low rate that gathers several jobs per flush, and under load a commit
-//! takes longer than that anyway. A final change's delivery is acknowledged only
+//! multi-row upsert. Commits start at most once per `worker.state_linger_ms`
+//! unless the batch already holds [`ENOUGH_FOR_A_COMMIT`] changes: at a low
+//! rate the linger gathers several jobs per flush, and under load a full batch
+//! does not wait for it. A final change's delivery is acknowledged only
 //! after its commit: the caller of a retry or dead letter waits for it
 //! ([`StateWriter::commit`]); a success is acknowledged by the writer itself once
 //! committed ([`StateWriter::commit_then`]), so its handler need not be woken
@@ -192,6 +193,11 @@ impl StateWriter {
     }
 }
 
+/// A batch of this many changes commits without waiting out the linger: one
+/// flush per 64 or more jobs costs little, and under load lingering held the
+/// drain back (see benches/RESULTS.md, "Session 9").
+const ENOUGH_FOR_A_COMMIT: usize = 128;
+
 async fn write_loop(
     pool: PgPool,
     mut rx: mpsc::UnboundedReceiver<Pending>,
@@ -202,12 +208,14 @@ async fn write_loop(
     let mut batch = Vec::with_capacity(batch_max);
     let mut last_commit: Option<tokio::time::Instant> = None;
     while rx.recv_many(&mut batch, batch_max).await > 0 {
-        // At most one commit per `linger`: changes arriving meanwhile share
-        // the next one. At a low rate each change would otherwise be a commit
-        // and a disk flush of its own, and those flushes delay the broker's on a
-        // shared disk. Under load a commit takes longer than `linger` anyway.
+        // At most one commit per `linger`, unless the batch already holds
+        // enough to be worth a flush: changes arriving meanwhile share the
+        // next one. At a low rate each change would otherwise be a commit and
+        // a disk flush of its own, and those flushes delay the broker's on a
+        // shared disk. Under load, waiting any longer would only hold
+        // deliveries unacked, and with them the prefetch window.
         if let Some(due) = last_commit.map(|at| at + batching.linger) {
-            while batch.len() < batch_max {
+            while batch.len() < ENOUGH_FOR_A_COMMIT.min(batch_max) {
                 let room = batch_max - batch.len();
                 let more = rx.recv_many(&mut batch, room);
                 if !matches!(tokio::time::timeout_at(due, more).await, Ok(n) if n > 0) {

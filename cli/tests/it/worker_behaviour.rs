@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -134,6 +135,36 @@ async fn state_changes_within_the_linger_share_one_commit() {
     assert!(
         waited_ms >= 600,
         "committed {waited_ms} ms after the second job was enqueued, not at the linger's end"
+    );
+}
+
+/// Under load the linger does not space the commits: a batch that already
+/// holds enough changes commits at once, so a backlog is not held unacked
+/// for a linger per batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_commits_without_waiting_out_the_linger() {
+    let mut app = TestApp::spawn_with(0, |c| c.worker.state_linger_ms = 1_000).await;
+    let jobs = 300;
+    let ids: Vec<_> = futures::stream::iter(0..jobs)
+        .map(|_| app.enqueue("diag.noop", json!({})))
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    app.start_worker().await;
+    for id in &ids {
+        app.wait_for_state(*id, "succeeded", WAIT).await;
+    }
+    // `updated_at` is the committing transaction's start time. Lingering a
+    // second after the first commit would leave all but its few jobs for later.
+    let early = app
+        .count(
+            "SELECT count(*) AS n FROM jobs
+              WHERE updated_at < (SELECT min(updated_at) FROM jobs) + interval '500 ms'",
+        )
+        .await;
+    assert!(
+        early >= jobs / 2,
+        "only {early} of {jobs} queued jobs committed within 500 ms of the first commit"
     );
 }
 
