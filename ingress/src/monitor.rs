@@ -21,7 +21,7 @@ use conveyor_platform::amqp::{
 use conveyor_platform::metrics::Metrics;
 use conveyor_schema::pool::{self, PgPool};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Double, Text};
+use diesel::sql_types::{Array, BigInt, Double, Text};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
@@ -140,7 +140,7 @@ pub async fn run(
                 .unwrap_or_else(|_| Err("the broker did not answer the poll in time".to_owned())),
             None => Err("not connected to the broker".to_owned()),
         };
-        let db_stats = poll_database(&db, settings).await;
+        let db_stats = poll_database(&db, &topology.queues, settings).await;
         let next = assemble(&topology, broker, db_stats, &metrics, &snapshot);
         if let Ok(mut current) = snapshot.write() {
             *current = next;
@@ -218,11 +218,18 @@ struct QueueRates {
 /// Waiting since the job became runnable: its enqueue, its delay's end
 /// (`not_before`, recorded as `next_attempt_at` while queued) or its retry's due
 /// time. Jobs not due yet are left out: they are delayed, not waiting.
-const OLDEST_WAITING: &str = "
-SELECT queue, EXTRACT(EPOCH FROM now() - min(since))::float8 AS value FROM (
-    SELECT queue, GREATEST(enqueued_at, COALESCE(next_attempt_at, enqueued_at)) AS since
-    FROM jobs WHERE state IN ('queued', 'retrying')) w
-WHERE since <= now() GROUP BY queue";
+/// `jobs_waiting_since` is ordered by that time, so each queue's answer is its
+/// first entry there, however long the backlog. Its one parameter is the
+/// logical queues (`text[]`); public so a test can check how it is planned.
+pub const OLDEST_WAITING: &str = "
+SELECT q.queue, EXTRACT(EPOCH FROM now() - w.since)::float8 AS value
+FROM unnest($1::text[]) AS q(queue)
+CROSS JOIN LATERAL (
+    SELECT min(GREATEST(enqueued_at, COALESCE(next_attempt_at, enqueued_at))) AS since
+    FROM jobs
+    WHERE jobs.queue = q.queue AND state IN ('queued', 'retrying')
+      AND GREATEST(enqueued_at, COALESCE(next_attempt_at, enqueued_at)) <= now()) w
+WHERE w.since IS NOT NULL";
 
 /// Events of the last minute, per queue, in one pass over the rows changed
 /// lately (every event updates `updated_at`; the BRIN index on it keeps this to
@@ -261,12 +268,15 @@ struct QueueStateCount {
     n: i64,
 }
 
-async fn poll_database(db: &PgPool, settings: PollSettings) -> Option<DbStats> {
+async fn poll_database(db: &PgPool, queues: &[String], settings: PollSettings) -> Option<DbStats> {
+    let queues = queues.to_vec();
     let gone_ms = settings.gone_after.as_millis() as f64;
     let prune_ms = settings.prune_after.as_millis() as f64;
     let result = pool::run(db, move |conn| {
         let mut stats = DbStats::default();
-        let oldest: Vec<QueueNumber> = diesel::sql_query(OLDEST_WAITING).load(conn)?;
+        let oldest: Vec<QueueNumber> = diesel::sql_query(OLDEST_WAITING)
+            .bind::<Array<Text>, _>(&queues)
+            .load(conn)?;
         stats.oldest = oldest.into_iter().map(|r| (r.queue, r.value)).collect();
         diesel::sql_query(
             "DELETE FROM workers WHERE last_seen_at < now() - make_interval(secs => $1 / 1000.0)",

@@ -267,3 +267,99 @@ async fn delayed_jobs_do_not_raise_the_oldest_age() {
         .unwrap();
     assert!(age < 60.0, "{age}");
 }
+
+/// The oldest waiting job of each queue is read from the first entry of
+/// `jobs_waiting_since`, not found among every waiting job: a backlog of
+/// 20 000 jobs (and older jobs that are delayed, not waiting) costs the poll
+/// one index entry per queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_waiting_job_is_one_index_entry_per_queue() {
+    use diesel::connection::SimpleConnection;
+    use diesel::prelude::*;
+    use diesel::sql_types::{Array, Double, Text};
+
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        queue: String,
+        #[diesel(sql_type = Double)]
+        value: f64,
+    }
+    #[derive(QueryableByName)]
+    struct Plan {
+        #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
+        json: String,
+    }
+
+    let db = tokio::task::spawn_blocking(crate::harness::TestDb::create)
+        .await
+        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = db.conn();
+        // Waiting for 10 000 s down to 8 000 s, on two queues; and, older still,
+        // a delayed job and a retry not due for an hour.
+        conn.batch_execute(
+            "INSERT INTO jobs (id, task, queue, state, args, max_attempts, enqueued_at)
+             SELECT gen_random_uuid(), 'diag.noop', CASE WHEN g % 4 = 0 THEN 'mail' ELSE 'default' END,
+                    'queued', '{}', 5, now() - interval '1 s' * (8000 + g / 10.0)
+             FROM generate_series(1, 20000) g;
+             INSERT INTO jobs (id, task, queue, state, args, attempts, max_attempts, enqueued_at, next_attempt_at)
+             VALUES (gen_random_uuid(), 'diag.noop', 'default', 'queued', '{}', 0, 5,
+                     now() - interval '1 day', now() + interval '1 hour'),
+                    (gen_random_uuid(), 'diag.noop', 'default', 'retrying', '{}', 1, 5,
+                     now() - interval '1 day', now() + interval '1 hour');
+             ANALYZE jobs;",
+        )
+        .unwrap();
+        let queues = vec!["default".to_owned(), "mail".to_owned(), "none".to_owned()];
+        let mut rows: Vec<Row> = diesel::sql_query(conveyor_ingress::monitor::OLDEST_WAITING)
+            .bind::<Array<Text>, _>(&queues)
+            .load(&mut conn)
+            .unwrap();
+        rows.sort_by(|a, b| a.queue.cmp(&b.queue));
+        let queues_found: Vec<&str> = rows.iter().map(|r| r.queue.as_str()).collect();
+        assert_eq!(queues_found, ["default", "mail"]);
+        // 8 000 + 19 999 / 10 s and 8 000 + 20 000 / 10 s ago, plus the
+        // moments since the insert; not the day-old delayed jobs.
+        let (default, mail) = (rows[0].value, rows[1].value);
+        assert!((9_999.9..10_060.0).contains(&default), "{default}");
+        assert!(((mail - default) - 0.1).abs() < 0.01, "{default} {mail}");
+
+        let plan: Plan = diesel::sql_query(format!(
+            "EXPLAIN (ANALYZE, FORMAT JSON) {}",
+            conveyor_ingress::monitor::OLDEST_WAITING
+        ))
+        .bind::<Array<Text>, _>(&queues)
+        .get_result(&mut conn)
+        .unwrap();
+        let plan: serde_json::Value = serde_json::from_str(&plan.json).unwrap();
+        let mut scans = Vec::new();
+        fn walk(node: &serde_json::Value, scans: &mut Vec<(String, String, f64)>) {
+            if let Some(kind) = node["Node Type"].as_str().filter(|k| k.contains("Scan"))
+                && node["Relation Name"] == "jobs"
+            {
+                let loops = node["Actual Loops"].as_f64().unwrap_or(1.0);
+                scans.push((
+                    kind.to_owned(),
+                    node["Index Name"].as_str().unwrap_or("").to_owned(),
+                    node["Actual Rows"].as_f64().unwrap_or(0.0) * loops,
+                ));
+            }
+            for child in node["Plans"].as_array().into_iter().flatten() {
+                walk(child, scans);
+            }
+        }
+        walk(&plan[0]["Plan"], &mut scans);
+        assert!(!scans.is_empty(), "{plan}");
+        for (kind, index, rows) in &scans {
+            assert_eq!(
+                (kind.as_str(), index.as_str()),
+                ("Index Scan", "jobs_waiting_since"),
+                "{plan}"
+            );
+            assert!(*rows <= 3.0, "read {rows} rows of jobs: {plan}");
+        }
+    })
+    .await
+    .unwrap();
+}

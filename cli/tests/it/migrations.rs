@@ -210,31 +210,33 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
     let versions: Vec<&String> = applied.iter().map(|(_, v)| v).collect();
     assert_eq!(versions, pending.iter().map(|(_, v)| v).collect::<Vec<_>>());
 
-    // The newest one drops an index; reverting it brings exactly that back.
+    // The newest one replaces an index; reverting it brings exactly the old one back.
     let newest = folders.last().unwrap();
     assert!(
-        newest.ends_with("_drop_jobs_finished_at_brin"),
+        newest.ends_with("_jobs_waiting_since"),
         "update this test: {newest}"
     );
-    let index_exists = || {
+    let waiting_index = || {
         #[derive(diesel::QueryableByName)]
-        struct N {
-            #[diesel(sql_type = diesel::sql_types::BigInt)]
-            n: i64,
+        struct Name {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            indexname: String,
         }
         use diesel::RunQueryDsl;
         diesel::sql_query(
-            "SELECT count(*) AS n FROM pg_indexes WHERE indexname = 'jobs_finished_at_brin'",
+            "SELECT indexname FROM pg_indexes WHERE indexname IN ('jobs_waiting', 'jobs_waiting_since')",
         )
-        .get_result::<N>(&mut db.conn())
+        .load::<Name>(&mut db.conn())
         .unwrap()
-        .n == 1
+        .into_iter()
+        .map(|row| row.indexname)
+        .collect::<Vec<_>>()
     };
-    assert!(!index_exists());
+    assert_eq!(waiting_index(), ["jobs_waiting_since"]);
     let reverted = conveyor_migrate(&db, &["revert"]);
     let last = &applied.last().unwrap().1;
     assert_eq!(reverted.trim(), format!("reverted {last}"));
-    assert!(index_exists());
+    assert_eq!(waiting_index(), ["jobs_waiting"]);
     let after = migrate_status(&db);
     let (newest_state, rest) = after.split_last().unwrap();
     assert_eq!(newest_state, &("pending".to_owned(), last.clone()));
@@ -248,7 +250,7 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         conveyor_migrate(&db, &["run"]).trim(),
         format!("applied {last}")
     );
-    assert!(!index_exists());
+    assert_eq!(waiting_index(), ["jobs_waiting_since"]);
 }
 
 /// The Postgres type of a Diesel type in `schema/src/db.rs`, as
