@@ -268,6 +268,52 @@ async fn delayed_jobs_do_not_raise_the_oldest_age() {
     assert!(age < 60.0, "{age}");
 }
 
+/// The last minute's rates count each event once, although every poll
+/// (100 ms apart here) sees the rows again: a poll counts only the seconds
+/// since the previous one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_minute_counts_each_event_once() {
+    let app = TestApp::spawn_with(1, fast_monitor).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push((app.enqueue("diag.noop", json!({})).await, "succeeded"));
+    }
+    let retried = app.enqueue("diag.fail", json!({"until_attempt": 2})).await;
+    ids.push((retried, "succeeded"));
+    let dead = app.enqueue("diag.fail", json!({"permanent": true})).await;
+    ids.push((dead, "dead"));
+    for (id, state) in ids {
+        app.wait_for_state(id, state, WAIT).await;
+    }
+    let rates = |polled: &serde_json::Value| {
+        let default = &polled["queues"][0];
+        assert_eq!(default["queue"], "default");
+        let kinds = ["published", "started", "succeeded", "retried", "dead"];
+        kinds.map(|kind| default[format!("{kind}_last_minute")].as_i64().unwrap())
+    };
+    // A second is counted once it is two seconds old. The retried job's
+    // second attempt starts within a second or two of its first, so its first
+    // start is counted only if the row still showed it when that second was.
+    let counted = |seen: [i64; 5]| {
+        let [published, started, succeeded, retried, dead] = seen;
+        (published, succeeded, retried, dead) == (5, 4, 1, 1) && (5..=6).contains(&started)
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut seen = rates(&snapshot(&app).await);
+    while !counted(seen) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen = rates(&snapshot(&app).await);
+    }
+    assert!(
+        counted(seen),
+        "published, started, succeeded, retried, dead: {seen:?}"
+    );
+    // Thirty more polls later, nothing was counted again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let polled = next_poll(&app).await;
+    assert_eq!(rates(&polled), seen, "{polled}");
+}
+
 /// The oldest waiting job of each queue is read from the first entry of
 /// `jobs_waiting_since`, not found among every waiting job: a backlog of
 /// 20 000 jobs (and older jobs that are delayed, not waiting) costs the poll

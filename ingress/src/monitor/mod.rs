@@ -9,8 +9,10 @@
 //! the management plugin is not needed. The poller also prunes `workers` rows
 //! silent for longer than `monitor.worker_prune_after_ms`.
 
+mod rates;
+
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -27,6 +29,8 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+
+use self::rates::{Counts, MinuteRates};
 
 /// One logical queue as last polled.
 #[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
@@ -50,7 +54,8 @@ pub struct QueueStats {
     pub backlog_per_worker: f64,
     /// Jobs published (recorded) in the last minute: new, scheduled and replayed ones.
     pub published_last_minute: i64,
-    /// Jobs whose latest attempt started in the last minute.
+    /// Attempts started in the last minute (when a job's next attempt starts
+    /// within about two seconds of its previous one, only the later counts).
     pub started_last_minute: i64,
     /// Jobs that succeeded in the last minute.
     pub succeeded_last_minute: i64,
@@ -121,6 +126,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let mut connection: Option<Connection> = None;
+    let rates = Arc::new(Mutex::new(MinuteRates::default()));
     let mut ticker = tokio::time::interval(settings.every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -140,7 +146,7 @@ pub async fn run(
                 .unwrap_or_else(|_| Err("the broker did not answer the poll in time".to_owned())),
             None => Err("not connected to the broker".to_owned()),
         };
-        let db_stats = poll_database(&db, &topology.queues, settings).await;
+        let db_stats = poll_database(&db, &topology.queues, &rates, settings).await;
         let next = assemble(&topology, broker, db_stats, &metrics, &snapshot);
         if let Ok(mut current) = snapshot.write() {
             *current = next;
@@ -195,24 +201,7 @@ struct DbStats {
     workers_live: i64,
     workers_gone: i64,
     dead_jobs: HashMap<String, i64>,
-    rates: HashMap<String, QueueRates>,
-}
-
-/// Per-queue counts over the last minute, from the job records.
-#[derive(QueryableByName)]
-struct QueueRates {
-    #[diesel(sql_type = Text)]
-    queue: String,
-    #[diesel(sql_type = BigInt)]
-    published: i64,
-    #[diesel(sql_type = BigInt)]
-    started: i64,
-    #[diesel(sql_type = BigInt)]
-    succeeded: i64,
-    #[diesel(sql_type = BigInt)]
-    retried: i64,
-    #[diesel(sql_type = BigInt)]
-    dead: i64,
+    rates: HashMap<String, Counts>,
 }
 
 /// Waiting since the job became runnable: its enqueue, its delay's end
@@ -230,25 +219,6 @@ CROSS JOIN LATERAL (
     WHERE jobs.queue = q.queue AND state IN ('queued', 'retrying')
       AND GREATEST(enqueued_at, COALESCE(next_attempt_at, enqueued_at)) <= now()) w
 WHERE w.since IS NOT NULL";
-
-/// Events of the last minute, per queue, in one pass over the rows changed
-/// lately (every event updates `updated_at`; the BRIN index on it keeps this to
-/// the table's recent pages, and the margin absorbs worker clocks running ahead).
-/// `retried` counts failed attempts that were not a job's last: every error of
-/// a job that is not dead, all but the final one of a dead job.
-const RATES: &str = "
-SELECT queue,
-    count(*) FILTER (WHERE enqueued_at > now() - interval '60 seconds') AS published,
-    count(*) FILTER (WHERE started_at > now() - interval '60 seconds') AS started,
-    count(*) FILTER (WHERE state = 'succeeded' AND finished_at > now() - interval '60 seconds') AS succeeded,
-    count(*) FILTER (WHERE state = 'dead' AND finished_at > now() - interval '60 seconds') AS dead,
-    COALESCE(sum((
-        SELECT count(*) FROM jsonb_array_elements(errors) e
-        WHERE (e->>'at')::timestamptz > now() - interval '60 seconds'
-          AND NOT (state = 'dead' AND (e->>'attempt')::int >= attempts)
-    ) ) FILTER (WHERE errors <> '[]'::jsonb), 0)::int8 AS retried
-FROM jobs WHERE updated_at > now() - interval '90 seconds'
-GROUP BY queue";
 
 #[derive(QueryableByName)]
 struct QueueNumber {
@@ -268,8 +238,14 @@ struct QueueStateCount {
     n: i64,
 }
 
-async fn poll_database(db: &PgPool, queues: &[String], settings: PollSettings) -> Option<DbStats> {
+async fn poll_database(
+    db: &PgPool,
+    queues: &[String],
+    rates: &Arc<Mutex<MinuteRates>>,
+    settings: PollSettings,
+) -> Option<DbStats> {
     let queues = queues.to_vec();
+    let rates = rates.clone();
     let gone_ms = settings.gone_after.as_millis() as f64;
     let prune_ms = settings.prune_after.as_millis() as f64;
     let result = pool::run(db, move |conn| {
@@ -316,8 +292,12 @@ async fn poll_database(db: &PgPool, queues: &[String], settings: PollSettings) -
         )
         .load(conn)?;
         stats.dead_jobs = dead.into_iter().map(|r| (r.queue, r.n)).collect();
-        let rates: Vec<QueueRates> = diesel::sql_query(RATES).load(conn)?;
-        stats.rates = rates.into_iter().map(|r| (r.queue.clone(), r)).collect();
+        let mut rates = rates.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        rates.poll(conn)?;
+        stats.rates = queues
+            .iter()
+            .map(|queue| (queue.clone(), rates.last_minute(queue)))
+            .collect();
         Ok(stats)
     })
     .await;
@@ -374,13 +354,12 @@ fn assemble(
             stats.oldest_waiting_seconds = db.oldest.get(queue).copied().unwrap_or(0.0).max(0.0);
             stats.live_workers = db.live_workers.get(queue).copied().unwrap_or(0);
             stats.dead_jobs = db.dead_jobs.get(queue).copied().unwrap_or(0);
-            let rates = db.rates.get(queue);
-            let rate = |pick: fn(&QueueRates) -> i64| rates.map_or(0, pick);
-            stats.published_last_minute = rate(|r| r.published);
-            stats.started_last_minute = rate(|r| r.started);
-            stats.succeeded_last_minute = rate(|r| r.succeeded);
-            stats.retried_last_minute = rate(|r| r.retried);
-            stats.dead_last_minute = rate(|r| r.dead);
+            let rates = db.rates.get(queue).copied().unwrap_or_default();
+            stats.published_last_minute = rates.published;
+            stats.started_last_minute = rates.started;
+            stats.succeeded_last_minute = rates.succeeded;
+            stats.retried_last_minute = rates.retried;
+            stats.dead_last_minute = rates.dead;
             metrics
                 .queue_oldest_job_age
                 .with_label_values(&[queue.as_str()])
