@@ -6,14 +6,14 @@
 //! ingress, and more as the job rate grows. Instead each poll counts only the
 //! events of the seconds since the previous one, per second, and the minute is
 //! the sum of its last 60 seconds. A poll reads the rows changed since the
-//! previous poll's seconds began (less [`CLOCK_SKEW`]), about 12 s of rows with
+//! previous poll's seconds began (less [`CLOCK_SKEW_SECS`]), about 11 s of rows with
 //! the default 5 s poll; only the first poll reads a whole minute.
 //!
-//! An event is counted with its second, once that second is [`LAG`] old, so
+//! An event is counted with its second, once that second is [`LAG_SECS`] old, so
 //! the commit that records it has landed (a worker commits job states at least
 //! once per `worker.state_linger_ms`, at most 1 s). A row changed again later
 //! still shows the event, but its second has been counted, so no event counts
-//! twice. An event committed more than [`LAG`] after it happened (the database
+//! twice. An event committed more than [`LAG_SECS`] after it happened (the database
 //! was down, say) is not counted.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,11 +22,11 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 
 /// A second is counted once it is this old.
-pub const LAG_SECS: i64 = 2;
+const LAG_SECS: i64 = 2;
 /// How far a worker's or enqueuer's clock may run ahead of the database's:
 /// a row's `updated_at` (the database's clock) may be this much earlier than
 /// the event times (the writer's clock) it records.
-pub const CLOCK_SKEW_SECS: i64 = 5;
+const CLOCK_SKEW_SECS: i64 = 5;
 /// The window the counts cover.
 const WINDOW_SECS: i64 = 60;
 
