@@ -14,6 +14,7 @@ services: ## Make sure PostgreSQL and RabbitMQ answer (starting or installing th
 lint:
 	cargo fmt --all --check
 	cargo clippy --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 test: lint ## fmt check, clippy, and the whole test suite against real services
 	@bash deploy/local/schemathesis.sh >/dev/null  # the fuzz test's `st`

@@ -159,7 +159,7 @@ const ROWS_PER_INSERT: usize = 1000;
 /// Each used to be a transaction of its own, so an accepted webhook waited for
 /// the database's flush twice besides its job's group commit, which held
 /// signed webhooks near the single-row commit rate. Both now go through
-/// [`BatchWriter`]s: concurrent webhooks share one insert and one commit.
+/// `BatchWriter`s: concurrent webhooks share one insert and one commit.
 /// Only a `webhook-id` found claimed already takes the slower path.
 #[derive(Clone)]
 pub struct Ledger {

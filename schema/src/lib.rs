@@ -2,7 +2,7 @@
 //!
 //! Ingress, worker and tasks never depend on each other; they meet here. This
 //! crate holds the wire format of a job (the [`envelope`]), the list of tasks
-//! that exist with their argument types and options (the [`catalogue`]), and
+//! that exist with their argument types and options (the [`catalogue()`]), and
 //! the database tables as Diesel sees them ([`db`] and [`models`]). It holds no
 //! I/O: nothing here opens a socket.
 

@@ -5,7 +5,7 @@
 //! request (one transaction, one confirm round trip) caps the ingress near the
 //! database's single-commit rate, so submissions are batched:
 //!
-//! 1. a lane (see [`lane`]) opens a transaction; if the database is
+//! 1. a lane (see `lane.rs`) opens a transaction; if the database is
 //!    unreachable, nothing is published and every submission gets 503;
 //! 2. the batch's records are inserted in that transaction while, at the same
 //!    time, the messages are published on one confirm channel, pipelined;

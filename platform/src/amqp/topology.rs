@@ -176,7 +176,7 @@ impl Topology {
     /// a (re)connecting process needs it.
     ///
     /// On a process's first connection (`first`) it waits, up to
-    /// [`DECLARE_TIMEOUT`], and fails on any error, so a misconfiguration stops
+    /// `DECLARE_TIMEOUT`, and fails on any error, so a misconfiguration stops
     /// the start. On a reconnect the topology already exists unless the broker
     /// lost its definitions, and declaring can stall for seconds while quorum
     /// queues elect new leaders after a node loss (the broker asks each queue's
@@ -186,7 +186,7 @@ impl Topology {
     /// NOT_FOUND) passes `first` again to wait for them.
     ///
     /// Each dead-letter inbox is declared on a channel of its own and an inbox
-    /// left by an older release is kept (see [`Self::declare_inbox_tolerantly`]).
+    /// left by an older release is kept (see `declare_inbox_tolerantly`).
     pub async fn declare_on(&self, connection: &Connection, first: bool) -> anyhow::Result<()> {
         let channel = connection.create_channel().await?;
         let mut inbox_channels = Vec::with_capacity(self.queues.len());

@@ -2,8 +2,8 @@
 //! exactly once across all workers.
 //!
 //! Each pass reads the database clock and the latest claimed tick of every
-//! schedule, works out the due ticks ([`plan`]), claims each in Postgres
-//! ([`claim`]; one winner per tick, whatever the number of workers), publishes
+//! schedule, works out the due ticks (`plan`), claims each in Postgres
+//! (`claim`; one winner per tick, whatever the number of workers), publishes
 //! the winner's job with a confirm, and re-publishes ticks that a dead worker
 //! claimed but never published. Ticks are computed against the database's
 //! clock, not the worker's, so workers whose clocks drift apart still agree on
