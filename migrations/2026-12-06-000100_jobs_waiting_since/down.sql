@@ -1,2 +1,1 @@
-CREATE INDEX jobs_waiting ON jobs (queue, enqueued_at) WHERE state IN ('queued', 'retrying');
-DROP INDEX IF EXISTS jobs_waiting_since;
+DROP INDEX CONCURRENTLY IF EXISTS jobs_waiting_since;

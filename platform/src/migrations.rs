@@ -248,16 +248,34 @@ pub fn ensure_current(config: &DatabaseConfig) -> Result<(), MigrationError> {
     Ok(())
 }
 
+/// How often a run waiting for another instance's asks for the lock again.
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn try_lock(conn: &mut PgConnection) -> QueryResult<bool> {
+    #[derive(QueryableByName)]
+    struct Taken {
+        #[diesel(sql_type = Bool)]
+        taken: bool,
+    }
+    let row: Taken = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS taken")
+        .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
+        .get_result(conn)?;
+    Ok(row.taken)
+}
+
 fn with_lock<T>(
     conn: &mut PgConnection,
     config: &DatabaseConfig,
     body: impl FnOnce(&mut PgConnection) -> Result<T, MigrationError>,
 ) -> Result<T, MigrationError> {
-    // Wait as long as it takes for another instance's run; then fail fast on table locks.
-    diesel::sql_query("SELECT pg_advisory_lock($1)")
-        .bind::<BigInt, _>(MIGRATION_LOCK_KEY)
-        .execute(conn)
-        .map_err(|e| failed("taking the migration lock", e))?;
+    // Wait as long as it takes for another instance's run; then fail fast on
+    // table locks. The wait polls rather than blocking in `pg_advisory_lock`:
+    // a session blocked in a statement holds a snapshot, and a migration that
+    // builds an index CONCURRENTLY waits for every such snapshot to end, so the
+    // two would deadlock.
+    while !try_lock(conn).map_err(|e| failed("taking the migration lock", e))? {
+        std::thread::sleep(LOCK_POLL);
+    }
     conn.batch_execute(&format!(
         "SET lock_timeout = '{}ms'",
         config.lock_timeout_ms
