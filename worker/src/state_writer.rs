@@ -6,7 +6,7 @@
 //! queued to one writer that commits whatever has accumulated as a single
 //! multi-row upsert. Commits start at most once per `worker.state_linger_ms`
 //! unless the batch already holds [`ENOUGH_FOR_A_COMMIT`] changes: at a low
-//! rate the linger gathers several jobs per flush, and under load a full batch
+//! rate the linger gathers several jobs per flush, and under load a batch that size
 //! does not wait for it. A final change's delivery is acknowledged only
 //! after its commit: the caller of a retry or dead letter waits for it
 //! ([`StateWriter::commit`]); a success is acknowledged by the writer itself once
