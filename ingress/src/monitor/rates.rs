@@ -46,13 +46,15 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Adds `n` events of `kind`, one of the kinds [`EVENTS`] yields.
     fn add(&mut self, kind: &str, n: i64) {
         match kind {
             "published" => self.published += n,
             "started" => self.started += n,
             "succeeded" => self.succeeded += n,
             "retried" => self.retried += n,
-            _ => self.dead += n,
+            "dead" => self.dead += n,
+            _ => {}
         }
     }
 
