@@ -618,8 +618,46 @@ fn one_line(err: &figment::Error) -> String {
 }
 
 /// The database URL, exposed for the one place each process builds its pool.
+///
+/// A URL naming a loopback host (`localhost`, `127.0.0.0/8`, `::1`) and no
+/// `sslmode` gets `sslmode=disable`, unless `PGSSLMODE` is set: libpq's
+/// default (`prefer`) would encrypt traffic that never leaves the machine,
+/// which cost about 5 % of the enqueue rate (benches/RESULTS.md, "Session
+/// 10"). Name an `sslmode` in the URL to choose otherwise.
 pub fn database_url(config: &Config) -> String {
-    config.database.url.expose_secret().to_owned()
+    plain_on_loopback(
+        config.database.url.expose_secret(),
+        std::env::var_os("PGSSLMODE").is_some(),
+    )
+}
+
+/// `raw` with `sslmode=disable` added when it names a loopback host and neither
+/// it nor the environment (`sslmode_in_env`) chooses a mode.
+fn plain_on_loopback(raw: &str, sslmode_in_env: bool) -> String {
+    let Ok(url) = url::Url::parse(raw) else {
+        return raw.to_owned();
+    };
+    // A `host` or `hostaddr` parameter overrides the URL's host (a Unix socket, say).
+    let chooses = url
+        .query_pairs()
+        .any(|(key, _)| matches!(&*key, "sslmode" | "host" | "hostaddr"));
+    let loopback = match url.host() {
+        // `postgres:` is not a scheme `url` knows, so an IPv4 host arrives as a name.
+        Some(url::Host::Domain(name)) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name
+                    .parse::<std::net::Ipv4Addr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    if chooses || sslmode_in_env || !loopback || url.fragment().is_some() {
+        return raw.to_owned();
+    }
+    let separator = if url.query().is_some() { '&' } else { '?' };
+    format!("{raw}{separator}sslmode=disable")
 }
 
 /// The SMTP URL (it may carry credentials), exposed for the one place the pool is built.
@@ -631,6 +669,35 @@ pub fn smtp_url(config: &Config) -> String {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_loopback_database_is_reached_without_tls_unless_a_mode_is_chosen() {
+        for (raw, expected) in [
+            (
+                "postgres://postgres@127.0.0.1:5432/conveyor",
+                "postgres://postgres@127.0.0.1:5432/conveyor?sslmode=disable",
+            ),
+            (
+                "postgres://u:p@localhost/db?application_name=x",
+                "postgres://u:p@localhost/db?application_name=x&sslmode=disable",
+            ),
+            ("postgres://[::1]/db", "postgres://[::1]/db?sslmode=disable"),
+            (
+                "postgres://127.0.0.1/db?sslmode=require",
+                "postgres://127.0.0.1/db?sslmode=require",
+            ),
+            (
+                "postgres://127.0.0.1/db?host=/run/postgresql",
+                "postgres://127.0.0.1/db?host=/run/postgresql",
+            ),
+            ("postgres://db.internal/db", "postgres://db.internal/db"),
+            ("postgres://10.0.0.7/db", "postgres://10.0.0.7/db"),
+        ] {
+            assert_eq!(plain_on_loopback(raw, false), expected, "{raw}");
+        }
+        let chosen_by_env = "postgres://127.0.0.1/db";
+        assert_eq!(plain_on_loopback(chosen_by_env, true), chosen_by_env);
+    }
 
     #[test]
     fn defaults_are_valid() {

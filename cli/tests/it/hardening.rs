@@ -175,3 +175,33 @@ async fn recorder_connections_killed_between_batches_are_replaced() {
     assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 6);
     assert_eq!(app.queue_len(&work).await, 6);
 }
+
+/// A database on the same host is reached without TLS, which would encrypt
+/// traffic that never leaves the machine (`config::database_url`). Debian's
+/// PostgreSQL offers TLS (`ssl = on`), and libpq's default takes it: the
+/// harness's own connection, made with the bare URL, shows the difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_on_the_same_host_is_reached_without_tls() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    assert_eq!(app.enqueue_status(&app.client).await, 202);
+    let lanes = format!(
+        "FROM pg_stat_activity JOIN pg_stat_ssl USING (pid)
+         WHERE datname = current_database() AND application_name = '{}'",
+        conveyor_ingress::recorder::LANE_APPLICATION_NAME
+    );
+    assert!(app.count(&format!("SELECT count(*) AS n {lanes}")).await >= 1);
+    assert_eq!(
+        app.count(&format!("SELECT count(*) AS n {lanes} AND ssl"))
+            .await,
+        0,
+        "a recorder lane's connection to 127.0.0.1 uses TLS"
+    );
+    let server_offers_tls = app
+        .count("SELECT count(*) AS n FROM pg_settings WHERE name = 'ssl' AND setting = 'on'")
+        .await
+        == 1;
+    if server_offers_tls {
+        let own = "SELECT count(*) AS n FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl";
+        assert_eq!(app.count(own).await, 1, "libpq's default should take TLS");
+    }
+}
