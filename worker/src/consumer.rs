@@ -54,7 +54,7 @@ pub async fn run(rt: Arc<Runtime>, options: ConsumeOptions, consuming: Consuming
     // Declare the topology and wait for it before consuming: on the first
     // connection, and after the broker said a queue is missing.
     let mut declare_first = true;
-    let mut connection: Option<(Connection, Vec<Arc<ChannelAcks>>)> = None;
+    let mut connection: Option<(Connection, Consumed)> = None;
     // A job's outcome may have to be published (its retry, its dead letter).
     // Consuming before this worker's publisher is connected would return such
     // a job to the queue after it ran, to run again, as often as it came back
@@ -92,8 +92,8 @@ pub async fn run(rt: Arc<Runtime>, options: ConsumeOptions, consuming: Consuming
             lost: &lost,
         };
         match session.consume(&mut declare_first).await {
-            Ok(acks) => {
-                connection = Some((conn, acks));
+            Ok(consumed) => {
+                connection = Some((conn, consumed));
                 break;
             }
             Err(err) => {
@@ -133,12 +133,13 @@ pub async fn run(rt: Arc<Runtime>, options: ConsumeOptions, consuming: Consuming
             "grace period over; returning unfinished jobs to the queue"
         );
     }
-    if let Some((conn, acks)) = connection {
-        for channel_acks in acks {
+    if let Some((conn, consumed)) = connection {
+        for channel_acks in &consumed.acks {
             channel_acks.flush().await;
         }
         // Closing returns every unacknowledged delivery to its queue.
         close_quietly(&conn, "worker shutting down").await;
+        drop(consumed);
     }
 }
 
@@ -158,7 +159,7 @@ impl Session<'_> {
     /// error (`Err`). With `declare_first` it declares the topology and waits
     /// for that before consuming, and clears the flag once it succeeded;
     /// otherwise the declaration runs in the background (see `Topology::declare_on`).
-    async fn consume(&self, declare_first: &mut bool) -> anyhow::Result<Vec<Arc<ChannelAcks>>> {
+    async fn consume(&self, declare_first: &mut bool) -> anyhow::Result<Consumed> {
         let (rt, conn, options) = (self.rt, self.conn, self.options);
         rt.topology.declare_on(conn, *declare_first).await?;
         *declare_first = false;
@@ -269,13 +270,30 @@ impl Session<'_> {
                 None => anyhow::bail!("the broker closed the consumers"),
             }
         }
+        let mut channels = Vec::with_capacity(consumers.len());
         for (channel, tag) in consumers {
             let _ = channel
                 .basic_cancel(tag, BasicCancelOptions::default())
                 .await;
+            channels.push(channel);
         }
-        Ok(all_acks)
+        Ok(Consumed {
+            acks: all_acks,
+            channels,
+        })
     }
+}
+
+/// What a session that ended in shutdown leaves to settle before its
+/// connection closes.
+struct Consumed {
+    /// Each work queue channel's acks, still to flush.
+    acks: Vec<Arc<ChannelAcks>>,
+    /// Every consume channel, held until the connection has closed: dropping a
+    /// channel's last handle closes it, and a channel close that races the
+    /// connection's made lapin log a connection error at every clean shutdown.
+    #[expect(dead_code, reason = "held, never read")]
+    channels: Vec<Channel>,
 }
 
 /// A delivery, or the end of one consumer.

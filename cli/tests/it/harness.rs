@@ -350,6 +350,21 @@ impl TestApp {
     /// Like [`Self::spawn_worker_process`], with `config_toml` written to a file
     /// passed as `--config` (for what env variables cannot say, like `[[schedules]]`).
     pub fn spawn_worker_process_with(&mut self, grace_ms: u64, config_toml: Option<&str>) -> u32 {
+        let log = if std::env::var_os("TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        self.spawn_worker(grace_ms, config_toml, log)
+    }
+
+    /// Like [`Self::spawn_worker_process`], with the worker's log (stderr) written to `log`.
+    pub fn spawn_worker_process_logging_to(&mut self, grace_ms: u64, log: &std::path::Path) -> u32 {
+        let file = std::fs::File::create(log).expect("worker log file");
+        self.spawn_worker(grace_ms, None, Stdio::from(file))
+    }
+
+    fn spawn_worker(&mut self, grace_ms: u64, config_toml: Option<&str>, log: Stdio) -> u32 {
         let mut command = Command::new(env!("CARGO_BIN_EXE_conveyor"));
         if let Some(toml) = config_toml {
             let mut file = tempfile::NamedTempFile::new().expect("config file");
@@ -357,11 +372,6 @@ impl TestApp {
             command.arg("--config").arg(file.path());
             self.config_files.push(file.into_temp_path());
         }
-        let log = if std::env::var_os("TEST_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        };
         let child = command
             .arg("worker")
             .env_clear()
