@@ -191,7 +191,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     )
     .context("starting the recorder's database lanes")?;
     let snapshot = monitor::SharedSnapshot::default();
-    tokio::spawn(monitor::run(
+    // Started once the publisher has declared the topology (below): polled
+    // before that, the queues of a new namespace do not exist yet, and each
+    // passive declare would log a broker error.
+    let monitoring = monitor::run(
         config.amqp_urls().iter().map(|u| (*u).to_owned()).collect(),
         topology.clone(),
         db.clone(),
@@ -199,7 +202,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         snapshot.clone(),
         monitor::PollSettings::from_config(&config),
         plumbing.clone(),
-    ));
+    );
     let webhooks = std::sync::Arc::new(webhooks::Sources::from_config(&config.webhooks)?);
     webhooks::spawn_sweeper(db.clone(), plumbing.clone());
     let webhook_rejections = webhook_rejections::Rejections::default();
@@ -252,6 +255,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     publisher
         .wait_connected(std::time::Duration::from_secs(5))
         .await;
+    tokio::spawn(monitoring);
     tracing::info!(%addr, "ingress listening");
     let finished = tokio::spawn(async move {
         let served = axum::serve(listener, app)

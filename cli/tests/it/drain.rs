@@ -70,35 +70,6 @@ async fn sigterm_drains_in_flight_jobs_and_a_second_worker_takes_the_rest() {
     );
 }
 
-/// A clean shutdown logs no error (and a log sent to a file has no colour
-/// codes to strip). lapin logged "Connection error: invalid
-/// channel state: Closing" at every SIGTERM when the dead-letter inboxes'
-/// channels, dropped as consuming stopped, closed while the connection did.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clean_shutdown_logs_no_error_in_plain_text() {
-    let mut app = TestApp::spawn_with(0, |_| {}).await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("worker.log");
-    let pid = app.spawn_worker_process_logging_to(10_000, &log);
-    let id = app.enqueue("diag.noop", json!({})).await;
-    app.wait_for_state(id, "succeeded", Duration::from_secs(20))
-        .await;
-    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
-    let status = tokio::task::block_in_place(|| wait_exit(&mut app, 0, Duration::from_secs(12)));
-    assert!(status.success(), "worker exited with {status}");
-    let logged = std::fs::read_to_string(&log).unwrap();
-    assert!(logged.contains("worker stopped"), "{logged}");
-    let errors: Vec<&str> = logged
-        .lines()
-        .filter(|line| line.contains("ERROR") || line.contains("WARN"))
-        .collect();
-    assert!(errors.is_empty(), "a clean shutdown logged: {errors:#?}");
-    assert!(
-        !logged.contains('\u{1b}'),
-        "a log written to a file carries terminal colour codes: {logged}"
-    );
-}
-
 /// A job that has finished but whose outcome is still being committed when the
 /// drain starts: its handler has already ended (the ack follows the commit, on
 /// the state writer), and the drain still waits for that commit and ack, so the

@@ -365,6 +365,35 @@ impl TestApp {
     }
 
     fn spawn_worker(&mut self, grace_ms: u64, config_toml: Option<&str>, log: Stdio) -> u32 {
+        let namespace = self.config.namespace.clone();
+        let settings = [
+            ("CONVEYOR_WORKER_METRICS_ADDR", "127.0.0.1:0".to_owned()),
+            ("CONVEYOR_WORKER_GRACE_PERIOD_MS", grace_ms.to_string()),
+        ];
+        self.spawn_process("worker", &namespace, &settings, config_toml, log)
+    }
+
+    /// Starts `conveyor ingress` as a separate process in `namespace`, listening
+    /// on `addr`, with its log (stderr) written to `log`.
+    pub fn spawn_ingress_process_logging_to(
+        &mut self,
+        namespace: &str,
+        addr: std::net::SocketAddr,
+        log: &std::path::Path,
+    ) -> u32 {
+        let file = std::fs::File::create(log).expect("ingress log file");
+        let settings = [("CONVEYOR_INGRESS_ADDR", addr.to_string())];
+        self.spawn_process("ingress", namespace, &settings, None, Stdio::from(file))
+    }
+
+    fn spawn_process(
+        &mut self,
+        subcommand: &str,
+        namespace: &str,
+        settings: &[(&str, String)],
+        config_toml: Option<&str>,
+        log: Stdio,
+    ) -> u32 {
         let mut command = Command::new(env!("CARGO_BIN_EXE_conveyor"));
         if let Some(toml) = config_toml {
             let mut file = tempfile::NamedTempFile::new().expect("config file");
@@ -373,15 +402,14 @@ impl TestApp {
             self.config_files.push(file.into_temp_path());
         }
         let child = command
-            .arg("worker")
+            .arg(subcommand)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("CONVEYOR_DATABASE_URL", &self.db.url)
             .env("CONVEYOR_AMQP_URL", AMQP_URL)
-            .env("CONVEYOR_NAMESPACE", &self.config.namespace)
-            .env("CONVEYOR_WORKER_METRICS_ADDR", "127.0.0.1:0")
-            .env("CONVEYOR_WORKER_GRACE_PERIOD_MS", grace_ms.to_string())
+            .env("CONVEYOR_NAMESPACE", namespace)
             .env("CONVEYOR_LOG_LEVEL", "info")
+            .envs(settings.iter().map(|(k, v)| (*k, v.as_str())))
             .envs(
                 self.process_env
                     .iter()
@@ -394,7 +422,7 @@ impl TestApp {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("spawn worker process");
+            .unwrap_or_else(|err| panic!("spawn conveyor {subcommand}: {err}"));
         let pid = child.id();
         self.processes.push(child);
         pid

@@ -24,6 +24,7 @@ mod http_errors;
 mod idempotency;
 mod jobs;
 mod local_services;
+mod logs;
 mod mail;
 mod mail_api;
 mod make_run;
