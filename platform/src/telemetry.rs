@@ -1,9 +1,9 @@
 //! One logging set-up for every subcommand.
 //!
-//! Output goes to stderr (pretty, coloured only on a terminal, or JSON) and, when `log.file_dir` is set, also
-//! to a daily-rolling file through tracing-appender's non-blocking writer. Keep
-//! the returned guard alive for the life of the process so buffered lines are
-//! flushed on exit.
+//! Output goes to stderr (pretty, coloured only on a terminal, or JSON) and,
+//! when `log.file_dir` is set, also to a daily-rolling file through
+//! tracing-appender's non-blocking writer. Keep the returned guard alive for
+//! the life of the process so buffered lines are flushed on exit.
 
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::layer::SubscriberExt;
