@@ -649,9 +649,8 @@ fn plain_on_loopback(raw: &str, sslmode_in_env: bool) -> String {
                     .parse::<std::net::Ipv4Addr>()
                     .is_ok_and(|ip| ip.is_loopback())
         }
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
+        _ => false,
     };
     if chooses || sslmode_in_env || !loopback || url.fragment().is_some() {
         return raw.to_owned();

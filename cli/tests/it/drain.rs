@@ -14,21 +14,7 @@ use serde_json::json;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{AMQP_URL, TestApp, free_port, wait_until};
-
-fn wait_exit(app: &mut TestApp, index: usize, timeout: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = app.processes[index].try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "worker did not exit within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use crate::harness::{AMQP_URL, TestApp, free_port, wait_exit, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_jobs_and_a_second_worker_takes_the_rest() {

@@ -634,6 +634,21 @@ fn stop_components(components: Vec<tokio::task::JoinHandle<()>>) {
 
 /// A TCP port that was free a moment ago (for a child process that must listen
 /// on an address the test knows).
+/// Waits (blocking) for process `index` of `app` to exit, at most `timeout`.
+pub fn wait_exit(app: &mut TestApp, index: usize, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = app.processes[index].try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {index} did not exit within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -1,27 +1,18 @@
 //! What a normal start and stop leave in a process's log: no error or warning
 //! an operator would have to look into, and, in a file, no terminal colour codes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
 
-use crate::harness::{TestApp, free_port, wait_until};
+use crate::harness::{TestApp, free_port, wait_exit, wait_until};
 
 /// Sends SIGTERM to process `index` of `app` (pid `pid`) and waits for a clean exit.
 fn stop(app: &mut TestApp, index: usize, pid: u32) {
     kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(12);
-    let status = tokio::task::block_in_place(|| {
-        loop {
-            if let Some(status) = app.processes[index].try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "process {pid} did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
+    let status = tokio::task::block_in_place(|| wait_exit(app, index, Duration::from_secs(12)));
     assert!(status.success(), "process {pid} exited with {status}");
 }
 
