@@ -151,8 +151,13 @@ pub struct WorkerConfig {
     pub metrics_addr: SocketAddr,
     /// How long in-flight jobs may run after SIGTERM before the rest are returned.
     pub grace_period_ms: u64,
-    /// Unacknowledged deliveries per queue (the prefetch window).
-    pub prefetch: u16,
+    /// Unacknowledged deliveries per queue (the prefetch window). Unset: each
+    /// queue's window is `prefetch_per_slot` times the concurrency of the tasks on it.
+    pub prefetch: Option<u16>,
+    /// Deliveries a worker may hold per concurrency slot of a queue's tasks,
+    /// when `prefetch` is unset: the jobs running, the next ones ready to start
+    /// and the finished ones whose state commit (and so whose ack) is pending.
+    pub prefetch_per_slot: u16,
     /// Logical queues to consume; empty means every queue in the catalogue.
     pub queues: Vec<String>,
     /// Most job-state changes committed in one transaction.
@@ -346,7 +351,8 @@ impl Default for WorkerConfig {
         Self {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
             grace_period_ms: 25_000,
-            prefetch: 1000,
+            prefetch: None,
+            prefetch_per_slot: 4,
             queues: Vec::new(),
             state_batch_max: 1000,
             state_linger_ms: 10,
@@ -473,8 +479,11 @@ impl Config {
                 "batch_max and batches_in_flight must be at least 1".into(),
             );
         }
-        if self.worker.prefetch == 0 {
+        if self.worker.prefetch == Some(0) {
             return invalid("worker.prefetch", "must be at least 1".into());
+        }
+        if self.worker.prefetch_per_slot == 0 {
+            return invalid("worker.prefetch_per_slot", "must be at least 1".into());
         }
         match url::Url::parse(self.mail.smtp_url.expose_secret()) {
             Ok(url) if matches!(url.scheme(), "smtp" | "smtps") => {}

@@ -34,10 +34,8 @@ use crate::{dead_letters, execute};
 pub struct ConsumeOptions {
     /// Broker node URLs.
     pub urls: Vec<String>,
-    /// Logical queues to consume.
-    pub queues: Vec<String>,
-    /// Prefetch per queue.
-    pub prefetch: u16,
+    /// Logical queues to consume, each with its prefetch window.
+    pub queues: Vec<(String, u16)>,
     /// In-flight jobs may finish within this after shutdown starts.
     pub grace: Duration,
     /// Connection name for the management UI.
@@ -166,13 +164,13 @@ impl Session<'_> {
         let mut streams = SelectAll::new();
         let mut consumers: Vec<(Channel, ShortString)> = Vec::new();
         let mut all_acks = Vec::new();
-        for queue in &options.queues {
+        for (queue, prefetch) in &options.queues {
             let tag = ShortString::from(format!("{}/{queue}", options.name));
             let work_queue = ShortString::from(rt.topology.work_queue(queue));
             let (channel, consumer) = within_setup_timeout(async {
                 let channel = conn.create_channel().await?;
                 channel
-                    .basic_qos(options.prefetch, BasicQosOptions::default())
+                    .basic_qos(*prefetch, BasicQosOptions::default())
                     .await?;
                 let consumer = channel
                     .basic_consume(
@@ -196,7 +194,7 @@ impl Session<'_> {
         }
         // The dead-letter inbox of each queue, on its own confirm-mode channel:
         // the recorder republishes to the `.dlq` on it before acking.
-        for queue in &options.queues {
+        for (queue, _) in &options.queues {
             let tag = ShortString::from(format!("{}/{queue}/dlq-inbox", options.name));
             let inbox = ShortString::from(rt.topology.dead_letter_inbox(queue));
             let (channel, consumer) = within_setup_timeout(async {
@@ -231,7 +229,7 @@ impl Session<'_> {
                 .map(|(channel, _)| channel.clone())
                 .collect(),
         );
-        tracing::info!(queues = ?options.queues, prefetch = options.prefetch, "consuming");
+        tracing::info!(queues = ?options.queues, "consuming (queue, prefetch)");
         loop {
             let next = tokio::select! {
                 _ = rt.shutdown.cancelled() => break,

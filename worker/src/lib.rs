@@ -12,6 +12,7 @@ mod enqueuer;
 mod execute;
 mod heartbeat;
 mod http;
+mod prefetch;
 mod readiness;
 mod runtime;
 pub mod scheduler;
@@ -126,6 +127,13 @@ pub async fn start(
             "worker.queues: no task uses queue `{queue}`"
         );
     }
+    let windows: Vec<(String, u16)> = queues
+        .iter()
+        .map(|queue| {
+            let window = prefetch::window(&config.worker, &registry, queue);
+            (queue.clone(), window)
+        })
+        .collect();
     let identity = heartbeat::Identity {
         id: worker_id.clone(),
         host: hostname(),
@@ -174,8 +182,7 @@ pub async fn start(
     });
     let options = consumer::ConsumeOptions {
         urls: urls.iter().map(|u| (*u).to_owned()).collect(),
-        queues,
-        prefetch: config.worker.prefetch,
+        queues: windows,
         grace: config.grace_period(),
         name: format!("conveyor-worker {worker_id}"),
     };

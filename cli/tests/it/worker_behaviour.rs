@@ -272,3 +272,42 @@ async fn json_logs_in_a_file_carry_the_job_span() {
     assert_eq!(span["attempt"], 1, "{retry}");
     assert_eq!(span["trace_id"], trace_id, "{retry}");
 }
+
+/// A worker holds, per queue, `worker.prefetch_per_slot` (4) deliveries per
+/// concurrency slot of the queue's tasks, not a fixed 1 000: a backlog of slow
+/// jobs it cannot start soon stays in the queue, where another worker can take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_leaves_a_backlog_it_cannot_start_soon_in_the_queue() {
+    let mut app = TestApp::spawn_with(0, |_| {}).await;
+    let backlog = 100;
+    let mut ids = Vec::new();
+    for _ in 0..backlog {
+        ids.push(app.enqueue("diag.sleep", json!({"ms": 3_000})).await);
+    }
+    let work = app.topology().work_queue("default");
+    assert_eq!(app.queue_len(&work).await, backlog);
+    let mut registry = conveyor_tasks::registry();
+    for task in ["diag.noop", "diag.sleep", "diag.fail", "diag.panic"] {
+        assert!(registry.tune(task, |o| o.concurrency = 1));
+    }
+    let slots: usize = registry
+        .tasks()
+        .map(|task| &task.descriptor().options)
+        .filter(|options| options.queue == "default")
+        .map(|options| options.concurrency)
+        .sum();
+    let window = u32::try_from(4 * slots).unwrap();
+    assert!(window < backlog / 2, "{slots} slots on `default`");
+    app.start_worker_with(registry).await;
+    app.wait_for_state(ids[0], "running", WAIT).await;
+    // The broker fills the window at once; give it time to overfill, were it larger.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = backlog - app.queue_len(&work).await;
+    // The quorum queue now and then counts one or two deliveries beyond the
+    // prefetch as taken (seen with a fixed prefetch of 5: 5, 6 or 7 taken).
+    // With the old fixed window of 1 000 the worker took all 100.
+    assert!(
+        (window..=window + 2).contains(&held),
+        "the worker holds {held} of {backlog} jobs; its window is {window}"
+    );
+}
