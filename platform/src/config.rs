@@ -764,6 +764,19 @@ mod tests {
     }
 
     #[test]
+    fn a_prefetch_of_zero_is_rejected_by_name() {
+        let mut config = Config::default();
+        config.worker.prefetch = Some(0);
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("`worker.prefetch`"), "{err}");
+        config.worker.prefetch = Some(1);
+        config.validate().unwrap();
+        config.worker.prefetch_per_slot = 0;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("`worker.prefetch_per_slot`"), "{err}");
+    }
+
+    #[test]
     fn a_state_linger_over_a_second_is_rejected_by_name() {
         let mut config = Config::default();
         config.worker.state_linger_ms = 1_001;
