@@ -243,3 +243,46 @@ async fn the_jobs_page_lists_the_newest_jobs_first_however_old() {
     let ids: Vec<String> = succeeded.into_iter().map(|(id, _)| id).collect();
     assert_eq!(ids, newest_by_full_sort(&app, "state = 'succeeded'"));
 }
+
+/// Filtered to a rare state, `running`, the jobs page finds its few rows
+/// through `jobs_running_or_dead` rather than by reading the whole table
+/// (no recent window holds a page of them, so the search ends unbounded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jobs_page_finds_running_jobs_through_their_index() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    use diesel::RunQueryDsl;
+    use diesel::connection::SimpleConnection;
+    app.db
+        .conn()
+        .batch_execute(
+            "INSERT INTO jobs (id, task, queue, state, args, max_attempts, enqueued_at, updated_at)
+             SELECT gen_random_uuid(), 'diag.noop', 'default',
+                    CASE WHEN i % 5000 = 0 THEN 'running' ELSE 'succeeded' END, '{}', 1,
+                    now() - interval '2 days' - i * interval '1 second',
+                    now() - interval '2 days' - i * interval '1 second'
+             FROM generate_series(1, 20000) i;
+             ANALYZE jobs;",
+        )
+        .unwrap();
+    let index_scans = || {
+        #[derive(diesel::QueryableByName)]
+        struct Scans {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            idx_scan: i64,
+        }
+        diesel::sql_query(
+            "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'jobs_running_or_dead'",
+        )
+        .get_result::<Scans>(&mut app.db.conn())
+        .unwrap()
+        .idx_scan
+    };
+    let before = index_scans();
+
+    let running = listed_jobs(&app, "&state=running").await;
+    let ids: Vec<String> = running.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert_eq!(ids, newest_by_full_sort(&app, "state = 'running'"));
+    // A backend reports its index scans within about ten seconds of going idle.
+    wait_until(WAIT, || async { index_scans() > before }).await;
+}

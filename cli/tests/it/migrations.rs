@@ -210,14 +210,14 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
     let versions: Vec<&String> = applied.iter().map(|(_, v)| v).collect();
     assert_eq!(versions, pending.iter().map(|(_, v)| v).collect::<Vec<_>>());
 
-    // The newest one drops an index (CONCURRENTLY, outside a transaction)
-    // that the one before replaced; reverting it brings exactly that back.
+    // The newest one builds an index CONCURRENTLY (outside a transaction);
+    // reverting it drops exactly that index, and `run` builds it again.
     let newest = folders.last().unwrap();
     assert!(
-        newest.ends_with("_drop_jobs_waiting"),
+        newest.ends_with("_jobs_running_or_dead"),
         "update this test: {newest}"
     );
-    let waiting_index = || {
+    let job_indexes = || {
         #[derive(diesel::QueryableByName)]
         struct Name {
             #[diesel(sql_type = diesel::sql_types::Text)]
@@ -225,8 +225,7 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         }
         use diesel::RunQueryDsl;
         diesel::sql_query(
-            "SELECT indexname FROM pg_indexes
-             WHERE indexname IN ('jobs_waiting', 'jobs_waiting_since') ORDER BY indexname",
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs' ORDER BY indexname",
         )
         .load::<Name>(&mut db.conn())
         .unwrap()
@@ -234,11 +233,17 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         .map(|row| row.indexname)
         .collect::<Vec<_>>()
     };
-    assert_eq!(waiting_index(), ["jobs_waiting_since"]);
+    let all = job_indexes();
+    assert!(all.contains(&"jobs_running_or_dead".to_owned()), "{all:?}");
     let reverted = conveyor_migrate(&db, &["revert"]);
     let last = &applied.last().unwrap().1;
     assert_eq!(reverted.trim(), format!("reverted {last}"));
-    assert_eq!(waiting_index(), ["jobs_waiting", "jobs_waiting_since"]);
+    let without: Vec<String> = all
+        .iter()
+        .filter(|name| *name != "jobs_running_or_dead")
+        .cloned()
+        .collect();
+    assert_eq!(job_indexes(), without);
     let after = migrate_status(&db);
     let (newest_state, rest) = after.split_last().unwrap();
     assert_eq!(newest_state, &("pending".to_owned(), last.clone()));
@@ -252,7 +257,7 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         conveyor_migrate(&db, &["run"]).trim(),
         format!("applied {last}")
     );
-    assert_eq!(waiting_index(), ["jobs_waiting_since"]);
+    assert_eq!(job_indexes(), all);
 }
 
 /// The Postgres type of a Diesel type in `schema/src/db.rs`, as
