@@ -49,7 +49,6 @@ class Results:
         f = f"{{:,.{digits}f}}"
         return f"{f.format(min(v))} / **{f.format(statistics.median(v))}** / {f.format(max(v))}"
 
-
     def paired(self, numerator, denominator):
         """The ratio within each repetition that measured both (same minutes, same host speed)."""
         bottom = dict(self.by_run.get(denominator, []))

@@ -632,8 +632,6 @@ fn stop_components(components: Vec<tokio::task::JoinHandle<()>>) {
     }
 }
 
-/// A TCP port that was free a moment ago (for a child process that must listen
-/// on an address the test knows).
 /// Waits (blocking) for process `index` of `app` to exit, at most `timeout`.
 pub fn wait_exit(app: &mut TestApp, index: usize, timeout: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + timeout;
@@ -649,6 +647,8 @@ pub fn wait_exit(app: &mut TestApp, index: usize, timeout: Duration) -> std::pro
     }
 }
 
+/// A TCP port that was free a moment ago (for a child process that must listen
+/// on an address the test knows).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
