@@ -148,6 +148,8 @@ def render(r, m, args):
     L.append(f"| Dramatiq, confirms on (`send()`, one producer thread) | {r.cell('http_enqueue','dramatiq','rate')} | {r.cell('http_enqueue','dramatiq','p50_ms',2)} | {r.cell('http_enqueue','dramatiq','p99_ms',2)} |")
     L.append(f"| Dramatiq, confirms off (its default) | {r.cell('http_enqueue_noconfirm','dramatiq','rate')} | {r.cell('http_enqueue_noconfirm','dramatiq','p50_ms',2)} | {r.cell('http_enqueue_noconfirm','dramatiq','p99_ms',2)} |")
     L.append(f"| Ceiling: bare lapin, quorum, persistent, confirms pipelined (window 1000) | {r.cell('ceiling','ceiling','publish_rate')} | | |")
+    L.append(f"| Bare lapin with 64 confirms outstanding (window 64: what 64 requests that each wait for a confirm could get) | {r.cell('ceiling','ceiling','publish_rate_window_64')} | | |")
+    L.append(f"| Conveyor's group-commit recorder alone, 64 submissions in flight (no HTTP; record commit + broker confirm) | {r.cell('http_enqueue','recorder','rate')} | | |")
     for scheme, name in (("v1a", "Ed25519"), ("v1", "HMAC-SHA256")):
         scenario = f"webhooks_{scheme}"
         L.append(f"| Conveyor: signed webhooks accepted/s (`{scheme}`, {name}; 202 after id claim + record commit + broker confirm) | "
@@ -163,6 +165,14 @@ def render(r, m, args):
              f"Every run checked that each 202's id has a record, that no other record exists, and that the work queue "
              f"holds exactly one message per 202: {'all consistent' if r.get('http_enqueue','conveyor','consistent') and all(r.get('http_enqueue','conveyor','consistent')) else 'NOT CONSISTENT or not measured'}; "
              f"refused (non-202) requests per run: {', '.join(f'{v:.0f}' for v in r.get('http_enqueue','conveyor','refused')) or 'n/a'}.")
+    window_64 = r.median("ceiling", "ceiling", "publish_rate_window_64")
+    recorder = r.median("http_enqueue", "recorder", "rate")
+    if window_64 and recorder:
+        L.append("")
+        L.append(f"Where the enqueue's rate goes, at 64 in flight: the bare publisher makes "
+                 f"{fmt_ratio(ratio(window_64, ceil_pub))} of its window-1000 rate; Conveyor's recorder (adding the "
+                 f"record's commit) {fmt_ratio(ratio(recorder, window_64))} of that; the HTTP enqueue (adding the HTTP "
+                 f"hop and its load generator on the same cores) {fmt_ratio(ratio(conv, recorder))} of the recorder alone.")
     hooks = r.get('webhooks_v1a', 'conveyor', 'consistent') + r.get('webhooks_v1', 'conveyor', 'consistent')
     L.append("")
     L.append(f"Signed webhooks (`bench-webhooks`: an `UPDATE` under a new `webhook-id` per request, 64 connections, no worker): every run checked "

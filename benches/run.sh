@@ -110,6 +110,9 @@ for run in $(seq "$runs"); do
   dramatiq enqueue --confirm 1 --seconds 5
   dramatiq enqueue --confirm 0 --seconds 5
   "$release/bench-broker" --run "$run"
+  # Where the enqueue's rate goes: the recorder alone, and the bare publisher, at 64 in flight.
+  "$release/bench-record" --run "$run"
+  "$release/bench-broker" --run "$run" --publish-only --window 64
 
   log "run $run/$runs: 2. drain"
   "$release/bench-drain" --run "$run" --jobs "$drain_jobs" --workers 1 --conveyor-bin "$release/conveyor"

@@ -14,12 +14,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Common;
 
-/// Records and publishes `count` `diag.noop` jobs (delayed by `delay` when set);
-/// returns the rate achieved, in jobs per second.
+/// Submissions a preload keeps in flight: enough that the recorder, not the
+/// number of waiting submitters, sets the pace.
+pub const FAST: usize = 4096;
+
+/// Records and publishes `count` `diag.noop` jobs (delayed by `delay` when set),
+/// with `in_flight` submissions waiting at a time; returns the rate achieved,
+/// in jobs per second.
 pub async fn noop_jobs(
     common: &Common,
     count: usize,
     delay: Option<Duration>,
+    in_flight: usize,
 ) -> anyhow::Result<f64> {
     let config = common.config();
     let topology = Topology::for_config(&config);
@@ -62,7 +68,7 @@ pub async fn noop_jobs(
                 recorder.submit(record, message).await.is_err()
             }
         })
-        .buffer_unordered(4096)
+        .buffer_unordered(in_flight.max(1))
         .filter(|failed| futures::future::ready(*failed))
         .count()
         .await;

@@ -44,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
     admin.purge(&work_queue).await?;
     db::truncate_jobs(&db).await?;
 
-    let preload_rate = preload::noop_jobs(common, args.jobs, None).await?;
+    let preload_rate = preload::noop_jobs(common, args.jobs, None, preload::FAST).await?;
     let queued = admin.depth(&work_queue).await? as usize;
     println!(
         "preloaded {} jobs at {preload_rate:.0}/s; {queued} in the queue",

@@ -32,7 +32,13 @@ async fn main() -> anyhow::Result<()> {
     let worker = WorkerProcess::spawn(&args.conveyor_bin, common)?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (_, idle) = memory_mib(worker.pid())?;
-    preload::noop_jobs(common, args.jobs, Some(Duration::from_secs(600))).await?;
+    preload::noop_jobs(
+        common,
+        args.jobs,
+        Some(Duration::from_secs(600)),
+        preload::FAST,
+    )
+    .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (_, holding) = memory_mib(worker.pid())?;
     worker.stop();
