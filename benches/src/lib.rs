@@ -53,3 +53,32 @@ impl Common {
         config
     }
 }
+
+/// Where a scenario against Conveyor's `default` queue starts: the topology
+/// declared, the work queue empty and the jobs table empty.
+pub struct Fresh {
+    /// The bench database.
+    pub db: conveyor_schema::pool::PgPool,
+    /// Housekeeping on the broker.
+    pub admin: broker::Admin,
+    /// The `default` work queue's name.
+    pub work_queue: String,
+}
+
+impl Fresh {
+    /// Declares the topology, then empties the `default` work queue and the jobs table.
+    pub async fn start(common: &Common) -> anyhow::Result<Self> {
+        let db = db::pool(&common.database_url);
+        let topology = conveyor_platform::amqp::Topology::for_config(&common.config());
+        let work_queue = topology.work_queue("default");
+        let admin = broker::Admin::connect(&common.amqp_url).await?;
+        admin.declare(&topology).await?;
+        admin.purge(&work_queue).await?;
+        db::truncate_jobs(&db).await?;
+        Ok(Self {
+            db,
+            admin,
+            work_queue,
+        })
+    }
+}

@@ -11,8 +11,7 @@ use clap::Parser;
 use conveyor_benches::http::{Client, NOOP_JOB, memory_mib};
 use conveyor_benches::results::Recorder;
 use conveyor_benches::stats::{ms, quantile_ms};
-use conveyor_benches::{Common, broker::Admin, db};
-use conveyor_platform::amqp::Topology;
+use conveyor_benches::{Common, Fresh, db};
 
 #[derive(Parser)]
 struct Args {
@@ -43,13 +42,11 @@ struct Tally {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let common = &args.common;
-    let db = db::pool(&common.database_url);
-    let topology = Topology::for_config(&common.config());
-    let work_queue = topology.work_queue("default");
-    let admin = Admin::connect(&common.amqp_url).await?;
-    admin.declare(&topology).await?;
-    admin.purge(&work_queue).await?;
-    db::truncate_jobs(&db).await?;
+    let Fresh {
+        db,
+        admin,
+        work_queue,
+    } = Fresh::start(common).await?;
 
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let started = Instant::now();

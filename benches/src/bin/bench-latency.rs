@@ -13,8 +13,7 @@ use conveyor_benches::http::{Client, NOOP_JOB};
 use conveyor_benches::procs::WorkerProcess;
 use conveyor_benches::results::Recorder;
 use conveyor_benches::stats::{ms, quantile_ms};
-use conveyor_benches::{Common, broker::Admin, db};
-use conveyor_platform::amqp::Topology;
+use conveyor_benches::{Common, Fresh, db};
 use tokio::time::MissedTickBehavior;
 
 #[derive(Parser)]
@@ -42,12 +41,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let common = &args.common;
-    let db = db::pool(&common.database_url);
-    let topology = Topology::for_config(&common.config());
-    let admin = Admin::connect(&common.amqp_url).await?;
-    admin.declare(&topology).await?;
-    admin.purge(&topology.work_queue("default")).await?;
-    db::truncate_jobs(&db).await?;
+    let Fresh { db, admin, .. } = Fresh::start(common).await?;
     let worker = WorkerProcess::spawn(&args.conveyor_bin, common)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 

@@ -7,8 +7,7 @@
 
 use clap::Parser;
 use conveyor_benches::results::Recorder;
-use conveyor_benches::{Common, broker::Admin, db, preload};
-use conveyor_platform::amqp::Topology;
+use conveyor_benches::{Common, Fresh, db, preload};
 
 #[derive(Parser)]
 struct Args {
@@ -26,13 +25,11 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let common = &args.common;
-    let db = db::pool(&common.database_url);
-    let topology = Topology::for_config(&common.config());
-    let work_queue = topology.work_queue("default");
-    let admin = Admin::connect(&common.amqp_url).await?;
-    admin.declare(&topology).await?;
-    admin.purge(&work_queue).await?;
-    db::truncate_jobs(&db).await?;
+    let Fresh {
+        db,
+        admin,
+        work_queue,
+    } = Fresh::start(common).await?;
 
     let rate = preload::noop_jobs(common, args.jobs, None, args.in_flight).await?;
     let records = db::count_all(&db).await?;
