@@ -17,7 +17,7 @@ lint:
 	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 test: lint ## fmt check, clippy, and the whole test suite against real services
-	@bash deploy/local/schemathesis.sh >/dev/null  # the fuzz test's `st`
+	@bash deploy/local/test-prereqs.sh  # Chromium, promtool, python3-venv, the fuzz test's `st`: installed as root on Debian, else named
 	@if cargo nextest --version >/dev/null 2>&1; then \
 	  CI=true cargo nextest run --workspace --no-fail-fast; \
 	else \

@@ -5,7 +5,7 @@
 //! It runs in `make test`, bounded by `FUZZ_EXAMPLES` examples per operation
 //! (default 25, about 15 s on 2 cores); `make fuzz` runs it alone with more.
 //! `st` comes from the venv that `deploy/local/schemathesis.sh` installs
-//! under the cargo target directory (CI runs it through `test-prereqs.sh`).
+//! under the cargo target directory (`make test` runs it through `test-prereqs.sh`).
 
 use std::path::PathBuf;
 use std::process::Stdio;
