@@ -98,18 +98,29 @@ async fn main() -> anyhow::Result<()> {
         format!("publish_rate_window_{}", args.window)
     };
     out.put(&publish_metric, publish_rate, "msg/s")?;
-    if args.publish_only {
-        println!(
-            "ceiling: publish {publish_rate:.0}/s (window {})",
-            args.window
-        );
-        channel
-            .queue_delete(queue, QueueDeleteOptions::default())
-            .await?;
-        let _ = connection.close(200, ShortString::from("done")).await;
-        return Ok(());
+    println!(
+        "ceiling: publish {publish_rate:.0}/s (window {})",
+        args.window
+    );
+    if !args.publish_only {
+        let (metric, consume_rate) = consume_all(&connection, &queue, &args).await?;
+        println!("ceiling: consume {consume_rate:.0}/s");
+        out.put(metric, consume_rate, "msg/s")?;
     }
+    channel
+        .queue_delete(queue, QueueDeleteOptions::default())
+        .await?;
+    let _ = connection.close(200, ShortString::from("done")).await;
+    Ok(())
+}
 
+/// Consumes the `args.messages` published to `queue` with manual acks; returns
+/// the metric's name (by ack mode) and the rate.
+async fn consume_all(
+    connection: &lapin::Connection,
+    queue: &ShortString,
+    args: &Args,
+) -> anyhow::Result<(&'static str, f64)> {
     let consumer_channel = connection.create_channel().await?;
     consumer_channel
         .basic_qos(args.prefetch, BasicQosOptions::default())
@@ -149,16 +160,10 @@ async fn main() -> anyhow::Result<()> {
     drop(acks);
     acking.await??;
     let consume_rate = args.messages as f64 / started.elapsed().as_secs_f64();
-    println!("ceiling: publish {publish_rate:.0}/s, consume {consume_rate:.0}/s");
     let metric = if batch == 1 {
         "consume_rate_single_acks"
     } else {
         "consume_rate"
     };
-    out.put(metric, consume_rate, "msg/s")?;
-    channel
-        .queue_delete(queue, QueueDeleteOptions::default())
-        .await?;
-    let _ = connection.close(200, ShortString::from("done")).await;
-    Ok(())
+    Ok((metric, consume_rate))
 }
