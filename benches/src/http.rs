@@ -23,12 +23,12 @@ pub struct Client {
     authorization: Option<String>,
 }
 
-/// What one `POST /v1/jobs` gave.
+/// What one `POST /v1/jobs` or `POST /v1/jobs/batch` gave.
 pub struct Outcome {
     /// HTTP status.
     pub status: StatusCode,
-    /// The job id, on 202.
-    pub id: Option<Uuid>,
+    /// The ids of the jobs accepted (none unless 202).
+    pub ids: Vec<Uuid>,
     /// Round-trip time.
     pub latency: Duration,
 }
@@ -36,6 +36,17 @@ pub struct Outcome {
 #[derive(Deserialize)]
 struct Accepted {
     id: Uuid,
+}
+
+#[derive(Deserialize)]
+struct BatchAccepted {
+    jobs: Vec<Accepted>,
+}
+
+/// A `POST /v1/jobs/batch` body of `count` `diag.noop` jobs.
+pub fn noop_batch(count: usize) -> Bytes {
+    let jobs = vec![r#"{"task":"diag.noop","args":{}}"#; count].join(",");
+    Bytes::from(format!(r#"{{"jobs":[{jobs}]}}"#))
 }
 
 impl Client {
@@ -56,6 +67,27 @@ impl Client {
 
     /// Posts `body` to `/v1/jobs` and reads the answer.
     pub async fn enqueue(&mut self, body: &'static [u8]) -> anyhow::Result<Outcome> {
+        self.accepted_ids("/v1/jobs", Bytes::from_static(body), |body| {
+            Ok(vec![serde_json::from_slice::<Accepted>(body)?.id])
+        })
+        .await
+    }
+
+    /// Posts `body` (see [`noop_batch`]) to `/v1/jobs/batch` and reads the answer.
+    pub async fn enqueue_batch(&mut self, body: Bytes) -> anyhow::Result<Outcome> {
+        self.accepted_ids("/v1/jobs/batch", body, |body| {
+            let batch: BatchAccepted = serde_json::from_slice(body)?;
+            Ok(batch.jobs.into_iter().map(|job| job.id).collect())
+        })
+        .await
+    }
+
+    async fn accepted_ids(
+        &mut self,
+        path: &str,
+        body: Bytes,
+        ids_of: impl Fn(&[u8]) -> anyhow::Result<Vec<Uuid>>,
+    ) -> anyhow::Result<Outcome> {
         let authorization = self.authorization.clone();
         let headers: Vec<(&str, &str)> = authorization
             .as_deref()
@@ -66,17 +98,15 @@ impl Client {
             status,
             body,
             latency,
-        } = self
-            .post_json("/v1/jobs", &headers, Bytes::from_static(body))
-            .await?;
-        let id = if status == StatusCode::ACCEPTED {
-            Some(serde_json::from_slice::<Accepted>(&body)?.id)
+        } = self.post_json(path, &headers, body).await?;
+        let ids = if status == StatusCode::ACCEPTED {
+            ids_of(&body)?
         } else {
-            None
+            Vec::new()
         };
         Ok(Outcome {
             status,
-            id,
+            ids,
             latency,
         })
     }

@@ -1,4 +1,4 @@
-//! `Idempotency-Key` on `POST /v1/jobs`, `POST /v1/campaigns` and
+//! `Idempotency-Key` on `POST /v1/jobs`, `POST /v1/jobs/batch`, `POST /v1/campaigns` and
 //! `POST /v1/campaigns/{id}/send`, after the IETF httpapi idempotency-key draft
 //! and Stripe's behaviour.
 //!

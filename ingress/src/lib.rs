@@ -114,7 +114,11 @@ pub fn router(
         )
         .route(
             "/v1/jobs",
-            post(routes::jobs::enqueue).route_layer(idempotent_json),
+            post(routes::jobs::enqueue).route_layer(idempotent_json.clone()),
+        )
+        .route(
+            "/v1/jobs/batch",
+            post(routes::job_batches::enqueue_batch).route_layer(idempotent_json),
         )
         .route("/v1/jobs/{id}", get(routes::jobs::status))
         .route("/v1/schedules", get(routes::schedules::list))

@@ -4,7 +4,9 @@
 use utoipa::OpenApi;
 
 use crate::problem::Problem;
-use crate::routes::{admin, campaigns, health, jobs, profiles, schedules, stats, webhooks};
+use crate::routes::{
+    admin, campaigns, health, job_batches, jobs, profiles, schedules, stats, webhooks,
+};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 
 /// The whole API.
@@ -14,7 +16,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
         Every route of the JSON API is described here, this document included; the dashboard's \
         server-rendered HTML pages (`/dashboard…`) are not."),
     paths(
-        jobs::enqueue, jobs::status,
+        jobs::enqueue, job_batches::enqueue_batch, jobs::status,
         campaigns::create::create, campaigns::create::add_recipients, campaigns::read::status,
         campaigns::read::recipients, campaigns::control::send, campaigns::control::pause,
         campaigns::control::resume, campaigns::control::cancel, campaigns::control::resend_unknown,
@@ -24,7 +26,8 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
         health::healthz, health::readyz, health::metrics, serve
     ),
     components(schemas(
-        Problem, jobs::EnqueueRequest, jobs::Accepted, jobs::JobStatus, conveyor_schema::JobState,
+        Problem, jobs::EnqueueRequest, jobs::Accepted, job_batches::BatchRequest,
+        job_batches::BatchOutcome, job_batches::BatchItem, jobs::JobStatus, conveyor_schema::JobState,
         campaigns::CreateCampaign, campaigns::RecipientInput, campaigns::AddRecipients, campaigns::AddedRecipients,
         campaigns::CampaignStatus, campaigns::RecipientCounts, campaigns::RecipientPage, campaigns::RecipientView,
         campaigns::Transition, conveyor_schema::models::CampaignState, conveyor_schema::models::RecipientState,

@@ -3,12 +3,16 @@
 //! and p50/p99 latency, then proves every 202 was real: each accepted id has a
 //! job record, no record exists for a refused request, and the work queue
 //! holds exactly one confirmed message per 202 (no worker runs meanwhile).
+//!
+//! With `--batch N` each request is a `POST /v1/jobs/batch` of N jobs instead,
+//! recorded as scenario `http_enqueue_batch_N` (not part of `make bench`'s
+//! table: RESULTS.md, "Session 13", has it).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use conveyor_benches::http::{Client, NOOP_JOB, memory_mib};
+use conveyor_benches::http::{Client, NOOP_JOB, memory_mib, noop_batch};
 use conveyor_benches::results::Recorder;
 use conveyor_benches::stats::{ms, quantile_ms};
 use conveyor_benches::{Common, Fresh, db};
@@ -26,6 +30,9 @@ struct Args {
     /// How long to load it.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Jobs per request: more than 1 posts them to `/v1/jobs/batch`.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// The ingress process, to read its peak resident memory afterwards.
     #[arg(long)]
     ingress_pid: Option<u32>,
@@ -51,18 +58,23 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(args.connections);
+    let batch = (args.batch > 1).then(|| noop_batch(args.batch));
     for _ in 0..args.connections {
         let addr = args.addr;
+        let batch = batch.clone();
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
             let mut client = Client::connect(addr).await?;
             while Instant::now() < deadline {
-                let outcome = client.enqueue(NOOP_JOB).await?;
+                let outcome = match &batch {
+                    Some(body) => client.enqueue_batch(body.clone()).await?,
+                    None => client.enqueue(NOOP_JOB).await?,
+                };
                 tally.latencies.push(ms(outcome.latency));
-                match outcome.id {
-                    Some(id) => tally.ids.push(id),
-                    None => tally.refused += 1,
+                if outcome.ids.is_empty() {
+                    tally.refused += 1;
                 }
+                tally.ids.extend(outcome.ids);
             }
             anyhow::Ok(tally)
         }));
@@ -87,7 +99,11 @@ async fn main() -> anyhow::Result<()> {
         all.refused
     );
 
-    let out = Recorder::new(common, "http_enqueue", "conveyor");
+    let scenario = match args.batch {
+        0 | 1 => "http_enqueue".to_owned(),
+        n => format!("http_enqueue_batch_{n}"),
+    };
+    let out = Recorder::new(common, &scenario, "conveyor");
     out.put("rate", accepted as f64 / elapsed, "jobs/s")?;
     out.put("p50_ms", quantile_ms(&mut all.latencies, 0.50), "ms")?;
     out.put("p99_ms", quantile_ms(&mut all.latencies, 0.99), "ms")?;

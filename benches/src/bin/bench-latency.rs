@@ -66,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
                 ticks.tick().await;
                 let outcome = client.enqueue(NOOP_JOB).await?;
                 latencies.push(ms(outcome.latency));
-                ids.extend(outcome.id);
+                ids.extend(outcome.ids);
             }
             anyhow::Ok((ids, latencies))
         }));

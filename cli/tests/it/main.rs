@@ -22,6 +22,7 @@ mod fuzz;
 mod hardening;
 mod http_errors;
 mod idempotency;
+mod job_batches;
 mod jobs;
 mod local_services;
 mod logs;

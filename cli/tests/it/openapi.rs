@@ -22,6 +22,7 @@ async fn openapi_document_is_served_and_matches_snapshot() {
         .unwrap();
     for path in [
         "/v1/jobs",
+        "/v1/jobs/batch",
         "/v1/jobs/{id}",
         "/healthz",
         "/readyz",

@@ -17,7 +17,7 @@ use crate::harness::{AMQP_URL, TestApp};
 
 /// Deletes the test's work queue; with `replacement`, declares a queue of the
 /// same name with those arguments.
-async fn replace_work_queue(app: &TestApp, replacement: Option<FieldTable>) {
+pub(crate) async fn replace_work_queue(app: &TestApp, replacement: Option<FieldTable>) {
     let conn = lapin::Connection::connect(AMQP_URL, Default::default())
         .await
         .unwrap();

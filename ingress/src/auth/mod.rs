@@ -8,9 +8,10 @@
 //! answer is problem+json (dashboard pages redirect to the login form instead
 //! of a 401). The key itself is never logged: only its id reaches spans.
 //!
-//! Which scope each route needs is [`need`]; `POST /v1/jobs` further checks
-//! the task against the key's `enqueue:` globs in the handler
-//! ([`Principal::may_enqueue`]), before anything is recorded or published.
+//! Which scope each route needs is [`need`]; `POST /v1/jobs` and
+//! `POST /v1/jobs/batch` further check each task against the key's `enqueue:`
+//! globs in the handler ([`Principal::may_enqueue`]), before anything is
+//! recorded or published. A batch takes one token per job ([`Auth::take`]).
 
 pub mod cache;
 pub mod keys;
@@ -40,6 +41,10 @@ pub struct Principal {
     pub producer: String,
     /// Granted scopes.
     pub scopes: Arc<[String]>,
+    /// The key's rate: tokens per second into its bucket.
+    pub rate_per_sec: f64,
+    /// The key's bucket size.
+    pub burst: u32,
 }
 
 impl Principal {
@@ -97,8 +102,28 @@ impl Auth {
         }
     }
 
-    /// Resolves a presented key to its [`Principal`] and bucket settings.
-    pub async fn verify(&self, presented: &str) -> Result<(Principal, f64, u32), Refusal> {
+    /// Makes a request that carries `n` jobs spend `n` tokens: takes the
+    /// `n - 1` beyond the one [`guard`] took, all at once or none.
+    /// [`rate::Short::Exceeds`] when `n` is more than the key's bucket holds,
+    /// so no wait would ever let the request through.
+    pub fn take_for_jobs(&self, principal: &Principal, n: u32) -> Result<(), rate::Short> {
+        let capacity = self.limits.capacity(principal.burst);
+        if n > capacity {
+            return Err(rate::Short::Exceeds(capacity));
+        }
+        match std::num::NonZeroU32::new(n.saturating_sub(1)) {
+            Some(more) => self.limits.check_n(
+                &principal.key_id,
+                principal.rate_per_sec,
+                principal.burst,
+                more,
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// Resolves a presented key to its [`Principal`].
+    pub async fn verify(&self, presented: &str) -> Result<Principal, Refusal> {
         let (id, secret) = keys::split(presented).ok_or(Refusal::Unauthenticated(
             "the key is not of the form `cvk_<id>_<secret>`",
         ))?;
@@ -116,17 +141,16 @@ impl Auth {
         if row.expires_at.is_some_and(|at| at <= Utc::now()) {
             return Err(Refusal::Unauthenticated("the API key has expired"));
         }
-        let principal = Principal {
+        Ok(Principal {
             key_id: row.id.clone(),
             producer: row.producer.clone(),
             scopes: row.scopes.clone().into(),
-        };
-        let rate = row.rate_per_sec.unwrap_or(self.default_rate);
-        let burst = row
-            .burst
-            .and_then(|b| u32::try_from(b).ok())
-            .unwrap_or(self.default_burst);
-        Ok((principal, rate, burst))
+            rate_per_sec: row.rate_per_sec.unwrap_or(self.default_rate),
+            burst: row
+                .burst
+                .and_then(|b| u32::try_from(b).ok())
+                .unwrap_or(self.default_burst),
+        })
     }
 }
 
@@ -248,7 +272,7 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
             _ => unauthenticated("no API key was sent"),
         };
     };
-    let (principal, rate, burst) = match state.auth.verify(presented).await {
+    let principal = match state.auth.verify(presented).await {
         Ok(found) => found,
         Err(Refusal::Unavailable) => {
             return Problem::unavailable("cannot verify the API key: database unavailable", 1)
@@ -279,7 +303,12 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         ))
         .into_response();
     }
-    if let Err(wait) = state.auth.limits.check(&principal.key_id, rate, burst) {
+    if let Err(wait) =
+        state
+            .auth
+            .limits
+            .check(&principal.key_id, principal.rate_per_sec, principal.burst)
+    {
         return too_many(wait).into_response();
     }
     if matches!(need, Need::Admin | Need::AdminPage) {

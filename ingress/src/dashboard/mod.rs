@@ -160,7 +160,7 @@ async fn login(
 ) -> Response {
     let is_admin = matches!(
         state.auth.verify(form.token.trim()).await,
-        Ok((principal, _, _)) if principal.has("admin")
+        Ok(principal) if principal.has("admin")
     );
     if !is_admin {
         let mut response = render(

@@ -135,52 +135,86 @@ pub async fn enqueue(
     headers: HeaderMap,
     StrictJson { value: request, .. }: StrictJson<EnqueueRequest>,
 ) -> Result<impl IntoResponse, Problem> {
-    if let Some(Extension(principal)) = &principal
-        && !principal.may_enqueue(&request.task)
-    {
-        return Err(crate::auth::forbidden(format!(
-            "key {} (producer `{}`) may not enqueue `{}`",
-            principal.key_id, principal.producer, request.task
-        )));
-    }
-    let task = find_task(&request.task)
-        .filter(|task| task.public)
-        .ok_or_else(|| Problem::invalid("/task", format!("unknown task `{}`", request.task)))?;
-    task.validate(&request.args)
-        .map_err(|err| Problem::invalid(err.pointer, err.message))?;
-    if request.delay_ms.is_some_and(|ms| ms > MAX_DELAY_MS) {
-        return Err(Problem::invalid(
-            "/delay_ms",
-            format!("must be at most {MAX_DELAY_MS} (30 days)"),
-        ));
-    }
-    let mut envelope = Envelope::new(task.name, request.args);
-    envelope.idempotency_key = idempotency_key(&headers);
-    envelope.trace = trace_context(&headers);
-    let queue = task.options.queue;
-    let message = match request.delay_ms.filter(|ms| *ms > 0) {
-        Some(ms) => {
-            let delay = std::time::Duration::from_millis(ms);
-            envelope.not_before = Some(envelope.enqueued_at + Duration::milliseconds(ms as i64));
-            Outgoing::delayed(&state.topology, queue, &envelope, delay_level_for(delay))
-        }
-        None => Outgoing::job(&state.topology, queue, &envelope),
-    };
-    let record =
-        NewJob::queued(&envelope, &task.options).by(principal.map(|Extension(p)| p.producer));
-    state
-        .recorder
-        .submit(record, message)
-        .await
-        .map_err(|err| match err {
-            SubmitError::Closed => Problem::unavailable("the ingress is shutting down", 1),
-            other => Problem::unavailable(other.to_string(), 1),
-        })?;
-    let accepted = Accepted {
-        id: envelope.id,
-        status_url: format!("/v1/jobs/{}", envelope.id),
-    };
+    let principal = principal.map(|Extension(p)| p);
+    let job = Prepared::check(&state, principal.as_ref(), &headers, request)?;
+    let accepted = job.submit(&state).await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
+}
+
+/// A job that passed every check, ready to record and publish.
+pub(crate) struct Prepared {
+    record: NewJob,
+    message: Outgoing,
+}
+
+impl Prepared {
+    /// Checks `request` against the caller's scopes and the task's argument
+    /// type; problems point into `request` (the batch route prefixes them).
+    pub(crate) fn check(
+        state: &AppState,
+        principal: Option<&Principal>,
+        headers: &HeaderMap,
+        request: EnqueueRequest,
+    ) -> Result<Self, Problem> {
+        if let Some(principal) = principal
+            && !principal.may_enqueue(&request.task)
+        {
+            return Err(crate::auth::forbidden(format!(
+                "key {} (producer `{}`) may not enqueue `{}`",
+                principal.key_id, principal.producer, request.task
+            ))
+            .at("/task"));
+        }
+        let task = find_task(&request.task)
+            .filter(|task| task.public)
+            .ok_or_else(|| Problem::invalid("/task", format!("unknown task `{}`", request.task)))?;
+        task.validate(&request.args)
+            .map_err(|err| Problem::invalid(err.pointer, err.message))?;
+        if request.delay_ms.is_some_and(|ms| ms > MAX_DELAY_MS) {
+            return Err(Problem::invalid(
+                "/delay_ms",
+                format!("must be at most {MAX_DELAY_MS} (30 days)"),
+            ));
+        }
+        let mut envelope = Envelope::new(task.name, request.args);
+        envelope.idempotency_key = idempotency_key(headers);
+        envelope.trace = trace_context(headers);
+        let queue = task.options.queue;
+        let message = match request.delay_ms.filter(|ms| *ms > 0) {
+            Some(ms) => {
+                let delay = std::time::Duration::from_millis(ms);
+                envelope.not_before =
+                    Some(envelope.enqueued_at + Duration::milliseconds(ms as i64));
+                Outgoing::delayed(&state.topology, queue, &envelope, delay_level_for(delay))
+            }
+            None => Outgoing::job(&state.topology, queue, &envelope),
+        };
+        let record =
+            NewJob::queued(&envelope, &task.options).by(principal.map(|p| p.producer.clone()));
+        Ok(Self { record, message })
+    }
+
+    /// The job's id.
+    pub(crate) fn id(&self) -> Uuid {
+        self.record.id
+    }
+
+    /// Records and publishes the job: `Ok` once both are durable.
+    pub(crate) async fn submit(self, state: &AppState) -> Result<Accepted, Problem> {
+        let id = self.record.id;
+        state
+            .recorder
+            .submit(self.record, self.message)
+            .await
+            .map_err(|err| match err {
+                SubmitError::Closed => Problem::unavailable("the ingress is shutting down", 1),
+                other => Problem::unavailable(other.to_string(), 1),
+            })?;
+        Ok(Accepted {
+            id,
+            status_url: format!("/v1/jobs/{id}"),
+        })
+    }
 }
 
 /// The request's `Idempotency-Key`, when it is one the idempotency middleware

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod campaigns;
 pub mod health;
+pub mod job_batches;
 pub mod jobs;
 pub mod profiles;
 pub mod schedules;
