@@ -150,6 +150,9 @@ def render(r, m, args):
     L.append(f"| Ceiling: bare lapin, quorum, persistent, confirms pipelined (window 1000) | {r.cell('ceiling','ceiling','publish_rate')} | | |")
     L.append(f"| Bare lapin with 64 confirms outstanding (window 64: what 64 requests that each wait for a confirm could get) | {r.cell('ceiling','ceiling','publish_rate_window_64')} | | |")
     L.append(f"| Conveyor's group-commit recorder alone, 64 submissions in flight (no HTTP; record commit + broker confirm) | {r.cell('http_enqueue','recorder','rate')} | | |")
+    batch = "http_enqueue_batch_100"
+    L.append(f"| Conveyor, batched: `POST /v1/jobs/batch` of 100 jobs from 16 connections (202 after every record's commit + confirm; latency per request) | "
+             f"{r.cell(batch,'conveyor','rate')} | {r.cell(batch,'conveyor','p50_ms',2)} | {r.cell(batch,'conveyor','p99_ms',2)} |")
     for scheme, name in (("v1a", "Ed25519"), ("v1", "HMAC-SHA256")):
         scenario = f"webhooks_{scheme}"
         L.append(f"| Conveyor: signed webhooks accepted/s (`{scheme}`, {name}; 202 after id claim + record commit + broker confirm) | "
@@ -173,6 +176,14 @@ def render(r, m, args):
                  f"{fmt_ratio(ratio(window_64, ceil_pub))} of its window-1000 rate; Conveyor's recorder (adding the "
                  f"record's commit) {fmt_ratio(ratio(recorder, window_64))} of that; the HTTP enqueue (adding the HTTP "
                  f"hop and its load generator on the same cores) {fmt_ratio(ratio(conv, recorder))} of the recorder alone.")
+    batched = r.median(batch, "conveyor", "rate")
+    if batched and conv:
+        checked = r.get(batch, 'conveyor', 'consistent')
+        L.append("")
+        L.append(f"Batched (not a target scenario: the targets are for one job per request): "
+                 f"{fmt_ratio(ratio(batched, conv))} the single-job enqueue, {fmt_ratio(ratio(batched, ceil_pub))} the ceiling, "
+                 f"{fmt_ratio(ratio(batched, d_on))} Dramatiq with confirms; the same checks of records and queued messages: "
+                 f"{'all consistent' if checked and all(checked) else 'NOT CONSISTENT'}.")
     hooks = r.get('webhooks_v1a', 'conveyor', 'consistent') + r.get('webhooks_v1', 'conveyor', 'consistent')
     L.append("")
     L.append(f"Signed webhooks (`bench-webhooks`: an `UPDATE` under a new `webhook-id` per request, 64 connections, no worker): every run checked "

@@ -128,9 +128,11 @@ for run in $(seq "$runs"); do
   scenario_fanout
 done
 
-# Signed webhooks, after every HTTP-enqueue repetition so that the ingress peak RSS
-# read by bench-http stays the one of plain enqueue load.
+# Signed webhooks and batched enqueues, after every HTTP-enqueue repetition so that the
+# ingress peak RSS read by bench-http stays the one of plain enqueue load.
 for run in $(seq "$runs"); do
+  log "run $run/$runs: 1b. batched enqueue (POST /v1/jobs/batch, 16 connections x 100 jobs)"
+  "$release/bench-http" --run "$run" --addr "127.0.0.1:$port" --seconds "$http_seconds" --connections 16 --batch 100
   log "run $run/$runs: 5. signed webhooks (v1a Ed25519, then v1 HMAC)"
   BENCH_WEBHOOK_KEY=$BENCH_WEBHOOK_ED25519 "$release/bench-webhooks" --run "$run" --addr "127.0.0.1:$port" --seconds "$webhook_seconds"
   BENCH_WEBHOOK_KEY=$BENCH_WEBHOOK_HMAC "$release/bench-webhooks" --run "$run" --addr "127.0.0.1:$port" --seconds "$webhook_seconds"
