@@ -56,7 +56,8 @@ pub struct BatchOutcome {
 /// One job of a batch.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct BatchItem {
-    /// The job id (a refused job's id is never used again).
+    /// The job id. A refused job has no record; after a confirm timeout its
+    /// message may still reach a worker, which then runs it under this id.
     pub id: Uuid,
     /// True when the job was recorded and the broker confirmed its message.
     pub accepted: bool,
