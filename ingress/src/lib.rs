@@ -133,12 +133,27 @@ pub fn router(
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))
         .route("/openapi.json", get(openapi::serve))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(|| async { Problem::not_found("no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), auth::guard))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::Extension(BodyLimit(body_limit)))
         .with_state(state);
     hardening::apply(app, limits)
+}
+
+/// A known route asked with a method it does not take: 405 as problem+json
+/// (axum adds the `Allow` header).
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Problem {
+    Problem::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        format!(
+            "{} does not take {method}; its `Allow` header lists what it takes",
+            uri.path()
+        ),
+    )
 }
 
 /// Counts and times each request by route template.

@@ -105,6 +105,24 @@ async fn bad_requests_are_rejected_with_problems_and_publish_nothing() {
         400,
     )
     .await;
+    // A route asked with a method it does not take.
+    for (method, path, allow) in [
+        (reqwest::Method::GET, "/v1/jobs/batch", "POST"),
+        (reqwest::Method::DELETE, "/v1/jobs", "POST"),
+    ] {
+        let response = app
+            .client
+            .request(method.clone(), app.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["allow"], allow, "{method} {path}");
+        let body = problem(response, 405).await;
+        assert!(
+            body["detail"].as_str().unwrap().contains(path),
+            "{method} {path} → {body}"
+        );
+    }
 
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
