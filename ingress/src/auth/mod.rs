@@ -11,7 +11,8 @@
 //! Which scope each route needs is [`need`]; `POST /v1/jobs` and
 //! `POST /v1/jobs/batch` further check each task against the key's `enqueue:`
 //! globs in the handler ([`Principal::may_enqueue`]), before anything is
-//! recorded or published. A batch takes one token per job ([`Auth::take`]).
+//! recorded or published. A batch takes one token per job
+//! ([`Auth::take_for_jobs`]).
 
 pub mod cache;
 pub mod keys;
