@@ -27,7 +27,7 @@ use crate::auth::Principal;
 use crate::auth::rate::Short;
 use crate::json_body::StrictJson;
 use crate::problem::Problem;
-use crate::routes::jobs::{EnqueueRequest, Prepared};
+use crate::routes::jobs::{EnqueueRequest, Origin, Prepared};
 use crate::state::AppState;
 
 /// Most jobs in one batch.
@@ -98,7 +98,7 @@ pub async fn enqueue_batch(
     headers: HeaderMap,
     StrictJson { value: request, .. }: StrictJson<BatchRequest>,
 ) -> Result<Response, Problem> {
-    let principal = principal.map(|Extension(p)| p);
+    let origin = Origin::of(principal, &headers);
     let count = request.jobs.len();
     if !(1..=MAX_BATCH_JOBS).contains(&count) {
         return Err(Problem::invalid(
@@ -111,11 +111,10 @@ pub async fn enqueue_batch(
         .into_iter()
         .enumerate()
         .map(|(index, job)| {
-            Prepared::check(&state, principal.as_ref(), &headers, job)
-                .map_err(|problem| within(problem, index))
+            Prepared::check(&state, &origin, job).map_err(|problem| within(problem, index))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(principal) = &principal {
+    if let Some(principal) = &origin.principal {
         charge(&state, principal, count)?;
     }
     let ids: Vec<Uuid> = jobs.iter().map(Prepared::id).collect();

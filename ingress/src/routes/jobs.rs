@@ -135,10 +135,30 @@ pub async fn enqueue(
     headers: HeaderMap,
     StrictJson { value: request, .. }: StrictJson<EnqueueRequest>,
 ) -> Result<impl IntoResponse, Problem> {
-    let principal = principal.map(|Extension(p)| p);
-    let job = Prepared::check(&state, principal.as_ref(), &headers, request)?;
+    let origin = Origin::of(principal, &headers);
+    let job = Prepared::check(&state, &origin, request)?;
     let accepted = job.submit(&state).await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
+}
+
+/// Who sent a request, and what its headers carry into each job's envelope:
+/// read once per request, however many jobs it holds.
+pub(crate) struct Origin {
+    /// The caller; `None` on a router without the key guard.
+    pub(crate) principal: Option<Principal>,
+    idempotency_key: Option<String>,
+    trace: Option<TraceContext>,
+}
+
+impl Origin {
+    /// The request's caller and headers.
+    pub(crate) fn of(principal: Option<Extension<Principal>>, headers: &HeaderMap) -> Self {
+        Self {
+            principal: principal.map(|Extension(p)| p),
+            idempotency_key: idempotency_key(headers),
+            trace: trace_context(headers),
+        }
+    }
 }
 
 /// A job that passed every check, ready to record and publish.
@@ -152,10 +172,10 @@ impl Prepared {
     /// type; problems point into `request` (the batch route prefixes them).
     pub(crate) fn check(
         state: &AppState,
-        principal: Option<&Principal>,
-        headers: &HeaderMap,
+        origin: &Origin,
         request: EnqueueRequest,
     ) -> Result<Self, Problem> {
+        let principal = origin.principal.as_ref();
         if let Some(principal) = principal
             && !principal.may_enqueue(&request.task)
         {
@@ -177,8 +197,8 @@ impl Prepared {
             ));
         }
         let mut envelope = Envelope::new(task.name, request.args);
-        envelope.idempotency_key = idempotency_key(headers);
-        envelope.trace = trace_context(headers);
+        envelope.idempotency_key = origin.idempotency_key.clone();
+        envelope.trace = origin.trace.clone();
         let queue = task.options.queue;
         let message = match request.delay_ms.filter(|ms| *ms > 0) {
             Some(ms) => {
