@@ -19,7 +19,7 @@ use conveyor_schema::Envelope;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, ShortString};
@@ -160,6 +160,15 @@ async fn consume_all(
     drop(acks);
     acking.await??;
     let consume_rate = args.messages as f64 / started.elapsed().as_secs_f64();
+    // Cancel, then close, each awaited. Left to the drops, lapin sends both at
+    // once, and a `cancel-ok` arriving on the closing channel is a hard error
+    // that takes the connection (and the queue's deletion) with it.
+    consumer_channel
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await?;
+    consumer_channel
+        .close(200, ShortString::from("consumed"))
+        .await?;
     let metric = if batch == 1 {
         "consume_rate_single_acks"
     } else {
