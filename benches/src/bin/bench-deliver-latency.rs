@@ -14,8 +14,8 @@ use conveyor_platform::amqp::connect;
 use futures::StreamExt;
 use lapin::BasicProperties;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
+    ConfirmSelectOptions, QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 
@@ -64,7 +64,7 @@ async fn measure(args: &Args, queue_type: &str) -> anyhow::Result<Vec<f64>> {
             latencies.push(now_ns.saturating_sub(sent_ns) as f64 / 1e6);
             delivery.acker.ack(BasicAckOptions::default()).await?;
         }
-        anyhow::Ok(latencies)
+        anyhow::Ok((latencies, consumer))
     });
     let properties = BasicProperties::default().with_delivery_mode(2);
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / args.rate));
@@ -90,8 +90,16 @@ async fn measure(args: &Args, queue_type: &str) -> anyhow::Result<Vec<f64>> {
     for confirm in confirms {
         confirm.await?;
     }
-    let mut latencies = receiving.await??;
+    let (mut latencies, consumer) = receiving.await??;
     latencies.sort_by(f64::total_cmp);
+    // Cancel, then close, each awaited (see bench-broker: left to the drops, a
+    // `cancel-ok` on the closing channel is a connection error in lapin).
+    consumer_channel
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await?;
+    consumer_channel
+        .close(200, ShortString::from("measured"))
+        .await?;
     channel
         .queue_delete(queue, QueueDeleteOptions::default())
         .await?;
