@@ -1,9 +1,9 @@
 //! Broker helpers: queue depth, purge, and removing a bench namespace.
 
 use conveyor_platform::amqp::{Topology, connect};
-use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
+use lapin::options::{BasicCancelOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Connection};
+use lapin::{Channel, Connection, Consumer};
 
 /// A connection and one channel for housekeeping.
 pub struct Admin {
@@ -87,5 +87,16 @@ pub async fn declare_queue(
         ..Default::default()
     };
     channel.queue_declare(name.clone(), durable, args).await?;
+    Ok(())
+}
+
+/// Cancels `consumer`, then closes its `channel`, each awaited. Left to the
+/// drops, lapin sends both at once, and a `cancel-ok` arriving on the closing
+/// channel is a connection error that takes the rest of the run with it.
+pub async fn stop_consuming(channel: &Channel, consumer: &Consumer) -> anyhow::Result<()> {
+    channel
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await?;
+    channel.close(200, ShortString::from("done")).await?;
     Ok(())
 }

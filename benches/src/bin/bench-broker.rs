@@ -12,14 +12,14 @@ use std::time::Instant;
 
 use clap::Parser;
 use conveyor_benches::Common;
-use conveyor_benches::broker::declare_queue;
+use conveyor_benches::broker::{declare_queue, stop_consuming};
 use conveyor_benches::results::Recorder;
 use conveyor_platform::amqp::connect;
 use conveyor_schema::Envelope;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, ShortString};
@@ -160,15 +160,7 @@ async fn consume_all(
     drop(acks);
     acking.await??;
     let consume_rate = args.messages as f64 / started.elapsed().as_secs_f64();
-    // Cancel, then close, each awaited. Left to the drops, lapin sends both at
-    // once, and a `cancel-ok` arriving on the closing channel is a hard error
-    // that takes the connection (and the queue's deletion) with it.
-    consumer_channel
-        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-        .await?;
-    consumer_channel
-        .close(200, ShortString::from("consumed"))
-        .await?;
+    stop_consuming(&consumer_channel, &consumer).await?;
     let metric = if batch == 1 {
         "consume_rate_single_acks"
     } else {

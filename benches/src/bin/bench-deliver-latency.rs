@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use conveyor_benches::Common;
-use conveyor_benches::broker::declare_queue;
+use conveyor_benches::broker::{declare_queue, stop_consuming};
 use conveyor_benches::results::Recorder;
 use conveyor_platform::amqp::connect;
 use futures::StreamExt;
 use lapin::BasicProperties;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
-    ConfirmSelectOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 
@@ -92,14 +92,7 @@ async fn measure(args: &Args, queue_type: &str) -> anyhow::Result<Vec<f64>> {
     }
     let (mut latencies, consumer) = receiving.await??;
     latencies.sort_by(f64::total_cmp);
-    // Cancel, then close, each awaited (see bench-broker: left to the drops, a
-    // `cancel-ok` on the closing channel is a connection error in lapin).
-    consumer_channel
-        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-        .await?;
-    consumer_channel
-        .close(200, ShortString::from("measured"))
-        .await?;
+    stop_consuming(&consumer_channel, &consumer).await?;
     channel
         .queue_delete(queue, QueueDeleteOptions::default())
         .await?;
