@@ -18,7 +18,6 @@ use uuid::Uuid;
 use crate::auth::Principal;
 use crate::json_body::StrictJson;
 use crate::problem::Problem;
-use crate::recorder::SubmitError;
 use crate::state::AppState;
 
 /// Longest delay accepted for a job (30 days).
@@ -226,10 +225,7 @@ impl Prepared {
             .recorder
             .submit(self.record, self.message)
             .await
-            .map_err(|err| match err {
-                SubmitError::Closed => Problem::unavailable("the ingress is shutting down", 1),
-                other => Problem::unavailable(other.to_string(), 1),
-            })?;
+            .map_err(|err| Problem::unavailable(err.to_string(), 1))?;
         Ok(Accepted {
             id,
             status_url: format!("/v1/jobs/{id}"),
