@@ -24,10 +24,17 @@ pub struct Problem {
     pub detail: String,
     /// JSON pointer into the request body at the offending value, when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub pointer: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub pointer: Option<Box<str>>,
     /// Seconds to wait before retrying (also sent as the `Retry-After` header).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub retry_after: Option<u64>,
+    pub retry_after: Option<u32>,
+    /// On an `in-doubt` 503: the jobs that may run although they were not
+    /// accepted (one for `POST /v1/jobs`). Should one run, it runs under its id.
+    // Boxed, as `pointer` is, to keep every handler's `Result<_, Problem>` small.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    #[schema(value_type = Vec<uuid::Uuid>)]
+    pub job_ids: Box<[uuid::Uuid]>,
 }
 
 impl Problem {
@@ -40,12 +47,13 @@ impl Problem {
             detail: detail.into(),
             pointer: None,
             retry_after: None,
+            job_ids: Box::default(),
         }
     }
 
     /// Adds the JSON pointer of the offending value.
     pub fn at(mut self, pointer: impl Into<String>) -> Self {
-        self.pointer = Some(pointer.into());
+        self.pointer = Some(pointer.into().into_boxed_str());
         self
     }
 
@@ -86,7 +94,7 @@ impl Problem {
     }
 
     /// 503 with `Retry-After`.
-    pub fn unavailable(detail: impl Into<String>, retry_after_secs: u64) -> Self {
+    pub fn unavailable(detail: impl Into<String>, retry_after_secs: u32) -> Self {
         let mut problem = Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
@@ -94,6 +102,21 @@ impl Problem {
             detail,
         );
         problem.retry_after = Some(retry_after_secs);
+        problem
+    }
+
+    /// 503 for a job that was not accepted but may run all the same (its
+    /// message may have been, or was, confirmed): names the job.
+    pub fn in_doubt(job_id: uuid::Uuid, cause: impl std::fmt::Display) -> Self {
+        let mut problem = Self::unavailable(
+            format!(
+                "{cause}; the job may run all the same, as job {job_id}, and a retry enqueues a second job"
+            ),
+            1,
+        );
+        problem.kind = "https://conveyor.dev/problems/in-doubt".into();
+        problem.title = "Job not accepted, but may run".into();
+        problem.job_ids = Box::new([job_id]);
         problem
     }
 

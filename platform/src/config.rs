@@ -137,6 +137,12 @@ pub struct IngressConfig {
     pub batch_linger_ms: u64,
     /// A request still unanswered after this gets a 503 problem.
     pub request_timeout_ms: u64,
+    /// When a group commit's transaction fails after its messages were
+    /// confirmed, their records are written again for up to this long, while
+    /// their submitters wait: a 202 once written, else an in-doubt 503 (0:
+    /// a single attempt). At least 5 000 less than `request_timeout_ms`; unset,
+    /// half of it. See [`IngressConfig::rerecord_within`].
+    pub rerecord_within_ms: Option<u64>,
     /// Requests served at once; beyond this new ones are shed with 503 and `Retry-After`.
     pub max_concurrent_requests: usize,
     /// Largest total size of a request's headers (431 beyond).
@@ -329,6 +335,17 @@ impl Default for AmqpConfig {
     }
 }
 
+impl IngressConfig {
+    /// How long records are written again after a failed group commit:
+    /// `rerecord_within_ms`, or half of `request_timeout_ms` when unset.
+    pub fn rerecord_within(&self) -> Duration {
+        Duration::from_millis(
+            self.rerecord_within_ms
+                .unwrap_or(self.request_timeout_ms / 2),
+        )
+    }
+}
+
 impl Default for IngressConfig {
     fn default() -> Self {
         Self {
@@ -340,6 +357,7 @@ impl Default for IngressConfig {
             batches_in_flight: 4,
             batch_linger_ms: 1,
             request_timeout_ms: 30_000,
+            rerecord_within_ms: None,
             max_concurrent_requests: 1024,
             max_header_bytes: 16 * 1024,
         }
@@ -569,6 +587,18 @@ impl Config {
                 "max_concurrent_requests and request_timeout_ms must be at least 1".into(),
             );
         }
+        let connect_ms = conveyor_schema::pool::CHECKOUT_TIMEOUT.as_millis() as u64;
+        if let Some(within) = self.ingress.rerecord_within_ms
+            && within + connect_ms > self.ingress.request_timeout_ms
+        {
+            return invalid(
+                "ingress.rerecord_within_ms",
+                format!(
+                    "must be at least {connect_ms} less than ingress.request_timeout_ms ({}): its last attempt may take {connect_ms} ms to connect, and the request must not time out before the answer says whether its job was recorded",
+                    self.ingress.request_timeout_ms
+                ),
+            );
+        }
         crate::schedule::validate(self)?;
         self.webhooks.validate()?;
         Ok(())
@@ -760,6 +790,20 @@ mod tests {
         config.amqp.quorum_initial_group_size = Some(1);
         config.validate().unwrap();
         config.amqp.quorum_initial_group_size = None;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_rerecord_window_that_could_outlast_the_request_timeout_is_rejected_by_name() {
+        let mut config = Config::default();
+        config.ingress.request_timeout_ms = 10_000;
+        config.validate().unwrap();
+        assert_eq!(config.ingress.rerecord_within(), Duration::from_secs(5));
+        config.ingress.rerecord_within_ms = Some(5_001);
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("`ingress.rerecord_within_ms`"), "{err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        config.ingress.rerecord_within_ms = Some(5_000);
         config.validate().unwrap();
     }
 

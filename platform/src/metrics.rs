@@ -10,7 +10,8 @@
 //! `_total` for counters, `_seconds` for durations.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Labels of the per-task metrics.
@@ -58,7 +59,17 @@ pub struct Metrics {
     /// Inbound webhooks by configured source (`unknown` for any other name) and
     /// outcome (`accepted`, `duplicate`, or the rejection reason). Per-instance.
     pub webhooks_received: IntCounterVec,
+    /// Jobs answered 503 that may run all the same, by reason: `unconfirmed`
+    /// (the publish timed out, failed mid-way or was nacked) or `unrecorded`
+    /// (confirmed, but the record could not be written). Ingress.
+    pub jobs_in_doubt: IntCounterVec,
+    /// Confirmed jobs whose group commit failed and whose record was then
+    /// written again, so that they were accepted after all. Ingress.
+    pub jobs_recorded_again: IntCounter,
 }
+
+/// The reasons of [`Metrics::jobs_in_doubt`].
+pub const IN_DOUBT_REASONS: [&str; 2] = ["unconfirmed", "unrecorded"];
 
 /// The constant label on every service-wide metric.
 pub const SERVICE_SCOPE: (&str, &str) = ("scope", "service");
@@ -93,6 +104,14 @@ fn service_float_gauge(
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
+}
+
+fn plain_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let metric = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
     registry
         .register(Box::new(metric.clone()))
         .unwrap_or_else(|e| panic!("metric {name}: {e}"));
@@ -236,8 +255,23 @@ impl Metrics {
                 "Inbound webhooks by source and outcome (accepted, duplicate or why rejected).",
                 &["source", "outcome"],
             ),
+            jobs_in_doubt: counter(
+                r,
+                "conveyor_jobs_in_doubt_total",
+                "Jobs answered 503 that may run all the same, by reason (unconfirmed, unrecorded).",
+                &["reason"],
+            ),
+            jobs_recorded_again: plain_counter(
+                r,
+                "conveyor_jobs_recorded_again_total",
+                "Confirmed jobs recorded again after their group commit failed, then accepted.",
+            ),
             registry,
         };
+        // Exported from the start, so that a rate over them is 0 rather than absent.
+        for reason in IN_DOUBT_REASONS {
+            metrics.jobs_in_doubt.with_label_values(&[reason]);
+        }
         metrics
             .build_info
             .with_label_values(&[

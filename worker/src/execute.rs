@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use conveyor_platform::amqp::{DELAY_LEVELS_MS, Outgoing, PublishError, delay_level_for};
+use conveyor_platform::amqp::{
+    DELAY_LEVELS_MS, Outgoing, PRODUCER_HEADER, PublishError, delay_level_for,
+};
 use conveyor_schema::db::jobs;
 use conveyor_schema::{Envelope, JobState};
 use conveyor_tasks::{JobContext, TaskError};
@@ -117,7 +119,8 @@ async fn run_envelope(
         let remaining = (not_before - Utc::now()).to_std().unwrap_or_default();
         if remaining >= Duration::from_millis(DELAY_LEVELS_MS[0]) {
             let again =
-                Outgoing::delayed(&rt.topology, &queue, &envelope, delay_level_for(remaining));
+                Outgoing::delayed(&rt.topology, &queue, &envelope, delay_level_for(remaining))
+                    .by(delivery.producer.as_deref());
             return finish_with(&rt, &settle, &again, None, None).await;
         }
         // Less than the shortest delay queue: wait here rather than run early.
@@ -157,6 +160,7 @@ async fn run_envelope(
         .observe(waited.as_secs_f64());
     let mut running = StateChange::of(&envelope, &queue, options.max_attempts, JobState::Running);
     running.started_at = Some(Utc::now());
+    running.producer = delivery.producer.clone();
     rt.states.record(running);
 
     let ctx = JobContext {
@@ -225,7 +229,8 @@ async fn run_envelope(
                 &queue,
                 &next_envelope,
                 delay_level_for(wanted),
-            );
+            )
+            .by(delivery.producer.as_deref());
             change.state = JobState::Retrying;
             change.error = Some(err.to_string());
             change.next_attempt_at = Some(due);
@@ -366,6 +371,8 @@ pub struct Received {
     pub redelivered: bool,
     /// The `message_id` property as a job id, for naming an unreadable message.
     pub message_id: Option<Uuid>,
+    /// The producer that enqueued the job, from [`PRODUCER_HEADER`].
+    pub producer: Option<String>,
     /// The body: an encoded [`Envelope`].
     pub data: Vec<u8>,
 }
@@ -378,10 +385,18 @@ impl From<Delivery> for Received {
             .as_ref()
             .and_then(|id| Uuid::parse_str(id.as_str()).ok())
             .filter(|id| !id.is_nil());
+        let producer = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| headers.inner().get(PRODUCER_HEADER))
+            .and_then(|value| value.as_long_string())
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
         Self {
             tag: delivery.delivery_tag,
             redelivered: delivery.redelivered,
             message_id,
+            producer,
             data: delivery.data,
         }
     }

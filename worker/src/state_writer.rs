@@ -66,6 +66,9 @@ pub struct StateChange {
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// When the change happened (the time recorded with an error).
     pub at: DateTime<Utc>,
+    /// Set on `running`: the producer that enqueued the job, written only
+    /// when this change creates the row (the ingress could not record it).
+    pub producer: Option<String>,
 }
 
 impl StateChange {
@@ -85,6 +88,7 @@ impl StateChange {
             error: None,
             next_attempt_at: None,
             at: Utc::now(),
+            producer: None,
         }
     }
 }
@@ -303,8 +307,12 @@ fn plan(changes: Vec<StateChange>) -> Vec<Vec<Row>> {
                 let row: &mut Row = &mut round[at];
                 if row.change.error.is_none() && row.change.attempt == change.attempt {
                     let started_at = change.started_at.or(row.change.started_at);
-                    row.change = change;
-                    row.change.started_at = started_at;
+                    let producer = change.producer.or(row.change.producer.take());
+                    row.change = StateChange {
+                        started_at,
+                        producer,
+                        ..change
+                    };
                     row.runs += runs;
                 } else {
                     rounds.push(std::mem::take(&mut round));
@@ -332,17 +340,17 @@ fn plan(changes: Vec<StateChange>) -> Vec<Vec<Row>> {
 
 const UPSERT: &str = "
 INSERT INTO jobs (id, task, queue, state, args, attempts, runs, max_attempts, enqueued_at,
-                  started_at, finished_at, last_error, errors, next_attempt_at, updated_at)
+                  started_at, finished_at, last_error, errors, next_attempt_at, updated_at, producer)
 SELECT d.id, d.task, d.queue, d.state, d.args, d.attempt, d.runs, d.max_attempts, d.enqueued_at,
        d.started_at, d.finished_at, d.error,
        CASE WHEN d.error IS NULL THEN '[]'::jsonb
             ELSE jsonb_build_array(jsonb_build_object('attempt', d.attempt, 'at', d.at, 'error', d.error)) END,
-       d.next_attempt_at, now()
+       d.next_attempt_at, now(), d.producer
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int4[], $7::int4[],
             $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::timestamptz[],
-            $13::int4[], $14::timestamptz[])
+            $13::int4[], $14::timestamptz[], $15::text[])
      AS d(id, task, queue, state, args, attempt, max_attempts, enqueued_at,
-          started_at, finished_at, error, next_attempt_at, runs, at)
+          started_at, finished_at, error, next_attempt_at, runs, at, producer)
 ON CONFLICT (id) DO UPDATE SET
     state = EXCLUDED.state,
     attempts = EXCLUDED.attempts,
@@ -372,6 +380,7 @@ struct UpsertStates<'a> {
     next_attempt_at: Vec<Option<DateTime<Utc>>>,
     runs: Vec<i32>,
     at: Vec<DateTime<Utc>>,
+    producers: Vec<Option<&'a str>>,
 }
 
 impl QueryFragment<Pg> for UpsertStates<'_> {
@@ -390,7 +399,8 @@ impl QueryFragment<Pg> for UpsertStates<'_> {
             11 => out.push_bind_param::<Array<Nullable<Text>>, _>(&self.errors),
             12 => out.push_bind_param::<Array<Nullable<Timestamptz>>, _>(&self.next_attempt_at),
             13 => out.push_bind_param::<Array<Int4>, _>(&self.runs),
-            _ => out.push_bind_param::<Array<Timestamptz>, _>(&self.at),
+            14 => out.push_bind_param::<Array<Timestamptz>, _>(&self.at),
+            _ => out.push_bind_param::<Array<Nullable<Text>>, _>(&self.producers),
         })
     }
 }
@@ -419,6 +429,7 @@ fn upsert(conn: &mut PgConnection, rows: &[Row]) -> QueryResult<()> {
         next_attempt_at: column(rows, |c| c.next_attempt_at),
         runs: rows.iter().map(|row| row.runs).collect(),
         at: column(rows, |c| c.at),
+        producers: column(rows, |c| c.producer.as_deref()),
     }
     .execute(conn)?;
     Ok(())
@@ -439,6 +450,7 @@ mod tests {
         let b = Envelope::new("diag.noop", json!({}));
         let mut running_a = change(&a, JobState::Running);
         running_a.started_at = Some(Utc::now());
+        running_a.producer = Some("shop".into());
         let mut done_a = change(&a, JobState::Succeeded);
         done_a.finished_at = Some(Utc::now());
         let rounds = plan(vec![
@@ -453,6 +465,7 @@ mod tests {
         let row_a = rows.iter().find(|row| row.change.id == a.id).unwrap();
         assert_eq!(row_a.change.state, JobState::Succeeded);
         assert_eq!(row_a.change.started_at, running_a.started_at);
+        assert_eq!(row_a.change.producer.as_deref(), Some("shop"));
         assert!(row_a.change.finished_at.is_some());
         assert!(rows.iter().all(|row| row.runs == 1));
     }

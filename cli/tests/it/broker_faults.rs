@@ -100,7 +100,8 @@ fn client(key: &str) -> reqwest::Client {
     crate::harness::client_with(key)
 }
 
-/// One `POST /v1/jobs` of `diag.noop`: (status, `Retry-After`, job id on 202, time taken).
+/// One `POST /v1/jobs` of `diag.noop`: (status, `Retry-After`, job id on 202
+/// or on an in-doubt 503, time taken).
 async fn post_one(
     client: &reqwest::Client,
     deployment: &Deployment,
@@ -124,7 +125,7 @@ async fn post_one(
         let body: Value = response.json().await.unwrap();
         body["id"].as_str().and_then(|id| id.parse().ok())
     } else {
-        None
+        crate::cluster::in_doubt_job(response).await
     };
     (status, retry_after, id, took)
 }
@@ -166,6 +167,7 @@ async fn stopping_the_broker_mid_load_loses_no_accepted_job() {
     let final_tally = settled_tally(
         &deployment.db_url,
         &outcomes.accepted,
+        &outcomes.in_doubt,
         Duration::from_secs(120),
     )
     .await;
@@ -242,6 +244,8 @@ async fn a_blocked_broker_is_503_within_the_publish_timeout_and_not_ready() {
             "an answer took {took:?}, beyond the publish timeout"
         );
     }
+    // The 503s that name a job in doubt (those that may have been published).
+    let in_doubt: Vec<Uuid> = answers.iter().filter_map(|answer| answer.2).collect();
     // Not ready for as long as the alarm lasts (sampled for 3 s).
     let not_ready_after = readyz_becomes(&deployment, 503, PUBLISH_TIMEOUT + SLACK).await;
     for _ in 0..12 {
@@ -254,8 +258,12 @@ async fn a_blocked_broker_is_503_within_the_publish_timeout_and_not_ready() {
     }
     // Nothing was recorded for the 503s.
     let during = {
-        let (url, ids) = (deployment.db_url.clone(), accepted.clone());
-        tokio::task::spawn_blocking(move || tally(&url, &ids))
+        let (url, ids, doubtful) = (
+            deployment.db_url.clone(),
+            accepted.clone(),
+            in_doubt.clone(),
+        );
+        tokio::task::spawn_blocking(move || tally(&url, &ids, &doubtful))
             .await
             .unwrap()
     };
@@ -272,17 +280,28 @@ async fn a_blocked_broker_is_503_within_the_publish_timeout_and_not_ready() {
         );
         accepted.extend(id);
     }
-    let final_tally = settled_tally(&deployment.db_url, &accepted, Duration::from_secs(60)).await;
+    let final_tally = settled_tally(
+        &deployment.db_url,
+        &accepted,
+        &in_doubt,
+        Duration::from_secs(60),
+    )
+    .await;
     let slowest = answers.iter().map(|a| a.3).max().unwrap_or_default();
     eprintln!(
         "blocked broker: 20 answers 503 (slowest {slowest:?}); /readyz failed {not_ready_after:?} \
          after them and passed {ready_after:?} after the alarm cleared; {final_tally:?} \
-         (503-answered jobs that ran anyway, published before the block: {})",
-        final_tally.ran_without_202
+         (503-answered jobs that ran anyway, published before the block: {}; 503s in doubt: {})",
+        final_tally.ran_without_202,
+        in_doubt.len()
     );
     assert_eq!(
         final_tally.succeeded_once,
         accepted.len() as i64,
         "{final_tally:?}"
+    );
+    assert_eq!(
+        final_tally.ran_unannounced, 0,
+        "a job ran although its 503 did not say in-doubt: {final_tally:?}"
     );
 }

@@ -245,6 +245,10 @@ pub(crate) struct Outcomes {
     pub(crate) accepted: Vec<Uuid>,
     /// 503 answers (all carried `Retry-After`).
     pub(crate) unavailable: usize,
+    /// The jobs of the 503s of type `in-doubt` (`job_ids`): not accepted, but they may run.
+    pub(crate) in_doubt: Vec<Uuid>,
+    /// Each 503's problem type and the start of its detail, for the log.
+    pub(crate) refusals: Vec<String>,
     /// Anything else, described.
     pub(crate) unexpected: Vec<String>,
     /// When the first and last 503 came, relative to the start.
@@ -292,10 +296,8 @@ pub(crate) async fn post_load(
                 .await;
             drop(slot);
             let at = started.elapsed();
-            let mut out = outcomes.lock().unwrap();
             match sent {
                 Ok(response) if response.status() == 202 => {
-                    drop(out);
                     let body: Value = response.json().await.unwrap();
                     let id = body["id"].as_str().unwrap().parse().unwrap();
                     let mut out = outcomes.lock().unwrap();
@@ -303,15 +305,41 @@ pub(crate) async fn post_load(
                     out.last_accepted = out.last_accepted.max(Some(at));
                 }
                 Ok(response) if response.status() == 503 => {
-                    if response.headers().get("retry-after").is_none() {
+                    let retry_after = response.headers().contains_key("retry-after");
+                    let problem: Value = response.json().await.unwrap_or_default();
+                    let in_doubt = in_doubt_id(&problem);
+                    let mut out = outcomes.lock().unwrap();
+                    let kind = problem["type"].as_str().unwrap_or("?");
+                    let detail: String = problem["detail"]
+                        .as_str()
+                        .unwrap_or("?")
+                        .chars()
+                        .take(60)
+                        .collect();
+                    out.refusals.push(format!(
+                        "{}: {detail}",
+                        kind.rsplit('/').next().unwrap_or("?")
+                    ));
+                    if !retry_after {
                         out.unexpected.push("503 without Retry-After".into());
                     }
                     out.unavailable += 1;
+                    out.in_doubt.extend(in_doubt);
                     let span = out.unavailable_span.get_or_insert((at, at));
                     span.1 = span.1.max(at);
                 }
-                Ok(response) => out.unexpected.push(format!("status {}", response.status())),
-                Err(err) => out.unexpected.push(format!("request failed: {err}")),
+                Ok(response) => {
+                    let status = response.status();
+                    outcomes
+                        .lock()
+                        .unwrap()
+                        .unexpected
+                        .push(format!("status {status}"));
+                }
+                Err(err) => {
+                    let failed = format!("request failed: {err}");
+                    outcomes.lock().unwrap().unexpected.push(failed);
+                }
             }
         });
     }
@@ -321,6 +349,33 @@ pub(crate) async fn post_load(
         .unwrap()
         .into_inner()
         .unwrap()
+}
+
+/// The ingress's in-doubt and recorded-again counters, as `/metrics` shows them.
+async fn ingress_counters(ingress: &str) -> String {
+    let text = match reqwest::get(format!("{ingress}/metrics")).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(err) => return format!("no /metrics: {err}"),
+    };
+    text.lines()
+        .filter(|line| {
+            line.starts_with("conveyor_jobs_in_doubt_total")
+                || line.starts_with("conveyor_jobs_recorded_again_total")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The job a one-job 503 names as in doubt (`type` `…/in-doubt`, `job_ids`), if it does.
+pub(crate) async fn in_doubt_job(response: reqwest::Response) -> Option<Uuid> {
+    in_doubt_id(&response.json().await.ok()?)
+}
+
+fn in_doubt_id(problem: &Value) -> Option<Uuid> {
+    problem["type"]
+        .as_str()?
+        .ends_with("/in-doubt")
+        .then(|| problem["job_ids"][0].as_str()?.parse().ok())?
 }
 
 /// `conveyor_jobs_succeeded_total` summed over labels, or `None` when the worker does not answer.
@@ -490,6 +545,9 @@ pub(crate) struct Tally {
     /// or in doubt when the record's commit failed): allowed, reported.
     #[diesel(sql_type = BigInt)]
     pub(crate) ran_without_202: i64,
+    /// Of those, the ones whose 503 did not say `in-doubt`: never allowed.
+    #[diesel(sql_type = BigInt)]
+    pub(crate) ran_unannounced: i64,
 }
 
 impl Tally {
@@ -502,11 +560,16 @@ impl Tally {
             "accepted jobs started more than once"
         );
         assert_eq!(self.succeeded_once, accepted as i64);
+        assert_eq!(
+            self.ran_unannounced, 0,
+            "jobs that ran although their 503 did not say in-doubt"
+        );
     }
 }
 
-/// Counts the accepted jobs by outcome, and the jobs that ran without a 202.
-pub(crate) fn tally(db_url: &str, accepted: &[Uuid]) -> Tally {
+/// Counts the accepted jobs by outcome, and the jobs that ran without a 202
+/// (those not among the `in_doubt` ids separately).
+pub(crate) fn tally(db_url: &str, accepted: &[Uuid], in_doubt: &[Uuid]) -> Tally {
     let mut conn = PgConnection::establish(db_url).expect("connect to the cluster database");
     diesel::sql_query(
         "WITH a AS (SELECT unnest($1::uuid[]) AS id)
@@ -514,21 +577,30 @@ pub(crate) fn tally(db_url: &str, accepted: &[Uuid]) -> Tally {
                 count(*) FILTER (WHERE j.state = 'succeeded' AND j.runs > 1) AS succeeded_more,
                 count(*) FILTER (WHERE j.state IS DISTINCT FROM 'succeeded' AND j.id IS NOT NULL) AS not_succeeded,
                 count(*) FILTER (WHERE j.id IS NULL) AS missing,
-                (SELECT count(*) FROM jobs WHERE id NOT IN (SELECT id FROM a)) AS ran_without_202
+                (SELECT count(*) FROM jobs WHERE id NOT IN (SELECT id FROM a)) AS ran_without_202,
+                (SELECT count(*) FROM jobs
+                  WHERE id NOT IN (SELECT id FROM a) AND id <> ALL($2)) AS ran_unannounced
          FROM a LEFT JOIN jobs j USING (id)",
     )
     .bind::<Array<SqlUuid>, _>(accepted)
+    .bind::<Array<SqlUuid>, _>(in_doubt)
     .get_result(&mut conn)
     .expect("tally jobs")
 }
 
 /// [`tally`] once every accepted job succeeded, or as it stands after `within`.
-pub(crate) async fn settled_tally(db_url: &str, accepted: &[Uuid], within: Duration) -> Tally {
+pub(crate) async fn settled_tally(
+    db_url: &str,
+    accepted: &[Uuid],
+    in_doubt: &[Uuid],
+    within: Duration,
+) -> Tally {
     let accepted = Arc::new(accepted.to_vec());
+    let in_doubt = Arc::new(in_doubt.to_vec());
     let deadline = Instant::now() + within;
     loop {
-        let (url, ids) = (db_url.to_owned(), accepted.clone());
-        let now = tokio::task::spawn_blocking(move || tally(&url, &ids))
+        let (url, ids, doubtful) = (db_url.to_owned(), accepted.clone(), in_doubt.clone());
+        let now = tokio::task::spawn_blocking(move || tally(&url, &ids, &doubtful))
             .await
             .unwrap();
         if now.succeeded_once + now.succeeded_more == accepted.len() as i64
@@ -570,6 +642,7 @@ async fn prove(fault: Fault) {
     let final_tally = settled_tally(
         &deployment.db_url,
         &outcomes.accepted,
+        &outcomes.in_doubt,
         Duration::from_secs(180),
     )
     .await;
@@ -589,16 +662,20 @@ async fn prove(fault: Fault) {
         .map(|worker| unready_span(worker, fault_at.began))
         .collect();
 
+    let counters = ingress_counters(&deployment.ingress).await;
     eprintln!(
         "cluster proof ({fault:?}): {} posted in {load_secs:.1} s; 202: {}, 503: {} (first..last {:?}); \
          fault at {fault_at:?}; workers completed jobs again at {resumed:?}; \
          /readyz not ready (first..last probe) {unready:?}, ready again at {ready_again:?}; {final_tally:?}; \
-         503-answered jobs that ran anyway: {}",
+         503-answered jobs that ran anyway: {} (503s in doubt: {}; 503s by type and detail: {:?}); \
+         ingress: {counters}",
         JOBS,
         outcomes.accepted.len(),
         outcomes.unavailable,
         outcomes.unavailable_span,
         final_tally.ran_without_202,
+        outcomes.in_doubt.len(),
+        summarize(&outcomes.refusals),
     );
     assert!(
         outcomes.unexpected.is_empty(),
@@ -607,6 +684,14 @@ async fn prove(fault: Fault) {
     );
     assert_eq!(outcomes.accepted.len() + outcomes.unavailable, JOBS);
     final_tally.assert_each_accepted_job_ran_once(outcomes.accepted.len());
+    if matches!(fault, Fault::Postgres) {
+        // The broker confirmed every job it holds, and the database came back
+        // within `ingress.rerecord_within_ms`: no 503 is left in doubt.
+        assert_eq!(
+            final_tally.ran_without_202, 0,
+            "jobs that ran although they were answered 503"
+        );
+    }
     // A rise counts only once the broken part is certainly down; it is timed from when the fault began.
     for (worker, at) in resumed.iter().enumerate() {
         let at =

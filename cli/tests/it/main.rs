@@ -22,6 +22,7 @@ mod fuzz;
 mod hardening;
 mod http_errors;
 mod idempotency;
+mod in_doubt;
 mod job_batches;
 mod jobs;
 mod local_services;

@@ -1,5 +1,7 @@
 //! A publish the broker does not accept answers 503 with `Retry-After` and
 //! leaves no job record: a 202 always means a record and a confirmed message.
+//! A return (unroutable) is certain; a nack is in doubt (a quorum queue that
+//! loses its leader may nack a message its new leader holds), and says so.
 //!
 //! Both failures are provoked on the test's own queue only (its namespace is
 //! private), so the shared broker's settings and other tests are untouched:
@@ -43,9 +45,9 @@ pub(crate) async fn replace_work_queue(app: &TestApp, replacement: Option<FieldT
     let _ = conn.close(200, "done".into()).await;
 }
 
-/// POSTs a job and checks the refusal: 503, `Retry-After`, problem+json, and
-/// still `records` job records.
-async fn assert_refused_without_a_record(app: &TestApp, records: i64) {
+/// POSTs a job and checks the refusal: 503, `Retry-After`, problem+json of
+/// type `in-doubt` naming the job or not, and still `records` job records.
+async fn assert_refused_without_a_record(app: &TestApp, records: i64, in_doubt: bool) {
     let response = app.post_job(json!({"task": "diag.noop", "args": {}})).await;
     assert_eq!(response.status(), 503);
     let retry_after = response
@@ -67,6 +69,13 @@ async fn assert_refused_without_a_record(app: &TestApp, records: i64) {
         records,
         "a refused publish left a job record: {body}"
     );
+    let problem: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        problem["type"] == "https://conveyor.dev/problems/in-doubt",
+        in_doubt,
+        "{body}"
+    );
+    assert_eq!(problem["job_ids"][0].is_string(), in_doubt, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,7 +87,7 @@ async fn an_unroutable_publish_answers_503_and_leaves_no_record() {
     assert_eq!(app.drain_queue(&work).await.len(), 1);
 
     replace_work_queue(&app, None).await;
-    assert_refused_without_a_record(&app, 1).await;
+    assert_refused_without_a_record(&app, 1, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,5 +100,5 @@ async fn a_nacked_publish_answers_503_and_leaves_no_record() {
         AMQPValue::LongString(LongString::from("reject-publish")),
     );
     replace_work_queue(&app, Some(full)).await;
-    assert_refused_without_a_record(&app, 0).await;
+    assert_refused_without_a_record(&app, 0, true).await;
 }

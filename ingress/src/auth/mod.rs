@@ -251,7 +251,7 @@ pub fn too_many(wait: Duration) -> Problem {
             wait.as_millis()
         ),
     );
-    problem.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+    problem.retry_after = Some(wait.as_secs_f64().ceil().clamp(1.0, f64::from(u32::MAX)) as u32);
     problem
 }
 

@@ -34,7 +34,7 @@ pub(super) enum Decision {
 
 /// One batch's database work and the signals it exchanges with the async side.
 pub(super) struct Work {
-    pub records: Vec<NewJob>,
+    pub records: Arc<Vec<NewJob>>,
     /// `Ok` once `BEGIN` succeeded: publishing may start.
     pub began: oneshot::Sender<Result<(), String>>,
     /// The insert's outcome (rows in, not yet committed).
@@ -78,7 +78,7 @@ pub const APPLICATION_NAME: &str = "conveyor-recorder";
 /// `url` with what a lane's connection needs unless the URL says otherwise: a
 /// connection attempt gives up after the pool's checkout timeout, and the
 /// connection is named [`APPLICATION_NAME`].
-fn lane_url(url: &str) -> String {
+pub(super) fn lane_url(url: &str) -> String {
     let mut url = url.to_owned();
     let timeout = CHECKOUT_TIMEOUT.as_secs().to_string();
     for (key, value) in [

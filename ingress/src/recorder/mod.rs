@@ -18,9 +18,11 @@
 //! that state and adds only what the ingress knows (producer, idempotency key,
 //! replay origin). A worker that upserts after the insert waits on the row
 //! lock until the commit. Both write rows in id order, so they never wait on
-//! each other in a cycle. Should the insert fail after messages were confirmed
-//! (the database died mid-batch), those jobs still run and their submitters got
-//! 503: the same "in doubt" outcome as a lost confirm.
+//! each other in a cycle. Should the insert or the commit fail after messages
+//! were confirmed (the database died mid-batch), those jobs will run: their
+//! records are written again (see `rerecord.rs`) while their submitters wait,
+//! and only if that fails too do they get 503, in doubt, as after a lost
+//! confirm ([`SubmitError::may_have_been_enqueued`]).
 //!
 //! How batches form: when no batch is in flight, whatever is waiting leaves at
 //! once, so a lone request is never delayed by a timer. While others are in
@@ -32,6 +34,7 @@
 
 mod insert;
 mod lane;
+mod rerecord;
 
 pub use lane::APPLICATION_NAME as LANE_APPLICATION_NAME;
 
@@ -68,15 +71,40 @@ pub enum SubmitError {
     /// The broker did not confirm it.
     #[error(transparent)]
     Publish(#[from] PublishError),
+    /// The broker confirmed the job, so it will run, but its record could not be written.
+    #[error("the broker confirmed the job, but its record could not be written: {0}")]
+    Unrecorded(String),
     /// The ingress is shutting down.
     #[error("the ingress is shutting down")]
     Closed,
+}
+
+impl SubmitError {
+    /// True when the job may run although it was not accepted: its message was
+    /// confirmed, or its publish failed in a way that leaves that unknown.
+    pub fn may_have_been_enqueued(&self) -> bool {
+        match self {
+            Self::Unrecorded(_) => true,
+            Self::Publish(err) => err.may_have_been_enqueued(),
+            Self::Database(_) | Self::Closed => false,
+        }
+    }
 }
 
 /// Hands submissions to the batching loop. Cheap to clone.
 #[derive(Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<Submission>,
+}
+
+/// What a batch needs besides its submissions; shared by every batch.
+struct Shared {
+    lanes: Lanes,
+    publisher: Publisher,
+    metrics: Metrics,
+    /// Where [`rerecord`](rerecord::rerecord) connects.
+    database_url: String,
+    rerecord_within: Duration,
 }
 
 impl Recorder {
@@ -94,13 +122,14 @@ impl Recorder {
             in_flight: settings.batches_in_flight.max(1),
             linger: Duration::from_millis(settings.batch_linger_ms),
         };
-        tokio::spawn(batch_loop(
-            rx,
-            Arc::new(lanes),
+        let shared = Shared {
+            lanes,
             publisher,
             metrics,
-            batching,
-        ));
+            database_url: lane::lane_url(database_url),
+            rerecord_within: settings.rerecord_within(),
+        };
+        tokio::spawn(batch_loop(rx, Arc::new(shared), batching));
         Ok(Self { tx })
     }
 
@@ -128,13 +157,7 @@ struct Batching {
     linger: Duration,
 }
 
-async fn batch_loop(
-    mut rx: mpsc::Receiver<Submission>,
-    lanes: Arc<Lanes>,
-    publisher: Publisher,
-    metrics: Metrics,
-    batching: Batching,
-) {
+async fn batch_loop(mut rx: mpsc::Receiver<Submission>, shared: Arc<Shared>, batching: Batching) {
     let slots = Arc::new(Semaphore::new(batching.in_flight));
     let finished = Arc::new(Notify::new());
     // Recent batch sizes, smoothed: what a batch cut while others are in flight aims for.
@@ -165,26 +188,16 @@ async fn batch_loop(
             }
         }
         typical = 0.8 * typical + 0.2 * batch.len() as f64;
-        let (lanes, publisher, metrics, finished) = (
-            lanes.clone(),
-            publisher.clone(),
-            metrics.clone(),
-            finished.clone(),
-        );
+        let (shared, finished) = (shared.clone(), finished.clone());
         tokio::spawn(async move {
-            commit_batch(batch, &lanes, &publisher, &metrics).await;
+            commit_batch(batch, shared).await;
             drop(slot);
             finished.notify_waiters();
         });
     }
 }
 
-async fn commit_batch(
-    mut batch: Vec<Submission>,
-    lanes: &Lanes,
-    publisher: &Publisher,
-    metrics: &Metrics,
-) {
+async fn commit_batch(mut batch: Vec<Submission>, shared: Arc<Shared>) {
     // Rows in id order, as the worker's state writer writes them: two
     // transactions that lock rows in one order cannot wait on each other.
     batch.sort_unstable_by_key(|submission| submission.record.id);
@@ -198,6 +211,8 @@ async fn commit_batch(
         replies.push(submission.reply);
     }
     let ids: Vec<Uuid> = records.iter().map(|r| r.id).collect();
+    // Shared with the lane: should its transaction fail, some may be written again.
+    let records = Arc::new(records);
     let started = std::time::Instant::now();
     let waited_ms = oldest.map_or(0.0, |at| (started - at).as_secs_f64() * 1000.0);
 
@@ -205,8 +220,8 @@ async fn commit_batch(
     let (inserted_tx, inserted_rx) = oneshot::channel();
     let (decision_tx, decision_rx) = std::sync::mpsc::channel::<Decision>();
     let (finished_tx, finished_rx) = oneshot::channel();
-    lanes.submit(Work {
-        records,
+    shared.lanes.submit(Work {
+        records: records.clone(),
         began: began_tx,
         inserted: inserted_tx,
         decision: decision_rx,
@@ -231,7 +246,7 @@ async fn commit_batch(
         }
     }
     let began_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let (inserted, results) = tokio::join!(inserted_rx, publisher.publish_all(&messages));
+    let (inserted, results) = tokio::join!(inserted_rx, shared.publisher.publish_all(&messages));
     let confirmed_ms = started.elapsed().as_secs_f64() * 1000.0;
     let inserted = inserted.unwrap_or_else(|_| Err("the recorder's database lane ended".into()));
     let failed: Vec<Uuid> = ids
@@ -253,15 +268,6 @@ async fn commit_batch(
             .await
             .unwrap_or_else(|_| Err("the recorder's database lane ended".into())),
     );
-    if committed.is_err() {
-        let in_doubt = results.iter().filter(|r| r.is_ok()).count();
-        if in_doubt > 0 {
-            tracing::warn!(
-                in_doubt,
-                "job records failed after their messages were confirmed; those jobs will run although their submitters got 503"
-            );
-        }
-    }
     tracing::debug!(
         jobs = ids.len(),
         waited_ms,
@@ -270,19 +276,76 @@ async fn commit_batch(
         committed_ms = started.elapsed().as_secs_f64() * 1000.0,
         "group commit"
     );
-    for ((reply, result), message) in replies.into_iter().zip(results).zip(&messages) {
-        let outcome = match (&committed, result) {
-            (Err(err), _) => Err(SubmitError::Database(err.clone())),
-            (Ok(()), Err(err)) => Err(SubmitError::Publish(err)),
-            (Ok(()), Ok(())) => {
-                let queue = message.routing_key.rsplit('.').next().unwrap_or("");
-                metrics
-                    .jobs_published
-                    .with_label_values(&[message.task.as_str(), queue])
-                    .inc();
-                Ok(())
+    let mut unrecorded = Vec::new();
+    for (index, ((reply, result), message)) in
+        replies.into_iter().zip(results).zip(messages).enumerate()
+    {
+        match (&committed, result) {
+            (_, Err(err)) => {
+                if err.may_have_been_enqueued() {
+                    shared
+                        .metrics
+                        .jobs_in_doubt
+                        .with_label_values(&["unconfirmed"])
+                        .inc();
+                }
+                let _ = reply.send(Err(SubmitError::Publish(err)));
             }
-        };
-        let _ = reply.send(outcome);
+            (Err(_), Ok(())) => unrecorded.push((reply, message, records[index].clone())),
+            (Ok(()), Ok(())) => {
+                count_published(&shared.metrics, &message);
+                let _ = reply.send(Ok(()));
+            }
+        }
     }
+    if let Err(err) = committed
+        && !unrecorded.is_empty()
+    {
+        // Off the batch's slot: new batches need not wait for a database that is away.
+        tokio::spawn(record_again(unrecorded, err, shared));
+    }
+}
+
+/// Confirmed jobs whose batch's transaction failed: their replies, messages and records.
+type Unrecorded = Vec<(oneshot::Sender<Result<(), SubmitError>>, Outgoing, NewJob)>;
+
+/// Writes the records of `jobs` again (see `rerecord.rs`) and answers their
+/// submitters: accepted once written, else in doubt.
+async fn record_again(jobs: Unrecorded, failure: String, shared: Arc<Shared>) {
+    let count = jobs.len();
+    tracing::warn!(jobs = count, error = %failure, "a batch's transaction failed after its messages were confirmed; writing their records again");
+    let records = jobs.iter().map(|(_, _, record)| record.clone()).collect();
+    match rerecord::rerecord(shared.database_url.clone(), records, shared.rerecord_within).await {
+        Ok(()) => {
+            tracing::info!(jobs = count, "confirmed jobs recorded again; accepted");
+            shared.metrics.jobs_recorded_again.inc_by(count as u64);
+            for (reply, message, _) in jobs {
+                count_published(&shared.metrics, &message);
+                let _ = reply.send(Ok(()));
+            }
+        }
+        Err(err) => {
+            tracing::warn!(
+                jobs = count,
+                error = %err,
+                "confirmed jobs could not be recorded; they will run although their submitters got 503"
+            );
+            shared
+                .metrics
+                .jobs_in_doubt
+                .with_label_values(&["unrecorded"])
+                .inc_by(count as u64);
+            for (reply, _, _) in jobs {
+                let _ = reply.send(Err(SubmitError::Unrecorded(err.clone())));
+            }
+        }
+    }
+}
+
+fn count_published(metrics: &Metrics, message: &Outgoing) {
+    let queue = message.routing_key.rsplit('.').next().unwrap_or("");
+    metrics
+        .jobs_published
+        .with_label_values(&[message.task.as_str(), queue])
+        .inc();
 }

@@ -10,7 +10,8 @@
 //! The jobs then go to the group-commit recorder together, and each one is
 //! accepted (recorded and confirmed) or refused on its own:
 //! - all accepted: 202;
-//! - none: 503 with `Retry-After`, and nothing was enqueued;
+//! - none: 503 with `Retry-After`; nothing was enqueued unless its type is
+//!   `in-doubt`, whose `job_ids` name the jobs that may run all the same;
 //! - some: 207, and the body says which, so the producer resubmits only the
 //!   refused ones. A 207 is a success for `Idempotency-Key`: the same key and
 //!   body replays it and enqueues nothing more.
@@ -67,6 +68,11 @@ pub struct BatchItem {
     /// Why the job was refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Present and true when the refused job may run all the same: its
+    /// message was, or may have been, confirmed (see the README, "When a 503 is
+    /// in doubt"). Resubmitting it may run the work twice.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_doubt: bool,
 }
 
 /// Enqueue up to 1 000 jobs in one request.
@@ -84,7 +90,7 @@ pub struct BatchItem {
         (status = 409, description = "A request with this Idempotency-Key is still in progress", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "No jobs or more than 1 000, more jobs than the key's bucket holds, or a job as `POST /v1/jobs` would refuse it (`pointer` names it); nothing enqueued", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "The key's bucket holds fewer tokens than the batch has jobs; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Broker or database unavailable, no job enqueued; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Broker or database unavailable, no job accepted; retry after `Retry-After`. Type `in-doubt`: `job_ids` may run all the same", body = Problem, content_type = "application/problem+json"),
     ),
     params(
         ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key for the whole batch: the same key and body within 24 h replays the first 202 or 207 (header `Idempotent-Replayed: true`). Also carried in each job's envelope."),
@@ -128,11 +134,13 @@ pub async fn enqueue_batch(
                 accepted: true,
                 status_url: Some(accepted.status_url),
                 error: None,
+                in_doubt: false,
             },
             Err(problem) => BatchItem {
                 id,
                 accepted: false,
                 status_url: None,
+                in_doubt: !problem.job_ids.is_empty(),
                 error: Some(problem.detail),
             },
         })
@@ -143,10 +151,28 @@ pub async fn enqueue_batch(
             .iter()
             .find_map(|item| item.error.clone())
             .unwrap_or_default();
-        return Err(Problem::unavailable(
-            format!("no job of the batch was enqueued: {why}"),
+        let in_doubt: Vec<Uuid> = items
+            .iter()
+            .filter(|item| item.in_doubt)
+            .map(|item| item.id)
+            .collect();
+        if in_doubt.is_empty() {
+            return Err(Problem::unavailable(
+                format!("no job of the batch was enqueued: {why}"),
+                1,
+            ));
+        }
+        let mut problem = Problem::unavailable(
+            format!(
+                "no job of the batch was accepted, but {} of them may run all the same (`job_ids`): {why}",
+                in_doubt.len()
+            ),
             1,
-        ));
+        );
+        problem.kind = "https://conveyor.dev/problems/in-doubt".into();
+        problem.title = "Jobs not accepted, but some may run".into();
+        problem.job_ids = in_doubt.into();
+        return Err(problem);
     }
     let status = if accepted == count {
         StatusCode::ACCEPTED
@@ -165,7 +191,7 @@ pub async fn enqueue_batch(
 /// under `/jobs/{index}` and its detail names the job.
 fn within(mut problem: Problem, index: usize) -> Problem {
     let pointer = problem.pointer.take().unwrap_or_default();
-    problem.pointer = Some(format!("/jobs/{index}{pointer}"));
+    problem.pointer = Some(format!("/jobs/{index}{pointer}").into());
     problem.detail = format!("job {index}: {}", problem.detail);
     problem
 }

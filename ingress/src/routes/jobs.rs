@@ -120,7 +120,7 @@ impl From<Job> for JobStatus {
         (status = 409, description = "A request with this Idempotency-Key is still in progress", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Unknown task, invalid args or unknown field (with a JSON pointer), or an Idempotency-Key reused with another body", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "The key's rate limit is exhausted; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Broker or database unavailable; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Broker or database unavailable; retry after `Retry-After`. Type `in-doubt` (`job_ids` names the job): not accepted, but the broker may hold, or holds, the message, so the job may run all the same", body = Problem, content_type = "application/problem+json"),
     ),
     params(
         ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key: the same key and body within 24 h replays the first response (header `Idempotent-Replayed: true`). Also carried in the job's envelope."),
@@ -207,7 +207,8 @@ impl Prepared {
                 Outgoing::delayed(&state.topology, queue, &envelope, delay_level_for(delay))
             }
             None => Outgoing::job(&state.topology, queue, &envelope),
-        };
+        }
+        .by(principal.map(|p| p.producer.as_str()));
         let record =
             NewJob::queued(&envelope, &task.options).by(principal.map(|p| p.producer.clone()));
         Ok(Self { record, message })
@@ -225,7 +226,13 @@ impl Prepared {
             .recorder
             .submit(self.record, self.message)
             .await
-            .map_err(|err| Problem::unavailable(err.to_string(), 1))?;
+            .map_err(|err| {
+                if err.may_have_been_enqueued() {
+                    Problem::in_doubt(id, err)
+                } else {
+                    Problem::unavailable(err.to_string(), 1)
+                }
+            })?;
         Ok(Accepted {
             id,
             status_url: format!("/v1/jobs/{id}"),

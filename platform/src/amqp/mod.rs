@@ -13,6 +13,11 @@ pub use topology::{DELAY_LEVELS_MS, Topology, delay_level_for};
 pub const ERROR_HEADER: &str = "x-conveyor-error";
 /// Header carrying the task name (for RabbitMQ-native tooling that cannot read the body).
 pub const TASK_HEADER: &str = "x-conveyor-task";
+/// Header carrying the producer that enqueued the job over HTTP. A worker
+/// that creates the job's record (because the ingress could not) writes it there,
+/// so the producer can read the job. A header, not an envelope field, so that
+/// workers of earlier releases, which refuse unknown envelope fields, still read the job.
+pub const PRODUCER_HEADER: &str = "x-conveyor-producer";
 /// Header selecting a delay queue on the delay exchange (no `x-` prefix: the
 /// headers exchange ignores such keys when matching).
 pub const DELAY_HEADER: &str = "conveyor-delay";

@@ -21,7 +21,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{DELAY_HEADER, ERROR_HEADER, Nodes, TASK_HEADER, Topology, close_quietly};
+use super::{
+    DELAY_HEADER, ERROR_HEADER, Nodes, PRODUCER_HEADER, TASK_HEADER, Topology, close_quietly,
+};
 use conveyor_schema::Envelope;
 
 /// One message to publish.
@@ -61,6 +63,15 @@ impl Outgoing {
             headers: vec![(DELAY_HEADER.into(), level_ms.to_string())],
             ..Self::job(topology, queue, envelope)
         }
+    }
+
+    /// The same message, carrying `producer` (when there is one) in [`PRODUCER_HEADER`].
+    pub fn by(mut self, producer: Option<&str>) -> Self {
+        if let Some(producer) = producer {
+            self.headers
+                .push((PRODUCER_HEADER.into(), producer.to_owned()));
+        }
+        self
     }
 
     /// Raw `body` (perhaps not even an envelope) to the dead-letter queue of `queue`, with the reason.
@@ -120,6 +131,17 @@ pub enum PublishError {
     /// The channel or connection failed mid-publish.
     #[error("publish failed: {0}")]
     Channel(String),
+}
+
+impl PublishError {
+    /// True when the message may have reached its queue all the same: the
+    /// broker may have taken it before the channel failed or the confirm was
+    /// late, and a quorum queue that loses its leader may nack a message its
+    /// new leader holds (the failover proof saw one run). A return
+    /// (unroutable) or a publish never sent is certain.
+    pub fn may_have_been_enqueued(&self) -> bool {
+        matches!(self, Self::Timeout(_) | Self::Channel(_) | Self::Nacked)
+    }
 }
 
 /// A self-healing, confirm-mode publisher. Cheap to clone.

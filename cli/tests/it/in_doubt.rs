@@ -1,0 +1,170 @@
+//! A job whose message the broker confirmed but whose record the database did
+//! not commit: the ingress writes the record again, and answers 202 once it
+//! has; if it cannot, the 503 says the job may run, names it, and the job's
+//! producer can read it once a worker has run it.
+//!
+//! The failure is a deferred constraint trigger on the test's own `jobs` table:
+//! it raises at `COMMIT`, after the batch's insert and its confirms, which is
+//! where a database that dies mid-batch fails. A sequence (not rolled back with
+//! the transaction) counts the commits it has failed.
+
+use std::time::Duration;
+
+use conveyor_schema::Envelope;
+use diesel::connection::SimpleConnection;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::harness::{TestApp, wait_until};
+
+/// Makes the first `failures` commits that insert a job fail.
+async fn fail_commits(app: &TestApp, failures: i64) {
+    run_sql(
+        app,
+        format!(
+            "CREATE SEQUENCE commit_faults;
+             CREATE FUNCTION fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF nextval('commit_faults') <= {failures} THEN
+                     RAISE EXCEPTION 'injected commit failure';
+                 END IF;
+                 RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER fail_commit AFTER INSERT ON jobs
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_commit();"
+        ),
+    )
+    .await;
+}
+
+async fn run_sql(app: &TestApp, sql: String) {
+    let url = app.db.url.clone();
+    tokio::task::spawn_blocking(move || {
+        use diesel::Connection;
+        diesel::PgConnection::establish(&url)
+            .unwrap()
+            .batch_execute(&sql)
+            .unwrap();
+    })
+    .await
+    .unwrap();
+}
+
+/// The ingress's sample of `metric` (a line of its `/metrics` without the value).
+async fn ingress_counter(app: &TestApp, metric: &str) -> f64 {
+    let text = reqwest::get(app.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(metric)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {metric} in:\n{text}"))
+}
+
+/// The ids of the messages in the test's work queue (taking them).
+async fn queued_ids(app: &TestApp) -> Vec<Uuid> {
+    let work = app.topology().work_queue("default");
+    let mut ids: Vec<Uuid> = app
+        .drain_queue(&work)
+        .await
+        .iter()
+        .map(|(_, body)| Envelope::decode(body).unwrap().id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_fails_after_the_confirm_is_written_again_and_answered_202() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    fail_commits(&app, 1).await;
+    let id = app.enqueue("diag.noop", json!({})).await;
+    assert_eq!(
+        app.count("SELECT last_value AS n FROM commit_faults").await,
+        2,
+        "the batch's commit failed once and the record was written on the second try"
+    );
+    let job = app.job(id).await.expect("a record for the 202");
+    assert_eq!(job.state, "queued");
+    assert_eq!(queued_ids(&app).await, vec![id], "one message for the job");
+    assert_eq!(
+        ingress_counter(&app, "conveyor_jobs_recorded_again_total").await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_cannot_be_recorded_is_a_503_in_doubt_that_its_producer_can_resolve() {
+    let mut app =
+        TestApp::spawn_with(0, |config| config.ingress.rerecord_within_ms = Some(300)).await;
+    fail_commits(&app, i64::MAX).await;
+    let key = app.create_key_with("shop", &["enqueue:*"], None).await;
+    let shop = app.client_with(&key);
+
+    let response = app.enqueue_response(&shop).await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["type"], "https://conveyor.dev/problems/in-doubt");
+    assert_eq!(problem["job_ids"].as_array().unwrap().len(), 1, "{problem}");
+    let id: Uuid = problem["job_ids"][0].as_str().unwrap().parse().unwrap();
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains(&id.to_string()), "{detail}");
+    assert!(detail.contains("injected commit failure"), "{detail}");
+    assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 0);
+    let work = app.topology().work_queue("default");
+    assert_eq!(app.queue_len(&work).await, 1, "the confirmed message stays");
+    let unrecorded = "conveyor_jobs_in_doubt_total{reason=\"unrecorded\"}";
+    assert_eq!(ingress_counter(&app, unrecorded).await, 1.0);
+
+    // The database heals; a worker runs the job and records it for its producer.
+    run_sql(&app, "DROP TRIGGER fail_commit ON jobs".into()).await;
+    app.start_worker().await;
+    let status_url = app.url(&format!("/v1/jobs/{id}"));
+    wait_until(Duration::from_secs(20), || async {
+        let response = shop.get(&status_url).send().await.unwrap();
+        response.status() == 200 && response.json::<Value>().await.unwrap()["state"] == "succeeded"
+    })
+    .await;
+    let recorded_for_shop = format!(
+        "SELECT count(*) AS n FROM jobs WHERE id = '{id}' AND producer = 'shop' AND runs = 1"
+    );
+    assert_eq!(app.count(&recorded_for_shop).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_none_of_whose_jobs_can_be_recorded_names_them_all_in_doubt() {
+    let app = TestApp::spawn_with(0, |config| config.ingress.rerecord_within_ms = Some(0)).await;
+    fail_commits(&app, i64::MAX).await;
+    let job = json!({"task": "diag.noop", "args": {}});
+    let response = app
+        .client
+        .post(app.url("/v1/jobs/batch"))
+        .json(&json!({"jobs": [job, job]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["type"], "https://conveyor.dev/problems/in-doubt");
+    let mut named: Vec<Uuid> = problem["job_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap().parse().unwrap())
+        .collect();
+    named.sort();
+    assert_eq!(named, queued_ids(&app).await, "{problem}");
+    assert_eq!(named.len(), 2);
+    assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 0);
+    let unrecorded = "conveyor_jobs_in_doubt_total{reason=\"unrecorded\"}";
+    assert_eq!(ingress_counter(&app, unrecorded).await, 2.0);
+    let recorded_again = ingress_counter(&app, "conveyor_jobs_recorded_again_total").await;
+    assert_eq!(recorded_again, 0.0);
+}
