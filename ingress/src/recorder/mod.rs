@@ -276,7 +276,7 @@ async fn commit_batch(mut batch: Vec<Submission>, shared: Arc<Shared>) {
         committed_ms = started.elapsed().as_secs_f64() * 1000.0,
         "group commit"
     );
-    let mut unrecorded = Vec::new();
+    let mut unrecorded = Unrecorded::default();
     for (index, ((reply, result), message)) in
         replies.into_iter().zip(results).zip(messages).enumerate()
     {
@@ -291,7 +291,10 @@ async fn commit_batch(mut batch: Vec<Submission>, shared: Arc<Shared>) {
                 }
                 let _ = reply.send(Err(SubmitError::Publish(err)));
             }
-            (Err(_), Ok(())) => unrecorded.push((reply, message, records[index].clone())),
+            (Err(_), Ok(())) => {
+                unrecorded.waiting.push((reply, message));
+                unrecorded.records.push(records[index].clone());
+            }
             (Ok(()), Ok(())) => {
                 count_published(&shared.metrics, &message);
                 let _ = reply.send(Ok(()));
@@ -299,27 +302,33 @@ async fn commit_batch(mut batch: Vec<Submission>, shared: Arc<Shared>) {
         }
     }
     if let Err(err) = committed
-        && !unrecorded.is_empty()
+        && !unrecorded.records.is_empty()
     {
         // Off the batch's slot: new batches need not wait for a database that is away.
         tokio::spawn(record_again(unrecorded, err, shared));
     }
 }
 
-/// Confirmed jobs whose batch's transaction failed: their replies, messages and records.
-type Unrecorded = Vec<(oneshot::Sender<Result<(), SubmitError>>, Outgoing, NewJob)>;
+/// Confirmed jobs whose batch's transaction failed.
+#[derive(Default)]
+struct Unrecorded {
+    /// Each job's submitter and message (for the metric once it is accepted).
+    waiting: Vec<(oneshot::Sender<Result<(), SubmitError>>, Outgoing)>,
+    /// Their records, in the same order.
+    records: Vec<NewJob>,
+}
 
 /// Writes the records of `jobs` again (see `rerecord.rs`) and answers their
 /// submitters: accepted once written, else in doubt.
 async fn record_again(jobs: Unrecorded, failure: String, shared: Arc<Shared>) {
-    let count = jobs.len();
+    let Unrecorded { waiting, records } = jobs;
+    let count = records.len();
     tracing::warn!(jobs = count, error = %failure, "a batch's transaction failed after its messages were confirmed; writing their records again");
-    let records = jobs.iter().map(|(_, _, record)| record.clone()).collect();
     match rerecord::rerecord(shared.database_url.clone(), records, shared.rerecord_within).await {
         Ok(()) => {
             tracing::info!(jobs = count, "confirmed jobs recorded again; accepted");
             shared.metrics.jobs_recorded_again.inc_by(count as u64);
-            for (reply, message, _) in jobs {
+            for (reply, message) in waiting {
                 count_published(&shared.metrics, &message);
                 let _ = reply.send(Ok(()));
             }
@@ -335,7 +344,7 @@ async fn record_again(jobs: Unrecorded, failure: String, shared: Arc<Shared>) {
                 .jobs_in_doubt
                 .with_label_values(&["unrecorded"])
                 .inc_by(count as u64);
-            for (reply, _, _) in jobs {
+            for (reply, _) in waiting {
                 let _ = reply.send(Err(SubmitError::Unrecorded(err.clone())));
             }
         }
