@@ -137,8 +137,9 @@ impl PublishError {
     /// True when the message may have reached its queue all the same: the
     /// broker may have taken it before the channel failed or the confirm was
     /// late, and a quorum queue that loses its leader may nack a message its
-    /// new leader holds (the failover proof saw one run). A return
-    /// (unroutable) or a publish never sent is certain.
+    /// new leader holds (a failover proof once saw a job run whose publish had
+    /// neither timed out nor lost its channel). A return (unroutable) or a
+    /// publish never sent is certain.
     pub fn may_have_been_enqueued(&self) -> bool {
         matches!(self, Self::Timeout(_) | Self::Channel(_) | Self::Nacked)
     }
