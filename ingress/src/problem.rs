@@ -105,18 +105,13 @@ impl Problem {
         problem
     }
 
-    /// 503 for a job that was not accepted but may run all the same (its
-    /// message may have been, or was, confirmed): names the job.
-    pub fn in_doubt(job_id: uuid::Uuid, cause: impl std::fmt::Display) -> Self {
-        let mut problem = Self::unavailable(
-            format!(
-                "{cause}; the job may run all the same, as job {job_id}, and a retry enqueues a second job"
-            ),
-            1,
-        );
+    /// 503 for jobs that were not accepted but may run all the same (their
+    /// messages may have been, or were, confirmed): names them in `job_ids`.
+    pub fn in_doubt(detail: impl Into<String>, job_ids: impl Into<Box<[uuid::Uuid]>>) -> Self {
+        let mut problem = Self::unavailable(detail, 1);
         problem.kind = "https://conveyor.dev/problems/in-doubt".into();
-        problem.title = "Job not accepted, but may run".into();
-        problem.job_ids = Box::new([job_id]);
+        problem.title = "Not accepted, but may run".into();
+        problem.job_ids = job_ids.into();
         problem
     }
 

@@ -162,17 +162,13 @@ pub async fn enqueue_batch(
                 1,
             ));
         }
-        let mut problem = Problem::unavailable(
+        return Err(Problem::in_doubt(
             format!(
                 "no job of the batch was accepted, but {} of them may run all the same (`job_ids`): {why}",
                 in_doubt.len()
             ),
-            1,
-        );
-        problem.kind = "https://conveyor.dev/problems/in-doubt".into();
-        problem.title = "Jobs not accepted, but some may run".into();
-        problem.job_ids = in_doubt.into();
-        return Err(problem);
+            in_doubt,
+        ));
     }
     let status = if accepted == count {
         StatusCode::ACCEPTED

@@ -228,7 +228,10 @@ impl Prepared {
             .await
             .map_err(|err| {
                 if err.may_have_been_enqueued() {
-                    Problem::in_doubt(id, err)
+                    Problem::in_doubt(
+                        format!("{err}; the job may run all the same, as job {id}, and a retry enqueues a second job"),
+                        [id],
+                    )
                 } else {
                     Problem::unavailable(err.to_string(), 1)
                 }
