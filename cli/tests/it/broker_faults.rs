@@ -173,11 +173,13 @@ async fn stopping_the_broker_mid_load_loses_no_accepted_job() {
     .await;
     eprintln!(
         "broker stop_app proof: {JOBS} posted in {load_secs:.1} s; 202: {}, 503: {} (first..last {:?}, \
-         last 202 at {:?}); /readyz failed {not_ready_after:?} after stop_app; {final_tally:?}",
+         last 202 at {:?}); /readyz failed {not_ready_after:?} after stop_app; {final_tally:?}; \
+         503s by type and detail: {:?}",
         outcomes.accepted.len(),
         outcomes.unavailable,
         outcomes.unavailable_span,
         outcomes.last_accepted,
+        summarize(&outcomes.refusals),
     );
 
     assert!(
