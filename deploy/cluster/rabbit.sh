@@ -61,7 +61,10 @@ CONF
   chown -R rabbitmq:rabbitmq "$BASE"
   (node_env "$n"; cd /var/lib/rabbitmq
    export ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}"
-   su rabbitmq -s /bin/sh -c "/usr/lib/rabbitmq/bin/rabbitmq-server -detached" >"$dir/log/startup.out" 2>&1)
+   # Each proof leaves its quorum queues (segment and WAL files) on the node:
+   # at su's soft limit of 1 024 descriptors, a dozen proofs in a row starve it.
+   su rabbitmq -s /bin/sh -c 'ulimit -n "$(ulimit -Hn)"; exec /usr/lib/rabbitmq/bin/rabbitmq-server -detached' \
+     >"$dir/log/startup.out" 2>&1)
   ctl "$n" await_startup --timeout 120 >/dev/null 2>&1 || rabbitmqctl -q -n "$(node_name "$n")" wait --timeout 120 "$dir/c$n.pid"
 }
 
