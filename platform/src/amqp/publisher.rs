@@ -136,10 +136,9 @@ pub enum PublishError {
 impl PublishError {
     /// True when the message may have reached its queue all the same: the
     /// broker may have taken it before the channel failed or the confirm was
-    /// late, and a quorum queue that loses its leader may nack a message its
-    /// new leader holds (a failover proof once saw a job run whose publish had
-    /// neither timed out nor lost its channel). A return (unroutable) or a
-    /// publish never sent is certain.
+    /// late, and a nack reports an internal error in the queue's process, which
+    /// says nothing of whether the message was already stored. A return
+    /// (unroutable) or a publish never sent is certain.
     pub fn may_have_been_enqueued(&self) -> bool {
         matches!(self, Self::Timeout(_) | Self::Channel(_) | Self::Nacked)
     }
