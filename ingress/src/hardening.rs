@@ -1,5 +1,6 @@
 //! Limits that keep one ingress answering under abuse or overload: a request
-//! timeout, a global concurrency limit that sheds load (503 with `Retry-After`
+//! timeout (whose 503 names the jobs it may leave running, see
+//! `recorder::handed_over`), a global concurrency limit that sheds load (503 with `Retry-After`
 //! instead of queueing), a header-size limit (431), a URL holding an encoded
 //! NUL (`%00`, which PostgreSQL cannot store or compare) refused as 400, and
 //! gzip/deflate request bodies inflated in front of the body limit, so a small
@@ -19,6 +20,7 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::decompression::RequestDecompressionLayer;
 
 use crate::problem::Problem;
+use crate::recorder::handed_over;
 
 /// The limits (from `[ingress]`).
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +45,9 @@ pub fn apply(router: Router, limits: Limits) -> Router {
                 .layer(GlobalConcurrencyLimitLayer::new(limits.max_concurrent))
                 .timeout(limits.request_timeout),
         )
+        .layer(middleware::from_fn(|request: Request, next: Next| {
+            handed_over::scope(next.run(request))
+        }))
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             header_limit(max_header_bytes, request, next)
         }))
@@ -50,6 +55,15 @@ pub fn apply(router: Router, limits: Limits) -> Router {
 
 async fn overloaded(err: BoxError) -> Response {
     if err.is::<tower::timeout::error::Elapsed>() {
+        let jobs = handed_over::pending();
+        if !jobs.is_empty() {
+            return Problem::in_doubt(
+                "the request took too long and was abandoned after its jobs were handed over; \
+                 they may run all the same, and a retry enqueues them a second time",
+                jobs,
+            )
+            .into_response();
+        }
         return Problem::unavailable("the request took too long and was abandoned", 1)
             .into_response();
     }

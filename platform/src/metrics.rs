@@ -60,8 +60,10 @@ pub struct Metrics {
     /// outcome (`accepted`, `duplicate`, or the rejection reason). Per-instance.
     pub webhooks_received: IntCounterVec,
     /// Jobs answered 503 that may run all the same, by reason: `unconfirmed`
-    /// (the publish timed out, failed mid-way or was nacked) or `unrecorded`
-    /// (confirmed, but the record could not be written). Ingress.
+    /// (the publish timed out, failed mid-way or was nacked), `unrecorded`
+    /// (confirmed, but the record could not be written) or `abandoned`
+    /// (recorded and confirmed after its request timed out or its client
+    /// left). Ingress.
     pub jobs_in_doubt: IntCounterVec,
     /// Confirmed jobs whose group commit failed and whose record was then
     /// written again, so that they were accepted after all. Ingress.
@@ -69,7 +71,7 @@ pub struct Metrics {
 }
 
 /// The reasons of [`Metrics::jobs_in_doubt`].
-pub const IN_DOUBT_REASONS: [&str; 2] = ["unconfirmed", "unrecorded"];
+pub const IN_DOUBT_REASONS: [&str; 3] = ["unconfirmed", "unrecorded", "abandoned"];
 
 /// The constant label on every service-wide metric.
 pub const SERVICE_SCOPE: (&str, &str) = ("scope", "service");
@@ -258,7 +260,7 @@ impl Metrics {
             jobs_in_doubt: counter(
                 r,
                 "conveyor_jobs_in_doubt_total",
-                "Jobs answered 503 that may run all the same, by reason (unconfirmed, unrecorded).",
+                "Jobs answered 503 that may run all the same, by reason (unconfirmed, unrecorded, abandoned).",
                 &["reason"],
             ),
             jobs_recorded_again: plain_counter(

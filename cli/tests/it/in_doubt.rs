@@ -1,7 +1,8 @@
 //! A job whose message the broker confirmed but whose record the database did
 //! not commit: the ingress writes the record again, and answers 202 once it
 //! has; if it cannot, the 503 says the job may run, names it, and the job's
-//! producer can read it once a worker has run it.
+//! producer can read it once a worker has run it. A request that times out
+//! after handing its job over is a 503 in doubt too.
 //!
 //! The failure is a deferred constraint trigger on the test's own `jobs` table:
 //! it raises at `COMMIT`, after the batch's insert and its confirms, which is
@@ -167,4 +168,81 @@ async fn a_batch_none_of_whose_jobs_can_be_recorded_names_them_all_in_doubt() {
     assert_eq!(ingress_counter(&app, unrecorded).await, 2.0);
     let recorded_again = ingress_counter(&app, "conveyor_jobs_recorded_again_total").await;
     assert_eq!(recorded_again, 0.0);
+}
+
+/// Holds `LOCK TABLE jobs IN SHARE MODE` (it blocks inserts, not reads) until
+/// the returned sender sends or is dropped.
+async fn block_inserts(app: &TestApp) -> std::sync::mpsc::Sender<()> {
+    let url = app.db.url.clone();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        use diesel::Connection;
+        let mut conn = diesel::PgConnection::establish(&url).unwrap();
+        conn.batch_execute("BEGIN; LOCK TABLE jobs IN SHARE MODE")
+            .unwrap();
+        locked.send(()).unwrap();
+        let _ = released.recv();
+        conn.batch_execute("COMMIT").unwrap();
+    });
+    is_locked.await.unwrap();
+    release
+}
+
+/// The one job an in-doubt 503 names.
+async fn named_in_doubt(response: reqwest::Response) -> Uuid {
+    assert_eq!(response.status(), 503);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(
+        problem["type"], "https://conveyor.dev/problems/in-doubt",
+        "{problem}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("took too long"),
+        "{problem}"
+    );
+    let ids = problem["job_ids"].as_array().unwrap();
+    assert_eq!(ids.len(), 1, "{problem}");
+    ids[0].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_times_out_after_handing_over_its_job_is_a_503_in_doubt_naming_it() {
+    let app = TestApp::spawn_with(0, |config| {
+        config.ingress.request_timeout_ms = 1_500;
+        config.ingress.batches_in_flight = 1;
+    })
+    .await;
+    let release = block_inserts(&app).await;
+    // The first job's batch publishes and waits on its insert; the second job
+    // waits for the only batch slot. Both requests time out.
+    let first = app.enqueue_response(&app.client);
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        app.enqueue_response(&app.client).await
+    };
+    let (first, second) = tokio::join!(first, second);
+    let (published, waiting) = (named_in_doubt(first).await, named_in_doubt(second).await);
+
+    // Once the table is free, the first job's batch commits: recorded and
+    // queued, it will run. The second job's submitter had stopped waiting when
+    // a batch could take it, so it was left out: no record and no message.
+    release.send(()).unwrap();
+    wait_until(Duration::from_secs(10), || async {
+        app.job(published).await.is_some()
+    })
+    .await;
+    let abandoned = "conveyor_jobs_in_doubt_total{reason=\"abandoned\"}";
+    wait_until(Duration::from_secs(10), || async {
+        ingress_counter(&app, abandoned).await == 1.0
+    })
+    .await;
+    assert_eq!(queued_ids(&app).await, vec![published]);
+    assert!(
+        app.job(waiting).await.is_none(),
+        "a record for the left-out job"
+    );
 }

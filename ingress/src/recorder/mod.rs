@@ -32,6 +32,7 @@
 //! requests that had arrived meanwhile, and most transactions and confirm
 //! round trips carried a single job.
 
+pub mod handed_over;
 mod insert;
 mod lane;
 mod rerecord;
@@ -134,9 +135,16 @@ impl Recorder {
     }
 
     /// Records and publishes one job; `Ok` once both are durable.
+    ///
+    /// Should the request be abandoned while this waits, the job may run all
+    /// the same: it stays in the request's [`handed_over`] list unless the
+    /// answer is that it will not.
     pub async fn submit(&self, record: NewJob, message: Outgoing) -> Result<(), SubmitError> {
+        let id = record.id;
         let (reply, outcome) = oneshot::channel();
-        self.tx
+        handed_over::note(id);
+        let outcome = match self
+            .tx
             .send(Submission {
                 record,
                 message,
@@ -144,8 +152,17 @@ impl Recorder {
                 arrived: std::time::Instant::now(),
             })
             .await
-            .map_err(|_| SubmitError::Closed)?;
-        outcome.await.unwrap_or(Err(SubmitError::Closed))
+        {
+            Ok(()) => outcome.await.unwrap_or(Err(SubmitError::Closed)),
+            Err(_) => Err(SubmitError::Closed),
+        };
+        if outcome
+            .as_ref()
+            .is_err_and(|err| !err.may_have_been_enqueued())
+        {
+            handed_over::forget(id);
+        }
+        outcome
     }
 }
 
@@ -198,6 +215,12 @@ async fn batch_loop(mut rx: mpsc::Receiver<Submission>, shared: Arc<Shared>, bat
 }
 
 async fn commit_batch(mut batch: Vec<Submission>, shared: Arc<Shared>) {
+    // A submitter that stopped waiting (its request timed out, or its client
+    // left) gets no answer: its job is left out, so that it does not run.
+    batch.retain(|submission| !submission.reply.is_closed());
+    if batch.is_empty() {
+        return;
+    }
     // Rows in id order, as the worker's state writer writes them: two
     // transactions that lock rows in one order cannot wait on each other.
     batch.sort_unstable_by_key(|submission| submission.record.id);
@@ -297,7 +320,7 @@ async fn commit_batch(mut batch: Vec<Submission>, shared: Arc<Shared>) {
             }
             (Ok(()), Ok(())) => {
                 count_published(&shared.metrics, &message);
-                let _ = reply.send(Ok(()));
+                accept(reply, &shared.metrics);
             }
         }
     }
@@ -330,7 +353,7 @@ async fn record_again(jobs: Unrecorded, failure: String, shared: Arc<Shared>) {
             shared.metrics.jobs_recorded_again.inc_by(count as u64);
             for (reply, message) in waiting {
                 count_published(&shared.metrics, &message);
-                let _ = reply.send(Ok(()));
+                accept(reply, &shared.metrics);
             }
         }
         Err(err) => {
@@ -348,6 +371,17 @@ async fn record_again(jobs: Unrecorded, failure: String, shared: Arc<Shared>) {
                 let _ = reply.send(Err(SubmitError::Unrecorded(err.clone())));
             }
         }
+    }
+}
+
+/// Answers a recorded and confirmed job's submitter. One that stopped waiting
+/// meanwhile was answered 503 in doubt (see [`handed_over`]): counted as such.
+fn accept(reply: oneshot::Sender<Result<(), SubmitError>>, metrics: &Metrics) {
+    if reply.send(Ok(())).is_err() {
+        metrics
+            .jobs_in_doubt
+            .with_label_values(&["abandoned"])
+            .inc();
     }
 }
 
