@@ -59,7 +59,7 @@ async fn overloaded(err: BoxError) -> Response {
         if !jobs.is_empty() {
             return Problem::in_doubt(
                 "the request took too long and was abandoned after its jobs were handed over; \
-                 they may run all the same, and a retry enqueues them a second time",
+                 they may run all the same, and a retry without its Idempotency-Key enqueues them again",
                 jobs,
             )
             .into_response();

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Principal;
 use crate::json_body;
 use crate::problem::Problem;
+use crate::recorder::handed_over;
 use crate::state::AppState;
 
 /// The request header.
@@ -160,10 +161,10 @@ async fn run_once(state: AppState, request: Request, next: Next, want_json: bool
             let request = Request::from_parts(parts, Body::from(body));
             let db = state.db.clone();
             // Own task: the outcome is stored even if the client goes away.
-            let run = tokio::spawn(async move {
+            let run = tokio::spawn(handed_over::carried(async move {
                 let response = next.run(request).await;
                 settle(&db, producer, key, response).await
-            });
+            }));
             run.await
                 .unwrap_or_else(|err| Problem::internal(err).into_response())
         }

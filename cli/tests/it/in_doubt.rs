@@ -246,3 +246,41 @@ async fn a_request_that_times_out_after_handing_over_its_job_is_a_503_in_doubt_n
         "a record for the left-out job"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_request_that_times_out_names_its_job_and_a_retry_gets_its_202() {
+    let app = TestApp::spawn_with(0, |config| config.ingress.request_timeout_ms = 1_500).await;
+    let release = block_inserts(&app).await;
+    let post = || async {
+        app.client
+            .post(app.url("/v1/jobs"))
+            .header("idempotency-key", "order-42")
+            .json(&json!({"task": "diag.noop", "args": {}}))
+            .send()
+            .await
+            .unwrap()
+    };
+    let id = named_in_doubt(post().await).await;
+    assert_eq!(
+        post().await.status(),
+        409,
+        "the first request is still running"
+    );
+
+    // The first request goes on in its own task: once the table is free, its
+    // job is recorded and its 202 stored for the key, which a retry gets.
+    release.send(()).unwrap();
+    let mut retried = post().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while retried.status() == 409 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        retried = post().await;
+    }
+    assert_eq!(retried.status(), 202);
+    assert_eq!(retried.headers()["idempotent-replayed"], "true");
+    let accepted: Value = retried.json().await.unwrap();
+    assert_eq!(accepted["id"], id.to_string());
+    assert_eq!(queued_ids(&app).await, vec![id]);
+    let abandoned = "conveyor_jobs_in_doubt_total{reason=\"abandoned\"}";
+    assert_eq!(ingress_counter(&app, abandoned).await, 0.0);
+}
