@@ -1,10 +1,11 @@
 //! Limits that keep one ingress answering under abuse or overload: a request
 //! timeout (whose 503 names the jobs it may leave running, see
-//! `recorder::handed_over`), a global concurrency limit that sheds load (503 with `Retry-After`
-//! instead of queueing), a header-size limit (431), a URL holding an encoded
-//! NUL (`%00`, which PostgreSQL cannot store or compare) refused as 400, and
-//! gzip/deflate request bodies inflated in front of the body limit, so a small
-//! compressed body that inflates past it is a 413 like any other.
+//! `recorder::handed_over`), a global concurrency limit that sheds load (503
+//! with `Retry-After` instead of queueing), a header-size limit (431), a URL
+//! holding an encoded NUL (`%00`, which PostgreSQL cannot store or compare)
+//! refused as 400, and gzip/deflate request bodies inflated in front of the
+//! body limit, so a small compressed body that inflates past it is a 413 like
+//! any other.
 
 use std::time::Duration;
 

@@ -13,6 +13,10 @@
 //!    transaction commits (or rolls back when nothing was confirmed);
 //! 4. each waiting request is answered: 202 for a committed and confirmed job, 503 otherwise.
 //!
+//! A submission whose request stopped waiting before its batch formed (timed
+//! out, or its client left) is left out; once in a batch, it may run, and the
+//! request's timeout says so (see `handed_over.rs`).
+//!
 //! Because the message may reach a worker before the insert reaches its row,
 //! the worker's state upsert may create the row first; the insert then keeps
 //! that state and adds only what the ingress knows (producer, idempotency key,
