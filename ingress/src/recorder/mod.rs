@@ -323,8 +323,7 @@ async fn commit_batch(mut batch: Vec<Submission>, shared: Arc<Shared>) {
                 unrecorded.records.push(records[index].clone());
             }
             (Ok(()), Ok(())) => {
-                count_published(&shared.metrics, &message);
-                accept(reply, &shared.metrics);
+                accept(reply, &message, &shared.metrics);
             }
         }
     }
@@ -356,8 +355,7 @@ async fn record_again(jobs: Unrecorded, failure: String, shared: Arc<Shared>) {
             tracing::info!(jobs = count, "confirmed jobs recorded again; accepted");
             shared.metrics.jobs_recorded_again.inc_by(count as u64);
             for (reply, message) in waiting {
-                count_published(&shared.metrics, &message);
-                accept(reply, &shared.metrics);
+                accept(reply, &message, &shared.metrics);
             }
         }
         Err(err) => {
@@ -378,21 +376,19 @@ async fn record_again(jobs: Unrecorded, failure: String, shared: Arc<Shared>) {
     }
 }
 
-/// Answers a recorded and confirmed job's submitter. One that stopped waiting
-/// meanwhile was answered 503 in doubt (see [`handed_over`]): counted as such.
-fn accept(reply: oneshot::Sender<Result<(), SubmitError>>, metrics: &Metrics) {
+/// Counts a recorded and confirmed job as published and answers its
+/// submitter. One that stopped waiting meanwhile was answered 503 in doubt
+/// (see [`handed_over`]): counted as such.
+fn accept(reply: oneshot::Sender<Result<(), SubmitError>>, message: &Outgoing, metrics: &Metrics) {
+    let queue = message.routing_key.rsplit('.').next().unwrap_or("");
+    metrics
+        .jobs_published
+        .with_label_values(&[message.task.as_str(), queue])
+        .inc();
     if reply.send(Ok(())).is_err() {
         metrics
             .jobs_in_doubt
             .with_label_values(&["abandoned"])
             .inc();
     }
-}
-
-fn count_published(metrics: &Metrics, message: &Outgoing) {
-    let queue = message.routing_key.rsplit('.').next().unwrap_or("");
-    metrics
-        .jobs_published
-        .with_label_values(&[message.task.as_str(), queue])
-        .inc();
 }
