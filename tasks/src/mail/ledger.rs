@@ -7,7 +7,10 @@
 use chrono::{DateTime, Utc};
 use conveyor_schema::db::{campaign_chunks, campaign_recipients, campaigns};
 use conveyor_schema::models::{Campaign, CampaignState};
+use conveyor_schema::prepared::walk_sql;
+use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, QueryFragment};
 use diesel::sql_types::{
     Array, BigInt, Double, Integer, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
 };
@@ -133,23 +136,46 @@ pub fn claim(
     ttl_secs: f64,
     limit: usize,
 ) -> QueryResult<Vec<Claimed>> {
-    diesel::sql_query(
-        "UPDATE campaign_recipients r
-            SET state = 'sending', claimed_by = $2, claimed_at = now(),
-                claim_expires_at = now() + make_interval(secs => $3),
-                attempts = r.attempts + 1, updated_at = now()
-          WHERE r.id IN (SELECT id FROM campaign_recipients
-                          WHERE chunk_id = $1 AND state = 'pending'
-                            AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-                          ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
-         RETURNING r.id, r.email, r.vars, r.attempts",
-    )
-    .bind::<SqlUuid, _>(chunk)
-    .bind::<Text, _>(worker)
-    .bind::<Double, _>(ttl_secs)
-    .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
+    ClaimRecipients {
+        chunk,
+        worker,
+        ttl_secs,
+        limit: i64::try_from(limit).unwrap_or(i64::MAX),
+    }
     .load(conn)
 }
+
+/// [`claim`]'s statement, run once per group: prepared once per connection
+/// (see `conveyor_schema::prepared`).
+const CLAIM: &str = "
+UPDATE campaign_recipients r
+   SET state = 'sending', claimed_by = $1, claimed_at = now(),
+       claim_expires_at = now() + make_interval(secs => $2),
+       attempts = r.attempts + 1, updated_at = now()
+ WHERE r.id IN (SELECT id FROM campaign_recipients
+                 WHERE chunk_id = $3 AND state = 'pending'
+                   AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+                 ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
+RETURNING r.id, r.email, r.vars, r.attempts";
+
+struct ClaimRecipients<'a> {
+    worker: &'a str,
+    ttl_secs: f64,
+    chunk: Uuid,
+    limit: i64,
+}
+
+impl QueryFragment<Pg> for ClaimRecipients<'_> {
+    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        walk_sql(CLAIM, out, |n, out| match n {
+            1 => out.push_bind_param::<Text, _>(&self.worker),
+            2 => out.push_bind_param::<Double, _>(&self.ttl_secs),
+            3 => out.push_bind_param::<SqlUuid, _>(&self.chunk),
+            _ => out.push_bind_param::<BigInt, _>(&self.limit),
+        })
+    }
+}
+conveyor_schema::prepared_statement!(ClaimRecipients, returning rows);
 
 /// One recipient's outcome.
 #[derive(Debug, Clone)]
@@ -168,21 +194,45 @@ pub struct Outcome {
 /// expired meanwhile (now `unknown`) still takes this worker's outcome: it
 /// knows what happened.
 pub fn record(conn: &mut PgConnection, worker: &str, outcomes: &[Outcome]) -> QueryResult<usize> {
-    diesel::sql_query(
-        "UPDATE campaign_recipients r
-            SET state = d.state, last_reply = d.reply, next_attempt_at = d.next_at,
-                sent_at = CASE WHEN d.state = 'sent' THEN now() ELSE r.sent_at END,
-                updated_at = now()
-           FROM unnest($1::int8[], $2::text[], $3::text[], $4::timestamptz[]) AS d(id, state, reply, next_at)
-          WHERE r.id = d.id AND r.claimed_by = $5 AND r.state IN ('sending', 'unknown')",
-    )
-    .bind::<Array<BigInt>, _>(outcomes.iter().map(|o| o.id).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(outcomes.iter().map(|o| o.state).collect::<Vec<_>>())
-    .bind::<Array<Text>, _>(outcomes.iter().map(|o| o.reply.as_str()).collect::<Vec<_>>())
-    .bind::<Array<Nullable<Timestamptz>>, _>(outcomes.iter().map(|o| o.next_attempt_at).collect::<Vec<_>>())
-    .bind::<Text, _>(worker)
+    RecordOutcomes {
+        ids: outcomes.iter().map(|o| o.id).collect(),
+        states: outcomes.iter().map(|o| o.state).collect(),
+        replies: outcomes.iter().map(|o| o.reply.as_str()).collect(),
+        next_attempts: outcomes.iter().map(|o| o.next_attempt_at).collect(),
+        worker,
+    }
     .execute(conn)
 }
+
+/// [`record`]'s statement, run once per group: prepared once per connection.
+const RECORD: &str = "
+UPDATE campaign_recipients r
+   SET state = d.state, last_reply = d.reply, next_attempt_at = d.next_at,
+       sent_at = CASE WHEN d.state = 'sent' THEN now() ELSE r.sent_at END,
+       updated_at = now()
+  FROM unnest($1::int8[], $2::text[], $3::text[], $4::timestamptz[]) AS d(id, state, reply, next_at)
+ WHERE r.id = d.id AND r.claimed_by = $5 AND r.state IN ('sending', 'unknown')";
+
+struct RecordOutcomes<'a> {
+    ids: Vec<i64>,
+    states: Vec<&'a str>,
+    replies: Vec<&'a str>,
+    next_attempts: Vec<Option<DateTime<Utc>>>,
+    worker: &'a str,
+}
+
+impl QueryFragment<Pg> for RecordOutcomes<'_> {
+    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        walk_sql(RECORD, out, |n, out| match n {
+            1 => out.push_bind_param::<Array<BigInt>, _>(&self.ids),
+            2 => out.push_bind_param::<Array<Text>, _>(&self.states),
+            3 => out.push_bind_param::<Array<Text>, _>(&self.replies),
+            4 => out.push_bind_param::<Array<Nullable<Timestamptz>>, _>(&self.next_attempts),
+            _ => out.push_bind_param::<Text, _>(&self.worker),
+        })
+    }
+}
+conveyor_schema::prepared_statement!(RecordOutcomes);
 
 /// One step of a chunk's send loop, in one transaction: records the outcomes
 /// of the group just sent, reads the campaign's state and, when `next` is set
