@@ -6,11 +6,11 @@
 //! analyses and plans again. For the hot multi-row statements (the ingress's
 //! group-commit insert, the worker's state upsert) that was about a fifth of
 //! the database's CPU under load; for the mail sender's claim and record, run
-//! once per group of recipients, about a sixth of it in a fan-out. Such a statement is instead a small type
-//! whose `QueryFragment` walks a constant SQL text with [`walk_sql`] and whose
-//! `QueryId` is static ([`prepared_statement!`](crate::prepared_statement)),
-//! so Diesel prepares it once per connection and afterwards only binds and
-//! executes it.
+//! once per group of recipients, about a sixth of it in a fan-out. Such a
+//! statement is instead a small type whose `QueryFragment` walks a constant
+//! SQL text with [`walk_sql`] and whose `QueryId` is static
+//! ([`prepared_statement!`](crate::prepared_statement)), so Diesel prepares it
+//! once per connection and afterwards only binds and executes it.
 
 use diesel::QueryResult;
 use diesel::pg::Pg;
