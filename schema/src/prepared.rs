@@ -122,9 +122,10 @@ mod tests {
         assert!(<Example<'_> as diesel::query_builder::QueryId>::query_id().is_some());
     }
 
-    /// The proof against a real server: run twice on one connection, the
-    /// statement is prepared once and kept (`pg_prepared_statements` lists it),
-    /// where a plain `sql_query` leaves nothing behind.
+    /// The proof against a real server: run twice on one connection (executed,
+    /// then its rows loaded), the statement is prepared once and kept
+    /// (`pg_prepared_statements` lists it), where a plain `sql_query` leaves
+    /// nothing behind.
     #[test]
     fn a_real_connection_prepares_it_once_and_reuses_it() {
         use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
@@ -133,6 +134,13 @@ mod tests {
         struct Count {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
             n: i64,
+        }
+        #[derive(QueryableByName, Debug, PartialEq)]
+        struct Row {
+            #[diesel(sql_type = Int4)]
+            number: i32,
+            #[diesel(sql_type = Text)]
+            name: String,
         }
         let mut conn = PgConnection::establish("postgres://postgres@127.0.0.1:5432/postgres")
             .expect("PostgreSQL at 127.0.0.1:5432 (see README: make services)");
@@ -150,55 +158,19 @@ mod tests {
             .execute(&mut conn)
             .unwrap();
         assert_eq!(prepared(&mut conn), 0, "sql_query is never kept");
-        for _ in 0..2 {
-            let query = Example {
-                numbers: vec![1, 2],
-                names: vec!["a", "b"],
-            };
-            assert_eq!(query.execute(&mut conn).unwrap(), 2);
-        }
+        let query = || Example {
+            numbers: vec![1, 7],
+            names: vec!["one", "seven"],
+        };
+        assert_eq!(query().execute(&mut conn).unwrap(), 2);
+        // Declared `returning rows`, the same statement also loads them.
+        let rows: Vec<Row> = query().load(&mut conn).unwrap();
+        let row = |number, name: &str| Row {
+            number,
+            name: name.into(),
+        };
+        assert_eq!(rows, vec![row(1, "one"), row(7, "seven")]);
         assert_eq!(prepared(&mut conn), 1);
-    }
-
-    /// A statement declared `returning rows` loads them, and is prepared once too.
-    #[test]
-    fn a_statement_returning_rows_loads_them_and_is_kept() {
-        use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
-
-        #[derive(QueryableByName, Debug, PartialEq)]
-        struct Row {
-            #[diesel(sql_type = Int4)]
-            number: i32,
-            #[diesel(sql_type = Text)]
-            name: String,
-        }
-        #[derive(QueryableByName)]
-        struct Count {
-            #[diesel(sql_type = diesel::sql_types::BigInt)]
-            n: i64,
-        }
-        let mut conn = PgConnection::establish("postgres://postgres@127.0.0.1:5432/postgres")
-            .expect("PostgreSQL at 127.0.0.1:5432 (see README: make services)");
-        for _ in 0..2 {
-            let rows: Vec<Row> = Example {
-                numbers: vec![1, 7],
-                names: vec!["one", "seven"],
-            }
-            .load(&mut conn)
-            .unwrap();
-            let row = |number, name: &str| Row {
-                number,
-                name: name.into(),
-            };
-            assert_eq!(rows, vec![row(1, "one"), row(7, "seven")]);
-        }
-        let kept = diesel::sql_query(
-            "SELECT count(*) AS n FROM pg_prepared_statements WHERE statement LIKE '%AS t(number, name)%'",
-        )
-        .get_result::<Count>(&mut conn)
-        .unwrap()
-        .n;
-        assert_eq!(kept, 1);
     }
 
     struct OutOfOrder;
