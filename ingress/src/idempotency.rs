@@ -6,12 +6,22 @@
 //! `idempotency_keys` together with a hash of method, path and body, then:
 //! - the first request runs; a success (status < 400) is stored and replayed
 //!   to every later request with the same key and body, with
-//!   `Idempotent-Replayed: true`; a 4xx or 5xx is not stored (the row is
-//!   deleted, so the key can be retried with a corrected request);
+//!   `Idempotent-Replayed: true`; a 4xx is not stored (the row is deleted,
+//!   so the key can be retried with a corrected request), nor is a 5xx (the
+//!   row is marked `failed`, so the key can be retried);
 //! - the same key with another body → 422;
 //! - the same key while the first is still running → 409;
 //! - a claim left `in_flight` longer than [`Settings::in_flight_timeout`]
 //!   (a crashed ingress) is taken over.
+//!
+//! A claim also holds a [`JobSeed`], from which the request's job ids are
+//! derived. A retry of a first request that failed or was abandoned keeps the
+//! seed when it sends the same body, so it makes the same jobs: after a 503 in
+//! doubt (the message may be in the broker), a client timeout or an ingress
+//! that died mid-request, the retry enqueues the job it may already have
+//! enqueued, under the same id, and the worker runs it once (it does not run a
+//! keyed job that has finished or is running; see `worker::execute`). Only an
+//! expired key or another body draws a new seed.
 //!
 //! The first request runs on its own task, so a client that disconnects does
 //! not leave its claim unfinished. Rows expire after [`Settings::retention`]
@@ -29,8 +39,10 @@ use chrono::Utc;
 use conveyor_schema::db::idempotency_keys as ik;
 use conveyor_schema::pool::{self, PgPool};
 use diesel::prelude::*;
+use diesel::sql_types::{Bytea, Text, Timestamptz, Uuid as SqlUuid};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::auth::Principal;
 use crate::json_body;
@@ -56,10 +68,25 @@ pub struct Settings {
     pub in_flight_timeout: Duration,
 }
 
+/// Where a keyed request's job ids come from: the same for every retry of a
+/// first request that did not succeed (see the module header). A request
+/// extension, set by the middleware for the handlers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobSeed(pub Uuid);
+
+impl JobSeed {
+    /// The id of the request's job at `index` (0 for a one-job request): the
+    /// seed, a UUIDv7, with `index` XORed into its random low bits, so the ids
+    /// keep the seed's time order and version.
+    pub fn job_id(self, index: usize) -> Uuid {
+        Uuid::from_u128(self.0.as_u128() ^ index as u128)
+    }
+}
+
 /// What a claim found.
 enum Claim {
-    /// This request owns the key: run it.
-    Mine,
+    /// This request owns the key: run it, with these job ids.
+    Mine(JobSeed),
     /// Another request with this key and another body.
     Mismatch,
     /// The first request with this key is still running.
@@ -157,8 +184,9 @@ async fn run_once(state: AppState, request: Request, next: Next, want_json: bool
             "a request with this Idempotency-Key is still being processed; retry later",
         ),
         Ok(Claim::Done(status, content_type, body)) => replay(status, content_type, body),
-        Ok(Claim::Mine) => {
-            let request = Request::from_parts(parts, Body::from(body));
+        Ok(Claim::Mine(seed)) => {
+            let mut request = Request::from_parts(parts, Body::from(body));
+            request.extensions_mut().insert(seed);
             let db = state.db.clone();
             // Own task: the outcome is stored even if the client goes away.
             let run = tokio::spawn(handed_over::carried(async move {
@@ -196,6 +224,7 @@ async fn claim(
         let now = Utc::now();
         let expires = now + settings.retention;
         let stale = now - settings.in_flight_timeout;
+        let fresh = Uuid::now_v7();
         for _ in 0..3 {
             let inserted = diesel::insert_into(ik::table)
                 .values((
@@ -205,31 +234,25 @@ async fn claim(
                     ik::state.eq("in_flight"),
                     ik::created_at.eq(now),
                     ik::expires_at.eq(expires),
+                    ik::job_seed.eq(fresh),
                 ))
                 .on_conflict_do_nothing()
                 .execute(conn)?;
             if inserted == 1 {
-                return Ok(Claim::Mine);
+                return Ok(Claim::Mine(JobSeed(fresh)));
             }
-            let taken_over = diesel::update(
-                ik::table.find((&producer, &key)).filter(
-                    ik::expires_at
-                        .lt(now)
-                        .or(ik::state.eq("in_flight").and(ik::created_at.lt(stale))),
-                ),
-            )
-            .set((
-                ik::request_hash.eq(&hash),
-                ik::state.eq("in_flight"),
-                ik::response_status.eq(None::<i16>),
-                ik::response_type.eq(None::<String>),
-                ik::response_body.eq(None::<Vec<u8>>),
-                ik::created_at.eq(now),
-                ik::expires_at.eq(expires),
-            ))
-            .execute(conn)?;
-            if taken_over == 1 {
-                return Ok(Claim::Mine);
+            let taken_over = diesel::sql_query(TAKE_OVER)
+                .bind::<Text, _>(&producer)
+                .bind::<Text, _>(&key)
+                .bind::<Bytea, _>(&hash)
+                .bind::<Timestamptz, _>(now)
+                .bind::<Timestamptz, _>(expires)
+                .bind::<Timestamptz, _>(stale)
+                .bind::<SqlUuid, _>(fresh)
+                .get_result::<Seed>(conn)
+                .optional()?;
+            if let Some(Seed { job_seed }) = taken_over {
+                return Ok(Claim::Mine(JobSeed(job_seed)));
             }
             let row = ik::table
                 .find((&producer, &key))
@@ -267,12 +290,46 @@ async fn claim(
     .await
 }
 
+/// Takes over the key `($1, $2)` for a request with hash `$3` at `$4`, until
+/// `$5`: an expired key, a first request that failed (5xx), or one still
+/// `in_flight` since before `$6` (its ingress died). The same request keeps
+/// the seed, so it makes the same jobs; another request, or any request after
+/// expiry, gets the fresh seed `$7`. Returns the seed; no row when the key is
+/// not to be taken over.
+const TAKE_OVER: &str = "
+UPDATE idempotency_keys SET
+    job_seed = CASE WHEN expires_at >= $4 AND request_hash = $3 THEN COALESCE(job_seed, $7)
+                    ELSE $7 END,
+    request_hash = $3, state = 'in_flight',
+    response_status = NULL, response_type = NULL, response_body = NULL,
+    created_at = $4, expires_at = $5
+WHERE producer = $1 AND key = $2
+  AND (expires_at < $4 OR state = 'failed' OR (state = 'in_flight' AND created_at < $6))
+RETURNING job_seed";
+
+#[derive(QueryableByName)]
+struct Seed {
+    #[diesel(sql_type = SqlUuid)]
+    job_seed: Uuid,
+}
+
 /// Stores a success for replay, or releases the key after a failure; returns the response.
+///
+/// After a 4xx the key is deleted: nothing was enqueued, and the corrected
+/// request may differ. After a 5xx it is kept as `failed`, with its seed, so a
+/// retry of the same request makes the same jobs (the 5xx may be in doubt).
 async fn settle(db: &PgPool, producer: String, key: String, response: Response) -> Response {
     let status = response.status();
     if status.as_u16() >= 400 {
         let released = pool::run(db, move |conn| {
-            diesel::delete(ik::table.find((producer, key))).execute(conn)
+            let row = ik::table.find((producer, key));
+            if status.is_server_error() {
+                diesel::update(row)
+                    .set(ik::state.eq("failed"))
+                    .execute(conn)
+            } else {
+                diesel::delete(row).execute(conn)
+            }
         })
         .await;
         if let Err(err) = released {

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub jobs_retried: IntCounterVec,
     /// Jobs that reached the dead-letter queue.
     pub jobs_dead: IntCounterVec,
+    /// Messages acknowledged without running: their job's record showed it
+    /// finished, at a later attempt, or (a keyed job's second message) running.
+    pub jobs_skipped: IntCounterVec,
     /// Attempts running now.
     pub jobs_in_flight: IntGaugeVec,
     /// Run time of one attempt.
@@ -177,6 +180,12 @@ impl Metrics {
                 r,
                 "conveyor_jobs_dead_total",
                 "Jobs dead-lettered.",
+                &TASK_LABELS,
+            ),
+            jobs_skipped: counter(
+                r,
+                "conveyor_jobs_skipped_total",
+                "Messages acknowledged without running: their job had finished, moved on, or (a second message of a keyed job) was running.",
                 &TASK_LABELS,
             ),
             jobs_in_flight: gauge(

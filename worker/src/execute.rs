@@ -11,6 +11,10 @@
 //!
 //! A crash anywhere before 5 redelivers the message; a redelivered message whose
 //! job is already final (or has moved to a later attempt) is acknowledged without running.
+//! So is a keyed job's message (one enqueued with an `Idempotency-Key`) whose
+//! job is final, at a later attempt or running: a retry of an in-doubt request
+//! publishes the same job again, under the same id (see the ingress's
+//! `idempotency`), and that second message must not run it a second time.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -126,10 +130,17 @@ async fn run_envelope(
         // Less than the shortest delay queue: wait here rather than run early.
         tokio::time::sleep(remaining).await;
     }
-    if delivery.redelivered && already_done(&rt, &envelope).await {
+    let resubmittable = !delivery.redelivered && envelope.idempotency_key.is_some();
+    if (delivery.redelivered || resubmittable) && already_done(&rt, &envelope, resubmittable).await
+    {
         tracing::info!(
-            "redelivered job already finished or moved on; acknowledging without running"
+            redelivered = delivery.redelivered,
+            "job already finished, running or moved on; acknowledging without running"
         );
+        rt.metrics
+            .jobs_skipped
+            .with_label_values(&[envelope.task.as_str(), options.queue])
+            .inc();
         return settle.ack();
     }
     let permits = rt.permits_for(task.descriptor().name);
@@ -335,8 +346,10 @@ impl Settle {
 }
 
 /// True when the job's record shows this delivery is stale: the job is final,
-/// or a later attempt has started.
-async fn already_done(rt: &Runtime, envelope: &Envelope) -> bool {
+/// or a later attempt has started, or (with `or_running`) this attempt is
+/// running. A redelivery must not count `running`: the record may say so
+/// because the worker that ran it died, and the redelivery is what finishes it.
+async fn already_done(rt: &Runtime, envelope: &Envelope, or_running: bool) -> bool {
     let id = envelope.id;
     let found = conveyor_schema::pool::run(&rt.db, move |conn| {
         jobs::table
@@ -348,8 +361,10 @@ async fn already_done(rt: &Runtime, envelope: &Envelope) -> bool {
     .await;
     match found {
         Ok(Some((state, attempts))) => {
-            JobState::parse(&state).is_some_and(JobState::is_final)
+            let state = JobState::parse(&state);
+            state.is_some_and(JobState::is_final)
                 || i64::from(attempts) > i64::from(envelope.attempt)
+                || (or_running && state == Some(JobState::Running))
         }
         _ => false,
     }

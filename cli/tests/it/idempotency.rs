@@ -1,9 +1,11 @@
 //! `Idempotency-Key` on the creating POSTs: replay, mismatch (422), in flight
-//! (409), failures not stored, 50 concurrent retries making one job, and the
-//! batched purge of expired keys.
+//! (409), failures not stored, a retry of a failed or abandoned first request
+//! making the same job, 50 concurrent retries making one job, and the batched
+//! purge of expired keys.
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use uuid::Uuid;
 
 use crate::harness::TestApp;
 
@@ -78,17 +80,8 @@ async fn a_key_in_flight_is_409() {
     let app = TestApp::spawn_with(0, |_| {}).await;
     let body = json!({"task": "diag.noop", "args": {}});
     let raw = serde_json::to_vec(&body).unwrap();
-    let mut hasher = Sha256::new();
-    hasher.update(b"POST\n/v1/jobs\n");
-    hasher.update(&raw);
-    let hash = hex::encode(hasher.finalize());
     // A claim as the first request leaves it while it runs.
-    app.count(&format!(
-        "WITH c AS (INSERT INTO idempotency_keys (producer, key, request_hash, state, expires_at) \
-         VALUES ('test-admin', 'busy', '\\x{hash}', 'in_flight', now() + interval '1 hour') RETURNING 1) \
-         SELECT count(*) AS n FROM c"
-    ))
-    .await;
+    leave_claim(&app, "busy", &raw, "in_flight", "0 seconds", Uuid::now_v7()).await;
     let response = app
         .client
         .post(app.url("/v1/jobs"))
@@ -100,6 +93,81 @@ async fn a_key_in_flight_is_409() {
         .unwrap();
     assert_eq!(response.status(), 409);
     assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 0);
+}
+
+/// Leaves the claim a first request with body `raw` on `POST /v1/jobs` would:
+/// for the harness's admin key, in `state`, made `age` ago, with job seed `seed`.
+async fn leave_claim(app: &TestApp, key: &str, raw: &[u8], state: &str, age: &str, seed: Uuid) {
+    let mut hasher = Sha256::new();
+    hasher.update(b"POST\n/v1/jobs\n");
+    hasher.update(raw);
+    let hash = hex::encode(hasher.finalize());
+    app.count(&format!(
+        "WITH c AS (INSERT INTO idempotency_keys \
+           (producer, key, request_hash, state, created_at, expires_at, job_seed) \
+         VALUES ('test-admin', '{key}', '\\x{hash}', '{state}', now() - interval '{age}', \
+           now() + interval '1 hour', '{seed}') RETURNING 1) \
+         SELECT count(*) AS n FROM c"
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_a_failed_or_abandoned_first_request_makes_the_same_job() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let body = json!({"task": "diag.noop", "args": {}});
+    let raw = serde_json::to_vec(&body).unwrap();
+    let accepted_id = |response: reqwest::Response| async move {
+        assert_eq!(response.status(), 202);
+        assert!(response.headers().get("idempotent-replayed").is_none());
+        let id = response.json::<Value>().await.unwrap()["id"].clone();
+        id.as_str().unwrap().parse::<Uuid>().unwrap()
+    };
+
+    // Its ingress died an hour ago, mid-request: the retry takes the claim
+    // over and makes the job the first request may have enqueued.
+    let abandoned = Uuid::now_v7();
+    leave_claim(&app, "crashed", &raw, "in_flight", "1 hour", abandoned).await;
+    let retried = post(&app.client, &app, "crashed", &body).await;
+    assert_eq!(accepted_id(retried).await, abandoned);
+
+    // It answered 5xx (perhaps in doubt): the same request makes the same job.
+    let failed = Uuid::now_v7();
+    leave_claim(&app, "failed", &raw, "failed", "1 second", failed).await;
+    let retried = post(&app.client, &app, "failed", &body).await;
+    assert_eq!(accepted_id(retried).await, failed);
+
+    // Another request with that key after a 5xx is a new one, with a new job.
+    let other_failed = Uuid::now_v7();
+    leave_claim(&app, "corrected", &raw, "failed", "1 second", other_failed).await;
+    let corrected = json!({"task": "diag.noop", "args": {}, "delay_ms": 5});
+    let id = accepted_id(post(&app.client, &app, "corrected", &corrected).await).await;
+    assert_ne!(id, other_failed);
+
+    // A keyed batch's jobs each get an id of their own from the one seed.
+    let batch = app
+        .client
+        .post(app.url("/v1/jobs/batch"))
+        .header("Idempotency-Key", "batch-1")
+        .json(&json!({"jobs": [body, body]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(batch.status(), 202);
+    let batch: Value = batch.json().await.unwrap();
+    let ids: Vec<Uuid> = batch["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|job| job["id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{batch}");
+    assert_ne!(ids[0], ids[1]);
+    assert!(ids.iter().all(|id| id.get_version_num() == 7), "{ids:?}");
+
+    assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 5);
+    let done = "SELECT count(*) AS n FROM idempotency_keys WHERE state = 'done'";
+    assert_eq!(app.count(done).await, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

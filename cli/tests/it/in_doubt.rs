@@ -2,7 +2,8 @@
 //! not commit: the ingress writes the record again, and answers 202 once it
 //! has; if it cannot, the 503 says the job may run, names it, and the job's
 //! producer can read it once a worker has run it. A request that times out
-//! after handing its job over is a 503 in doubt too.
+//! after handing its job over is a 503 in doubt too. A keyed request in doubt,
+//! retried with its key, enqueues the same job, and a worker runs it once.
 //!
 //! The failure is a deferred constraint trigger on the test's own `jobs` table:
 //! it raises at `COMMIT`, after the batch's insert and its confirms, which is
@@ -11,12 +12,14 @@
 
 use std::time::Duration;
 
+use conveyor_platform::amqp::{Outgoing, Publisher};
 use conveyor_schema::Envelope;
 use diesel::connection::SimpleConnection;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::harness::{TestApp, wait_until};
+use crate::harness::{AMQP_URL, TestApp, wait_until};
 
 /// Makes the first `failures` commits that insert a job fail.
 async fn fail_commits(app: &TestApp, failures: i64) {
@@ -283,4 +286,126 @@ async fn a_keyed_request_that_times_out_names_its_job_and_a_retry_gets_its_202()
     assert_eq!(queued_ids(&app).await, vec![id]);
     let abandoned = "conveyor_jobs_in_doubt_total{reason=\"abandoned\"}";
     assert_eq!(ingress_counter(&app, abandoned).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_request_in_doubt_retried_with_its_key_enqueues_the_same_job_which_runs_once() {
+    let mut app =
+        TestApp::spawn_with(0, |config| config.ingress.rerecord_within_ms = Some(0)).await;
+    fail_commits(&app, i64::MAX).await;
+    let first = post_order_7(&app).await;
+    assert_eq!(first.status(), 503);
+    let problem: Value = first.json().await.unwrap();
+    assert_eq!(problem["type"], "https://conveyor.dev/problems/in-doubt");
+    let id: Uuid = problem["job_ids"][0].as_str().unwrap().parse().unwrap();
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("enqueues this job again"), "{detail}");
+    let failed =
+        "SELECT count(*) AS n FROM idempotency_keys WHERE key = 'order-7' AND state = 'failed'";
+    assert_eq!(app.count(failed).await, 1, "a 5xx keeps the key's seed");
+
+    // The database heals, and the confirmed message runs the job.
+    run_sql(&app, "DROP TRIGGER fail_commit ON jobs".into()).await;
+    app.start_worker().await;
+    app.wait_for_state(id, "succeeded", Duration::from_secs(20))
+        .await;
+
+    // The retry makes the same job, not a second one: a 202 naming it (not a
+    // replay: the first answer was a 503), and a second message for it, which
+    // the worker takes without running the job again.
+    let retried = post_order_7(&app).await;
+    assert_eq!(retried.status(), 202);
+    assert!(retried.headers().get("idempotent-replayed").is_none());
+    let accepted: Value = retried.json().await.unwrap();
+    assert_eq!(accepted["id"], id.to_string());
+    wait_until(Duration::from_secs(20), || async {
+        worker_counter(&app, "conveyor_jobs_skipped_total", "diag.noop").await == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        worker_counter(&app, "conveyor_jobs_started_total", "diag.noop").await,
+        Some(1.0),
+        "the job ran once"
+    );
+    let work = app.topology().work_queue("default");
+    assert_eq!(app.queue_len(&work).await, 0);
+    assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 1);
+    let job = app.job(id).await.unwrap();
+    assert_eq!((job.state.as_str(), job.runs), ("succeeded", 1));
+    let done =
+        "SELECT count(*) AS n FROM idempotency_keys WHERE key = 'order-7' AND state = 'done'";
+    assert_eq!(app.count(done).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_jobs_second_message_is_not_run_while_the_job_runs() {
+    let app = TestApp::spawn_with(1, |_| {}).await;
+    let args = json!({"ms": 1_500});
+    let response = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .header("idempotency-key", "slow-1")
+        .json(&json!({"task": "diag.sleep", "args": args}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id: Uuid = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    app.wait_for_state(id, "running", Duration::from_secs(10))
+        .await;
+
+    // What a retry of an in-doubt request publishes: the same job again.
+    let stop = CancellationToken::new();
+    let topology = app.topology();
+    let publisher = Publisher::start(
+        &[AMQP_URL],
+        "test",
+        topology.clone(),
+        1,
+        Duration::from_secs(5),
+        stop.clone(),
+    );
+    assert!(publisher.wait_connected(Duration::from_secs(5)).await);
+    let mut again = Envelope::new("diag.sleep", args);
+    again.id = id;
+    again.idempotency_key = Some("slow-1".into());
+    let message = Outgoing::job(&topology, "default", &again);
+    publisher.publish(&message).await.unwrap();
+    stop.cancel();
+
+    wait_until(Duration::from_secs(10), || async {
+        worker_counter(&app, "conveyor_jobs_skipped_total", "diag.sleep").await == Some(1.0)
+    })
+    .await;
+    app.wait_for_state(id, "succeeded", Duration::from_secs(10))
+        .await;
+    let started = worker_counter(&app, "conveyor_jobs_started_total", "diag.sleep").await;
+    assert_eq!(started, Some(1.0), "the job ran once");
+}
+
+/// The worker's sample of counter `name` for `task`.
+async fn worker_counter(app: &TestApp, name: &str, task: &str) -> Option<f64> {
+    let text = reqwest::get(&app.metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let labels = [("task", task), ("queue", "default")];
+    crate::metrics::sample(&text, name, &labels)
+}
+
+/// `POST /v1/jobs` of a `diag.noop` with `Idempotency-Key: order-7`.
+async fn post_order_7(app: &TestApp) -> reqwest::Response {
+    app.client
+        .post(app.url("/v1/jobs"))
+        .header("idempotency-key", "order-7")
+        .json(&json!({"task": "diag.noop", "args": {}}))
+        .send()
+        .await
+        .unwrap()
 }

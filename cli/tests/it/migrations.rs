@@ -210,34 +210,54 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
     let versions: Vec<&String> = applied.iter().map(|(_, v)| v).collect();
     assert_eq!(versions, pending.iter().map(|(_, v)| v).collect::<Vec<_>>());
 
-    // The newest one builds an index CONCURRENTLY (outside a transaction);
-    // reverting it drops exactly that index, and `run` builds it again.
-    let newest = folders.last().unwrap();
+    // The newest adds a column; the one before builds an index CONCURRENTLY
+    // (outside a transaction). Each revert undoes exactly one of them, and
+    // `run` applies both again.
+    let (newest, index_migration) = (&folders[folders.len() - 1], &folders[folders.len() - 2]);
     assert!(
-        newest.ends_with("_jobs_running_or_dead"),
-        "update this test: {newest}"
+        newest.ends_with("_idempotency_job_seed")
+            && index_migration.ends_with("_jobs_running_or_dead"),
+        "update this test: {index_migration}, {newest}"
     );
-    let job_indexes = || {
-        #[derive(diesel::QueryableByName)]
-        struct Name {
-            #[diesel(sql_type = diesel::sql_types::Text)]
-            indexname: String,
-        }
+    #[derive(diesel::QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+    }
+    let names = |sql: &str| {
         use diesel::RunQueryDsl;
-        diesel::sql_query(
-            "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs' ORDER BY indexname",
+        diesel::sql_query(sql)
+            .load::<Name>(&mut db.conn())
+            .unwrap()
+            .into_iter()
+            .map(|row| row.name)
+            .collect::<Vec<_>>()
+    };
+    let job_indexes = || {
+        names(
+            "SELECT indexname AS name FROM pg_indexes WHERE tablename = 'jobs' ORDER BY indexname",
         )
-        .load::<Name>(&mut db.conn())
-        .unwrap()
-        .into_iter()
-        .map(|row| row.indexname)
-        .collect::<Vec<_>>()
+    };
+    let seed_column = || {
+        names(
+            "SELECT column_name::text AS name FROM information_schema.columns \
+             WHERE table_name = 'idempotency_keys' AND column_name = 'job_seed'",
+        )
+        .len()
     };
     let all = job_indexes();
     assert!(all.contains(&"jobs_running_or_dead".to_owned()), "{all:?}");
+    assert_eq!(seed_column(), 1);
+    let [.., before_last, last] = versions.as_slice() else {
+        panic!("{applied:?}")
+    };
+
     let reverted = conveyor_migrate(&db, &["revert"]);
-    let last = &applied.last().unwrap().1;
     assert_eq!(reverted.trim(), format!("reverted {last}"));
+    assert_eq!(seed_column(), 0);
+    assert_eq!(job_indexes(), all);
+    let reverted = conveyor_migrate(&db, &["revert"]);
+    assert_eq!(reverted.trim(), format!("reverted {before_last}"));
     let without: Vec<String> = all
         .iter()
         .filter(|name| *name != "jobs_running_or_dead")
@@ -245,19 +265,22 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         .collect();
     assert_eq!(job_indexes(), without);
     let after = migrate_status(&db);
-    let (newest_state, rest) = after.split_last().unwrap();
-    assert_eq!(newest_state, &("pending".to_owned(), last.clone()));
+    let (kept, undone) = after.split_at(after.len() - 2);
     assert!(
-        rest.iter().all(|(state, _)| state == "applied"),
+        kept.iter().all(|(state, _)| state == "applied")
+            && undone.iter().all(|(state, _)| state == "pending"),
         "{after:?}"
     );
+    assert_eq!(&undone[0].1, *before_last);
+    assert_eq!(&undone[1].1, *last);
 
-    // `run` applies only that one again.
+    // `run` applies only those two again.
     assert_eq!(
         conveyor_migrate(&db, &["run"]).trim(),
-        format!("applied {last}")
+        format!("applied {before_last}\napplied {last}")
     );
     assert_eq!(job_indexes(), all);
+    assert_eq!(seed_column(), 1);
 }
 
 /// The Postgres type of a Diesel type in `schema/src/db.rs`, as

@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::auth::Principal;
 use crate::auth::rate::Short;
+use crate::idempotency::JobSeed;
 use crate::json_body::StrictJson;
 use crate::problem::Problem;
 use crate::routes::jobs::{EnqueueRequest, Origin, Prepared};
@@ -93,7 +94,7 @@ pub struct BatchItem {
         (status = 503, description = "Broker or database unavailable, no job accepted; retry after `Retry-After`. Type `in-doubt`: `job_ids` may run all the same", body = Problem, content_type = "application/problem+json"),
     ),
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key for the whole batch: the same key and body within 24 h replays the first 202 or 207 (header `Idempotent-Replayed: true`). Also carried in each job's envelope."),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key for the whole batch: the same key and body within 24 h replays the first 202 or 207 (header `Idempotent-Replayed: true`); after a 5xx (even one in doubt) or a lost answer, it enqueues the same jobs again, under the same ids, and a worker runs each once. Also carried in each job's envelope."),
         ("traceparent" = Option<String>, Header, description = "W3C trace context, carried in every job's envelope."),
         ("tracestate" = Option<String>, Header, description = "W3C trace state, carried with a valid `traceparent`."),
     )
@@ -101,10 +102,11 @@ pub struct BatchItem {
 pub async fn enqueue_batch(
     State(state): State<AppState>,
     principal: Option<Extension<Principal>>,
+    seed: Option<Extension<JobSeed>>,
     headers: HeaderMap,
     StrictJson { value: request, .. }: StrictJson<BatchRequest>,
 ) -> Result<Response, Problem> {
-    let origin = Origin::of(principal, &headers);
+    let origin = Origin::of(principal, seed, &headers);
     let count = request.jobs.len();
     if !(1..=MAX_BATCH_JOBS).contains(&count) {
         return Err(Problem::invalid(
@@ -117,7 +119,7 @@ pub async fn enqueue_batch(
         .into_iter()
         .enumerate()
         .map(|(index, job)| {
-            Prepared::check(&state, &origin, job).map_err(|problem| within(problem, index))
+            Prepared::check(&state, &origin, index, job).map_err(|problem| within(problem, index))
         })
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(principal) = &origin.principal {

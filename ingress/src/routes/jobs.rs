@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::Principal;
+use crate::idempotency::JobSeed;
 use crate::json_body::StrictJson;
 use crate::problem::Problem;
 use crate::state::AppState;
@@ -120,10 +121,10 @@ impl From<Job> for JobStatus {
         (status = 409, description = "A request with this Idempotency-Key is still in progress", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Unknown task, invalid args or unknown field (with a JSON pointer), or an Idempotency-Key reused with another body", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "The key's rate limit is exhausted; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Broker or database unavailable; retry after `Retry-After`. Type `in-doubt` (`job_ids` names the job): not accepted, but the broker may hold, or holds, the message, so the job may run all the same", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Broker or database unavailable; retry after `Retry-After`. Type `in-doubt` (`job_ids` names the job): not accepted, but the broker may hold, or holds, the message, so the job may run all the same; a retry with the same Idempotency-Key and body enqueues that job, not a second one", body = Problem, content_type = "application/problem+json"),
     ),
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key: the same key and body within 24 h replays the first response (header `Idempotent-Replayed: true`). Also carried in the job's envelope."),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key: the same key and body within 24 h replays the first success (header `Idempotent-Replayed: true`); after a 5xx (even one in doubt) or a lost answer, it enqueues the same job again, under the same id, and a worker runs it once. Also carried in the job's envelope."),
         ("traceparent" = Option<String>, Header, description = "W3C trace context; carried in the job's envelope and logged by the worker as `trace_id` on the job's span. An invalid value is ignored, as the W3C specification asks."),
         ("tracestate" = Option<String>, Header, description = "W3C trace state; carried with a valid `traceparent` when at most 512 visible ASCII characters."),
     )
@@ -131,11 +132,12 @@ impl From<Job> for JobStatus {
 pub async fn enqueue(
     State(state): State<AppState>,
     principal: Option<Extension<Principal>>,
+    seed: Option<Extension<JobSeed>>,
     headers: HeaderMap,
     StrictJson { value: request, .. }: StrictJson<EnqueueRequest>,
 ) -> Result<impl IntoResponse, Problem> {
-    let origin = Origin::of(principal, &headers);
-    let job = Prepared::check(&state, &origin, request)?;
+    let origin = Origin::of(principal, seed, &headers);
+    let job = Prepared::check(&state, &origin, 0, request)?;
     let accepted = job.submit(&state).await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
@@ -146,15 +148,22 @@ pub(crate) struct Origin {
     /// The caller; `None` on a router without the key guard.
     pub(crate) principal: Option<Principal>,
     idempotency_key: Option<String>,
+    /// Where a keyed request's job ids come from (the idempotency middleware's).
+    seed: Option<JobSeed>,
     trace: Option<TraceContext>,
 }
 
 impl Origin {
     /// The request's caller and headers.
-    pub(crate) fn of(principal: Option<Extension<Principal>>, headers: &HeaderMap) -> Self {
+    pub(crate) fn of(
+        principal: Option<Extension<Principal>>,
+        seed: Option<Extension<JobSeed>>,
+        headers: &HeaderMap,
+    ) -> Self {
         Self {
             principal: principal.map(|Extension(p)| p),
             idempotency_key: idempotency_key(headers),
+            seed: seed.map(|Extension(seed)| seed),
             trace: trace_context(headers),
         }
     }
@@ -164,14 +173,18 @@ impl Origin {
 pub(crate) struct Prepared {
     record: NewJob,
     message: Outgoing,
+    /// Its id comes from an `Idempotency-Key`'s seed, so a retry makes it again.
+    keyed: bool,
 }
 
 impl Prepared {
-    /// Checks `request` against the caller's scopes and the task's argument
-    /// type; problems point into `request` (the batch route prefixes them).
+    /// Checks `request`, the request's job at `index`, against the caller's
+    /// scopes and the task's argument type; problems point into `request` (the
+    /// batch route prefixes them).
     pub(crate) fn check(
         state: &AppState,
         origin: &Origin,
+        index: usize,
         request: EnqueueRequest,
     ) -> Result<Self, Problem> {
         let principal = origin.principal.as_ref();
@@ -196,6 +209,9 @@ impl Prepared {
             ));
         }
         let mut envelope = Envelope::new(task.name, request.args);
+        if let Some(seed) = origin.seed {
+            envelope.id = seed.job_id(index);
+        }
         envelope.idempotency_key = origin.idempotency_key.clone();
         envelope.trace = origin.trace.clone();
         let queue = task.options.queue;
@@ -211,7 +227,11 @@ impl Prepared {
         .by(principal.map(|p| p.producer.as_str()));
         let record =
             NewJob::queued(&envelope, &task.options).by(principal.map(|p| p.producer.clone()));
-        Ok(Self { record, message })
+        Ok(Self {
+            record,
+            message,
+            keyed: origin.seed.is_some(),
+        })
     }
 
     /// The job's id.
@@ -228,8 +248,13 @@ impl Prepared {
             .await
             .map_err(|err| {
                 if err.may_have_been_enqueued() {
+                    let retry = if self.keyed {
+                        "a retry with the same Idempotency-Key and body enqueues this job again, not a second one"
+                    } else {
+                        "a retry enqueues a second job"
+                    };
                     Problem::in_doubt(
-                        format!("{err}; the job may run all the same, as job {id}, and a retry enqueues a second job"),
+                        format!("{err}; the job may run all the same, as job {id}, and {retry}"),
                         [id],
                     )
                 } else {

@@ -1,0 +1,17 @@
+-- Where the job ids of a keyed request come from, so that a retry with the same
+-- Idempotency-Key and body makes the same jobs rather than new ones.
+--
+-- A first request that answered 5xx now leaves its row in state `failed` (it was
+-- deleted), keeping this seed; any request may take a `failed` key over, and the
+-- same body keeps the seed.
+--
+-- A first request can end in doubt: its messages may be in the broker although
+-- it got a 5xx, or no answer at all (its ingress died, its client timed out).
+-- A retry then used to draw new ids and enqueue second jobs. Now the claim keeps
+-- this seed for a failed or abandoned first request, the retry derives the same
+-- ids from it, and a worker treats a keyed job's second message as it treats a
+-- redelivery: it does not run a job that has finished or is running.
+--
+-- Nullable without a default: a catalogue-only change, no table rewrite; a row
+-- claimed before this column existed gets a seed when it is next claimed.
+ALTER TABLE idempotency_keys ADD COLUMN job_seed uuid;
