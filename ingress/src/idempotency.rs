@@ -14,14 +14,15 @@
 //! - a claim left `in_flight` longer than [`Settings::in_flight_timeout`]
 //!   (a crashed ingress) is taken over.
 //!
-//! A claim also holds a [`JobSeed`], from which the request's job ids are
-//! derived. A retry of a first request that failed or was abandoned keeps the
-//! seed when it sends the same body, so it makes the same jobs: after a 503 in
-//! doubt (the message may be in the broker), a client timeout or an ingress
-//! that died mid-request, the retry enqueues the job it may already have
-//! enqueued, under the same id, and the worker runs it once (it does not run a
-//! keyed job that has finished or is running; see `worker::execute`). Only an
-//! expired key or another body draws a new seed.
+//! A claim also holds an [`IdSeed`], from which the ids of what the request
+//! makes (jobs, a campaign) are derived. A retry of a first request that
+//! failed or was abandoned keeps the seed when it sends the same body, so it
+//! makes the same things: after a 503 in doubt (the message may be in the
+//! broker), a client timeout or an ingress that died mid-request, the retry
+//! enqueues the job it may already have enqueued, under the same id, and the
+//! worker runs it once (it does not run a keyed job that has finished or is
+//! running; see `worker::execute`); a campaign the first request committed is
+//! found, not made twice. Only an expired key or another body draws a new seed.
 //!
 //! The first request runs on its own task, so a client that disconnects does
 //! not leave its claim unfinished. Rows expire after [`Settings::retention`]
@@ -68,17 +69,18 @@ pub struct Settings {
     pub in_flight_timeout: Duration,
 }
 
-/// Where a keyed request's job ids come from: the same for every retry of a
-/// first request that did not succeed (see the module header). A request
-/// extension, set by the middleware for the handlers.
+/// Where a keyed request's ids (of its jobs, or its campaign) come from: the
+/// same for every retry of a first request that did not succeed (see the
+/// module header). A request extension, set by the middleware for the handlers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct JobSeed(pub Uuid);
+pub struct IdSeed(pub Uuid);
 
-impl JobSeed {
-    /// The id of the request's job at `index` (0 for a one-job request): the
-    /// seed, a UUIDv7, with `index` XORed into its random low bits, so the ids
-    /// keep the seed's time order and version.
-    pub fn job_id(self, index: usize) -> Uuid {
+impl IdSeed {
+    /// The id of what the request makes at `index` (its job, or a batch's
+    /// job at `index`, or its campaign at 0): the seed, a UUIDv7, with `index`
+    /// XORed into its random low bits, so the ids keep the seed's time order
+    /// and version.
+    pub fn id(self, index: usize) -> Uuid {
         Uuid::from_u128(self.0.as_u128() ^ index as u128)
     }
 }
@@ -86,7 +88,7 @@ impl JobSeed {
 /// What a claim found.
 enum Claim {
     /// This request owns the key: run it, with these job ids.
-    Mine(JobSeed),
+    Mine(IdSeed),
     /// Another request with this key and another body.
     Mismatch,
     /// The first request with this key is still running.
@@ -234,12 +236,12 @@ async fn claim(
                     ik::state.eq("in_flight"),
                     ik::created_at.eq(now),
                     ik::expires_at.eq(expires),
-                    ik::job_seed.eq(fresh),
+                    ik::id_seed.eq(fresh),
                 ))
                 .on_conflict_do_nothing()
                 .execute(conn)?;
             if inserted == 1 {
-                return Ok(Claim::Mine(JobSeed(fresh)));
+                return Ok(Claim::Mine(IdSeed(fresh)));
             }
             let taken_over = diesel::sql_query(TAKE_OVER)
                 .bind::<Text, _>(&producer)
@@ -251,8 +253,8 @@ async fn claim(
                 .bind::<SqlUuid, _>(fresh)
                 .get_result::<Seed>(conn)
                 .optional()?;
-            if let Some(Seed { job_seed }) = taken_over {
-                return Ok(Claim::Mine(JobSeed(job_seed)));
+            if let Some(Seed { id_seed }) = taken_over {
+                return Ok(Claim::Mine(IdSeed(id_seed)));
             }
             let row = ik::table
                 .find((&producer, &key))
@@ -298,19 +300,19 @@ async fn claim(
 /// not to be taken over.
 const TAKE_OVER: &str = "
 UPDATE idempotency_keys SET
-    job_seed = CASE WHEN expires_at >= $4 AND request_hash = $3 THEN COALESCE(job_seed, $7)
+    id_seed = CASE WHEN expires_at >= $4 AND request_hash = $3 THEN COALESCE(id_seed, $7)
                     ELSE $7 END,
     request_hash = $3, state = 'in_flight',
     response_status = NULL, response_type = NULL, response_body = NULL,
     created_at = $4, expires_at = $5
 WHERE producer = $1 AND key = $2
   AND (expires_at < $4 OR state = 'failed' OR (state = 'in_flight' AND created_at < $6))
-RETURNING job_seed";
+RETURNING id_seed";
 
 #[derive(QueryableByName)]
 struct Seed {
     #[diesel(sql_type = SqlUuid)]
-    job_seed: Uuid,
+    id_seed: Uuid,
 }
 
 /// Stores a success for replay, or releases the key after a failure; returns the response.

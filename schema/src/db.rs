@@ -232,6 +232,6 @@ diesel::table! {
         response_body -> Nullable<Bytea>,
         created_at -> Timestamptz,
         expires_at -> Timestamptz,
-        job_seed -> Nullable<Uuid>,
+        id_seed -> Nullable<Uuid>,
     }
 }

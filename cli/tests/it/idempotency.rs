@@ -104,7 +104,7 @@ async fn leave_claim(app: &TestApp, key: &str, raw: &[u8], state: &str, age: &st
     let hash = hex::encode(hasher.finalize());
     app.count(&format!(
         "WITH c AS (INSERT INTO idempotency_keys \
-           (producer, key, request_hash, state, created_at, expires_at, job_seed) \
+           (producer, key, request_hash, state, created_at, expires_at, id_seed) \
          VALUES ('test-admin', '{key}', '\\x{hash}', '{state}', now() - interval '{age}', \
            now() + interval '1 hour', '{seed}') RETURNING 1) \
          SELECT count(*) AS n FROM c"
@@ -246,7 +246,8 @@ async fn expired_keys_are_purged_in_batches_and_can_be_reused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn campaign_create_and_send_replay_with_a_campaigns_key() {
+async fn campaign_create_and_send_replay_with_a_campaigns_key_and_a_lost_answer_makes_no_second_campaign()
+ {
     let app = TestApp::spawn_with(0, |_| {}).await;
     let client = app.client_with(&app.create_key(&["campaigns"]).await);
     let campaign = json!({
@@ -271,6 +272,22 @@ async fn campaign_create_and_send_replay_with_a_campaigns_key() {
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     assert_eq!(again.json::<Value>().await.unwrap(), first);
     assert_eq!(app.count("SELECT count(*) AS n FROM campaigns").await, 1);
+
+    // Had the first request's ingress died after its commit, before storing the
+    // answer, the key would be left in flight: a retry, once it takes the key
+    // over, finds that campaign instead of making a second one.
+    let abandon = "WITH u AS (UPDATE idempotency_keys SET state = 'in_flight', \
+                     created_at = now() - interval '1 hour', response_status = NULL, \
+                     response_type = NULL, response_body = NULL \
+                   WHERE key = 'spring' RETURNING 1) SELECT count(*) AS n FROM u";
+    assert_eq!(app.count(abandon).await, 1);
+    let retried = create("spring").await.unwrap();
+    assert_eq!(retried.status(), 201);
+    assert!(retried.headers().get("idempotent-replayed").is_none());
+    assert_eq!(retried.json::<Value>().await.unwrap()["id"], first["id"]);
+    assert_eq!(app.count("SELECT count(*) AS n FROM campaigns").await, 1);
+    let recipients = "SELECT count(*) AS n FROM campaign_recipients";
+    assert_eq!(app.count(recipients).await, 1);
 
     let id = first["id"].as_str().unwrap();
     let send = || {

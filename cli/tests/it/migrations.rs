@@ -215,7 +215,7 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
     // `run` applies both again.
     let (newest, index_migration) = (&folders[folders.len() - 1], &folders[folders.len() - 2]);
     assert!(
-        newest.ends_with("_idempotency_job_seed")
+        newest.ends_with("_idempotency_id_seed")
             && index_migration.ends_with("_jobs_running_or_dead"),
         "update this test: {index_migration}, {newest}"
     );
@@ -241,7 +241,7 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
     let seed_column = || {
         names(
             "SELECT column_name::text AS name FROM information_schema.columns \
-             WHERE table_name = 'idempotency_keys' AND column_name = 'job_seed'",
+             WHERE table_name = 'idempotency_keys' AND column_name = 'id_seed'",
         )
         .len()
     };

@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::auth::Principal;
 use crate::auth::rate::Short;
-use crate::idempotency::JobSeed;
+use crate::idempotency::IdSeed;
 use crate::json_body::StrictJson;
 use crate::problem::Problem;
 use crate::routes::jobs::{EnqueueRequest, Origin, Prepared};
@@ -102,7 +102,7 @@ pub struct BatchItem {
 pub async fn enqueue_batch(
     State(state): State<AppState>,
     principal: Option<Extension<Principal>>,
-    seed: Option<Extension<JobSeed>>,
+    seed: Option<Extension<IdSeed>>,
     headers: HeaderMap,
     StrictJson { value: request, .. }: StrictJson<BatchRequest>,
 ) -> Result<Response, Problem> {

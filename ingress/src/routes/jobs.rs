@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::idempotency::JobSeed;
+use crate::idempotency::IdSeed;
 use crate::json_body::StrictJson;
 use crate::problem::Problem;
 use crate::state::AppState;
@@ -132,7 +132,7 @@ impl From<Job> for JobStatus {
 pub async fn enqueue(
     State(state): State<AppState>,
     principal: Option<Extension<Principal>>,
-    seed: Option<Extension<JobSeed>>,
+    seed: Option<Extension<IdSeed>>,
     headers: HeaderMap,
     StrictJson { value: request, .. }: StrictJson<EnqueueRequest>,
 ) -> Result<impl IntoResponse, Problem> {
@@ -149,7 +149,7 @@ pub(crate) struct Origin {
     pub(crate) principal: Option<Principal>,
     idempotency_key: Option<String>,
     /// Where a keyed request's job ids come from (the idempotency middleware's).
-    seed: Option<JobSeed>,
+    seed: Option<IdSeed>,
     trace: Option<TraceContext>,
 }
 
@@ -157,7 +157,7 @@ impl Origin {
     /// The request's caller and headers.
     pub(crate) fn of(
         principal: Option<Extension<Principal>>,
-        seed: Option<Extension<JobSeed>>,
+        seed: Option<Extension<IdSeed>>,
         headers: &HeaderMap,
     ) -> Self {
         Self {
@@ -210,7 +210,7 @@ impl Prepared {
         }
         let mut envelope = Envelope::new(task.name, request.args);
         if let Some(seed) = origin.seed {
-            envelope.id = seed.job_id(index);
+            envelope.id = seed.id(index);
         }
         envelope.idempotency_key = origin.idempotency_key.clone();
         envelope.trace = origin.trace.clone();

@@ -2,9 +2,9 @@
 
 use std::collections::HashSet;
 
-use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use conveyor_schema::db::{campaign_recipients, campaigns};
 use conveyor_schema::models::{CampaignState, NewCampaign, NewRecipient};
 use diesel::prelude::*;
@@ -16,6 +16,7 @@ use uuid::Uuid;
 use super::enqueue_planner;
 use super::read::load_status;
 use super::types::*;
+use crate::idempotency::IdSeed;
 use crate::json_body::StrictJson;
 use crate::problem::Problem;
 use crate::state::AppState;
@@ -91,6 +92,7 @@ fn mailbox(pointer: &str, value: &str) -> Result<(), Problem> {
 )]
 pub async fn create(
     State(state): State<AppState>,
+    seed: Option<Extension<IdSeed>>,
     StrictJson { value: request, .. }: StrictJson<CreateCampaign>,
 ) -> Result<(StatusCode, Json<CampaignStatus>), Problem> {
     if request.name.trim().is_empty() {
@@ -118,7 +120,11 @@ pub async fn create(
             format!("unknown mail template `{}`", request.template),
         ));
     }
-    let id = Uuid::now_v7();
+    // With an `Idempotency-Key`, the id comes from the key's seed: a retry of
+    // a request whose campaign was committed but whose answer was lost (its
+    // ingress died, or the commit's outcome never arrived) finds that campaign
+    // rather than making a second one, which would mail everyone twice.
+    let id = seed.map_or_else(Uuid::now_v7, |Extension(seed)| seed.id(0));
     let (rows, repeats) = validate_recipients(id, request.recipients)?;
     let mut context = request.vars.as_object().cloned().unwrap_or_default();
     if let Some(Value::Object(first)) = rows.first().map(|r| &r.vars) {
@@ -152,9 +158,14 @@ pub async fn create(
     };
     conveyor_schema::pool::run(&state.db, move |conn| {
         conn.transaction(|conn| {
-            diesel::insert_into(campaigns::table)
+            let created = diesel::insert_into(campaigns::table)
                 .values(&campaign)
+                .on_conflict_do_nothing()
                 .execute(conn)?;
+            // Not created: this request's first attempt made it, recipients and all.
+            if created == 0 {
+                return Ok(0);
+            }
             insert_recipients(conn, &rows)
         })
     })

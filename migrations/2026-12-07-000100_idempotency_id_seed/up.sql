@@ -1,5 +1,6 @@
--- Where the job ids of a keyed request come from, so that a retry with the same
--- Idempotency-Key and body makes the same jobs rather than new ones.
+-- Where the ids of what a keyed request makes (its jobs, its campaign) come
+-- from, so that a retry with the same Idempotency-Key and body makes the same
+-- jobs, or finds the same campaign, rather than new ones.
 --
 -- A first request that answered 5xx now leaves its row in state `failed` (it was
 -- deleted), keeping this seed; any request may take a `failed` key over, and the
@@ -10,8 +11,9 @@
 -- A retry then used to draw new ids and enqueue second jobs. Now the claim keeps
 -- this seed for a failed or abandoned first request, the retry derives the same
 -- ids from it, and a worker treats a keyed job's second message as it treats a
--- redelivery: it does not run a job that has finished or is running.
+-- redelivery: it does not run a job that has finished or is running. A campaign
+-- whose creation committed although its answer was lost is found by its id.
 --
 -- Nullable without a default: a catalogue-only change, no table rewrite; a row
 -- claimed before this column existed gets a seed when it is next claimed.
-ALTER TABLE idempotency_keys ADD COLUMN job_seed uuid;
+ALTER TABLE idempotency_keys ADD COLUMN id_seed uuid;
