@@ -14,7 +14,7 @@ use serde_json::json;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{AMQP_URL, TestApp, free_port, wait_exit, wait_until};
+use crate::harness::{TestApp, free_port, wait_exit, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_jobs_and_a_second_worker_takes_the_rest() {
@@ -289,15 +289,7 @@ async fn ingress_readyz_handler_answers_503_once_the_shutdown_token_is_cancelled
     let db = conveyor_schema::pool::pool(&app.db.url, 2);
     let stop = CancellationToken::new();
     let topology = app.topology();
-    let publisher = conveyor_platform::amqp::Publisher::start(
-        &[AMQP_URL],
-        "readyz-test",
-        topology.clone(),
-        1,
-        Duration::from_secs(5),
-        stop.clone(),
-    );
-    publisher.wait_connected(Duration::from_secs(10)).await;
+    let publisher = app.publisher(&stop).await;
     let metrics = conveyor_platform::metrics::Metrics::new();
     let shutdown = CancellationToken::new();
     let state = conveyor_ingress::state::AppState::new(conveyor_ingress::state::Handles {

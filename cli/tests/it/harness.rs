@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use conveyor_platform::Config;
-use conveyor_platform::amqp::Topology;
+use conveyor_platform::amqp::{Publisher, Topology};
 use conveyor_schema::db::jobs;
 use conveyor_schema::models::Job;
 use diesel::connection::SimpleConnection;
@@ -511,6 +511,24 @@ impl TestApp {
 
     pub fn topology(&self) -> Topology {
         Topology::for_config(&self.config)
+    }
+
+    /// A connected publisher on the test's topology, for messages the ingress
+    /// would not send; it stops when `stop` is cancelled.
+    pub async fn publisher(&self, stop: &CancellationToken) -> Publisher {
+        let publisher = Publisher::start(
+            &[AMQP_URL],
+            "test",
+            self.topology(),
+            1,
+            Duration::from_secs(5),
+            stop.clone(),
+        );
+        assert!(
+            publisher.wait_connected(Duration::from_secs(10)).await,
+            "the test's publisher did not connect"
+        );
+        publisher
     }
 
     /// Messages ready in broker queue `name`.

@@ -12,14 +12,14 @@
 
 use std::time::Duration;
 
-use conveyor_platform::amqp::{Outgoing, Publisher};
+use conveyor_platform::amqp::Outgoing;
 use conveyor_schema::Envelope;
 use diesel::connection::SimpleConnection;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::harness::{AMQP_URL, TestApp, wait_until};
+use crate::harness::{TestApp, wait_until};
 
 /// Makes the first `failures` commits that insert a job fail.
 async fn fail_commits(app: &TestApp, failures: i64) {
@@ -254,15 +254,7 @@ async fn a_request_that_times_out_after_handing_over_its_job_is_a_503_in_doubt_n
 async fn a_keyed_request_that_times_out_names_its_job_and_a_retry_gets_its_202() {
     let app = TestApp::spawn_with(0, |config| config.ingress.request_timeout_ms = 1_500).await;
     let release = block_inserts(&app).await;
-    let post = || async {
-        app.client
-            .post(app.url("/v1/jobs"))
-            .header("idempotency-key", "order-42")
-            .json(&json!({"task": "diag.noop", "args": {}}))
-            .send()
-            .await
-            .unwrap()
-    };
+    let post = || post_keyed_noop(&app, "order-42");
     let id = named_in_doubt(post().await).await;
     assert_eq!(
         post().await.status(),
@@ -293,7 +285,7 @@ async fn a_keyed_request_in_doubt_retried_with_its_key_enqueues_the_same_job_whi
     let mut app =
         TestApp::spawn_with(0, |config| config.ingress.rerecord_within_ms = Some(0)).await;
     fail_commits(&app, i64::MAX).await;
-    let first = post_order_7(&app).await;
+    let first = post_keyed_noop(&app, "order-7").await;
     assert_eq!(first.status(), 503);
     let problem: Value = first.json().await.unwrap();
     assert_eq!(problem["type"], "https://conveyor.dev/problems/in-doubt");
@@ -313,7 +305,7 @@ async fn a_keyed_request_in_doubt_retried_with_its_key_enqueues_the_same_job_whi
     // The retry makes the same job, not a second one: a 202 naming it (not a
     // replay: the first answer was a 503), and a second message for it, which
     // the worker takes without running the job again.
-    let retried = post_order_7(&app).await;
+    let retried = post_keyed_noop(&app, "order-7").await;
     assert_eq!(retried.status(), 202);
     assert!(retried.headers().get("idempotent-replayed").is_none());
     let accepted: Value = retried.json().await.unwrap();
@@ -360,20 +352,11 @@ async fn a_keyed_jobs_second_message_is_not_run_while_the_job_runs() {
 
     // What a retry of an in-doubt request publishes: the same job again.
     let stop = CancellationToken::new();
-    let topology = app.topology();
-    let publisher = Publisher::start(
-        &[AMQP_URL],
-        "test",
-        topology.clone(),
-        1,
-        Duration::from_secs(5),
-        stop.clone(),
-    );
-    assert!(publisher.wait_connected(Duration::from_secs(5)).await);
+    let publisher = app.publisher(&stop).await;
     let mut again = Envelope::new("diag.sleep", args);
     again.id = id;
     again.idempotency_key = Some("slow-1".into());
-    let message = Outgoing::job(&topology, "default", &again);
+    let message = Outgoing::job(&app.topology(), "default", &again);
     publisher.publish(&message).await.unwrap();
     stop.cancel();
 
@@ -399,11 +382,11 @@ async fn worker_counter(app: &TestApp, name: &str, task: &str) -> Option<f64> {
     crate::metrics::sample(&text, name, &labels)
 }
 
-/// `POST /v1/jobs` of a `diag.noop` with `Idempotency-Key: order-7`.
-async fn post_order_7(app: &TestApp) -> reqwest::Response {
+/// `POST /v1/jobs` of a `diag.noop` with Idempotency-Key `key`.
+async fn post_keyed_noop(app: &TestApp, key: &str) -> reqwest::Response {
     app.client
         .post(app.url("/v1/jobs"))
-        .header("idempotency-key", "order-7")
+        .header("idempotency-key", key)
         .json(&json!({"task": "diag.noop", "args": {}}))
         .send()
         .await

@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
-use conveyor_platform::amqp::{ERROR_HEADER, Outgoing, Publisher};
+use conveyor_platform::amqp::{ERROR_HEADER, Outgoing};
 use conveyor_schema::Envelope;
 use lapin::types::AMQPValue;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{AMQP_URL, TestApp};
+use crate::harness::TestApp;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -156,15 +156,7 @@ async fn unreadable_messages_are_dead_lettered_not_dropped() {
     let app = TestApp::spawn().await;
     let topology = app.topology();
     let stop = CancellationToken::new();
-    let publisher = Publisher::start(
-        &[AMQP_URL],
-        "test",
-        topology.clone(),
-        1,
-        Duration::from_secs(5),
-        stop.clone(),
-    );
-    assert!(publisher.wait_connected(Duration::from_secs(5)).await);
+    let publisher = app.publisher(&stop).await;
     let work = topology.work_queue("default");
     let raw = |body: Vec<u8>| Outgoing {
         exchange: String::new(),

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use conveyor_platform::Config;
-use conveyor_platform::amqp::{Outgoing, Publisher};
+use conveyor_platform::amqp::Outgoing;
 use conveyor_schema::Envelope;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::harness::{AMQP_URL, TestApp, wait_until};
+use crate::harness::{TestApp, wait_until};
 use crate::smtp::{Behaviour, TestSmtp};
 
 const SMTP_CONCURRENCY: usize = 8;
@@ -326,15 +326,7 @@ async fn replayed_and_redelivered_planner_makes_no_extra_chunks_or_mail() {
     assert_eq!(chunks_before, 6);
 
     let stop = CancellationToken::new();
-    let publisher = Publisher::start(
-        &[AMQP_URL],
-        "test",
-        app.topology(),
-        1,
-        Duration::from_secs(5),
-        stop.clone(),
-    );
-    assert!(publisher.wait_connected(Duration::from_secs(5)).await);
+    let publisher = app.publisher(&stop).await;
     let planner_id = app
         .count("SELECT count(*) AS n FROM jobs WHERE task = 'mail.plan_campaign'")
         .await;
