@@ -10,11 +10,12 @@
 //! 5. only then acknowledge the delivery (in a batch with others: `acks`).
 //!
 //! A crash anywhere before 5 redelivers the message; a redelivered message whose
-//! job is already final (or has moved to a later attempt) is acknowledged without running.
-//! So is a keyed job's message (one enqueued with an `Idempotency-Key`) whose
-//! job is final, at a later attempt or running: a retry of an in-doubt request
-//! publishes the same job again, under the same id (see the ingress's
-//! `idempotency`), and that second message must not run it a second time.
+//! job is already final, has moved to a later attempt, or whose attempt has
+//! already failed and been retried is acknowledged without running. So is a
+//! keyed job's message (one enqueued with an `Idempotency-Key`) whose attempt
+//! is running: a retry of an in-doubt request publishes the same job again,
+//! under the same id (see the ingress's `idempotency`), and that second
+//! message must not run it a second time.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -345,11 +346,10 @@ impl Settle {
     }
 }
 
-/// True when the job's record shows this delivery is stale: the job is final,
-/// or a later attempt has started, or (with `or_running`) this attempt is
-/// running. A redelivery must not count `running`: the record may say so
-/// because the worker that ran it died, and the redelivery is what finishes it.
-async fn already_done(rt: &Runtime, envelope: &Envelope, or_running: bool) -> bool {
+/// True when the job's record shows this delivery is stale (see [`is_stale`]);
+/// `keyed` for a keyed job's first delivery. `false` without a record, or
+/// when the record cannot be read: running is then the safe side.
+async fn already_done(rt: &Runtime, envelope: &Envelope, keyed: bool) -> bool {
     let id = envelope.id;
     let found = conveyor_schema::pool::run(&rt.db, move |conn| {
         jobs::table
@@ -361,13 +361,29 @@ async fn already_done(rt: &Runtime, envelope: &Envelope, or_running: bool) -> bo
     .await;
     match found {
         Ok(Some((state, attempts))) => {
-            let state = JobState::parse(&state);
-            state.is_some_and(JobState::is_final)
-                || i64::from(attempts) > i64::from(envelope.attempt)
-                || (or_running && state == Some(JobState::Running))
+            is_stale(JobState::parse(&state), attempts, envelope.attempt, keyed)
         }
         _ => false,
     }
+}
+
+/// Whether a message of `attempt` is stale, given its job's recorded `state`
+/// and `attempts`: the job is final, or a later attempt has started, or this
+/// attempt already failed and its retry is on its way (`retrying` is committed
+/// only after the next attempt's message is confirmed). With `keyed` (a keyed
+/// job's first delivery, which may be a second message of the same attempt),
+/// also when this attempt is running. A redelivery must not count `running`:
+/// the record may say so because the worker that ran it died, and the
+/// redelivery is what finishes it. Nor does `running` at an earlier attempt
+/// count: a retry's message can arrive before the failed attempt's `retrying`
+/// is committed.
+fn is_stale(state: Option<JobState>, attempts: i32, attempt: u32, keyed: bool) -> bool {
+    let (recorded, this) = (i64::from(attempts), i64::from(attempt));
+    let this_attempt_is = |s: JobState| recorded == this && state == Some(s);
+    state.is_some_and(JobState::is_final)
+        || recorded > this
+        || this_attempt_is(JobState::Retrying)
+        || (keyed && this_attempt_is(JobState::Running))
 }
 
 /// Equal jitter: between half and all of `delay`.
@@ -423,4 +439,50 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_stale;
+    use conveyor_schema::JobState::{self, *};
+
+    fn stale(state: JobState, attempts: i32, attempt: u32) -> (bool, bool) {
+        let redelivered = is_stale(Some(state), attempts, attempt, false);
+        let keyed = is_stale(Some(state), attempts, attempt, true);
+        (redelivered, keyed)
+    }
+
+    #[test]
+    fn a_waiting_job_runs() {
+        assert_eq!(stale(Queued, 0, 1), (false, false));
+        assert!(!is_stale(None, 0, 1, true));
+    }
+
+    #[test]
+    fn a_finished_job_or_a_later_attempt_makes_any_message_stale() {
+        assert_eq!(stale(Succeeded, 1, 1), (true, true));
+        assert_eq!(stale(Dead, 3, 1), (true, true));
+        assert_eq!(stale(Running, 2, 1), (true, true));
+    }
+
+    #[test]
+    fn an_attempt_whose_retry_is_committed_does_not_run_again() {
+        assert_eq!(stale(Retrying, 1, 1), (true, true));
+        // The retry itself runs.
+        assert_eq!(stale(Retrying, 1, 2), (false, false));
+    }
+
+    #[test]
+    fn only_a_keyed_second_message_skips_a_running_attempt() {
+        // A redelivery finishes what a dead worker started; a keyed job's
+        // second message would run it twice.
+        assert_eq!(stale(Running, 1, 1), (false, true));
+    }
+
+    #[test]
+    fn a_retry_that_overtakes_its_failed_attempts_commit_runs() {
+        // The next attempt's message was confirmed before `retrying` was
+        // committed: the record still says attempt 1 is running.
+        assert_eq!(stale(Running, 1, 2), (false, false));
+    }
 }
