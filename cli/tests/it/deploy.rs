@@ -105,21 +105,12 @@ async fn dashboard_and_rules_query_only_metrics_we_export() {
         .await;
     // A keyed job's second message, which the worker skips: the dashboard
     // shows skipped messages too.
-    let stop = tokio_util::sync::CancellationToken::new();
-    let mut again = conveyor_schema::Envelope::new("diag.noop", json!({}));
-    again.id = ok;
-    again.idempotency_key = Some("dashboard".into());
-    let message = conveyor_platform::amqp::Outgoing::job(&app.topology(), "default", &again);
-    app.publisher(&stop).await.publish(&message).await.unwrap();
-    stop.cancel();
+    app.publish_keyed_again(ok, "diag.noop", json!({}), "dashboard")
+        .await;
     wait_until(Duration::from_secs(20), || async {
-        let text = reqwest::get(&app.metrics_url)
+        app.worker_metrics()
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.contains("conveyor_jobs_skipped_total{")
+            .contains("conveyor_jobs_skipped_total{")
     })
     .await;
     let ingress = app.url("/metrics");

@@ -531,6 +531,28 @@ impl TestApp {
         publisher
     }
 
+    /// Publishes a second message of keyed job `id` (`task` with `args`, key
+    /// `key`): what a retry of an in-doubt keyed request publishes.
+    pub async fn publish_keyed_again(&self, id: Uuid, task: &str, args: Value, key: &str) {
+        let mut again = conveyor_schema::Envelope::new(task, args);
+        again.id = id;
+        again.idempotency_key = Some(key.into());
+        let stop = CancellationToken::new();
+        let message = conveyor_platform::amqp::Outgoing::job(&self.topology(), "default", &again);
+        self.publisher(&stop).await.publish(&message).await.unwrap();
+        stop.cancel();
+    }
+
+    /// The last started worker's `/metrics` text.
+    pub async fn worker_metrics(&self) -> String {
+        reqwest::get(&self.metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Messages ready in broker queue `name`.
     pub async fn queue_len(&self, name: &str) -> u32 {
         let conn = lapin::Connection::connect(AMQP_URL, Default::default())

@@ -12,11 +12,9 @@
 
 use std::time::Duration;
 
-use conveyor_platform::amqp::Outgoing;
 use conveyor_schema::Envelope;
 use diesel::connection::SimpleConnection;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::harness::{TestApp, wait_until};
@@ -351,14 +349,8 @@ async fn a_keyed_jobs_second_message_is_not_run_while_the_job_runs() {
         .await;
 
     // What a retry of an in-doubt request publishes: the same job again.
-    let stop = CancellationToken::new();
-    let publisher = app.publisher(&stop).await;
-    let mut again = Envelope::new("diag.sleep", args);
-    again.id = id;
-    again.idempotency_key = Some("slow-1".into());
-    let message = Outgoing::job(&app.topology(), "default", &again);
-    publisher.publish(&message).await.unwrap();
-    stop.cancel();
+    app.publish_keyed_again(id, "diag.sleep", args, "slow-1")
+        .await;
 
     wait_until(Duration::from_secs(10), || async {
         worker_counter(&app, "conveyor_jobs_skipped_total", "diag.sleep").await == Some(1.0)
@@ -372,12 +364,7 @@ async fn a_keyed_jobs_second_message_is_not_run_while_the_job_runs() {
 
 /// The worker's sample of counter `name` for `task`.
 async fn worker_counter(app: &TestApp, name: &str, task: &str) -> Option<f64> {
-    let text = reqwest::get(&app.metrics_url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.worker_metrics().await;
     let labels = [("task", task), ("queue", "default")];
     crate::metrics::sample(&text, name, &labels)
 }
