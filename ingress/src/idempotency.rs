@@ -7,8 +7,9 @@
 //! - the first request runs; a success (status < 400) is stored and replayed
 //!   to every later request with the same key and body, with
 //!   `Idempotent-Replayed: true`; a 4xx is not stored (the row is deleted,
-//!   so the key can be retried with a corrected request), nor is a 5xx (the
-//!   row is marked `failed`, so the key can be retried);
+//!   so the key can be retried with a corrected request), nor is a 5xx or a
+//!   batch's 207 (the row is marked `failed`, so the same request can be
+//!   retried until every job is accepted);
 //! - the same key with another body → 422;
 //! - the same key while the first is still running → 409;
 //! - a claim left `in_flight` longer than [`Settings::in_flight_timeout`]
@@ -320,12 +321,15 @@ struct Seed {
 /// After a 4xx the key is deleted: nothing was enqueued, and the corrected
 /// request may differ. After a 5xx it is kept as `failed`, with its seed, so a
 /// retry of the same request makes the same jobs (the 5xx may be in doubt).
+/// So is a batch's 207: a retry enqueues the refused jobs, in doubt or not,
+/// under the ids the 207 named, and the accepted ones again, which a worker
+/// does not run twice.
 async fn settle(db: &PgPool, producer: String, key: String, response: Response) -> Response {
     let status = response.status();
-    if status.as_u16() >= 400 {
+    if status.as_u16() >= 400 || status == StatusCode::MULTI_STATUS {
         let released = pool::run(db, move |conn| {
             let row = ik::table.find((producer, key));
-            if status.is_server_error() {
+            if !status.is_client_error() {
                 diesel::update(row)
                     .set(ik::state.eq("failed"))
                     .execute(conn)

@@ -1,10 +1,12 @@
 //! `POST /v1/jobs/batch` against the real ingress, broker and database: a whole
 //! batch runs; one bad job refuses it with nothing enqueued; its tokens are one
 //! per job; a broker that refuses some jobs gets a 207 naming them, and one
-//! that refuses all a 503; an `Idempotency-Key` replays the batch's answer.
+//! that refuses all a 503; an `Idempotency-Key` replays the batch's 202, and
+//! after a 207 enqueues the whole batch again under the same ids.
 
 use std::time::Duration;
 
+use lapin::types::FieldTable;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -188,4 +190,47 @@ async fn jobs_the_broker_refuses_are_named_and_leave_no_record() {
     assert_eq!(status, 503, "{problem}");
     assert!(problem["retry_after"].as_u64().unwrap() >= 1);
     assert_eq!(records(&app).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_207_is_not_replayed_and_its_retry_enqueues_the_refused_jobs_under_their_ids() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    replace_work_queue(&app, None).await;
+    let body = json!({"jobs": [
+        {"task": "diag.noop", "delay_ms": 3_600_000},
+        {"task": "diag.noop"},
+    ]});
+    let send = || {
+        app.client
+            .post(app.url("/v1/jobs/batch"))
+            .header("idempotency-key", "partly-1")
+            .json(&body)
+            .send()
+    };
+    let first = send().await.unwrap();
+    assert_eq!(first.status(), 207);
+    let named = ids(&first.json().await.unwrap());
+    assert_eq!(records(&app).await, 1);
+
+    // The work queue is back: the same request with the same key now
+    // enqueues the refused job under the id the 207 gave it.
+    let work = app.topology().work_queue("default");
+    replace_work_queue(&app, Some(FieldTable::default())).await;
+    let retry = send().await.unwrap();
+    assert_eq!(retry.status(), 202);
+    assert!(retry.headers().get("idempotent-replayed").is_none());
+    let outcome: Value = retry.json().await.unwrap();
+    assert_eq!(ids(&outcome), named, "{outcome}");
+    assert_eq!(records(&app).await, 2);
+    let messages = app.drain_queue(&work).await;
+    assert_eq!(messages.len(), 1);
+    let envelope: Value = serde_json::from_slice(&messages[0].1).unwrap();
+    assert_eq!(envelope["id"], named[1].to_string(), "{envelope}");
+
+    // That 202 is stored: a third request replays it and enqueues nothing.
+    let again = send().await.unwrap();
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(app.queue_len(&work).await, 0);
+    assert_eq!(records(&app).await, 2);
 }

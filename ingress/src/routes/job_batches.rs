@@ -13,8 +13,9 @@
 //! - none: 503 with `Retry-After`; nothing was enqueued unless its type is
 //!   `in-doubt`, whose `job_ids` name the jobs that may run all the same;
 //! - some: 207, and the body says which, so the producer resubmits only the
-//!   refused ones. A 207 is a success for `Idempotency-Key`: the same key and
-//!   body replays it and enqueues nothing more.
+//!   refused ones. With an `Idempotency-Key`, a 207 is not stored: the same
+//!   key and body enqueues the whole batch again under the same ids, so a
+//!   refused job in doubt is not made twice and an accepted one runs once.
 
 use axum::Extension;
 use axum::extract::State;
@@ -82,7 +83,7 @@ pub struct BatchItem {
     request_body(content = BatchRequest, content_type = "application/json"),
     responses(
         (status = 202, description = "Every job recorded and confirmed by the broker", body = BatchOutcome),
-        (status = 207, description = "Some jobs accepted, the others refused by an unavailable broker or database: resubmit those", body = BatchOutcome),
+        (status = 207, description = "Some jobs accepted, the others refused by an unavailable broker or database: resubmit those, or, with an Idempotency-Key, the same request with the same key", body = BatchOutcome),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over the limit", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not application/json", body = Problem, content_type = "application/problem+json"),
@@ -94,7 +95,7 @@ pub struct BatchItem {
         (status = 503, description = "Broker or database unavailable, no job accepted; retry after `Retry-After`. Type `in-doubt`: `job_ids` may run all the same", body = Problem, content_type = "application/problem+json"),
     ),
     params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key for the whole batch: the same key and body within 24 h replays the first 202 or 207 (header `Idempotent-Replayed: true`); after a 5xx (even one in doubt) or a lost answer, it enqueues the same jobs again, under the same ids, and a worker runs each once. Also carried in each job's envelope."),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key for the whole batch: the same key and body within 24 h replays the first 202 (header `Idempotent-Replayed: true`); after a 207, a 5xx (even one in doubt) or a lost answer, it enqueues the same jobs again, under the same ids, and a worker runs each once. Also carried in each job's envelope."),
         ("traceparent" = Option<String>, Header, description = "W3C trace context, carried in every job's envelope."),
         ("tracestate" = Option<String>, Header, description = "W3C trace state, carried with a valid `traceparent`."),
     )
