@@ -25,15 +25,6 @@ pub fn campaign(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<Campaig
         .optional()
 }
 
-/// The campaign's state name.
-pub fn campaign_state(conn: &mut PgConnection, id: Uuid) -> QueryResult<Option<String>> {
-    campaigns::table
-        .find(id)
-        .select(campaigns::state)
-        .first(conn)
-        .optional()
-}
-
 /// The deterministic id of the chunk starting at `first_recipient` in `generation`.
 pub fn chunk_id(campaign_id: Uuid, generation: i32, first_recipient: i64) -> Uuid {
     Uuid::new_v5(
@@ -127,56 +118,6 @@ pub struct Claimed {
     pub attempts: i32,
 }
 
-/// Claims up to `limit` due pending recipients of the chunk for `worker`; the
-/// claim is committed when this returns.
-pub fn claim(
-    conn: &mut PgConnection,
-    chunk: Uuid,
-    worker: &str,
-    ttl_secs: f64,
-    limit: usize,
-) -> QueryResult<Vec<Claimed>> {
-    ClaimRecipients {
-        chunk,
-        worker,
-        ttl_secs,
-        limit: i64::try_from(limit).unwrap_or(i64::MAX),
-    }
-    .load(conn)
-}
-
-/// [`claim`]'s statement, run once per group: prepared once per connection
-/// (see `conveyor_schema::prepared`).
-const CLAIM: &str = "
-UPDATE campaign_recipients r
-   SET state = 'sending', claimed_by = $1, claimed_at = now(),
-       claim_expires_at = now() + make_interval(secs => $2),
-       attempts = r.attempts + 1, updated_at = now()
- WHERE r.id IN (SELECT id FROM campaign_recipients
-                 WHERE chunk_id = $3 AND state = 'pending'
-                   AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-                 ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
-RETURNING r.id, r.email, r.vars, r.attempts";
-
-struct ClaimRecipients<'a> {
-    worker: &'a str,
-    ttl_secs: f64,
-    chunk: Uuid,
-    limit: i64,
-}
-
-impl QueryFragment<Pg> for ClaimRecipients<'_> {
-    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        walk_sql(CLAIM, out, |n, out| match n {
-            1 => out.push_bind_param::<Text, _>(&self.worker),
-            2 => out.push_bind_param::<Double, _>(&self.ttl_secs),
-            3 => out.push_bind_param::<SqlUuid, _>(&self.chunk),
-            _ => out.push_bind_param::<BigInt, _>(&self.limit),
-        })
-    }
-}
-conveyor_schema::prepared_statement!(ClaimRecipients, returning rows);
-
 /// One recipient's outcome.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -194,24 +135,23 @@ pub struct Outcome {
 /// expired meanwhile (now `unknown`) still takes this worker's outcome: it
 /// knows what happened.
 pub fn record(conn: &mut PgConnection, worker: &str, outcomes: &[Outcome]) -> QueryResult<usize> {
-    RecordOutcomes {
-        ids: outcomes.iter().map(|o| o.id).collect(),
-        states: outcomes.iter().map(|o| o.state).collect(),
-        replies: outcomes.iter().map(|o| o.reply.as_str()).collect(),
-        next_attempts: outcomes.iter().map(|o| o.next_attempt_at).collect(),
-        worker,
-    }
-    .execute(conn)
+    RecordOutcomes::of(worker, outcomes).execute(conn)
 }
 
-/// [`record`]'s statement, run once per group: prepared once per connection.
-const RECORD: &str = "
+/// [`record`]'s statement, for a throttled group: prepared once per connection
+/// (see `conveyor_schema::prepared`). A macro, so that [`STEP`] can begin with it.
+macro_rules! record_sql {
+    () => {
+        "
 UPDATE campaign_recipients r
    SET state = d.state, last_reply = d.reply, next_attempt_at = d.next_at,
        sent_at = CASE WHEN d.state = 'sent' THEN now() ELSE r.sent_at END,
        updated_at = now()
   FROM unnest($1::int8[], $2::text[], $3::text[], $4::timestamptz[]) AS d(id, state, reply, next_at)
- WHERE r.id = d.id AND r.claimed_by = $5 AND r.state IN ('sending', 'unknown')";
+ WHERE r.id = d.id AND r.claimed_by = $5 AND r.state IN ('sending', 'unknown')"
+    };
+}
+const RECORD: &str = record_sql!();
 
 struct RecordOutcomes<'a> {
     ids: Vec<i64>,
@@ -221,26 +161,44 @@ struct RecordOutcomes<'a> {
     worker: &'a str,
 }
 
-impl QueryFragment<Pg> for RecordOutcomes<'_> {
-    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        walk_sql(RECORD, out, |n, out| match n {
+impl<'a> RecordOutcomes<'a> {
+    fn of(worker: &'a str, outcomes: &'a [Outcome]) -> Self {
+        Self {
+            ids: outcomes.iter().map(|o| o.id).collect(),
+            states: outcomes.iter().map(|o| o.state).collect(),
+            replies: outcomes.iter().map(|o| o.reply.as_str()).collect(),
+            next_attempts: outcomes.iter().map(|o| o.next_attempt_at).collect(),
+            worker,
+        }
+    }
+
+    /// Pushes parameter `n` (1 to 5) of [`RECORD`].
+    fn bind<'b>(&'b self, n: usize, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        match n {
             1 => out.push_bind_param::<Array<BigInt>, _>(&self.ids),
             2 => out.push_bind_param::<Array<Text>, _>(&self.states),
             3 => out.push_bind_param::<Array<Text>, _>(&self.replies),
             4 => out.push_bind_param::<Array<Nullable<Timestamptz>>, _>(&self.next_attempts),
             _ => out.push_bind_param::<Text, _>(&self.worker),
-        })
+        }
+    }
+}
+
+impl QueryFragment<Pg> for RecordOutcomes<'_> {
+    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        walk_sql(RECORD, out, |n, out| self.bind(n, out))
     }
 }
 conveyor_schema::prepared_statement!(RecordOutcomes);
 
-/// One step of a chunk's send loop, in one transaction: records the outcomes
-/// of the group just sent, reads the campaign's state and, when `next` is set
-/// and the campaign is still sending, claims the next group (up to `next.1`
-/// recipients, claims trusted for `next.0` seconds). Doing this in one commit
-/// rather than two halves a group's waits for the database's flush, and no
-/// recipient is in doubt for longer: the sent group leaves doubt in the same
-/// commit in which the next one enters it.
+/// One step of a chunk's send loop, in one statement (so one round trip and
+/// one commit): records the outcomes of the group just sent, reads the
+/// campaign's state and, when `next` is set and the campaign is still sending,
+/// claims the next group (up to `next.1` due pending recipients, claims
+/// trusted for `next.0` seconds). No recipient is in doubt for longer than a
+/// group: the sent group leaves doubt in the same commit in which the next one
+/// enters it. The statement sees the ledger as it was when it began, so a
+/// recipient it defers is claimed again by a later step at the earliest.
 pub fn record_and_claim(
     conn: &mut PgConnection,
     worker: &str,
@@ -249,21 +207,92 @@ pub fn record_and_claim(
     chunk: Uuid,
     next: Option<(f64, usize)>,
 ) -> QueryResult<(Option<CampaignState>, Vec<Claimed>)> {
-    conn.transaction(|conn| {
-        if !outcomes.is_empty() {
-            record(conn, worker, outcomes)?;
-        }
-        let state = campaign_state(conn, campaign_id)?
-            .as_deref()
-            .and_then(CampaignState::parse);
-        let claimed = match next {
-            Some((ttl_secs, limit)) if state == Some(CampaignState::Sending) => {
-                claim(conn, chunk, worker, ttl_secs, limit)?
-            }
-            _ => Vec::new(),
-        };
-        Ok((state, claimed))
-    })
+    let (ttl_secs, limit) = next.unwrap_or((0.0, 0));
+    let rows: Vec<StepRow> = Step {
+        record: RecordOutcomes::of(worker, outcomes),
+        campaign_id,
+        ttl_secs,
+        chunk,
+        limit: i64::try_from(limit).unwrap_or(i64::MAX),
+    }
+    .load(conn)?;
+    let state = rows
+        .first()
+        .and_then(|row| CampaignState::parse(&row.state));
+    let claimed = rows
+        .into_iter()
+        .filter_map(|row| {
+            Some(Claimed {
+                id: row.id?,
+                email: row.email?,
+                vars: row.vars?,
+                attempts: row.attempts?,
+            })
+        })
+        .collect();
+    Ok((state, claimed))
+}
+
+/// [`record_and_claim`]'s statement, run once per group: prepared once per
+/// connection. Its claim runs only while the campaign is sending; every part
+/// of it sees the same snapshot, so the claim never meets the rows recorded.
+const STEP: &str = concat!(
+    "WITH recorded AS (",
+    record_sql!(),
+    "
+), campaign AS (
+    SELECT state FROM campaigns WHERE id = $6
+), claimed AS (
+    UPDATE campaign_recipients r
+       SET state = 'sending', claimed_by = $7, claimed_at = now(),
+           claim_expires_at = now() + make_interval(secs => $8),
+           attempts = r.attempts + 1, updated_at = now()
+     WHERE r.id IN (SELECT id FROM campaign_recipients
+                     WHERE chunk_id = $9 AND state = 'pending'
+                       AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+                       AND EXISTS (SELECT 1 FROM campaign WHERE state = 'sending')
+                     ORDER BY id LIMIT $10 FOR UPDATE SKIP LOCKED)
+    RETURNING r.id, r.email, r.vars, r.attempts
+)
+SELECT campaign.state, claimed.id, claimed.email, claimed.vars, claimed.attempts
+  FROM campaign LEFT JOIN claimed ON true"
+);
+
+struct Step<'a> {
+    record: RecordOutcomes<'a>,
+    campaign_id: Uuid,
+    ttl_secs: f64,
+    chunk: Uuid,
+    limit: i64,
+}
+
+impl QueryFragment<Pg> for Step<'_> {
+    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        walk_sql(STEP, out, |n, out| match n {
+            1..=5 => self.record.bind(n, out),
+            6 => out.push_bind_param::<SqlUuid, _>(&self.campaign_id),
+            7 => out.push_bind_param::<Text, _>(&self.record.worker),
+            8 => out.push_bind_param::<Double, _>(&self.ttl_secs),
+            9 => out.push_bind_param::<SqlUuid, _>(&self.chunk),
+            _ => out.push_bind_param::<BigInt, _>(&self.limit),
+        })
+    }
+}
+conveyor_schema::prepared_statement!(Step, returning rows);
+
+/// A row of [`STEP`]: the campaign's state, with one claimed recipient or none.
+#[derive(QueryableByName)]
+struct StepRow {
+    #[diesel(sql_type = Text)]
+    state: String,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    id: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    email: Option<String>,
+    #[diesel(sql_type = Nullable<Jsonb>)]
+    vars: Option<serde_json::Value>,
+    #[diesel(sql_type = Nullable<Integer>)]
+    attempts: Option<i32>,
 }
 
 /// What is left in a chunk after a pass.
