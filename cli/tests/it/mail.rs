@@ -361,6 +361,16 @@ async fn replayed_and_redelivered_planner_makes_no_extra_chunks_or_mail() {
             .await,
         chunks_before
     );
+    // Each sender job carries its chunk as key: a worker would skip a second
+    // message of it (a planner that died between its publish and marking it).
+    assert_eq!(
+        app.count(
+            "SELECT count(*) AS n FROM jobs j JOIN campaign_chunks c ON c.id = j.id \
+              WHERE j.idempotency_key = 'campaign:' || c.campaign_id || '/chunk:' || c.id"
+        )
+        .await,
+        chunks_before
+    );
     assert_eq!(assert_no_duplicates(&smtp), 600);
     assert_eq!(smtp.received().len(), 600);
     stop.cancel();

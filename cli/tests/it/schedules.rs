@@ -1,10 +1,11 @@
 //! The scheduler fires each tick exactly once across worker processes, keeps
 //! going when one dies, catches up (or not) after downtime, and re-publishes a
-//! tick whose claimer died before publishing. The 30-second test is the only long one.
+//! tick whose claimer died before publishing; a tick's job, re-published or
+//! not, carries the tick as its idempotency key. The 30-second test is the only long one.
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, TimeZone, Utc};
 use conveyor_platform::schedule::{CatchUp, ScheduleConfig};
 use diesel::prelude::*;
 use diesel::sql_types::{Bool, Nullable, Text, Timestamptz, Uuid as SqlUuid};
@@ -307,29 +308,7 @@ async fn a_tick_claimed_but_never_published_is_republished() {
         });
     })
     .await;
-    // What a worker killed between its claim's commit and the publish leaves behind.
-    let job_id = Uuid::now_v7();
-    let url = app.db.url.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut conn = PgConnection::establish(&url).unwrap();
-        diesel::sql_query(
-            "INSERT INTO jobs (id, task, queue, state, args, max_attempts, enqueued_at) \
-             VALUES ($1, 'diag.noop', 'default', 'queued', '{}', 5, now() - interval '1 minute'); \
-             ",
-        )
-        .bind::<SqlUuid, _>(job_id)
-        .execute(&mut conn)
-        .unwrap();
-        diesel::sql_query(
-            "INSERT INTO schedule_ticks (schedule, tick_at, job_id, claimed_by, claimed_at) \
-             VALUES ('yearly', date_trunc('year', now(), 'UTC'), $1, 'dead-worker', now() - interval '1 minute')",
-        )
-        .bind::<SqlUuid, _>(job_id)
-        .execute(&mut conn)
-        .unwrap();
-    })
-    .await
-    .unwrap();
+    let job_id = abandoned_tick(&app).await;
     app.start_worker().await;
     app.wait_for_state(job_id, "succeeded", Duration::from_secs(15))
         .await;
@@ -342,4 +321,94 @@ async fn a_tick_claimed_but_never_published_is_republished() {
         1,
         "re-publishing made no new job"
     );
+}
+
+/// What a worker killed between its claim's commit and the publish leaves
+/// behind for schedule `yearly`: the tick's job record, as its claim wrote it
+/// (keyed by the tick), and the tick unpublished; returns the job's id.
+async fn abandoned_tick(app: &TestApp) -> Uuid {
+    let job_id = Uuid::now_v7();
+    let tick_at = Utc
+        .with_ymd_and_hms(Utc::now().year(), 1, 1, 0, 0, 0)
+        .unwrap();
+    let url = app.db.url.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = PgConnection::establish(&url).unwrap();
+        diesel::sql_query(
+            "INSERT INTO jobs (id, task, queue, state, args, max_attempts, enqueued_at, idempotency_key) \
+             VALUES ($1, 'diag.noop', 'default', 'queued', '{}', 5, now() - interval '1 minute', $2)",
+        )
+        .bind::<SqlUuid, _>(job_id)
+        .bind::<Text, _>(tick_key("yearly", tick_at))
+        .execute(&mut conn)
+        .unwrap();
+        diesel::sql_query(
+            "INSERT INTO schedule_ticks (schedule, tick_at, job_id, claimed_by, claimed_at) \
+             VALUES ('yearly', $1, $2, 'dead-worker', now() - interval '1 minute')",
+        )
+        .bind::<Timestamptz, _>(tick_at)
+        .bind::<SqlUuid, _>(job_id)
+        .execute(&mut conn)
+        .unwrap();
+    })
+    .await
+    .unwrap();
+    job_id
+}
+
+/// `schedule:<name>@<tick, RFC 3339 UTC>`: the key a tick's job carries.
+fn tick_key(name: &str, tick_at: DateTime<Utc>) -> String {
+    format!(
+        "schedule:{name}@{}",
+        tick_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticks_job_carries_the_tick_as_its_key_also_when_republished() {
+    let mut app = TestApp::spawn_with(0, |config| {
+        config.scheduler.republish_after_ms = 300;
+        config.scheduler.max_sleep_ms = 200;
+        // The worker fires ticks but runs none of their jobs: their messages stay queued.
+        config.worker.queues = vec!["mail".into()];
+        config.schedules.push(every_second("often", CatchUp::Skip));
+        config.schedules.push(ScheduleConfig {
+            cron: "0 0 1 1 *".into(),
+            ..every_second("yearly", CatchUp::Skip)
+        });
+    })
+    .await;
+    let abandoned = abandoned_tick(&app).await;
+    app.start_worker().await;
+    wait_until(Duration::from_secs(15), || async {
+        ticks(&app, "yearly").await[0].published_at.is_some()
+            && ticks(&app, "often").await.len() >= 2
+    })
+    .await;
+    let mut keys = std::collections::HashMap::new();
+    for name in ["yearly", "often"] {
+        for row in ticks(&app, name).await {
+            keys.insert(row.job_id, tick_key(name, row.tick_at));
+        }
+    }
+    let work = app.topology().work_queue("default");
+    let messages = app.drain_queue(&work).await;
+    assert!(messages.len() >= 3, "{} messages", messages.len());
+    for (_, body) in &messages {
+        let envelope: Value = serde_json::from_slice(body).unwrap();
+        let id: Uuid = envelope["id"].as_str().unwrap().parse().unwrap();
+        assert_eq!(
+            envelope["idempotency_key"].as_str(),
+            keys.get(&id).map(String::as_str),
+            "{envelope}"
+        );
+        let record = app.job(id).await.unwrap();
+        assert_eq!(
+            record.idempotency_key.as_deref(),
+            keys.get(&id).map(String::as_str)
+        );
+    }
+    assert!(messages.iter().any(|(_, body)| {
+        serde_json::from_slice::<Value>(body).unwrap()["id"] == abandoned.to_string()
+    }));
 }

@@ -88,8 +88,12 @@ async fn publish_unpublished(
                     chunk_id,
                 })
                 .unwrap_or_default();
+                // The chunk's id, and a key, so that a worker does not run a
+                // second message of a chunk job (this planner retried after
+                // publishing it) while the first runs or after it finished.
                 Envelope {
                     id: chunk_id,
+                    idempotency_key: Some(format!("campaign:{campaign_id}/chunk:{chunk_id}")),
                     ..Envelope::new(<mail::SendChunk as conveyor_schema::TaskSpec>::NAME, args)
                 }
             })

@@ -9,7 +9,10 @@
 //! row's `published_at` stays NULL until then, so a claimer that dies between
 //! commit and confirm leaves a row that any worker re-publishes from the job
 //! record after `scheduler.republish_after_ms`. Re-publishing uses the same
-//! job id, which consumers treat as the deduplication key.
+//! job id, and the job carries the tick as its idempotency key
+//! (`schedule:<name>@<tick>`), so a worker does not run a second message of a
+//! tick's job that has finished or is running (`worker::execute`): a
+//! re-publish after a lost `published_at` does not run the tick twice.
 
 use std::collections::HashMap;
 
@@ -73,7 +76,10 @@ pub async fn claim(
             format!("unknown task `{task}`").into(),
         ))
     })?;
-    let envelope = Envelope::new(task, args.clone());
+    let envelope = Envelope {
+        idempotency_key: Some(tick_key(name, due.tick_at)),
+        ..Envelope::new(task, args.clone())
+    };
     let record = NewJob::queued(&envelope, &descriptor.options);
     let (name, worker_id) = (name.to_owned(), worker_id.to_owned());
     let job_id = envelope.id;
@@ -102,6 +108,14 @@ pub async fn claim(
     })
     .await?;
     Ok(won.then_some(envelope))
+}
+
+/// The idempotency key of tick (`name`, `tick_at`)'s job.
+pub fn tick_key(name: &str, tick_at: DateTime<Utc>) -> String {
+    format!(
+        "schedule:{name}@{}",
+        tick_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+    )
 }
 
 /// Records that the job of tick (`name`, `tick_at`) was confirmed by the broker.
@@ -156,6 +170,8 @@ pub async fn take_stale(
         args: Option<serde_json::Value>,
         #[diesel(sql_type = Nullable<Timestamptz>)]
         enqueued_at: Option<DateTime<Utc>>,
+        #[diesel(sql_type = Nullable<Text>)]
+        idempotency_key: Option<String>,
         #[diesel(sql_type = Nullable<Timestamptz>)]
         published_at: Option<DateTime<Utc>>,
     }
@@ -163,7 +179,7 @@ pub async fn take_stale(
     let rows = run(db, move |conn| {
         diesel::sql_query(
             "WITH stale AS ( \
-                 SELECT t.schedule, t.tick_at, t.job_id, j.task, j.args, j.enqueued_at, \
+                 SELECT t.schedule, t.tick_at, t.job_id, j.task, j.args, j.enqueued_at, j.idempotency_key, \
                         (j.id IS NULL OR j.state <> 'queued') AS started \
                  FROM schedule_ticks t LEFT JOIN jobs j ON j.id = t.job_id \
                  WHERE t.published_at IS NULL \
@@ -174,7 +190,8 @@ pub async fn take_stale(
              SET claimed_by = $2, claimed_at = clock_timestamp(), \
                  published_at = CASE WHEN s.started THEN clock_timestamp() END \
              FROM stale s WHERE t.schedule = s.schedule AND t.tick_at = s.tick_at \
-             RETURNING s.schedule, s.tick_at, s.job_id, s.task, s.args, s.enqueued_at, t.published_at",
+             RETURNING s.schedule, s.tick_at, s.job_id, s.task, s.args, s.enqueued_at, s.idempotency_key, \
+                       t.published_at",
         )
         .bind::<BigInt, _>(i64::try_from(after_ms).unwrap_or(i64::MAX))
         .bind::<Text, _>(worker_id)
@@ -192,7 +209,7 @@ pub async fn take_stale(
                 args: r.args?,
                 attempt: 1,
                 enqueued_at: r.enqueued_at?,
-                idempotency_key: None,
+                idempotency_key: r.idempotency_key,
                 trace: None,
                 replay_of: None,
                 not_before: None,
