@@ -30,6 +30,16 @@ async fn post_batch(client: &reqwest::Client, app: &TestApp, body: &Value) -> (u
     (status, response.json().await.unwrap())
 }
 
+async fn post_keyed(app: &TestApp, key: &str, body: &Value) -> reqwest::Response {
+    app.client
+        .post(app.url("/v1/jobs/batch"))
+        .header("idempotency-key", key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 fn ids(outcome: &Value) -> Vec<Uuid> {
     outcome["jobs"]
         .as_array()
@@ -37,6 +47,17 @@ fn ids(outcome: &Value) -> Vec<Uuid> {
         .iter()
         .map(|job| job["id"].as_str().unwrap().parse().unwrap())
         .collect()
+}
+
+/// Deletes the work queue the ingress declared and returns a batch whose
+/// second job comes back unroutable, while its first, delayed, goes to a delay
+/// queue, which still takes it.
+async fn half_routable(app: &TestApp) -> Value {
+    replace_work_queue(app, None).await;
+    json!({"jobs": [
+        {"task": "diag.noop", "delay_ms": 3_600_000},
+        {"task": "diag.noop"},
+    ]})
 }
 
 async fn records(app: &TestApp) -> i64 {
@@ -48,14 +69,8 @@ async fn every_job_of_a_batch_runs_once_and_a_replay_enqueues_nothing() {
     let app = TestApp::spawn().await;
     let mut body = noops(40);
     body["jobs"][7] = json!({"task": "diag.sleep", "args": {"ms": 10}});
-    let send = || {
-        app.client
-            .post(app.url("/v1/jobs/batch"))
-            .header("idempotency-key", "nightly-1")
-            .json(&body)
-            .send()
-    };
-    let first = send().await.unwrap();
+    let send = || post_keyed(&app, "nightly-1", &body);
+    let first = send().await;
     assert_eq!(first.status(), 202);
     let outcome: Value = first.json().await.unwrap();
     assert_eq!(
@@ -80,7 +95,7 @@ async fn every_job_of_a_batch_runs_once_and_a_replay_enqueues_nothing() {
     // The order of the request is the order of the answer.
     assert_eq!(app.job(ids[7]).await.unwrap().task, "diag.sleep");
 
-    let again = send().await.unwrap();
+    let again = send().await;
     assert_eq!(again.status(), 202);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     let replayed: Value = again.json().await.unwrap();
@@ -164,13 +179,7 @@ async fn a_batch_spends_one_token_per_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_the_broker_refuses_are_named_and_leave_no_record() {
     let app = TestApp::spawn_with(0, |_| {}).await;
-    // Declared by the ingress, then gone: a job for it comes back unroutable,
-    // while a delayed job goes to a delay queue, which still takes it.
-    replace_work_queue(&app, None).await;
-    let body = json!({"jobs": [
-        {"task": "diag.noop", "delay_ms": 3_600_000},
-        {"task": "diag.noop"},
-    ]});
+    let body = half_routable(&app).await;
     let (status, outcome) = post_batch(&app.client, &app, &body).await;
     assert_eq!(status, 207, "{outcome}");
     assert_eq!(
@@ -195,19 +204,9 @@ async fn jobs_the_broker_refuses_are_named_and_leave_no_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_207_is_not_replayed_and_its_retry_enqueues_the_refused_jobs_under_their_ids() {
     let app = TestApp::spawn_with(0, |_| {}).await;
-    replace_work_queue(&app, None).await;
-    let body = json!({"jobs": [
-        {"task": "diag.noop", "delay_ms": 3_600_000},
-        {"task": "diag.noop"},
-    ]});
-    let send = || {
-        app.client
-            .post(app.url("/v1/jobs/batch"))
-            .header("idempotency-key", "partly-1")
-            .json(&body)
-            .send()
-    };
-    let first = send().await.unwrap();
+    let body = half_routable(&app).await;
+    let send = || post_keyed(&app, "partly-1", &body);
+    let first = send().await;
     assert_eq!(first.status(), 207);
     let named = ids(&first.json().await.unwrap());
     assert_eq!(records(&app).await, 1);
@@ -216,7 +215,7 @@ async fn a_keyed_207_is_not_replayed_and_its_retry_enqueues_the_refused_jobs_und
     // enqueues the refused job under the id the 207 gave it.
     let work = app.topology().work_queue("default");
     replace_work_queue(&app, Some(FieldTable::default())).await;
-    let retry = send().await.unwrap();
+    let retry = send().await;
     assert_eq!(retry.status(), 202);
     assert!(retry.headers().get("idempotent-replayed").is_none());
     let outcome: Value = retry.json().await.unwrap();
@@ -228,7 +227,7 @@ async fn a_keyed_207_is_not_replayed_and_its_retry_enqueues_the_refused_jobs_und
     assert_eq!(envelope["id"], named[1].to_string(), "{envelope}");
 
     // That 202 is stored: a third request replays it and enqueues nothing.
-    let again = send().await.unwrap();
+    let again = send().await;
     assert_eq!(again.status(), 202);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     assert_eq!(app.queue_len(&work).await, 0);
