@@ -12,9 +12,11 @@
 //! A crash anywhere before 5 redelivers the message; a redelivered message whose
 //! job is already final, has moved to a later attempt, or whose attempt has
 //! already failed and been retried is acknowledged without running. So is a
-//! keyed job's message (one enqueued with an `Idempotency-Key`) whose attempt
-//! is running: a retry of an in-doubt request publishes the same job again,
-//! under the same id (see the ingress's `idempotency`), and that second
+//! keyed job's message (one whose envelope carries an idempotency key) whose
+//! attempt is running. A keyed job may be published twice under the same id:
+//! by a retry of an in-doubt request (see the ingress's `idempotency`), by the
+//! scheduler re-publishing a tick (`schedule:<name>@<tick>`), by a mail
+//! planner re-enqueueing a chunk (`campaign:<id>/chunk:<id>`); that second
 //! message must not run it a second time.
 
 use std::panic::AssertUnwindSafe;
@@ -131,9 +133,8 @@ async fn run_envelope(
         // Less than the shortest delay queue: wait here rather than run early.
         tokio::time::sleep(remaining).await;
     }
-    let resubmittable = !delivery.redelivered && envelope.idempotency_key.is_some();
-    if (delivery.redelivered || resubmittable) && already_done(&rt, &envelope, resubmittable).await
-    {
+    let keyed = !delivery.redelivered && envelope.idempotency_key.is_some();
+    if (delivery.redelivered || keyed) && already_done(&rt, &envelope, keyed).await {
         tracing::info!(
             redelivered = delivery.redelivered,
             "job already finished, running or moved on; acknowledging without running"

@@ -111,7 +111,7 @@ pub async fn claim(
 }
 
 /// The idempotency key of tick (`name`, `tick_at`)'s job.
-pub fn tick_key(name: &str, tick_at: DateTime<Utc>) -> String {
+fn tick_key(name: &str, tick_at: DateTime<Utc>) -> String {
     format!(
         "schedule:{name}@{}",
         tick_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
