@@ -442,6 +442,23 @@ impl TestApp {
             .expect("POST /v1/jobs")
     }
 
+    /// `POST path` with `body` as JSON and `key` as its `Idempotency-Key`, by `client`.
+    pub async fn post_keyed(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        key: &str,
+        body: &Value,
+    ) -> reqwest::Response {
+        client
+            .post(self.url(path))
+            .header("Idempotency-Key", key)
+            .json(body)
+            .send()
+            .await
+            .unwrap_or_else(|err| panic!("POST {path}: {err}"))
+    }
+
     /// Enqueues `task` with `args`, asserting 202; returns the job id.
     pub async fn enqueue(&self, task: &str, args: Value) -> Uuid {
         let response = self.post_job(json!({"task": task, "args": args})).await;

@@ -15,13 +15,7 @@ async fn post(
     key: &str,
     body: &Value,
 ) -> reqwest::Response {
-    client
-        .post(app.url("/v1/jobs"))
-        .header("Idempotency-Key", key)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
+    app.post_keyed(client, "/v1/jobs", key, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,13 +140,13 @@ async fn a_retry_of_a_failed_or_abandoned_first_request_makes_the_same_job() {
 
     // A keyed batch's jobs each get an id of their own from the one seed.
     let batch = app
-        .client
-        .post(app.url("/v1/jobs/batch"))
-        .header("Idempotency-Key", "batch-1")
-        .json(&json!({"jobs": [body, body]}))
-        .send()
-        .await
-        .unwrap();
+        .post_keyed(
+            &app.client,
+            "/v1/jobs/batch",
+            "batch-1",
+            &json!({"jobs": [body, body]}),
+        )
+        .await;
     assert_eq!(batch.status(), 202);
     let batch: Value = batch.json().await.unwrap();
     let ids: Vec<Uuid> = batch["jobs"]

@@ -30,16 +30,6 @@ async fn post_batch(client: &reqwest::Client, app: &TestApp, body: &Value) -> (u
     (status, response.json().await.unwrap())
 }
 
-async fn post_keyed(app: &TestApp, key: &str, body: &Value) -> reqwest::Response {
-    app.client
-        .post(app.url("/v1/jobs/batch"))
-        .header("idempotency-key", key)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
-
 fn ids(outcome: &Value) -> Vec<Uuid> {
     outcome["jobs"]
         .as_array()
@@ -69,7 +59,7 @@ async fn every_job_of_a_batch_runs_once_and_a_replay_enqueues_nothing() {
     let app = TestApp::spawn().await;
     let mut body = noops(40);
     body["jobs"][7] = json!({"task": "diag.sleep", "args": {"ms": 10}});
-    let send = || post_keyed(&app, "nightly-1", &body);
+    let send = || app.post_keyed(&app.client, "/v1/jobs/batch", "nightly-1", &body);
     let first = send().await;
     assert_eq!(first.status(), 202);
     let outcome: Value = first.json().await.unwrap();
@@ -205,7 +195,7 @@ async fn jobs_the_broker_refuses_are_named_and_leave_no_record() {
 async fn a_keyed_207_is_not_replayed_and_its_retry_enqueues_the_refused_jobs_under_their_ids() {
     let app = TestApp::spawn_with(0, |_| {}).await;
     let body = half_routable(&app).await;
-    let send = || post_keyed(&app, "partly-1", &body);
+    let send = || app.post_keyed(&app.client, "/v1/jobs/batch", "partly-1", &body);
     let first = send().await;
     assert_eq!(first.status(), 207);
     let named = ids(&first.json().await.unwrap());
