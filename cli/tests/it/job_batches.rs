@@ -2,7 +2,9 @@
 //! batch runs; one bad job refuses it with nothing enqueued; its tokens are one
 //! per job; a broker that refuses some jobs gets a 207 naming them, and one
 //! that refuses all a 503; an `Idempotency-Key` replays the batch's 202, and
-//! after a 207 enqueues the whole batch again under the same ids.
+//! after a 207 enqueues the whole batch again under the same ids, without
+//! removing the record of a job the first request enqueued should the broker
+//! refuse that job the second time.
 
 use std::time::Duration;
 
@@ -11,9 +13,13 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::harness::TestApp;
-use crate::publish_failures::replace_work_queue;
+use conveyor_platform::amqp::delay_level_for;
+
+use crate::publish_failures::{replace_queue, replace_work_queue};
 
 const WAIT: Duration = Duration::from_secs(20);
+/// The delay of [`half_routable`]'s first job.
+const HOUR: Duration = Duration::from_secs(3600);
 
 fn noops(count: usize) -> Value {
     json!({ "jobs": vec![json!({"task": "diag.noop"}); count] })
@@ -45,7 +51,7 @@ fn ids(outcome: &Value) -> Vec<Uuid> {
 async fn half_routable(app: &TestApp) -> Value {
     replace_work_queue(app, None).await;
     json!({"jobs": [
-        {"task": "diag.noop", "delay_ms": 3_600_000},
+        {"task": "diag.noop", "delay_ms": HOUR.as_millis() as u64},
         {"task": "diag.noop"},
     ]})
 }
@@ -221,5 +227,34 @@ async fn a_keyed_207_is_not_replayed_and_its_retry_enqueues_the_refused_jobs_und
     assert_eq!(again.status(), 202);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     assert_eq!(app.queue_len(&work).await, 0);
+    assert_eq!(records(&app).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_retry_the_broker_refuses_keeps_the_record_of_a_job_the_first_request_enqueued() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let body = half_routable(&app).await;
+    let send = || app.post_keyed(&app.client, "/v1/jobs/batch", "partly-2", &body);
+    let first = send().await;
+    assert_eq!(first.status(), 207);
+    let named = ids(&first.json().await.unwrap());
+    assert!(app.job(named[0]).await.is_some());
+
+    // Now the work queue is back and the delayed job's delay queue is gone:
+    // the retry's copy of the job the first request enqueued comes back
+    // unroutable, while the other job is enqueued.
+    replace_work_queue(&app, Some(FieldTable::default())).await;
+    replace_queue(&app.topology().delay_queue(delay_level_for(HOUR)), None).await;
+    let retry = send().await;
+    assert_eq!(retry.status(), 207);
+    let outcome: Value = retry.json().await.unwrap();
+    assert_eq!(ids(&outcome), named, "{outcome}");
+    assert_eq!(outcome["jobs"][0]["accepted"], false, "{outcome}");
+    assert_eq!(outcome["jobs"][1]["accepted"], true, "{outcome}");
+    let first_job = app.job(named[0]).await;
+    assert!(
+        first_job.is_some(),
+        "the first request's job lost its record"
+    );
     assert_eq!(records(&app).await, 2);
 }

@@ -20,19 +20,24 @@ use crate::harness::{AMQP_URL, TestApp};
 /// Deletes the test's work queue; with `replacement`, declares a queue of the
 /// same name with those arguments.
 pub(crate) async fn replace_work_queue(app: &TestApp, replacement: Option<FieldTable>) {
+    replace_queue(&app.topology().work_queue("default"), replacement).await;
+}
+
+/// Deletes queue `name`; with `replacement`, declares a queue of the same name
+/// with those arguments.
+pub(crate) async fn replace_queue(name: &str, replacement: Option<FieldTable>) {
     let conn = lapin::Connection::connect(AMQP_URL, Default::default())
         .await
         .unwrap();
     let channel = conn.create_channel().await.unwrap();
-    let work = app.topology().work_queue("default");
     channel
-        .queue_delete(work.as_str().into(), QueueDeleteOptions::default())
+        .queue_delete(name.into(), QueueDeleteOptions::default())
         .await
         .unwrap();
     if let Some(args) = replacement {
         channel
             .queue_declare(
-                work.as_str().into(),
+                name.into(),
                 QueueDeclareOptions {
                     durable: true,
                     ..Default::default()

@@ -1,5 +1,7 @@
 //! The group commit's one insert statement.
 
+use std::collections::HashSet;
+
 use conveyor_schema::models::NewJob;
 use conveyor_schema::prepared::walk_sql;
 use diesel::pg::Pg;
@@ -12,9 +14,14 @@ use uuid::Uuid;
 /// column: prepared once per lane connection (see `conveyor_schema::prepared`).
 ///
 /// A worker that got a message before this insert reached its row has created
-/// the row already (its state upsert): the insert keeps that state and adds
-/// what only the ingress knows.
+/// the row already (its state upsert), and a retry under an `Idempotency-Key`
+/// submits the same jobs again: the insert keeps such a row's state and adds
+/// what only the ingress knows. It returns the ids of those rows, which this
+/// transaction did not create (an updated row's `xmax` holds the updater's
+/// lock; a new row's is 0), so that a failed publish removes only what the
+/// batch created.
 const INSERT: &str = "
+WITH written AS (
 INSERT INTO jobs (id, task, queue, state, args, max_attempts, idempotency_key, replay_of,
                   enqueued_at, next_attempt_at, producer)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int4[],
@@ -22,7 +29,10 @@ SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[]
 ON CONFLICT (id) DO UPDATE SET
     producer = EXCLUDED.producer,
     idempotency_key = EXCLUDED.idempotency_key,
-    replay_of = EXCLUDED.replay_of";
+    replay_of = EXCLUDED.replay_of
+RETURNING id, xmax
+)
+SELECT id FROM written WHERE xmax <> 0";
 
 /// [`INSERT`]'s parameters, one array per column.
 struct InsertJobs<'a> {
@@ -56,24 +66,40 @@ impl QueryFragment<Pg> for InsertJobs<'_> {
         })
     }
 }
-conveyor_schema::prepared_statement!(InsertJobs);
+conveyor_schema::prepared_statement!(InsertJobs, returning rows);
 
-pub(super) fn insert_records(conn: &mut PgConnection, records: &[NewJob]) -> QueryResult<usize> {
-    fn column<'a, T>(records: &'a [NewJob], field: impl Fn(&'a NewJob) -> T) -> Vec<T> {
-        records.iter().map(field).collect()
+/// A row [`INSERT`] found already there.
+#[derive(QueryableByName)]
+struct Existing {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+}
+
+/// Inserts `records` (each id once: the first of several records of one id is
+/// written; PostgreSQL refuses one statement that writes a row twice) and
+/// returns the ids whose rows existed before.
+pub(super) fn insert_records(
+    conn: &mut PgConnection,
+    records: &[NewJob],
+) -> QueryResult<HashSet<Uuid>> {
+    let mut seen = HashSet::with_capacity(records.len());
+    let records: Vec<&NewJob> = records.iter().filter(|r| seen.insert(r.id)).collect();
+    fn column<'a, T>(records: &[&'a NewJob], field: impl Fn(&'a NewJob) -> T) -> Vec<T> {
+        records.iter().map(|r| field(r)).collect()
     }
     InsertJobs {
-        ids: column(records, |r| r.id),
-        tasks: column(records, |r| r.task.as_str()),
-        queues: column(records, |r| r.queue.as_str()),
-        states: column(records, |r| r.state.as_str()),
-        args: column(records, |r| &r.args),
-        max_attempts: column(records, |r| r.max_attempts),
-        idempotency_keys: column(records, |r| r.idempotency_key.as_deref()),
-        replays_of: column(records, |r| r.replay_of),
-        enqueued_at: column(records, |r| r.enqueued_at),
-        next_attempt_at: column(records, |r| r.next_attempt_at),
-        producers: column(records, |r| r.producer.as_deref()),
+        ids: column(&records, |r| r.id),
+        tasks: column(&records, |r| r.task.as_str()),
+        queues: column(&records, |r| r.queue.as_str()),
+        states: column(&records, |r| r.state.as_str()),
+        args: column(&records, |r| &r.args),
+        max_attempts: column(&records, |r| r.max_attempts),
+        idempotency_keys: column(&records, |r| r.idempotency_key.as_deref()),
+        replays_of: column(&records, |r| r.replay_of),
+        enqueued_at: column(&records, |r| r.enqueued_at),
+        next_attempt_at: column(&records, |r| r.next_attempt_at),
+        producers: column(&records, |r| r.producer.as_deref()),
     }
-    .execute(conn)
+    .load::<Existing>(conn)
+    .map(|rows| rows.into_iter().map(|row| row.id).collect())
 }

@@ -26,7 +26,8 @@ use uuid::Uuid;
 
 use super::insert::insert_records;
 
-/// What the async side tells the open transaction: commit without these ids, or roll back.
+/// What the async side tells the open transaction: commit without these ids
+/// (those of them that the batch created), or roll back.
 pub(super) enum Decision {
     CommitWithout(Vec<Uuid>),
     RollBack,
@@ -132,19 +133,30 @@ fn run(slot: &mut Option<PgConnection>, url: &str, work: Work) -> Result<(), Str
         }
     };
     let _ = began.send(Ok(()));
-    if let Err(err) = insert_records(conn, &records) {
-        let err = err.to_string();
-        let _ = inserted.send(Err(err.clone()));
-        return Err(err);
-    }
+    let existing = match insert_records(conn, &records) {
+        Ok(existing) => existing,
+        Err(err) => {
+            let err = err.to_string();
+            let _ = inserted.send(Err(err.clone()));
+            return Err(err);
+        }
+    };
     let _ = inserted.send(Ok(()));
     let outcome = match decision.recv() {
-        Ok(Decision::CommitWithout(failed)) => if failed.is_empty() {
-            Ok(())
-        } else {
-            diesel::delete(jobs::table.filter(jobs::id.eq_any(failed)))
-                .execute(conn)
-                .map(|_| ())
+        Ok(Decision::CommitWithout(failed)) => {
+            // A row that was there before (an earlier, accepted submission of
+            // the same job, or the worker's) is not this batch's to remove.
+            let created: Vec<Uuid> = failed
+                .into_iter()
+                .filter(|id| !existing.contains(id))
+                .collect();
+            if created.is_empty() {
+                Ok(())
+            } else {
+                diesel::delete(jobs::table.filter(jobs::id.eq_any(created)))
+                    .execute(conn)
+                    .map(|_| ())
+            }
         }
         .and_then(|()| conn.batch_execute("COMMIT")),
         Ok(Decision::RollBack) | Err(_) => conn.batch_execute("ROLLBACK"),

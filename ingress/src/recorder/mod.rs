@@ -276,10 +276,18 @@ async fn commit_batch(mut batch: Vec<Submission>, shared: Arc<Shared>) {
     let (inserted, results) = tokio::join!(inserted_rx, shared.publisher.publish_all(&messages));
     let confirmed_ms = started.elapsed().as_secs_f64() * 1000.0;
     let inserted = inserted.unwrap_or_else(|_| Err("the recorder's database lane ended".into()));
+    // An id in the batch twice (a request taken over under its idempotency key while
+    // the first was still waiting) failed only if no copy of it was confirmed.
+    let confirmed: std::collections::HashSet<Uuid> = ids
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| r.is_ok())
+        .map(|(id, _)| *id)
+        .collect();
     let failed: Vec<Uuid> = ids
         .iter()
         .zip(&results)
-        .filter(|(_, r)| r.is_err())
+        .filter(|(id, r)| r.is_err() && !confirmed.contains(id))
         .map(|(id, _)| *id)
         .collect();
     let decision = if inserted.is_err() || failed.len() == ids.len() {
@@ -307,6 +315,14 @@ async fn commit_batch(mut batch: Vec<Submission>, shared: Arc<Shared>) {
     for (index, ((reply, result), message)) in
         replies.into_iter().zip(results).zip(messages).enumerate()
     {
+        // A copy of a job whose other copy was confirmed shares that outcome.
+        let result = result.or_else(|err| {
+            if confirmed.contains(&ids[index]) {
+                Ok(())
+            } else {
+                Err(err)
+            }
+        });
         match (&committed, result) {
             (_, Err(err)) => {
                 if err.may_have_been_enqueued() {
