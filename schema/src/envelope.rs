@@ -118,6 +118,13 @@ pub enum EnvelopeError {
         /// The version found in the message.
         found: u64,
     },
+    /// A string in the envelope holds U+0000, which the job's record could
+    /// never store (see [`crate::nul`]).
+    #[error("the envelope's text at {pointer} holds the NUL character (U+0000)")]
+    NulCharacter {
+        /// JSON pointer to the string.
+        pointer: String,
+    },
 }
 
 impl Envelope {
@@ -144,7 +151,9 @@ impl Envelope {
     }
 
     /// Reads an envelope. A message from a newer producer is reported as such
-    /// (by its version) rather than as garbage, whatever its shape.
+    /// (by its version) rather than as garbage, whatever its shape; one whose
+    /// text holds U+0000 (which the ingress refuses, but any producer can
+    /// publish) is refused, as its record could never be written.
     ///
     /// The body is parsed once; only a body that does not parse is read again,
     /// for its version alone.
@@ -155,7 +164,12 @@ impl Envelope {
         }
         let unsupported = |found: u64| EnvelopeError::UnsupportedVersion { found };
         match serde_json::from_slice::<Self>(bytes) {
-            Ok(envelope) if envelope.version == ENVELOPE_VERSION => Ok(envelope),
+            Ok(envelope) if envelope.version == ENVELOPE_VERSION => {
+                match crate::nul::nul_character_at(bytes) {
+                    Some(pointer) => Err(EnvelopeError::NulCharacter { pointer }),
+                    None => Ok(envelope),
+                }
+            }
             Ok(envelope) => Err(unsupported(u64::from(envelope.version))),
             Err(err) => match serde_json::from_slice::<VersionOnly>(bytes) {
                 Ok(VersionOnly { version }) if version != u64::from(ENVELOPE_VERSION) => {
@@ -196,6 +210,17 @@ mod tests {
             matches!(err, EnvelopeError::UnsupportedVersion { found: 7 }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn refuses_text_holding_nul() {
+        let mut envelope = Envelope::new("diag.noop", json!({"note": "a\u{0}b"}));
+        assert!(matches!(
+            Envelope::decode(&envelope.encode()),
+            Err(EnvelopeError::NulCharacter { pointer }) if pointer == "/args/note"
+        ));
+        envelope.args = json!({"note": "a\\u0000b"});
+        assert!(Envelope::decode(&envelope.encode()).is_ok());
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod envelope;
 pub mod job_state;
 pub mod json_pointer;
 pub mod models;
+pub mod nul;
 pub mod pool;
 pub mod prepared;
 pub mod stats;

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use conveyor_platform::amqp::ERROR_HEADER;
+use conveyor_schema::nul::without_nul;
 use conveyor_schema::{Envelope, JobState, find_task};
 use diesel::prelude::*;
 use diesel::sql_types::{Int4, Jsonb, Nullable, Text, Uuid as SqlUuid};
@@ -123,9 +124,9 @@ pub fn insert(conn: &mut PgConnection, dead: &DeadLetter) -> QueryResult<()> {
         .bind::<Text, _>(&dead.task)
         .bind::<Text, _>(&dead.queue)
         .bind::<Nullable<Jsonb>, _>(&dead.envelope)
-        .bind::<Nullable<Text>, _>(&dead.body)
+        .bind::<Nullable<Text>, _>(dead.body.as_deref().map(without_nul))
         .bind::<Int4, _>(i32::try_from(dead.attempts).unwrap_or(i32::MAX))
-        .bind::<Text, _>(&dead.reason)
+        .bind::<Text, _>(without_nul(&dead.reason))
         .bind::<Nullable<Jsonb>, _>(&dead.x_death)
         .bind::<Text, _>(dead.source.as_str())
         .execute(conn)?;
@@ -240,12 +241,12 @@ pub fn amqp_to_json(value: &AMQPValue) -> Value {
         AMQPValue::Float(n) => json!(n),
         AMQPValue::Double(n) => json!(n),
         AMQPValue::DecimalValue(d) => json!(f64::from(d.value) / 10f64.powi(i32::from(d.scale))),
-        AMQPValue::ShortString(s) => json!(s.as_str()),
-        AMQPValue::LongString(s) => json!(s.to_string()),
+        AMQPValue::ShortString(s) => json!(without_nul(s.as_str())),
+        AMQPValue::LongString(s) => json!(without_nul(&s.to_string())),
         AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(amqp_to_json).collect()),
         AMQPValue::Timestamp(t) => json!(t),
         AMQPValue::FieldTable(t) => table_to_json(t),
-        AMQPValue::ByteArray(b) => json!(String::from_utf8_lossy(b.as_slice())),
+        AMQPValue::ByteArray(b) => json!(without_nul(&String::from_utf8_lossy(b.as_slice()))),
         AMQPValue::Void => Value::Null,
     }
 }
@@ -255,7 +256,7 @@ fn table_to_json(table: &FieldTable) -> Value {
         table
             .inner()
             .iter()
-            .map(|(k, v)| (k.as_str().to_owned(), amqp_to_json(v)))
+            .map(|(k, v)| (without_nul(k.as_str()).into_owned(), amqp_to_json(v)))
             .collect(),
     )
 }

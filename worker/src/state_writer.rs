@@ -21,9 +21,11 @@
 //! A dead job's `dead_jobs` record travels with its `dead` state and is written
 //! in the same transaction, after the state (so it sees every error).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use conveyor_schema::nul::without_nul;
 use conveyor_schema::pool::PgPool;
 use conveyor_schema::prepared::walk_sql;
 use conveyor_schema::{Envelope, JobState};
@@ -376,7 +378,7 @@ struct UpsertStates<'a> {
     enqueued_at: Vec<DateTime<Utc>>,
     started_at: Vec<Option<DateTime<Utc>>>,
     finished_at: Vec<Option<DateTime<Utc>>>,
-    errors: Vec<Option<&'a str>>,
+    errors: Vec<Option<Cow<'a, str>>>,
     next_attempt_at: Vec<Option<DateTime<Utc>>>,
     runs: Vec<i32>,
     at: Vec<DateTime<Utc>>,
@@ -425,7 +427,8 @@ fn upsert(conn: &mut PgConnection, rows: &[Row]) -> QueryResult<()> {
         enqueued_at: column(rows, |c| c.enqueued_at),
         started_at: column(rows, |c| c.started_at),
         finished_at: column(rows, |c| c.finished_at),
-        errors: column(rows, |c| c.error.as_deref()),
+        // A task's error may quote anything, U+0000 included, which PostgreSQL refuses.
+        errors: column(rows, |c| c.error.as_deref().map(without_nul)),
         next_attempt_at: column(rows, |c| c.next_attempt_at),
         runs: rows.iter().map(|row| row.runs).collect(),
         at: column(rows, |c| c.at),

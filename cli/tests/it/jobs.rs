@@ -205,6 +205,65 @@ async fn unreadable_messages_are_dead_lettered_not_dropped() {
     stop.cancel();
 }
 
+/// Text PostgreSQL cannot store (U+0000) in a message from some other producer
+/// sends that message to the dead-letter queue; it does not stop the worker's
+/// state commits, so the jobs after it still run and are recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_holding_nul_are_dead_lettered_and_the_worker_goes_on() {
+    let app = TestApp::spawn().await;
+    let topology = app.topology();
+    let stop = CancellationToken::new();
+    let publisher = app.publisher(&stop).await;
+    let work = topology.work_queue("default");
+    let raw = |body: Vec<u8>| Outgoing {
+        exchange: String::new(),
+        routing_key: work.clone(),
+        body,
+        message_id: uuid::Uuid::now_v7(),
+        task: String::new(),
+        headers: vec![],
+    };
+    let nul_in_args = raw(Envelope::new("diag.noop", json!({"note": "a\u{0}b"})).encode());
+    let nul_bytes = raw(b"not json\0either".to_vec());
+    // Neither is a readable envelope: their dead-job records are named after their `message_id`s.
+    let named = [nul_in_args.message_id, nul_bytes.message_id];
+    for message in [nul_in_args, nul_bytes] {
+        publisher.publish(&message).await.unwrap();
+    }
+    let after = app.post_job(json!({"task": "diag.noop", "args": {}})).await;
+    assert_eq!(after.status(), 202);
+    let after: uuid::Uuid = after.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    crate::harness::wait_until(WAIT, || async {
+        app.job(after)
+            .await
+            .is_some_and(|job| job.state == "succeeded")
+    })
+    .await;
+    let dlq = topology.dead_letter_queue("default");
+    crate::harness::wait_until(WAIT, || async { app.queue_len(&dlq).await == 2 }).await;
+    let reasons: Vec<String> = app
+        .drain_queue(&dlq)
+        .await
+        .iter()
+        .map(|(headers, _)| header(headers, ERROR_HEADER).unwrap())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("/args/note holds the NUL character")),
+        "{reasons:?}"
+    );
+    for id in named {
+        let named = format!("SELECT count(*) AS n FROM dead_jobs WHERE id = '{id}'");
+        crate::harness::wait_until(WAIT, || async { app.count(&named).await == 1 }).await;
+    }
+    stop.cancel();
+}
+
 /// `Idempotency-Key` and a valid W3C `traceparent` (with its `tracestate`)
 /// reach the job's envelope; an invalid `traceparent` is ignored, not an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
