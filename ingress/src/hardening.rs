@@ -3,16 +3,16 @@
 //! `recorder::handed_over`), a global concurrency limit that sheds load (503
 //! with `Retry-After` instead of queueing), a header-size limit (431), a URL
 //! holding an encoded NUL (`%00`, which PostgreSQL cannot store or compare)
-//! refused as 400, and gzip/deflate request bodies inflated in front of the
+//! refused as 400, gzip/deflate request bodies inflated in front of the
 //! body limit, so a small compressed body that inflates past it is a 413 like
-//! any other.
+//! any other, and every error answer made problem+json, whoever wrote it.
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::Request;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use tower::BoxError;
@@ -52,6 +52,51 @@ pub fn apply(router: Router, limits: Limits) -> Router {
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             header_limit(max_header_bytes, request, next)
         }))
+        .layer(middleware::map_response(as_problem))
+}
+
+/// Every error answer is problem+json. Our handlers answer so; what others
+/// write (an extractor's rejection of a path or query string as plain text,
+/// the decompression layer's empty 415 for an unknown `Content-Encoding`) is
+/// rewritten here, its text kept as the detail. HTML (the dashboard's login
+/// form answering 401) is left as it is.
+async fn as_problem(response: Response) -> Response {
+    let status = response.status();
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_none_or(|value| value.as_bytes().starts_with(b"text/plain"));
+    if !plain || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
+        .unwrap_or_default();
+    let detail = match (text.is_empty(), status) {
+        (false, _) => text,
+        (true, StatusCode::UNSUPPORTED_MEDIA_TYPE) => {
+            "the request's Content-Encoding is not one this ingress inflates (gzip, deflate)"
+                .to_owned()
+        }
+        (true, _) => status
+            .canonical_reason()
+            .unwrap_or("the request failed")
+            .to_owned(),
+    };
+    let problem = Problem {
+        kind: "about:blank".to_owned(),
+        title: status.canonical_reason().unwrap_or("Error").to_owned(),
+        ..Problem::new(status, "", "", detail)
+    };
+    let mut rewritten = problem.into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            rewritten.headers_mut().append(name, value.clone());
+        }
+    }
+    rewritten
 }
 
 async fn overloaded(err: BoxError) -> Response {

@@ -2,7 +2,8 @@
 //!
 //! Order of checks, so nothing is read that need not be: content type (415),
 //! declared `Content-Length` over the limit (413, before reading), the body
-//! read with the limit enforced (413 when a chunked body grows past it), JSON
+//! read with the limit enforced (413 when a chunked body grows past it, 400
+//! when it cannot be read, such as a corrupt gzip stream), JSON
 //! syntax (400), then the shape of the request (422 with a JSON pointer;
 //! unknown fields are rejected by the request types).
 
@@ -81,9 +82,19 @@ pub async fn read_limited(request: Request, want_json: bool) -> Result<axum::bod
     let limit = limit_of(&request);
     check_headers(request.headers(), limit, want_json)?;
     let body: Body = request.into_body();
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| too_large(limit))
+    axum::body::to_bytes(body, limit).await.map_err(|err| {
+        let over_limit =
+            std::iter::successors(Some(&err as &(dyn std::error::Error + 'static)), |err| {
+                err.source()
+            })
+            .any(|err| err.is::<http_body_util::LengthLimitError>());
+        if over_limit {
+            too_large(limit)
+        } else {
+            // A client that stopped sending, or a compressed body that does not inflate.
+            Problem::malformed(format!("the body could not be read: {err}"))
+        }
+    })
 }
 
 /// Decodes JSON `raw` into `T`: 400 for bad syntax, 422 with a pointer for a
@@ -96,7 +107,7 @@ pub fn decode<T: DeserializeOwned>(raw: &[u8]) -> Result<T, Problem> {
     if result.is_ok() {
         de.end()
             .map_err(|err| Problem::malformed(format!("the body is not valid JSON: {err}")))?;
-        if let Some(pointer) = nul_character_at(raw) {
+        if let Some(pointer) = conveyor_schema::nul::nul_character_at(raw) {
             return Err(Problem::invalid(
                 pointer,
                 "text may not contain the NUL character (U+0000)",
@@ -126,49 +137,6 @@ pub fn decode<T: DeserializeOwned>(raw: &[u8]) -> Result<T, Problem> {
     })
 }
 
-/// The JSON pointer of the first string (object key or value) in the valid
-/// JSON `raw` that holds U+0000, if any. JSON can carry it only as the escape
-/// `\u0000`, so bodies without that escape are not parsed again.
-fn nul_character_at(raw: &[u8]) -> Option<String> {
-    let escaped = raw.windows(6).enumerate().any(|(at, window)| {
-        window == b"\\u0000"
-            && raw[..at]
-                .iter()
-                .rev()
-                .take_while(|byte| **byte == b'\\')
-                .count()
-                % 2
-                == 0
-    });
-    if !escaped {
-        return None;
-    }
-    let value: serde_json::Value = serde_json::from_slice(raw).ok()?;
-    find_nul(&value, String::new())
-}
-
-fn find_nul(value: &serde_json::Value, at: String) -> Option<String> {
-    let escape = |key: &str| key.replace('~', "~0").replace('/', "~1");
-    match value {
-        serde_json::Value::String(text) if text.contains('\0') => {
-            Some(if at.is_empty() { "/".into() } else { at })
-        }
-        serde_json::Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .find_map(|(index, item)| find_nul(item, format!("{at}/{index}"))),
-        serde_json::Value::Object(fields) => fields.iter().find_map(|(key, item)| {
-            let here = format!("{at}/{}", escape(key));
-            if key.contains('\0') {
-                Some(here)
-            } else {
-                find_nul(item, here)
-            }
-        }),
-        _ => None,
-    }
-}
-
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for StrictJson<T> {
     type Rejection = Problem;
 
@@ -176,30 +144,5 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for StrictJson<T> {
         let raw = read_limited(request, true).await?;
         let value = decode(&raw)?;
         Ok(Self { value, raw })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::nul_character_at;
-
-    #[test]
-    fn an_escaped_nul_is_found_with_its_pointer() {
-        let at = |raw: &str| nul_character_at(raw.as_bytes());
-        assert_eq!(at(r#"{"a": "x\u0000y"}"#), Some("/a".into()));
-        assert_eq!(
-            at(r#"{"a": [1, {"b/c": "\u0000"}]}"#),
-            Some("/a/1/b~1c".into())
-        );
-        assert_eq!(at(r#"{"k\u0000": 1}"#), Some("/k\u{0}".into()));
-        assert_eq!(at(r#""\u0000""#), Some("/".into()));
-    }
-
-    #[test]
-    fn an_escaped_backslash_before_u0000_is_not_a_nul() {
-        let at = |raw: &str| nul_character_at(raw.as_bytes());
-        assert_eq!(at(r#"{"a": "\\u0000"}"#), None);
-        assert_eq!(at(r#"{"a": "\\\u0000"}"#), Some("/a".into()));
-        assert_eq!(at(r#"{"a": "plain"}"#), None);
     }
 }

@@ -1,4 +1,5 @@
 //! Limits in front of the handlers: gzip bodies inflating past the limit (413),
+//! problem+json for what is refused before a handler runs,
 //! oversized headers (431), load shedding and request timeouts (503 with
 //! `Retry-After`), and Postgres going away (503, nothing written or published).
 
@@ -66,6 +67,68 @@ async fn gzip_bombs_are_413_and_big_headers_431() {
         .await
         .unwrap();
     assert_eq!(response.status(), 431);
+    assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 1);
+}
+
+/// Answers written before a handler runs (a path or query string the
+/// extractors reject, a `Content-Encoding` not inflated, a body that does not
+/// inflate) are problem+json like every other error; deflate bodies inflate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_before_the_handlers_are_problems_too() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let post_encoded = |encoding: &'static str, body: Vec<u8>| {
+        app.client
+            .post(app.url("/v1/jobs"))
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .body(body)
+            .send()
+    };
+    let problem = |response: reqwest::Response, status: u16| async move {
+        assert_eq!(response.status(), status);
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["status"], status, "{problem}");
+        assert!(problem["detail"].as_str().unwrap().len() > 5, "{problem}");
+        problem
+    };
+
+    let mut deflate = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    deflate
+        .write_all(br#"{"task": "diag.noop", "args": {}}"#)
+        .unwrap();
+    let response = post_encoded("deflate", deflate.finish().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+
+    let unknown = post_encoded("br", b"{}".to_vec()).await.unwrap();
+    let unknown = problem(unknown, 415).await;
+    assert!(
+        unknown["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Encoding")
+    );
+    let corrupt = post_encoded("gzip", b"\x1f\x8bnot gzip at all".to_vec())
+        .await
+        .unwrap();
+    let corrupt = problem(corrupt, 400).await;
+    assert!(
+        corrupt["detail"]
+            .as_str()
+            .unwrap()
+            .contains("could not be read"),
+        "{corrupt}"
+    );
+
+    let get = |path: &str| app.client.get(app.url(path)).send();
+    problem(get("/v1/campaigns/not-a-uuid").await.unwrap(), 400).await;
+    problem(get("/v1/admin/dead-jobs?limit=many").await.unwrap(), 400).await;
+    problem(get("/v1/jobs/%FF").await.unwrap(), 400).await;
     assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 1);
 }
 
