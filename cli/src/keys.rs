@@ -41,25 +41,43 @@ pub enum KeysAction {
     },
 }
 
+/// Parses `--expires`: an RFC 3339 time, or a positive whole number of days,
+/// hours, minutes or seconds from now (`30d`, `12h`, `15m`, `45s`). Input that
+/// is neither, or that reaches past what a timestamp can hold, is an error
+/// naming the problem.
 fn parse_expiry(text: &str) -> Result<DateTime<Utc>, String> {
+    expiry_from(text, Utc::now())
+}
+
+/// [`parse_expiry`] with `now` given.
+fn expiry_from(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
     if let Ok(at) = DateTime::parse_from_rfc3339(text) {
         return Ok(at.with_timezone(&Utc));
     }
-    let (number, unit) = text.split_at(text.len().saturating_sub(1));
-    let n: i64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is neither a duration like 30d/12h/15m nor RFC 3339"))?;
-    let span = match unit {
-        "d" => Duration::days(n),
-        "h" => Duration::hours(n),
-        "m" => Duration::minutes(n),
-        "s" => Duration::seconds(n),
-        _ => return Err(format!("`{text}`: the unit must be d, h, m or s")),
-    };
-    if n <= 0 {
+    // The digits are ASCII, so their end is a char boundary whatever follows.
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    if number.is_empty() {
+        return Err(format!(
+            "`{text}` is neither a duration like 30d/12h/15m nor RFC 3339"
+        ));
+    }
+    let too_far = || format!("`{text}` is too far ahead");
+    let n: i64 = number.parse().map_err(|_| too_far())?;
+    if n == 0 {
         return Err(format!("`{text}`: must be positive"));
     }
-    Ok(Utc::now() + span)
+    let span = match unit {
+        "d" => Duration::try_days(n),
+        "h" => Duration::try_hours(n),
+        "m" => Duration::try_minutes(n),
+        "s" => Duration::try_seconds(n),
+        _ => return Err(format!("`{text}`: the unit must be d, h, m or s")),
+    };
+    span.and_then(|span| now.checked_add_signed(span))
+        .ok_or_else(too_far)
 }
 
 /// Runs one `keys` action.
@@ -151,4 +169,50 @@ pub async fn run(action: KeysAction, config: Config) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-03-01T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn expiry_takes_a_duration_or_rfc3339() {
+        let at = |text| expiry_from(text, now()).unwrap();
+        assert_eq!(at("30d"), now() + Duration::days(30));
+        assert_eq!(at("12h"), now() + Duration::hours(12));
+        assert_eq!(at("15m"), now() + Duration::minutes(15));
+        assert_eq!(at("45s"), now() + Duration::seconds(45));
+        assert_eq!(
+            at("2027-01-02T03:04:05+01:00").to_rfc3339(),
+            "2027-01-02T02:04:05+00:00"
+        );
+    }
+
+    #[test]
+    fn bad_expiry_is_an_error_naming_the_problem() {
+        for (text, problem) in [
+            ("5é", "the unit must be d, h, m or s"),
+            ("5w", "the unit must be d, h, m or s"),
+            ("5dd", "the unit must be d, h, m or s"),
+            ("é", "neither a duration"),
+            ("", "neither a duration"),
+            ("d", "neither a duration"),
+            ("-5d", "neither a duration"),
+            ("tomorrow", "neither a duration"),
+            ("0h", "must be positive"),
+            ("999999999999d", "too far ahead"),
+            ("100000000d", "too far ahead"),
+            ("99999999999999999999s", "too far ahead"),
+        ] {
+            let err = expiry_from(text, now()).unwrap_err();
+            assert!(err.contains(problem), "{text}: {err}");
+            assert_eq!(err.lines().count(), 1, "{text}: {err}");
+        }
+    }
 }

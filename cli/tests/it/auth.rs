@@ -255,6 +255,35 @@ async fn cli_creates_lists_and_revokes_and_revocation_bites_within_five_seconds(
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown scope `root`"));
 }
 
+/// A bad `--expires` is refused before anything runs, with an error naming the
+/// problem and a non-zero exit, never a panic (a multi-byte character, a count
+/// of days past what a duration holds, an expiry past the largest timestamp).
+#[test]
+fn a_bad_expiry_is_an_error_not_a_panic() {
+    for (expires, problem) in [
+        ("5é", "the unit must be d, h, m or s"),
+        ("999999999999d", "too far ahead"),
+        ("100000000d", "too far ahead"),
+        ("0d", "must be positive"),
+        ("soon", "neither a duration"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+            .args(["keys", "create", "--producer", "x", "--scope", "admin"])
+            .args(["--expires", expires])
+            .env_clear()
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{expires}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{expires}: {stderr}");
+        let first = stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.contains("--expires") && first.contains(problem),
+            "{expires}: {stderr}"
+        );
+    }
+}
+
 /// `GET /v1/jobs/{id}` of a job another producer enqueued is a 404 exactly
 /// like an unknown id (a 403 would confirm that the id exists); `admin` reads all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
