@@ -240,20 +240,25 @@ pub async fn run(action: DlqAction, config: Config) -> anyhow::Result<()> {
                 dry_run,
                 bulk,
             };
-            let mut failed = None;
+            // Like replays: each id's outcome on its own line, an unknown id or
+            // a database error counted as a failure, and a non-zero exit at the end.
+            let mut failed = 0;
             bulk::discard_each(&db, &ids, &options, None, |id, outcome| match outcome {
                 Ok(DiscardOutcome::Discarded) => println!("{id}: discarded"),
                 Ok(DiscardOutcome::WouldDiscard) => println!("{id}: would discard"),
                 Ok(DiscardOutcome::AlreadyDiscarded) => println!("{id}: already discarded"),
-                Ok(DiscardOutcome::NotFound) => println!("{id}: no such dead job"),
+                Ok(DiscardOutcome::NotFound) => {
+                    failed += 1;
+                    eprintln!("{id}: no such dead job");
+                }
                 Err(err) => {
+                    failed += 1;
                     eprintln!("{id}: {err}");
-                    failed.get_or_insert(err);
                 }
             })
             .await;
-            if let Some(err) = failed {
-                return Err(err.into());
+            if failed > 0 {
+                bail!("{failed} of {} discards failed", ids.len());
             }
         }
     }

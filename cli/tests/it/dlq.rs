@@ -139,6 +139,46 @@ async fn cli_lists_shows_replays_once_and_discards() {
     );
 }
 
+/// An id with no dead job is a failure for discard as for replay: a line
+/// naming it, a one-line error and a non-zero exit; the other ids still go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_discard_of_an_unknown_id_fails_like_replay() {
+    let app = TestApp::spawn().await;
+    let dead = dead_job(&app).await.to_string();
+    let unknown = Uuid::new_v4().to_string();
+    let stderr = |output: &Output| String::from_utf8_lossy(&output.stderr).into_owned();
+
+    let replay = cli(&app, &["dlq", "replay", &unknown]);
+    assert!(!replay.status.success(), "{replay:?}");
+    assert!(stderr(&replay).contains(&unknown), "{replay:?}");
+
+    let discard = cli(&app, &["dlq", "discard", &unknown]);
+    assert!(!discard.status.success(), "{discard:?}");
+    let err = stderr(&discard);
+    assert!(
+        err.contains(&format!("{unknown}: no such dead job")),
+        "{err}"
+    );
+    assert!(err.contains("conveyor: 1 of 1 discards failed"), "{err}");
+    assert!(
+        String::from_utf8_lossy(&discard.stdout).is_empty(),
+        "{discard:?}"
+    );
+
+    let both = cli(&app, &["dlq", "discard", &unknown, &dead]);
+    assert!(!both.status.success(), "{both:?}");
+    assert!(
+        String::from_utf8_lossy(&both.stdout).contains(&format!("{dead}: discarded")),
+        "{both:?}"
+    );
+    assert!(stderr(&both).contains("1 of 2 discards failed"), "{both:?}");
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM dead_job_actions WHERE action = 'discard'")
+            .await,
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_replays_all_matching_at_a_rate() {
     let app = TestApp::spawn().await;
