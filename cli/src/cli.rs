@@ -1,8 +1,10 @@
 //! The subcommands and what each runs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use conveyor_platform::config::ConfigError;
 use conveyor_platform::{Config, migrations, shutdown};
 
 /// Conveyor: durable background jobs over HTTP and RabbitMQ.
@@ -64,6 +66,33 @@ pub enum MigrateAction {
     },
     /// List migrations and whether each is applied.
     Status,
+}
+
+/// Loads and validates the configuration ([`Config::load`]), then checks
+/// `mail.smtp_url` with the parser the mail tasks connect with. The platform
+/// cannot see the tasks, and checks only the URL's scheme; without this, a bad
+/// `tls=` passed every command and stopped each worker at start.
+pub fn load_config(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let config = Config::load(path)?;
+    check_smtp_url(&config)?;
+    Ok(config)
+}
+
+/// Builds (without connecting) the SMTP pool a worker builds from `mail.smtp_url`.
+fn check_smtp_url(config: &Config) -> Result<(), ConfigError> {
+    let timeout = Duration::from_millis(config.mail.smtp_timeout_ms);
+    conveyor_tasks::mail::SmtpPool::new(&conveyor_platform::config::smtp_url(config), 1, timeout)
+        .map(drop)
+        .map_err(|err| {
+            let problem = err.to_string();
+            ConfigError::Invalid {
+                key: "mail.smtp_url",
+                problem: problem
+                    .strip_prefix("mail.smtp_url: ")
+                    .unwrap_or(&problem)
+                    .to_owned(),
+            }
+        })
 }
 
 /// Runs `command` to completion.
@@ -128,8 +157,42 @@ async fn migrate(action: MigrateAction, config: Config) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+    use conveyor_platform::Config;
 
-    use super::Args;
+    use super::{Args, check_smtp_url};
+
+    #[test]
+    fn an_smtp_url_the_worker_cannot_use_is_a_config_error_naming_the_key() {
+        let with = |url: &str| {
+            let mut config = Config::default();
+            config.mail.smtp_url = url.into();
+            config
+        };
+        for good in [
+            "smtp://127.0.0.1:2525?tls=none",
+            "smtp://mail.example",
+            "smtp://u:p@mail.example:587?tls=required",
+            "smtp://mail.example?tls=opportunistic",
+            "smtps://mail.example",
+        ] {
+            check_smtp_url(&with(good)).unwrap();
+        }
+        for bad in [
+            "smtp://mail.example?tls=sometimes",
+            "smtp://mail.example?tls=",
+        ] {
+            let config = with(bad);
+            config.validate().unwrap();
+            let err = check_smtp_url(&config).unwrap_err().to_string();
+            assert!(
+                err.starts_with(
+                    "invalid configuration: `mail.smtp_url`: unknown scheme `smtp` or tls"
+                ),
+                "{bad}: {err}"
+            );
+            assert_eq!(err.lines().count(), 1, "{bad}: {err}");
+        }
+    }
 
     /// Every argument of `cmd` and its subcommands (except clap's own help and
     /// version) without a help text, and every subcommand without an about;

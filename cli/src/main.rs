@@ -18,7 +18,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let args = cli::Args::parse();
-    let config = match conveyor_platform::Config::load(args.config.as_deref()) {
+    let config = match cli::load_config(args.config.as_deref()) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("conveyor: {err}");

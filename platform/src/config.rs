@@ -141,7 +141,8 @@ pub struct IngressConfig {
     /// confirmed, their records are written again for up to this long, while
     /// their submitters wait: a 202 once written, else an in-doubt 503 (0:
     /// a single attempt). At least 5 000 less than `request_timeout_ms`; unset,
-    /// half of it. See [`IngressConfig::rerecord_within`].
+    /// half of it, which must keep the same margin (so `request_timeout_ms` is
+    /// then at least 10 000). See [`IngressConfig::rerecord_within`].
     pub rerecord_within_ms: Option<u64>,
     /// Requests served at once; beyond this new ones are shed with 503 and `Retry-After`.
     pub max_concurrent_requests: usize,
@@ -587,17 +588,31 @@ impl Config {
                 "max_concurrent_requests and request_timeout_ms must be at least 1".into(),
             );
         }
+        // The check applies to the window in force, set or not: unset, it is
+        // half of the request timeout, which leaves too little under 10 s.
         let connect_ms = conveyor_schema::pool::CHECKOUT_TIMEOUT.as_millis() as u64;
-        if let Some(within) = self.ingress.rerecord_within_ms
-            && within + connect_ms > self.ingress.request_timeout_ms
-        {
+        let timeout_ms = self.ingress.request_timeout_ms;
+        if timeout_ms < connect_ms {
             return invalid(
-                "ingress.rerecord_within_ms",
+                "ingress.request_timeout_ms",
                 format!(
-                    "must be at least {connect_ms} less than ingress.request_timeout_ms ({}): its last attempt may take {connect_ms} ms to connect, and the request must not time out before the answer says whether its job was recorded",
-                    self.ingress.request_timeout_ms
+                    "must be at least {connect_ms}: writing a failed group commit's records again may take {connect_ms} ms to connect, and the request must not time out before the answer says whether its job was recorded"
                 ),
             );
+        }
+        let within_ms = self.ingress.rerecord_within().as_millis() as u64;
+        if within_ms + connect_ms > timeout_ms {
+            let problem = match self.ingress.rerecord_within_ms {
+                Some(_) => format!(
+                    "must be at least {connect_ms} less than ingress.request_timeout_ms ({timeout_ms}): its last attempt may take {connect_ms} ms to connect, and the request must not time out before the answer says whether its job was recorded"
+                ),
+                None => format!(
+                    "unset, it is half of ingress.request_timeout_ms ({within_ms} of {timeout_ms}), which leaves less than the {connect_ms} ms its last attempt may take to connect: set it to at most {}, or ingress.request_timeout_ms to at least {}",
+                    timeout_ms - connect_ms,
+                    2 * connect_ms
+                ),
+            };
+            return invalid("ingress.rerecord_within_ms", problem);
         }
         crate::schedule::validate(self)?;
         self.webhooks.validate()?;
@@ -805,6 +820,40 @@ mod tests {
         assert_eq!(err.lines().count(), 1, "one line: {err}");
         config.ingress.rerecord_within_ms = Some(5_000);
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn an_unset_rerecord_window_keeps_the_same_margin_as_a_set_one() {
+        let one_line = |config: &Config| {
+            let err = config.validate().unwrap_err().to_string();
+            assert_eq!(err.lines().count(), 1, "one line: {err}");
+            err
+        };
+        let mut config = Config::default();
+        // Unset, the window is half the timeout: 4 500 + 5 000 > 9 000.
+        config.ingress.request_timeout_ms = 9_000;
+        let err = one_line(&config);
+        assert!(
+            err.contains("`ingress.rerecord_within_ms`") && err.contains("unset"),
+            "{err}"
+        );
+        assert!(
+            err.contains("at most 4000") && err.contains("at least 10000"),
+            "{err}"
+        );
+        config.ingress.rerecord_within_ms = Some(4_000);
+        config.validate().unwrap();
+        config.ingress.rerecord_within_ms = None;
+        config.ingress.request_timeout_ms = 10_000;
+        config.validate().unwrap();
+        // Under the connect time, no window fits: the timeout is at fault.
+        for within in [None, Some(0)] {
+            config.ingress.request_timeout_ms = 1_500;
+            config.ingress.rerecord_within_ms = within;
+            let err = one_line(&config);
+            assert!(err.contains("`ingress.request_timeout_ms`"), "{err}");
+            assert!(err.contains("at least 5000"), "{err}");
+        }
     }
 
     #[test]

@@ -19,6 +19,10 @@ use croner::parser::{CronParser, Seconds, Year};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use conveyor_schema::args::stats::{
+    MAX_DAILY_LOOKBACK, MAX_HOURLY_LOOKBACK, MIN_LOOKBACK, MIN_RETENTION_DAYS,
+};
+
 use crate::config::{Config, ConfigError};
 
 /// One `[[schedules]]` entry as written.
@@ -116,13 +120,15 @@ impl Default for StatsConfig {
     }
 }
 
-/// The largest lookbacks a rollup accepts; retention must stay clear of them
-/// so a rollup never recomputes a window whose raw rows are being deleted.
-pub const MAX_HOURLY_LOOKBACK: u32 = 48;
-/// See [`MAX_HOURLY_LOOKBACK`].
-pub const MAX_DAILY_LOOKBACK: u32 = 3;
-/// The shortest retention, in days (clear of both lookbacks).
-pub const MIN_RETENTION_DAYS: u32 = 7;
+/// The shortest `scheduler.grace_ms`. The loop sleeps until 2 ms after the
+/// next tick (`conveyor_worker::scheduler`), the timer rounds that up to the
+/// next millisecond, and the pass then reads the database clock through the
+/// pool, so every tick is first seen a few milliseconds late at best; a pass
+/// that fails is tried again 1 s later. A grace shorter than that second
+/// counts ticks as missed that the loop was on time for (with 1 or 2 ms,
+/// every one: `catch_up = "skip"` schedules never fire). Ticks are whole
+/// seconds, so no schedule needs less.
+pub const MIN_GRACE_MS: u64 = 1_000;
 
 /// A validated schedule.
 #[derive(Debug, Clone)]
@@ -274,35 +280,62 @@ pub fn schedules(config: &Config) -> Result<Vec<Schedule>, ConfigError> {
     Ok(out)
 }
 
-/// Checks the `[scheduler]` and `[stats]` sections.
+/// Checks the `[scheduler]` and `[stats]` sections, then every schedule in
+/// force (its arguments with the task's own checks).
 pub fn validate(config: &Config) -> Result<(), ConfigError> {
-    let invalid = |key, problem: &str| {
-        Err(ConfigError::Invalid {
-            key,
-            problem: problem.into(),
-        })
-    };
-    if config.scheduler.grace_ms == 0 {
-        return invalid("scheduler.grace_ms", "must be at least 1");
+    let invalid = |key, problem: String| Err(ConfigError::Invalid { key, problem });
+    if config.scheduler.grace_ms < MIN_GRACE_MS {
+        return invalid(
+            "scheduler.grace_ms",
+            format!(
+                "must be at least {MIN_GRACE_MS}: the scheduler sees a tick a few ms after it at best (1 s after a failed pass), so a shorter grace counts on-time ticks as missed"
+            ),
+        );
     }
     if config.scheduler.republish_after_ms == 0 {
-        return invalid("scheduler.republish_after_ms", "must be at least 1");
+        return invalid("scheduler.republish_after_ms", "must be at least 1".into());
     }
     if config.scheduler.max_sleep_ms == 0 {
-        return invalid("scheduler.max_sleep_ms", "must be at least 1");
+        return invalid("scheduler.max_sleep_ms", "must be at least 1".into());
     }
     let stats = &config.stats;
-    if !(1..=MAX_HOURLY_LOOKBACK).contains(&stats.hourly_lookback) {
-        return invalid("stats.hourly_lookback", "must be between 1 and 48");
-    }
-    if !(1..=MAX_DAILY_LOOKBACK).contains(&stats.daily_lookback) {
-        return invalid("stats.daily_lookback", "must be between 1 and 3");
+    for (key, value, max) in [
+        (
+            "stats.hourly_lookback",
+            stats.hourly_lookback,
+            MAX_HOURLY_LOOKBACK,
+        ),
+        (
+            "stats.daily_lookback",
+            stats.daily_lookback,
+            MAX_DAILY_LOOKBACK,
+        ),
+    ] {
+        if value < MIN_LOOKBACK {
+            return invalid(
+                key,
+                format!(
+                    "must be at least {MIN_LOOKBACK}: a rollup must recompute the window before the current one, or rows finishing after its last run in that window are never counted"
+                ),
+            );
+        }
+        if value > max {
+            return invalid(
+                key,
+                format!("must be at most {max}, to stay clear of the windows retention deletes"),
+            );
+        }
     }
     if stats.retention_days < MIN_RETENTION_DAYS {
-        return invalid("stats.retention_days", "must be at least 7");
+        return invalid(
+            "stats.retention_days",
+            format!(
+                "must be at least {MIN_RETENTION_DAYS}, to stay clear of the rollups' lookbacks"
+            ),
+        );
     }
     if stats.retention_batch == 0 {
-        return invalid("stats.retention_batch", "must be at least 1");
+        return invalid("stats.retention_batch", "must be at least 1".into());
     }
     schedules(config).map(|_| ())
 }
@@ -380,6 +413,119 @@ mod tests {
         config.schedules[1].task = "no.such".into();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("`schedules[1].task`"), "{err}");
+    }
+
+    fn one_line_error(config: &Config) -> String {
+        let err = config.validate().unwrap_err().to_string();
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        err
+    }
+
+    #[test]
+    fn a_grace_the_loop_cannot_meet_is_rejected_by_name() {
+        let mut config = Config::default();
+        for grace in [0, 1, 2, 999] {
+            config.scheduler.grace_ms = grace;
+            let err = one_line_error(&config);
+            assert!(
+                err.contains("`scheduler.grace_ms`") && err.contains("at least 1000"),
+                "{grace}: {err}"
+            );
+            assert!(err.contains("missed"), "says why: {err}");
+        }
+        config.scheduler.grace_ms = MIN_GRACE_MS;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_lookback_that_loses_rows_or_reaches_retention_is_rejected_by_name() {
+        let mut config = Config::default();
+        config.stats.hourly_lookback = 1;
+        let err = one_line_error(&config);
+        assert!(
+            err.contains("`stats.hourly_lookback`") && err.contains("at least 2"),
+            "{err}"
+        );
+        config.stats.hourly_lookback = 49;
+        let err = one_line_error(&config);
+        assert!(
+            err.contains("`stats.hourly_lookback`") && err.contains("at most 48"),
+            "{err}"
+        );
+        config.stats.hourly_lookback = 2;
+        config.validate().unwrap();
+        config.stats.daily_lookback = 1;
+        let err = one_line_error(&config);
+        assert!(
+            err.contains("`stats.daily_lookback`") && err.contains("at least 2"),
+            "{err}"
+        );
+        config.stats.daily_lookback = 4;
+        let err = one_line_error(&config);
+        assert!(
+            err.contains("`stats.daily_lookback`") && err.contains("at most 3"),
+            "{err}"
+        );
+        config.stats.daily_lookback = 3;
+        config.validate().unwrap();
+    }
+
+    /// A `[[schedules]]` entry for a stats task is held to the task's own
+    /// checks at start-up, whether it replaces a built-in or not.
+    #[test]
+    fn stats_schedule_args_are_checked_like_the_task_checks_them() {
+        let stats_entry = |task: &str, args: Value| ScheduleConfig {
+            name: task.into(),
+            task: task.into(),
+            args,
+            ..entry("0 4 * * *", "UTC")
+        };
+        for default_schedules in [true, false] {
+            let mut config = Config::default();
+            config.stats.default_schedules = default_schedules;
+            for (task, args, pointer) in [
+                (
+                    "stats.retention",
+                    json!({"max_age_days": 6}),
+                    "/args/max_age_days",
+                ),
+                (
+                    "stats.rollup_hourly",
+                    json!({"lookback": 49}),
+                    "/args/lookback",
+                ),
+                (
+                    "stats.rollup_hourly",
+                    json!({"lookback": 1}),
+                    "/args/lookback",
+                ),
+                (
+                    "stats.rollup_daily",
+                    json!({"lookback": 4}),
+                    "/args/lookback",
+                ),
+                (
+                    "stats.rollup_daily",
+                    json!({"lookback": 1}),
+                    "/args/lookback",
+                ),
+            ] {
+                config.schedules = vec![stats_entry(task, args.clone())];
+                let err = one_line_error(&config);
+                assert!(
+                    err.contains("`schedules[0].args`") && err.contains(pointer),
+                    "{task} {args}: {err}"
+                );
+            }
+            for (task, args) in [
+                ("stats.retention", json!({"max_age_days": 7})),
+                ("stats.rollup_hourly", json!({"lookback": 48})),
+                ("stats.rollup_daily", json!({"lookback": 2})),
+            ] {
+                config.schedules = vec![stats_entry(task, args)];
+                config.validate().unwrap();
+            }
+        }
     }
 
     #[test]

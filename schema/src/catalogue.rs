@@ -25,6 +25,13 @@ pub trait TaskSpec {
     fn options() -> TaskOptions;
     /// False for tasks that only other tasks may enqueue (not `POST /v1/jobs`).
     const PUBLIC: bool = true;
+    /// Checks what the argument type cannot say (a range, a relation between
+    /// fields) on decoded arguments. Runs wherever arguments are validated
+    /// (enqueue, replay, `[[schedules]]` at start-up) so bad ones are refused
+    /// there, and the task calls it too, so both apply the same rules.
+    fn check_args(_args: &Self::Args) -> Result<(), ArgsError> {
+        Ok(())
+    }
 }
 
 /// How a task is queued, retried and bounded.
@@ -97,11 +104,12 @@ impl TaskDescriptor {
             name: T::NAME,
             options: T::options(),
             public: T::PUBLIC,
-            validate: |value| decode_args::<T::Args>(value).map(|_| ()),
+            validate: |value| decode_args::<T::Args>(value).and_then(|args| T::check_args(&args)),
         }
     }
 
-    /// Checks that `args` deserializes into the task's argument type.
+    /// Checks that `args` deserializes into the task's argument type and
+    /// passes its [`TaskSpec::check_args`].
     pub fn validate(&self, args: &Value) -> Result<(), ArgsError> {
         (self.validate)(args)
     }

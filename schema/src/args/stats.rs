@@ -3,13 +3,34 @@
 //! operators may also enqueue them by hand (they are idempotent).
 //!
 //! Lookbacks are bounded so a rollup can never reach back into windows whose
-//! raw rows retention is deleting (see `conveyor_platform::schedule`).
+//! raw rows retention is deleting (see `conveyor_platform::schedule`). The
+//! bounds live here, with the argument types, because the ingress, the
+//! configuration check at start-up and the tasks all apply them
+//! ([`TaskSpec::check_args`]).
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{TaskOptions, TaskSpec};
+use crate::{ArgsError, TaskOptions, TaskSpec};
+
+/// Fewest windows a rollup recomputes: the current one and the one before.
+/// A row that finishes after the last run inside its window is counted only
+/// by the first run of the next window, so that run must reach back one
+/// window; recomputing the current window alone would never count it.
+pub const MIN_LOOKBACK: u32 = 2;
+/// The most hourly windows a rollup recomputes; retention must stay clear of
+/// it, so a rollup never recomputes a window whose raw rows are being deleted.
+pub const MAX_HOURLY_LOOKBACK: u32 = 48;
+/// The most daily windows a rollup recomputes; see [`MAX_HOURLY_LOOKBACK`].
+pub const MAX_DAILY_LOOKBACK: u32 = 3;
+/// The shortest retention, in days (clear of both lookbacks).
+pub const MIN_RETENTION_DAYS: u32 = 7;
+
+const _: () = assert!(
+    MIN_RETENTION_DAYS > MAX_DAILY_LOOKBACK && MIN_RETENTION_DAYS * 24 > MAX_HOURLY_LOOKBACK,
+    "retention must stay clear of every rollup's lookback"
+);
 
 fn stats_options() -> TaskOptions {
     TaskOptions {
@@ -32,9 +53,22 @@ pub struct RollupDaily;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RollupArgs {
-    /// Windows to recompute, the current one included (hourly: 1-48, daily: 1-3; default 3 and 2).
+    /// Windows to recompute, the current one included (hourly: 2-48, daily: 2-3; default 3 and 2).
     #[serde(default)]
     pub lookback: Option<u32>,
+}
+
+impl RollupArgs {
+    /// Checks `lookback`, when given, against [`MIN_LOOKBACK`] and `max`.
+    fn check_lookback(&self, max: u32) -> Result<(), ArgsError> {
+        match self.lookback {
+            Some(lookback) if !(MIN_LOOKBACK..=max).contains(&lookback) => Err(ArgsError {
+                pointer: "/args/lookback".into(),
+                message: format!("must be between {MIN_LOOKBACK} and {max}, not {lookback}"),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl TaskSpec for RollupHourly {
@@ -43,6 +77,9 @@ impl TaskSpec for RollupHourly {
     fn options() -> TaskOptions {
         stats_options()
     }
+    fn check_args(args: &RollupArgs) -> Result<(), ArgsError> {
+        args.check_lookback(MAX_HOURLY_LOOKBACK)
+    }
 }
 
 impl TaskSpec for RollupDaily {
@@ -50,6 +87,9 @@ impl TaskSpec for RollupDaily {
     type Args = RollupArgs;
     fn options() -> TaskOptions {
         stats_options()
+    }
+    fn check_args(args: &RollupArgs) -> Result<(), ArgsError> {
+        args.check_lookback(MAX_DAILY_LOOKBACK)
     }
 }
 
@@ -76,5 +116,46 @@ impl TaskSpec for Retention {
     type Args = RetentionArgs;
     fn options() -> TaskOptions {
         stats_options()
+    }
+    fn check_args(args: &RetentionArgs) -> Result<(), ArgsError> {
+        match args.max_age_days {
+            Some(days) if days < MIN_RETENTION_DAYS => Err(ArgsError {
+                pointer: "/args/max_age_days".into(),
+                message: format!(
+                    "must be at least {MIN_RETENTION_DAYS}, not {days}, to stay clear of the rollups' lookbacks"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::find_task;
+
+    #[test]
+    fn lookbacks_and_retention_are_checked_where_args_are_validated() {
+        let check = |task: &str, args| find_task(task).unwrap().validate(&args);
+        for (task, max) in [("stats.rollup_hourly", 48), ("stats.rollup_daily", 3)] {
+            check(task, json!({})).unwrap();
+            check(task, json!({"lookback": 2})).unwrap();
+            check(task, json!({"lookback": max})).unwrap();
+            for bad in [0, 1, max + 1] {
+                let err = check(task, json!({"lookback": bad})).unwrap_err();
+                assert_eq!(err.pointer, "/args/lookback", "{task} {bad}");
+                assert!(
+                    err.message.contains(&format!("between 2 and {max}")),
+                    "{task} {bad}: {err}"
+                );
+            }
+        }
+        check("stats.retention", json!({})).unwrap();
+        check("stats.retention", json!({"max_age_days": 7})).unwrap();
+        let err = check("stats.retention", json!({"max_age_days": 6})).unwrap_err();
+        assert_eq!(err.pointer, "/args/max_age_days");
+        assert!(err.message.contains("at least 7"), "{err}");
     }
 }

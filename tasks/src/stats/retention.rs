@@ -11,6 +11,7 @@
 //! schedule ticks go too, except each schedule's latest (the scheduler's memory).
 
 use chrono::{DateTime, Utc};
+use conveyor_schema::TaskSpec;
 use conveyor_schema::args::stats::{self, RetentionArgs};
 use conveyor_schema::stats::Granularity;
 use diesel::prelude::*;
@@ -28,13 +29,10 @@ pub struct Retention;
 impl Task for Retention {
     type Spec = stats::Retention;
     async fn run(&self, args: RetentionArgs, ctx: JobContext) -> Result<(), TaskError> {
+        <Self::Spec as TaskSpec>::check_args(&args)
+            .map_err(|err| TaskError::permanent(anyhow::anyhow!("{err}")))?;
         let max_age_days = args.max_age_days.unwrap_or(30);
         let batch = i64::from(args.batch.unwrap_or(5_000).max(1));
-        if max_age_days < 7 {
-            return Err(TaskError::permanent(anyhow::anyhow!(
-                "max_age_days must be at least 7, not {max_age_days}"
-            )));
-        }
         let db = ctx.services.db.clone();
         let (cutoff, sealed) =
             conveyor_schema::pool::run(&db, move |conn| seal(conn, max_age_days)).await?;

@@ -1,6 +1,7 @@
 //! `stats.rollup_hourly` and `stats.rollup_daily`: recompute the last few
 //! windows (the current, still-filling one included) so late rows are counted.
 
+use conveyor_schema::TaskSpec;
 use conveyor_schema::args::stats::{self, RollupArgs};
 use conveyor_schema::stats::Granularity;
 
@@ -15,30 +16,26 @@ pub struct RollupDaily;
 impl Task for RollupHourly {
     type Spec = stats::RollupHourly;
     async fn run(&self, args: RollupArgs, ctx: JobContext) -> Result<(), TaskError> {
-        let lookback = args.lookback.unwrap_or(3);
-        roll(Granularity::Hour, lookback, 48, ctx).await
+        checked::<Self::Spec>(&args)?;
+        roll(Granularity::Hour, args.lookback.unwrap_or(3), ctx).await
     }
 }
 
 impl Task for RollupDaily {
     type Spec = stats::RollupDaily;
     async fn run(&self, args: RollupArgs, ctx: JobContext) -> Result<(), TaskError> {
-        let lookback = args.lookback.unwrap_or(2);
-        roll(Granularity::Day, lookback, 3, ctx).await
+        checked::<Self::Spec>(&args)?;
+        roll(Granularity::Day, args.lookback.unwrap_or(2), ctx).await
     }
 }
 
-async fn roll(
-    granularity: Granularity,
-    lookback: u32,
-    max: u32,
-    ctx: JobContext,
-) -> Result<(), TaskError> {
-    if !(1..=max).contains(&lookback) {
-        return Err(TaskError::permanent(anyhow::anyhow!(
-            "lookback must be between 1 and {max}, not {lookback}"
-        )));
-    }
+/// The spec's own check of `args` (the one the ingress and the start-up
+/// configuration check apply), failing permanently: a rerun would not help.
+fn checked<S: TaskSpec>(args: &S::Args) -> Result<(), TaskError> {
+    S::check_args(args).map_err(|err| TaskError::permanent(anyhow::anyhow!("{err}")))
+}
+
+async fn roll(granularity: Granularity, lookback: u32, ctx: JobContext) -> Result<(), TaskError> {
     let rolled = conveyor_schema::pool::run(&ctx.services.db, move |conn| {
         let current = rollup::current_window(conn, granularity)?;
         let to = current + granularity.duration();
