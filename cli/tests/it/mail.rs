@@ -20,7 +20,12 @@ use crate::smtp::{Behaviour, TestSmtp};
 const SMTP_CONCURRENCY: usize = 8;
 
 fn mail_config(config: &mut Config, smtp: &TestSmtp) {
-    config.mail.smtp_url = smtp.url.clone().into();
+    mail_config_for(config, &smtp.url);
+}
+
+/// The mail settings of these tests, for the SMTP server at `smtp_url`.
+pub(crate) fn mail_config_for(config: &mut Config, smtp_url: &str) {
+    config.mail.smtp_url = smtp_url.to_owned().into();
     config.mail.smtp_concurrency = SMTP_CONCURRENCY;
     config.mail.smtp_timeout_ms = 2_000;
     config.mail.claim_ttl_ms = 3_000;
@@ -52,7 +57,11 @@ async fn start_campaign(app: &TestApp, n: usize, rate: Option<f64>) -> String {
 }
 
 /// Creates a campaign to `addresses` and starts it; returns its id.
-async fn start_campaign_to(app: &TestApp, addresses: Vec<String>, rate: Option<f64>) -> String {
+pub(crate) async fn start_campaign_to(
+    app: &TestApp,
+    addresses: Vec<String>,
+    rate: Option<f64>,
+) -> String {
     let recipients: Vec<Value> = addresses
         .into_iter()
         .enumerate()
@@ -110,7 +119,7 @@ async fn campaign(app: &TestApp, id: &str) -> Value {
         .unwrap()
 }
 
-async fn wait_completed(app: &TestApp, id: &str, timeout: Duration) -> Value {
+pub(crate) async fn wait_completed(app: &TestApp, id: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
         let status = campaign(app, id).await;

@@ -29,6 +29,7 @@ mod local_services;
 mod logs;
 mod mail;
 mod mail_api;
+mod mail_outcomes;
 mod make_run;
 mod make_run_services;
 mod metrics;

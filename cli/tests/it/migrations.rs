@@ -210,14 +210,14 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
     let versions: Vec<&String> = applied.iter().map(|(_, v)| v).collect();
     assert_eq!(versions, pending.iter().map(|(_, v)| v).collect::<Vec<_>>());
 
-    // The newest adds a column; the one before builds an index CONCURRENTLY
-    // (outside a transaction). Each revert undoes exactly one of them, and
-    // `run` applies both again.
-    let (newest, index_migration) = (&folders[folders.len() - 1], &folders[folders.len() - 2]);
+    // The newest builds an index CONCURRENTLY (outside a transaction); the one
+    // before adds a column. Each revert undoes exactly one of them, and `run`
+    // applies both again.
+    let (newest, column_migration) = (&folders[folders.len() - 1], &folders[folders.len() - 2]);
     assert!(
-        newest.ends_with("_idempotency_id_seed")
-            && index_migration.ends_with("_jobs_running_or_dead"),
-        "update this test: {index_migration}, {newest}"
+        newest.ends_with("_recipients_finished_index")
+            && column_migration.ends_with("_idempotency_id_seed"),
+        "update this test: {column_migration}, {newest}"
     );
     #[derive(diesel::QueryableByName)]
     struct Name {
@@ -233,9 +233,10 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
             .map(|row| row.name)
             .collect::<Vec<_>>()
     };
-    let job_indexes = || {
+    let recipient_indexes = || {
         names(
-            "SELECT indexname AS name FROM pg_indexes WHERE tablename = 'jobs' ORDER BY indexname",
+            "SELECT indexname AS name FROM pg_indexes \
+             WHERE tablename = 'campaign_recipients' ORDER BY indexname",
         )
     };
     let seed_column = || {
@@ -245,8 +246,11 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         )
         .len()
     };
-    let all = job_indexes();
-    assert!(all.contains(&"jobs_running_or_dead".to_owned()), "{all:?}");
+    let all = recipient_indexes();
+    assert!(
+        all.contains(&"campaign_recipients_finished".to_owned()),
+        "{all:?}"
+    );
     assert_eq!(seed_column(), 1);
     let [.., before_last, last] = versions.as_slice() else {
         panic!("{applied:?}")
@@ -254,16 +258,17 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
 
     let reverted = conveyor_migrate(&db, &["revert"]);
     assert_eq!(reverted.trim(), format!("reverted {last}"));
-    assert_eq!(seed_column(), 0);
-    assert_eq!(job_indexes(), all);
-    let reverted = conveyor_migrate(&db, &["revert"]);
-    assert_eq!(reverted.trim(), format!("reverted {before_last}"));
     let without: Vec<String> = all
         .iter()
-        .filter(|name| *name != "jobs_running_or_dead")
+        .filter(|name| *name != "campaign_recipients_finished")
         .cloned()
         .collect();
-    assert_eq!(job_indexes(), without);
+    assert_eq!(recipient_indexes(), without);
+    assert_eq!(seed_column(), 1);
+    let reverted = conveyor_migrate(&db, &["revert"]);
+    assert_eq!(reverted.trim(), format!("reverted {before_last}"));
+    assert_eq!(seed_column(), 0);
+    assert_eq!(recipient_indexes(), without);
     let after = migrate_status(&db);
     let (kept, undone) = after.split_at(after.len() - 2);
     assert!(
@@ -279,7 +284,7 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         conveyor_migrate(&db, &["run"]).trim(),
         format!("applied {before_last}\napplied {last}")
     );
-    assert_eq!(job_indexes(), all);
+    assert_eq!(recipient_indexes(), all);
     assert_eq!(seed_column(), 1);
 }
 

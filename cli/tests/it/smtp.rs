@@ -1,11 +1,16 @@
-//! A real SMTP server for tests (mailin-embedded over TCP on port 0) that
-//! records every message it accepts and can refuse chosen recipients on purpose.
+//! Real SMTP servers for tests, over TCP on port 0: [`TestSmtp`]
+//! (mailin-embedded) records every message it accepts and can refuse or defer
+//! chosen recipients on purpose; [`StallingSmtp`] speaks just enough SMTP to
+//! stop answering at a chosen point, as a hung server does, and records when
+//! the client gave up on each conversation.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, TcpListener};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use mailin_embedded::{Handler, Response, Server};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// How the server answers RCPT TO for an address.
 #[derive(Debug, Clone)]
@@ -138,4 +143,181 @@ impl TestSmtp {
         }
         counts
     }
+}
+
+/// Where a [`StallingSmtp`] stops answering for an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    /// At `RCPT TO`: nothing of the message was sent.
+    AtRcpt,
+    /// After the message's final `.`: the server has the message, but its
+    /// answer never comes.
+    AtDataEnd,
+}
+
+/// One conversation in which a [`StallingSmtp`] stopped answering.
+#[derive(Debug, Clone)]
+pub struct Stalled {
+    /// The recipient it stalled for.
+    pub address: String,
+    /// Where.
+    pub at: Stall,
+    /// When it stopped answering.
+    pub since: Instant,
+    /// When the client closed the connection (`None`: still open).
+    pub closed: Option<Instant>,
+}
+
+#[derive(Default)]
+struct StallShared {
+    rules: HashMap<String, Stall>,
+    rejected: HashSet<String>,
+    /// Recipients of each message whose final `.` was read.
+    received: Vec<Vec<String>>,
+    stalls: Vec<Stalled>,
+}
+
+/// A minimal SMTP server (tokio, plain text) that accepts every recipient
+/// except those it rejects (550) or stalls for ([`Stall`]): from then on it
+/// reads and ignores everything until the client closes the connection.
+#[derive(Clone)]
+pub struct StallingSmtp {
+    /// `smtp://127.0.0.1:<port>?tls=none`
+    pub url: String,
+    shared: Arc<Mutex<StallShared>>,
+}
+
+impl StallingSmtp {
+    /// Listens on port 0; serves until the test's runtime ends.
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shared = Arc::new(Mutex::new(StallShared::default()));
+        let serving = shared.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(converse(stream, serving.clone()));
+            }
+        });
+        Self {
+            url: format!("smtp://127.0.0.1:{port}?tls=none"),
+            shared,
+        }
+    }
+
+    /// Stops answering at `at` whenever `address` is a recipient.
+    pub fn stall(&self, address: &str, at: Stall) {
+        let mut shared = self.shared.lock().unwrap();
+        shared.rules.insert(address.to_ascii_lowercase(), at);
+    }
+
+    /// Answers `RCPT TO` for `address` with 550.
+    pub fn reject(&self, address: &str) {
+        let mut shared = self.shared.lock().unwrap();
+        shared.rejected.insert(address.to_ascii_lowercase());
+    }
+
+    /// The recipients of every message whose end the server read, accepted or not.
+    pub fn received(&self) -> Vec<Vec<String>> {
+        self.shared.lock().unwrap().received.clone()
+    }
+
+    /// Every conversation it stalled, oldest first.
+    pub fn stalls(&self) -> Vec<Stalled> {
+        self.shared.lock().unwrap().stalls.clone()
+    }
+}
+
+/// Serves one connection of a [`StallingSmtp`].
+async fn converse(stream: tokio::net::TcpStream, shared: Arc<Mutex<StallShared>>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let mut line = String::new();
+    let mut recipients = Vec::new();
+    if !reply(&mut write, "220 stalling.test ESMTP\r\n").await {
+        return;
+    }
+    // Where it stalled: an index into `stalls`.
+    let stalled = loop {
+        line.clear();
+        if lines.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let command = line.trim_end().to_ascii_uppercase();
+        let answer = if command.starts_with("EHLO") {
+            "250-stalling.test\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
+        } else if command.starts_with("MAIL FROM") {
+            recipients.clear();
+            "250 2.1.0 ok\r\n"
+        } else if let Some(to) = command.strip_prefix("RCPT TO:") {
+            let address = to
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .trim_matches(['<', '>'])
+                .to_ascii_lowercase();
+            let mut shared = shared.lock().unwrap();
+            if shared.rejected.contains(&address) {
+                "550 5.1.1 mailbox unavailable (test)\r\n"
+            } else if shared.rules.get(&address) == Some(&Stall::AtRcpt) {
+                break stall(&mut shared, address, Stall::AtRcpt);
+            } else {
+                recipients.push(address);
+                "250 2.1.5 ok\r\n"
+            }
+        } else if command == "DATA" {
+            if !reply(&mut write, "354 end with <CRLF>.<CRLF>\r\n").await {
+                return;
+            }
+            loop {
+                line.clear();
+                if lines.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                if line == ".\r\n" {
+                    break;
+                }
+            }
+            let mut shared = shared.lock().unwrap();
+            shared.received.push(recipients.clone());
+            let stalling = recipients
+                .iter()
+                .find(|to| shared.rules.get(*to) == Some(&Stall::AtDataEnd))
+                .cloned();
+            if let Some(address) = stalling {
+                break stall(&mut shared, address, Stall::AtDataEnd);
+            }
+            "250 2.0.0 queued\r\n"
+        } else if command == "QUIT" {
+            let _ = reply(&mut write, "221 2.0.0 bye\r\n").await;
+            return;
+        } else {
+            "250 2.0.0 ok\r\n"
+        };
+        if !reply(&mut write, answer).await {
+            return;
+        }
+    };
+    // Hung: read and ignore everything until the client gives up.
+    let mut sink = Vec::new();
+    while matches!(lines.read_until(b'\n', &mut sink).await, Ok(n) if n > 0) {
+        sink.clear();
+    }
+    shared.lock().unwrap().stalls[stalled].closed = Some(Instant::now());
+}
+
+/// Writes one answer; false when the client has gone.
+async fn reply(write: &mut tokio::net::tcp::OwnedWriteHalf, text: &str) -> bool {
+    write.write_all(text.as_bytes()).await.is_ok()
+}
+
+/// Records a stall; its index in `stalls`.
+fn stall(shared: &mut StallShared, address: String, at: Stall) -> usize {
+    shared.stalls.push(Stalled {
+        address,
+        at,
+        since: Instant::now(),
+        closed: None,
+    });
+    shared.stalls.len() - 1
 }

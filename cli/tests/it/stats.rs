@@ -418,18 +418,23 @@ async fn mail_and_webhook_rollups_skip_absent_tables_and_csv_matches_json() {
         0
     );
 
-    // The shapes this rollup expects of the other features' tables.
+    // The shapes this rollup expects of the other features' tables, written as
+    // their owners write them: the mail ledger sets `sent_at` only on a 250 and
+    // `updated_at` on every change of state, so failed and unknown recipients
+    // have no `sent_at`; pending and sending ones are not counted.
     let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
     execute(
         &app,
         &format!(
             "CREATE TABLE campaign_recipients (campaign_id uuid NOT NULL, email text NOT NULL, \
-                 state text NOT NULL, sent_at timestamptz); \
+                 state text NOT NULL, sent_at timestamptz, updated_at timestamptz NOT NULL); \
              INSERT INTO campaign_recipients \
-             SELECT CASE WHEN i % 3 = 0 THEN '{a}'::uuid ELSE '{b}'::uuid END, 'r' || i || '@example.com', \
-                    (ARRAY['sent','sent','failed','unknown','queued'])[1 + i % 5], \
-                    date_trunc('hour', now(), 'UTC') - interval '1 hour' + i * interval '10 seconds' \
-             FROM generate_series(1, 300) i; \
+             SELECT campaign_id, email, state, CASE WHEN state = 'sent' THEN at END, at \
+             FROM (SELECT CASE WHEN i % 3 = 0 THEN '{a}'::uuid ELSE '{b}'::uuid END AS campaign_id, \
+                          'r' || i || '@example.com' AS email, \
+                          (ARRAY['sent','sent','failed','unknown','pending','sending'])[1 + i % 6] AS state, \
+                          date_trunc('hour', now(), 'UTC') - interval '1 hour' + i * interval '10 seconds' AS at \
+                   FROM generate_series(1, 300) i) r; \
              CREATE TABLE webhook_events (source text NOT NULL, outcome text NOT NULL, reason text, \
                  recorded_at timestamptz NOT NULL); \
              INSERT INTO webhook_events \
@@ -465,6 +470,12 @@ async fn mail_and_webhook_rollups_skip_absent_tables_and_csv_matches_json() {
     .await;
     assert_eq!(json_rows, csv_rows);
     assert_eq!(json_rows.len(), 2);
+    let total = |count: fn(&MailRow) -> i64| json_rows.iter().map(count).sum::<i64>();
+    assert_eq!(
+        (total(|r| r.sent), total(|r| r.failed), total(|r| r.unknown)),
+        (100, 50, 50),
+        "every final recipient counted once, in its hour"
+    );
     for row in &json_rows {
         let of = |state: &str| {
             recipients

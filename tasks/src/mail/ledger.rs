@@ -123,7 +123,7 @@ pub struct Claimed {
 pub struct Outcome {
     /// Ledger id.
     pub id: i64,
-    /// `sent`, `failed` or `pending` (deferred).
+    /// `sent`, `failed`, `unknown` (in doubt) or `pending` (deferred).
     pub state: &'static str,
     /// The server's reply (or why it was not sent).
     pub reply: String,

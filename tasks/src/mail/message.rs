@@ -11,10 +11,15 @@ use super::MailServices;
 pub enum Delivery {
     /// 2xx: accepted.
     Sent(String),
-    /// 4xx, or the connection failed before the server accepted: try again later.
+    /// 4xx, or the conversation failed or timed out before the message was
+    /// written: nothing was handed over, try again later.
     Deferred(String),
     /// 5xx, or the message cannot be built: never try again.
     Failed(String),
+    /// The message was written but no answer came (timeout, broken
+    /// connection): the server may have accepted it, so it is never sent again
+    /// automatically (the ledger's `unknown`).
+    Unknown(String),
 }
 
 /// The deterministic `Message-ID` of (campaign, recipient), so receiving
@@ -95,6 +100,7 @@ pub async fn send_one(
             response.code(),
             response.message().collect::<Vec<_>>().join(" ")
         )),
+        Err(err) if err.is_in_doubt() => Delivery::Unknown(err.to_string()),
         Err(err) if err.is_permanent() => Delivery::Failed(err.to_string()),
         Err(err) => Delivery::Deferred(err.to_string()),
     }

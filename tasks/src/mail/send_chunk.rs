@@ -6,9 +6,12 @@
 //! together with the next group's claim. A throttled group is recorded on its
 //! own instead, and its conversation slots go back to the worker's other
 //! chunks, which would otherwise wait for the slow chunk's end.
-//! A 250 marks the row `sent`; a 5xx marks it `failed` with the reply; a 4xx or
-//! a connection failure defers it with backoff. Rows left claimed by a dead
-//! worker become `unknown` once their claim expires and are never re-sent.
+//! A 250 marks the row `sent`; a 5xx marks it `failed` with the reply; a 4xx, or
+//! a connection failure or timeout before the message was written, defers it
+//! with backoff. A conversation that broke or timed out after the message was
+//! written marks it `unknown` (the server may have it). Rows left claimed by a
+//! dead worker become `unknown` once their claim expires. `unknown` rows are
+//! never re-sent automatically.
 //! On shutdown the group in flight is finished and the job goes back to its
 //! queue; the rest of the chunk stays `pending`.
 
@@ -218,6 +221,12 @@ fn outcome(
         Delivery::Failed(reply) => Outcome {
             id: recipient.id,
             state: "failed",
+            reply,
+            next_attempt_at: None,
+        },
+        Delivery::Unknown(reply) => Outcome {
+            id: recipient.id,
+            state: "unknown",
             reply,
             next_attempt_at: None,
         },

@@ -9,6 +9,17 @@
 //! AUTH, MAIL/RCPT/DATA) is still lettre's `AsyncSmtpConnection`; deadpool
 //! keeps the connections. `smtps://` (implicit TLS) connections are opened by
 //! lettre itself, so they keep Nagle's delay.
+//!
+//! lettre sets no timeout on SMTP commands, so a server that stops answering
+//! would hold a send slot (and its recipient's claim) until the job's timeout.
+//! Here `mail.smtp_timeout_ms` bounds each message's whole send: getting a
+//! connection (connect, STARTTLS, AUTH, or the idle check) and MAIL, RCPT,
+//! DATA and the message. The conversation is driven step by step, so that a
+//! failure is told apart by where it happened: before the message was written
+//! nothing was handed over and the recipient may be tried again; after, the
+//! server may have accepted it, and the recipient is in doubt
+//! ([`SendError::InDoubt`]), never sent again automatically. A connection
+//! whose conversation failed or timed out is closed, never reused.
 
 use std::time::Duration;
 
@@ -17,8 +28,10 @@ use lettre::Message;
 use lettre::transport::smtp::Error as SmtpError;
 use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
-use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
+use tokio::time::{Instant, timeout_at};
 
 /// A connection idle for longer than this is checked with `NOOP` before reuse
 /// (servers close idle connections, typically after a minute or more).
@@ -141,15 +154,31 @@ impl Target {
     }
 }
 
-/// Why a message was not handed over.
+/// Why a message was not sent, or may not have been.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    /// The SMTP server refused, or the conversation failed (lettre's classification).
+    /// The SMTP server refused (4xx, 5xx), or the conversation failed before
+    /// the message was written (lettre's classification): not handed over.
     #[error(transparent)]
     Smtp(#[from] SmtpError),
     /// The socket could not be opened or the connect timed out.
     #[error("cannot connect to the SMTP server: {0}")]
     Connect(#[from] std::io::Error),
+    /// `mail.smtp_timeout_ms` passed before the message was written (waiting
+    /// for a connection, or for an answer to MAIL, RCPT or DATA): not handed over.
+    #[error("no answer from the SMTP server within {timeout_ms} ms, before the message was sent")]
+    TimedOut {
+        /// The timeout that passed.
+        timeout_ms: u128,
+    },
+    /// The server cannot take this message as it is (it needs SMTPUTF8 or
+    /// 8BITMIME, which the server does not offer): not handed over.
+    #[error("the SMTP server cannot take this message: {0}")]
+    Unsupported(&'static str),
+    /// The message was written but its answer never came (the timeout
+    /// passed, or the connection failed): the server may have accepted it.
+    #[error("in doubt: {0}")]
+    InDoubt(String),
 }
 
 impl SendError {
@@ -157,8 +186,16 @@ impl SendError {
     pub fn is_permanent(&self) -> bool {
         match self {
             Self::Smtp(err) => err.is_permanent(),
-            Self::Connect(_) => false,
+            Self::Connect(_) | Self::TimedOut { .. } | Self::Unsupported(_) | Self::InDoubt(_) => {
+                false
+            }
         }
+    }
+
+    /// True when the server may have accepted the message: sending it again
+    /// could deliver it twice.
+    pub fn is_in_doubt(&self) -> bool {
+        matches!(self, Self::InDoubt(_))
     }
 }
 
@@ -195,6 +232,8 @@ impl managed::Manager for Manager {
 #[derive(Clone)]
 pub struct SmtpPool {
     pool: managed::Pool<Manager>,
+    /// `mail.smtp_timeout_ms`: the most one message's send may take.
+    timeout: Duration,
 }
 
 impl SmtpPool {
@@ -205,21 +244,89 @@ impl SmtpPool {
             .max_size(usize::try_from(size.max(1)).unwrap_or(1))
             .build()
             .map_err(|err| anyhow::anyhow!("mail SMTP pool: {err}"))?;
-        Ok(Self { pool })
+        Ok(Self { pool, timeout })
     }
 
-    /// Sends `message` on a pooled connection; a connection that failed is not reused.
+    /// Sends `message` on a pooled connection within the timeout; the server's
+    /// answer to the message on success. A connection whose conversation
+    /// failed or timed out is closed, not returned to the pool. The error says
+    /// whether the message may have been accepted ([`SendError::is_in_doubt`]).
     pub async fn send(&self, message: &Message) -> Result<Response, SendError> {
-        let mut conn = self.pool.get().await.map_err(|err| match err {
-            managed::PoolError::Backend(err) => err,
-            other => SendError::Connect(std::io::Error::other(other.to_string())),
-        })?;
-        let sent = conn.send(message.envelope(), &message.formatted()).await;
-        if conn.has_broken() {
-            drop(Object::take(conn));
-        }
-        Ok(sent?)
+        let deadline = Instant::now() + self.timeout;
+        let timed_out = || SendError::TimedOut {
+            timeout_ms: self.timeout.as_millis(),
+        };
+        let mut conn = match timeout_at(deadline, self.pool.get()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(managed::PoolError::Backend(err))) => return Err(err),
+            Ok(Err(other)) => {
+                return Err(SendError::Connect(std::io::Error::other(other.to_string())));
+            }
+            Err(_) => return Err(timed_out()),
+        };
+        let mut written = false;
+        let failure = match timeout_at(deadline, converse(&mut conn, message, &mut written)).await {
+            Ok(Ok(response)) => return Ok(response),
+            Ok(Err(err)) => Some(err),
+            Err(_elapsed) => None,
+        };
+        // Mid-command or refused, the connection is in no state to reuse.
+        drop(Object::take(conn));
+        Err(match failure {
+            None if written => SendError::InDoubt(format!(
+                "no answer within {} ms after the message was sent",
+                self.timeout.as_millis()
+            )),
+            None => timed_out(),
+            // An answer to the message, even a refusal, is not in doubt.
+            Some(SendError::Smtp(err))
+                if written && !(err.is_permanent() || err.is_transient()) =>
+            {
+                SendError::InDoubt(format!(
+                    "the conversation failed after the message was sent: {err}"
+                ))
+            }
+            Some(err) => err,
+        })
     }
+}
+
+/// One message's MAIL, RCPT and DATA, as lettre's `AsyncSmtpConnection::send`
+/// speaks them, but setting `written` just before the message goes out, so a
+/// caller that stops waiting knows whether the server may have it.
+async fn converse(
+    conn: &mut AsyncSmtpConnection,
+    message: &Message,
+    written: &mut bool,
+) -> Result<Response, SendError> {
+    let envelope = message.envelope();
+    let body = message.formatted();
+    let mut options = Vec::new();
+    let non_ascii_address = envelope
+        .from()
+        .into_iter()
+        .chain(envelope.to())
+        .any(|address| !AsRef::<str>::as_ref(address).is_ascii());
+    if non_ascii_address {
+        if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+            return Err(SendError::Unsupported("a non-ASCII address needs SMTPUTF8"));
+        }
+        options.push(MailParameter::SmtpUtfEight);
+    }
+    if !body.is_ascii() {
+        if !conn.server_info().supports_feature(Extension::EightBitMime) {
+            return Err(SendError::Unsupported("a non-ASCII message needs 8BITMIME"));
+        }
+        options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    conn.command(Mail::new(envelope.from().cloned(), options))
+        .await?;
+    for to in envelope.to() {
+        conn.command(Rcpt::new(to.clone(), vec![])).await?;
+    }
+    conn.command(Data).await?;
+    *written = true;
+    Ok(conn.message(&body).await?)
 }
 
 #[cfg(test)]

@@ -68,8 +68,21 @@ pub fn jobs(
         .execute(conn)
 }
 
-/// Recomputes mail statistics for `[from, to)` per campaign, bucketed by
-/// `sent_at`; `None` when `campaign_recipients` does not exist.
+/// When a recipient reached its final state (see [`mail`]); the expression of
+/// the index `campaign_recipients_finished`, spelled the same so it is used.
+pub const FINISHED_AT: &str = "coalesce(sent_at, updated_at)";
+
+/// Recomputes mail statistics for `[from, to)` per campaign: recipients in a
+/// final state (`sent`, `failed`, `unknown`), each bucketed by when it reached
+/// that state; `None` when `campaign_recipients` does not exist.
+///
+/// That time is `sent_at` for a sent recipient and `updated_at` for the others:
+/// the ledger writes `sent_at` only on a 250, and sets `updated_at` in every
+/// statement that changes a row's state, so for a failed or unknown row it is
+/// the moment it failed or fell into doubt. A final row changes again only if
+/// it leaves doubt (a late outcome, or resend-unknown): it then counts in its
+/// new window. [`FINISHED_AT`] is the expression the partial index
+/// `campaign_recipients_finished` is built on, so the window is an index range.
 pub fn mail(
     conn: &mut PgConnection,
     granularity: Granularity,
@@ -79,14 +92,26 @@ pub fn mail(
     if !table_exists(conn, Family::Mail.source_table())? {
         return Ok(None);
     }
-    let sql = format!(
+    diesel::sql_query(mail_statement(granularity))
+        .bind::<Timestamptz, _>(from)
+        .bind::<Timestamptz, _>(to)
+        .execute(conn)
+        .map(Some)
+}
+
+/// [`mail`]'s statement for `granularity`, taking the window as `$1` (from)
+/// and `$2` (to); public so that a test can check that its plan reads the
+/// index.
+pub fn mail_statement(granularity: Granularity) -> String {
+    format!(
         "INSERT INTO {table} AS t (bucket, campaign_id, sent, failed, unknown, computed_at) \
-         SELECT date_trunc('{unit}', sent_at, 'UTC'), campaign_id, \
+         SELECT date_trunc('{unit}', {FINISHED_AT}, 'UTC'), campaign_id, \
                 count(*) FILTER (WHERE state = 'sent'), \
                 count(*) FILTER (WHERE state = 'failed'), \
                 count(*) FILTER (WHERE state = 'unknown'), now() \
          FROM campaign_recipients \
-         WHERE sent_at >= $1 AND sent_at < $2 AND state::text IN ('sent', 'failed', 'unknown') \
+         WHERE {FINISHED_AT} >= $1 AND {FINISHED_AT} < $2 \
+           AND state IN ('sent', 'failed', 'unknown') \
          GROUP BY 1, 2 \
          ON CONFLICT (bucket, campaign_id) DO UPDATE SET \
              sent = EXCLUDED.sent, failed = EXCLUDED.failed, unknown = EXCLUDED.unknown, \
@@ -95,12 +120,7 @@ pub fn mail(
                (EXCLUDED.sent, EXCLUDED.failed, EXCLUDED.unknown)",
         unit = granularity.unit(),
         table = Family::Mail.table(granularity),
-    );
-    diesel::sql_query(sql)
-        .bind::<Timestamptz, _>(from)
-        .bind::<Timestamptz, _>(to)
-        .execute(conn)
-        .map(Some)
+    )
 }
 
 /// The raw counts of rejected webhook requests, per minute, source and
