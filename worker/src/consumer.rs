@@ -30,6 +30,9 @@ use crate::readiness::Consuming;
 use crate::runtime::Runtime;
 use crate::{dead_letters, execute};
 
+/// Longest the drain waits for the broker to confirm its consumers cancelled.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Consumer settings.
 pub struct ConsumeOptions {
     /// Broker node URLs.
@@ -268,13 +271,21 @@ impl Session<'_> {
                 None => anyhow::bail!("the broker closed the consumers"),
             }
         }
-        let mut channels = Vec::with_capacity(consumers.len());
-        for (channel, tag) in consumers {
-            let _ = channel
-                .basic_cancel(tag, BasicCancelOptions::default())
-                .await;
-            channels.push(channel);
+        // All at once, and not waiting on a broker that does not answer (a node
+        // going away, a queue electing its leader): the drain must go on to its
+        // grace period and final flush whatever the broker does.
+        let cancels = consumers
+            .iter()
+            .map(|(channel, tag)| channel.basic_cancel(tag.clone(), BasicCancelOptions::default()));
+        if tokio::time::timeout(CANCEL_TIMEOUT, futures::future::join_all(cancels))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the broker did not confirm cancelling the consumers within 2 s; draining all the same"
+            );
         }
+        let channels = consumers.into_iter().map(|(channel, _)| channel).collect();
         Ok(Consumed {
             acks: all_acks,
             channels,

@@ -6,7 +6,8 @@
 //!   503 with `Retry-After`, and the same ingress answers 202 again by itself;
 //! - the broker blocking publishers on a memory alarm (`connection.blocked`):
 //!   503 with `Retry-After` within the publish timeout, never a hang nor a 202,
-//!   `/readyz` failing while the alarm lasts, 202 again once it clears.
+//!   `/readyz` failing while the alarm lasts, 202 again once it clears, and a
+//!   wait for a blocked publisher's readiness ending when it clears.
 //!
 //! The shared broker on 5672 is never touched. These tests are `#[ignore]`d;
 //! `make cluster-test` starts the node and sets `CLUSTER_TEST_SOLO_AMQP_URL` and
@@ -229,6 +230,34 @@ async fn a_blocked_broker_is_503_within_the_publish_timeout_and_not_ready() {
     })
     .await;
 
+    // A publisher of the test's own, blocked by its publish (the broker blocks
+    // a connection once it publishes), whose readiness is awaited below.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let own = conveyor_platform::amqp::Publisher::start(
+        &[env.amqp_urls.as_str()],
+        "conveyor-test-blocked",
+        deployment.topology(),
+        1,
+        Duration::from_secs(1),
+        stop.clone(),
+    );
+    assert!(own.wait_connected(Duration::from_secs(10)).await);
+    // To a queue that does not exist: should the broker take it once the alarm
+    // lifts, it returns it, and no job of the deployment's is made.
+    let probe = conveyor_platform::amqp::Outgoing {
+        routing_key: format!("{}.nowhere", deployment.topology().namespace),
+        ..conveyor_platform::amqp::Outgoing::job(
+            &deployment.topology(),
+            "default",
+            &conveyor_schema::Envelope::new("diag.noop", json!({})),
+        )
+    };
+    assert!(
+        own.publish(&probe).await.is_err(),
+        "a publish went through the alarm"
+    );
+    crate::harness::wait_until(Duration::from_secs(5), || async { !own.is_ready() }).await;
+
     // Ten at once (one group commit), then ten one by one.
     let burst = futures::future::join_all((0..10).map(|_| post_one(&producer, &deployment))).await;
     let mut answers = burst;
@@ -271,8 +300,26 @@ async fn a_blocked_broker_is_503_within_the_publish_timeout_and_not_ready() {
     };
     assert_eq!(during.ran_without_202, 0, "a record for a 503: {during:?}");
 
+    // Whoever waits for the blocked publisher to be ready goes on once the
+    // alarm lifts (the broker's `connection.unblocked`), not at the end of its wait.
+    let waiting = {
+        let own = own.clone();
+        tokio::spawn(async move {
+            let since = Instant::now();
+            (
+                own.wait_connected(Duration::from_secs(60)).await,
+                since.elapsed(),
+            )
+        })
+    };
     ctl(&["set_vm_memory_high_watermark", "0.4"]).await;
     lift.disarm();
+    let (unblocked, waited) = waiting.await.unwrap();
+    assert!(
+        unblocked && waited < RECOVER_WITHIN,
+        "a wait for the publisher ended {unblocked} after {waited:?}"
+    );
+    stop.cancel();
     let ready_after = readyz_becomes(&deployment, 200, RECOVER_WITHIN).await;
     for _ in 0..5 {
         let (status, _, id, _) = post_one(&producer, &deployment).await;

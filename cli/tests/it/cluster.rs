@@ -227,6 +227,16 @@ impl Deployment {
     fn work_queue(&self) -> String {
         format!("{}.default", self.namespace)
     }
+
+    /// The broker topology of this deployment's namespace.
+    pub(crate) fn topology(&self) -> conveyor_platform::amqp::Topology {
+        conveyor_platform::amqp::Topology {
+            namespace: self.namespace.clone(),
+            queues: vec!["default".into()],
+            delivery_limit: 20,
+            quorum_group_size: None,
+        }
+    }
 }
 
 impl Drop for Deployment {

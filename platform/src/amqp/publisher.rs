@@ -165,7 +165,7 @@ struct Inner {
     live: RwLock<Option<Arc<Live>>>,
     /// Poked by a failed publish so the maintainer reconnects without waiting for an event.
     broken: Notify,
-    /// Notified each time a connection becomes live.
+    /// Notified each time a connection becomes live, or the broker unblocks it.
     connected: Notify,
     /// Round-robin cursor over channels.
     next: AtomicUsize,
@@ -355,9 +355,15 @@ async fn maintain(inner: Arc<Inner>, shutdown: CancellationToken) {
             _ = inner.broken.notified() => false,
             _ = async {
                 while let Some(event) = events.next().await {
-                    if let Event::Error(err) = event {
-                        tracing::warn!(error = %err, "publisher connection failed");
-                        return;
+                    match event {
+                        Event::Error(err) => {
+                            tracing::warn!(error = %err, "publisher connection failed");
+                            return;
+                        }
+                        // Those waiting for a ready publisher (`wait_connected`) go on
+                        // once the broker lifts its alarm, not only after a reconnect.
+                        Event::ConnectionUnblocked => inner.connected.notify_waiters(),
+                        _ => {}
                     }
                 }
             } => false,
