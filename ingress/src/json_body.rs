@@ -80,8 +80,18 @@ pub fn limit_of(request: &Request) -> usize {
 /// Reads the body of `request` up to its [`BodyLimit`], after [`check_headers`].
 pub async fn read_limited(request: Request, want_json: bool) -> Result<axum::body::Bytes, Problem> {
     let limit = limit_of(&request);
-    check_headers(request.headers(), limit, want_json)?;
-    let body: Body = request.into_body();
+    let (parts, body) = request.into_parts();
+    read_within(&parts.headers, body, limit, want_json).await
+}
+
+/// Reads `body` up to `limit` bytes, after [`check_headers`] on its `headers`.
+pub async fn read_within(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    want_json: bool,
+) -> Result<axum::body::Bytes, Problem> {
+    check_headers(headers, limit, want_json)?;
     axum::body::to_bytes(body, limit).await.map_err(|err| {
         let over_limit =
             std::iter::successors(Some(&err as &(dyn std::error::Error + 'static)), |err| {

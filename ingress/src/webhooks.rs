@@ -7,8 +7,11 @@
 //! was accepted (answer 200, publish nothing); when it does not, the first
 //! delivery is still being recorded (answer 409, the producer retries), unless
 //! the claim is older than [`ORPHAN_AFTER`], in which case its request died
-//! between claim and record and the repeat takes the claim over. A failed
-//! submit removes its own claim. Claims expire at `webhook-timestamp + 2 ×
+//! between claim and record and the repeat takes the claim over, under the job
+//! id the claim names. A submit that failed for certain removes its own claim;
+//! one in doubt (the job may have been published) keeps it, so that a repeat
+//! never makes a second job: it waits out [`ORPHAN_AFTER`], then submits the
+//! same job again, or finds it recorded. Claims expire at `webhook-timestamp + 2 ×
 //! tolerance + margin`; past that the timestamp check alone refuses a replay.
 
 use std::collections::HashMap;
@@ -112,13 +115,8 @@ fn insert_claims(conn: &mut PgConnection, mut claims: Vec<NewClaim>) -> QueryRes
     Ok(job_ids.iter().map(|id| won.contains(id)).collect())
 }
 
-/// What a `webhook-id` that is claimed already means for a new job `job_id`.
-fn existing_claim(
-    conn: &mut PgConnection,
-    source: &str,
-    webhook_id: &str,
-    job_id: Uuid,
-) -> QueryResult<Claim> {
+/// What a `webhook-id` that is claimed already means for a new delivery.
+fn existing_claim(conn: &mut PgConnection, source: &str, webhook_id: &str) -> QueryResult<Claim> {
     let key = webhook_deliveries::table.find((source, webhook_id));
     let Some((existing, received_at)) = key
         .select((webhook_deliveries::job_id, webhook_deliveries::received_at))
@@ -138,14 +136,13 @@ fn existing_claim(
     let orphaned =
         Utc::now() - received_at > chrono::Duration::from_std(ORPHAN_AFTER).unwrap_or_default();
     if orphaned {
+        // Under the job id the claim named: should its request have published
+        // the job after all (an answer in doubt), the job is the same one.
         let taken = diesel::update(key.filter(webhook_deliveries::job_id.eq(existing)))
-            .set((
-                webhook_deliveries::job_id.eq(job_id),
-                webhook_deliveries::received_at.eq(diesel::dsl::now),
-            ))
+            .set(webhook_deliveries::received_at.eq(diesel::dsl::now))
             .execute(conn)?;
         if taken == 1 {
-            return Ok(Claim::Fresh(job_id));
+            return Ok(Claim::Fresh(existing));
         }
     }
     Ok(Claim::InProgress)
@@ -204,7 +201,7 @@ impl Ledger {
             return Ok(Claim::Fresh(job_id));
         }
         conveyor_schema::pool::run(&self.db, move |conn| {
-            existing_claim(conn, &source, &webhook_id, job_id)
+            existing_claim(conn, &source, &webhook_id)
         })
         .await
         .map_err(|err| err.to_string())

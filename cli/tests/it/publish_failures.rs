@@ -98,12 +98,17 @@ async fn an_unroutable_publish_answers_503_and_leaves_no_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nacked_publish_answers_503_and_leaves_no_record() {
     let app = TestApp::spawn_with(0, |_| {}).await;
+    replace_work_queue(&app, Some(nacking_every_publish())).await;
+    assert_refused_without_a_record(&app, 0, true).await;
+}
+
+/// Arguments of a queue that routes every message and nacks its publish.
+pub(crate) fn nacking_every_publish() -> FieldTable {
     let mut full = FieldTable::default();
     full.insert("x-max-length".into(), AMQPValue::LongInt(0));
     full.insert(
         "x-overflow".into(),
         AMQPValue::LongString(LongString::from("reject-publish")),
     );
-    replace_work_queue(&app, Some(full)).await;
-    assert_refused_without_a_record(&app, 0, true).await;
+    full
 }

@@ -408,6 +408,55 @@ async fn a_repeated_webhook_is_processed_once() {
     assert!(outcomes("duplicate").await >= 1);
 }
 
+/// A webhook whose job the broker may have taken all the same (its publish was
+/// nacked) is answered in doubt, naming the job. Its claim stays: a repeat
+/// makes no second job, and once the claim counts as abandoned, a repeat
+/// submits that same job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_answered_in_doubt_keeps_its_claim_and_its_job_id() {
+    use crate::publish_failures::{nacking_every_publish, replace_queue};
+    let keys = Keys::new();
+    let app = spawn(0, &keys, |_| {}).await;
+    let queue = app.topology().work_queue("webhooks");
+    replace_queue(&queue, Some(nacking_every_publish())).await;
+    let body = update("p1", "2026-01-01T00:00:00Z", "a@x.io").to_string();
+    let ts = now();
+    let post = || post_signed(&app, &keys.hmac_old, "doubt-1", ts, body.as_bytes());
+
+    let first = post().await;
+    assert_eq!(first.status(), 503);
+    let problem: Value = first.json().await.unwrap();
+    assert!(
+        problem["type"].as_str().unwrap().ends_with("/in-doubt"),
+        "{problem}"
+    );
+    let job: Uuid = problem["job_ids"][0].as_str().unwrap().parse().unwrap();
+    let claims_for_job =
+        format!("SELECT count(*) AS n FROM webhook_deliveries WHERE job_id = '{job}'");
+    assert_eq!(app.count(&claims_for_job).await, 1);
+
+    let again = post().await;
+    assert_eq!(again.status(), 409);
+    assert_eq!(app.count(&claims_for_job).await, 1);
+    assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 0);
+
+    // The broker takes messages again, and the claim has aged past the point
+    // where it counts as abandoned: a repeat submits the job it names.
+    replace_queue(&queue, Some(lapin::types::FieldTable::default())).await;
+    let mut conn = app.db.conn();
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut conn,
+        "UPDATE webhook_deliveries SET received_at = now() - interval '1 hour'",
+    )
+    .unwrap();
+    let taken_over = post().await;
+    assert_eq!(taken_over.status(), 202);
+    let accepted: Value = taken_over.json().await.unwrap();
+    assert_eq!(accepted["job_id"], job.to_string(), "{accepted}");
+    assert!(app.job(job).await.is_some());
+    assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 1);
+}
+
 /// Every column that the events decide, as one comparable row.
 async fn row(app: &TestApp, id: &str) -> Value {
     let url = app.db.url.clone();

@@ -13,7 +13,7 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use conveyor_platform::amqp::Outgoing;
@@ -107,31 +107,6 @@ fn signed_headers(headers: &HeaderMap) -> Result<Signed<'_>, Problem> {
     })
 }
 
-async fn read_body(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<axum::body::Bytes, Problem> {
-    let too_large = || {
-        Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body-too-large",
-            "Request body too large",
-            format!("the body exceeds the limit of {limit} bytes"),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        return Err(too_large());
-    }
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| too_large())
-}
-
 /// Receive a signed profile webhook.
 #[utoipa::path(
     post, path = "/v1/webhooks/{source}/profiles", tag = "webhooks",
@@ -152,7 +127,7 @@ async fn read_body(
         (status = 409, description = "The same webhook-id is being recorded right now; retry", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over `webhooks.body_limit_bytes`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Unknown action or invalid fields (with a JSON pointer)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Broker or database unavailable; retry", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Broker or database unavailable; retry. Of type `in-doubt`, it names the job that may run all the same, and the webhook-id stays claimed for it: a repeat gets 409 for up to a minute, then submits that same job", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn receive(
@@ -194,7 +169,7 @@ async fn verified(
     body: Body,
 ) -> Result<Response, Rejection> {
     let signed = signed_headers(headers).map_err(|p| ("bad_headers", p))?;
-    let raw = read_body(headers, body, state.webhooks.body_limit)
+    let raw = json_body::read_within(headers, body, state.webhooks.body_limit, false)
         .await
         .map_err(|p| ("too_large", p))?;
     let now = Utc::now().timestamp();
@@ -280,10 +255,22 @@ async fn verified(
             return Err(("in_progress", problem));
         }
     };
+    // A claim taken over from an abandoned request keeps that request's job id.
+    let envelope = Envelope {
+        id: job_id,
+        ..envelope
+    };
     let options = ProfileSync::options();
     let record = NewJob::queued(&envelope, &options);
     let message = Outgoing::job(&state.topology, options.queue, &envelope);
     if let Err(err) = state.recorder.submit(record, message).await {
+        if err.may_have_been_enqueued() {
+            // The job may run: the claim stays, so a repeat cannot make a second one.
+            return Err((
+                "unavailable",
+                Problem::in_doubt(err.to_string(), vec![job_id]),
+            ));
+        }
         webhooks::release(&state.db, source_name, signed.id, job_id).await;
         return Err(unavailable(err.to_string()));
     }
