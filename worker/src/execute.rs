@@ -12,8 +12,10 @@
 //! A crash anywhere before 5 redelivers the message; a redelivered message whose
 //! job is already final, has moved to a later attempt, or whose attempt has
 //! already failed and been retried is acknowledged without running. So is a
-//! keyed job's message (one whose envelope carries an idempotency key) whose
-//! attempt is running. A keyed job may be published twice under the same id:
+//! keyed job's or a retry's message whose attempt is running (checked once
+//! the message holds a concurrency slot). A retry's message may have a twin
+//! when the attempt before it ran again after publishing it (its worker died
+//! before committing `retrying`). A keyed job may be published twice under the same id:
 //! by a retry of an in-doubt request (see the ingress's `idempotency`), by the
 //! scheduler re-publishing a tick (`schedule:<name>@<tick>`), by a mail
 //! planner re-enqueueing a chunk (`campaign:<id>/chunk:<id>`); that second
@@ -133,18 +135,6 @@ async fn run_envelope(
         // Less than the shortest delay queue: wait here rather than run early.
         tokio::time::sleep(remaining).await;
     }
-    let keyed = !delivery.redelivered && envelope.idempotency_key.is_some();
-    if (delivery.redelivered || keyed) && already_done(&rt, &envelope, keyed).await {
-        tracing::info!(
-            redelivered = delivery.redelivered,
-            "job already finished, running or moved on; acknowledging without running"
-        );
-        rt.metrics
-            .jobs_skipped
-            .with_label_values(&[envelope.task.as_str(), options.queue])
-            .inc();
-        return settle.ack();
-    }
     let permits = rt.permits_for(task.descriptor().name);
     let permit = match permits {
         Some(semaphore) => tokio::select! {
@@ -160,6 +150,26 @@ async fn run_envelope(
     if lost.is_cancelled() {
         tracing::debug!("connection lost before the attempt started; the broker redelivers it");
         return;
+    }
+    // Checked once a slot is held, so that a copy that waited for one sees what
+    // the other copy did meanwhile. A retry's message (attempt > 1) may be a
+    // second copy of its attempt, as a keyed job's may: the attempt before it
+    // was run again after its retry was published (a worker died before
+    // committing `retrying`, or the publish's confirm was lost).
+    let second_copy_possible =
+        !delivery.redelivered && (envelope.idempotency_key.is_some() || envelope.attempt > 1);
+    if (delivery.redelivered || second_copy_possible)
+        && already_done(&rt, &envelope, second_copy_possible).await
+    {
+        tracing::info!(
+            redelivered = delivery.redelivered,
+            "job already finished, running or moved on; acknowledging without running"
+        );
+        rt.metrics
+            .jobs_skipped
+            .with_label_values(&[envelope.task.as_str(), options.queue])
+            .inc();
+        return settle.ack();
     }
     let labels = [envelope.task.as_str(), options.queue];
     let metrics = &rt.metrics;
@@ -348,7 +358,8 @@ impl Settle {
 }
 
 /// True when the job's record shows this delivery is stale (see [`is_stale`]);
-/// `keyed` for a keyed job's first delivery. `false` without a record, or
+/// `keyed` for a first delivery that may be a second copy of its attempt (a
+/// keyed job's or a retry's). `false` without a record, or
 /// when the record cannot be read: running is then the safe side.
 async fn already_done(rt: &Runtime, envelope: &Envelope, keyed: bool) -> bool {
     let id = envelope.id;

@@ -296,8 +296,9 @@ struct Row {
 /// Changes of the same attempt are folded into one row: the usual `running`
 /// then `succeeded` of a fast job become a single `succeeded` row that keeps
 /// the start time and counts the run, which is what applying both in order
-/// gives. Only when folding would lose something (an earlier change carries an
-/// error, or the attempts differ) does a new round start.
+/// gives. A final change stays final whatever of its attempt follows it. Only
+/// when folding would lose something (an earlier change carries an error, or
+/// the attempts differ) does a new round start.
 fn plan(changes: Vec<StateChange>) -> Vec<Vec<Row>> {
     let mut rounds = Vec::new();
     let mut round: Vec<Row> = Vec::with_capacity(changes.len());
@@ -307,7 +308,15 @@ fn plan(changes: Vec<StateChange>) -> Vec<Vec<Row>> {
         match index.get(&change.id) {
             Some(&at) => {
                 let row: &mut Row = &mut round[at];
-                if row.change.error.is_none() && row.change.attempt == change.attempt {
+                if row.change.error.is_none()
+                    && row.change.attempt == change.attempt
+                    && row.change.state.is_final()
+                {
+                    // A final state is never undone: a later change of the same
+                    // attempt (the start of a second copy of a keyed job) only
+                    // counts its run, as the upsert would refuse it.
+                    row.runs += runs;
+                } else if row.change.error.is_none() && row.change.attempt == change.attempt {
                     let started_at = change.started_at.or(row.change.started_at);
                     let producer = change.producer.or(row.change.producer.take());
                     row.change = StateChange {
@@ -488,6 +497,19 @@ mod tests {
         let ids: Vec<Uuid> = rounds[0].iter().map(|row| row.change.id).collect();
         assert!(ids.is_sorted());
         assert_eq!(ids.len(), 50);
+    }
+
+    #[test]
+    fn a_final_change_stays_final_when_a_second_copy_starts_after_it() {
+        let a = Envelope::new("diag.noop", json!({}));
+        let rounds = plan(vec![
+            change(&a, JobState::Running),
+            change(&a, JobState::Succeeded),
+            change(&a, JobState::Running),
+        ]);
+        assert_eq!(rounds.len(), 1);
+        assert_eq!(rounds[0][0].change.state, JobState::Succeeded);
+        assert_eq!(rounds[0][0].runs, 2);
     }
 
     #[test]

@@ -554,8 +554,13 @@ impl TestApp {
         let mut again = conveyor_schema::Envelope::new(task, args);
         again.id = id;
         again.idempotency_key = Some(key.into());
+        self.publish_envelope(&again).await;
+    }
+
+    /// Publishes `envelope` to the `default` work queue, confirmed.
+    pub async fn publish_envelope(&self, envelope: &conveyor_schema::Envelope) {
         let stop = CancellationToken::new();
-        let message = conveyor_platform::amqp::Outgoing::job(&self.topology(), "default", &again);
+        let message = conveyor_platform::amqp::Outgoing::job(&self.topology(), "default", envelope);
         self.publisher(&stop).await.publish(&message).await.unwrap();
         stop.cancel();
     }

@@ -362,6 +362,29 @@ async fn a_keyed_jobs_second_message_is_not_run_while_the_job_runs() {
     assert_eq!(started, Some(1.0), "the job ran once");
 }
 
+/// A retry's message whose attempt's predecessor ran again and succeeded (its
+/// worker died after publishing the retry, before committing `retrying`, and
+/// the redelivery ran it once more) is taken without running the job again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrys_message_for_a_job_that_succeeded_meanwhile_is_not_run() {
+    let app = TestApp::spawn_with(1, |_| {}).await;
+    let id = app.enqueue("diag.noop", json!({})).await;
+    app.wait_for_state(id, "succeeded", Duration::from_secs(10))
+        .await;
+
+    let mut retry = conveyor_schema::Envelope::new("diag.noop", json!({}));
+    retry.id = id;
+    retry.attempt = 2;
+    app.publish_envelope(&retry).await;
+
+    wait_until(Duration::from_secs(10), || async {
+        worker_counter(&app, "conveyor_jobs_skipped_total", "diag.noop").await == Some(1.0)
+    })
+    .await;
+    let started = worker_counter(&app, "conveyor_jobs_started_total", "diag.noop").await;
+    assert_eq!(started, Some(1.0), "the job ran once");
+}
+
 /// The worker's sample of counter `name` for `task`.
 async fn worker_counter(app: &TestApp, name: &str, task: &str) -> Option<f64> {
     let text = app.worker_metrics().await;
