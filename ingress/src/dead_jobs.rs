@@ -4,7 +4,11 @@
 //! A replay publishes a fresh job (new id, attempt 1, `replay_of` = the dead
 //! job) and, in one transaction, records the new job, marks the dead record
 //! replayed and writes the audit row; the transaction commits only after the
-//! broker confirmed the message. The dead row is locked while that happens, so
+//! broker confirmed the message. The n-th replay of a record is always the
+//! same job (its id and idempotency key derive from the record and n), so a
+//! replay that fails after its message may have been taken (a lost confirm, a
+//! failed commit) is answered in doubt, and doing it again makes that job, not
+//! a second one. The dead row is locked while that happens, so
 //! two operators replaying the same record at once replay it once. Replaying a
 //! record that was already replayed (or discarded) does nothing unless forced.
 //! The `.dlq` queues are not touched: they stay the raw archive for
@@ -167,9 +171,19 @@ pub enum ReplayError {
         /// What is wrong.
         message: String,
     },
-    /// The broker did not confirm the new job; nothing was recorded.
+    /// The broker did not take the new job; nothing was recorded.
     #[error(transparent)]
     Publish(#[from] PublishError),
+    /// The new job's message may have reached its queue (its confirm was lost,
+    /// or the transaction failed after it), but nothing was recorded: the job
+    /// may run. Replaying again makes that same job (see [`replay`]).
+    #[error("{reason}; job {job} may run all the same, and replaying again makes that same job")]
+    InDoubt {
+        /// The job that may run.
+        job: Uuid,
+        /// What failed.
+        reason: String,
+    },
     /// The database failed; nothing was recorded.
     #[error(transparent)]
     Db(#[from] DbError),
@@ -193,7 +207,8 @@ pub async fn replay(
     let (pool, publisher, topology) = (db.clone(), publisher.clone(), topology.clone());
     tokio::task::spawn_blocking(move || {
         let mut conn = pool.get().map_err(DbError::from)?;
-        conn.transaction(|conn| {
+        let mut published = None;
+        let replayed = conn.transaction(|conn| {
             let dead: DeadJob = dead_jobs::table
                 .find(id)
                 .select(DeadJob::as_select())
@@ -231,8 +246,17 @@ pub async fn replay(
             }
             let mut fresh = Envelope::new(task.name, args.clone());
             fresh.replay_of = Some(id);
+            // The n-th replay of a dead job is always the same job: should a
+            // replay whose message was published fail to commit (or its
+            // confirm be lost), doing it again makes that job, not a second
+            // one, and the key lets a worker take the second message without
+            // running the job again.
+            let ordinal = dead.replay_count + 1;
+            fresh.id = Uuid::new_v5(&id, format!("replay/{ordinal}").as_bytes());
+            fresh.idempotency_key = Some(format!("replay:{id}/{ordinal}"));
             diesel::insert_into(jobs::table)
                 .values(NewJob::queued(&fresh, &task.options))
+                .on_conflict_do_nothing()
                 .execute(conn)?;
             diesel::update(dead_jobs::table.find(id))
                 .set((
@@ -259,11 +283,27 @@ pub async fn replay(
                 .execute(conn)?;
             let message = Outgoing::job(&topology, task.options.queue, &fresh);
             // Blocking threads may wait on async work; the row lock is held until the confirm.
-            handle.block_on(publisher.publish(&message))?;
+            match handle.block_on(publisher.publish(&message)) {
+                Ok(()) => published = Some(fresh.id),
+                Err(err) if err.may_have_been_enqueued() => {
+                    return Err(ReplayError::InDoubt {
+                        job: fresh.id,
+                        reason: err.to_string(),
+                    });
+                }
+                Err(err) => return Err(err.into()),
+            }
             Ok(ReplayOutcome::Replayed {
                 new_job_id: fresh.id,
             })
-        })
+        });
+        match (replayed, published) {
+            (Err(ReplayError::Db(err)), Some(job)) => Err(ReplayError::InDoubt {
+                job,
+                reason: format!("the replay could not be recorded: {err}"),
+            }),
+            (replayed, _) => replayed,
+        }
     })
     .await
     .map_err(|err| ReplayError::Db(DbError::Join(err)))?

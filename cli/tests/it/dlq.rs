@@ -310,3 +310,42 @@ async fn admin_api_is_closed_to_keys_without_the_admin_scope() {
         .unwrap();
     assert_eq!(response.status(), 403);
 }
+
+/// A replay whose message the broker may have taken (its publish was nacked)
+/// is answered in doubt, naming the job, and records nothing; replaying again
+/// makes that same job, which runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_in_doubt_replayed_again_makes_the_same_job() {
+    use crate::publish_failures::{nacking_every_publish, replace_queue};
+    let mut app = TestApp::spawn().await;
+    let dead = dead_job(&app).await;
+    app.stop_workers().await;
+    let work = app.topology().work_queue("default");
+    replace_queue(&work, Some(nacking_every_publish())).await;
+
+    let path = format!("/v1/admin/dead-jobs/{dead}/replay");
+    let args = Some(json!({"args": {"until_attempt": 1}}));
+    let first = admin(&app, "POST", &path, args.clone()).await;
+    assert_eq!(first.status(), 503);
+    let problem: Value = first.json().await.unwrap();
+    assert_eq!(
+        problem["type"], "https://conveyor.dev/problems/in-doubt",
+        "{problem}"
+    );
+    let job: Uuid = problem["job_ids"][0].as_str().unwrap().parse().unwrap();
+    assert!(app.job(job).await.is_none());
+    let shown: Value = admin(&app, "GET", &format!("/v1/admin/dead-jobs/{dead}"), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["replay_count"], 0, "{shown}");
+
+    // The broker takes messages again (a worker declares the queue afresh).
+    replace_queue(&work, None).await;
+    app.start_worker().await;
+    let replayed: Value = admin(&app, "POST", &path, args).await.json().await.unwrap();
+    assert_eq!(replayed["outcome"], "replayed", "{replayed}");
+    assert_eq!(replayed["job_id"], job.to_string(), "{replayed}");
+    app.wait_for_state(job, "succeeded", WAIT).await;
+}

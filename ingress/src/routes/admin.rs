@@ -251,6 +251,7 @@ pub fn replay_problem(err: ReplayError) -> Problem {
             "Not replayable",
             err.to_string(),
         ),
+        ReplayError::InDoubt { job, .. } => Problem::in_doubt(err.to_string(), vec![job]),
         ReplayError::Publish(_) | ReplayError::Db(_) => Problem::unavailable(err.to_string(), 1),
     }
 }
