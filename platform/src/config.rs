@@ -164,6 +164,8 @@ pub struct WorkerConfig {
     /// Deliveries a worker may hold per concurrency slot of a queue's tasks,
     /// when `prefetch` is unset: the jobs running, the next ones ready to start
     /// and the finished ones whose state commit (and so whose ack) is pending.
+    /// Fewer for a task too slow for this many to fit in the broker's
+    /// `consumer_timeout` (see the worker's `prefetch`).
     pub prefetch_per_slot: u16,
     /// Logical queues to consume; empty means every queue in the catalogue.
     pub queues: Vec<String>,
