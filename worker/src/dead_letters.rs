@@ -91,10 +91,12 @@ impl DeadLetter {
         }
     }
 
-    /// The record of a message that is not a readable envelope.
-    pub fn unreadable(id: Uuid, queue: &str, body: &[u8], reason: &str) -> Self {
+    /// The record of a message that is not a readable envelope, named after
+    /// its `message_id` or, without one, after its body, so that the same
+    /// message handled twice (a redelivery) is recorded once.
+    pub fn unreadable(id: Option<Uuid>, queue: &str, body: &[u8], reason: &str) -> Self {
         Self {
-            id: if id.is_nil() { Uuid::now_v7() } else { id },
+            id: id.unwrap_or_else(|| Uuid::new_v5(&UNREADABLE_NAMESPACE, body)),
             task: String::new(),
             queue: queue.to_owned(),
             envelope: None,
@@ -106,6 +108,9 @@ impl DeadLetter {
         }
     }
 }
+
+/// The namespace of the ids given to unreadable messages without a `message_id`.
+const UNREADABLE_NAMESPACE: Uuid = Uuid::from_u128(0x5c1e_8d2a_7b4f_4e0c_9a61_3f2d_c0ff_ee01);
 
 /// Every failure comes from the job's record (written earlier in the same
 /// transaction); a message without a record gets its final reason alone.
@@ -147,23 +152,28 @@ pub async fn record_from_inbox(
         .iter()
         .find(|(k, _)| k.as_str() == "x-death")
         .map(|(_, v)| amqp_to_json(v));
-    let (why, count) = x_death
+    let why = x_death
         .as_ref()
         .and_then(|d| d.get(0))
-        .map(|first| {
-            (
-                first["reason"].as_str().unwrap_or("unknown").to_owned(),
-                first["count"].as_i64().unwrap_or(0),
-            )
-        })
-        .unwrap_or_else(|| ("unknown".into(), 0));
-    let reason = format!("dead-lettered by the broker ({why}) after {count} deliveries");
+        .and_then(|first| first["reason"].as_str())
+        .unwrap_or("unknown")
+        .to_owned();
+    // x-death's `count` is how often the message was dead-lettered for this
+    // reason (once, for a delivery limit), not how often it was delivered.
+    let reason = if why == "delivery_limit" {
+        format!(
+            "dead-lettered by the broker (delivery_limit): returned to its queue more than {} times without being settled",
+            rt.topology.delivery_limit
+        )
+    } else {
+        format!("dead-lettered by the broker ({why})")
+    };
     let id = delivery
         .properties
         .message_id()
         .as_ref()
         .and_then(|id| Uuid::parse_str(id.as_str()).ok())
-        .unwrap_or_else(Uuid::nil);
+        .filter(|id| !id.is_nil());
     let (change, mut dead) = match Envelope::decode(&delivery.data) {
         Ok(envelope) => {
             let max_attempts = find_task(&envelope.task)

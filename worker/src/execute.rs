@@ -67,7 +67,13 @@ pub async fn handle(
     let envelope = match Envelope::decode(&delivery.data) {
         Ok(envelope) => envelope,
         Err(err) => {
-            let id = delivery.message_id.unwrap_or_else(Uuid::now_v7);
+            let record = DeadLetter::unreadable(
+                delivery.message_id,
+                &queue,
+                &delivery.data,
+                &err.to_string(),
+            );
+            let id = record.id;
             tracing::warn!(job.id = %id, queue = %queue, error = %err, "dead-lettering an unreadable message");
             let dead = Outgoing::dead_letter(
                 &rt.topology,
@@ -77,7 +83,6 @@ pub async fn handle(
                 "",
                 &err.to_string(),
             );
-            let record = DeadLetter::unreadable(id, &queue, &delivery.data, &err.to_string());
             return finish_with(&rt, &settle, &dead, None, Some(record)).await;
         }
     };

@@ -205,6 +205,32 @@ async fn unreadable_messages_are_dead_lettered_not_dropped() {
     stop.cancel();
 }
 
+/// An unreadable message without a `message_id` is named after its body, so
+/// handling it twice (as after a redelivery) records it once; both copies stay
+/// in the dead-letter queue, the raw archive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_message_without_an_id_is_recorded_once_however_often_it_comes() {
+    let mut app = TestApp::spawn().await;
+    let stop = CancellationToken::new();
+    let publisher = app.publisher(&stop).await;
+    let message = Outgoing {
+        exchange: String::new(),
+        routing_key: app.topology().work_queue("default"),
+        body: b"not an envelope, no id".to_vec(),
+        message_id: uuid::Uuid::nil(),
+        task: String::new(),
+        headers: vec![],
+    };
+    publisher.publish(&message).await.unwrap();
+    publisher.publish(&message).await.unwrap();
+    let dlq = app.topology().dead_letter_queue("default");
+    crate::harness::wait_until(WAIT, || async { app.queue_len(&dlq).await == 2 }).await;
+    // A drained worker has committed what it handled.
+    app.stop_workers().await;
+    assert_eq!(app.count("SELECT count(*) AS n FROM dead_jobs").await, 1);
+    stop.cancel();
+}
+
 /// Text PostgreSQL cannot store (U+0000) in a message from some other producer
 /// sends that message to the dead-letter queue; it does not stop the worker's
 /// state commits, so the jobs after it still run and are recorded.
