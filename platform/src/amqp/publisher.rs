@@ -8,12 +8,12 @@
 //! `Retry-After`. A message counts as published only when the broker acked it
 //! and did not return it as unroutable.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures::StreamExt;
 use futures::future::join_all;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
@@ -165,6 +165,8 @@ struct Inner {
     live: RwLock<Option<Arc<Live>>>,
     /// Poked by a failed publish so the maintainer reconnects without waiting for an event.
     broken: Notify,
+    /// The number of the connection now live (see [`Inner::report_broken`]).
+    generation: AtomicU64,
     /// Notified each time a connection becomes live, or the broker unblocks it.
     connected: Notify,
     /// Round-robin cursor over channels.
@@ -174,6 +176,19 @@ struct Inner {
 struct Live {
     connection: Connection,
     channels: Vec<Channel>,
+    /// Which connection of this publisher this is (1, 2, …).
+    generation: u64,
+}
+
+impl Inner {
+    /// A publish on `live` failed: reconnect, unless `live` was replaced
+    /// already. A failure that surfaces late, from a connection given up
+    /// since, must not tear down the one that replaced it.
+    fn report_broken(&self, live: &Live) {
+        if live.generation == self.generation.load(Ordering::Acquire) {
+            self.broken.notify_one();
+        }
+    }
 }
 
 impl Publisher {
@@ -196,6 +211,7 @@ impl Publisher {
             timeout,
             live: RwLock::new(None),
             broken: Notify::new(),
+            generation: AtomicU64::new(0),
             connected: Notify::new(),
             next: AtomicUsize::new(0),
         });
@@ -278,7 +294,7 @@ impl Publisher {
         }));
         let Ok(sent) = tokio::time::timeout_at(deadline, sends).await else {
             if !live.connection.status().blocked() {
-                self.inner.broken.notify_one();
+                self.inner.report_broken(&live);
             }
             return all(PublishError::Timeout(self.inner.timeout));
         };
@@ -287,7 +303,7 @@ impl Publisher {
             match result {
                 Ok(confirm) => pending.push(confirm),
                 Err(err) => {
-                    self.inner.broken.notify_one();
+                    self.inner.report_broken(&live);
                     // Those sent may still be confirmed; we cannot know, so report failure for all.
                     return all(PublishError::Channel(err.to_string()));
                 }
@@ -300,7 +316,7 @@ impl Publisher {
                 // `is_ready` stays false until `connection.unblocked`, instead of
                 // reconnecting to a fresh, not-yet-blocked connection.
                 if !live.connection.status().blocked() {
-                    self.inner.broken.notify_one();
+                    self.inner.report_broken(&live);
                 }
                 all(PublishError::Timeout(self.inner.timeout))
             }
@@ -313,7 +329,7 @@ impl Publisher {
                     }
                     Ok(Confirmation::Nack(_)) => Err(PublishError::Nacked),
                     Err(err) => {
-                        self.inner.broken.notify_one();
+                        self.inner.report_broken(&live);
                         Err(PublishError::Channel(err.to_string()))
                     }
                 })
@@ -345,6 +361,10 @@ async fn maintain(inner: Arc<Inner>, shutdown: CancellationToken) {
         backoff = Duration::from_millis(100);
         first = false;
         let mut events = live.connection.events_listener();
+        // From here on only failures on this connection count; one reported
+        // for the last before it was given up is forgotten.
+        inner.generation.store(live.generation, Ordering::Release);
+        let _ = inner.broken.notified().now_or_never();
         if let Ok(mut slot) = inner.live.write() {
             *slot = Some(live.clone());
         }
@@ -426,5 +446,6 @@ async fn open(inner: &Inner, first: bool) -> anyhow::Result<Live> {
     Ok(Live {
         connection,
         channels,
+        generation: inner.generation.load(Ordering::Acquire) + 1,
     })
 }
