@@ -7,13 +7,17 @@
 use std::fmt;
 use std::time::Duration;
 
+/// The longest a retry may be put off: a longer `after` is cut to this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// A failed attempt.
 pub enum TaskError {
     /// Transient: retry after the task's backoff (or `after`, when given).
     Retry {
         /// The cause.
         error: anyhow::Error,
-        /// Overrides the computed backoff for the next attempt.
+        /// Overrides the computed backoff for the next attempt (at most
+        /// [`MAX_RETRY_AFTER`]).
         after: Option<Duration>,
     },
     /// Trying again cannot help: dead-letter now.

@@ -16,5 +16,5 @@ pub mod stats;
 pub mod webhooks;
 
 pub use context::{Enqueue, JobContext, Services};
-pub use error::TaskError;
+pub use error::{MAX_RETRY_AFTER, TaskError};
 pub use registry::{ErasedTask, Registry, Task, registry};

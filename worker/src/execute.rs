@@ -31,7 +31,7 @@ use conveyor_platform::amqp::{
 };
 use conveyor_schema::db::jobs;
 use conveyor_schema::{Envelope, JobState};
-use conveyor_tasks::{JobContext, TaskError};
+use conveyor_tasks::{JobContext, MAX_RETRY_AFTER, TaskError};
 use diesel::prelude::*;
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -245,7 +245,7 @@ async fn run_envelope(
             let wanted = match &err {
                 TaskError::Retry {
                     after: Some(after), ..
-                } => *after,
+                } => (*after).min(MAX_RETRY_AFTER),
                 _ => jitter(options.backoff(envelope.attempt + 1)),
             };
             let due = Utc::now() + wanted;

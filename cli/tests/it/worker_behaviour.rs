@@ -41,6 +41,40 @@ async fn permanent_failure_skips_the_retries() {
 
 /// diag tasks allow 60 s per attempt; the worker here runs `diag.sleep` with a
 /// 200 ms timeout (`Registry::tune`), so a 5 s sleep fails every attempt.
+/// A task asking for a retry later than the worker puts one off
+/// ([`conveyor_tasks::MAX_RETRY_AFTER`]) is retried then, not lost to a panic
+/// (a time past what a timestamp holds) that left its delivery held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_asked_for_beyond_the_longest_delay_is_put_off_that_long() {
+    struct Never;
+    impl conveyor_tasks::Task for Never {
+        type Spec = conveyor_schema::args::diag::Fail;
+        async fn run(
+            &self,
+            _: conveyor_schema::args::diag::FailArgs,
+            _: conveyor_tasks::JobContext,
+        ) -> Result<(), conveyor_tasks::TaskError> {
+            Err(conveyor_tasks::TaskError::retry_after(
+                Duration::MAX,
+                anyhow::anyhow!("not in this universe"),
+            ))
+        }
+    }
+    let mut app = TestApp::spawn_with(0, |_| {}).await;
+    let mut registry = conveyor_tasks::Registry::default();
+    registry.register(Never);
+    app.start_worker_with(registry).await;
+    let id = app.enqueue("diag.fail", json!({})).await;
+    app.wait_for_state(id, "retrying", Duration::from_secs(20))
+        .await;
+    let far = format!(
+        "SELECT count(*) AS n FROM jobs WHERE id = '{id}' \
+           AND next_attempt_at > now() + interval '29 days' \
+           AND next_attempt_at < now() + interval '31 days'"
+    );
+    assert_eq!(app.count(&far).await, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_over_its_timeout_fails_and_is_retried() {
     let mut app = TestApp::spawn_with(0, |_| {}).await;
