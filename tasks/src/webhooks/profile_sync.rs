@@ -10,7 +10,7 @@
 //! resurrects the profile. Each decision is taken under the row's lock and
 //! recorded in `webhook_events` in the same transaction.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use conveyor_schema::args::webhooks::{
     self as spec, ProfileChange, ProfileFields, ProfileSyncArgs,
 };
@@ -59,7 +59,10 @@ fn by_time(stored: Option<DateTime<Utc>>, at: DateTime<Utc>) -> Decision {
 }
 
 /// The decision for `change` at `at` against `row` (a blank row when new).
+/// `at` is compared as stored, to the microsecond: an event redelivered with a
+/// finer `occurred_at` is the same event, not a newer one.
 pub fn decide(row: &Profile, change: &ProfileChange, at: DateTime<Utc>) -> Decision {
+    let at = at.trunc_subsecs(6);
     match (change, row.deleted_at) {
         // An earlier DELETE moves the tombstone back; a later or equal one changes nothing.
         (ProfileChange::Delete, Some(deleted)) if deleted <= at => Decision::Unchanged,
@@ -366,6 +369,9 @@ mod tests {
         assert_eq!(decide(&row, &update, t(1)), Decision::Stale);
         assert_eq!(decide(&row, &update, t(2)), Decision::Unchanged);
         assert_eq!(decide(&row, &update, t(3)), Decision::Apply);
+        // PostgreSQL keeps microseconds: what it stored of a nanosecond time is the same time.
+        let fine = t(2) + chrono::Duration::nanoseconds(700);
+        assert_eq!(decide(&row, &update, fine), Decision::Unchanged);
         // The headshot is ordered on its own clock.
         let headshot = ProfileChange::ImportHeadshot(HeadshotRef {
             url: "https://x".into(),
