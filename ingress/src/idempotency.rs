@@ -10,10 +10,12 @@
 //!   so the key can be retried with a corrected request), nor is a 5xx or a
 //!   batch's 207 (the row is marked `failed`, so the same request can be
 //!   retried until every job is accepted);
-//! - the same key with another body → 422;
+//! - the same key with another body → 422 until the key expires, after a 5xx,
+//!   a 207 or an abandoned claim too: the same request's retry must still be
+//!   able to make what the first may have made;
 //! - the same key while the first is still running → 409;
 //! - a claim left `in_flight` longer than [`Settings::in_flight_timeout`]
-//!   (a crashed ingress) is taken over.
+//!   (a crashed ingress) is taken over by the same request.
 //!
 //! A claim also holds an [`IdSeed`], from which the ids of what the request
 //! makes (jobs, a campaign) are derived. A retry of a first request that
@@ -23,7 +25,13 @@
 //! enqueues the job it may already have enqueued, under the same id, and the
 //! worker runs it once (it does not run a keyed job that has finished or is
 //! running; see `worker::execute`); a campaign the first request committed is
-//! found, not made twice. Only an expired key or another body draws a new seed.
+//! found, not made twice. Only an expired key draws a new seed.
+//!
+//! A request settles only its own claim, named by the claim's `created_at`: a
+//! takeover sets a later one (it happens after the claim's timeout or expiry,
+//! or after its owner settled it `failed`), so a first request that was
+//! presumed dead and answers late leaves the row of the request that took its
+//! key over as it is.
 //!
 //! The first request runs on its own task, so a client that disconnects does
 //! not leave its claim unfinished. Rows expire after [`Settings::retention`]
@@ -37,7 +45,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use conveyor_schema::db::idempotency_keys as ik;
 use conveyor_schema::pool::{self, PgPool};
 use diesel::prelude::*;
@@ -86,10 +94,19 @@ impl IdSeed {
     }
 }
 
+/// A claim this request holds.
+#[derive(Debug, Clone, Copy)]
+struct Ticket {
+    /// Where the request's ids come from.
+    seed: IdSeed,
+    /// The claim's `created_at`, as stored: it names this claim (see the module header).
+    claimed_at: DateTime<Utc>,
+}
+
 /// What a claim found.
 enum Claim {
-    /// This request owns the key: run it, with these job ids.
-    Mine(IdSeed),
+    /// This request owns the key: run it, with this seed.
+    Mine(Ticket),
     /// Another request with this key and another body.
     Mismatch,
     /// The first request with this key is still running.
@@ -187,14 +204,14 @@ async fn run_once(state: AppState, request: Request, next: Next, want_json: bool
             "a request with this Idempotency-Key is still being processed; retry later",
         ),
         Ok(Claim::Done(status, content_type, body)) => replay(status, content_type, body),
-        Ok(Claim::Mine(seed)) => {
+        Ok(Claim::Mine(ticket)) => {
             let mut request = Request::from_parts(parts, Body::from(body));
-            request.extensions_mut().insert(seed);
+            request.extensions_mut().insert(ticket.seed);
             let db = state.db.clone();
             // Own task: the outcome is stored even if the client goes away.
             let run = tokio::spawn(handed_over::carried(async move {
                 let response = next.run(request).await;
-                settle(&db, producer, key, response).await
+                settle(&db, producer, key, ticket, response).await
             }));
             run.await
                 .unwrap_or_else(|err| Problem::internal(err).into_response())
@@ -240,9 +257,14 @@ async fn claim(
                     ik::id_seed.eq(fresh),
                 ))
                 .on_conflict_do_nothing()
-                .execute(conn)?;
-            if inserted == 1 {
-                return Ok(Claim::Mine(IdSeed(fresh)));
+                .returning(ik::created_at)
+                .get_result::<DateTime<Utc>>(conn)
+                .optional()?;
+            if let Some(claimed_at) = inserted {
+                return Ok(Claim::Mine(Ticket {
+                    seed: IdSeed(fresh),
+                    claimed_at,
+                }));
             }
             let taken_over = diesel::sql_query(TAKE_OVER)
                 .bind::<Text, _>(&producer)
@@ -252,10 +274,17 @@ async fn claim(
                 .bind::<Timestamptz, _>(expires)
                 .bind::<Timestamptz, _>(stale)
                 .bind::<SqlUuid, _>(fresh)
-                .get_result::<Seed>(conn)
+                .get_result::<TakenOver>(conn)
                 .optional()?;
-            if let Some(Seed { id_seed }) = taken_over {
-                return Ok(Claim::Mine(IdSeed(id_seed)));
+            if let Some(TakenOver {
+                id_seed,
+                created_at,
+            }) = taken_over
+            {
+                return Ok(Claim::Mine(Ticket {
+                    seed: IdSeed(id_seed),
+                    claimed_at: created_at,
+                }));
             }
             let row = ik::table
                 .find((&producer, &key))
@@ -294,26 +323,30 @@ async fn claim(
 }
 
 /// Takes over the key `($1, $2)` for a request with hash `$3` at `$4`, until
-/// `$5`: an expired key, a first request that failed (5xx), or one still
-/// `in_flight` since before `$6` (its ingress died). The same request keeps
-/// the seed, so it makes the same jobs; another request, or any request after
-/// expiry, gets the fresh seed `$7`. Returns the seed; no row when the key is
-/// not to be taken over.
+/// `$5`: an expired key, for any request with the fresh seed `$7`; or, for the
+/// same request (hash `$3`) only, keeping the seed so that it makes the same
+/// jobs, a first request that failed (5xx, 207) or one still `in_flight` since
+/// before `$6` (its ingress died). Returns the seed and the claim's
+/// `created_at`; no row when the key is not to be taken over (another request
+/// then finds the hash differs: 422).
 const TAKE_OVER: &str = "
 UPDATE idempotency_keys SET
-    id_seed = CASE WHEN expires_at >= $4 AND request_hash = $3 THEN COALESCE(id_seed, $7)
-                    ELSE $7 END,
+    id_seed = CASE WHEN expires_at >= $4 THEN COALESCE(id_seed, $7) ELSE $7 END,
     request_hash = $3, state = 'in_flight',
     response_status = NULL, response_type = NULL, response_body = NULL,
     created_at = $4, expires_at = $5
 WHERE producer = $1 AND key = $2
-  AND (expires_at < $4 OR state = 'failed' OR (state = 'in_flight' AND created_at < $6))
-RETURNING id_seed";
+  AND (expires_at < $4
+       OR (request_hash = $3 AND (state = 'failed' OR (state = 'in_flight' AND created_at < $6))))
+RETURNING id_seed, created_at";
 
+/// What [`TAKE_OVER`] returns.
 #[derive(QueryableByName)]
-struct Seed {
+struct TakenOver {
     #[diesel(sql_type = SqlUuid)]
     id_seed: Uuid,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
 }
 
 /// Stores a success for replay, or releases the key after a failure; returns the response.
@@ -324,22 +357,36 @@ struct Seed {
 /// So is a batch's 207: a retry enqueues the refused jobs, in doubt or not,
 /// under the ids the 207 named, and the accepted ones again, which a worker
 /// does not run twice.
-async fn settle(db: &PgPool, producer: String, key: String, response: Response) -> Response {
+///
+/// Only the claim `ticket` names is settled: a key taken over meanwhile
+/// (this request was presumed dead) is left to the request that took it.
+async fn settle(
+    db: &PgPool,
+    producer: String,
+    key: String,
+    ticket: Ticket,
+    response: Response,
+) -> Response {
     let status = response.status();
     if status.as_u16() >= 400 || status == StatusCode::MULTI_STATUS {
         let released = pool::run(db, move |conn| {
-            let row = ik::table.find((producer, key));
+            let mine = ik::table
+                .find((producer, key))
+                .filter(ik::created_at.eq(ticket.claimed_at))
+                .filter(ik::id_seed.eq(ticket.seed.0));
             if !status.is_client_error() {
-                diesel::update(row)
+                diesel::update(mine)
                     .set(ik::state.eq("failed"))
                     .execute(conn)
             } else {
-                diesel::delete(row).execute(conn)
+                diesel::delete(mine).execute(conn)
             }
         })
         .await;
-        if let Err(err) = released {
-            tracing::warn!(error = %err, "cannot release an idempotency key");
+        match released {
+            Ok(0) => lost_claim(status),
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "cannot release an idempotency key"),
         }
         return response;
     }
@@ -356,7 +403,11 @@ async fn settle(db: &PgPool, producer: String, key: String, response: Response) 
     let stored = body.to_vec();
     let code = status.as_u16() as i16;
     let saved = pool::run(db, move |conn| {
-        diesel::update(ik::table.find((producer, key)))
+        let mine = ik::table
+            .find((producer, key))
+            .filter(ik::created_at.eq(ticket.claimed_at))
+            .filter(ik::id_seed.eq(ticket.seed.0));
+        diesel::update(mine)
             .set((
                 ik::state.eq("done"),
                 ik::response_status.eq(Some(code)),
@@ -366,10 +417,22 @@ async fn settle(db: &PgPool, producer: String, key: String, response: Response) 
             .execute(conn)
     })
     .await;
-    if let Err(err) = saved {
-        tracing::error!(error = %err, "cannot store an idempotent response; the key stays in flight until it is taken over");
+    match saved {
+        Ok(0) => lost_claim(status),
+        Ok(_) => {}
+        Err(err) => {
+            tracing::error!(error = %err, "cannot store an idempotent response; the key stays in flight until it is taken over");
+        }
     }
     Response::from_parts(parts, Body::from(body))
+}
+
+/// Logs a request that answered after its key was taken over (or expired and was purged).
+fn lost_claim(status: StatusCode) {
+    tracing::warn!(
+        http.status = status.as_u16(),
+        "an idempotent request answered after its key was taken over; its outcome is not stored"
+    );
 }
 
 /// Deletes expired keys every minute, [`PURGE_BATCH`] rows per statement.

@@ -506,6 +506,35 @@ impl TestApp {
         }
     }
 
+    /// Holds `LOCK TABLE <table> IN SHARE MODE` (it blocks inserts and
+    /// updates, not reads) until the returned sender sends or is dropped.
+    pub async fn block_inserts(&self, table: &str) -> std::sync::mpsc::Sender<()> {
+        let url = self.db.url.clone();
+        let lock = format!("BEGIN; LOCK TABLE {table} IN SHARE MODE");
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (locked, is_locked) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let mut conn = PgConnection::establish(&url).unwrap();
+            conn.batch_execute(&lock).unwrap();
+            locked.send(()).unwrap();
+            let _ = released.recv();
+            conn.batch_execute("COMMIT").unwrap();
+        });
+        is_locked.await.unwrap();
+        release
+    }
+
+    /// Waits until a statement of the ingress waits on a lock (one that
+    /// [`Self::block_inserts`] holds), at most 10 s.
+    pub async fn wait_for_a_lock_wait(&self) {
+        let waiting = "SELECT count(*) AS n FROM pg_stat_activity \
+                       WHERE datname = current_database() AND wait_event_type = 'Lock'";
+        wait_until(Duration::from_secs(10), || async {
+            self.count(waiting).await > 0
+        })
+        .await;
+    }
+
     /// Runs `sql` returning one bigint column named `n`.
     pub async fn count(&self, sql: &str) -> i64 {
         let url = self.db.url.clone();

@@ -1,7 +1,8 @@
 //! `Idempotency-Key` on the creating POSTs: replay, mismatch (422), in flight
 //! (409), failures not stored, a retry of a failed or abandoned first request
-//! making the same job, 50 concurrent retries making one job, and the batched
-//! purge of expired keys.
+//! making the same job (and another body refused meanwhile), a late first
+//! request leaving its key's takeover alone, 50 concurrent retries making one
+//! job, and the batched purge of expired keys.
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -131,12 +132,26 @@ async fn a_retry_of_a_failed_or_abandoned_first_request_makes_the_same_job() {
     let retried = post(&app.client, &app, "failed", &body).await;
     assert_eq!(accepted_id(retried).await, failed);
 
-    // Another request with that key after a 5xx is a new one, with a new job.
-    let other_failed = Uuid::now_v7();
-    leave_claim(&app, "corrected", &raw, "failed", "1 second", other_failed).await;
-    let corrected = json!({"task": "diag.noop", "args": {}, "delay_ms": 5});
-    let id = accepted_id(post(&app.client, &app, "corrected", &corrected).await).await;
-    assert_ne!(id, other_failed);
+    // Another request with the key of a failed or abandoned first request is
+    // refused as on any key, and takes nothing over: the first request's retry
+    // still makes the job the first may have made.
+    let other = json!({"task": "diag.noop", "args": {}, "delay_ms": 5});
+    for (key, state, age) in [
+        ("failed-then-other", "failed", "1 second"),
+        ("crashed-then-other", "in_flight", "1 hour"),
+    ] {
+        let seed = Uuid::now_v7();
+        leave_claim(&app, key, &raw, state, age, seed).await;
+        let refused = post(&app.client, &app, key, &other).await;
+        assert_eq!(refused.status(), 422, "{key}");
+        let problem: Value = refused.json().await.unwrap();
+        assert_eq!(
+            problem["type"], "https://conveyor.dev/problems/idempotency-key-reused",
+            "{problem}"
+        );
+        let retried = post(&app.client, &app, key, &body).await;
+        assert_eq!(accepted_id(retried).await, seed, "{key}");
+    }
 
     // A keyed batch's jobs each get an id of their own from the one seed.
     let batch = app
@@ -159,9 +174,45 @@ async fn a_retry_of_a_failed_or_abandoned_first_request_makes_the_same_job() {
     assert_ne!(ids[0], ids[1]);
     assert!(ids.iter().all(|id| id.get_version_num() == 7), "{ids:?}");
 
-    assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 5);
+    assert_eq!(app.count("SELECT count(*) AS n FROM jobs").await, 6);
     let done = "SELECT count(*) AS n FROM idempotency_keys WHERE state = 'done'";
-    assert_eq!(app.count(done).await, 4);
+    assert_eq!(app.count(done).await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_request_answering_after_its_key_was_taken_over_stores_nothing() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let campaign = json!({
+        "name": "Late",
+        "template": "event_announcement",
+        "from": "Events <events@example.com>",
+        "vars": {"event": {"title": "Late", "date": "1 April", "venue": "Hall 1"}},
+        "recipients": [{"email": "ada@example.com", "vars": {"name": "Ada"}}],
+    });
+    // The first request waits to insert its campaign.
+    let release = app.block_inserts("campaigns").await;
+    let first = app.post_keyed(&app.client, "/v1/campaigns", "late", &campaign);
+    let take_over = async {
+        app.wait_for_a_lock_wait().await;
+        // Meanwhile it was presumed dead, and a retry took the key over: the
+        // claim is the retry's (same seed, a later `created_at`), still running.
+        let taken = "WITH u AS (UPDATE idempotency_keys SET created_at = created_at + interval '1 minute' \
+                     WHERE key = 'late' AND state = 'in_flight' RETURNING 1) SELECT count(*) AS n FROM u";
+        assert_eq!(app.count(taken).await, 1);
+        release.send(()).unwrap();
+    };
+    let (first, ()) = tokio::join!(first, take_over);
+    assert_eq!(first.status(), 201);
+
+    // Its answer is not stored over the retry's claim: a third request finds
+    // the retry still running, not the first request's answer to replay.
+    let claim = "SELECT count(*) AS n FROM idempotency_keys \
+                 WHERE key = 'late' AND state = 'in_flight' AND response_status IS NULL";
+    assert_eq!(app.count(claim).await, 1);
+    let third = app
+        .post_keyed(&app.client, "/v1/campaigns", "late", &campaign)
+        .await;
+    assert_eq!(third.status(), 409);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

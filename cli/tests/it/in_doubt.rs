@@ -171,25 +171,6 @@ async fn a_batch_none_of_whose_jobs_can_be_recorded_names_them_all_in_doubt() {
     assert_eq!(recorded_again, 0.0);
 }
 
-/// Holds `LOCK TABLE jobs IN SHARE MODE` (it blocks inserts, not reads) until
-/// the returned sender sends or is dropped.
-async fn block_inserts(app: &TestApp) -> std::sync::mpsc::Sender<()> {
-    let url = app.db.url.clone();
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let (locked, is_locked) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        use diesel::Connection;
-        let mut conn = diesel::PgConnection::establish(&url).unwrap();
-        conn.batch_execute("BEGIN; LOCK TABLE jobs IN SHARE MODE")
-            .unwrap();
-        locked.send(()).unwrap();
-        let _ = released.recv();
-        conn.batch_execute("COMMIT").unwrap();
-    });
-    is_locked.await.unwrap();
-    release
-}
-
 /// The one job an in-doubt 503 names.
 async fn named_in_doubt(response: reqwest::Response) -> Uuid {
     assert_eq!(response.status(), 503);
@@ -217,7 +198,7 @@ async fn a_request_that_times_out_after_handing_over_its_job_is_a_503_in_doubt_n
         config.ingress.batches_in_flight = 1;
     })
     .await;
-    let release = block_inserts(&app).await;
+    let release = app.block_inserts("jobs").await;
     // The first job's batch publishes and waits on its insert; the second job
     // waits for the only batch slot. Both requests time out.
     let first = app.enqueue_response(&app.client);
@@ -251,7 +232,7 @@ async fn a_request_that_times_out_after_handing_over_its_job_is_a_503_in_doubt_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_request_that_times_out_names_its_job_and_a_retry_gets_its_202() {
     let app = TestApp::spawn_with(0, |config| config.ingress.request_timeout_ms = 1_500).await;
-    let release = block_inserts(&app).await;
+    let release = app.block_inserts("jobs").await;
     let post = || post_keyed_noop(&app, "order-42");
     let id = named_in_doubt(post().await).await;
     assert_eq!(
