@@ -1,8 +1,11 @@
-//! The campaign API: validation, duplicates, transitions and the keyset-paginated ledger.
+//! The campaign API: validation, duplicates, transitions, the keyset-paginated
+//! ledger, and what a failed planner publish leaves.
 
+use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
 use crate::harness::TestApp;
+use crate::publish_failures::{nacking_every_publish, replace_queue};
 
 fn campaign(recipients: Value) -> Value {
     json!({
@@ -192,4 +195,85 @@ async fn a_campaign_takes_a_hundred_thousand_recipients_in_appends() {
         .unwrap();
     assert_eq!(status["counts"]["total"], 100_001);
     assert_eq!(status["counts"]["pending"], 100_001);
+}
+
+/// Creates a one-recipient campaign; returns its id.
+async fn create_draft(app: &TestApp) -> String {
+    let ada = json!([{"email": "ada@example.com", "vars": {"name": "Ada"}}]);
+    let (status, created) = post(app, "/v1/campaigns", &campaign(ada)).await;
+    assert_eq!(status, 201, "{created}");
+    created["id"].as_str().unwrap().to_owned()
+}
+
+async fn campaign_state(app: &TestApp, id: &str) -> Value {
+    let status: Value = app
+        .client
+        .get(app.url(&format!("/v1/campaigns/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    status["state"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipients_whose_planner_was_not_enqueued_get_it_when_the_call_is_repeated() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let id = create_draft(&app).await;
+    let finish = format!(
+        "WITH c AS (UPDATE campaigns SET state = 'completed', completed_at = now() WHERE id = '{id}' RETURNING 1), \
+              r AS (UPDATE campaign_recipients SET state = 'sent' RETURNING 1) \
+         SELECT (SELECT count(*) FROM c) + (SELECT count(*) FROM r) AS n"
+    );
+    assert_eq!(app.count(&finish).await, 2);
+    let planners = "SELECT count(*) AS n FROM jobs WHERE task = 'mail.plan_campaign'";
+
+    // The completed campaign resumes for a new recipient, but its planner's publish fails.
+    let mail = app.topology().work_queue("mail");
+    replace_queue(&mail, Some(nacking_every_publish())).await;
+    let path = format!("/v1/campaigns/{id}/recipients");
+    let alan = json!({"recipients": [{"email": "alan@example.com", "vars": {"name": "Alan"}}]});
+    let (status, problem) = post(&app, &path, &alan).await;
+    assert_eq!(status, 503, "{problem}");
+    assert_eq!(campaign_state(&app, &id).await, "sending");
+    assert_eq!(app.count(planners).await, 0);
+
+    // The same call again adds nobody, and enqueues the planner for Alan.
+    replace_queue(&mail, Some(FieldTable::default())).await;
+    let (status, added) = post(&app, &path, &alan).await;
+    assert_eq!(status, 200, "{added}");
+    assert_eq!(
+        (added["added"].as_u64(), added["duplicates"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_eq!(app.count(planners).await, 1);
+    assert_eq!(app.queue_len(&mail).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_while_a_send_fails_is_not_undone() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let id = create_draft(&app).await;
+    replace_queue(
+        &app.topology().work_queue("mail"),
+        Some(nacking_every_publish()),
+    )
+    .await;
+    // The send's planner waits to be recorded (its publish is nacked at once).
+    let release = app.block_inserts("jobs").await;
+    let (send_path, empty) = (format!("/v1/campaigns/{id}/send"), json!({}));
+    let send = post(&app, &send_path, &empty);
+    let cancel = async {
+        app.wait_for_a_lock_wait().await;
+        let cancelled = post(&app, &format!("/v1/campaigns/{id}/cancel"), &empty).await;
+        release.send(()).unwrap();
+        cancelled
+    };
+    let ((sent, problem), (cancelled, _)) = tokio::join!(send, cancel);
+    assert_eq!(sent, 503, "{problem}");
+    assert_eq!(cancelled, 200);
+    // The failed send undoes only its own change: the cancel stands.
+    assert_eq!(campaign_state(&app, &id).await, "cancelled");
 }

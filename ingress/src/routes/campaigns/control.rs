@@ -3,6 +3,9 @@
 //! Each is one guarded UPDATE (`… WHERE state IN (allowed)`), so concurrent
 //! calls cannot both win. Those that need the planner enqueue it after the
 //! commit; if that publish fails the change is undone and the caller gets 503.
+//! The undo is guarded too: it applies only while the campaign is still in the
+//! state this call made (`sending`, of the plan generation it left), so a
+//! `cancel` or `pause` that came in meanwhile stands.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -17,7 +20,16 @@ use super::types::Transition;
 use crate::problem::Problem;
 use crate::state::AppState;
 
-/// Moves the campaign from one of `from` to `to`; returns the previous state.
+/// A transition made: what [`undo`] needs to take it back.
+#[derive(Debug, Clone, Copy)]
+struct Made {
+    /// The state the campaign was in.
+    previous: CampaignState,
+    /// The plan generation it was left with.
+    generation: i32,
+}
+
+/// Moves the campaign from one of `from` to `to`; returns what it made.
 /// `replan` also bumps the plan generation (a fresh set of chunk ids).
 async fn transition(
     state: &AppState,
@@ -25,7 +37,7 @@ async fn transition(
     from: &'static [CampaignState],
     to: CampaignState,
     replan: bool,
-) -> Result<CampaignState, Problem> {
+) -> Result<Made, Problem> {
     let allowed: Vec<&'static str> = from.iter().map(|s| s.as_str()).collect();
     let changed = conveyor_schema::pool::run(&state.db, move |conn| {
         conn.transaction(|conn| {
@@ -37,13 +49,14 @@ async fn transition(
                 return Ok(Some(Err(current)));
             }
             let bump = if replan { 1 } else { 0 };
-            diesel::update(campaigns::table.find(id))
+            let generation = diesel::update(campaigns::table.find(id))
                 .set((
                     campaigns::state.eq(to.as_str()),
                     campaigns::plan_generation.eq(campaigns::plan_generation + bump),
                     campaigns::updated_at.eq(diesel::dsl::now),
                 ))
-                .execute(conn)?;
+                .returning(campaigns::plan_generation)
+                .get_result::<i32>(conn)?;
             if to == CampaignState::Sending {
                 diesel::update(
                     campaigns::table
@@ -53,7 +66,7 @@ async fn transition(
                 .set(campaigns::send_started_at.eq(diesel::dsl::now))
                 .execute(conn)?;
             }
-            Ok(Some(Ok(current)))
+            Ok(Some(Ok((current, generation))))
         })
     })
     .await
@@ -66,27 +79,46 @@ async fn transition(
             "Invalid state transition",
             format!("campaign {id} is {current}; cannot become {}", to.as_str()),
         )),
-        Some(Ok(previous)) => Ok(CampaignState::parse(&previous).unwrap_or(CampaignState::Draft)),
+        Some(Ok((previous, generation))) => Ok(Made {
+            previous: CampaignState::parse(&previous).unwrap_or(CampaignState::Draft),
+            generation,
+        }),
     }
 }
 
-/// Puts the campaign back in `previous` after a failed planner publish.
-async fn undo(state: &AppState, id: Uuid, previous: CampaignState) {
+/// Puts the campaign back in its previous state after a failed planner
+/// publish, if it is still `sending` as `made` left it; a transition since
+/// (a cancel, a pause, another resume) is kept.
+async fn undo(state: &AppState, id: Uuid, made: Made) {
     let restored = conveyor_schema::pool::run(&state.db, move |conn| {
-        diesel::update(campaigns::table.find(id))
-            .set(campaigns::state.eq(previous.as_str()))
-            .execute(conn)
+        diesel::update(
+            campaigns::table
+                .find(id)
+                .filter(campaigns::state.eq(CampaignState::Sending.as_str()))
+                .filter(campaigns::plan_generation.eq(made.generation)),
+        )
+        .set((
+            campaigns::state.eq(made.previous.as_str()),
+            campaigns::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)
     })
     .await;
-    if let Err(err) = restored {
-        tracing::error!(campaign.id = %id, error = %err, "could not undo a campaign transition");
+    match restored {
+        Ok(0) => {
+            tracing::info!(campaign.id = %id, "campaign changed since; its failed transition is not undone");
+        }
+        Ok(_) => {}
+        Err(err) => {
+            tracing::error!(campaign.id = %id, error = %err, "could not undo a campaign transition");
+        }
     }
 }
 
 async fn start_planning(
     state: &AppState,
     id: Uuid,
-    previous: CampaignState,
+    made: Made,
 ) -> Result<Json<Transition>, Problem> {
     match enqueue_planner(state, id).await {
         Ok(job) => Ok(Json(Transition {
@@ -95,7 +127,7 @@ async fn start_planning(
             recipients: None,
         })),
         Err(problem) => {
-            undo(state, id, previous).await;
+            undo(state, id, made).await;
             Err(problem)
         }
     }
@@ -114,7 +146,7 @@ pub async fn send(
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Transition>, Problem> {
-    let previous = transition(
+    let made = transition(
         &state,
         id,
         &[CampaignState::Draft],
@@ -122,7 +154,7 @@ pub async fn send(
         false,
     )
     .await?;
-    start_planning(&state, id, previous).await
+    start_planning(&state, id, made).await
 }
 
 /// Pause sending: senders stop at their next recipient group and hand the rest back.
@@ -165,7 +197,7 @@ pub async fn resume(
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Transition>, Problem> {
-    let previous = transition(
+    let made = transition(
         &state,
         id,
         &[CampaignState::Paused],
@@ -173,7 +205,7 @@ pub async fn resume(
         true,
     )
     .await?;
-    start_planning(&state, id, previous).await
+    start_planning(&state, id, made).await
 }
 
 /// Cancel for good: pending recipients are never sent.
@@ -220,7 +252,7 @@ pub async fn resend_unknown(
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Transition>, Problem> {
-    let previous = transition(
+    let made = transition(
         &state,
         id,
         &[CampaignState::Sending, CampaignState::Completed],
@@ -243,7 +275,7 @@ pub async fn resend_unknown(
     })
     .await
     .map_err(|err| Problem::unavailable(err.to_string(), 1))?;
-    let mut result = start_planning(&state, id, previous).await?;
+    let mut result = start_planning(&state, id, made).await?;
     result.recipients = Some(moved as u64);
     Ok(result)
 }

@@ -177,6 +177,11 @@ pub async fn create(
 }
 
 /// Append recipients (any state but `cancelled`; a `completed` campaign resumes sending).
+///
+/// A `sending` campaign (also one that resumes) gets the planner after the
+/// commit whenever it has recipients no planner has taken yet. If the planner
+/// cannot be enqueued (503), the recipients and the state stay: the same call
+/// again, which adds none, enqueues it for them.
 #[utoipa::path(
     post, path = "/v1/campaigns/{id}/recipients", tag = "campaigns",
     params(("id" = Uuid, Path, description = "Campaign id")),
@@ -186,6 +191,7 @@ pub async fn create(
         (status = 404, description = "No such campaign", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Campaign cancelled", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid address (pointer names the index)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Database unavailable (nothing changed), or the planner could not be enqueued: the recipients are stored and the campaign is sending; the same request again enqueues the planner", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn add_recipients(
@@ -221,16 +227,26 @@ pub async fn add_recipients(
                     ))
                     .execute(conn)?;
             }
-            Ok(Ok((
-                added,
-                resumes || current == CampaignState::Sending.as_str(),
-            )))
+            // What the planner takes: pending and in no chunk (this call's
+            // rows, or an earlier call's whose planner was never enqueued).
+            // Unlike a transition, an append is not undone when the planner's
+            // publish fails: that may be in doubt, and a planner already
+            // running for the campaign may have taken the new rows.
+            let plan = (resumes || current == CampaignState::Sending.as_str())
+                && diesel::select(diesel::dsl::exists(
+                    campaign_recipients::table
+                        .filter(campaign_recipients::campaign_id.eq(id))
+                        .filter(campaign_recipients::state.eq("pending"))
+                        .filter(campaign_recipients::chunk_id.is_null()),
+                ))
+                .get_result::<bool>(conn)?;
+            Ok(Ok((added, plan)))
         })
     })
     .await
     .map_err(|err| Problem::unavailable(err.to_string(), 1))?;
     let (added, plan) = outcome?;
-    if plan && added > 0 {
+    if plan {
         enqueue_planner(&state, id).await?;
     }
     Ok(Json(AddedRecipients {
