@@ -32,7 +32,8 @@ pub(crate) fn mail_config_for(config: &mut Config, smtp_url: &str) {
     config.mail.retry_backoff_ms = 200;
 }
 
-fn process_env(app: &mut TestApp, smtp: &TestSmtp) {
+/// The mail settings of [`mail_config_for`], for worker processes.
+pub(crate) fn process_env(app: &mut TestApp, smtp: &TestSmtp) {
     for (key, value) in [
         ("CONVEYOR_MAIL_SMTP_URL", smtp.url.clone()),
         (
@@ -47,12 +48,12 @@ fn process_env(app: &mut TestApp, smtp: &TestSmtp) {
     }
 }
 
-fn address(i: usize) -> String {
+pub(crate) fn address(i: usize) -> String {
     format!("guest{i:05}@example.com")
 }
 
 /// Creates a campaign of `n` recipients and starts it; returns its id.
-async fn start_campaign(app: &TestApp, n: usize, rate: Option<f64>) -> String {
+pub(crate) async fn start_campaign(app: &TestApp, n: usize, rate: Option<f64>) -> String {
     start_campaign_to(app, (0..n).map(address).collect(), rate).await
 }
 
@@ -98,7 +99,7 @@ pub(crate) async fn start_campaign_to(
 }
 
 /// Posts a state change (`pause`, `resume`, `cancel`) to campaign `id`; returns the status.
-async fn control(app: &TestApp, id: &str, action: &str) -> u16 {
+pub(crate) async fn control(app: &TestApp, id: &str, action: &str) -> u16 {
     app.client
         .post(app.url(&format!("/v1/campaigns/{id}/{action}")))
         .send()
@@ -134,12 +135,12 @@ pub(crate) async fn wait_completed(app: &TestApp, id: &str, timeout: Duration) -
     }
 }
 
-async fn sent_so_far(app: &TestApp) -> i64 {
+pub(crate) async fn sent_so_far(app: &TestApp) -> i64 {
     app.count("SELECT count(*) AS n FROM campaign_recipients WHERE state = 'sent'")
         .await
 }
 
-fn assert_no_duplicates(smtp: &TestSmtp) -> usize {
+pub(crate) fn assert_no_duplicates(smtp: &TestSmtp) -> usize {
     let per_address = smtp.per_address();
     let twice: Vec<_> = per_address.iter().filter(|(_, n)| **n > 1).collect();
     assert!(

@@ -30,6 +30,8 @@ mod logs;
 mod mail;
 mod mail_api;
 mod mail_outcomes;
+mod mail_pause;
+mod mail_rate;
 mod make_run;
 mod make_run_services;
 mod metrics;

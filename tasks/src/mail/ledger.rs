@@ -3,6 +3,8 @@
 //! Every function takes a connection and runs on a blocking thread (callers
 //! use `pool::run`). Each state change is committed before the next step acts
 //! on it: a claim before its SMTP conversations, an outcome after them.
+//! Planning a chunk and handing a paused chunk back both hold the campaign row
+//! `FOR SHARE`, so neither interleaves with a pause, resume or cancel.
 
 use chrono::{DateTime, Utc};
 use conveyor_schema::db::{campaign_chunks, campaign_recipients, campaigns};
@@ -33,13 +35,49 @@ pub fn chunk_id(campaign_id: Uuid, generation: i32, first_recipient: i64) -> Uui
     )
 }
 
-/// Plans one chunk of up to `size` unplanned pending recipients; `None` when none is left.
+/// What [`plan_next_chunk`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Planned {
+    /// Recorded this chunk and assigned its recipients to it.
+    Chunk(Uuid),
+    /// No unplanned pending recipient is left.
+    Nothing,
+    /// The campaign is no longer sending at the planner's generation (paused,
+    /// cancelled, or re-planned since the planner read it): the planner stops.
+    Stale,
+    /// This chunk id is recorded already, so the recipients it would take were
+    /// handed back after a chunk of this generation began with the same one.
+    /// Nothing was changed: reassigning them to that chunk, which may have been
+    /// published and finished, would leave them unsent for good.
+    Exists(Uuid),
+}
+
+/// Plans one chunk of up to `size` unplanned pending recipients, if the
+/// campaign is still sending at `campaign`'s plan generation.
+///
+/// The campaign row is locked `FOR SHARE` while the chunk is made, so a pause,
+/// resume or cancel (which lock it `FOR UPDATE`) waits for the chunk, and a
+/// planner working from an older read of the campaign makes none after one.
+/// Senders hand recipients back only while the campaign is paused
+/// ([`release_pending`]), so a planner never sees the recipients of a chunk of
+/// its own generation come back.
 pub fn plan_next_chunk(
     conn: &mut PgConnection,
     campaign: &Campaign,
     size: usize,
-) -> QueryResult<Option<Uuid>> {
+) -> QueryResult<Planned> {
     conn.transaction(|conn| {
+        let current: Option<(String, i32)> = campaigns::table
+            .find(campaign.id)
+            .select((campaigns::state, campaigns::plan_generation))
+            .for_share()
+            .first(conn)
+            .optional()?;
+        let still_sending = matches!(current, Some((state, generation))
+            if state == CampaignState::Sending.as_str() && generation == campaign.plan_generation);
+        if !still_sending {
+            return Ok(Planned::Stale);
+        }
         let ids: Vec<i64> = campaign_recipients::table
             .filter(campaign_recipients::campaign_id.eq(campaign.id))
             .filter(campaign_recipients::state.eq("pending"))
@@ -51,10 +89,10 @@ pub fn plan_next_chunk(
             .skip_locked()
             .load(conn)?;
         let (Some(&first), Some(&last)) = (ids.first(), ids.last()) else {
-            return Ok(None);
+            return Ok(Planned::Nothing);
         };
         let id = chunk_id(campaign.id, campaign.plan_generation, first);
-        diesel::insert_into(campaign_chunks::table)
+        let inserted = diesel::insert_into(campaign_chunks::table)
             .values((
                 campaign_chunks::id.eq(id),
                 campaign_chunks::campaign_id.eq(campaign.id),
@@ -65,10 +103,13 @@ pub fn plan_next_chunk(
             ))
             .on_conflict_do_nothing()
             .execute(conn)?;
+        if inserted == 0 {
+            return Ok(Planned::Exists(id));
+        }
         diesel::update(campaign_recipients::table.filter(campaign_recipients::id.eq_any(&ids)))
             .set(campaign_recipients::chunk_id.eq(id))
             .execute(conn)?;
-        Ok(Some(id))
+        Ok(Planned::Chunk(id))
     })
 }
 
@@ -325,14 +366,80 @@ pub fn leftovers(conn: &mut PgConnection, chunk: Uuid) -> QueryResult<Leftovers>
     .get_result(conn)
 }
 
-/// Gives the chunk's pending recipients back to the planner (on pause).
-pub fn release_pending(conn: &mut PgConnection, chunk: Uuid) -> QueryResult<usize> {
-    diesel::update(
-        campaign_recipients::table
-            .filter(campaign_recipients::chunk_id.eq(chunk))
-            .filter(campaign_recipients::state.eq("pending")),
+/// Gives the chunk's pending recipients back to the planner, if the campaign
+/// is still paused; `None` (nothing changed) when it is not, because it was
+/// resumed or cancelled since the sender read its state.
+///
+/// The campaign row is locked `FOR SHARE` meanwhile, so a resume waits for the
+/// hand-back and its planner finds the recipients; a hand-back that landed
+/// after the resumed planner's run would leave them with no planner to take them.
+pub fn release_pending(
+    conn: &mut PgConnection,
+    campaign_id: Uuid,
+    chunk: Uuid,
+) -> QueryResult<Option<usize>> {
+    conn.transaction(|conn| {
+        let state: Option<String> = campaigns::table
+            .find(campaign_id)
+            .select(campaigns::state)
+            .for_share()
+            .first(conn)
+            .optional()?;
+        if state.as_deref() != Some(CampaignState::Paused.as_str()) {
+            return Ok(None);
+        }
+        diesel::update(
+            campaign_recipients::table
+                .filter(campaign_recipients::chunk_id.eq(chunk))
+                .filter(campaign_recipients::state.eq("pending")),
+        )
+        .set(campaign_recipients::chunk_id.eq(None::<Uuid>))
+        .execute(conn)
+        .map(Some)
+    })
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// How many of the chunk's pending recipients are due now, counting up to `most`.
+pub fn due(conn: &mut PgConnection, chunk: Uuid, most: usize) -> QueryResult<usize> {
+    let count: Count = diesel::sql_query(
+        "SELECT count(*) AS n FROM (
+             SELECT 1 FROM campaign_recipients
+              WHERE chunk_id = $1 AND state = 'pending'
+                AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+              LIMIT $2) due",
     )
-    .set(campaign_recipients::chunk_id.eq(None::<Uuid>))
+    .bind::<SqlUuid, _>(chunk)
+    .bind::<BigInt, _>(i64::try_from(most).unwrap_or(i64::MAX))
+    .get_result(conn)?;
+    Ok(usize::try_from(count.n).unwrap_or(0))
+}
+
+/// Gives recipients that `worker` claimed in `chunk` but never handed to the
+/// SMTP server (it stopped first) back to `pending`, and takes back the attempt
+/// their claim counted.
+pub fn give_back(
+    conn: &mut PgConnection,
+    worker: &str,
+    chunk: Uuid,
+    ids: &[i64],
+) -> QueryResult<usize> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    diesel::sql_query(
+        "UPDATE campaign_recipients
+            SET state = 'pending', attempts = attempts - 1, updated_at = now()
+          WHERE id = ANY($1) AND chunk_id = $2 AND claimed_by = $3 AND state = 'sending'",
+    )
+    .bind::<Array<BigInt>, _>(ids)
+    .bind::<SqlUuid, _>(chunk)
+    .bind::<Text, _>(worker)
     .execute(conn)
 }
 

@@ -5,13 +5,20 @@
 //! chunk once, and only chunks not yet confirmed as published are published.
 //! A redelivered or replayed planner therefore makes no second chunk and, as
 //! sender jobs reuse the chunk id as job id, no second job record.
+//!
+//! The campaign is read once per round, but each chunk is made only while the
+//! campaign is still sending at that read's plan generation (checked under a
+//! lock on the campaign row, see `ledger::plan_next_chunk`). A planner that was
+//! overtaken by a pause, cancel, resume or resend-unknown stops there; the
+//! chunks it made but did not publish are published by the planner of the
+//! resume (every planner publishes all unpublished chunks of its campaign).
 
 use conveyor_schema::Envelope;
 use conveyor_schema::args::mail::{self, PlanCampaignArgs, SendChunkArgs};
 use conveyor_schema::models::CampaignState;
 use conveyor_schema::pool;
 
-use super::ledger;
+use super::ledger::{self, Planned};
 use crate::{JobContext, Task, TaskError};
 
 /// Sender jobs published per broker round trip.
@@ -52,8 +59,17 @@ impl Task for PlanCampaign {
                 })
                 .await?
                 {
-                    Some(_) => round += 1,
-                    None => break,
+                    Planned::Chunk(_) => round += 1,
+                    Planned::Nothing => break,
+                    Planned::Stale => {
+                        tracing::info!(campaign.id = %campaign_id, "campaign paused, cancelled or re-planned during the round; planner stops");
+                        return Ok(());
+                    }
+                    Planned::Exists(chunk) => {
+                        return Err(TaskError::permanent(anyhow::anyhow!(
+                            "chunk {chunk} of campaign {campaign_id} is recorded already, but the recipients it would take are unplanned; not reassigning them (pause and resume the campaign to plan them afresh)"
+                        )));
+                    }
                 }
             }
             planned += round;

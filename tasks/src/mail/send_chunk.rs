@@ -1,23 +1,31 @@
 //! `mail.send_chunk`: deliver one chunk, one claimed group of recipients at a time.
 //!
-//! For each group: claim up to `smtp_concurrency` due recipients if the
-//! campaign is still sending (committed), reserve send slots (shared rate),
-//! talk to the SMTP server for each, then record every outcome, committed
-//! together with the next group's claim. A throttled group is recorded on its
-//! own instead, and its conversation slots go back to the worker's other
-//! chunks, which would otherwise wait for the slow chunk's end.
+//! For each group: if the campaign is throttled, reserve its send slots
+//! (shared rate) and wait for the first, before anyone is claimed; then claim
+//! up to `smtp_concurrency` due recipients (a throttled group only as many as
+//! have slots, at most a second's worth) if the campaign is still sending
+//! (committed), talk to the SMTP server for each, then record every outcome,
+//! committed together with the next group's claim. A throttled group is
+//! recorded on its own instead, and its conversation slots go back to the
+//! worker's other chunks, which would otherwise wait for the slow chunk's end.
 //! A 250 marks the row `sent`; a 5xx marks it `failed` with the reply; a 4xx, or
 //! a connection failure or timeout before the message was written, defers it
 //! with backoff. A conversation that broke or timed out after the message was
 //! written marks it `unknown` (the server may have it). Rows left claimed by a
 //! dead worker become `unknown` once their claim expires. `unknown` rows are
-//! never re-sent automatically.
-//! On shutdown the group in flight is finished and the job goes back to its
-//! queue; the rest of the chunk stays `pending`.
+//! never re-sent automatically; so a recipient is claimed only when it is about
+//! to be handed to the SMTP server, and one that never was goes back to `pending`.
+//! On shutdown the group in flight is finished, except that recipients of a
+//! throttled group still waiting for their send slot are given back, and the
+//! job goes back to its queue; the rest of the chunk stays `pending`. A group
+//! is claimed only if it can end before the attempt's timeout; else the job is
+//! retried. On pause the chunk's pending recipients go back to the planner, if
+//! the campaign is still paused when they do (else the sender carries on).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use conveyor_schema::TaskSpec;
 use conveyor_schema::args::mail::{self, SendChunkArgs};
 use conveyor_schema::models::CampaignState;
 use conveyor_schema::pool;
@@ -71,25 +79,50 @@ impl Task for SendChunk {
             tracing::warn!(chunk.id = %chunk_id, expired, "recipients in doubt after an expired claim marked unknown");
         }
         let worker = ctx.services.worker_id.clone();
-        let ttl_secs = settings.claim_ttl.as_secs_f64();
+        let ttl = settings.claim_ttl;
         let group = settings.smtp_concurrency.max(1);
+        // The worker drops an attempt at the task's timeout, claimed recipients
+        // and all: no group is claimed that could still be at work by then (its
+        // last send starts `spread` after the claim and takes at most this).
+        let deadline = Instant::now() + <mail::SendChunk as TaskSpec>::options().timeout;
+        let send_timeout = mail.transport.timeout();
         // The conversation slots are taken before a claim (so claimed rows never
         // wait for one) and kept for the groups that follow, unless throttled.
         let mut slots = None;
         let mut outcomes: Vec<Outcome> = Vec::new();
         loop {
-            let stopping = ctx.shutdown.is_cancelled();
+            let mut stopping = ctx.shutdown.is_cancelled();
+            // A throttled group's send slots are reserved, and the first one
+            // awaited, before anyone is claimed: a failed reservation or a
+            // shutdown meanwhile leaves nobody claimed. (A throttled group's
+            // outcomes are recorded already, so an error here loses none.)
+            let pace = if stopping {
+                None
+            } else {
+                reserve_slots(&ctx, campaign_id, chunk_id, campaign.rate_per_sec, group).await?
+            };
+            if let Some(wait) = pace.and_then(|p| (p.start - Utc::now()).to_std().ok()) {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = ctx.shutdown.cancelled() => stopping = true,
+                }
+            }
+            let (limit, spread) = pace.map_or((group, Duration::ZERO), |p| (p.n, p.spread()));
             if !stopping && slots.is_none() {
                 slots = Some(tokio::select! {
-                    slots = mail.conversations.clone().acquire_many_owned(group as u32) => {
+                    slots = mail.conversations.clone().acquire_many_owned(limit.max(1) as u32) => {
                         slots.map_err(|_| anyhow::anyhow!("mail service closed"))?
                     }
                     _ = ctx.shutdown.cancelled() => return Err(TaskError::Interrupted),
                 });
             }
-            // The last group's outcomes are recorded in the same commit as the next claim.
+            // Out of time: record, claim nobody, and let a retry carry on.
+            let in_time = Instant::now() + spread + send_timeout < deadline;
+            // The last group's outcomes are recorded in the same commit as the
+            // next claim, which is trusted until the group's last send has had
+            // its claim TTL.
             let (sent, claimer) = (std::mem::take(&mut outcomes), worker.clone());
-            let next = (!stopping).then_some((ttl_secs, group));
+            let next = (!stopping && in_time).then_some(((ttl + spread).as_secs_f64(), limit));
             let (state, claimed) = pool::run(db, move |c| {
                 ledger::record_and_claim(c, &claimer, &sent, campaign_id, chunk_id, next)
             })
@@ -100,49 +133,79 @@ impl Task for SendChunk {
             match state {
                 Some(CampaignState::Sending) => {}
                 Some(CampaignState::Paused) => {
-                    let released =
-                        pool::run(db, move |c| ledger::release_pending(c, chunk_id)).await?;
-                    tracing::info!(chunk.id = %chunk_id, released, "campaign paused; released the rest of the chunk");
-                    return Ok(());
+                    match pool::run(db, move |c| {
+                        ledger::release_pending(c, campaign_id, chunk_id)
+                    })
+                    .await?
+                    {
+                        Some(released) => {
+                            tracing::info!(chunk.id = %chunk_id, released, "campaign paused; released the rest of the chunk");
+                            return Ok(());
+                        }
+                        // Resumed or cancelled since: look at the state again
+                        // (the next group takes its conversation slots afresh).
+                        None => {
+                            slots = None;
+                            continue;
+                        }
+                    }
                 }
                 _ => return Ok(()),
             }
             if claimed.is_empty() {
                 break;
             }
-            let (start, spacing) =
-                reserve_slots(&ctx, campaign_id, campaign.rate_per_sec, claimed.len()).await?;
             let sends = claimed.iter().enumerate().map(|(i, recipient)| {
                 let envelope = &envelope;
                 let mail = &mail;
+                let shutdown = &ctx.shutdown;
                 async move {
-                    if let Some(spacing) = spacing {
-                        let due = start + spacing * i as u32;
+                    if let Some(pace) = pace {
+                        let due = pace.start + pace.spacing * i as u32;
                         if let Ok(wait) = (due - Utc::now()).to_std() {
-                            tokio::time::sleep(wait).await;
+                            // Not handed to the SMTP server yet: on shutdown
+                            // it is given back rather than left claimed.
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = shutdown.cancelled() => return None,
+                            }
                         }
                     }
-                    message::send_one(
-                        mail,
-                        envelope,
-                        recipient.id,
-                        &recipient.email,
-                        &recipient.vars,
+                    Some(
+                        message::send_one(
+                            mail,
+                            envelope,
+                            recipient.id,
+                            &recipient.email,
+                            &recipient.vars,
+                        )
+                        .await,
                     )
-                    .await
                 }
             });
             let deliveries = join_all(sends).await;
+            let mut unsent = Vec::new();
             outcomes = claimed
                 .iter()
                 .zip(deliveries)
-                .map(|(recipient, delivery)| outcome(settings, recipient, delivery))
+                .filter_map(|(recipient, delivery)| match delivery {
+                    Some(delivery) => Some(outcome(settings, recipient, delivery)),
+                    None => {
+                        unsent.push(recipient.id);
+                        None
+                    }
+                })
                 .collect();
-            if spacing.is_some() {
-                // A throttled group took its time: record it now and let the
-                // worker's other chunks have the conversations before the next.
+            if pace.is_some() {
+                // A throttled group took its time: record it now (and give back
+                // those a shutdown kept from being sent), and let the worker's
+                // other chunks have the conversations before the next.
                 let (sent, recorder) = (std::mem::take(&mut outcomes), worker.clone());
-                pool::run(db, move |c| ledger::record(c, &recorder, &sent)).await?;
+                pool::run(db, move |c| {
+                    ledger::record(c, &recorder, &sent)?;
+                    ledger::give_back(c, &recorder, chunk_id, &unsent)
+                })
+                .await?;
                 slots = None;
             }
         }
@@ -175,35 +238,72 @@ impl Task for SendChunk {
     }
 }
 
-/// Reserves `n` slots against the campaign's rate and the global ceiling;
-/// returns the first slot and the spacing between sends (`None`: unthrottled).
+/// At most this long passes between a throttled group's first send and its
+/// last: a throttled group holds no more recipients than are due in it, so
+/// none is claimed long before it is sent.
+const PACE_WINDOW: Duration = Duration::from_secs(1);
+
+/// Send slots reserved for a throttled group before it is claimed.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    /// Recipients to claim, as many as slots were reserved (0: none is due).
+    n: usize,
+    /// When the first may be sent.
+    start: DateTime<Utc>,
+    /// Between two sends, at the slowest rate that applies.
+    spacing: Duration,
+}
+
+impl Pace {
+    /// From the group's first send to its last.
+    fn spread(&self) -> Duration {
+        self.spacing
+            .saturating_mul(u32::try_from(self.n.saturating_sub(1)).unwrap_or(u32::MAX))
+    }
+}
+
+/// For a throttled campaign (its own rate, the global ceiling or both),
+/// reserves send slots for the chunk's next group against each; `None` when
+/// unthrottled. The group is the chunk's due recipients, at most `group` of
+/// them and at most a [`PACE_WINDOW`]'s worth at the slowest rate (at least one).
 async fn reserve_slots(
     ctx: &JobContext,
     campaign_id: uuid::Uuid,
+    chunk_id: uuid::Uuid,
     campaign_rate: Option<f64>,
-    n: usize,
-) -> Result<(DateTime<Utc>, Option<Duration>), TaskError> {
+    group: usize,
+) -> Result<Option<Pace>, TaskError> {
     let global = ctx.services.mail.settings.global_rate_per_sec;
-    if campaign_rate.is_none() && global.is_none() {
-        return Ok((Utc::now(), None));
-    }
-    let campaign_key = campaign_rate.map(|_| format!("campaign:{campaign_id}"));
-    let start = pool::run(&ctx.services.db, move |c| {
-        let mut start = Utc::now();
-        if let (Some(rate), Some(key)) = (campaign_rate, campaign_key.as_deref()) {
-            start = start.max(rate::reserve(c, key, rate, n)?);
-        }
-        if let Some(rate) = global {
-            start = start.max(rate::reserve(c, "global", rate, n)?);
-        }
-        Ok(start)
-    })
-    .await?;
-    let slowest = [campaign_rate, global]
+    let Some(slowest) = [campaign_rate, global]
         .into_iter()
         .flatten()
-        .fold(f64::INFINITY, f64::min);
-    Ok((start, Some(Duration::from_secs_f64(1.0 / slowest))))
+        .reduce(f64::min)
+    else {
+        return Ok(None);
+    };
+    let most = group
+        .min((slowest * PACE_WINDOW.as_secs_f64()) as usize)
+        .max(1);
+    let campaign_key = campaign_rate.map(|_| format!("campaign:{campaign_id}"));
+    let (n, start) = pool::run(&ctx.services.db, move |c| {
+        let n = ledger::due(c, chunk_id, most)?;
+        let mut start = Utc::now();
+        if n > 0 {
+            if let (Some(rate), Some(key)) = (campaign_rate, campaign_key.as_deref()) {
+                start = start.max(rate::reserve(c, key, rate, n)?);
+            }
+            if let Some(rate) = global {
+                start = start.max(rate::reserve(c, "global", rate, n)?);
+            }
+        }
+        Ok((n, start))
+    })
+    .await?;
+    Ok(Some(Pace {
+        n,
+        start,
+        spacing: Duration::from_secs_f64(1.0 / slowest),
+    }))
 }
 
 fn outcome(

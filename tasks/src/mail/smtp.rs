@@ -247,6 +247,11 @@ impl SmtpPool {
         Ok(Self { pool, timeout })
     }
 
+    /// `mail.smtp_timeout_ms`: the most one message's send may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Sends `message` on a pooled connection within the timeout; the server's
     /// answer to the message on success. A connection whose conversation
     /// failed or timed out is closed, not returned to the pool. The error says
