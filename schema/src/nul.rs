@@ -13,15 +13,14 @@ use serde_json::Value;
 /// JSON `raw` that holds U+0000, if any. JSON can carry it only as the escape
 /// `\u0000`, so text without that escape is not parsed again.
 pub fn nul_character_at(raw: &[u8]) -> Option<String> {
-    let escaped = raw.windows(6).enumerate().any(|(at, window)| {
-        window == b"\\u0000"
-            && raw[..at]
-                .iter()
-                .rev()
-                .take_while(|byte| **byte == b'\\')
-                .count()
-                % 2
-                == 0
+    let escaped = memchr::memmem::find_iter(raw, b"\\u0000").any(|at| {
+        raw[..at]
+            .iter()
+            .rev()
+            .take_while(|byte| **byte == b'\\')
+            .count()
+            % 2
+            == 0
     });
     if !escaped {
         return None;
