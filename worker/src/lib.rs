@@ -12,7 +12,7 @@ mod enqueuer;
 mod execute;
 mod heartbeat;
 mod http;
-mod prefetch;
+pub mod prefetch;
 mod readiness;
 mod runtime;
 pub mod scheduler;

@@ -323,14 +323,12 @@ async fn a_worker_leaves_a_backlog_it_cannot_start_soon_in_the_queue() {
     for task in ["diag.noop", "diag.sleep", "diag.fail", "diag.panic"] {
         assert!(registry.tune(task, |o| o.concurrency = 1));
     }
-    let slots: usize = registry
-        .tasks()
-        .map(|task| &task.descriptor().options)
-        .filter(|options| options.queue == "default")
-        .map(|options| options.concurrency)
-        .sum();
-    let window = u32::try_from(4 * slots).unwrap();
-    assert!(window < backlog / 2, "{slots} slots on `default`");
+    let window = u32::from(conveyor_worker::prefetch::window(
+        &app.config.worker,
+        &registry,
+        "default",
+    ));
+    assert!(window < backlog / 2, "a window of {window} on `default`");
     app.start_worker_with(registry).await;
     // Whichever held job takes the one slot first: not necessarily the oldest.
     wait_until(WAIT, || async {
