@@ -13,6 +13,8 @@ use serde_json::Value;
 /// JSON `raw` that holds U+0000, if any. JSON can carry it only as the escape
 /// `\u0000`, so text without that escape is not parsed again.
 pub fn nul_character_at(raw: &[u8]) -> Option<String> {
+    // Most bodies hold no escape at all: one byte search settles them.
+    memchr::memchr(b'\\', raw)?;
     let escaped = memchr::memmem::find_iter(raw, b"\\u0000").any(|at| {
         raw[..at]
             .iter()
