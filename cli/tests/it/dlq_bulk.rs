@@ -189,15 +189,7 @@ async fn bulk_discard_marks_and_audits_only_the_matching_records() {
     )
     .await;
     assert_eq!(ids_with(&done, "discarded"), vec![panicking], "{done}");
-    let listed: Value = app
-        .client
-        .get(app.url("/v1/admin/dead-jobs"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = app.get_json("/v1/admin/dead-jobs").await;
     let listed: Vec<&str> = listed
         .as_array()
         .unwrap()

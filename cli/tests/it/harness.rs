@@ -586,6 +586,18 @@ impl TestApp {
         self.publish_envelope(&again).await;
     }
 
+    /// `GET path` with the admin key; the answer's JSON body.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Publishes `envelope` to the `default` work queue, confirmed.
     pub async fn publish_envelope(&self, envelope: &conveyor_schema::Envelope) {
         let stop = CancellationToken::new();

@@ -28,30 +28,14 @@ async fn enqueued_job_runs_and_succeeds() {
     let app = TestApp::spawn().await;
     let id = app.enqueue("diag.noop", json!({})).await;
     // Visible as soon as the 202 was sent.
-    let status: Value = app
-        .client
-        .get(app.url(&format!("/v1/jobs/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = app.get_json(&format!("/v1/jobs/{id}")).await;
     assert!(
         ["queued", "running", "succeeded"].contains(&status["state"].as_str().unwrap()),
         "{status}"
     );
     let job = app.wait_for_state(id, "succeeded", WAIT).await;
     assert_eq!((job.attempts, job.runs), (1, 1));
-    let status: Value = app
-        .client
-        .get(app.url(&format!("/v1/jobs/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = app.get_json(&format!("/v1/jobs/{id}")).await;
     assert_eq!(status["state"], "succeeded");
     assert!(status["finished_at"].is_string());
 }
@@ -150,6 +134,19 @@ async fn delayed_job_waits_in_the_broker() {
     );
 }
 
+/// `body` as a message to queue `work`, as a producer other than Conveyor may
+/// publish it (with a fresh `message_id`, no task header).
+fn raw_message(work: &str, body: Vec<u8>) -> Outgoing {
+    Outgoing {
+        exchange: String::new(),
+        routing_key: work.to_owned(),
+        body,
+        message_id: uuid::Uuid::now_v7(),
+        task: String::new(),
+        headers: vec![],
+    }
+}
+
 /// Messages that are not valid jobs go to the dead-letter queue with a reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_messages_are_dead_lettered_not_dropped() {
@@ -158,14 +155,7 @@ async fn unreadable_messages_are_dead_lettered_not_dropped() {
     let stop = CancellationToken::new();
     let publisher = app.publisher(&stop).await;
     let work = topology.work_queue("default");
-    let raw = |body: Vec<u8>| Outgoing {
-        exchange: String::new(),
-        routing_key: work.clone(),
-        body,
-        message_id: uuid::Uuid::now_v7(),
-        task: String::new(),
-        headers: vec![],
-    };
+    let raw = |body: Vec<u8>| raw_message(&work, body);
 
     let unknown_task = Envelope::new("no.such.task", json!({}));
     let mut future_version = serde_json::to_value(Envelope::new("diag.noop", json!({}))).unwrap();
@@ -214,12 +204,11 @@ async fn an_unreadable_message_without_an_id_is_recorded_once_however_often_it_c
     let stop = CancellationToken::new();
     let publisher = app.publisher(&stop).await;
     let message = Outgoing {
-        exchange: String::new(),
-        routing_key: app.topology().work_queue("default"),
-        body: b"not an envelope, no id".to_vec(),
         message_id: uuid::Uuid::nil(),
-        task: String::new(),
-        headers: vec![],
+        ..raw_message(
+            &app.topology().work_queue("default"),
+            b"not an envelope, no id".to_vec(),
+        )
     };
     publisher.publish(&message).await.unwrap();
     publisher.publish(&message).await.unwrap();
@@ -241,14 +230,7 @@ async fn messages_holding_nul_are_dead_lettered_and_the_worker_goes_on() {
     let stop = CancellationToken::new();
     let publisher = app.publisher(&stop).await;
     let work = topology.work_queue("default");
-    let raw = |body: Vec<u8>| Outgoing {
-        exchange: String::new(),
-        routing_key: work.clone(),
-        body,
-        message_id: uuid::Uuid::now_v7(),
-        task: String::new(),
-        headers: vec![],
-    };
+    let raw = |body: Vec<u8>| raw_message(&work, body);
     let nul_in_args = raw(Envelope::new("diag.noop", json!({"note": "a\u{0}b"})).encode());
     let nul_bytes = raw(b"not json\0either".to_vec());
     // Neither is a readable envelope: their dead-job records are named after their `message_id`s.

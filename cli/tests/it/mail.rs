@@ -110,14 +110,7 @@ pub(crate) async fn control(app: &TestApp, id: &str, action: &str) -> u16 {
 }
 
 async fn campaign(app: &TestApp, id: &str) -> Value {
-    app.client
-        .get(app.url(&format!("/v1/campaigns/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    app.get_json(&format!("/v1/campaigns/{id}")).await
 }
 
 pub(crate) async fn wait_completed(app: &TestApp, id: &str, timeout: Duration) -> Value {
@@ -419,14 +412,8 @@ async fn temporary_failures_are_retried_once_accepted_and_permanent_ones_recorde
         assert_eq!(per_address.get(&address(i)), None);
     }
     let page: Value = app
-        .client
-        .get(app.url(&format!("/v1/campaigns/{id}/recipients?state=failed")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/v1/campaigns/{id}/recipients?state=failed"))
+        .await;
     let failed = page["items"].as_array().unwrap();
     assert_eq!(failed.len(), 5);
     for row in failed {

@@ -108,14 +108,8 @@ async fn duplicates_are_stored_once_and_the_ledger_pages_by_keyset() {
             None => "?state=pending&limit=100".into(),
         };
         let page: Value = app
-            .client
-            .get(app.url(&format!("/v1/campaigns/{id}/recipients{query}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .get_json(&format!("/v1/campaigns/{id}/recipients{query}"))
+            .await;
         for item in page["items"].as_array().unwrap() {
             seen.push(item["email"].as_str().unwrap().to_owned());
         }
@@ -184,15 +178,7 @@ async fn a_campaign_takes_a_hundred_thousand_recipients_in_appends() {
         assert_eq!(status, 200, "{added}");
         assert_eq!(added["added"], 25_000);
     }
-    let status: Value = app
-        .client
-        .get(app.url(&format!("/v1/campaigns/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = app.get_json(&format!("/v1/campaigns/{id}")).await;
     assert_eq!(status["counts"]["total"], 100_001);
     assert_eq!(status["counts"]["pending"], 100_001);
 }
@@ -206,15 +192,7 @@ async fn create_draft(app: &TestApp) -> String {
 }
 
 async fn campaign_state(app: &TestApp, id: &str) -> Value {
-    let status: Value = app
-        .client
-        .get(app.url(&format!("/v1/campaigns/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = app.get_json(&format!("/v1/campaigns/{id}")).await;
     status["state"].clone()
 }
 

@@ -57,14 +57,8 @@ fn assert_ended_by_the_timeout(stall: &Stalled) {
 /// The recipients of campaign `id` in `state`, as the API lists them.
 async fn recipients(app: &TestApp, id: &str, state: &str) -> Vec<Value> {
     let page: Value = app
-        .client
-        .get(app.url(&format!("/v1/campaigns/{id}/recipients?state={state}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/v1/campaigns/{id}/recipients?state={state}"))
+        .await;
     page["items"].as_array().unwrap().clone()
 }
 

@@ -192,14 +192,7 @@ async fn backlog_and_oldest_age_reflect_waiting_jobs() {
 
 /// The ingress's latest poll (`GET /v1/admin/queues`).
 async fn snapshot(app: &TestApp) -> serde_json::Value {
-    app.client
-        .get(app.url("/v1/admin/queues"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    app.get_json("/v1/admin/queues").await
 }
 
 /// Waits for a poll that began after this call.

@@ -11,15 +11,7 @@ use crate::harness::TestApp;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_document_is_served_and_matches_snapshot() {
     let app = TestApp::spawn_with(0, |_| {}).await;
-    let doc: Value = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = app.get_json("/openapi.json").await;
     for path in [
         "/v1/jobs",
         "/v1/jobs/batch",

@@ -138,15 +138,7 @@ async fn three_worker_processes_fire_each_tick_once_and_survive_a_kill() {
     .await;
 
     // The API shows the schedule, its last and next tick, and recent ticks.
-    let list: Value = app
-        .client
-        .get(app.url("/v1/schedules"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/v1/schedules").await;
     let schedule = &list[0];
     assert_eq!(schedule["name"], "every-second");
     assert_eq!(schedule["catch_up"], "skip");
@@ -159,14 +151,8 @@ async fn three_worker_processes_fire_each_tick_once_and_survive_a_kill() {
         .unwrap();
     assert!(next > last_tick);
     let recent: Vec<Value> = app
-        .client
-        .get(app.url("/v1/schedules/every-second/ticks?limit=5"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json("/v1/schedules/every-second/ticks?limit=5")
+        .await;
     assert_eq!(recent.len(), 5);
     let times: Vec<DateTime<Utc>> = recent
         .iter()

@@ -357,15 +357,7 @@ impl PartialEq for JobRow {
 
 /// `GET /v1/stats/{family}` as JSON rows and as parsed CSV records.
 async fn json_and_csv<T: for<'de> Deserialize<'de>>(app: &TestApp, path: &str) -> (Vec<T>, Vec<T>) {
-    let json: Value = app
-        .client
-        .get(app.url(path))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let json: Value = app.get_json(path).await;
     let rows = serde_json::from_value(json["rows"].clone()).unwrap();
     let response = app
         .client
@@ -543,15 +535,7 @@ async fn mail_and_webhook_rollups_skip_absent_tables_and_csv_matches_json() {
 async fn retention_seals_old_days_then_deletes_their_finished_jobs_in_batches() {
     let app = TestApp::spawn_with(1, |config| config.stats.default_schedules = true).await;
     // The built-in schedules are listed when enabled (the default outside tests).
-    let list: Vec<Value> = app
-        .client
-        .get(app.url("/v1/schedules"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Vec<Value> = app.get_json("/v1/schedules").await;
     let names: Vec<_> = list.iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,

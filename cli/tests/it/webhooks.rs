@@ -553,15 +553,7 @@ async fn out_of_order_events_end_as_ordered_application_does() {
         ],
     )
     .await;
-    let live: Value = app
-        .client
-        .get(app.url("/v1/profiles/live"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let live: Value = app.get_json("/v1/profiles/live").await;
     assert_eq!(live["email"], "two@x.io", "{live}");
     assert_eq!(live["source_updated_at"], "2026-01-01T00:00:02Z", "{live}");
     let stale = app

@@ -170,15 +170,7 @@ async fn a_headshot_is_stored_once_and_an_unchanged_checksum_skips_the_download(
     .await;
     app.wait_for_state(job, "succeeded", WAIT).await;
     assert_eq!(hits_of(&hits, "ok.png"), 1);
-    let profile: Value = app
-        .client
-        .get(app.url("/v1/profiles/p1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let profile: Value = app.get_json("/v1/profiles/p1").await;
     assert_eq!(profile["headshot"]["sha256"], sha.as_str(), "{profile}");
     assert_eq!(profile["headshot"]["content_type"], "image/png");
     let stored = app
