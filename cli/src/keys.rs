@@ -41,10 +41,10 @@ pub enum KeysAction {
     },
 }
 
-/// Parses `--expires`: an RFC 3339 time, or a positive whole number of days,
-/// hours, minutes or seconds from now (`30d`, `12h`, `15m`, `45s`). Input that
-/// is neither, or that reaches past what a timestamp can hold, is an error
-/// naming the problem.
+/// Parses `--expires`: an RFC 3339 time in the future, or a positive whole
+/// number of days, hours, minutes or seconds from now (`30d`, `12h`, `15m`,
+/// `45s`). Input that is neither, a time already past, or one that reaches past
+/// what a timestamp can hold, is an error naming the problem.
 fn parse_expiry(text: &str) -> Result<DateTime<Utc>, String> {
     expiry_from(text, Utc::now())
 }
@@ -52,7 +52,12 @@ fn parse_expiry(text: &str) -> Result<DateTime<Utc>, String> {
 /// [`parse_expiry`] with `now` given.
 fn expiry_from(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
     if let Ok(at) = DateTime::parse_from_rfc3339(text) {
-        return Ok(at.with_timezone(&Utc));
+        let at = at.with_timezone(&Utc);
+        if at <= now {
+            // A key that could never be used: most likely a typo in the date.
+            return Err(format!("`{text}` is not in the future"));
+        }
+        return Ok(at);
     }
     // The digits are ASCII, so their end is a char boundary whatever follows.
     let (number, unit) = text.split_at(
@@ -206,6 +211,8 @@ mod tests {
             ("-5d", "neither a duration"),
             ("tomorrow", "neither a duration"),
             ("0h", "must be positive"),
+            ("2026-03-01T10:00:00Z", "not in the future"),
+            ("2025-12-31T23:00:00-01:00", "not in the future"),
             ("999999999999d", "too far ahead"),
             ("100000000d", "too far ahead"),
             ("99999999999999999999s", "too far ahead"),

@@ -106,7 +106,7 @@ pub struct RetentionArgs {
     /// deleted (at least 7; default 30).
     #[serde(default)]
     pub max_age_days: Option<u32>,
-    /// Rows deleted per transaction (default 5000).
+    /// Rows deleted per transaction (at least 1; default 5000).
     #[serde(default)]
     pub batch: Option<u32>,
 }
@@ -118,12 +118,16 @@ impl TaskSpec for Retention {
         stats_options()
     }
     fn check_args(args: &RetentionArgs) -> Result<(), ArgsError> {
-        match args.max_age_days {
-            Some(days) if days < MIN_RETENTION_DAYS => Err(ArgsError {
+        match (args.max_age_days, args.batch) {
+            (Some(days), _) if days < MIN_RETENTION_DAYS => Err(ArgsError {
                 pointer: "/args/max_age_days".into(),
                 message: format!(
                     "must be at least {MIN_RETENTION_DAYS}, not {days}, to stay clear of the rollups' lookbacks"
                 ),
+            }),
+            (_, Some(0)) => Err(ArgsError {
+                pointer: "/args/batch".into(),
+                message: "must be at least 1 (rows deleted per transaction)".into(),
             }),
             _ => Ok(()),
         }
@@ -157,5 +161,8 @@ mod tests {
         let err = check("stats.retention", json!({"max_age_days": 6})).unwrap_err();
         assert_eq!(err.pointer, "/args/max_age_days");
         assert!(err.message.contains("at least 7"), "{err}");
+        check("stats.retention", json!({"batch": 1})).unwrap();
+        let err = check("stats.retention", json!({"batch": 0})).unwrap_err();
+        assert_eq!(err.pointer, "/args/batch");
     }
 }

@@ -32,7 +32,7 @@ impl Task for Retention {
         <Self::Spec as TaskSpec>::check_args(&args)
             .map_err(|err| TaskError::permanent(anyhow::anyhow!("{err}")))?;
         let max_age_days = args.max_age_days.unwrap_or(30);
-        let batch = i64::from(args.batch.unwrap_or(5_000).max(1));
+        let batch = i64::from(args.batch.unwrap_or(5_000));
         let db = ctx.services.db.clone();
         let (cutoff, sealed) =
             conveyor_schema::pool::run(&db, move |conn| seal(conn, max_age_days)).await?;
