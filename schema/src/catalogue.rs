@@ -28,7 +28,9 @@ pub trait TaskSpec {
     /// Checks what the argument type cannot say (a range, a relation between
     /// fields) on decoded arguments. Runs wherever arguments are validated
     /// (enqueue, replay, `[[schedules]]` at start-up) so bad ones are refused
-    /// there, and the task calls it too, so both apply the same rules.
+    /// there, and the worker applies it before it runs the task (a message
+    /// published without that validation fails permanently), so both apply the
+    /// same rules.
     fn check_args(_args: &Self::Args) -> Result<(), ArgsError> {
         Ok(())
     }

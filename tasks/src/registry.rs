@@ -28,7 +28,9 @@ pub trait Task: Send + Sync + 'static {
 pub trait ErasedTask: Send + Sync {
     /// The task's catalogue entry.
     fn descriptor(&self) -> &TaskDescriptor;
-    /// Decodes `args` (a decode failure is permanent) and runs one attempt.
+    /// Decodes `args` and applies the spec's `check_args` (a failure of either
+    /// is permanent: the message was published without the ingress's
+    /// validation), then runs one attempt.
     fn call(&self, args: Value, ctx: JobContext) -> BoxFuture<'static, Result<(), TaskError>>;
 }
 
@@ -46,6 +48,7 @@ impl<T: Task> ErasedTask for Erased<T> {
         let task = self.task.clone();
         async move {
             let args = decode_args::<<T::Spec as TaskSpec>::Args>(&args)
+                .and_then(|args| <T::Spec as TaskSpec>::check_args(&args).map(|()| args))
                 .map_err(|err| TaskError::permanent(anyhow::anyhow!("invalid arguments: {err}")))?;
             task.run(args, ctx).await
         }

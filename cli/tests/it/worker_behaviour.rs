@@ -39,6 +39,22 @@ async fn permanent_failure_skips_the_retries() {
     assert_eq!(dead.len(), 1);
 }
 
+/// Arguments the ingress would have refused, in a message published without
+/// it, fail the job permanently with the task's own check, before it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arguments_out_of_the_tasks_range_fail_permanently_before_it_runs() {
+    let app = TestApp::spawn().await;
+    let envelope = conveyor_schema::Envelope::new("stats.retention", json!({"max_age_days": 1}));
+    app.publish_envelope(&envelope).await;
+    let job = app.wait_for_state(envelope.id, "dead", WAIT).await;
+    assert_eq!(job.attempts, 1, "{job:?}");
+    let error = job.last_error.unwrap();
+    assert!(
+        error.contains("invalid arguments") && error.contains("/args/max_age_days"),
+        "{error}"
+    );
+}
+
 /// diag tasks allow 60 s per attempt; the worker here runs `diag.sleep` with a
 /// 200 ms timeout (`Registry::tune`), so a 5 s sleep fails every attempt.
 /// A task asking for a retry later than the worker puts one off

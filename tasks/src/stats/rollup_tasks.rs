@@ -1,7 +1,6 @@
 //! `stats.rollup_hourly` and `stats.rollup_daily`: recompute the last few
 //! windows (the current, still-filling one included) so late rows are counted.
 
-use conveyor_schema::TaskSpec;
 use conveyor_schema::args::stats::{self, RollupArgs};
 use conveyor_schema::stats::Granularity;
 
@@ -16,7 +15,6 @@ pub struct RollupDaily;
 impl Task for RollupHourly {
     type Spec = stats::RollupHourly;
     async fn run(&self, args: RollupArgs, ctx: JobContext) -> Result<(), TaskError> {
-        checked::<Self::Spec>(&args)?;
         roll(Granularity::Hour, args.lookback.unwrap_or(3), ctx).await
     }
 }
@@ -24,15 +22,8 @@ impl Task for RollupHourly {
 impl Task for RollupDaily {
     type Spec = stats::RollupDaily;
     async fn run(&self, args: RollupArgs, ctx: JobContext) -> Result<(), TaskError> {
-        checked::<Self::Spec>(&args)?;
         roll(Granularity::Day, args.lookback.unwrap_or(2), ctx).await
     }
-}
-
-/// The spec's own check of `args` (the one the ingress and the start-up
-/// configuration check apply), failing permanently: a rerun would not help.
-fn checked<S: TaskSpec>(args: &S::Args) -> Result<(), TaskError> {
-    S::check_args(args).map_err(|err| TaskError::permanent(anyhow::anyhow!("{err}")))
 }
 
 async fn roll(granularity: Granularity, lookback: u32, ctx: JobContext) -> Result<(), TaskError> {
