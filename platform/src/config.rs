@@ -721,9 +721,16 @@ pub fn smtp_url(config: &Config) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
+
+    /// `config`'s validation error, which must be one line.
+    pub(crate) fn one_line_error(config: &Config) -> String {
+        let err = config.validate().unwrap_err().to_string();
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        err
+    }
 
     #[test]
     fn a_loopback_database_is_reached_without_tls_unless_a_mode_is_chosen() {
@@ -801,9 +808,8 @@ mod tests {
     fn a_quorum_group_size_of_zero_is_rejected_by_name() {
         let mut config = Config::default();
         config.amqp.quorum_initial_group_size = Some(0);
-        let err = config.validate().unwrap_err().to_string();
+        let err = one_line_error(&config);
         assert!(err.contains("`amqp.quorum_initial_group_size`"), "{err}");
-        assert_eq!(err.lines().count(), 1, "one line: {err}");
         config.amqp.quorum_initial_group_size = Some(1);
         config.validate().unwrap();
         config.amqp.quorum_initial_group_size = None;
@@ -817,24 +823,18 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(config.ingress.rerecord_within(), Duration::from_secs(5));
         config.ingress.rerecord_within_ms = Some(5_001);
-        let err = config.validate().unwrap_err().to_string();
+        let err = one_line_error(&config);
         assert!(err.contains("`ingress.rerecord_within_ms`"), "{err}");
-        assert_eq!(err.lines().count(), 1, "one line: {err}");
         config.ingress.rerecord_within_ms = Some(5_000);
         config.validate().unwrap();
     }
 
     #[test]
     fn an_unset_rerecord_window_keeps_the_same_margin_as_a_set_one() {
-        let one_line = |config: &Config| {
-            let err = config.validate().unwrap_err().to_string();
-            assert_eq!(err.lines().count(), 1, "one line: {err}");
-            err
-        };
         let mut config = Config::default();
         // Unset, the window is half the timeout: 4 500 + 5 000 > 9 000.
         config.ingress.request_timeout_ms = 9_000;
-        let err = one_line(&config);
+        let err = one_line_error(&config);
         assert!(
             err.contains("`ingress.rerecord_within_ms`") && err.contains("unset"),
             "{err}"
@@ -852,7 +852,7 @@ mod tests {
         for within in [None, Some(0)] {
             config.ingress.request_timeout_ms = 1_500;
             config.ingress.rerecord_within_ms = within;
-            let err = one_line(&config);
+            let err = one_line_error(&config);
             assert!(err.contains("`ingress.request_timeout_ms`"), "{err}");
             assert!(err.contains("at least 5000"), "{err}");
         }

@@ -343,6 +343,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::tests::one_line_error;
     use chrono::TimeZone;
 
     fn entry(cron: &str, tz: &str) -> ScheduleConfig {
@@ -413,12 +414,6 @@ mod tests {
         config.schedules[1].task = "no.such".into();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("`schedules[1].task`"), "{err}");
-    }
-
-    fn one_line_error(config: &Config) -> String {
-        let err = config.validate().unwrap_err().to_string();
-        assert_eq!(err.lines().count(), 1, "one line: {err}");
-        err
     }
 
     #[test]
