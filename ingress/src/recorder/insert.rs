@@ -75,15 +75,19 @@ struct Existing {
     id: Uuid,
 }
 
-/// Inserts `records` (each id once: the first of several records of one id is
-/// written; PostgreSQL refuses one statement that writes a row twice) and
-/// returns the ids whose rows existed before.
+/// Inserts `records`, in id order as the group commit sorts them, each id once
+/// (the first of several records of one id is written; PostgreSQL refuses one
+/// statement that writes a row twice), and returns the ids whose rows existed
+/// before.
 pub(super) fn insert_records(
     conn: &mut PgConnection,
     records: &[NewJob],
 ) -> QueryResult<HashSet<Uuid>> {
-    let mut seen = HashSet::with_capacity(records.len());
-    let records: Vec<&NewJob> = records.iter().filter(|r| seen.insert(r.id)).collect();
+    debug_assert!(records.is_sorted_by_key(|r| r.id), "records in id order");
+    let records: Vec<&NewJob> = records
+        .chunk_by(|a, b| a.id == b.id)
+        .map(|copies| &copies[0])
+        .collect();
     fn column<'a, T>(records: &[&'a NewJob], field: impl Fn(&'a NewJob) -> T) -> Vec<T> {
         records.iter().map(|r| field(r)).collect()
     }

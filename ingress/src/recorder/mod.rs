@@ -277,13 +277,17 @@ async fn commit_batch(mut batch: Vec<Submission>, shared: Arc<Shared>) {
     let confirmed_ms = started.elapsed().as_secs_f64() * 1000.0;
     let inserted = inserted.unwrap_or_else(|_| Err("the recorder's database lane ended".into()));
     // An id in the batch twice (a request taken over under its idempotency key while
-    // the first was still waiting) failed only if no copy of it was confirmed.
-    let confirmed: std::collections::HashSet<Uuid> = ids
-        .iter()
-        .zip(&results)
-        .filter(|(_, r)| r.is_ok())
-        .map(|(id, _)| *id)
-        .collect();
+    // the first was still waiting) failed only if no copy of it was confirmed. The
+    // set is needed only when something failed, which is rare.
+    let confirmed: std::collections::HashSet<Uuid> = if results.iter().all(Result::is_ok) {
+        std::collections::HashSet::new()
+    } else {
+        ids.iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(id, _)| *id)
+            .collect()
+    };
     let failed: Vec<Uuid> = ids
         .iter()
         .zip(&results)
