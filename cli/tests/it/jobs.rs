@@ -134,12 +134,12 @@ async fn delayed_job_waits_in_the_broker() {
     );
 }
 
-/// `body` as a message to queue `work`, as a producer other than Conveyor may
-/// publish it (with a fresh `message_id`, no task header).
-fn raw_message(work: &str, body: Vec<u8>) -> Outgoing {
+/// `body` as a message to the `default` work queue, as a producer other than
+/// Conveyor may publish it (with a fresh `message_id`, no task header).
+fn raw_message(app: &TestApp, body: Vec<u8>) -> Outgoing {
     Outgoing {
         exchange: String::new(),
-        routing_key: work.to_owned(),
+        routing_key: app.topology().work_queue("default"),
         body,
         message_id: uuid::Uuid::now_v7(),
         task: String::new(),
@@ -147,36 +147,47 @@ fn raw_message(work: &str, body: Vec<u8>) -> Outgoing {
     }
 }
 
+/// Publishes `messages` in order, each confirmed.
+async fn publish_raw(app: &TestApp, messages: &[Outgoing]) {
+    let stop = CancellationToken::new();
+    let publisher = app.publisher(&stop).await;
+    for message in messages {
+        publisher.publish(message).await.unwrap();
+    }
+    stop.cancel();
+}
+
+/// Waits for `count` messages in the `default` dead-letter queue, takes them
+/// and returns their reasons ([`ERROR_HEADER`]).
+async fn dead_letter_reasons(app: &TestApp, count: u32) -> Vec<String> {
+    let dlq = app.topology().dead_letter_queue("default");
+    crate::harness::wait_until(WAIT, || async { app.queue_len(&dlq).await == count }).await;
+    app.drain_queue(&dlq)
+        .await
+        .iter()
+        .map(|(headers, _)| header(headers, ERROR_HEADER).unwrap())
+        .collect()
+}
+
 /// Messages that are not valid jobs go to the dead-letter queue with a reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_messages_are_dead_lettered_not_dropped() {
     let app = TestApp::spawn().await;
-    let topology = app.topology();
-    let stop = CancellationToken::new();
-    let publisher = app.publisher(&stop).await;
-    let work = topology.work_queue("default");
-    let raw = |body: Vec<u8>| raw_message(&work, body);
-
     let unknown_task = Envelope::new("no.such.task", json!({}));
     let mut future_version = serde_json::to_value(Envelope::new("diag.noop", json!({}))).unwrap();
     future_version["version"] = json!(99);
-    let not_json = raw(b"this is not json".to_vec());
+    let not_json = raw_message(&app, b"this is not json".to_vec());
     let not_json_id = not_json.message_id;
-    for message in [
-        not_json,
-        raw(unknown_task.encode()),
-        raw(serde_json::to_vec(&future_version).unwrap()),
-    ] {
-        publisher.publish(&message).await.unwrap();
-    }
-    let dlq = topology.dead_letter_queue("default");
-    crate::harness::wait_until(WAIT, || async { app.queue_len(&dlq).await == 3 }).await;
-    let mut reasons: Vec<String> = app
-        .drain_queue(&dlq)
-        .await
-        .iter()
-        .map(|(headers, _)| header(headers, ERROR_HEADER).unwrap())
-        .collect();
+    publish_raw(
+        &app,
+        &[
+            not_json,
+            raw_message(&app, unknown_task.encode()),
+            raw_message(&app, serde_json::to_vec(&future_version).unwrap()),
+        ],
+    )
+    .await;
+    let mut reasons = dead_letter_reasons(&app, 3).await;
     reasons.sort();
     assert!(reasons[0].contains("undecodable envelope"), "{reasons:?}");
     assert!(
@@ -192,7 +203,6 @@ async fn unreadable_messages_are_dead_lettered_not_dropped() {
     // after the message's `message_id`.
     let named = format!("SELECT count(*) AS n FROM dead_jobs WHERE id = '{not_json_id}'");
     crate::harness::wait_until(WAIT, || async { app.count(&named).await == 1 }).await;
-    stop.cancel();
 }
 
 /// An unreadable message without a `message_id` is named after its body, so
@@ -201,23 +211,16 @@ async fn unreadable_messages_are_dead_lettered_not_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_message_without_an_id_is_recorded_once_however_often_it_comes() {
     let mut app = TestApp::spawn().await;
-    let stop = CancellationToken::new();
-    let publisher = app.publisher(&stop).await;
     let message = Outgoing {
         message_id: uuid::Uuid::nil(),
-        ..raw_message(
-            &app.topology().work_queue("default"),
-            b"not an envelope, no id".to_vec(),
-        )
+        ..raw_message(&app, b"not an envelope, no id".to_vec())
     };
-    publisher.publish(&message).await.unwrap();
-    publisher.publish(&message).await.unwrap();
+    publish_raw(&app, &[message.clone(), message]).await;
     let dlq = app.topology().dead_letter_queue("default");
     crate::harness::wait_until(WAIT, || async { app.queue_len(&dlq).await == 2 }).await;
     // A drained worker has committed what it handled.
     app.stop_workers().await;
     assert_eq!(app.count("SELECT count(*) AS n FROM dead_jobs").await, 1);
-    stop.cancel();
 }
 
 /// Text PostgreSQL cannot store (U+0000) in a message from some other producer
@@ -226,39 +229,22 @@ async fn an_unreadable_message_without_an_id_is_recorded_once_however_often_it_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_holding_nul_are_dead_lettered_and_the_worker_goes_on() {
     let app = TestApp::spawn().await;
-    let topology = app.topology();
-    let stop = CancellationToken::new();
-    let publisher = app.publisher(&stop).await;
-    let work = topology.work_queue("default");
-    let raw = |body: Vec<u8>| raw_message(&work, body);
-    let nul_in_args = raw(Envelope::new("diag.noop", json!({"note": "a\u{0}b"})).encode());
-    let nul_bytes = raw(b"not json\0either".to_vec());
+    let nul_in_args = raw_message(
+        &app,
+        Envelope::new("diag.noop", json!({"note": "a\u{0}b"})).encode(),
+    );
+    let nul_bytes = raw_message(&app, b"not json\0either".to_vec());
     // Neither is a readable envelope: their dead-job records are named after their `message_id`s.
     let named = [nul_in_args.message_id, nul_bytes.message_id];
-    for message in [nul_in_args, nul_bytes] {
-        publisher.publish(&message).await.unwrap();
-    }
-    let after = app.post_job(json!({"task": "diag.noop", "args": {}})).await;
-    assert_eq!(after.status(), 202);
-    let after: uuid::Uuid = after.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    publish_raw(&app, &[nul_in_args, nul_bytes]).await;
+    let after = app.enqueue("diag.noop", json!({})).await;
     crate::harness::wait_until(WAIT, || async {
         app.job(after)
             .await
             .is_some_and(|job| job.state == "succeeded")
     })
     .await;
-    let dlq = topology.dead_letter_queue("default");
-    crate::harness::wait_until(WAIT, || async { app.queue_len(&dlq).await == 2 }).await;
-    let reasons: Vec<String> = app
-        .drain_queue(&dlq)
-        .await
-        .iter()
-        .map(|(headers, _)| header(headers, ERROR_HEADER).unwrap())
-        .collect();
+    let reasons = dead_letter_reasons(&app, 2).await;
     assert!(
         reasons
             .iter()
@@ -269,7 +255,6 @@ async fn messages_holding_nul_are_dead_lettered_and_the_worker_goes_on() {
         let named = format!("SELECT count(*) AS n FROM dead_jobs WHERE id = '{id}'");
         crate::harness::wait_until(WAIT, || async { app.count(&named).await == 1 }).await;
     }
-    stop.cancel();
 }
 
 /// `Idempotency-Key` and a valid W3C `traceparent` (with its `tracestate`)
