@@ -135,6 +135,31 @@ async fn smtp_stall_before_the_message_is_deferred_in_the_timeout_and_retried() 
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_recipients_do_not_cost_the_connection() {
+    let server = StallingSmtp::start().await;
+    let address = |i: usize| format!("reader{i}@example.com");
+    for bad in [1, 4, 6] {
+        server.reject(&address(bad));
+    }
+    let url = server.url.clone();
+    let app = TestApp::spawn_with(1, move |config| {
+        mail_config_for(config, &url);
+        config.mail.smtp_pool_size = 1;
+    })
+    .await;
+    let id = start_campaign_to(&app, (0..8).map(address).collect(), None).await;
+    let status = wait_completed(&app, &id, Duration::from_secs(15)).await;
+    assert_eq!(counts(&status), [5, 3, 0, 0], "{status}");
+    // Each refusal was answered with `RSET` on the same connection, and each
+    // accepted message still went to its own recipient alone.
+    assert_eq!(server.connections(), 1, "connections opened");
+    let mut received = server.received();
+    received.sort();
+    let expected: Vec<Vec<String>> = [0, 2, 3, 5, 7].map(|i| vec![address(i)]).into();
+    assert_eq!(received, expected);
+}
+
 /// A line of `EXPLAIN`'s output.
 #[derive(QueryableByName)]
 struct PlanLine {

@@ -175,6 +175,8 @@ struct StallShared {
     /// Recipients of each message whose final `.` was read.
     received: Vec<Vec<String>>,
     stalls: Vec<Stalled>,
+    /// Connections accepted.
+    connections: usize,
 }
 
 /// A minimal SMTP server (tokio, plain text) that accepts every recipient
@@ -196,6 +198,7 @@ impl StallingSmtp {
         let serving = shared.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                serving.lock().unwrap().connections += 1;
                 tokio::spawn(converse(stream, serving.clone()));
             }
         });
@@ -222,6 +225,11 @@ impl StallingSmtp {
         self.shared.lock().unwrap().received.clone()
     }
 
+    /// How many connections clients opened.
+    pub fn connections(&self) -> usize {
+        self.shared.lock().unwrap().connections
+    }
+
     /// Every conversation it stalled, oldest first.
     pub fn stalls(&self) -> Vec<Stalled> {
         self.shared.lock().unwrap().stalls.clone()
@@ -246,7 +254,7 @@ async fn converse(stream: tokio::net::TcpStream, shared: Arc<Mutex<StallShared>>
         let command = line.trim_end().to_ascii_uppercase();
         let answer = if command.starts_with("EHLO") {
             "250-stalling.test\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n"
-        } else if command.starts_with("MAIL FROM") {
+        } else if command.starts_with("MAIL FROM") || command == "RSET" {
             recipients.clear();
             "250 2.1.0 ok\r\n"
         } else if let Some(to) = command.strip_prefix("RCPT TO:") {

@@ -18,8 +18,11 @@
 //! failure is told apart by where it happened: before the message was written
 //! nothing was handed over and the recipient may be tried again; after, the
 //! server may have accepted it, and the recipient is in doubt
-//! ([`SendError::InDoubt`]), never sent again automatically. A connection
-//! whose conversation failed or timed out is closed, never reused.
+//! ([`SendError::InDoubt`]), never sent again automatically. A refusal (a 4xx
+//! or 5xx answer, say to one bad address's `RCPT`) leaves the connection in
+//! step with the server: it is reset with `RSET` and goes back to the pool, so a
+//! list with bad addresses does not cost a reconnect each. A connection whose
+//! conversation failed otherwise or timed out is closed, never reused.
 
 use std::time::Duration;
 
@@ -28,7 +31,7 @@ use lettre::Message;
 use lettre::transport::smtp::Error as SmtpError;
 use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use tokio::time::{Instant, timeout_at};
@@ -253,8 +256,9 @@ impl SmtpPool {
     }
 
     /// Sends `message` on a pooled connection within the timeout; the server's
-    /// answer to the message on success. A connection whose conversation
-    /// failed or timed out is closed, not returned to the pool. The error says
+    /// answer to the message on success. After a refusal the connection is
+    /// reset and returned to the pool; one whose conversation failed otherwise
+    /// or timed out is closed. The error says
     /// whether the message may have been accepted ([`SendError::is_in_doubt`]).
     pub async fn send(&self, message: &Message) -> Result<Response, SendError> {
         let deadline = Instant::now() + self.timeout;
@@ -275,8 +279,19 @@ impl SmtpPool {
             Ok(Err(err)) => Some(err),
             Err(_elapsed) => None,
         };
-        // Mid-command or refused, the connection is in no state to reuse.
-        drop(Object::take(conn));
+        // A refusal was an answer: the conversation is in step, and `RSET`
+        // ends the transaction the refusal left open. Anything else left the
+        // connection mid-command, in no state to reuse.
+        let reusable = match &failure {
+            Some(SendError::Unsupported(_)) => true,
+            Some(SendError::Smtp(err)) if err.is_permanent() || err.is_transient() => {
+                matches!(timeout_at(deadline, conn.command(Rset)).await, Ok(Ok(_)))
+            }
+            _ => false,
+        };
+        if !reusable {
+            drop(Object::take(conn));
+        }
         Err(match failure {
             None if written => SendError::InDoubt(format!(
                 "no answer within {} ms after the message was sent",
