@@ -8,9 +8,27 @@
 //! accepted image type; and the body is cut off at the size cap (a declared
 //! `Content-Length` over it is refused before reading). Images are stored
 //! content-addressed by SHA-256, in the `headshots` table or as files.
+//!
+//! With files, a committed `headshots` row promises its file: `<dir>/<sha256>`
+//! exists for as long as the row does, so a profile that points at a row (see
+//! `profile_sync`) never points at a missing file. Whoever writes or removes a
+//! file holds a transaction-scoped advisory lock on its checksum
+//! (`lock_file`): [`store`] (shared) makes sure of the file and inserts the
+//! row in one transaction; [`remove_unreferenced`] (exclusive) removes the file
+//! only if, under the lock, no row names it. So an import storing an image
+//! again while a DELETE removes its file either finds the file gone and writes
+//! it anew, or commits its row first and the removal keeps the file.
+//!
+//! The DELETE removes the row and commits before it removes the file, never
+//! the file under the row's lock before committing: if that commit failed or
+//! the process died in between, the row would still be there, still named by
+//! the profile and reusable by any import, with its file gone. In the order
+//! used, a crash between the commit and the removal leaves at worst a file no
+//! row names; it is complete (written under a temporary name, then renamed)
+//! and is reused by the next import of the same image.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use conveyor_schema::db::headshots;
@@ -258,40 +276,98 @@ pub async fn download(policy: &HeadshotPolicy, url: &str) -> Result<Image, Downl
     })
 }
 
-/// Stores `image` once: a file named by its checksum (written to a temporary
-/// name, then renamed) or the bytes in `headshots`; either way a `headshots` row.
-pub async fn store(db: &PgPool, policy: &HeadshotPolicy, image: &Image) -> anyhow::Result<()> {
-    let data = match &policy.dir {
-        Some(dir) => {
-            let path = dir.join(&image.sha256);
-            if !tokio::fs::try_exists(&path).await? {
-                tokio::fs::create_dir_all(dir).await?;
-                let partial = dir.join(format!(
-                    ".{}.{}",
-                    image.sha256,
-                    uuid::Uuid::new_v4().simple()
-                ));
-                tokio::fs::write(&partial, &image.bytes).await?;
-                tokio::fs::rename(&partial, &path).await?;
-            }
-            None
-        }
-        None => Some(image.bytes.clone()),
+/// First key of the advisory lock on a headshot file; the second is
+/// `hashtext(sha256)`. Two-key locks never collide with single-key ones (the
+/// migrations' lock); every instance must use the same value.
+const FILE_LOCK_CLASS: i32 = 0x4853_4854;
+
+/// Takes the lock on the file of `sha256` until the transaction ends: shared
+/// to make sure the file exists, exclusive to remove it.
+fn lock_file(conn: &mut PgConnection, sha256: &str, exclusive: bool) -> QueryResult<()> {
+    let sql = if exclusive {
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))"
+    } else {
+        "SELECT pg_advisory_xact_lock_shared($1, hashtext($2))"
     };
-    let row = (
-        headshots::sha256.eq(image.sha256.clone()),
-        headshots::content_type.eq(image.content_type.clone()),
-        headshots::size_bytes.eq(i32::try_from(image.bytes.len()).unwrap_or(i32::MAX)),
-        headshots::data.eq(data),
-    );
-    conveyor_schema::pool::run(db, move |conn| {
-        diesel::insert_into(headshots::table)
-            .values(row)
-            .on_conflict_do_nothing()
-            .execute(conn)
-    })
-    .await?;
+    diesel::sql_query(sql)
+        .bind::<diesel::sql_types::Integer, _>(FILE_LOCK_CLASS)
+        .bind::<diesel::sql_types::Text, _>(sha256)
+        .execute(conn)?;
     Ok(())
+}
+
+/// Stores `image` once: a `headshots` row holding the bytes, or naming a file
+/// that is made sure of, under the file's lock, in the row's transaction.
+pub async fn store(db: &PgPool, policy: &HeadshotPolicy, image: Image) -> anyhow::Result<()> {
+    let dir = policy.dir.clone();
+    conveyor_schema::pool::run(db, move |conn| {
+        Ok(conn.transaction::<_, anyhow::Error, _>(|conn| {
+            let data = match &dir {
+                Some(dir) => {
+                    lock_file(conn, &image.sha256, false)?;
+                    write_file(dir, &image)?;
+                    None
+                }
+                None => Some(image.bytes.as_slice()),
+            };
+            diesel::insert_into(headshots::table)
+                .values((
+                    headshots::sha256.eq(&image.sha256),
+                    headshots::content_type.eq(&image.content_type),
+                    headshots::size_bytes.eq(i32::try_from(image.bytes.len()).unwrap_or(i32::MAX)),
+                    headshots::data.eq(data),
+                ))
+                .on_conflict_do_nothing()
+                .execute(conn)?;
+            Ok(())
+        }))
+    })
+    .await?
+}
+
+/// Writes `<dir>/<sha256>` unless it exists, to a temporary name and then
+/// renamed, so the name never holds part of an image.
+fn write_file(dir: &Path, image: &Image) -> std::io::Result<()> {
+    let path = dir.join(&image.sha256);
+    if path.try_exists()? {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    let partial = dir.join(format!(
+        ".{}.{}",
+        image.sha256,
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(&partial, &image.bytes)?;
+    std::fs::rename(&partial, &path)
+}
+
+/// Removes `<dir>/<sha256>` unless a `headshots` row names it; called once the
+/// transaction that deleted the row has committed, when an import may have
+/// stored the image again since. Returns whether a file was removed (one
+/// already gone is no failure); fails if the database or the removal does.
+pub async fn remove_unreferenced(db: &PgPool, dir: &Path, sha256: String) -> anyhow::Result<bool> {
+    let path = dir.join(&sha256);
+    conveyor_schema::pool::run(db, move |conn| {
+        Ok(conn.transaction::<_, anyhow::Error, _>(|conn| {
+            lock_file(conn, &sha256, true)?;
+            // A statement after the lock: it sees every row a `store` committed before letting go.
+            let named = headshots::table
+                .find(&sha256)
+                .select(headshots::sha256)
+                .first::<String>(conn)
+                .optional()?;
+            if named.is_some() {
+                return Ok(false);
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => Ok(true),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(err) => Err(err.into()),
+            }
+        }))
+    })
+    .await?
 }
 
 #[cfg(test)]

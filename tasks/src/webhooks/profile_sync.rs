@@ -19,6 +19,7 @@ use conveyor_schema::models::Profile;
 use diesel::prelude::*;
 
 use self::import::import_headshot;
+use crate::webhooks::headshot;
 use crate::{JobContext, Task, TaskError};
 
 mod import;
@@ -191,8 +192,11 @@ async fn apply(
     })
     .await?;
     if let (Some(dir), Some(sha)) = (dir, orphan) {
-        // The last reference went with a DELETE: remove the file too (best effort).
-        if let Err(err) = tokio::fs::remove_file(dir.join(&sha)).await {
+        // The last reference went with a DELETE, now committed: remove the file
+        // too, unless an import stored the image again meanwhile (best effort;
+        // why after the commit: `headshot`'s module doc).
+        let removed = headshot::remove_unreferenced(&ctx.services.db, &dir, sha.clone()).await;
+        if let Err(err) = removed {
             tracing::warn!(error = %err, sha256 = sha, "could not remove an unreferenced headshot file");
         }
     }
@@ -206,7 +210,8 @@ async fn apply(
 /// row lock before deciding: the import `FOR SHARE` (and finds it gone if the
 /// DELETE won), the DELETE `FOR UPDATE` before counting the references in a
 /// new statement, which under READ COMMITTED sees every import that committed
-/// first. So a profile never points at a deleted image.
+/// first. So a profile never points at a deleted image. A file is removed only
+/// after this transaction commits ([`headshot::remove_unreferenced`]).
 fn apply_locked(
     conn: &mut PgConnection,
     args: &ProfileSyncArgs,

@@ -113,11 +113,12 @@ async fn fetch(
         );
         return Err(failed(ctx, args, reason).await);
     }
-    headshot::store(&ctx.services.db, policy, &image).await?;
-    Ok(Stored {
-        sha256: image.sha256,
-        content_type: image.content_type,
+    let stored = Stored {
+        sha256: image.sha256.clone(),
+        content_type: image.content_type.clone(),
         size_bytes: i32::try_from(image.bytes.len()).unwrap_or(i32::MAX),
         detail: None,
-    })
+    };
+    headshot::store(&ctx.services.db, policy, image).await?;
+    Ok(stored)
 }
