@@ -15,6 +15,14 @@ use serde_json::Value;
 
 use crate::args;
 
+/// The longest task name, in bytes, anything accepts: the ingress for
+/// `POST /v1/jobs`, and the worker for a message ([`crate::Envelope::decode`]).
+/// Every catalogue name is far shorter; the bound keeps a foreign producer's
+/// name from reaching `jobs` and `dead_jobs`, whose `(task, …)` btree indexes
+/// refuse an entry over 2 704 bytes (and a refused row used to stall the
+/// worker's state commits).
+pub const MAX_TASK_NAME_LEN: usize = 200;
+
 /// The static description of one task: its name, argument type and options.
 pub trait TaskSpec {
     /// Stable wire name, e.g. `diag.noop`.
@@ -161,6 +169,13 @@ mod tests {
     fn task_names_are_unique() {
         let names: HashSet<_> = catalogue().iter().map(|t| t.name).collect();
         assert_eq!(names.len(), catalogue().len());
+    }
+
+    #[test]
+    fn task_names_fit_the_bound() {
+        for task in catalogue() {
+            assert!(task.name.len() <= MAX_TASK_NAME_LEN, "{}", task.name);
+        }
     }
 
     #[test]

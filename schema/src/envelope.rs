@@ -3,12 +3,18 @@
 //! The `id` is the job's identity everywhere (job record, status URL, dedup key).
 //! A consumer that meets an envelope version it does not know must dead-letter
 //! it with the reason rather than guess or drop it; [`Envelope::decode`] says
-//! which of the two failures happened so the worker can record it.
+//! which failure happened so the worker can record it. It also refuses what
+//! the job's record could never hold (U+0000, a task name longer than
+//! [`MAX_TASK_NAME_LEN`], a time before PostgreSQL's earliest), as any
+//! producer can publish to a queue: such a row would fail each time the worker
+//! tried to commit it.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
+
+use crate::catalogue::MAX_TASK_NAME_LEN;
 
 /// The envelope format this build writes and understands.
 pub const ENVELOPE_VERSION: u16 = 1;
@@ -125,6 +131,26 @@ pub enum EnvelopeError {
         /// JSON pointer to the string.
         pointer: String,
     },
+    /// The task name is longer than any task's may be: the job's record
+    /// could not be indexed.
+    #[error(
+        "the envelope's task name is {len} bytes long; at most {MAX_TASK_NAME_LEN} are allowed"
+    )]
+    TaskNameTooLong {
+        /// The name's length in bytes.
+        len: usize,
+    },
+    /// A time PostgreSQL's `timestamptz` cannot hold (see [`crate::timestamptz`]).
+    #[error(
+        "the envelope's {field} {at} is before {}, the earliest time PostgreSQL stores",
+        crate::timestamptz::EARLIEST
+    )]
+    TimeOutOfRange {
+        /// The field: `enqueued_at` or `not_before`.
+        field: &'static str,
+        /// The time, as RFC 3339.
+        at: String,
+    },
 }
 
 impl Envelope {
@@ -151,9 +177,11 @@ impl Envelope {
     }
 
     /// Reads an envelope. A message from a newer producer is reported as such
-    /// (by its version) rather than as garbage, whatever its shape; one whose
-    /// text holds U+0000 (which the ingress refuses, but any producer can
-    /// publish) is refused, as its record could never be written.
+    /// (by its version) rather than as garbage, whatever its shape. One the
+    /// ingress would never publish, but any producer can, is refused, as its
+    /// record could never be written: text holding U+0000, a task name over
+    /// [`MAX_TASK_NAME_LEN`] bytes, an `enqueued_at` or `not_before` before
+    /// 4714 BC.
     ///
     /// The body is parsed once; only a body that does not parse is read again,
     /// for its version alone.
@@ -165,10 +193,11 @@ impl Envelope {
         let unsupported = |found: u64| EnvelopeError::UnsupportedVersion { found };
         match serde_json::from_slice::<Self>(bytes) {
             Ok(envelope) if envelope.version == ENVELOPE_VERSION => {
-                match crate::nul::nul_character_at(bytes) {
-                    Some(pointer) => Err(EnvelopeError::NulCharacter { pointer }),
-                    None => Ok(envelope),
+                if let Some(pointer) = crate::nul::nul_character_at(bytes) {
+                    return Err(EnvelopeError::NulCharacter { pointer });
                 }
+                envelope.storable()?;
+                Ok(envelope)
             }
             Ok(envelope) => Err(unsupported(u64::from(envelope.version))),
             Err(err) => match serde_json::from_slice::<VersionOnly>(bytes) {
@@ -178,6 +207,29 @@ impl Envelope {
                 _ => Err(err.into()),
             },
         }
+    }
+
+    /// Checks the task name's length and the times against what the job's
+    /// record can hold.
+    fn storable(&self) -> Result<(), EnvelopeError> {
+        if self.task.len() > MAX_TASK_NAME_LEN {
+            return Err(EnvelopeError::TaskNameTooLong {
+                len: self.task.len(),
+            });
+        }
+        let times = [
+            ("enqueued_at", Some(self.enqueued_at)),
+            ("not_before", self.not_before),
+        ];
+        for (field, at) in times {
+            if let Some(at) = at.filter(|at| !crate::timestamptz::holds(*at)) {
+                return Err(EnvelopeError::TimeOutOfRange {
+                    field,
+                    at: at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The same job, one attempt later (for a retry).
@@ -221,6 +273,53 @@ mod tests {
         ));
         envelope.args = json!({"note": "a\\u0000b"});
         assert!(Envelope::decode(&envelope.encode()).is_ok());
+    }
+
+    #[test]
+    fn refuses_a_task_name_over_the_bound() {
+        let longest = Envelope::new("t".repeat(MAX_TASK_NAME_LEN), json!({}));
+        assert!(Envelope::decode(&longest.encode()).is_ok());
+        let over = Envelope::new("é".repeat(MAX_TASK_NAME_LEN / 2 + 1), json!({}));
+        let err = Envelope::decode(&over.encode()).unwrap_err();
+        assert!(
+            matches!(err, EnvelopeError::TaskNameTooLong { len } if len == MAX_TASK_NAME_LEN + 2),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "the envelope's task name is 202 bytes long; at most 200 are allowed"
+        );
+    }
+
+    #[test]
+    fn refuses_times_postgres_cannot_hold() {
+        let at = |year: i32, month: u32, day: u32| {
+            chrono::NaiveDate::from_ymd_opt(year, month, day)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap()
+                .and_utc()
+        };
+        let mut envelope = Envelope::new("diag.noop", json!({}));
+        envelope.enqueued_at = at(-4713, 11, 24);
+        assert_eq!(Envelope::decode(&envelope.encode()).unwrap(), envelope);
+        envelope.enqueued_at = at(-100_000, 1, 1);
+        assert_eq!(
+            Envelope::decode(&envelope.encode())
+                .unwrap_err()
+                .to_string(),
+            "the envelope's enqueued_at -100000-01-01T00:00:00Z is before \
+             4714-11-24 00:00:00 UTC BC, the earliest time PostgreSQL stores"
+        );
+        envelope.enqueued_at = Utc::now();
+        envelope.not_before = Some(at(-4713, 11, 23));
+        assert!(matches!(
+            Envelope::decode(&envelope.encode()),
+            Err(EnvelopeError::TimeOutOfRange {
+                field: "not_before",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -17,7 +17,10 @@ pub mod nul;
 pub mod pool;
 pub mod prepared;
 pub mod stats;
+pub mod timestamptz;
 
-pub use catalogue::{ArgsError, TaskDescriptor, TaskOptions, TaskSpec, catalogue, find_task};
+pub use catalogue::{
+    ArgsError, MAX_TASK_NAME_LEN, TaskDescriptor, TaskOptions, TaskSpec, catalogue, find_task,
+};
 pub use envelope::{ENVELOPE_VERSION, Envelope, EnvelopeError, TraceContext};
 pub use job_state::JobState;
