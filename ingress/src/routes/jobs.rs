@@ -8,7 +8,7 @@ use chrono::{DateTime, Duration, Utc};
 use conveyor_platform::amqp::{Outgoing, delay_level_for};
 use conveyor_schema::db::jobs;
 use conveyor_schema::models::{Job, NewJob};
-use conveyor_schema::{Envelope, JobState, TraceContext, find_task};
+use conveyor_schema::{Envelope, JobState, MAX_TASK_NAME_LEN, TraceContext, find_task};
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -187,6 +187,15 @@ impl Prepared {
         index: usize,
         request: EnqueueRequest,
     ) -> Result<Self, Problem> {
+        // No task has a longer name; the worker refuses one too. Checked
+        // first, so that no answer quotes (and no scope is matched against)
+        // a name of any length.
+        if request.task.len() > MAX_TASK_NAME_LEN {
+            return Err(Problem::invalid(
+                "/task",
+                format!("unknown task: the name is longer than {MAX_TASK_NAME_LEN} bytes"),
+            ));
+        }
         let principal = origin.principal.as_ref();
         if let Some(principal) = principal
             && !principal.may_enqueue(&request.task)
