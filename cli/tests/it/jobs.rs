@@ -10,9 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::TestApp;
 
-const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
-fn header(headers: &lapin::types::FieldTable, name: &str) -> Option<String> {
+pub(crate) fn header(headers: &lapin::types::FieldTable, name: &str) -> Option<String> {
     headers
         .inner()
         .iter()
@@ -136,7 +136,7 @@ async fn delayed_job_waits_in_the_broker() {
 
 /// `body` as a message to the `default` work queue, as a producer other than
 /// Conveyor may publish it (with a fresh `message_id`, no task header).
-fn raw_message(app: &TestApp, body: Vec<u8>) -> Outgoing {
+pub(crate) fn raw_message(app: &TestApp, body: Vec<u8>) -> Outgoing {
     Outgoing {
         exchange: String::new(),
         routing_key: app.topology().work_queue("default"),
@@ -148,7 +148,7 @@ fn raw_message(app: &TestApp, body: Vec<u8>) -> Outgoing {
 }
 
 /// Publishes `messages` in order, each confirmed.
-async fn publish_raw(app: &TestApp, messages: &[Outgoing]) {
+pub(crate) async fn publish_raw(app: &TestApp, messages: &[Outgoing]) {
     let stop = CancellationToken::new();
     let publisher = app.publisher(&stop).await;
     for message in messages {
@@ -159,7 +159,7 @@ async fn publish_raw(app: &TestApp, messages: &[Outgoing]) {
 
 /// Waits for `count` messages in the `default` dead-letter queue, takes them
 /// and returns their reasons ([`ERROR_HEADER`]).
-async fn dead_letter_reasons(app: &TestApp, count: u32) -> Vec<String> {
+pub(crate) async fn dead_letter_reasons(app: &TestApp, count: u32) -> Vec<String> {
     let dlq = app.topology().dead_letter_queue("default");
     crate::harness::wait_until(WAIT, || async { app.queue_len(&dlq).await == count }).await;
     app.drain_queue(&dlq)

@@ -39,6 +39,7 @@ mod migration_failures;
 mod migrations;
 mod openapi;
 mod publish_failures;
+mod refused_rows;
 mod schedules;
 mod stats;
 mod teardown;

@@ -1,0 +1,113 @@
+//! Messages whose job record PostgreSQL would refuse, from a producer that
+//! publishes straight to the queue: each costs one job (dead-lettered with a
+//! reason), never the worker's state commits.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use conveyor_schema::Envelope;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::harness::{TestApp, wait_until};
+use crate::jobs::{WAIT, dead_letter_reasons, publish_raw, raw_message};
+
+/// Midnight UTC of `year`-`month`-`day` (astronomical years: 0 is 1 BC).
+fn utc(year: i32, month: u32, day: u32) -> DateTime<Utc> {
+    NaiveDate::from_ymd_opt(year, month, day)
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+}
+
+/// Waits until job `id` has succeeded: the worker still commits.
+async fn wait_succeeded(app: &TestApp, id: Uuid) {
+    wait_until(WAIT, || async {
+        app.job(id)
+            .await
+            .is_some_and(|job| job.state == "succeeded")
+    })
+    .await;
+}
+
+/// Waits for the dead-job record `id` and returns the length of its task.
+async fn dead_job_task_len(app: &TestApp, id: Uuid) -> i64 {
+    let named = format!("SELECT count(*) AS n FROM dead_jobs WHERE id = '{id}'");
+    wait_until(WAIT, || async { app.count(&named).await == 1 }).await;
+    let task = format!("SELECT length(task)::int8 AS n FROM dead_jobs WHERE id = '{id}'");
+    app.count(&task).await
+}
+
+/// A task name of ~8 000 random characters (an unknown task) would make an
+/// index entry of `jobs` and `dead_jobs` larger than a btree takes; the
+/// message is refused as unreadable instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_name_too_long_to_index_is_dead_lettered_and_the_worker_goes_on() {
+    let app = TestApp::spawn().await;
+    // Random hex: PostgreSQL cannot compress it below the btree limit.
+    let task: String = (0..250)
+        .map(|_| Uuid::new_v4().simple().to_string())
+        .collect();
+    let message = raw_message(&app, Envelope::new(task, json!({})).encode());
+    let named = message.message_id;
+    publish_raw(&app, &[message]).await;
+    let after = app.enqueue("diag.noop", json!({})).await;
+    wait_succeeded(&app, after).await;
+    let reasons = dead_letter_reasons(&app, 1).await;
+    assert!(
+        reasons[0].contains("task name is 8000 bytes long; at most 200"),
+        "{reasons:?}"
+    );
+    // Recorded as unreadable: named after its message_id, with no task.
+    assert_eq!(dead_job_task_len(&app, named).await, 0);
+    // The ingress holds task names to the same bound.
+    let refused = app.post_job(json!({"task": "t".repeat(201)})).await;
+    assert_eq!(refused.status(), 422);
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(problem["pointer"], "/task", "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("longer than 200 bytes"),
+        "{problem}"
+    );
+}
+
+/// Timestamps chrono reads but `timestamptz` cannot hold (before 4714 BC) in
+/// `enqueued_at` or `not_before` are refused as unreadable; the earliest
+/// PostgreSQL holds is a job like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamps_out_of_postgres_range_are_dead_lettered_and_the_worker_goes_on() {
+    let app = TestApp::spawn().await;
+    let mut too_early = Envelope::new("diag.noop", json!({}));
+    too_early.enqueued_at = utc(-100_000, 1, 1);
+    let mut not_before = Envelope::new("diag.noop", json!({}));
+    not_before.not_before = Some(utc(-100_000, 1, 1));
+    let mut earliest = Envelope::new("diag.noop", json!({}));
+    earliest.enqueued_at = utc(-4713, 11, 24);
+    let messages = [
+        raw_message(&app, too_early.encode()),
+        raw_message(&app, not_before.encode()),
+        raw_message(&app, earliest.encode()),
+    ];
+    let named = [messages[0].message_id, messages[1].message_id];
+    publish_raw(&app, &messages).await;
+    let after = app.enqueue("diag.noop", json!({})).await;
+    wait_succeeded(&app, after).await;
+    wait_succeeded(&app, earliest.id).await;
+    let mut reasons = dead_letter_reasons(&app, 2).await;
+    reasons.sort();
+    assert!(
+        reasons[0]
+            .contains("enqueued_at -100000-01-01T00:00:00Z is before 4714-11-24 00:00:00 UTC BC"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1]
+            .contains("not_before -100000-01-01T00:00:00Z is before 4714-11-24 00:00:00 UTC BC"),
+        "{reasons:?}"
+    );
+    for id in named {
+        assert_eq!(dead_job_task_len(&app, id).await, 0);
+    }
+}
