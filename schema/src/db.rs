@@ -43,6 +43,7 @@ diesel::table! {
         updated_at -> Timestamptz,
         send_started_at -> Nullable<Timestamptz>,
         completed_at -> Nullable<Timestamptz>,
+        producer -> Nullable<Text>,
     }
 }
 

@@ -210,14 +210,15 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
     let versions: Vec<&String> = applied.iter().map(|(_, v)| v).collect();
     assert_eq!(versions, pending.iter().map(|(_, v)| v).collect::<Vec<_>>());
 
-    // The newest builds an index CONCURRENTLY (outside a transaction); the one
-    // before adds a column. Each revert undoes exactly one of them, and `run`
-    // applies both again.
-    let (newest, column_migration) = (&folders[folders.len() - 1], &folders[folders.len() - 2]);
+    // The newest adds a column; the one before builds an index CONCURRENTLY
+    // (outside a transaction). Each revert undoes exactly one of them, and
+    // `run` applies both again.
+    let (column_migration, index_migration) =
+        (&folders[folders.len() - 1], &folders[folders.len() - 2]);
     assert!(
-        newest.ends_with("_recipients_finished_index")
-            && column_migration.ends_with("_idempotency_id_seed"),
-        "update this test: {column_migration}, {newest}"
+        column_migration.ends_with("_campaigns_producer")
+            && index_migration.ends_with("_recipients_finished_index"),
+        "update this test: {index_migration}, {column_migration}"
     );
     #[derive(diesel::QueryableByName)]
     struct Name {
@@ -239,10 +240,10 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
              WHERE tablename = 'campaign_recipients' ORDER BY indexname",
         )
     };
-    let seed_column = || {
+    let producer_column = || {
         names(
             "SELECT column_name::text AS name FROM information_schema.columns \
-             WHERE table_name = 'idempotency_keys' AND column_name = 'id_seed'",
+             WHERE table_name = 'campaigns' AND column_name = 'producer'",
         )
         .len()
     };
@@ -251,24 +252,24 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         all.contains(&"campaign_recipients_finished".to_owned()),
         "{all:?}"
     );
-    assert_eq!(seed_column(), 1);
+    assert_eq!(producer_column(), 1);
     let [.., before_last, last] = versions.as_slice() else {
         panic!("{applied:?}")
     };
 
     let reverted = conveyor_migrate(&db, &["revert"]);
     assert_eq!(reverted.trim(), format!("reverted {last}"));
+    assert_eq!(producer_column(), 0);
+    assert_eq!(recipient_indexes(), all);
+    let reverted = conveyor_migrate(&db, &["revert"]);
+    assert_eq!(reverted.trim(), format!("reverted {before_last}"));
     let without: Vec<String> = all
         .iter()
         .filter(|name| *name != "campaign_recipients_finished")
         .cloned()
         .collect();
     assert_eq!(recipient_indexes(), without);
-    assert_eq!(seed_column(), 1);
-    let reverted = conveyor_migrate(&db, &["revert"]);
-    assert_eq!(reverted.trim(), format!("reverted {before_last}"));
-    assert_eq!(seed_column(), 0);
-    assert_eq!(recipient_indexes(), without);
+    assert_eq!(producer_column(), 0);
     let after = migrate_status(&db);
     let (kept, undone) = after.split_at(after.len() - 2);
     assert!(
@@ -285,7 +286,7 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         format!("applied {before_last}\napplied {last}")
     );
     assert_eq!(recipient_indexes(), all);
-    assert_eq!(seed_column(), 1);
+    assert_eq!(producer_column(), 1);
 }
 
 /// The Postgres type of a Diesel type in `schema/src/db.rs`, as

@@ -90,6 +90,9 @@ pub struct Campaign {
     pub send_started_at: Option<DateTime<Utc>>,
     /// When it completed.
     pub completed_at: Option<DateTime<Utc>>,
+    /// The producer of the API key that created it; `None` for campaigns
+    /// created before the column existed (only `admin` keys see those).
+    pub producer: Option<String>,
 }
 
 impl Campaign {
@@ -119,6 +122,9 @@ pub struct NewCampaign {
     pub rate_per_sec: Option<f64>,
     /// Always `draft`.
     pub state: String,
+    /// The creating key's producer (only it and `admin` keys may see the
+    /// campaign); `None` on a router without the key guard.
+    pub producer: Option<String>,
 }
 
 /// A ledger row.

@@ -16,6 +16,7 @@ use uuid::Uuid;
 use super::enqueue_planner;
 use super::read::load_status;
 use super::types::*;
+use crate::auth::Principal;
 use crate::idempotency::IdSeed;
 use crate::json_body::StrictJson;
 use crate::problem::Problem;
@@ -92,6 +93,7 @@ fn mailbox(pointer: &str, value: &str) -> Result<(), Problem> {
 )]
 pub async fn create(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     seed: Option<Extension<IdSeed>>,
     StrictJson { value: request, .. }: StrictJson<CreateCampaign>,
 ) -> Result<(StatusCode, Json<CampaignStatus>), Problem> {
@@ -155,6 +157,7 @@ pub async fn create(
         vars: request.vars,
         rate_per_sec: request.rate_per_sec,
         state: CampaignState::Draft.as_str().into(),
+        producer: principal.as_ref().map(|Extension(p)| p.producer.clone()),
     };
     conveyor_schema::pool::run(&state.db, move |conn| {
         conn.transaction(|conn| {
