@@ -7,7 +7,8 @@ use serde_json::{Value, json};
 use crate::harness::TestApp;
 use crate::publish_failures::{nacking_every_publish, replace_queue};
 
-fn campaign(recipients: Value) -> Value {
+/// A valid campaign with `recipients`.
+pub(crate) fn campaign(recipients: Value) -> Value {
     json!({
         "name": "Spring meetup",
         "template": "event_announcement",
@@ -17,14 +18,19 @@ fn campaign(recipients: Value) -> Value {
     })
 }
 
-async fn post(app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
-    let response = app
-        .client
-        .post(app.url(path))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
+/// `POST path` with `body` and the admin key: the status and the JSON body.
+pub(crate) async fn post(app: &TestApp, path: &str, body: &Value) -> (u16, Value) {
+    post_as(&app.client, app, path, body).await
+}
+
+/// [`post`] with `client`'s key instead of the admin key.
+pub(crate) async fn post_as(
+    client: &reqwest::Client,
+    app: &TestApp,
+    path: &str,
+    body: &Value,
+) -> (u16, Value) {
+    let response = client.post(app.url(path)).json(body).send().await.unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
@@ -191,7 +197,8 @@ async fn create_draft(app: &TestApp) -> String {
     created["id"].as_str().unwrap().to_owned()
 }
 
-async fn campaign_state(app: &TestApp, id: &str) -> Value {
+/// The campaign's state, read with the admin key.
+pub(crate) async fn campaign_state(app: &TestApp, id: &str) -> Value {
     let status: Value = app.get_json(&format!("/v1/campaigns/{id}")).await;
     status["state"].clone()
 }

@@ -9,6 +9,7 @@ mod smtp;
 
 mod auth;
 mod broker_faults;
+mod campaign_owners;
 mod cluster;
 mod dashboard;
 mod dead_letters;

@@ -6,17 +6,21 @@
 //! The undo is guarded too: it applies only while the campaign is still in the
 //! state this call made (`sending`, of the plan generation it left), so a
 //! `cancel` or `pause` that came in meanwhile stands.
+//!
+//! A key without `admin` changes only the campaigns its producer created; any
+//! other is a 404, exactly like an unknown id, and is left as it is.
 
-use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use conveyor_schema::db::{campaign_recipients, campaigns};
 use conveyor_schema::models::CampaignState;
 use diesel::prelude::*;
 use uuid::Uuid;
 
-use super::enqueue_planner;
 use super::types::Transition;
+use super::{enqueue_planner, no_such_campaign, owner};
+use crate::auth::Principal;
 use crate::problem::Problem;
 use crate::state::AppState;
 
@@ -31,9 +35,12 @@ struct Made {
 
 /// Moves the campaign from one of `from` to `to`; returns what it made.
 /// `replan` also bumps the plan generation (a fresh set of chunk ids).
+/// 404, changing nothing, when the campaign does not exist or `owner` (see
+/// [`super::owner`]) may not see it.
 async fn transition(
     state: &AppState,
     id: Uuid,
+    owner: Option<String>,
     from: &'static [CampaignState],
     to: CampaignState,
     replan: bool,
@@ -41,7 +48,7 @@ async fn transition(
     let allowed: Vec<&'static str> = from.iter().map(|s| s.as_str()).collect();
     let changed = conveyor_schema::pool::run(&state.db, move |conn| {
         conn.transaction(|conn| {
-            let current = super::locked_state(conn, id)?;
+            let current = super::locked_state(conn, id, owner)?;
             let Some(current) = current else {
                 return Ok(None);
             };
@@ -72,7 +79,7 @@ async fn transition(
     .await
     .map_err(|err| Problem::unavailable(err.to_string(), 1))?;
     match changed {
-        None => Err(Problem::not_found(format!("no campaign {id}"))),
+        None => Err(no_such_campaign(id)),
         Some(Err(current)) => Err(Problem::new(
             StatusCode::CONFLICT,
             "invalid-transition",
@@ -138,17 +145,19 @@ async fn start_planning(
     params(("id" = Uuid, Path, description = "Campaign id")),
     responses(
         (status = 200, description = "Sending; the planner job was enqueued", body = Transition),
-        (status = 404, description = "No such campaign", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such campaign, or (without `admin`) one another producer created", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not a draft", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Planner could not be enqueued; nothing changed", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn send(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Transition>, Problem> {
     let made = transition(
         &state,
         id,
+        owner(principal),
         &[CampaignState::Draft],
         CampaignState::Sending,
         false,
@@ -162,16 +171,18 @@ pub async fn send(
     params(("id" = Uuid, Path, description = "Campaign id")),
     responses(
         (status = 200, description = "Paused", body = Transition),
-        (status = 404, description = "No such campaign", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such campaign, or (without `admin`) one another producer created", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not sending", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn pause(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Transition>, Problem> {
     transition(
         &state,
         id,
+        owner(principal),
         &[CampaignState::Sending],
         CampaignState::Paused,
         false,
@@ -189,17 +200,19 @@ pub async fn pause(
     params(("id" = Uuid, Path, description = "Campaign id")),
     responses(
         (status = 200, description = "Sending again; the planner job was enqueued", body = Transition),
-        (status = 404, description = "No such campaign", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such campaign, or (without `admin`) one another producer created", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not paused", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Planner could not be enqueued; nothing changed", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn resume(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Transition>, Problem> {
     let made = transition(
         &state,
         id,
+        owner(principal),
         &[CampaignState::Paused],
         CampaignState::Sending,
         true,
@@ -213,16 +226,18 @@ pub async fn resume(
     params(("id" = Uuid, Path, description = "Campaign id")),
     responses(
         (status = 200, description = "Cancelled", body = Transition),
-        (status = 404, description = "No such campaign", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such campaign, or (without `admin`) one another producer created", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Already completed or cancelled", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn cancel(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Transition>, Problem> {
     transition(
         &state,
         id,
+        owner(principal),
         &[
             CampaignState::Draft,
             CampaignState::Sending,
@@ -244,17 +259,19 @@ pub async fn cancel(
     params(("id" = Uuid, Path, description = "Campaign id")),
     responses(
         (status = 200, description = "Unknown recipients are pending again; the planner job was enqueued", body = Transition),
-        (status = 404, description = "No such campaign", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such campaign, or (without `admin`) one another producer created", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Campaign draft, paused or cancelled", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Planner could not be enqueued", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn resend_unknown(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Transition>, Problem> {
     let made = transition(
         &state,
         id,
+        owner(principal),
         &[CampaignState::Sending, CampaignState::Completed],
         CampaignState::Sending,
         true,

@@ -13,9 +13,9 @@ use lettre::message::Mailbox;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::enqueue_planner;
 use super::read::load_status;
 use super::types::*;
+use super::{enqueue_planner, no_such_campaign, owner};
 use crate::auth::Principal;
 use crate::idempotency::IdSeed;
 use crate::json_body::StrictJson;
@@ -78,7 +78,9 @@ fn mailbox(pointer: &str, value: &str) -> Result<(), Problem> {
     })
 }
 
-/// Create a campaign in state `draft`.
+/// Create a campaign in state `draft`, owned by the key's producer.
+///
+/// Only keys of that producer, and keys with `admin`, see it afterwards.
 #[utoipa::path(
     post, path = "/v1/campaigns", tag = "campaigns",
     request_body(content = CreateCampaign, content_type = "application/json"),
@@ -175,7 +177,10 @@ pub async fn create(
     .await
     .map_err(|err| Problem::unavailable(err.to_string(), 1))?;
     tracing::info!(campaign.id = %id, repeats, "campaign created");
-    let status = load_status(&state, id).await?;
+    // Read back as the caller sees campaigns. The id is new, or derived from
+    // the seed of an Idempotency-Key claimed for this producer, so the row is
+    // the caller's; the filter makes sure one that is not is never shown.
+    let status = load_status(&state, id, owner(principal)).await?;
     Ok((StatusCode::CREATED, Json(status)))
 }
 
@@ -191,7 +196,7 @@ pub async fn create(
     request_body(content = AddRecipients, content_type = "application/json"),
     responses(
         (status = 200, description = "Appended", body = AddedRecipients),
-        (status = 404, description = "No such campaign", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such campaign, or (without `admin`) one another producer created", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Campaign cancelled", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid address (pointer names the index)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Database unavailable (nothing changed), or the planner could not be enqueued: the recipients are stored and the campaign is sending; the same request again enqueues the planner", body = Problem, content_type = "application/problem+json"),
@@ -199,16 +204,18 @@ pub async fn create(
 )]
 pub async fn add_recipients(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<Uuid>,
     StrictJson { value: request, .. }: StrictJson<AddRecipients>,
 ) -> Result<Json<AddedRecipients>, Problem> {
     let (rows, repeats) = validate_recipients(id, request.recipients)?;
     let offered = rows.len() as u64;
+    let owner = owner(principal);
     let outcome = conveyor_schema::pool::run(&state.db, move |conn| {
         conn.transaction(|conn| {
-            let current = super::locked_state(conn, id)?;
+            let current = super::locked_state(conn, id, owner)?;
             let Some(current) = current else {
-                return Ok(Err(Problem::not_found(format!("no campaign {id}"))));
+                return Ok(Err(no_such_campaign(id)));
             };
             let added = match CampaignState::parse(&current) {
                 Some(CampaignState::Cancelled) => {

@@ -1,7 +1,7 @@
 //! Reading a campaign's progress and its ledger.
 
-use axum::Json;
 use axum::extract::{Path, Query, State};
+use axum::{Extension, Json};
 use conveyor_schema::db::{campaign_recipients, campaigns};
 use conveyor_schema::models::{Campaign, RecipientState};
 use diesel::prelude::*;
@@ -9,6 +9,8 @@ use diesel::sql_types::{BigInt, Text, Uuid as SqlUuid};
 use uuid::Uuid;
 
 use super::types::*;
+use super::{no_such_campaign, owner, visible_to};
+use crate::auth::Principal;
 use crate::problem::Problem;
 use crate::state::AppState;
 
@@ -26,10 +28,21 @@ struct Recent {
     n: i64,
 }
 
-/// The campaign's status, or 404.
-pub(super) async fn load_status(state: &AppState, id: Uuid) -> Result<CampaignStatus, Problem> {
+/// The campaign's status, or 404 when it does not exist or `owner` (see
+/// [`super::owner`]) may not see it.
+pub(super) async fn load_status(
+    state: &AppState,
+    id: Uuid,
+    owner: Option<String>,
+) -> Result<CampaignStatus, Problem> {
     let loaded = conveyor_schema::pool::run(&state.db, move |conn| {
-        let Some(campaign) = campaigns::table.find(id).select(Campaign::as_select()).first(conn).optional()? else {
+        let Some(campaign) = campaigns::table
+            .find(id)
+            .filter(visible_to(owner))
+            .select(Campaign::as_select())
+            .first(conn)
+            .optional()?
+        else {
             return Ok(None);
         };
         let counts: Vec<StateCount> = diesel::sql_query(
@@ -48,7 +61,7 @@ pub(super) async fn load_status(state: &AppState, id: Uuid) -> Result<CampaignSt
     .await
     .map_err(|err| Problem::unavailable(err.to_string(), 1))?;
     let Some((campaign, rows, recent)) = loaded else {
-        return Err(Problem::not_found(format!("no campaign {id}")));
+        return Err(no_such_campaign(id));
     };
     let mut counts = RecipientCounts::default();
     for row in rows {
@@ -82,19 +95,22 @@ pub(super) async fn load_status(state: &AppState, id: Uuid) -> Result<CampaignSt
 }
 
 /// A campaign's state, counts per recipient state, current rate and time left.
+///
+/// A key without `admin` sees only the campaigns its producer created.
 #[utoipa::path(
     get, path = "/v1/campaigns/{id}", tag = "campaigns", operation_id = "campaign_status",
     params(("id" = Uuid, Path, description = "Campaign id")),
     responses(
         (status = 200, description = "The campaign", body = CampaignStatus),
-        (status = 404, description = "No such campaign", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such campaign, or (without `admin`) one another producer created", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn status(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<Uuid>,
 ) -> Result<Json<CampaignStatus>, Problem> {
-    Ok(Json(load_status(&state, id).await?))
+    Ok(Json(load_status(&state, id, owner(principal)).await?))
 }
 
 /// The ledger, a page at a time (keyset pagination: pass `next_after` as `after`).
@@ -104,14 +120,16 @@ pub async fn status(
     responses(
         (status = 200, description = "A page of recipients", body = RecipientPage),
         (status = 400, description = "Bad query", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such campaign", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such campaign, or (without `admin`) one another producer created", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn recipients(
     State(state): State<AppState>,
+    principal: Option<Extension<Principal>>,
     Path(id): Path<Uuid>,
     Query(query): Query<RecipientQuery>,
 ) -> Result<Json<RecipientPage>, Problem> {
+    let owner = owner(principal);
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(Problem::new(
@@ -126,6 +144,7 @@ pub async fn recipients(
     let page = conveyor_schema::pool::run(&state.db, move |conn| {
         let exists = campaigns::table
             .find(id)
+            .filter(visible_to(owner))
             .select(campaigns::id)
             .first::<Uuid>(conn)
             .optional()?
@@ -162,7 +181,7 @@ pub async fn recipients(
     })
     .await
     .map_err(|err| Problem::unavailable(err.to_string(), 1))?
-    .ok_or_else(|| Problem::not_found(format!("no campaign {id}")))?;
+    .ok_or_else(|| no_such_campaign(id))?;
     let more = page.len() as i64 > limit;
     let items: Vec<RecipientView> = page
         .into_iter()
