@@ -262,3 +262,36 @@ async fn a_cancel_while_a_send_fails_is_not_undone() {
     // The failed send undoes only its own change: the cancel stands.
     assert_eq!(campaign_state(&app, &id).await, "cancelled");
 }
+
+/// An undone send leaves no trace of itself: the campaign is a draft again
+/// and, never sent, has no `send_started_at`. An undone resume keeps the time
+/// the first send began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undone_send_leaves_no_send_started_at() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let id = create_draft(&app).await;
+    let status_path = format!("/v1/campaigns/{id}");
+    let mail = app.topology().work_queue("mail");
+    replace_queue(&mail, Some(nacking_every_publish())).await;
+    let (send, empty) = (format!("/v1/campaigns/{id}/send"), json!({}));
+    let (status, problem) = post(&app, &send, &empty).await;
+    assert_eq!(status, 503, "{problem}");
+    let undone: Value = app.get_json(&status_path).await;
+    assert_eq!(undone["state"], "draft", "{undone}");
+    assert_eq!(undone["send_started_at"], Value::Null, "{undone}");
+
+    // Sent for real, then paused; a resume whose planner publish fails.
+    replace_queue(&mail, Some(FieldTable::default())).await;
+    assert_eq!(post(&app, &send, &empty).await.0, 200);
+    let started = app.get_json::<Value>(&status_path).await["send_started_at"].clone();
+    assert!(started.is_string(), "{started}");
+    let pause = format!("/v1/campaigns/{id}/pause");
+    assert_eq!(post(&app, &pause, &empty).await.0, 200);
+    replace_queue(&mail, Some(nacking_every_publish())).await;
+    let resume = format!("/v1/campaigns/{id}/resume");
+    let (status, problem) = post(&app, &resume, &empty).await;
+    assert_eq!(status, 503, "{problem}");
+    let undone: Value = app.get_json(&status_path).await;
+    assert_eq!(undone["state"], "paused", "{undone}");
+    assert_eq!(undone["send_started_at"], started, "{undone}");
+}

@@ -13,6 +13,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
 use conveyor_schema::db::{campaign_recipients, campaigns};
 use conveyor_schema::models::CampaignState;
 use diesel::prelude::*;
@@ -31,6 +32,9 @@ struct Made {
     previous: CampaignState,
     /// The plan generation it was left with.
     generation: i32,
+    /// Its `send_started_at` before (`None` for a campaign never sent): the
+    /// first `send` sets it, and an undone one must not leave it set.
+    send_started_at: Option<DateTime<Utc>>,
 }
 
 /// Moves the campaign from one of `from` to `to`; returns what it made.
@@ -56,14 +60,15 @@ async fn transition(
                 return Ok(Some(Err(current)));
             }
             let bump = if replan { 1 } else { 0 };
-            let generation = diesel::update(campaigns::table.find(id))
+            // `send_started_at` as it was: this statement leaves it alone.
+            let (generation, send_started_at) = diesel::update(campaigns::table.find(id))
                 .set((
                     campaigns::state.eq(to.as_str()),
                     campaigns::plan_generation.eq(campaigns::plan_generation + bump),
                     campaigns::updated_at.eq(diesel::dsl::now),
                 ))
-                .returning(campaigns::plan_generation)
-                .get_result::<i32>(conn)?;
+                .returning((campaigns::plan_generation, campaigns::send_started_at))
+                .get_result::<(i32, Option<DateTime<Utc>>)>(conn)?;
             if to == CampaignState::Sending {
                 diesel::update(
                     campaigns::table
@@ -73,7 +78,7 @@ async fn transition(
                 .set(campaigns::send_started_at.eq(diesel::dsl::now))
                 .execute(conn)?;
             }
-            Ok(Some(Ok((current, generation))))
+            Ok(Some(Ok((current, generation, send_started_at))))
         })
     })
     .await
@@ -86,16 +91,17 @@ async fn transition(
             "Invalid state transition",
             format!("campaign {id} is {current}; cannot become {}", to.as_str()),
         )),
-        Some(Ok((previous, generation))) => Ok(Made {
+        Some(Ok((previous, generation, send_started_at))) => Ok(Made {
             previous: CampaignState::parse(&previous).unwrap_or(CampaignState::Draft),
             generation,
+            send_started_at,
         }),
     }
 }
 
-/// Puts the campaign back in its previous state after a failed planner
-/// publish, if it is still `sending` as `made` left it; a transition since
-/// (a cancel, a pause, another resume) is kept.
+/// Puts the campaign back in its previous state, with the `send_started_at`
+/// it had, after a failed planner publish, if it is still `sending` as `made`
+/// left it; a transition since (a cancel, a pause, another resume) is kept.
 async fn undo(state: &AppState, id: Uuid, made: Made) {
     let restored = conveyor_schema::pool::run(&state.db, move |conn| {
         diesel::update(
@@ -106,6 +112,7 @@ async fn undo(state: &AppState, id: Uuid, made: Made) {
         )
         .set((
             campaigns::state.eq(made.previous.as_str()),
+            campaigns::send_started_at.eq(made.send_started_at),
             campaigns::updated_at.eq(diesel::dsl::now),
         ))
         .execute(conn)
