@@ -2,7 +2,8 @@
 //!
 //! Per-instance metrics (each ingress or worker process counts its own; sum
 //! them across instances): `conveyor_jobs_*_total`, `conveyor_job_*_seconds`,
-//! `conveyor_jobs_in_flight`, `conveyor_http_*`, `conveyor_webhooks_*`. Service-wide metrics (polled
+//! `conveyor_jobs_in_flight`, `conveyor_http_*`, `conveyor_webhooks_*`,
+//! `conveyor_worker_*`. Service-wide metrics (polled
 //! from the broker by the ingress only, so there is one set per deployment, not
 //! one per worker): `conveyor_queue_*`, `conveyor_workers` and
 //! `conveyor_dead_jobs`, each carrying the constant label `scope="service"` so
@@ -71,6 +72,10 @@ pub struct Metrics {
     /// Confirmed jobs whose group commit failed and whose record was then
     /// written again, so that they were accepted after all. Ingress.
     pub jobs_recorded_again: IntCounter,
+    /// Job state changes (and dead-job records) PostgreSQL refused on their
+    /// own, for what they hold: not retried, their deliveries dead-lettered
+    /// instead. Worker.
+    pub state_rows_refused: IntCounter,
 }
 
 /// The reasons of [`Metrics::jobs_in_doubt`].
@@ -276,6 +281,11 @@ impl Metrics {
                 r,
                 "conveyor_jobs_recorded_again_total",
                 "Confirmed jobs recorded again after their group commit failed, then accepted.",
+            ),
+            state_rows_refused: plain_counter(
+                r,
+                "conveyor_worker_state_rows_refused_total",
+                "Job state changes and dead-job records PostgreSQL refused on their own (for their data); not retried, their deliveries dead-lettered instead.",
             ),
             registry,
         };

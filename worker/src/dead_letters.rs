@@ -15,13 +15,19 @@
 //! Either way the record is committed before the dead-letter message can be
 //! lost, and recording is idempotent (`ON CONFLICT DO NOTHING` on the job id),
 //! so a redelivery never records twice.
+//!
+//! Should PostgreSQL refuse a record for what it holds (see the state writer),
+//! [`commit`] writes it without the job's state, then in a fallback form that
+//! holds nothing it could refuse ([`DeadLetter::fallback`]); should that be
+//! refused too, the message is in the dead-letter queue all the same, and the
+//! missing record is logged as an error.
 
 use std::sync::Arc;
 
 use chrono::Utc;
 use conveyor_platform::amqp::ERROR_HEADER;
 use conveyor_schema::nul::without_nul;
-use conveyor_schema::{Envelope, JobState, find_task};
+use conveyor_schema::{Envelope, JobState, MAX_TASK_NAME_LEN, find_task};
 use diesel::prelude::*;
 use diesel::sql_types::{Int4, Jsonb, Nullable, Text, Uuid as SqlUuid};
 use lapin::message::Delivery;
@@ -32,7 +38,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::runtime::Runtime;
-use crate::state_writer::StateChange;
+use crate::state_writer::{Commit, StateChange};
 
 /// Who dead-lettered a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +63,8 @@ impl Source {
 pub struct DeadLetter {
     /// The job id (a fresh id when the message had none).
     pub id: Uuid,
-    /// Task name; empty when unreadable.
+    /// Task name; empty when unreadable, at most [`MAX_TASK_NAME_LEN`] bytes
+    /// otherwise (as `Envelope::decode` refuses longer ones).
     pub task: String,
     /// Logical queue.
     pub queue: String,
@@ -100,12 +107,84 @@ impl DeadLetter {
             task: String::new(),
             queue: queue.to_owned(),
             envelope: None,
-            body: Some(String::from_utf8_lossy(body).chars().take(65_536).collect()),
+            body: Some(
+                String::from_utf8_lossy(body)
+                    .chars()
+                    .take(MAX_BODY_CHARS)
+                    .collect(),
+            ),
             attempts: 0,
             reason: reason.to_owned(),
             x_death: None,
             source: Source::Worker,
         }
+    }
+
+    /// This record in a form that holds nothing PostgreSQL could refuse, for
+    /// when it refused the record itself with `error`: the task name cut to
+    /// [`MAX_TASK_NAME_LEN`] bytes (its index entry stays small), the envelope
+    /// as text in `body` (at most 64 Ki characters) instead of JSON, no
+    /// `x_death`, and `error` added to the reason.
+    pub fn fallback(self, error: &str) -> Self {
+        let mut task = self.task;
+        let mut cut = MAX_TASK_NAME_LEN.min(task.len());
+        while !task.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        task.truncate(cut);
+        let body = self
+            .body
+            .or_else(|| self.envelope.map(|envelope| envelope.to_string()))
+            .map(|body| body.chars().take(MAX_BODY_CHARS).collect());
+        Self {
+            task,
+            envelope: None,
+            body,
+            reason: format!(
+                "{}; the database refused its full record: {error}",
+                self.reason
+            ),
+            x_death: None,
+            ..self
+        }
+    }
+}
+
+/// The most characters of a message's body a record keeps.
+const MAX_BODY_CHARS: usize = 65_536;
+
+/// Commits `change` (if any) and the record `dead` together; when PostgreSQL
+/// refuses them, the record alone (the state may be what it refused), then
+/// the record's [`fallback`](DeadLetter::fallback) form. A refusal of that too
+/// is logged, and counts as done: by now the message is in the dead-letter
+/// queue, and holding its delivery would not write the record. `false` only
+/// when the state writer stopped first.
+pub(crate) async fn commit(rt: &Runtime, change: Option<StateChange>, dead: DeadLetter) -> bool {
+    let had_change = change.is_some();
+    let mut refused = match rt.states.commit_dead(change, dead).await {
+        Commit::Refused(refused) => refused,
+        other => return other.is_committed(),
+    };
+    if had_change && let Some(dead) = refused.dead.take() {
+        refused = match rt.states.commit_dead(None, dead).await {
+            Commit::Refused(refused) => refused,
+            other => return other.is_committed(),
+        };
+    }
+    let Some(dead) = refused.dead.take() else {
+        return true;
+    };
+    let id = dead.id;
+    match rt
+        .states
+        .commit_dead(None, dead.fallback(&refused.error))
+        .await
+    {
+        Commit::Refused(again) => {
+            tracing::error!(job.id = %id, error = again.error, "PostgreSQL refused even the fallback form of a dead job's record; the message is in the dead-letter queue, unrecorded");
+            true
+        }
+        other => other.is_committed(),
     }
 }
 
@@ -192,7 +271,7 @@ pub async fn record_from_inbox(
     dead.x_death = x_death;
     let labels = [dead.task.clone(), queue.to_string()];
     tracing::warn!(job.id = %dead.id, task = %dead.task, reason, "recording a message the broker dead-lettered");
-    if !rt.states.commit_dead(change, dead).await {
+    if !commit(&rt, change, dead).await {
         return;
     }
     rt.metrics.jobs_dead.with_label_values(&labels).inc();

@@ -9,6 +9,16 @@
 //! 4. commit the job's new state;
 //! 5. only then acknowledge the delivery (in a batch with others: `acks`).
 //!
+//! Should PostgreSQL refuse the new state for what it holds (the state writer
+//! isolates such a row, see `state_writer`), retrying would never commit it and
+//! holding the delivery would only bring it back. A dead job's message is in
+//! the dead-letter queue by then: its record is written in a fallback form
+//! (`dead_letters::commit`) and the delivery acked. A retry's next attempt is
+//! published: the delivery is acked and that attempt carries the job on. A
+//! success is dead-lettered like an unreadable message (published to the
+//! dead-letter queue with the database's error as its reason, recorded, then
+//! acked), so the job is neither lost nor run again by a redelivery.
+//!
 //! A crash anywhere before 5 redelivers the message; a redelivered message whose
 //! job is already final, has moved to a later attempt, or whose attempt has
 //! already failed and been retried is acknowledged without running. So is a
@@ -45,7 +55,7 @@ use uuid::Uuid;
 use crate::acks::ChannelAcks;
 use crate::dead_letters::DeadLetter;
 use crate::runtime::Runtime;
-use crate::state_writer::StateChange;
+use crate::state_writer::{Commit, Refused, StateChange};
 
 /// Handles one delivery from logical queue `queue`. `lost` is cancelled when
 /// the delivery's connection is gone: the broker has then already returned the
@@ -236,10 +246,18 @@ async fn run_envelope(
             change.finished_at = Some(ended);
             tracing::debug!(elapsed_ms, "job succeeded");
             let succeeded = metrics.jobs_succeeded.with_label_values(&labels);
-            rt.states.commit_then(change, move || {
-                succeeded.inc();
-                settle.ack();
-            });
+            // What dead-lettering the delivery needs, should its state be refused.
+            let (runtime, data) = (rt.clone(), delivery.data);
+            rt.states
+                .commit_then(change, move |committed| match committed {
+                    Ok(()) => {
+                        succeeded.inc();
+                        settle.ack();
+                    }
+                    Err(refused) => {
+                        tokio::spawn(dead_letter_refused(runtime, queue, settle, data, refused));
+                    }
+                });
         }
         Err(err) if !err.is_permanent() && envelope.attempt < options.max_attempts => {
             let wanted = match &err {
@@ -296,7 +314,10 @@ const OUTCOME_PUBLISH_WAIT: Duration = Duration::from_secs(10);
 
 /// Publishes `message` (confirmed), commits `change` and the dead-job record
 /// `dead` together, then acks. If the publish fails the delivery is returned to
-/// the queue to be handled again.
+/// the queue to be handled again. With a record, `message` is the job's dead
+/// letter; without one, `change` is a retry's and `message` its next attempt
+/// (or there is neither: a delay). Should PostgreSQL refuse what is committed,
+/// the delivery is acked all the same (see the module header).
 ///
 /// Boxed: this is the path of retries, dead letters and delays, and inline its
 /// state would be most of every delivery's future, which is moved to the heap
@@ -331,13 +352,54 @@ async fn finish(
         return settle.requeue().await;
     }
     let committed = match (change, dead) {
-        (change, Some(dead)) => rt.states.commit_dead(change, dead).await,
-        (Some(change), None) => rt.states.commit(change).await,
+        (change, Some(dead)) => crate::dead_letters::commit(rt, change, dead).await,
+        (Some(change), None) => match rt.states.commit(change).await {
+            Commit::Refused(refused) => {
+                tracing::warn!(
+                    error = refused.error,
+                    "the job's `retrying` state was refused; its next attempt is published and carries it on"
+                );
+                true
+            }
+            other => other.is_committed(),
+        },
         (None, None) => true,
     };
     if committed {
         settle.ack();
     }
+}
+
+/// Dead-letters the delivery of a job whose `succeeded` state PostgreSQL
+/// refused (`refused`): its body goes to the dead-letter queue with the
+/// database's error as the reason, is recorded, and the delivery is acked.
+async fn dead_letter_refused(
+    rt: Arc<Runtime>,
+    queue: Arc<str>,
+    settle: Settle,
+    data: Vec<u8>,
+    refused: Box<Refused>,
+) {
+    let state = refused
+        .change
+        .as_ref()
+        .map_or("", |change| change.state.as_str());
+    let reason = format!(
+        "the database refused this job's `{state}` state: {}",
+        refused.error
+    );
+    // It was read before, so it reads again.
+    let record = match Envelope::decode(&data) {
+        Ok(envelope) => DeadLetter::of(&envelope, &queue, &reason),
+        Err(_) => DeadLetter::unreadable(None, &queue, &data, &reason),
+    };
+    tracing::warn!(job.id = %record.id, task = %record.task, reason, "dead-lettering a job whose state the database refused");
+    rt.metrics
+        .jobs_dead
+        .with_label_values(&[record.task.as_str(), &queue])
+        .inc();
+    let dead = Outgoing::dead_letter(&rt.topology, &queue, data, record.id, &record.task, &reason);
+    finish_with(&rt, &settle, &dead, None, Some(record)).await
 }
 
 /// How one delivery is settled: acked with its channel's next batch (only

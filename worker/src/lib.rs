@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use state_writer::{StateChange, StateWriter};
+pub use state_writer::{Batching, Commit, Refused, StateChange, StateWriter};
 
 /// A started worker.
 pub struct Worker {
@@ -82,6 +82,7 @@ pub async fn start(
             max: config.worker.state_batch_max,
             linger: std::time::Duration::from_millis(config.worker.state_linger_ms),
         },
+        &metrics,
         plumbing.clone(),
     );
     let schedules =

@@ -11,9 +11,26 @@
 //! after its commit: the caller of a retry or dead letter waits for it
 //! ([`StateWriter::commit`]); a success is acknowledged by the writer itself once
 //! committed ([`StateWriter::commit_then`]), so its handler need not be woken
-//! again. A failed commit is retried with backoff until it succeeds, so a
-//! database outage stalls acks (and, through the prefetch window, consumption)
-//! instead of losing state.
+//! again.
+//!
+//! A failed commit is retried with backoff until it succeeds, so a database
+//! outage stalls acks (and, through the prefetch window, consumption) instead
+//! of losing state. Except when PostgreSQL refuses the batch for what it holds
+//! (a row it will refuse however often it is sent, see [`isolate`]): then the
+//! writer commits the batch in halves, each in its own transaction, halving
+//! again what fails, down to single entries, so that everything else commits.
+//! An entry refused on its own is not retried: it is counted
+//! (`conveyor_worker_state_rows_refused_total`), logged, and handed back to
+//! its caller as [`Refused`], which dead-letters its delivery instead (see
+//! `execute`): the message goes to the dead-letter queue with the database's
+//! error as its reason, its `dead_jobs` record is written, in a fallback form
+//! if the full one is refused too, and the delivery is acknowledged. A refused
+//! `running` change (which nobody waits for) is only counted and logged: the
+//! attempt's final change meets the same refusal and takes that road. So one
+//! bad row costs one job, not the worker; before this, it stalled every
+//! commit and ack of the worker, then of the next worker its redelivered
+//! message reached. A batch that commits costs what it did before: the
+//! halving starts only once a commit has failed.
 //!
 //! The upsert also creates the row when the job's publisher has not committed
 //! it yet, and never moves a job out of a final state or back to an older attempt.
@@ -21,10 +38,14 @@
 //! A dead job's `dead_jobs` record travels with its `dead` state and is written
 //! in the same transaction, after the state (so it sees every error).
 
+mod isolate;
+
 use std::borrow::Cow;
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use conveyor_platform::metrics::Metrics;
 use conveyor_schema::nul::without_nul;
 use conveyor_schema::pool::PgPool;
 use conveyor_schema::prepared::walk_sql;
@@ -33,11 +54,13 @@ use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, QueryFragment};
 use diesel::sql_types::{Array, Int4, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use prometheus::IntCounter;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::dead_letters::DeadLetter;
+use isolate::Fate;
 
 /// One job's new state.
 #[derive(Debug, Clone)]
@@ -104,26 +127,60 @@ pub struct Batching {
     pub linger: Duration,
 }
 
+/// What became of what a caller waited for ([`StateWriter::commit`],
+/// [`StateWriter::commit_dead`]).
+#[derive(Debug)]
+pub enum Commit {
+    /// Committed.
+    Committed,
+    /// PostgreSQL refused it on its own, for what it holds: it never commits,
+    /// and it was not retried.
+    Refused(Box<Refused>),
+    /// The writer stopped first (shut down while commits kept failing).
+    Stopped,
+}
+
+impl Commit {
+    /// `true` when committed.
+    pub fn is_committed(&self) -> bool {
+        matches!(self, Self::Committed)
+    }
+}
+
+/// An entry PostgreSQL refused on its own, handed back to its caller.
+#[derive(Debug)]
+pub struct Refused {
+    /// The database's error message (at most [`MAX_ERROR_LEN`] bytes).
+    pub error: String,
+    /// The refused state change, if the entry held one.
+    pub change: Option<StateChange>,
+    /// The refused dead-job record, if the entry held one.
+    pub dead: Option<DeadLetter>,
+}
+
+/// The longest database error kept in a [`Refused`] (it may quote a value).
+pub const MAX_ERROR_LEN: usize = 1024;
+
 struct Pending {
     item: Item,
     done: Option<Done>,
 }
 
-/// What happens once a pending entry is committed.
+/// What happens once a pending entry is committed or refused.
 enum Done {
     /// The caller waiting in [`StateWriter::commit`] is woken.
-    Wake(oneshot::Sender<()>),
+    Wake(oneshot::Sender<Result<(), Box<Refused>>>),
     /// This runs on the writer task, and nobody waits.
-    Then(Box<dyn FnOnce() + Send>),
+    Then(Box<dyn FnOnce(Result<(), Box<Refused>>) + Send>),
 }
 
 impl Done {
-    fn committed(self) {
+    fn settle(self, outcome: Result<(), Box<Refused>>) {
         match self {
             Done::Wake(waiter) => {
-                let _ = waiter.send(());
+                let _ = waiter.send(outcome);
             }
-            Done::Then(then) => then(),
+            Done::Then(then) => then(outcome),
         }
     }
 }
@@ -152,35 +209,48 @@ pub struct StateWriter {
 
 impl StateWriter {
     /// Starts the writer task. It stops once every `StateWriter` is dropped and
-    /// the queue is empty, or when `stop` is cancelled while a commit keeps failing.
-    pub fn start(pool: PgPool, batching: Batching, stop: CancellationToken) -> Self {
+    /// the queue is empty, or when `stop` is cancelled while a commit keeps
+    /// failing. It counts refused entries in `metrics`.
+    pub fn start(
+        pool: PgPool,
+        batching: Batching,
+        metrics: &Metrics,
+        stop: CancellationToken,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(pool, rx, batching, stop));
+        let refused = metrics.state_rows_refused.clone();
+        tokio::spawn(write_loop(pool, rx, batching, refused, stop));
         Self { tx }
     }
 
-    /// Queues a change without waiting for its commit.
+    /// Queues a change without waiting for its commit. Should PostgreSQL
+    /// refuse it, that is counted and logged only.
     pub fn record(&self, change: StateChange) {
         self.queue(Item::change(change), None);
     }
 
-    /// Queues a change and runs `then` on the writer task once it is committed;
-    /// if the writer stops first, `then` is dropped without running. The caller
-    /// does not wait: a job's handler ends here instead of being woken again
-    /// after the commit only to acknowledge its delivery.
-    pub fn commit_then(&self, change: StateChange, then: impl FnOnce() + Send + 'static) {
+    /// Queues a change and runs `then` on the writer task once it is committed
+    /// (with `Ok`) or refused (with what was refused); if the writer stops
+    /// first, `then` is dropped without running. The caller does not wait: a
+    /// job's handler ends here instead of being woken again after the commit
+    /// only to acknowledge its delivery.
+    pub fn commit_then(
+        &self,
+        change: StateChange,
+        then: impl FnOnce(Result<(), Box<Refused>>) + Send + 'static,
+    ) {
         self.queue(Item::change(change), Some(Done::Then(Box::new(then))));
     }
 
-    /// Queues a change and waits until it is committed. `false` when the writer
-    /// stopped before committing it.
-    pub async fn commit(&self, change: StateChange) -> bool {
+    /// Queues a change and waits until it is committed or refused.
+    pub async fn commit(&self, change: StateChange) -> Commit {
         self.commit_item(Item::change(change)).await
     }
 
     /// Commits `change` (if any) and the dead-job record `dead` in one
-    /// transaction; waits like [`commit`](Self::commit).
-    pub async fn commit_dead(&self, change: Option<StateChange>, dead: DeadLetter) -> bool {
+    /// transaction (refused together, if refused); waits like
+    /// [`commit`](Self::commit).
+    pub async fn commit_dead(&self, change: Option<StateChange>, dead: DeadLetter) -> Commit {
         self.commit_item(Item {
             change,
             dead: Some(dead),
@@ -188,9 +258,16 @@ impl StateWriter {
         .await
     }
 
-    async fn commit_item(&self, item: Item) -> bool {
-        let (done, committed) = oneshot::channel();
-        self.queue(item, Some(Done::Wake(done))) && committed.await.is_ok()
+    async fn commit_item(&self, item: Item) -> Commit {
+        let (done, outcome) = oneshot::channel();
+        if !self.queue(item, Some(Done::Wake(done))) {
+            return Commit::Stopped;
+        }
+        match outcome.await {
+            Ok(Ok(())) => Commit::Committed,
+            Ok(Err(refused)) => Commit::Refused(refused),
+            Err(_) => Commit::Stopped,
+        }
     }
 
     /// Hands `item` to the writer task; `false` when it has stopped.
@@ -208,6 +285,7 @@ async fn write_loop(
     pool: PgPool,
     mut rx: mpsc::UnboundedReceiver<Pending>,
     batching: Batching,
+    refused: IntCounter,
     stop: CancellationToken,
 ) {
     let batch_max = batching.max.max(1);
@@ -230,68 +308,166 @@ async fn write_loop(
             }
         }
         last_commit = Some(tokio::time::Instant::now());
-        let mut waiters = Vec::with_capacity(batch.len());
-        let mut changes = Vec::with_capacity(batch.len());
-        let mut dead = Vec::new();
-        for pending in batch.drain(..) {
-            waiters.extend(pending.done);
-            changes.extend(pending.item.change);
-            dead.extend(pending.item.dead);
-        }
-        let rows = changes.len();
-        let started = std::time::Instant::now();
-        let work = std::sync::Arc::new((plan(changes), dead));
-        let rounds = &work.0;
         let mut backoff = Duration::from_millis(50);
         loop {
+            // The batch goes to the blocking thread and comes back, whatever
+            // happens there, so that it is not copied for a retry.
             let pool = pool.clone();
-            let shared = work.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                let mut conn = pool.get().map_err(|e| e.to_string())?;
-                conn.transaction(|conn| {
-                    let (rounds, dead) = &*shared;
-                    rounds.iter().try_for_each(|round| upsert(conn, round))?;
-                    dead.iter()
-                        .try_for_each(|record| crate::dead_letters::insert(conn, record))
-                })
-                .map_err(|e| e.to_string())
+            let work = std::mem::take(&mut batch);
+            let written = tokio::task::spawn_blocking(move || {
+                let written = std::panic::catch_unwind(AssertUnwindSafe(|| write(&pool, &work)))
+                    .unwrap_or_else(|_| Written::Nothing("the commit panicked".into()));
+                (work, written)
             })
             .await;
-            match result {
-                Ok(Ok(())) => break,
-                Ok(Err(err)) => {
-                    tracing::warn!(error = %err, rounds = rounds.len(), retry_in_ms = backoff.as_millis() as u64, "job state commit failed; retrying");
+            let Ok((work, written)) = written else {
+                return; // The runtime is shutting down.
+            };
+            batch = work;
+            let failure = match written {
+                Written::All => {
+                    for pending in batch.drain(..) {
+                        if let Some(done) = pending.done {
+                            done.settle(Ok(()));
+                        }
+                    }
+                    break;
                 }
-                Err(err) => tracing::error!(error = %err, "job state writer task failed"),
-            }
+                Written::Nothing(failure) => failure,
+                Written::Isolated(fates, failure) => {
+                    settle_isolated(&mut batch, fates, &refused);
+                    match failure {
+                        None => break,
+                        Some(failure) => failure,
+                    }
+                }
+            };
+            tracing::warn!(error = %failure, entries = batch.len(), retry_in_ms = backoff.as_millis() as u64, "job state commit failed; retrying");
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = stop.cancelled() => return,
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-        tracing::debug!(
-            rows,
-            rounds = rounds.len(),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "job states committed"
-        );
-        for done in waiters {
-            done.committed();
+    }
+}
+
+/// Settles the entries of `batch` that [`isolate`] committed or found refused
+/// (by `fates`, in batch order) and keeps the rest, which met a failure that
+/// is not about them, for the next attempt.
+fn settle_isolated(batch: &mut Vec<Pending>, fates: Vec<Fate>, refused: &IntCounter) {
+    let mut fates = fates.into_iter();
+    batch.retain_mut(|pending| match fates.next() {
+        Some(Fate::Committed) => {
+            if let Some(done) = pending.done.take() {
+                done.settle(Ok(()));
+            }
+            false
+        }
+        Some(Fate::Refused(error)) => {
+            refused.inc();
+            let item = &mut pending.item;
+            let (id, what) = match (&item.change, &item.dead) {
+                (Some(change), _) => (change.id, change.state.as_str()),
+                (None, Some(dead)) => (dead.id, "dead-job record"),
+                (None, None) => (Uuid::nil(), "nothing"),
+            };
+            tracing::error!(job.id = %id, what, error, "PostgreSQL refused a job's state on its own; it is not retried");
+            if let Some(done) = pending.done.take() {
+                let refused = Refused {
+                    error,
+                    change: item.change.take(),
+                    dead: item.dead.take(),
+                };
+                done.settle(Err(Box::new(refused)));
+            }
+            false
+        }
+        Some(Fate::Pending) | None => true,
+    });
+}
+
+/// What a write of a batch did.
+enum Written {
+    /// Everything committed.
+    All,
+    /// Nothing committed, for a reason that is not the batch's data (the
+    /// database cannot be reached, or is failing): try again later.
+    Nothing(String),
+    /// PostgreSQL refused the batch for what it holds, and [`isolate`] found
+    /// each entry's fate (in batch order). Entries it did not reach, stopped
+    /// by the failure given, are still `Pending`.
+    Isolated(Vec<Fate>, Option<String>),
+}
+
+/// Writes `batch` in one transaction, or, when PostgreSQL refuses it for what
+/// it holds, as much of it as PostgreSQL takes ([`isolate`]). Runs on a
+/// blocking thread.
+fn write(pool: &PgPool, batch: &[Pending]) -> Written {
+    let started = std::time::Instant::now();
+    let mut conn = match pool.get() {
+        Ok(conn) => conn,
+        Err(err) => return Written::Nothing(err.to_string()),
+    };
+    match transaction(&mut conn, batch) {
+        Ok(rounds) => {
+            tracing::debug!(
+                entries = batch.len(),
+                rounds,
+                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "job states committed"
+            );
+            Written::All
+        }
+        Err(err) if isolate::about_the_data(&err) => {
+            tracing::warn!(error = %err, entries = batch.len(), "PostgreSQL refused a batch of job states; committing it in parts to find what it refuses");
+            let mut fates = vec![Fate::Pending; batch.len()];
+            let failure = isolate::isolate(&mut conn, batch, &mut fates).err();
+            Written::Isolated(fates, failure)
+        }
+        Err(err) => Written::Nothing(err.to_string()),
+    }
+}
+
+/// Writes the entries in one transaction: their changes as upsert rounds,
+/// then their dead-job records. The number of rounds when it committed.
+fn transaction(conn: &mut PgConnection, entries: &[Pending]) -> QueryResult<usize> {
+    let changes = entries.iter().filter_map(|p| p.item.change.as_ref());
+    let rounds = plan(changes, entries.len());
+    conn.transaction(|conn| {
+        rounds.iter().try_for_each(|round| upsert(conn, round))?;
+        entries
+            .iter()
+            .filter_map(|p| p.item.dead.as_ref())
+            .try_for_each(|record| crate::dead_letters::insert(conn, record))
+    })?;
+    Ok(rounds.len())
+}
+
+/// One row of an upsert: a job's latest change in the batch, with the start
+/// time and producer of an earlier change of its attempt and the number of
+/// attempt starts (`running` changes) folded into it.
+#[derive(Debug)]
+struct Row<'a> {
+    change: &'a StateChange,
+    started_at: Option<DateTime<Utc>>,
+    producer: Option<&'a str>,
+    runs: i32,
+}
+
+impl<'a> Row<'a> {
+    fn of(change: &'a StateChange) -> Self {
+        Self {
+            change,
+            started_at: change.started_at,
+            producer: change.producer.as_deref(),
+            runs: i32::from(change.state == JobState::Running),
         }
     }
 }
 
-/// One row of an upsert: a job's latest change in the batch, with the number
-/// of attempt starts (`running` changes) folded into it.
-#[derive(Debug)]
-struct Row {
-    change: StateChange,
-    runs: i32,
-}
-
-/// Orders `changes` into upsert rounds in which each job appears once (an
-/// upsert cannot touch one row twice).
+/// Orders `changes` (at most `count`) into upsert rounds in which each job
+/// appears once (an upsert cannot touch one row twice).
 ///
 /// Changes of the same attempt are folded into one row: the usual `running`
 /// then `succeeded` of a fast job become a single `succeeded` row that keeps
@@ -299,15 +475,15 @@ struct Row {
 /// gives. A final change stays final whatever of its attempt follows it. Only
 /// when folding would lose something (an earlier change carries an error, or
 /// the attempts differ) does a new round start.
-fn plan(changes: Vec<StateChange>) -> Vec<Vec<Row>> {
+fn plan<'a>(changes: impl Iterator<Item = &'a StateChange>, count: usize) -> Vec<Vec<Row<'a>>> {
     let mut rounds = Vec::new();
-    let mut round: Vec<Row> = Vec::with_capacity(changes.len());
-    let mut index = std::collections::HashMap::with_capacity(changes.len());
+    let mut round: Vec<Row> = Vec::with_capacity(count);
+    let mut index = std::collections::HashMap::with_capacity(count);
     for change in changes {
-        let runs = i32::from(change.state == JobState::Running);
         match index.get(&change.id) {
             Some(&at) => {
                 let row: &mut Row = &mut round[at];
+                let runs = i32::from(change.state == JobState::Running);
                 if row.change.error.is_none()
                     && row.change.attempt == change.attempt
                     && row.change.state.is_final()
@@ -317,24 +493,20 @@ fn plan(changes: Vec<StateChange>) -> Vec<Vec<Row>> {
                     // counts its run, as the upsert would refuse it.
                     row.runs += runs;
                 } else if row.change.error.is_none() && row.change.attempt == change.attempt {
-                    let started_at = change.started_at.or(row.change.started_at);
-                    let producer = change.producer.or(row.change.producer.take());
-                    row.change = StateChange {
-                        started_at,
-                        producer,
-                        ..change
-                    };
+                    row.started_at = change.started_at.or(row.started_at);
+                    row.producer = change.producer.as_deref().or(row.producer);
+                    row.change = change;
                     row.runs += runs;
                 } else {
                     rounds.push(std::mem::take(&mut round));
                     index.clear();
                     index.insert(change.id, 0);
-                    round.push(Row { change, runs });
+                    round.push(Row::of(change));
                 }
             }
             None => {
                 index.insert(change.id, round.len());
-                round.push(Row { change, runs });
+                round.push(Row::of(change));
             }
         }
     }
@@ -418,8 +590,8 @@ impl QueryFragment<Pg> for UpsertStates<'_> {
 conveyor_schema::prepared_statement!(UpsertStates);
 
 fn upsert(conn: &mut PgConnection, rows: &[Row]) -> QueryResult<()> {
-    fn column<'a, T>(rows: &'a [Row], field: impl Fn(&'a StateChange) -> T) -> Vec<T> {
-        rows.iter().map(|row| field(&row.change)).collect()
+    fn column<'a, T>(rows: &[Row<'a>], field: impl Fn(&'a StateChange) -> T) -> Vec<T> {
+        rows.iter().map(|row| field(row.change)).collect()
     }
     if rows.is_empty() {
         return Ok(());
@@ -434,14 +606,14 @@ fn upsert(conn: &mut PgConnection, rows: &[Row]) -> QueryResult<()> {
         attempts: column(rows, |c| int(c.attempt)),
         max_attempts: column(rows, |c| int(c.max_attempts)),
         enqueued_at: column(rows, |c| c.enqueued_at),
-        started_at: column(rows, |c| c.started_at),
+        started_at: rows.iter().map(|row| row.started_at).collect(),
         finished_at: column(rows, |c| c.finished_at),
         // A task's error may quote anything, U+0000 included, which PostgreSQL refuses.
         errors: column(rows, |c| c.error.as_deref().map(without_nul)),
         next_attempt_at: column(rows, |c| c.next_attempt_at),
         runs: rows.iter().map(|row| row.runs).collect(),
         at: column(rows, |c| c.at),
-        producers: column(rows, |c| c.producer.as_deref()),
+        producers: rows.iter().map(|row| row.producer).collect(),
     }
     .execute(conn)?;
     Ok(())
@@ -465,19 +637,20 @@ mod tests {
         running_a.producer = Some("shop".into());
         let mut done_a = change(&a, JobState::Succeeded);
         done_a.finished_at = Some(Utc::now());
-        let rounds = plan(vec![
+        let changes = [
             running_a.clone(),
             change(&b, JobState::Running),
             done_a,
             change(&b, JobState::Succeeded),
-        ]);
+        ];
+        let rounds = plan(changes.iter(), changes.len());
         assert_eq!(rounds.len(), 1);
         let rows = &rounds[0];
         assert_eq!(rows.len(), 2);
         let row_a = rows.iter().find(|row| row.change.id == a.id).unwrap();
         assert_eq!(row_a.change.state, JobState::Succeeded);
-        assert_eq!(row_a.change.started_at, running_a.started_at);
-        assert_eq!(row_a.change.producer.as_deref(), Some("shop"));
+        assert_eq!(row_a.started_at, running_a.started_at);
+        assert_eq!(row_a.producer, Some("shop"));
         assert!(row_a.change.finished_at.is_some());
         assert!(rows.iter().all(|row| row.runs == 1));
     }
@@ -488,12 +661,11 @@ mod tests {
             .map(|_| Envelope::new("diag.noop", json!({})))
             .collect();
         envelopes.reverse();
-        let rounds = plan(
-            envelopes
-                .iter()
-                .map(|e| change(e, JobState::Running))
-                .collect(),
-        );
+        let changes: Vec<StateChange> = envelopes
+            .iter()
+            .map(|e| change(e, JobState::Running))
+            .collect();
+        let rounds = plan(changes.iter(), changes.len());
         let ids: Vec<Uuid> = rounds[0].iter().map(|row| row.change.id).collect();
         assert!(ids.is_sorted());
         assert_eq!(ids.len(), 50);
@@ -502,11 +674,12 @@ mod tests {
     #[test]
     fn a_final_change_stays_final_when_a_second_copy_starts_after_it() {
         let a = Envelope::new("diag.noop", json!({}));
-        let rounds = plan(vec![
+        let changes = [
             change(&a, JobState::Running),
             change(&a, JobState::Succeeded),
             change(&a, JobState::Running),
-        ]);
+        ];
+        let rounds = plan(changes.iter(), changes.len());
         assert_eq!(rounds.len(), 1);
         assert_eq!(rounds[0][0].change.state, JobState::Succeeded);
         assert_eq!(rounds[0][0].runs, 2);
@@ -517,13 +690,15 @@ mod tests {
         let a = Envelope::new("diag.fail", json!({}));
         let mut retrying = change(&a, JobState::Retrying);
         retrying.error = Some("boom".into());
-        let rounds = plan(vec![retrying, change(&a, JobState::Dead)]);
+        let changes = [retrying, change(&a, JobState::Dead)];
+        let rounds = plan(changes.iter(), changes.len());
         assert_eq!(rounds.len(), 2);
         let next = a.next_attempt();
-        let rounds = plan(vec![
+        let changes = [
             change(&a, JobState::Running),
             change(&next, JobState::Running),
-        ]);
+        ];
+        let rounds = plan(changes.iter(), changes.len());
         assert_eq!(rounds.len(), 2);
         assert_eq!(rounds[1][0].change.attempt, 2);
     }
