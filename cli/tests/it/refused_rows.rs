@@ -2,12 +2,20 @@
 //! publishes straight to the queue: each costs one job (dead-lettered with a
 //! reason), never the worker's state commits.
 
+use std::time::Duration;
+
 use chrono::{DateTime, NaiveDate, Utc};
-use conveyor_schema::Envelope;
+use conveyor_platform::metrics::Metrics;
+use conveyor_schema::db::jobs;
+use conveyor_schema::{Envelope, JobState};
+use conveyor_worker::{Batching, Commit, StateChange, StateWriter};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::harness::{TestApp, wait_until};
+use crate::harness::{TestApp, TestDb, wait_until};
 use crate::jobs::{WAIT, dead_letter_reasons, publish_raw, raw_message};
 
 /// Midnight UTC of `year`-`month`-`day` (astronomical years: 0 is 1 BC).
@@ -110,4 +118,122 @@ async fn timestamps_out_of_postgres_range_are_dead_lettered_and_the_worker_goes_
     for id in named {
         assert_eq!(dead_job_task_len(&app, id).await, 0);
     }
+}
+
+/// A job whose row PostgreSQL refuses (here a test-only CHECK constraint on
+/// its id) among others: the others commit and succeed, the refused one is
+/// dead-lettered with the database's reason and recorded, and the worker goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_row_is_refused_is_dead_lettered_and_the_rest_commit() {
+    let app = TestApp::spawn().await;
+    let poison = Envelope::new("diag.noop", json!({}));
+    let check = format!(
+        "ALTER TABLE jobs ADD CONSTRAINT test_poison CHECK (id <> '{}')",
+        poison.id
+    );
+    app.db.conn().batch_execute(&check).unwrap();
+    let others: Vec<Envelope> = (0..20)
+        .map(|_| Envelope::new("diag.noop", json!({})))
+        .collect();
+    let mut messages: Vec<_> = others
+        .iter()
+        .map(|envelope| raw_message(&app, envelope.encode()))
+        .collect();
+    messages.insert(10, raw_message(&app, poison.encode()));
+    publish_raw(&app, &messages).await;
+    for envelope in &others {
+        wait_succeeded(&app, envelope.id).await;
+    }
+    let reasons = dead_letter_reasons(&app, 1).await;
+    assert!(
+        reasons[0].contains("the database refused this job's `succeeded` state")
+            && reasons[0].contains("test_poison"),
+        "{reasons:?}"
+    );
+    assert_eq!(dead_job_task_len(&app, poison.id).await, 9);
+    assert!(app.job(poison.id).await.is_none());
+    let after = app.enqueue("diag.noop", json!({})).await;
+    wait_succeeded(&app, after).await;
+    let metrics = app.worker_metrics().await;
+    // The job's `running` and `succeeded` changes.
+    assert!(
+        metrics.contains("conveyor_worker_state_rows_refused_total 2"),
+        "{metrics}"
+    );
+}
+
+/// The state writer, driven directly: of one batch in which PostgreSQL
+/// refuses the rows of two jobs (a test-only CHECK constraint), the others
+/// commit, the two come back refused with the database's error and are
+/// counted, and the writer goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_writer_commits_a_batch_around_the_rows_postgres_refuses() {
+    let db = tokio::task::spawn_blocking(TestDb::create).await.unwrap();
+    let envelopes: Vec<Envelope> = (0..12)
+        .map(|_| Envelope::new("diag.noop", json!({})))
+        .collect();
+    let poison = [envelopes[3].id, envelopes[8].id];
+    let check = format!(
+        "ALTER TABLE jobs ADD CONSTRAINT test_poison CHECK (id NOT IN ('{}', '{}'))",
+        poison[0], poison[1]
+    );
+    db.conn().batch_execute(&check).unwrap();
+    let metrics = Metrics::new();
+    let stop = CancellationToken::new();
+    let batching = Batching {
+        max: 512,
+        linger: Duration::from_millis(500),
+    };
+    let writer = StateWriter::start(
+        conveyor_schema::pool::pool(&db.url, 2),
+        batching,
+        &metrics,
+        stop.clone(),
+    );
+    let succeeded = |envelope: &Envelope| {
+        let mut change = StateChange::of(envelope, "default", 5, JobState::Succeeded);
+        change.finished_at = Some(Utc::now());
+        change
+    };
+    // After a first commit the writer lingers, so the next changes share a batch.
+    let first = Envelope::new("diag.noop", json!({}));
+    assert!(writer.commit(succeeded(&first)).await.is_committed());
+    let batch = futures::future::join_all(envelopes.iter().map(|e| writer.commit(succeeded(e))));
+    let outcomes = tokio::time::timeout(WAIT, batch)
+        .await
+        .expect("the batch is still not committed");
+    for (envelope, outcome) in envelopes.iter().zip(outcomes) {
+        if !poison.contains(&envelope.id) {
+            assert!(outcome.is_committed(), "{outcome:?}");
+            continue;
+        }
+        let Commit::Refused(refused) = outcome else {
+            panic!("{} was not refused: {outcome:?}", envelope.id);
+        };
+        assert!(
+            refused
+                .error
+                .contains("violates check constraint \"test_poison\""),
+            "{}",
+            refused.error
+        );
+        assert_eq!(refused.change.map(|change| change.id), Some(envelope.id));
+    }
+    assert_eq!(metrics.state_rows_refused.get(), 2);
+    let last = Envelope::new("diag.noop", json!({}));
+    assert!(writer.commit(succeeded(&last)).await.is_committed());
+    let url = db.url.clone();
+    let ids: Vec<Uuid> = tokio::task::spawn_blocking(move || {
+        let mut conn = PgConnection::establish(&url).unwrap();
+        jobs::table
+            .filter(jobs::state.eq("succeeded"))
+            .select(jobs::id)
+            .load(&mut conn)
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(ids.len(), 12, "{ids:?}");
+    assert!(ids.iter().all(|id| !poison.contains(id)));
+    stop.cancel();
 }
