@@ -75,7 +75,9 @@ pub struct SchedulerConfig {
     /// ticks count as missed and follow the schedule's `catch_up`.
     pub grace_ms: u64,
     /// A claimed tick whose job is still unpublished after this long (its
-    /// claimer died between claiming and publishing) is re-published by any worker.
+    /// claimer died between claiming and publishing) is re-published by any
+    /// worker. Must exceed `amqp.publish_timeout_ms` plus the pool's checkout
+    /// timeout (5 s), the longest a live claimer takes to mark it published.
     pub republish_after_ms: u64,
     /// The longest the loop sleeps between looks at the database.
     pub max_sleep_ms: u64,
@@ -86,7 +88,7 @@ impl Default for SchedulerConfig {
         Self {
             enabled: true,
             grace_ms: 10_000,
-            republish_after_ms: 10_000,
+            republish_after_ms: 15_000,
             max_sleep_ms: 5_000,
         }
     }
@@ -292,8 +294,21 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
             ),
         );
     }
-    if config.scheduler.republish_after_ms == 0 {
-        return invalid("scheduler.republish_after_ms", "must be at least 1".into());
+    // A live claimer marks its tick published after the publish (up to
+    // `amqp.publish_timeout_ms`) and a pool checkout (up to CHECKOUT_TIMEOUT);
+    // a re-publish sooner than that makes a second copy of a job both of whose
+    // copies may find it still `queued`, so the tick runs twice.
+    let publish_ms = config.amqp.publish_timeout_ms;
+    let checkout_ms = conveyor_schema::pool::CHECKOUT_TIMEOUT.as_millis() as u64;
+    let republish_ms = config.scheduler.republish_after_ms;
+    if republish_ms <= publish_ms.saturating_add(checkout_ms) {
+        return invalid(
+            "scheduler.republish_after_ms",
+            format!(
+                "must be more than amqp.publish_timeout_ms ({publish_ms}) + {checkout_ms} ms, that is at least {}: a tick's claimer may take that long to publish its job and mark it published (a database connection may take {checkout_ms} ms), and re-publishing sooner can run the tick twice",
+                publish_ms.saturating_add(checkout_ms).saturating_add(1)
+            ),
+        );
     }
     if config.scheduler.max_sleep_ms == 0 {
         return invalid("scheduler.max_sleep_ms", "must be at least 1".into());
@@ -430,6 +445,28 @@ mod tests {
         }
         config.scheduler.grace_ms = MIN_GRACE_MS;
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_republish_delay_a_live_claimer_can_reach_is_rejected_by_name() {
+        let mut config = Config::default();
+        config.validate().unwrap();
+        for (publish_ms, republish_ms) in [(5_000, 1_000), (5_000, 10_000), (20_000, 15_000)] {
+            config.amqp.publish_timeout_ms = publish_ms;
+            config.scheduler.republish_after_ms = republish_ms;
+            let err = one_line_error(&config);
+            assert!(
+                err.contains("`scheduler.republish_after_ms`")
+                    && err.contains("amqp.publish_timeout_ms")
+                    && err.contains(&format!("at least {}", publish_ms + 5_001)),
+                "{publish_ms} {republish_ms}: {err}"
+            );
+        }
+        config.amqp.publish_timeout_ms = 5_000;
+        config.scheduler.republish_after_ms = 10_001;
+        config.validate().unwrap();
+        config.scheduler.republish_after_ms = 0;
+        assert!(one_line_error(&config).contains("`scheduler.republish_after_ms`"));
     }
 
     #[test]

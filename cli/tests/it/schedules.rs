@@ -286,7 +286,6 @@ async fn catch_up_skip_fires_nothing_for_the_missed_ticks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_claimed_but_never_published_is_republished() {
     let mut app = TestApp::spawn_with(0, |config| {
-        config.scheduler.republish_after_ms = 300;
         config.scheduler.max_sleep_ms = 200;
         config.schedules.push(ScheduleConfig {
             cron: "0 0 1 1 *".into(),
@@ -311,7 +310,8 @@ async fn a_tick_claimed_but_never_published_is_republished() {
 
 /// What a worker killed between its claim's commit and the publish leaves
 /// behind for schedule `yearly`: the tick's job record, as its claim wrote it
-/// (keyed by the tick), and the tick unpublished; returns the job's id.
+/// (keyed by the tick), and the tick unpublished since a minute ago, past
+/// `scheduler.republish_after_ms`; returns the job's id.
 async fn abandoned_tick(app: &TestApp) -> Uuid {
     let job_id = Uuid::now_v7();
     let tick_at = Utc
@@ -353,7 +353,6 @@ fn tick_key(name: &str, tick_at: DateTime<Utc>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ticks_job_carries_the_tick_as_its_key_also_when_republished() {
     let mut app = TestApp::spawn_with(0, |config| {
-        config.scheduler.republish_after_ms = 300;
         config.scheduler.max_sleep_ms = 200;
         // The worker fires ticks but runs none of their jobs: their messages stay queued.
         config.worker.queues = vec!["mail".into()];
