@@ -4,7 +4,7 @@
 //! after a partial enqueue, and re-enqueues jobs with the same deterministic
 //! ids, neither fails nor duplicates records.
 
-use conveyor_platform::amqp::{Outgoing, Publisher};
+use conveyor_platform::amqp::{Outgoing, PublishError, Publisher};
 use conveyor_platform::metrics::Metrics;
 use conveyor_schema::db::jobs;
 use conveyor_schema::models::NewJob;
@@ -52,24 +52,73 @@ impl Enqueue for Enqueuer {
                     .execute(conn)
             })
             .await?;
-            for (result, envelope) in self
-                .publisher
-                .publish_all(&messages)
-                .await
-                .into_iter()
-                .zip(&jobs)
-            {
-                result.map_err(|err| {
-                    anyhow::anyhow!("publishing job {} failed: {err}", envelope.id)
-                })?;
+            let results = self.publisher.publish_all(&messages).await;
+            count_published(&self.metrics, &jobs, results)
+        }
+        .boxed()
+    }
+}
+
+/// Counts in `jobs_published` every job of `jobs` whose publish was confirmed
+/// (`results[i]` is job *i*'s), whether or not others of the batch failed; the
+/// error says how many failed and names the first.
+fn count_published(
+    metrics: &Metrics,
+    jobs: &[Envelope],
+    results: Vec<Result<(), PublishError>>,
+) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    for (result, envelope) in results.into_iter().zip(jobs) {
+        match result {
+            Ok(()) => {
                 let queue = find_task(&envelope.task).map_or("", |t| t.options.queue);
-                self.metrics
+                metrics
                     .jobs_published
                     .with_label_values(&[envelope.task.as_str(), queue])
                     .inc();
             }
-            Ok(())
+            Err(err) => failed.push((envelope.id, err)),
         }
-        .boxed()
+    }
+    match failed.first() {
+        None => Ok(()),
+        Some((id, err)) => Err(anyhow::anyhow!(
+            "publishing {} of {} jobs failed; the first, job {id}: {err}",
+            failed.len(),
+            jobs.len()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_confirmed_publish_is_counted_even_after_a_failure() {
+        let metrics = Metrics::new();
+        let jobs: Vec<Envelope> = (0..4)
+            .map(|_| Envelope::new("diag.noop", json!({})))
+            .collect();
+        let failure = || Err(PublishError::Unavailable("not connected".into()));
+        let err = count_published(&metrics, &jobs, vec![Ok(()), failure(), Ok(()), failure()])
+            .unwrap_err()
+            .to_string();
+        let published = metrics
+            .jobs_published
+            .with_label_values(&["diag.noop", "default"])
+            .get();
+        assert_eq!(published, 2);
+        assert!(
+            err.contains("2 of 4") && err.contains(&jobs[1].id.to_string()),
+            "{err}"
+        );
+        count_published(&metrics, &jobs, vec![Ok(()); 4]).unwrap();
+        let published = metrics
+            .jobs_published
+            .with_label_values(&["diag.noop", "default"])
+            .get();
+        assert_eq!(published, 6);
     }
 }
