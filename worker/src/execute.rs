@@ -40,6 +40,7 @@ use conveyor_platform::amqp::{
     DELAY_LEVELS_MS, Outgoing, PRODUCER_HEADER, PublishError, delay_level_for,
 };
 use conveyor_schema::db::jobs;
+use conveyor_schema::nul::without_nul;
 use conveyor_schema::{Envelope, JobState};
 use conveyor_tasks::{JobContext, MAX_RETRY_AFTER, TaskError};
 use diesel::prelude::*;
@@ -481,7 +482,8 @@ pub struct Received {
     pub redelivered: bool,
     /// The `message_id` property as a job id, for naming an unreadable message.
     pub message_id: Option<Uuid>,
-    /// The producer that enqueued the job, from [`PRODUCER_HEADER`].
+    /// The producer that enqueued the job, from [`PRODUCER_HEADER`] (U+0000
+    /// replaced, as PostgreSQL stores no such text).
     pub producer: Option<String>,
     /// The body: an encoded [`Envelope`].
     pub data: Vec<u8>,
@@ -501,7 +503,9 @@ impl From<Delivery> for Received {
             .as_ref()
             .and_then(|headers| headers.inner().get(PRODUCER_HEADER))
             .and_then(|value| value.as_long_string())
-            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+            // Any producer can set the header: U+0000 in it would make the
+            // job's `running` row one PostgreSQL refuses.
+            .map(|value| without_nul(&String::from_utf8_lossy(value.as_bytes())).into_owned());
         Self {
             tag: delivery.delivery_tag,
             redelivered: delivery.redelivered,

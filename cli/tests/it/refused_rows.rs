@@ -237,3 +237,24 @@ async fn the_state_writer_commits_a_batch_around_the_rows_postgres_refuses() {
     assert!(ids.iter().all(|id| !poison.contains(id)));
     stop.cancel();
 }
+
+/// A producer header holding U+0000 (which no text column stores) is kept
+/// with U+FFFD in its place, so the job's `running` change is not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_header_holding_nul_is_recorded_with_a_replacement() {
+    let app = TestApp::spawn().await;
+    let envelope = Envelope::new("diag.noop", json!({}));
+    let message = raw_message(&app, envelope.encode()).by(Some("shop\u{0}2"));
+    publish_raw(&app, &[message]).await;
+    wait_succeeded(&app, envelope.id).await;
+    let recorded = format!(
+        "SELECT count(*) AS n FROM jobs WHERE id = '{}' AND producer = 'shop' || chr(65533) || '2'",
+        envelope.id
+    );
+    assert_eq!(app.count(&recorded).await, 1);
+    assert!(
+        app.worker_metrics()
+            .await
+            .contains("conveyor_worker_state_rows_refused_total 0")
+    );
+}
