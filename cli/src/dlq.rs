@@ -4,6 +4,10 @@
 //! confirmed [`Publisher`]; the operations, including the `--all-matching`
 //! selection and the paced loop, are the same functions the admin HTTP API uses
 //! (`conveyor_ingress::dead_jobs` and its `bulk`), so both behave and audit alike.
+//! `--all-matching` takes every match, a batch at a time in death order, none
+//! twice (with `--force` too) and none that died after the run began (its own
+//! replays, dead again, among them). `list` is paged like the HTTP listing:
+//! when more records match, it says on stderr how to ask for the next page.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,9 +15,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
-use conveyor_ingress::dead_jobs::bulk::{self, Pace};
+use conveyor_ingress::dead_jobs::bulk::{self, Batches, Pace, Pacer};
 use conveyor_ingress::dead_jobs::{
-    self, DiscardOptions, DiscardOutcome, Filter, ReplayOptions, ReplayOutcome,
+    self, DiscardOptions, DiscardOutcome, Filter, MAX_LIMIT, Position, ReplayOptions,
+    ReplayOutcome, Summary,
 };
 use conveyor_platform::Config;
 use conveyor_platform::amqp::{Publisher, Topology};
@@ -33,9 +38,12 @@ pub enum DlqAction {
         /// Also list replayed and discarded ones.
         #[arg(long)]
         all: bool,
-        /// At most this many.
-        #[arg(long, default_value_t = 100)]
+        /// At most this many (1 to 10000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=MAX_LIMIT))]
         limit: i64,
+        /// Start past this record: the cursor an earlier page printed.
+        #[arg(long, value_name = "CURSOR", value_parser = parse_cursor)]
+        after: Option<Position>,
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
@@ -125,9 +133,17 @@ impl FilterArgs {
             include_discarded: all,
             include_replayed: all,
             limit,
-            oldest_first: false,
+            ..Default::default()
         }
     }
+}
+
+/// Records one `--all-matching` batch reads (ids and tasks only).
+const BATCH: i64 = 1_000;
+
+fn parse_cursor(s: &str) -> Result<Position, String> {
+    s.parse()
+        .map_err(|err: dead_jobs::BadCursor| err.to_string())
 }
 
 fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
@@ -162,10 +178,18 @@ pub async fn run(action: DlqAction, config: Config) -> anyhow::Result<()> {
             filter,
             all,
             limit,
+            after,
             json,
         } => {
-            let found = dead_jobs::list(&db, filter.filter(all, limit)).await?;
+            let query = Filter {
+                after,
+                ..filter.filter(all, limit)
+            };
+            let (found, next) = dead_jobs::summaries(&db, query).await?;
             print_list(&found, json);
+            if let Some(next) = next {
+                eprintln!("more match: add --after {next} for the next page");
+            }
         }
         DlqAction::Show { id } => {
             let (dead, actions) = dead_jobs::show(&db, id)
@@ -217,15 +241,16 @@ pub async fn run(action: DlqAction, config: Config) -> anyhow::Result<()> {
                     }
                 })?;
             }
-            let (ids, bulk) = select(&db, ids, all_matching, &filter, force).await?;
+            let (targets, bulk) = Targets::new(ids, all_matching, &filter, force);
             let options = ReplayOptions {
                 force,
                 dry_run,
                 args,
                 actor: default_actor(actor),
                 bulk,
+                deadline: None,
             };
-            replay_all(&db, &config, ids, options, rate).await?;
+            replay_all(&db, &config, targets, options, rate).await?;
         }
         DlqAction::Discard {
             ids,
@@ -234,60 +259,81 @@ pub async fn run(action: DlqAction, config: Config) -> anyhow::Result<()> {
             dry_run,
             actor,
         } => {
-            let (ids, bulk) = select(&db, ids, all_matching, &filter, false).await?;
+            let (mut targets, bulk) = Targets::new(ids, all_matching, &filter, false);
             let options = DiscardOptions {
                 actor: default_actor(actor),
                 dry_run,
                 bulk,
+                deadline: None,
             };
             // Like replays: each id's outcome on its own line, an unknown id or
             // a database error counted as a failure, and a non-zero exit at the end.
-            let mut failed = 0;
-            bulk::discard_each(&db, &ids, &options, None, |id, outcome| match outcome {
-                Ok(DiscardOutcome::Discarded) => println!("{id}: discarded"),
-                Ok(DiscardOutcome::WouldDiscard) => println!("{id}: would discard"),
-                Ok(DiscardOutcome::AlreadyDiscarded) => println!("{id}: already discarded"),
-                Ok(DiscardOutcome::NotFound) => {
-                    failed += 1;
-                    eprintln!("{id}: no such dead job");
-                }
-                Err(err) => {
-                    failed += 1;
-                    eprintln!("{id}: {err}");
-                }
-            })
-            .await;
+            let (mut failed, mut total) = (0, 0);
+            while let Some(ids) = targets.next(&db).await? {
+                total += ids.len();
+                bulk::discard_each(&db, &ids, &options, None, |id, outcome| match outcome {
+                    Ok(DiscardOutcome::Discarded) => println!("{id}: discarded"),
+                    Ok(DiscardOutcome::WouldDiscard) => println!("{id}: would discard"),
+                    Ok(DiscardOutcome::AlreadyDiscarded) => println!("{id}: already discarded"),
+                    Ok(DiscardOutcome::NotFound) => {
+                        failed += 1;
+                        eprintln!("{id}: no such dead job");
+                    }
+                    Err(err) => {
+                        failed += 1;
+                        eprintln!("{id}: {err}");
+                    }
+                })
+                .await;
+            }
             if failed > 0 {
-                bail!("{failed} of {} discards failed", ids.len());
+                bail!("{failed} of {total} discards failed");
             }
         }
     }
     Ok(())
 }
 
-/// The ids to act on, and the filter to audit when they were chosen by it.
-async fn select(
-    db: &PgPool,
-    ids: Vec<Uuid>,
-    all_matching: bool,
-    filter: &FilterArgs,
-    force: bool,
-) -> anyhow::Result<(Vec<Uuid>, Option<serde_json::Value>)> {
-    if !all_matching {
-        return Ok((ids, None));
+/// The ids to act on: those given, or every match of a filter, a batch at a time.
+enum Targets {
+    /// Given on the command line (handed out once).
+    Given(Option<Vec<Uuid>>),
+    /// `--all-matching`.
+    Matching(Batches),
+}
+
+impl Targets {
+    /// The targets, and the filter to audit when they are chosen by it.
+    fn new(
+        ids: Vec<Uuid>,
+        all_matching: bool,
+        filter: &FilterArgs,
+        force: bool,
+    ) -> (Self, Option<serde_json::Value>) {
+        if !all_matching {
+            return (Self::Given(Some(ids)), None);
+        }
+        let filter = filter.filter(force, BATCH);
+        let audit = filter.audit();
+        (Self::Matching(Batches::new(filter, force)), Some(audit))
     }
-    let filter = filter.filter(force, bulk::MAX_RECORDS);
-    let found = bulk::matching(db, &filter, force).await?;
-    Ok((
-        found.into_iter().map(|d| d.id).collect(),
-        Some(filter.audit()),
-    ))
+
+    /// The next ids; `None` when all were handed out.
+    async fn next(&mut self, db: &PgPool) -> anyhow::Result<Option<Vec<Uuid>>> {
+        Ok(match self {
+            Self::Given(ids) => ids.take(),
+            Self::Matching(batches) => batches
+                .next(db)
+                .await?
+                .map(|batch| batch.into_iter().map(|t| t.id).collect()),
+        })
+    }
 }
 
 async fn replay_all(
     db: &PgPool,
     config: &Config,
-    ids: Vec<Uuid>,
+    mut targets: Targets,
     options: ReplayOptions,
     rate: Option<f64>,
 ) -> anyhow::Result<()> {
@@ -304,18 +350,48 @@ async fn replay_all(
     if !options.dry_run && !publisher.wait_connected(Duration::from_secs(10)).await {
         bail!("cannot reach the broker at amqp.url");
     }
-    let mut failed = 0;
-    let pace = Pace {
+    let (mut failed, mut total) = (0, 0);
+    let mut pacer = Pacer::new(Pace {
         rate,
         deadline: None,
-    };
+    });
+    while let Some(ids) = targets.next(db).await? {
+        total += ids.len();
+        replay_batch(
+            db,
+            &publisher,
+            &topology,
+            &ids,
+            &options,
+            &mut pacer,
+            &mut failed,
+        )
+        .await;
+    }
+    stop.cancel();
+    if failed > 0 {
+        bail!("{failed} of {total} replays failed");
+    }
+    Ok(())
+}
+
+/// Replays `ids`, one line per outcome; failures counted in `failed`.
+async fn replay_batch(
+    db: &PgPool,
+    publisher: &Publisher,
+    topology: &Topology,
+    ids: &[Uuid],
+    options: &ReplayOptions,
+    pacer: &mut Pacer,
+    failed: &mut usize,
+) {
     bulk::replay_each(
         db,
-        &publisher,
-        &topology,
-        &ids,
-        &options,
-        pace,
+        publisher,
+        topology,
+        ids,
+        options,
+        pacer,
         |id, outcome| match outcome {
             Ok(ReplayOutcome::Replayed { new_job_id }) => {
                 println!("{id}: replayed as job {new_job_id}")
@@ -333,20 +409,15 @@ async fn replay_all(
                 println!("{id}: discarded (use --force to replay anyway)")
             }
             Err(err) => {
-                failed += 1;
+                *failed += 1;
                 eprintln!("{id}: {err}");
             }
         },
     )
     .await;
-    stop.cancel();
-    if failed > 0 {
-        bail!("{failed} of {} replays failed", ids.len());
-    }
-    Ok(())
 }
 
-fn print_list(found: &[DeadJob], json: bool) {
+fn print_list(found: &[Summary], json: bool) {
     if json {
         for d in found {
             let row = serde_json::json!({

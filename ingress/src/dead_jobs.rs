@@ -12,83 +12,105 @@
 //! two operators replaying the same record at once replay it once. Replaying a
 //! record that was already replayed (or discarded) does nothing unless forced.
 //! The `.dlq` queues are not touched: they stay the raw archive for
-//! RabbitMQ-native tooling. Acting on every record a filter matches, at a
-//! rate, is in [`bulk`].
+//! RabbitMQ-native tooling. Finding records (filters, keyset pages) is in
+//! [`listing`]; acting on every record a filter matches, at a rate, in [`bulk`].
+//!
+//! A caller that must answer in time (an HTTP request) gives a [`Deadline`]:
+//! the waits of one replay or discard (a pooled connection, the record's row
+//! lock) end at its `start_by`, and a record that could not be started by then
+//! is left exactly as it was ([`ReplayError::OutOfTime`]); a publish already
+//! under way waits for its confirm until `finish_by`, and is in doubt after.
 
 pub mod bulk;
+mod listing;
+
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use conveyor_platform::amqp::{Outgoing, PublishError, Publisher, Topology};
 use conveyor_schema::db::{dead_job_actions, dead_jobs, jobs};
 use conveyor_schema::models::{DeadJob, DeadJobAction, NewDeadJobAction, NewJob};
-use conveyor_schema::pool::{self, DbError, PgPool};
+use conveyor_schema::pool::{self, CHECKOUT_TIMEOUT, DbError, PgPool, PgPooled};
 use conveyor_schema::{Envelope, find_task};
 use diesel::prelude::*;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-/// Which dead jobs to list or act on.
-#[derive(Debug, Clone, Default)]
-pub struct Filter {
-    /// Exact task name.
-    pub task: Option<String>,
-    /// Exact logical queue.
-    pub queue: Option<String>,
-    /// Dead at or after this time.
-    pub since: Option<DateTime<Utc>>,
-    /// The final reason contains this text (case-insensitive).
-    pub error_contains: Option<String>,
-    /// Include discarded records.
-    pub include_discarded: bool,
-    /// Include records already replayed.
-    pub include_replayed: bool,
-    /// At most this many, newest first (oldest first with `oldest_first`).
-    pub limit: i64,
-    /// Take the oldest matches first (bulk operations work in death order).
-    pub oldest_first: bool,
+pub use listing::{BadCursor, Filter, MAX_LIMIT, Position, Summary, Target, list, page, summaries};
+
+/// The time a publish may take to be confirmed: the default
+/// `amqp.publish_timeout_ms`. Nothing starts in the last this-long of a
+/// [`Deadline`] (or its last quarter, when that is shorter).
+pub const PUBLISH_RESERVE: Duration = Duration::from_secs(5);
+
+/// When a replay or discard must be over, for a caller that cannot wait for
+/// ever (an HTTP request, whose timeout would otherwise answer for it).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    /// Change nothing after this: waiting for a connection or for the record's
+    /// row lock ends here, and a replay that is not publishing yet gives up,
+    /// having done nothing.
+    pub start_by: Instant,
+    /// A publish under way waits for the broker's confirm until this at most;
+    /// unconfirmed then, the replay is in doubt (doing it again makes the same job).
+    pub finish_by: Instant,
 }
 
-impl Filter {
-    /// The filter as recorded in the audit of a bulk operation.
-    pub fn audit(&self) -> Value {
-        json!({
-            "task": self.task, "queue": self.queue, "since": self.since,
-            "error_contains": self.error_contains,
-        })
+impl Deadline {
+    /// Over `budget` after `began`; nothing starts in its last
+    /// [`PUBLISH_RESERVE`] (or last quarter), the time left for a confirm.
+    pub fn within(began: Instant, budget: Duration) -> Self {
+        let finish_by = began + budget;
+        Self {
+            start_by: finish_by - PUBLISH_RESERVE.min(budget / 4),
+            finish_by,
+        }
+    }
+
+    /// The time left to start in; `None` once `start_by` has passed.
+    pub fn left(&self) -> Option<Duration> {
+        self.start_by
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
     }
 }
 
-/// Lists dead jobs matching `filter`, newest first.
-pub async fn list(db: &PgPool, filter: Filter) -> Result<Vec<DeadJob>, DbError> {
-    pool::run(db, move |conn| {
-        let mut query = dead_jobs::table.select(DeadJob::as_select()).into_boxed();
-        if let Some(task) = filter.task {
-            query = query.filter(dead_jobs::task.eq(task));
-        }
-        if let Some(queue) = filter.queue {
-            query = query.filter(dead_jobs::queue.eq(queue));
-        }
-        if let Some(since) = filter.since {
-            query = query.filter(dead_jobs::dead_at.ge(since));
-        }
-        if let Some(text) = filter.error_contains {
-            let pattern = format!("%{}%", text.replace('%', "\\%").replace('_', "\\_"));
-            query = query.filter(dead_jobs::reason.ilike(pattern));
-        }
-        if !filter.include_discarded {
-            query = query.filter(dead_jobs::discarded_at.is_null());
-        }
-        if !filter.include_replayed {
-            query = query.filter(dead_jobs::replayed_at.is_null());
-        }
-        query = if filter.oldest_first {
-            query.order(dead_jobs::dead_at.asc())
-        } else {
-            query.order(dead_jobs::dead_at.desc())
-        };
-        query.limit(filter.limit.clamp(1, 10_000)).load(conn)
-    })
-    .await
+/// Whether `deadline` (if any) leaves no time to start anything.
+fn out_of_time(deadline: Option<Deadline>) -> bool {
+    deadline.is_some_and(|d| d.left().is_none())
+}
+
+/// A pooled connection, waited for no longer than `deadline` leaves;
+/// `Ok(None)` when that time ran out first.
+fn checkout(db: &PgPool, deadline: Option<Deadline>) -> Result<Option<PgPooled>, DbError> {
+    let Some(deadline) = deadline else {
+        return Ok(Some(db.get()?));
+    };
+    let Some(left) = deadline.left() else {
+        return Ok(None);
+    };
+    match db.get_timeout(left.min(CHECKOUT_TIMEOUT)) {
+        Ok(conn) => Ok(Some(conn)),
+        Err(_) if deadline.left().is_none() => Ok(None),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Ends every lock wait of the current transaction by `deadline`'s
+/// `start_by` (`lock_timeout`); false when no time is left.
+fn bound_lock_waits(conn: &mut PgConnection, deadline: Option<Deadline>) -> QueryResult<bool> {
+    use diesel::connection::SimpleConnection;
+    let Some(deadline) = deadline else {
+        return Ok(true);
+    };
+    let Some(left) = deadline.left() else {
+        return Ok(false);
+    };
+    // Rounded up: a wait that times out ends at or after `start_by`, so it is
+    // told from other failures by the time.
+    let ms = left.as_micros().div_ceil(1_000).max(1);
+    conn.batch_execute(&format!("SET LOCAL lock_timeout = {ms}"))?;
+    Ok(true)
 }
 
 /// One dead job and its audit trail (oldest action first); `None` when unknown.
@@ -125,6 +147,8 @@ pub struct ReplayOptions {
     pub actor: String,
     /// The filter of the bulk operation this replay is part of (recorded in the audit).
     pub bulk: Option<Value>,
+    /// When it must be over; none: it waits as long as it takes.
+    pub deadline: Option<Deadline>,
 }
 
 /// What a replay did.
@@ -184,6 +208,12 @@ pub enum ReplayError {
         /// What failed.
         reason: String,
     },
+    /// Its [`Deadline`] came before a connection or the record's row lock
+    /// (held by another replay or discard) could be had; nothing was done.
+    #[error(
+        "no time was left to replay dead job {0} (waiting for a database connection or for its row, which another replay or discard held); nothing was done"
+    )]
+    OutOfTime(Uuid),
     /// The database failed; nothing was recorded.
     #[error(transparent)]
     Db(#[from] DbError),
@@ -206,9 +236,16 @@ pub async fn replay(
     let handle = tokio::runtime::Handle::current();
     let (pool, publisher, topology) = (db.clone(), publisher.clone(), topology.clone());
     tokio::task::spawn_blocking(move || {
-        let mut conn = pool.get().map_err(DbError::from)?;
+        let deadline = options.deadline;
+        let Some(mut conn) = checkout(&pool, deadline)? else {
+            return Err(ReplayError::OutOfTime(id));
+        };
         let mut published = None;
+        let mut publishing = false;
         let replayed = conn.transaction(|conn| {
+            if !bound_lock_waits(conn, deadline)? {
+                return Err(ReplayError::OutOfTime(id));
+            }
             let dead: DeadJob = dead_jobs::table
                 .find(id)
                 .select(DeadJob::as_select())
@@ -282,8 +319,25 @@ pub async fn replay(
                 })
                 .execute(conn)?;
             let message = Outgoing::job(&topology, task.options.queue, &fresh);
+            if out_of_time(deadline) {
+                return Err(ReplayError::OutOfTime(id));
+            }
+            publishing = true;
             // Blocking threads may wait on async work; the row lock is held until the confirm.
-            match handle.block_on(publisher.publish(&message)) {
+            let confirmed = handle.block_on(async {
+                let publish = publisher.publish(&message);
+                match deadline {
+                    Some(d) => tokio::time::timeout_at(d.finish_by.into(), publish).await,
+                    None => Ok(publish.await),
+                }
+            });
+            let Ok(confirmed) = confirmed else {
+                return Err(ReplayError::InDoubt {
+                    job: fresh.id,
+                    reason: "the broker had not confirmed the new job by the deadline".into(),
+                });
+            };
+            match confirmed {
                 Ok(()) => published = Some(fresh.id),
                 Err(err) if err.may_have_been_enqueued() => {
                     return Err(ReplayError::InDoubt {
@@ -302,6 +356,11 @@ pub async fn replay(
                 job,
                 reason: format!("the replay could not be recorded: {err}"),
             }),
+            // Rolled back before publishing, its time up: a lock wait ended by
+            // `lock_timeout` (PostgreSQL's error does not say so otherwise).
+            (Err(ReplayError::Db(_)), None) if !publishing && out_of_time(deadline) => {
+                Err(ReplayError::OutOfTime(id))
+            }
             (replayed, _) => replayed,
         }
     })
@@ -331,11 +390,34 @@ pub struct DiscardOptions {
     pub dry_run: bool,
     /// The filter of the bulk operation this discard is part of (recorded in the audit).
     pub bulk: Option<Value>,
+    /// When it must be over (only `start_by` counts: nothing is published);
+    /// none: it waits as long as it takes.
+    pub deadline: Option<Deadline>,
+}
+
+/// Why a discard failed; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscardError {
+    /// Its [`Deadline`] came before a connection or the record's row lock
+    /// (held by another replay or discard) could be had.
+    #[error(
+        "no time was left to discard dead job {0} (waiting for a database connection or for its row, which another replay or discard held); nothing was done"
+    )]
+    OutOfTime(Uuid),
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<diesel::result::Error> for DiscardError {
+    fn from(err: diesel::result::Error) -> Self {
+        Self::Db(DbError::Query(err))
+    }
 }
 
 /// Marks dead job `id` discarded (hidden from the default listing; never replayed
 /// without force) and audits it.
-pub async fn discard(db: &PgPool, id: Uuid, actor: String) -> Result<DiscardOutcome, DbError> {
+pub async fn discard(db: &PgPool, id: Uuid, actor: String) -> Result<DiscardOutcome, DiscardError> {
     let options = DiscardOptions {
         actor,
         ..Default::default()
@@ -348,9 +430,17 @@ pub async fn discard_with(
     db: &PgPool,
     id: Uuid,
     options: DiscardOptions,
-) -> Result<DiscardOutcome, DbError> {
-    pool::run(db, move |conn| {
+) -> Result<DiscardOutcome, DiscardError> {
+    let pool = db.clone();
+    let deadline = options.deadline;
+    let discarded = tokio::task::spawn_blocking(move || {
+        let Some(mut conn) = checkout(&pool, deadline)? else {
+            return Err(DiscardError::OutOfTime(id));
+        };
         conn.transaction(|conn| {
+            if !bound_lock_waits(conn, deadline)? {
+                return Err(DiscardError::OutOfTime(id));
+            }
             let found: Option<Option<DateTime<Utc>>> = dead_jobs::table
                 .find(id)
                 .select(dead_jobs::discarded_at)
@@ -384,4 +474,10 @@ pub async fn discard_with(
         })
     })
     .await
+    .map_err(|err| DiscardError::Db(DbError::Join(err)))?;
+    match discarded {
+        // Rolled back with its time up: a lock wait ended by `lock_timeout`.
+        Err(DiscardError::Db(_)) if out_of_time(deadline) => Err(DiscardError::OutOfTime(id)),
+        discarded => discarded,
+    }
 }

@@ -349,3 +349,277 @@ async fn a_replay_in_doubt_replayed_again_makes_the_same_job() {
     assert_eq!(replayed["job_id"], job.to_string(), "{replayed}");
     app.wait_for_state(job, "succeeded", WAIT).await;
 }
+
+/// Inserts dead records straight into `dead_jobs`: `(task, reason, dead_at)`
+/// each, no envelope, returning their ids.
+pub(crate) async fn insert_dead(app: &TestApp, rows: &[(&str, &str, &str)]) -> Vec<Uuid> {
+    use diesel::prelude::*;
+    use diesel::sql_types::{Text, Uuid as SqlUuid};
+    let ids: Vec<Uuid> = rows.iter().map(|_| Uuid::new_v4()).collect();
+    let rows: Vec<(Uuid, String, String, String)> = ids
+        .iter()
+        .zip(rows)
+        .map(|(id, (task, reason, at))| (*id, (*task).into(), (*reason).into(), (*at).into()))
+        .collect();
+    let url = app.db.url.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = PgConnection::establish(&url).unwrap();
+        for (id, task, reason, at) in rows {
+            diesel::sql_query(
+                "INSERT INTO dead_jobs (id, task, queue, reason, source, dead_at) \
+                 VALUES ($1, $2, 'default', $3, 'worker', $4::timestamptz)",
+            )
+            .bind::<SqlUuid, _>(id)
+            .bind::<Text, _>(task)
+            .bind::<Text, _>(reason)
+            .bind::<Text, _>(at)
+            .execute(&mut conn)
+            .unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    ids
+}
+
+/// The `rel="next"` target of a `Link` header, if any.
+fn next_link(response: &reqwest::Response) -> Option<String> {
+    let link = response.headers().get("link")?.to_str().unwrap();
+    let target = link.strip_suffix(">; rel=\"next\"")?.strip_prefix('<')?;
+    Some(target.to_owned())
+}
+
+/// Paging through the listing with its `next` link hands out every record
+/// exactly once, newest first, records dead at the same instant included
+/// (ordered by id among themselves), and past the first page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listing_pages_through_every_record_once() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    // 23 records over 6 instants: most share their dead_at with others.
+    let times: Vec<String> = (0..23)
+        .map(|i| format!("2026-03-01T00:00:0{}.123456Z", i / 4))
+        .collect();
+    let rows: Vec<(&str, &str, &str)> = times
+        .iter()
+        .map(|at| ("diag.fail", "boom", at.as_str()))
+        .collect();
+    let mut expected = insert_dead(&app, &rows).await;
+    // A record the filter leaves out is not handed out on any page.
+    insert_dead(&app, &[("diag.noop", "boom", "2026-03-01T00:00:02Z")]).await;
+
+    let mut seen: Vec<(chrono::DateTime<chrono::Utc>, Uuid)> = Vec::new();
+    let mut path = "/v1/admin/dead-jobs?task=diag.fail&limit=5".to_owned();
+    let mut pages = 0;
+    loop {
+        let response = admin(&app, "GET", &path, None).await;
+        assert_eq!(response.status(), 200, "{path}");
+        let next = next_link(&response);
+        let page: Vec<Value> = response.json().await.unwrap();
+        pages += 1;
+        assert!(page.len() <= 5, "{path}: {}", page.len());
+        seen.extend(page.iter().map(|d| {
+            (
+                d["dead_at"].as_str().unwrap().parse().unwrap(),
+                d["id"].as_str().unwrap().parse().unwrap(),
+            )
+        }));
+        match next {
+            Some(next) => {
+                assert!(next.contains("task=diag.fail"), "{next}");
+                path = next;
+            }
+            None => break,
+        }
+        assert!(pages < 10, "the pages do not end");
+    }
+    assert_eq!(pages, 5, "23 records in pages of 5");
+    let mut order = seen.clone();
+    order.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, order, "newest first, then by id");
+    let mut ids: Vec<Uuid> = seen.iter().map(|(_, id)| *id).collect();
+    ids.sort();
+    expected.sort();
+    assert_eq!(ids, expected, "each record exactly once");
+
+    // The same through the CLI: --after takes the cursor it prints.
+    let first = cli(
+        &app,
+        &["dlq", "list", "--task", "diag.fail", "--limit", "20"],
+    );
+    let listed = stdout(&first);
+    let hint = String::from_utf8_lossy(&first.stderr).into_owned();
+    let cursor = hint
+        .split_whitespace()
+        .skip_while(|word| *word != "--after")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no --after in {hint:?}"));
+    let rest = cli(
+        &app,
+        &[
+            "dlq",
+            "list",
+            "--task",
+            "diag.fail",
+            "--limit",
+            "20",
+            "--after",
+            cursor,
+        ],
+    );
+    let rest_listed = stdout(&rest);
+    assert!(String::from_utf8_lossy(&rest.stderr).is_empty(), "{rest:?}");
+    for id in &expected {
+        let times =
+            listed.matches(&id.to_string()).count() + rest_listed.matches(&id.to_string()).count();
+        assert_eq!(times, 1, "{id}:\n{listed}\n{rest_listed}");
+    }
+}
+
+/// `limit` out of 1 to 10000 is refused (400 problem+json naming it and its
+/// range), not quietly taken as 1 or 10000; a cursor that is not one is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listing_refuses_a_limit_out_of_range_or_a_bad_cursor() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    for (query, named) in [
+        ("limit=0", "`limit` must be between 1 and 10000"),
+        ("limit=-3", "`limit` must be between 1 and 10000"),
+        ("limit=10001", "`limit` must be between 1 and 10000"),
+        ("after=yesterday", "`after`"),
+        ("after=1.not-a-uuid", "`after`"),
+    ] {
+        let response = admin(&app, "GET", &format!("/v1/admin/dead-jobs?{query}"), None).await;
+        assert_eq!(response.status(), 400, "{query}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert!(
+            problem["detail"].as_str().unwrap().contains(named),
+            "{query}: {problem}"
+        );
+    }
+    let refused = cli(&app, &["dlq", "list", "--limit", "0"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--limit"),
+        "{refused:?}"
+    );
+}
+
+/// `error_contains` is plain text: a backslash in it is a backslash (not
+/// LIKE's escape character), and `%` and `_` are themselves, in the listing
+/// and in a bulk operation alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_contains_takes_a_backslash_literally() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let at = "2026-03-01T00:00:00Z";
+    let ids = insert_dead(
+        &app,
+        &[
+            (
+                "diag.fail",
+                r#"invalid args: missing field \"x\" at line 1"#,
+                at,
+            ),
+            (
+                "diag.fail",
+                r#"invalid args: missing field "x" at line 1"#,
+                at,
+            ),
+            ("diag.fail", r"C:\temp\x_1 is 100% full", at),
+            ("diag.fail", "xa1 is 1000 full", at),
+        ],
+    )
+    .await;
+    let listed = |text: &'static str| {
+        let app = &app;
+        async move {
+            let query: String = text
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' => (b as char).to_string(),
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            let found: Vec<Value> = admin(
+                app,
+                "GET",
+                &format!("/v1/admin/dead-jobs?error_contains={query}"),
+                None,
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+            let mut found: Vec<Uuid> = found
+                .iter()
+                .map(|d| d["id"].as_str().unwrap().parse().unwrap())
+                .collect();
+            found.sort();
+            found
+        }
+    };
+    assert_eq!(listed(r#"field \"x\""#).await, vec![ids[0]]);
+    assert_eq!(listed(r#"field "x""#).await, vec![ids[1]]);
+    assert_eq!(listed(r"\").await, sorted(vec![ids[0], ids[2]]));
+    assert_eq!(listed(r"\x_1").await, vec![ids[2]]);
+    assert_eq!(listed("100%").await, vec![ids[2]]);
+
+    let dry: Value = admin(
+        &app,
+        "POST",
+        "/v1/admin/dead-jobs/discard-matching",
+        Some(json!({"filter": {"error_contains": r#"field \"x\""#}, "dry_run": true})),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let would: Vec<&str> = dry["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(would, vec![ids[0].to_string()], "{dry}");
+}
+
+fn sorted(mut ids: Vec<Uuid>) -> Vec<Uuid> {
+    ids.sort();
+    ids
+}
+
+/// `--all-matching` takes every match, past the 10 000 one query hands out,
+/// each once, across batches whose boundaries fall among records dead at the
+/// same instant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_all_matching_takes_every_match_past_ten_thousand() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let many = 10_003;
+    app.count(&format!(
+        "WITH made AS (INSERT INTO dead_jobs (id, task, queue, reason, source, dead_at) \
+         SELECT gen_random_uuid(), 'diag.fail', 'default', 'boom', 'worker', \
+                timestamptz '2026-03-01T00:00:00Z' + (g / 7) * interval '1 millisecond' \
+         FROM generate_series(1, {many}) g RETURNING 1) SELECT count(*) AS n FROM made"
+    ))
+    .await;
+    let out = stdout(&cli(
+        &app,
+        &[
+            "dlq",
+            "discard",
+            "--all-matching",
+            "--task",
+            "diag.fail",
+            "--dry-run",
+        ],
+    ));
+    let ids: Vec<&str> = out
+        .lines()
+        .filter_map(|line| line.strip_suffix(": would discard"))
+        .collect();
+    assert_eq!(ids.len(), many, "{}", out.lines().count());
+    let distinct: std::collections::HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(distinct.len(), many);
+}

@@ -285,3 +285,156 @@ async fn bulk_input_errors_are_problems_naming_the_field() {
         0
     );
 }
+
+/// One dead `diag.fail` job per call, each dead before the next is enqueued
+/// (so they died in this order); failing permanently, each dies at its first
+/// attempt, and so does its replay.
+async fn dead_in_order(app: &TestApp, n: usize) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let id = app.enqueue("diag.fail", json!({"permanent": true})).await;
+        app.wait_for_state(id, "dead", WAIT).await;
+        ids.push(id);
+    }
+    ids
+}
+
+/// Holds `SELECT … FROM dead_jobs WHERE id = <id> FOR UPDATE` in a
+/// connection of its own until the returned sender sends or is dropped.
+async fn hold_row(app: &TestApp, id: Uuid) -> std::sync::mpsc::Sender<()> {
+    use diesel::connection::SimpleConnection;
+    use diesel::prelude::*;
+    let url = app.db.url.clone();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut conn = PgConnection::establish(&url).unwrap();
+        conn.batch_execute(&format!(
+            "BEGIN; SELECT id FROM dead_jobs WHERE id = '{id}' FOR UPDATE"
+        ))
+        .unwrap();
+        locked.send(()).unwrap();
+        let _ = released.recv();
+        conn.batch_execute("COMMIT").unwrap();
+    });
+    is_locked.await.unwrap();
+    release
+}
+
+async fn replay_count(app: &TestApp, id: Uuid) -> i64 {
+    app.count(&format!(
+        "SELECT replay_count::bigint AS n FROM dead_jobs WHERE id = '{id}'"
+    ))
+    .await
+}
+
+/// A forced bulk replay that runs out of time (here: another transaction
+/// holds the second record's row past the request's budget) stops before that
+/// record and answers 200, `complete: false`, with a `next` cursor, well
+/// before the ingress's request timeout; carrying on from `next`, still
+/// forced, replays the rest and not the first record again, nor the record
+/// its replay left when it died (dead after the run began).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_bulk_replay_cut_short_carries_on_without_replaying_twice() {
+    let app = TestApp::spawn_with(1, |config| {
+        config.ingress.request_timeout_ms = 4_000;
+    })
+    .await;
+    let ids = dead_in_order(&app, 3).await;
+    let (r1, r2, r3) = (ids[0], ids[1], ids[2]);
+    let path = "/v1/admin/dead-jobs/replay-matching";
+    let forced = json!({"filter": {"task": "diag.fail"}, "force": true});
+
+    let held = hold_row(&app, r2).await;
+    let began = std::time::Instant::now();
+    let first = post(&app, path, forced.clone()).await;
+    let took = began.elapsed();
+    let status = first.status();
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(status, 200, "{first}");
+    assert!(took < Duration::from_millis(3_900), "{took:?}");
+    assert_eq!(
+        (first["complete"].as_bool(), first["processed"].as_u64()),
+        (Some(false), Some(1)),
+        "{first}"
+    );
+    assert_eq!(ids_with(&first, "replayed"), vec![r1], "{first}");
+    let next = first["next"].as_str().expect("a cursor").to_owned();
+
+    // A bulk discard is bounded alike: it stops at the held row, discarding nothing.
+    let discard = ok(
+        &app,
+        "/v1/admin/dead-jobs/discard-matching",
+        json!({"filter": {"task": "diag.fail"}}),
+    )
+    .await;
+    assert_eq!(
+        (discard["complete"].as_bool(), discard["processed"].as_u64()),
+        (Some(false), Some(0)),
+        "{discard}"
+    );
+    assert!(discard["next"].is_string(), "{discard}");
+    drop(held);
+
+    // r1's replay fails permanently too: a new dead record, newer than the run.
+    let replayed: Uuid = first["results"][0]["job_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    app.wait_for_state(replayed, "dead", WAIT).await;
+
+    let mut resumed = forced.clone();
+    resumed["after"] = json!(next);
+    let rest = ok(&app, path, resumed).await;
+    assert_eq!(ids_with(&rest, "replayed"), sorted(vec![r2, r3]), "{rest}");
+    assert_eq!(
+        (rest["complete"].as_bool(), rest["next"].as_str()),
+        (Some(true), None),
+        "{rest}"
+    );
+    for id in [r1, r2, r3] {
+        assert_eq!(replay_count(&app, id).await, 1, "{id}");
+    }
+    assert_eq!(replay_count(&app, replayed).await, 0);
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM dead_job_actions WHERE action = 'discard'")
+            .await,
+        0
+    );
+}
+
+/// A forced bulk replay with a `limit` answers `next` while records remain,
+/// and carrying on from it takes the next records in death order, each once;
+/// a `next` that is not one is refused naming `/after`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_bulk_replay_pages_through_with_its_cursor() {
+    let app = TestApp::spawn().await;
+    let ids = dead_in_order(&app, 3).await;
+    let path = "/v1/admin/dead-jobs/replay-matching";
+    let mut body = json!({
+        "filter": {"task": "diag.fail"}, "force": true, "limit": 2,
+        "args": {"until_attempt": 1},
+    });
+    let first = ok(&app, path, body.clone()).await;
+    assert_eq!(
+        ids_with(&first, "replayed"),
+        sorted(ids[..2].to_vec()),
+        "{first}"
+    );
+    assert_eq!(first["complete"], true, "{first}");
+    body["after"] = first["next"].clone();
+    assert!(body["after"].is_string(), "{first}");
+    let second = ok(&app, path, body.clone()).await;
+    assert_eq!(ids_with(&second, "replayed"), vec![ids[2]], "{second}");
+    assert!(second["next"].is_null(), "{second}");
+    for id in &ids {
+        assert_eq!(replay_count(&app, *id).await, 1, "{id}");
+    }
+
+    body["after"] = json!("1.2.3");
+    let refused = post(&app, path, body).await;
+    assert_eq!(refused.status(), 422);
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["pointer"], "/after", "{problem}");
+}

@@ -2,30 +2,40 @@
 //! `conveyor dlq replay|discard --all-matching` and the admin API's
 //! `POST /v1/admin/dead-jobs/replay-matching` and `…/discard-matching`.
 //!
-//! Records are taken oldest first and handled one at a time through the
-//! single-record operations ([`super::replay`], [`super::discard_with`]), so
-//! each one is locked, published, committed and audited exactly as a single
-//! replay or discard is; its audit row also carries the filter. A rate spaces
-//! replays out (a dry run publishes nothing, so it is not paced); a deadline
-//! stops the loop between records, for callers that cannot wait for ever.
+//! Records are taken oldest first, in `(dead_at, id)` order, and handled one
+//! at a time through the single-record operations ([`super::replay`],
+//! [`super::discard_with`]), so each one is locked, published, committed and
+//! audited exactly as a single replay or discard is; its audit row also
+//! carries the filter. A rate spaces replays out (a dry run publishes nothing,
+//! so it is not paced). A [`Deadline`] bounds each record (see
+//! [`super::Deadline`]) and stops the loop at the first record it leaves no
+//! time for, for callers that cannot wait for ever.
+//!
+//! A call takes at most [`MAX_RECORDS`] and says where it stopped with a
+//! [`Cursor`]: the next call carries on past the last record handled, so a
+//! run cut short by its deadline or its limit never takes a record twice,
+//! even with `force` (which takes records already replayed), and never takes
+//! one that died after the run began (such as its own replays, dead again).
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use conveyor_platform::amqp::{Publisher, Topology};
 use conveyor_schema::find_task;
-use conveyor_schema::models::DeadJob;
 use conveyor_schema::pool::{DbError, PgPool};
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::listing::{self, BadCursor, Position, Target};
 use super::{
-    DiscardOptions, DiscardOutcome, Filter, ReplayError, ReplayOptions, ReplayOutcome,
-    discard_with, list, replay,
+    Deadline, DiscardError, DiscardOptions, DiscardOutcome, Filter, ReplayError, ReplayOptions,
+    ReplayOutcome, discard_with, replay,
 };
 
-/// Most records one bulk operation takes.
-pub const MAX_RECORDS: i64 = 10_000;
+/// Most records one bulk call takes.
+pub const MAX_RECORDS: i64 = listing::MAX_LIMIT;
 
 /// Input a bulk operation refuses before touching anything.
 #[derive(Debug, thiserror::Error)]
@@ -97,17 +107,131 @@ pub fn check_args(task: Option<&str>, args: &Value) -> Result<(), InvalidInput> 
         .map_err(|err| InvalidInput::at(err.pointer, err.message))
 }
 
-/// The dead jobs `filter` matches, oldest first, at most `filter.limit` (1 to
-/// [`MAX_RECORDS`]). Records already replayed or discarded match only with `force`.
-pub async fn matching(db: &PgPool, filter: &Filter, force: bool) -> Result<Vec<DeadJob>, DbError> {
+/// Where a bulk run stands, for a later call to carry on from: the bound its
+/// first call set (records that died after it, its own replays among them,
+/// are not taken) and the last record handled. Written `<until in µs>` or
+/// `<until in µs>.<position>`, and passed back without being read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// Only records dead at or before this.
+    pub until: DateTime<Utc>,
+    /// Only records past this one; none: from the oldest.
+    pub after: Option<Position>,
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.until.timestamp_micros())?;
+        match &self.after {
+            Some(after) => write!(f, ".{after}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl FromStr for Cursor {
+    type Err = BadCursor;
+
+    fn from_str(s: &str) -> Result<Self, BadCursor> {
+        let (until, after) = match s.split_once('.') {
+            Some((until, after)) => (until, Some(after.parse().map_err(|_| BadCursor(s.into()))?)),
+            None => (s, None),
+        };
+        let until = until
+            .parse()
+            .ok()
+            .and_then(DateTime::from_timestamp_micros)
+            .ok_or_else(|| BadCursor(s.into()))?;
+        Ok(Self { until, after })
+    }
+}
+
+/// One batch of matching records, oldest first.
+#[derive(Debug)]
+pub struct Matches {
+    /// At most the filter's `limit`.
+    pub records: Vec<Target>,
+    /// More records match past the last of these.
+    pub more: bool,
+    /// Where this batch began.
+    pub from: Cursor,
+}
+
+impl Matches {
+    /// Where to carry on once the first `handled` records are done; `None`
+    /// when no matching record is left past them.
+    pub fn next(&self, handled: usize) -> Option<Cursor> {
+        if handled >= self.records.len() && !self.more {
+            return None;
+        }
+        let last = handled.min(self.records.len()).checked_sub(1);
+        Some(Cursor {
+            until: self.from.until,
+            after: last.map(|i| self.records[i].position()).or(self.from.after),
+        })
+    }
+}
+
+/// The dead jobs `filter` matches past `from` (none: from the oldest, dead
+/// no later than now), oldest first, at most `filter.limit` (1 to
+/// [`MAX_RECORDS`]); only the fields a bulk operation uses. Records already
+/// replayed or discarded match only with `force`.
+pub async fn matching(
+    db: &PgPool,
+    filter: &Filter,
+    force: bool,
+    from: Option<Cursor>,
+) -> Result<Matches, DbError> {
     let filter = Filter {
         include_discarded: force,
         include_replayed: force,
         oldest_first: true,
         limit: filter.limit.clamp(1, MAX_RECORDS),
+        until: from.map(|c| c.until),
+        after: from.and_then(|c| c.after),
         ..filter.clone()
     };
-    list(db, filter).await
+    let after = filter.after;
+    let (records, more, until) = listing::targets(db, filter).await?;
+    Ok(Matches {
+        records,
+        more,
+        from: Cursor { until, after },
+    })
+}
+
+/// Every record a filter matches, a batch at a time, for a run of any
+/// length (the CLI's): oldest first, each once, none that died after the
+/// first batch was read.
+#[derive(Debug)]
+pub struct Batches {
+    filter: Filter,
+    force: bool,
+    from: Option<Cursor>,
+    done: bool,
+}
+
+impl Batches {
+    /// Batches of `filter.limit` records of `filter` (see [`matching`] for `force`).
+    pub fn new(filter: Filter, force: bool) -> Self {
+        Self {
+            filter,
+            force,
+            from: None,
+            done: false,
+        }
+    }
+
+    /// The next batch; `None` when every match was handed out.
+    pub async fn next(&mut self, db: &PgPool) -> Result<Option<Vec<Target>>, DbError> {
+        if self.done {
+            return Ok(None);
+        }
+        let batch = matching(db, &self.filter, self.force, self.from).await?;
+        self.from = batch.next(batch.records.len());
+        self.done = self.from.is_none();
+        Ok(Some(batch.records).filter(|records| !records.is_empty()))
+    }
 }
 
 /// How fast and for how long a bulk operation may run.
@@ -115,8 +239,8 @@ pub async fn matching(db: &PgPool, filter: &Filter, force: bool) -> Result<Vec<D
 pub struct Pace {
     /// At most this many records per second (checked with [`check_rate`]); none: as fast as they go.
     pub rate: Option<f64>,
-    /// Start no record after this instant; none: until done.
-    pub deadline: Option<Instant>,
+    /// When it must be over (each record is bounded by it, see [`Deadline`]); none: until done.
+    pub deadline: Option<Deadline>,
 }
 
 impl Pace {
@@ -129,7 +253,7 @@ impl Pace {
     }
 
     /// When record number `i` (from 0) of a run that began at `began` may start;
-    /// `None` when that is after the deadline.
+    /// `None` when that is after the deadline's `start_by`.
     fn start_of(&self, i: usize, began: Instant, paced: bool) -> Option<Instant> {
         let now = Instant::now();
         let at = match self.rate.filter(|_| paced) {
@@ -137,52 +261,88 @@ impl Pace {
             None => now,
         };
         match self.deadline {
-            Some(deadline) if at > deadline => None,
+            Some(deadline) if at > deadline.start_by => None,
             _ => Some(at),
         }
     }
 }
 
-/// Replays `ids` in order with `options`, at `pace`, telling `each` every
-/// outcome as it happens. Returns how many were handled: all of them, unless
-/// the deadline came first.
+/// Paces one run at its [`Pace`], across any number of [`replay_each`] calls.
+#[derive(Debug)]
+pub struct Pacer {
+    pace: Pace,
+    began: Instant,
+    started: usize,
+}
+
+impl Pacer {
+    /// A run beginning now.
+    pub fn new(pace: Pace) -> Self {
+        Self {
+            pace,
+            began: Instant::now(),
+            started: 0,
+        }
+    }
+
+    /// When the next record may start; `None` when past the deadline.
+    fn next_start(&mut self, paced: bool) -> Option<Instant> {
+        let at = self.pace.start_of(self.started, self.began, paced)?;
+        self.started += 1;
+        Some(at)
+    }
+}
+
+/// Replays `ids` in order with `options`, paced by `pacer` and bounded by its
+/// deadline, telling `each` every outcome as it happens. Returns how many
+/// were handled: all of them, unless time ran out first. The record that
+/// found no time left (before its connection or row lock) is left as it was
+/// and not told to `each`; a publish that the deadline cuts short is told, in doubt.
 pub async fn replay_each(
     db: &PgPool,
     publisher: &Publisher,
     topology: &Topology,
     ids: &[Uuid],
     options: &ReplayOptions,
-    pace: Pace,
+    pacer: &mut Pacer,
     mut each: impl FnMut(Uuid, Result<ReplayOutcome, ReplayError>),
 ) -> usize {
-    let began = Instant::now();
     for (i, id) in ids.iter().enumerate() {
-        let Some(at) = pace.start_of(i, began, !options.dry_run) else {
+        let Some(at) = pacer.next_start(!options.dry_run) else {
             return i;
         };
         tokio::time::sleep_until(at.into()).await;
-        each(
-            *id,
-            replay(db, publisher, topology, *id, options.clone()).await,
-        );
+        let options = ReplayOptions {
+            deadline: pacer.pace.deadline,
+            ..options.clone()
+        };
+        match replay(db, publisher, topology, *id, options).await {
+            Err(ReplayError::OutOfTime(_)) => return i,
+            outcome => each(*id, outcome),
+        }
     }
     ids.len()
 }
 
 /// Discards `ids` in order with `options` (not paced: nothing is published),
-/// telling `each` every outcome. Returns how many were handled before `deadline`.
+/// telling `each` every outcome. Returns how many were handled before
+/// `deadline` (the record that found no time left is left as it was, untold).
 pub async fn discard_each(
     db: &PgPool,
     ids: &[Uuid],
     options: &DiscardOptions,
-    deadline: Option<Instant>,
-    mut each: impl FnMut(Uuid, Result<DiscardOutcome, DbError>),
+    deadline: Option<Deadline>,
+    mut each: impl FnMut(Uuid, Result<DiscardOutcome, DiscardError>),
 ) -> usize {
     for (i, id) in ids.iter().enumerate() {
-        if deadline.is_some_and(|d| Instant::now() > d) {
-            return i;
+        let options = DiscardOptions {
+            deadline,
+            ..options.clone()
+        };
+        match discard_with(db, *id, options).await {
+            Err(DiscardError::OutOfTime(_)) => return i,
+            outcome => each(*id, outcome),
         }
-        each(*id, discard_with(db, *id, options.clone()).await);
     }
     ids.len()
 }
@@ -229,7 +389,10 @@ mod tests {
         let began = Instant::now();
         let pace = Pace {
             rate: Some(4.0),
-            deadline: Some(began + Duration::from_millis(600)),
+            deadline: Some(Deadline {
+                start_by: began + Duration::from_millis(600),
+                finish_by: began + Duration::from_secs(1),
+            }),
         };
         assert_eq!(pace.least_time(5), Duration::from_secs(1));
         assert_eq!(pace.least_time(0), Duration::ZERO);
@@ -241,5 +404,67 @@ mod tests {
         );
         // Unpaced (a dry run): every record may start now.
         assert!(pace.start_of(3, began, false).is_some());
+        // A pacer counts across calls.
+        let mut pacer = Pacer::new(pace);
+        for _ in 0..3 {
+            assert!(pacer.next_start(true).is_some());
+        }
+        assert!(pacer.next_start(true).is_none());
+    }
+
+    #[test]
+    fn a_deadline_keeps_time_for_a_confirm() {
+        let began = Instant::now();
+        let long = Deadline::within(began, Duration::from_secs(27));
+        assert_eq!(long.finish_by - began, Duration::from_secs(27));
+        assert_eq!(long.start_by - began, Duration::from_secs(22));
+        let short = Deadline::within(began, Duration::from_secs(4));
+        assert_eq!(short.start_by - began, Duration::from_secs(3));
+    }
+
+    fn target(micros: i64) -> Target {
+        Target {
+            id: Uuid::now_v7(),
+            task: "diag.fail".into(),
+            queue: "default".into(),
+            dead_at: DateTime::from_timestamp_micros(micros).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_cursor_reads_back_and_says_where_to_carry_on() {
+        let until = DateTime::from_timestamp_micros(1_767_225_600_000_001).unwrap();
+        let start = Cursor { until, after: None };
+        assert_eq!(start.to_string().parse::<Cursor>().unwrap(), start);
+        let records = vec![target(10), target(10), target(20)];
+        let on = Cursor {
+            until,
+            after: Some(records[1].position()),
+        };
+        assert_eq!(on.to_string().parse::<Cursor>().unwrap(), on);
+        for bad in ["", "x", "1.2", "1.2.3", "1.2.not-a-uuid"] {
+            assert!(bad.parse::<Cursor>().is_err(), "{bad}");
+        }
+
+        let batch = Matches {
+            records,
+            more: false,
+            from: start,
+        };
+        assert_eq!(
+            batch.next(0),
+            Some(start),
+            "nothing handled: from where it began"
+        );
+        assert_eq!(batch.next(2), Some(on));
+        assert_eq!(batch.next(3), None, "all handled, none left");
+        let limited = Matches {
+            more: true,
+            ..batch
+        };
+        assert_eq!(
+            limited.next(3).and_then(|c| c.after),
+            Some(limited.records[2].position())
+        );
     }
 }

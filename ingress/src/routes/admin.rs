@@ -1,22 +1,34 @@
 //! The admin API (`/v1/admin/*`): dead jobs (list, show, replay, discard),
 //! queues and workers. Behind [`crate::admin_auth`]. The bulk operations
 //! (every dead job a filter matches) are in [`bulk`].
+//!
+//! The dead-job listing is paged by keyset, newest first in `(dead_at, id)`
+//! order: while records remain, the answer's `Link: <…>; rel="next"` header
+//! names the next page (the same query with `after=<cursor>`), so every record
+//! can be reached, each once, however many share a `dead_at`.
 
 pub mod bulk;
 
+use std::time::Instant;
+
 use axum::Extension;
 use axum::Json;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use conveyor_schema::models::{DeadJob, DeadJobAction};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::admin_auth::Actor;
-use crate::dead_jobs::{self, DiscardOutcome, Filter, ReplayError, ReplayOptions, ReplayOutcome};
+use crate::dead_jobs::{
+    self, DiscardOptions, DiscardOutcome, Filter, MAX_LIMIT, Position, ReplayError, ReplayOptions,
+    ReplayOutcome,
+};
 use crate::json_body::StrictJson;
 use crate::monitor::Snapshot;
 use crate::problem::Problem;
@@ -116,6 +128,7 @@ impl From<DeadJobAction> for ActionView {
 
 /// Filters of the dead-job listing.
 #[derive(Debug, Default, Deserialize, IntoParams, ToSchema)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeadJobQuery {
     /// Exact task name.
@@ -132,8 +145,28 @@ pub struct DeadJobQuery {
     /// Include records already replayed.
     #[serde(default)]
     pub include_replayed: bool,
-    /// At most this many (default 100, max 10000).
+    /// At most this many, 1 to 10000 (default 100).
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<i64>,
+    /// Where the page starts: the cursor in the previous page's `next` link.
+    #[param(value_type = Option<String>)]
+    #[schema(value_type = Option<String>)]
+    pub after: Option<After>,
+}
+
+/// The `after` of the listing: a [`Position`] written by an earlier page.
+#[derive(Debug, Clone, Copy)]
+pub struct After(pub Position);
+
+impl<'de> Deserialize<'de> for After {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map(Self).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "`after` must be the cursor of an earlier page's `next` link, not `{text}`"
+            ))
+        })
+    }
 }
 
 impl From<DeadJobQuery> for Filter {
@@ -146,9 +179,23 @@ impl From<DeadJobQuery> for Filter {
             include_discarded: q.include_discarded,
             include_replayed: q.include_replayed,
             limit: q.limit.unwrap_or(100),
-            oldest_first: false,
+            after: q.after.map(|After(position)| position),
+            ..Default::default()
         }
     }
+}
+
+/// The `Link` header naming the page after `next`: this request's query
+/// (`raw`) with `after` set to it.
+fn next_link(raw: Option<&str>, next: Position) -> String {
+    let after = format!("after={next}");
+    let query: Vec<&str> = raw
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("after"))
+        .chain([after.as_str()])
+        .collect();
+    format!("</v1/admin/dead-jobs?{}>; rel=\"next\"", query.join("&"))
 }
 
 fn db_problem(err: impl std::fmt::Display) -> Problem {
@@ -166,18 +213,38 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
     })
 }
 
-/// List dead jobs, newest first.
+/// List dead jobs, newest first (by `dead_at`, then id), a page at a time.
 #[utoipa::path(get, path = "/v1/admin/dead-jobs", tag = "admin", operation_id = "list_dead_jobs", params(DeadJobQuery),
-    responses((status = 200, description = "Matching dead jobs", body = Vec<DeadJobView>),
+    responses((status = 200, description = "A page of matching dead jobs", body = Vec<DeadJobView>,
+                headers(("link" = String, description = "`<…?…&after=<cursor>>; rel=\"next\"`: the next page, present while records remain"))),
+              (status = 400, description = "Bad query parameter (`limit` out of 1 to 10000, `after` not a cursor)", body = Problem, content_type = "application/problem+json"),
               (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json")))]
 pub async fn list(
     State(state): State<AppState>,
-    Query(query): Query<DeadJobQuery>,
-) -> Result<Json<Vec<DeadJobView>>, Problem> {
-    let found = dead_jobs::list(&state.db, query.into())
+    RawQuery(raw): RawQuery,
+    query: Result<Query<DeadJobQuery>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(query) = query.map_err(|err| Problem::bad_query(err.body_text()))?;
+    if query
+        .limit
+        .is_some_and(|limit| !(1..=MAX_LIMIT).contains(&limit))
+    {
+        return Err(Problem::bad_query(format!(
+            "`limit` must be between 1 and {MAX_LIMIT}"
+        )));
+    }
+    let (found, next) = dead_jobs::page(&state.db, query.into())
         .await
         .map_err(db_problem)?;
-    Ok(Json(found.into_iter().map(Into::into).collect()))
+    let page: Vec<DeadJobView> = found.into_iter().map(Into::into).collect();
+    Ok(match next {
+        Some(next) => (
+            [(header::LINK, next_link(raw.as_deref(), next))],
+            Json(page),
+        )
+            .into_response(),
+        None => Json(page).into_response(),
+    })
 }
 
 /// One dead job with its audit trail.
@@ -252,7 +319,9 @@ pub fn replay_problem(err: ReplayError) -> Problem {
             err.to_string(),
         ),
         ReplayError::InDoubt { job, .. } => Problem::in_doubt(err.to_string(), vec![job]),
-        ReplayError::Publish(_) | ReplayError::Db(_) => Problem::unavailable(err.to_string(), 1),
+        ReplayError::Publish(_) | ReplayError::Db(_) | ReplayError::OutOfTime(_) => {
+            Problem::unavailable(err.to_string(), 1)
+        }
     }
 }
 
@@ -263,13 +332,16 @@ pub fn replay_problem(err: ReplayError) -> Problem {
     responses((status = 200, description = "Replayed, or why nothing was done", body = ReplayResult),
               (status = 404, description = "No such dead job", body = Problem, content_type = "application/problem+json"),
               (status = 409, description = "Unreadable or unknown task", body = Problem, content_type = "application/problem+json"),
-              (status = 422, description = "Edited args invalid", body = Problem, content_type = "application/problem+json")))]
+              (status = 422, description = "Edited args invalid", body = Problem, content_type = "application/problem+json"),
+              (status = 503, description = "Nothing done (database or broker unavailable, or its row held by another replay or discard past the request's time), or in doubt (`job_ids`: replaying again makes that same job)", body = Problem, content_type = "application/problem+json")))]
 pub async fn replay(
     State(state): State<AppState>,
     Extension(Actor(actor)): Extension<Actor>,
+    budget: Option<Extension<bulk::Budget>>,
     Path(id): Path<String>,
     StrictJson { value: request, .. }: StrictJson<ReplayRequest>,
 ) -> Result<Json<ReplayResult>, Problem> {
+    let began = Instant::now();
     let id = parse_id(&id)?;
     let options = ReplayOptions {
         force: request.force,
@@ -277,6 +349,7 @@ pub async fn replay(
         args: request.args,
         actor: format!("http:{actor}"),
         bulk: None,
+        deadline: Some(bulk::Budget::deadline(budget, began)),
     };
     let outcome = dead_jobs::replay(&state.db, &state.publisher, &state.topology, id, options)
         .await
@@ -306,14 +379,22 @@ pub struct DiscardResult {
 #[utoipa::path(post, path = "/v1/admin/dead-jobs/{id}/discard", tag = "admin",
     params(("id" = String, Path, description = "Dead job id")), 
     responses((status = 200, description = "Discarded", body = DiscardResult),
-              (status = 404, description = "No such dead job", body = Problem, content_type = "application/problem+json")))]
+              (status = 404, description = "No such dead job", body = Problem, content_type = "application/problem+json"),
+              (status = 503, description = "Nothing done: database unavailable, or its row held by another replay or discard past the request's time", body = Problem, content_type = "application/problem+json")))]
 pub async fn discard(
     State(state): State<AppState>,
     Extension(Actor(actor)): Extension<Actor>,
+    budget: Option<Extension<bulk::Budget>>,
     Path(id): Path<String>,
 ) -> Result<Json<DiscardResult>, Problem> {
+    let began = Instant::now();
     let id = parse_id(&id)?;
-    let outcome = dead_jobs::discard(&state.db, id, format!("http:{actor}"))
+    let options = DiscardOptions {
+        actor: format!("http:{actor}"),
+        deadline: Some(bulk::Budget::deadline(budget, began)),
+        ..Default::default()
+    };
+    let outcome = dead_jobs::discard_with(&state.db, id, options)
         .await
         .map_err(db_problem)?;
     let outcome = match outcome {

@@ -5,9 +5,14 @@
 //! request: the records are handled oldest first and the answer lists what was
 //! (or, on a dry run, would be) done to each. A request may not outlive the
 //! ingress's request timeout, so a rate too slow to get through the matches in
-//! time is refused up front (422), and the loop stops between records when
-//! time runs out, answering `complete: false`; without `force` the next call
-//! carries on where it stopped, since handled records no longer match.
+//! time is refused up front (422), and every record is bounded by the
+//! request's [`Deadline`]: the loop stops at the first record it leaves no
+//! time for (a row another replay or discard holds, no free connection),
+//! leaving it as it was, and answers 200 with `complete: false`. While
+//! records remain (time ran out, or `limit` was reached) the answer's `next`
+//! says where to carry on: passed back as `after`, the next call takes the
+//! records past the last one handled, so none is taken twice, with `force`
+//! or without, and none that died after the first call began.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -22,8 +27,10 @@ use uuid::Uuid;
 
 use super::{db_problem, replay_result};
 use crate::admin_auth::Actor;
-use crate::dead_jobs::bulk::{self, InvalidInput, Pace};
-use crate::dead_jobs::{DiscardOptions, DiscardOutcome, Filter, ReplayOptions, ReplayOutcome};
+use crate::dead_jobs::bulk::{self, Cursor, InvalidInput, Matches, Pace, Pacer};
+use crate::dead_jobs::{
+    Deadline, DiscardOptions, DiscardOutcome, Filter, ReplayOptions, ReplayOutcome,
+};
 use crate::json_body::StrictJson;
 use crate::problem::Problem;
 use crate::state::AppState;
@@ -31,15 +38,22 @@ use crate::state::AppState;
 /// Records one bulk request takes unless it says otherwise.
 const DEFAULT_LIMIT: i64 = 1_000;
 
-/// How long one bulk request may work: set by the router from the request
-/// timeout, leaving time to answer.
+/// How long one admin request may work on dead jobs (every wait and publish
+/// included, see [`Deadline`]): set by the router from the request timeout,
+/// leaving time to answer.
 #[derive(Debug, Clone, Copy)]
 pub struct Budget(pub Duration);
 
 impl Budget {
-    /// Three quarters of `request_timeout`.
+    /// `request_timeout` less a tenth of it, at most 2 s, to answer in.
     pub fn within(request_timeout: Duration) -> Self {
-        Self(request_timeout.mul_f64(0.75))
+        Self(request_timeout - (request_timeout / 10).min(Duration::from_secs(2)))
+    }
+
+    /// The deadline of a request that began at `began`.
+    pub fn deadline(budget: Option<Extension<Self>>, began: Instant) -> Deadline {
+        let Self(budget) = budget.map_or(Self(Duration::from_secs(20)), |Extension(b)| b);
+        Deadline::within(began, budget)
     }
 }
 
@@ -77,6 +91,8 @@ pub struct BulkReplayRequest {
     pub args: Option<Value>,
     /// At most this many records, oldest first (default 1000, at most 10000).
     pub limit: Option<i64>,
+    /// The `next` of an earlier answer: carry on past the last record it handled.
+    pub after: Option<String>,
 }
 
 /// Discard every dead job a filter matches.
@@ -90,6 +106,8 @@ pub struct BulkDiscardRequest {
     pub dry_run: bool,
     /// At most this many records, oldest first (default 1000, at most 10000).
     pub limit: Option<i64>,
+    /// The `next` of an earlier answer: carry on past the last record it handled.
+    pub after: Option<String>,
 }
 
 /// What a bulk operation did (or would do).
@@ -97,12 +115,17 @@ pub struct BulkDiscardRequest {
 pub struct BulkResult {
     /// Nothing was changed.
     pub dry_run: bool,
-    /// Records the filter matched (at most `limit`).
+    /// Records the filter matched (at most `limit`, past `after`).
     pub matched: usize,
     /// Records handled: `matched` unless time ran out.
     pub processed: usize,
-    /// Every matched record was handled; when `false`, call again for the rest.
+    /// Every matched record was handled (`false`: time ran out).
     pub complete: bool,
+    /// Present while matching records remain (time ran out, or more than
+    /// `limit` matched): pass it as `after`, with the same filter, to carry on
+    /// past the last record handled here. No record is taken twice that way,
+    /// with `force` or without, nor one that died after the first call began.
+    pub next: Option<String>,
     /// How many records had each outcome.
     pub counts: BTreeMap<String, usize>,
     /// One entry per handled record, oldest first.
@@ -153,16 +176,25 @@ fn filter(request: &BulkFilter, limit: Option<i64>) -> Result<Filter, Problem> {
     })
 }
 
-fn result(dry_run: bool, matched: usize, results: Vec<BulkItem>) -> BulkResult {
+/// The cursor in `after`, if any.
+fn cursor(after: Option<&str>) -> Result<Option<Cursor>, Problem> {
+    after
+        .map(str::parse)
+        .transpose()
+        .map_err(|err: crate::dead_jobs::BadCursor| Problem::invalid("/after", err.to_string()))
+}
+
+fn result(dry_run: bool, found: &Matches, results: Vec<BulkItem>) -> BulkResult {
     let mut counts = BTreeMap::new();
     for item in &results {
         *counts.entry(item.outcome.clone()).or_default() += 1;
     }
     BulkResult {
         dry_run,
-        matched,
+        matched: found.records.len(),
         processed: results.len(),
-        complete: results.len() == matched,
+        complete: results.len() == found.records.len(),
+        next: found.next(results.len()).map(|c| c.to_string()),
         counts,
         results,
     }
@@ -173,7 +205,7 @@ fn result(dry_run: bool, matched: usize, results: Vec<BulkItem>) -> BulkResult {
     request_body(content = BulkReplayRequest, content_type = "application/json"),
     responses((status = 200, description = "What was (or, on a dry run, would be) done to each matching record", body = BulkResult),
               (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
-              (status = 422, description = "Invalid filter, rate, limit or args, or a rate too slow to finish within the request", body = Problem, content_type = "application/problem+json"),
+              (status = 422, description = "Invalid filter, rate, limit, args or after, or a rate too slow to finish within the request", body = Problem, content_type = "application/problem+json"),
               (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json")))]
 pub async fn replay_matching(
     State(state): State<AppState>,
@@ -183,6 +215,7 @@ pub async fn replay_matching(
 ) -> Result<Json<BulkResult>, Problem> {
     let began = Instant::now();
     let filter = filter(&request.filter, request.limit)?;
+    let from = cursor(request.after.as_deref())?;
     let rate = request
         .rate
         .map(bulk::check_rate)
@@ -191,24 +224,25 @@ pub async fn replay_matching(
     if let Some(args) = &request.args {
         bulk::check_args(filter.task.as_deref(), args).map_err(invalid)?;
     }
-    let found = bulk::matching(&state.db, &filter, request.force)
+    let found = bulk::matching(&state.db, &filter, request.force, from)
         .await
         .map_err(db_problem)?;
-    let budget = budget.map_or(Duration::from_secs(20), |Extension(b)| b.0);
+    let deadline = Budget::deadline(budget, began);
     let pace = Pace {
         rate,
-        deadline: Some(began + budget),
+        deadline: Some(deadline),
     };
-    let needed = pace.least_time(found.len());
-    if !request.dry_run && needed > budget {
+    let needed = pace.least_time(found.records.len());
+    let window = deadline.start_by.saturating_duration_since(began);
+    if !request.dry_run && needed > window {
         return Err(Problem::invalid(
             "/rate",
             format!(
                 "{} records at this rate take {} s, longer than one request may run ({} s): \
                  raise the rate, lower the limit, or use `conveyor dlq replay --all-matching`",
-                found.len(),
+                found.records.len(),
                 needed.as_secs(),
-                budget.as_secs()
+                window.as_secs()
             ),
         ));
     }
@@ -218,17 +252,18 @@ pub async fn replay_matching(
         args: request.args,
         actor: format!("http:{actor}"),
         bulk: Some(filter.audit()),
+        deadline: None,
     };
-    let ids: Vec<Uuid> = found.iter().map(|d| d.id).collect();
-    let mut results = Vec::with_capacity(found.len());
-    let mut records = found.iter();
+    let ids: Vec<Uuid> = found.records.iter().map(|d| d.id).collect();
+    let mut results = Vec::with_capacity(ids.len());
+    let mut records = found.records.iter();
     bulk::replay_each(
         &state.db,
         &state.publisher,
         &state.topology,
         &ids,
         &options,
-        pace,
+        &mut Pacer::new(pace),
         |id, outcome| {
             let Some(dead) = records.next() else { return };
             let (outcome, job_id, error) = match outcome {
@@ -255,7 +290,7 @@ pub async fn replay_matching(
         },
     )
     .await;
-    Ok(Json(result(request.dry_run, found.len(), results)))
+    Ok(Json(result(request.dry_run, &found, results)))
 }
 
 /// Discard every dead job matching a filter (audited; they stay in the table).
@@ -263,7 +298,7 @@ pub async fn replay_matching(
     request_body(content = BulkDiscardRequest, content_type = "application/json"),
     responses((status = 200, description = "What was (or, on a dry run, would be) done to each matching record", body = BulkResult),
               (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
-              (status = 422, description = "Invalid filter or limit", body = Problem, content_type = "application/problem+json"),
+              (status = 422, description = "Invalid filter, limit or after", body = Problem, content_type = "application/problem+json"),
               (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json")))]
 pub async fn discard_matching(
     State(state): State<AppState>,
@@ -273,23 +308,24 @@ pub async fn discard_matching(
 ) -> Result<Json<BulkResult>, Problem> {
     let began = Instant::now();
     let filter = filter(&request.filter, request.limit)?;
-    let found = bulk::matching(&state.db, &filter, false)
+    let from = cursor(request.after.as_deref())?;
+    let found = bulk::matching(&state.db, &filter, false, from)
         .await
         .map_err(db_problem)?;
-    let budget = budget.map_or(Duration::from_secs(20), |Extension(b)| b.0);
     let options = DiscardOptions {
         actor: format!("http:{actor}"),
         dry_run: request.dry_run,
         bulk: Some(filter.audit()),
+        deadline: None,
     };
-    let ids: Vec<Uuid> = found.iter().map(|d| d.id).collect();
-    let mut results = Vec::with_capacity(found.len());
-    let mut records = found.iter();
+    let ids: Vec<Uuid> = found.records.iter().map(|d| d.id).collect();
+    let mut results = Vec::with_capacity(ids.len());
+    let mut records = found.records.iter();
     bulk::discard_each(
         &state.db,
         &ids,
         &options,
-        Some(began + budget),
+        Some(Budget::deadline(budget, began)),
         |id, outcome| {
             let Some(dead) = records.next() else { return };
             let (outcome, error) = match outcome {
@@ -309,5 +345,5 @@ pub async fn discard_matching(
         },
     )
     .await;
-    Ok(Json(result(request.dry_run, found.len(), results)))
+    Ok(Json(result(request.dry_run, &found, results)))
 }
