@@ -10,7 +10,7 @@ mod consumer;
 mod dead_letters;
 mod enqueuer;
 mod execute;
-mod heartbeat;
+pub mod heartbeat;
 mod http;
 pub mod prefetch;
 mod readiness;

@@ -38,6 +38,7 @@ mod make_run_services;
 mod metrics;
 mod migration_failures;
 mod migrations;
+mod monitor;
 mod openapi;
 mod publish_failures;
 mod refused_rows;
