@@ -42,7 +42,7 @@ pub fn fast_monitor(config: &mut conveyor_platform::Config) {
     config.monitor.worker_gone_after_ms = 2_000;
 }
 
-async fn scrape(url: &str) -> String {
+pub(crate) async fn scrape(url: &str) -> String {
     reqwest::get(url).await.unwrap().text().await.unwrap()
 }
 

@@ -6,31 +6,55 @@
 //! It runs in the ingress, so a deployment exports one set of these however
 //! many workers it has. The broker is asked with passive `queue.declare`, which
 //! returns the ready-message and consumer counts of a queue over plain AMQP, so
-//! the management plugin is not needed. The poller also prunes `workers` rows
-//! silent for longer than `monitor.worker_prune_after_ms`.
+//! the management plugin is not needed (see [`broker`]). The poller also prunes
+//! `workers` rows silent for longer than `monitor.worker_prune_after_ms` (see
+//! [`database`]).
+//!
+//! # When a poll fails
+//!
+//! Each poll asks the broker and the database; either may fail (a lost
+//! connection, a poll past its time limit, any broker refusal other than
+//! NOT_FOUND, a query error). A gauge is exported only from a half that
+//! answered on the latest poll: while the broker does not, the ingress stops
+//! exporting `conveyor_queue_messages_ready` and `conveyor_queue_consumers`;
+//! while the database does not, `conveyor_queue_oldest_job_age_seconds`,
+//! `conveyor_workers` and `conveyor_dead_jobs`; while either does not,
+//! `conveyor_queue_backlog_per_worker`. They come back with the next poll that
+//! reads them. Prometheus marks the vanished series stale, so no query reads a
+//! frozen or made-up number as current:
+//!
+//! - the `absent()` rules `ConveyorMonitorSilent` (broker) and
+//!   `ConveyorMonitorDatabaseSilent` fire (`deploy/prometheus/rules.yml`);
+//! - `ConveyorNoConsumers` cannot fire, nor stay quiet, on a stale count;
+//! - KEDA's query returns nothing, which `ignoreNullValues: "false"` turns into
+//!   a scaler error, so the HPA keeps its replica count instead of scaling on
+//!   an old or zero backlog (`deploy/autoscaling/keda-scaledobject.yaml`).
+//!
+//! With several ingresses, the `max` the rules and KEDA take covers those
+//! still polling. The snapshot (`GET /v1/admin/queues`, the dashboard) keeps
+//! the numbers a failing half last gave, with its error and when it last
+//! answered (`broker_read_at`, `database_read_at`).
 
+mod broker;
+mod database;
 mod rates;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use conveyor_platform::Config;
-use conveyor_platform::amqp::{
-    DELAY_LEVELS_MS, Topology, close_channel_quietly, close_quietly, connect,
-};
+use conveyor_platform::amqp::{DELAY_LEVELS_MS, Topology, close_quietly, connect};
 use conveyor_platform::metrics::Metrics;
-use conveyor_schema::pool::{self, PgPool};
-use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Double, Text};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection};
+use conveyor_schema::pool::PgPool;
+use lapin::Connection;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use self::rates::{Counts, MinuteRates};
+use self::broker::BrokerCounts;
+use self::database::DbStats;
+pub use self::database::{OLDEST_WAITING, UNHANDLED_DEAD_JOBS};
+use self::rates::MinuteRates;
 
 /// One logical queue as last polled.
 #[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
@@ -68,10 +92,23 @@ pub struct QueueStats {
 /// What the dashboard shows between polls.
 #[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct Snapshot {
-    /// When the snapshot was taken; `None` before the first poll.
+    /// When the last poll ended; null before the first poll.
     pub polled_at: Option<DateTime<Utc>>,
-    /// The broker could not be asked on the last poll (the numbers are older).
+    /// Why the broker could not be asked on the last poll; null when it
+    /// answered. While set, the broker's numbers here (ready, consumers, dead
+    /// letters, delayed, backlog per worker) are those read at
+    /// `broker_read_at`, and `/metrics` leaves out the gauges made from them.
     pub broker_error: Option<String>,
+    /// When the broker last answered a poll; null before it first did.
+    pub broker_read_at: Option<DateTime<Utc>>,
+    /// Why the database could not be read on the last poll; null when it
+    /// was. While set, the database's numbers here (dead jobs, oldest waiting,
+    /// live workers, backlog per worker, the last minute's counts) are those
+    /// read at `database_read_at`, and `/metrics` leaves out the gauges made
+    /// from them.
+    pub database_error: Option<String>,
+    /// When the database was last read; null before it first was.
+    pub database_read_at: Option<DateTime<Utc>>,
     /// Per logical queue.
     pub queues: Vec<QueueStats>,
     /// Messages in each delay queue.
@@ -141,13 +178,20 @@ pub async fn run(
         let broker = match &connection {
             // Bounded: a passive declare waits on the queue's leader, which can
             // take seconds while a node is lost; the next tick tries again.
-            Some(conn) => tokio::time::timeout(POLL_TIMEOUT, poll_broker(conn, &topology))
+            Some(conn) => tokio::time::timeout(POLL_TIMEOUT, broker::poll(conn, &topology))
                 .await
                 .unwrap_or_else(|_| Err("the broker did not answer the poll in time".to_owned())),
             None => Err("not connected to the broker".to_owned()),
         };
-        let db_stats = poll_database(&db, &topology.queues, &rates, settings).await;
-        let next = assemble(&topology, broker, db_stats, &metrics, &snapshot);
+        let db_stats = database::poll(&db, &topology.queues, &rates, settings).await;
+        let old = snapshot.read().map(|s| s.clone()).unwrap_or_default();
+        log_changes(&old, &broker, &db_stats);
+        let workers = db_stats
+            .as_ref()
+            .ok()
+            .map(|db| [("live", db.workers_live), ("gone", db.workers_gone)]);
+        let next = assemble(&topology, broker, db_stats, &old, Utc::now());
+        export(&metrics, &next, workers);
         if let Ok(mut current) = snapshot.write() {
             *current = next;
         }
@@ -157,171 +201,38 @@ pub async fn run(
     }
 }
 
-/// Broker counts: per broker queue name, (ready, consumers).
-type BrokerCounts = HashMap<String, (u32, u32)>;
-
-async fn poll_broker(conn: &Connection, topology: &Topology) -> Result<BrokerCounts, String> {
-    let mut channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-    let mut counts = BrokerCounts::new();
-    for name in topology.queue_names() {
-        match passive(&channel, &name).await {
-            Ok(found) => {
-                counts.insert(name, found);
+/// Logs a half of the poll that starts failing, fails differently, or answers again.
+fn log_changes(
+    old: &Snapshot,
+    broker: &Result<BrokerCounts, String>,
+    db: &Result<DbStats, String>,
+) {
+    let halves = [
+        ("broker", &old.broker_error, broker.as_ref().err()),
+        ("database", &old.database_error, db.as_ref().err()),
+    ];
+    for (part, before, now) in halves {
+        match (before, now) {
+            (Some(_), None) => tracing::info!(part, "queue monitor reads it again"),
+            (before, Some(err)) if before.as_ref() != Some(err) => {
+                tracing::warn!(part, error = %err, "queue monitor could not read it; its gauges are not exported until it can");
             }
-            // A missing queue closes the channel; carry on with a new one.
-            Err(err) => {
-                tracing::debug!(queue = %name, error = %err, "queue not found while polling");
-                channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-            }
-        }
-    }
-    close_channel_quietly(&channel, "polled").await;
-    Ok(counts)
-}
-
-async fn passive(channel: &Channel, name: &str) -> lapin::Result<(u32, u32)> {
-    let options = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let queue = channel
-        .queue_declare(
-            ShortString::from(name.to_owned()),
-            options,
-            FieldTable::default(),
-        )
-        .await?;
-    Ok((queue.message_count(), queue.consumer_count()))
-}
-
-#[derive(Default)]
-struct DbStats {
-    oldest: HashMap<String, f64>,
-    live_workers: HashMap<String, i64>,
-    workers_live: i64,
-    workers_gone: i64,
-    dead_jobs: HashMap<String, i64>,
-    rates: HashMap<String, Counts>,
-}
-
-/// Waiting since the job became runnable: its enqueue, its delay's end
-/// (`not_before`, recorded as `next_attempt_at` while queued) or its retry's due
-/// time. Jobs not due yet are left out: they are delayed, not waiting.
-/// `jobs_waiting_since` is ordered by that time, so each queue's answer is its
-/// first entry there, however long the backlog. Its one parameter is the
-/// logical queues (`text[]`); public so a test can check how it is planned.
-pub const OLDEST_WAITING: &str = "
-SELECT q.queue, EXTRACT(EPOCH FROM now() - w.since)::float8 AS value
-FROM unnest($1::text[]) AS q(queue)
-CROSS JOIN LATERAL (
-    SELECT min(GREATEST(enqueued_at, COALESCE(next_attempt_at, enqueued_at))) AS since
-    FROM jobs
-    WHERE jobs.queue = q.queue AND state IN ('queued', 'retrying')
-      AND GREATEST(enqueued_at, COALESCE(next_attempt_at, enqueued_at)) <= now()) w
-WHERE w.since IS NOT NULL";
-
-#[derive(QueryableByName)]
-struct QueueNumber {
-    #[diesel(sql_type = Text)]
-    queue: String,
-    #[diesel(sql_type = Double)]
-    value: f64,
-}
-
-#[derive(QueryableByName)]
-struct QueueStateCount {
-    #[diesel(sql_type = Text)]
-    queue: String,
-    #[diesel(sql_type = Text)]
-    state: String,
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-async fn poll_database(
-    db: &PgPool,
-    queues: &[String],
-    rates: &Arc<Mutex<MinuteRates>>,
-    settings: PollSettings,
-) -> Option<DbStats> {
-    let queues = queues.to_vec();
-    let rates = rates.clone();
-    let gone_ms = settings.gone_after.as_millis() as f64;
-    let prune_ms = settings.prune_after.as_millis() as f64;
-    let result = pool::run(db, move |conn| {
-        let mut stats = DbStats::default();
-        let oldest: Vec<QueueNumber> = diesel::sql_query(OLDEST_WAITING)
-            .bind::<Array<Text>, _>(&queues)
-            .load(conn)?;
-        stats.oldest = oldest.into_iter().map(|r| (r.queue, r.value)).collect();
-        diesel::sql_query(
-            "DELETE FROM workers WHERE last_seen_at < now() - make_interval(secs => $1 / 1000.0)",
-        )
-        .bind::<Double, _>(prune_ms)
-        .execute(conn)?;
-        let per_queue: Vec<QueueNumber> = diesel::sql_query(
-            "SELECT q AS queue, count(*)::float8 AS value FROM workers, unnest(queues) AS q
-             WHERE stopped_at IS NULL AND last_seen_at >= now() - make_interval(secs => $1 / 1000.0)
-             GROUP BY q",
-        )
-        .bind::<Double, _>(gone_ms)
-        .load(conn)?;
-        stats.live_workers = per_queue
-            .into_iter()
-            .map(|r| (r.queue, r.value as i64))
-            .collect();
-        let states: Vec<QueueStateCount> = diesel::sql_query(
-            "SELECT '' AS queue,
-                    CASE WHEN stopped_at IS NULL AND last_seen_at >= now() - make_interval(secs => $1 / 1000.0)
-                         THEN 'live' WHEN stopped_at IS NULL THEN 'gone' ELSE 'stopped' END AS state,
-                    count(*) AS n
-             FROM workers GROUP BY 2",
-        )
-        .bind::<Double, _>(gone_ms)
-        .load(conn)?;
-        for row in states {
-            match row.state.as_str() {
-                "live" => stats.workers_live = row.n,
-                "gone" => stats.workers_gone = row.n,
-                _ => {}
-            }
-        }
-        let dead: Vec<QueueStateCount> = diesel::sql_query(
-            "SELECT queue, '' AS state, count(*) AS n FROM dead_jobs
-             WHERE replayed_at IS NULL AND discarded_at IS NULL GROUP BY queue",
-        )
-        .load(conn)?;
-        stats.dead_jobs = dead.into_iter().map(|r| (r.queue, r.n)).collect();
-        let mut rates = rates.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        rates.poll(conn)?;
-        stats.rates = queues
-            .iter()
-            .map(|queue| (queue.clone(), rates.last_minute(queue)))
-            .collect();
-        Ok(stats)
-    })
-    .await;
-    match result {
-        Ok(stats) => Some(stats),
-        Err(err) => {
-            tracing::warn!(error = %err, "queue monitor could not read the database");
-            None
+            _ => {}
         }
     }
 }
 
+/// The snapshot after one poll: fresh numbers from each half that answered,
+/// the `old` ones (and the error) for a half that did not.
 fn assemble(
     topology: &Topology,
     broker: Result<BrokerCounts, String>,
-    db: Option<DbStats>,
-    metrics: &Metrics,
-    previous: &SharedSnapshot,
+    db: Result<DbStats, String>,
+    old: &Snapshot,
+    now: DateTime<Utc>,
 ) -> Snapshot {
-    let old = previous.read().map(|s| s.clone()).unwrap_or_default();
-    let (counts, broker_error) = match broker {
-        Ok(counts) => (Some(counts), None),
-        Err(err) => (None, Some(err)),
-    };
+    let (counts, broker_error) = split(broker);
+    let (db, database_error) = split(db);
     let mut queues = Vec::new();
     for queue in &topology.queues {
         let before = old.queues.iter().find(|q| &q.queue == queue);
@@ -332,23 +243,10 @@ fn assemble(
         if let Some(counts) = &counts {
             let get = |name: String| counts.get(&name).copied().unwrap_or_default();
             let (ready, consumers) = get(topology.work_queue(queue));
-            let dead =
-                get(topology.dead_letter_queue(queue)).0 + get(topology.dead_letter_inbox(queue)).0;
             stats.ready = ready;
             stats.consumers = consumers;
-            stats.dead_letters = dead;
-            metrics
-                .queue_messages_ready
-                .with_label_values(&[queue.as_str(), "work"])
-                .set(i64::from(ready));
-            metrics
-                .queue_messages_ready
-                .with_label_values(&[queue.as_str(), "dead_letter"])
-                .set(i64::from(dead));
-            metrics
-                .queue_consumers
-                .with_label_values(&[queue.as_str()])
-                .set(i64::from(consumers));
+            stats.dead_letters =
+                get(topology.dead_letter_queue(queue)).0 + get(topology.dead_letter_inbox(queue)).0;
         }
         if let Some(db) = &db {
             stats.oldest_waiting_seconds = db.oldest.get(queue).copied().unwrap_or(0.0).max(0.0);
@@ -360,53 +258,120 @@ fn assemble(
             stats.succeeded_last_minute = rates.succeeded;
             stats.retried_last_minute = rates.retried;
             stats.dead_last_minute = rates.dead;
-            metrics
-                .queue_oldest_job_age
-                .with_label_values(&[queue.as_str()])
-                .set(stats.oldest_waiting_seconds);
-            metrics
-                .dead_jobs
-                .with_label_values(&[queue.as_str()])
-                .set(stats.dead_jobs);
         }
         stats.backlog_per_worker = f64::from(stats.ready) / stats.live_workers.max(1) as f64;
-        metrics
-            .queue_backlog_per_worker
-            .with_label_values(&[queue.as_str()])
-            .set(stats.backlog_per_worker);
         queues.push(stats);
-    }
-    if let Some(db) = &db {
-        metrics
-            .workers
-            .with_label_values(&["live"])
-            .set(db.workers_live);
-        metrics
-            .workers
-            .with_label_values(&["gone"])
-            .set(db.workers_gone);
     }
     let delayed = match &counts {
         Some(counts) => DELAY_LEVELS_MS
             .iter()
-            .map(|ms| {
-                let ready = counts.get(&topology.delay_queue(*ms)).map_or(0, |c| c.0);
-                metrics
-                    .queue_messages_ready
-                    .with_label_values(&[format!("delay.{ms}").as_str(), "delay"])
-                    .set(i64::from(ready));
-                DelayedCount {
-                    delay_ms: *ms,
-                    ready,
-                }
+            .map(|ms| DelayedCount {
+                delay_ms: *ms,
+                ready: counts.get(&topology.delay_queue(*ms)).map_or(0, |c| c.0),
             })
             .collect(),
-        None => old.delayed,
+        None => old.delayed.clone(),
     };
     Snapshot {
-        polled_at: Some(Utc::now()),
+        polled_at: Some(now),
+        broker_read_at: if counts.is_some() {
+            Some(now)
+        } else {
+            old.broker_read_at
+        },
         broker_error,
+        database_read_at: if db.is_some() {
+            Some(now)
+        } else {
+            old.database_read_at
+        },
+        database_error,
         queues,
         delayed,
+    }
+}
+
+fn split<T>(result: Result<T, String>) -> (Option<T>, Option<String>) {
+    match result {
+        Ok(value) => (Some(value), None),
+        Err(err) => (None, Some(err)),
+    }
+}
+
+/// Sets the service-wide gauges from `snapshot`'s fresh numbers and the
+/// workers by state (`None` when the database failed), and removes those whose
+/// half failed on this poll (see the module's header).
+fn export(metrics: &Metrics, snapshot: &Snapshot, workers: Option<[(&str, i64); 2]>) {
+    let broker_ok = snapshot.broker_error.is_none();
+    let database_ok = snapshot.database_error.is_none();
+    for stats in &snapshot.queues {
+        let queue = stats.queue.as_str();
+        let work = [queue, "work"];
+        let dead_letter = [queue, "dead_letter"];
+        if broker_ok {
+            let ready = &metrics.queue_messages_ready;
+            ready.with_label_values(&work).set(i64::from(stats.ready));
+            ready
+                .with_label_values(&dead_letter)
+                .set(i64::from(stats.dead_letters));
+            metrics
+                .queue_consumers
+                .with_label_values(&[queue])
+                .set(i64::from(stats.consumers));
+        } else {
+            // Absent already (before the first answer) is fine: nothing to remove.
+            let _ = metrics.queue_messages_ready.remove_label_values(&work);
+            let _ = metrics
+                .queue_messages_ready
+                .remove_label_values(&dead_letter);
+            let _ = metrics.queue_consumers.remove_label_values(&[queue]);
+        }
+        if database_ok {
+            metrics
+                .queue_oldest_job_age
+                .with_label_values(&[queue])
+                .set(stats.oldest_waiting_seconds);
+            metrics
+                .dead_jobs
+                .with_label_values(&[queue])
+                .set(stats.dead_jobs);
+        } else {
+            let _ = metrics.queue_oldest_job_age.remove_label_values(&[queue]);
+            let _ = metrics.dead_jobs.remove_label_values(&[queue]);
+        }
+        if broker_ok && database_ok {
+            metrics
+                .queue_backlog_per_worker
+                .with_label_values(&[queue])
+                .set(stats.backlog_per_worker);
+        } else {
+            let _ = metrics
+                .queue_backlog_per_worker
+                .remove_label_values(&[queue]);
+        }
+    }
+    for delayed in &snapshot.delayed {
+        let queue = format!("delay.{}", delayed.delay_ms);
+        let labels = [queue.as_str(), "delay"];
+        if broker_ok {
+            metrics
+                .queue_messages_ready
+                .with_label_values(&labels)
+                .set(i64::from(delayed.ready));
+        } else {
+            let _ = metrics.queue_messages_ready.remove_label_values(&labels);
+        }
+    }
+    match workers {
+        Some(workers) => {
+            for (state, n) in workers {
+                metrics.workers.with_label_values(&[state]).set(n);
+            }
+        }
+        None => {
+            for state in ["live", "gone"] {
+                let _ = metrics.workers.remove_label_values(&[state]);
+            }
+        }
     }
 }
