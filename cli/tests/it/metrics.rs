@@ -266,13 +266,18 @@ async fn delayed_jobs_do_not_raise_the_oldest_age() {
 /// since the previous one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_minute_counts_each_event_once() {
-    let mut app = TestApp::spawn_with(0, fast_monitor).await;
+    // A 1 s publish timeout: a second is counted once it is 9 s old.
+    let mut app = TestApp::spawn_with(0, |config| {
+        fast_monitor(config);
+        config.amqp.publish_timeout_ms = 1_000;
+    })
+    .await;
     let mut registry = conveyor_tasks::registry();
-    // The retry waits 4–8 s, so its first start has been counted (its second
-    // is counted 2 s after it) before the second start replaces it in the row.
+    // The retry waits 12–24 s, so its first start has been counted (9 s after
+    // it) before the second start replaces it in the row.
     assert!(registry.tune("diag.fail", |o| {
-        o.backoff_base = Duration::from_secs(8);
-        o.backoff_cap = Duration::from_secs(8);
+        o.backoff_base = Duration::from_secs(24);
+        o.backoff_cap = Duration::from_secs(24);
     }));
     app.start_worker_with(registry).await;
     let mut ids = Vec::new();
@@ -284,7 +289,7 @@ async fn the_last_minute_counts_each_event_once() {
     let dead = app.enqueue("diag.fail", json!({"permanent": true})).await;
     ids.push((dead, "dead"));
     for (id, state) in ids {
-        app.wait_for_state(id, state, WAIT).await;
+        app.wait_for_state(id, state, Duration::from_secs(40)).await;
     }
     let rates = |polled: &serde_json::Value| {
         let default = &polled["queues"][0];
@@ -308,6 +313,39 @@ async fn the_last_minute_counts_each_event_once() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let polled = next_poll(&app).await;
     assert_eq!(rates(&polled), expected, "{polled}");
+}
+
+/// An event is counted although its commit lands seconds after the time
+/// stamped on it: a retry, a dead job or a published job is committed only
+/// after its publish is confirmed (up to `amqp.publish_timeout_ms`), and the
+/// writer's clock may run behind the database's. Rows that appear stamped
+/// 2.5 s and 10 s in the past were never counted before, as their seconds had
+/// been counted (2 s after them) before the rows existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_committed_after_its_time_is_counted() {
+    let app = TestApp::spawn_with(0, fast_monitor).await;
+    // Polls have counted the seconds up to now.
+    next_poll(&app).await;
+    app.count(
+        "WITH r AS (INSERT INTO jobs (id, task, queue, state, args, max_attempts, enqueued_at)
+                    SELECT gen_random_uuid(), 'diag.noop', 'default', 'queued', '{}', 5,
+                           now() - interval '1 ms' * ago
+                    FROM unnest(ARRAY[2500, 10000]) AS ago
+                    RETURNING 1)
+         SELECT count(*) AS n FROM r",
+    )
+    .await;
+    // Counted once their seconds are 13 s old (the default 5 s publish timeout + 8 s).
+    let deadline = std::time::Instant::now() + WAIT;
+    let published = || async {
+        snapshot(&app).await["queues"][0]["published_last_minute"]
+            .as_i64()
+            .unwrap()
+    };
+    while published().await < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(published().await, 2, "{}", snapshot(&app).await);
 }
 
 /// The oldest waiting job of each queue is read from the first entry of

@@ -76,16 +76,19 @@ pub struct QueueStats {
     pub live_workers: i64,
     /// Ready messages per live worker (ready when no worker is live).
     pub backlog_per_worker: f64,
-    /// Jobs published (recorded) in the last minute: new, scheduled and replayed ones.
+    /// Jobs published (recorded) in the last counted minute: new, scheduled and
+    /// replayed ones. The counted minute ends `amqp.publish_timeout_ms` + 8 s
+    /// ago (13 s by default), when every commit recording its events has landed.
     pub published_last_minute: i64,
-    /// Attempts started in the last minute (when a job's next attempt starts
-    /// within about two seconds of its previous one, only the later counts).
+    /// Attempts started in the last counted minute (when a job's next attempt
+    /// starts within about `amqp.publish_timeout_ms` + 8 s of its previous one,
+    /// only the later counts).
     pub started_last_minute: i64,
-    /// Jobs that succeeded in the last minute.
+    /// Jobs that succeeded in the last counted minute.
     pub succeeded_last_minute: i64,
-    /// Failed attempts rescheduled for a retry in the last minute.
+    /// Failed attempts rescheduled for a retry in the last counted minute.
     pub retried_last_minute: i64,
-    /// Jobs that died in the last minute.
+    /// Jobs that died in the last counted minute.
     pub dead_last_minute: i64,
 }
 
@@ -136,15 +139,20 @@ pub struct PollSettings {
     pub gone_after: Duration,
     /// A worker silent this long is deleted.
     pub prune_after: Duration,
+    /// How long a publish may wait for its confirm (`amqp.publish_timeout_ms`):
+    /// an event's commit may land that much after the event, so the per-minute
+    /// counts wait for it (see [`rates`]).
+    pub publish_timeout: Duration,
 }
 
 impl PollSettings {
-    /// From `[monitor]`.
+    /// From `[monitor]` and `amqp.publish_timeout_ms`.
     pub fn from_config(config: &Config) -> Self {
         Self {
             every: Duration::from_millis(config.monitor.queue_poll_ms),
             gone_after: Duration::from_millis(config.monitor.worker_gone_after_ms),
             prune_after: Duration::from_millis(config.monitor.worker_prune_after_ms),
+            publish_timeout: config.publish_timeout(),
         }
     }
 }
@@ -163,7 +171,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let mut connection: Option<Connection> = None;
-    let rates = Arc::new(Mutex::new(MinuteRates::default()));
+    let rates = Arc::new(Mutex::new(MinuteRates::new(settings.publish_timeout)));
     let mut ticker = tokio::time::interval(settings.every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

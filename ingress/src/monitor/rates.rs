@@ -6,27 +6,41 @@
 //! ingress, and more as the job rate grows. Instead each poll counts only the
 //! events of the seconds since the previous one, per second, and the minute is
 //! the sum of its last 60 seconds. A poll reads the rows changed since the
-//! previous poll's seconds began (less [`CLOCK_SKEW_SECS`]), about 11 s of rows with
-//! the default 5 s poll; only the first poll reads a whole minute.
+//! previous poll's seconds began (less [`CLOCK_SKEW_SECS`]), about 22 s of rows with
+//! the default 5 s poll and 13 s lag; only the first poll reads a whole minute.
 //!
-//! An event is counted with its second, once that second is [`LAG_SECS`] old, so
-//! the commit that records it has landed (a worker commits job states at least
-//! once per `worker.state_linger_ms`, at most 1 s). A row changed again later
-//! still shows the event, but its second has been counted, so no event counts
-//! twice. An event committed more than [`LAG_SECS`] after it happened (the database
-//! was down, say) is not counted.
+//! An event is counted with its second (by the time its writer stamped on it),
+//! once that second is [`lag_secs`] old by the database's clock, so the
+//! commit that records it has landed. That commit may come well after the
+//! stamp: the ingress records a job only once the broker confirmed its
+//! publish, and a worker commits a retry or a dead job only once the retry or
+//! dead letter is confirmed, each waiting up to `amqp.publish_timeout_ms`; a
+//! worker then lingers up to 1 s (`worker.state_linger_ms`) before its
+//! commit; and a writer's clock may run behind the database's by up to
+//! [`CLOCK_SKEW_SECS`]. So the lag is the publish timeout + 8 s: 13 s by
+//! default, and the last minute shown is the minute that ended 13 s ago. A
+//! row changed again later still shows the event, but its second has been
+//! counted, so no event counts twice. An event committed more than the lag
+//! after its stamp (the database was down, say, and the ingress wrote the
+//! record again later) is not counted.
+//!
+//! One event a row does not keep: a job's next attempt replaces its
+//! `started_at`, so of two starts within the lag only the later is counted.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 
-/// A second is counted once it is this old.
-const LAG_SECS: i64 = 2;
-/// How far a worker's or enqueuer's clock may run ahead of the database's:
-/// a row's `updated_at` (the database's clock) may be this much earlier than
-/// the event times (the writer's clock) it records.
+/// How far a worker's or enqueuer's clock may run ahead of the database's or
+/// behind it: a row's `updated_at` (the database's clock) may be this much
+/// earlier than the event times (the writer's clock) it records, and a commit
+/// may land this much later than they say.
 const CLOCK_SKEW_SECS: i64 = 5;
+/// From a confirmed publish to the commit that records it: the worker's state
+/// linger (at most 1 s) and the commit itself.
+const COMMIT_SECS: i64 = 2;
 /// The window the counts cover.
 const WINDOW_SECS: i64 = 60;
 
@@ -69,12 +83,22 @@ impl Counts {
     }
 }
 
+/// Seconds a second waits before it is counted: long enough for every commit
+/// recording one of its events to have landed (see the module's header). The
+/// extra second is the second itself: its events are stamped anywhere in it.
+pub fn lag_secs(publish_timeout: Duration) -> i64 {
+    let publish = publish_timeout.as_millis().div_ceil(1000) as i64;
+    publish + COMMIT_SECS + CLOCK_SKEW_SECS + 1
+}
+
 /// Per queue, the events of each counted second (Unix time) of the window.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MinuteRates {
     seconds: HashMap<String, BTreeMap<i64, Counts>>,
     /// The last second counted; `None` before the first poll.
     counted_to: Option<i64>,
+    /// A second is counted once it is this old ([`lag_secs`]).
+    lag_secs: i64,
 }
 
 /// The events of the seconds after `$1` up to `$2` (Unix seconds), per queue,
@@ -117,12 +141,22 @@ struct Now {
 }
 
 impl MinuteRates {
-    /// Counts the seconds that became [`LAG_SECS`] old since the last poll.
+    /// Nothing counted yet, for publishes that wait up to `publish_timeout`
+    /// for their confirms.
+    pub fn new(publish_timeout: Duration) -> Self {
+        Self {
+            seconds: HashMap::new(),
+            counted_to: None,
+            lag_secs: lag_secs(publish_timeout),
+        }
+    }
+
+    /// Counts the seconds that became [`lag_secs`] old since the last poll.
     /// On an error nothing changes, and the next poll counts those seconds too.
     pub fn poll(&mut self, conn: &mut PgConnection) -> QueryResult<()> {
         let now: Now = diesel::sql_query("SELECT floor(extract(epoch FROM now()))::int8 AS second")
             .get_result(conn)?;
-        let upto = now.second - LAG_SECS;
+        let upto = now.second - self.lag_secs;
         let from = self.counted_to.unwrap_or(i64::MIN).max(upto - WINDOW_SECS);
         if from >= upto {
             return Ok(());
@@ -178,8 +212,15 @@ mod tests {
     }
 
     #[test]
+    fn the_lag_covers_a_publish_confirm_a_commit_and_clock_skew() {
+        assert_eq!(lag_secs(Duration::from_secs(5)), 13);
+        assert_eq!(lag_secs(Duration::from_millis(4_001)), 13);
+        assert_eq!(lag_secs(Duration::from_millis(1)), 9);
+    }
+
+    #[test]
     fn a_minute_is_the_sum_of_its_last_sixty_counted_seconds() {
-        let mut rates = MinuteRates::default();
+        let mut rates = MinuteRates::new(Duration::from_secs(5));
         rates.count(
             1_005,
             vec![
