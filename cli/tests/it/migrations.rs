@@ -210,15 +210,15 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
     let versions: Vec<&String> = applied.iter().map(|(_, v)| v).collect();
     assert_eq!(versions, pending.iter().map(|(_, v)| v).collect::<Vec<_>>());
 
-    // The newest adds a column; the one before builds an index CONCURRENTLY
-    // (outside a transaction). Each revert undoes exactly one of them, and
+    // The newest builds an index CONCURRENTLY (outside a transaction); the
+    // one before adds a column. Each revert undoes exactly one of them, and
     // `run` applies both again.
-    let (column_migration, index_migration) =
+    let (index_migration, column_migration) =
         (&folders[folders.len() - 1], &folders[folders.len() - 2]);
     assert!(
-        column_migration.ends_with("_campaigns_producer")
-            && index_migration.ends_with("_recipients_finished_index"),
-        "update this test: {index_migration}, {column_migration}"
+        index_migration.ends_with("_dead_jobs_unhandled_index")
+            && column_migration.ends_with("_campaigns_producer"),
+        "update this test: {column_migration}, {index_migration}"
     );
     #[derive(diesel::QueryableByName)]
     struct Name {
@@ -234,10 +234,10 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
             .map(|row| row.name)
             .collect::<Vec<_>>()
     };
-    let recipient_indexes = || {
+    let dead_job_indexes = || {
         names(
             "SELECT indexname AS name FROM pg_indexes \
-             WHERE tablename = 'campaign_recipients' ORDER BY indexname",
+             WHERE tablename = 'dead_jobs' ORDER BY indexname",
         )
     };
     let producer_column = || {
@@ -247,28 +247,25 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         )
         .len()
     };
-    let all = recipient_indexes();
-    assert!(
-        all.contains(&"campaign_recipients_finished".to_owned()),
-        "{all:?}"
-    );
+    let all = dead_job_indexes();
+    assert!(all.contains(&"dead_jobs_unhandled".to_owned()), "{all:?}");
     assert_eq!(producer_column(), 1);
     let [.., before_last, last] = versions.as_slice() else {
         panic!("{applied:?}")
     };
 
-    let reverted = conveyor_migrate(&db, &["revert"]);
-    assert_eq!(reverted.trim(), format!("reverted {last}"));
-    assert_eq!(producer_column(), 0);
-    assert_eq!(recipient_indexes(), all);
-    let reverted = conveyor_migrate(&db, &["revert"]);
-    assert_eq!(reverted.trim(), format!("reverted {before_last}"));
     let without: Vec<String> = all
         .iter()
-        .filter(|name| *name != "campaign_recipients_finished")
+        .filter(|name| *name != "dead_jobs_unhandled")
         .cloned()
         .collect();
-    assert_eq!(recipient_indexes(), without);
+    let reverted = conveyor_migrate(&db, &["revert"]);
+    assert_eq!(reverted.trim(), format!("reverted {last}"));
+    assert_eq!(dead_job_indexes(), without);
+    assert_eq!(producer_column(), 1);
+    let reverted = conveyor_migrate(&db, &["revert"]);
+    assert_eq!(reverted.trim(), format!("reverted {before_last}"));
+    assert_eq!(dead_job_indexes(), without);
     assert_eq!(producer_column(), 0);
     let after = migrate_status(&db);
     let (kept, undone) = after.split_at(after.len() - 2);
@@ -285,7 +282,7 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         conveyor_migrate(&db, &["run"]).trim(),
         format!("applied {before_last}\napplied {last}")
     );
-    assert_eq!(recipient_indexes(), all);
+    assert_eq!(dead_job_indexes(), all);
     assert_eq!(producer_column(), 1);
 }
 

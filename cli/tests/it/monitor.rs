@@ -2,8 +2,8 @@
 //! the poll that fails (the broker or the database) leaves its gauges out of
 //! `/metrics` until it answers again, rather than repeating its last numbers or
 //! reading an error as 0, and the snapshot says so; the alert rules fire on
-//! that (`promtool test rules`); and heartbeats carry the database's time, not
-//! the worker's.
+//! that (`promtool test rules`); the count of unhandled dead jobs reads its own
+//! index; and heartbeats carry the database's time, not the worker's.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -384,6 +384,93 @@ fn the_dashboard_does_not_add_up_service_wide_gauges() {
         assert!(expr.contains("max"), "{expr}");
         assert!(!expr.contains("sum ") && !expr.contains("sum("), "{expr}");
     }
+}
+
+/// The count of unhandled dead jobs reads the partial index
+/// `dead_jobs_unhandled`, and only its entries, however many handled records
+/// the never-pruned table keeps (it read the whole table before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unhandled_dead_jobs_are_counted_from_their_own_index() {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        queue: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    #[derive(QueryableByName)]
+    struct Plan {
+        #[diesel(sql_type = diesel::sql_types::Text, column_name = "QUERY PLAN")]
+        json: String,
+    }
+
+    let db = tokio::task::spawn_blocking(TestDb::create).await.unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = db.conn();
+        // 20 000 replayed or discarded records on two queues, then 7 + 3 unhandled.
+        conn.batch_execute(
+            "INSERT INTO dead_jobs (id, task, queue, reason, source, dead_at, errors,
+                                    replayed_at, discarded_at)
+             SELECT gen_random_uuid(), 'diag.fail', CASE WHEN g % 4 = 0 THEN 'mail' ELSE 'default' END,
+                    'gave up', 'worker', now() - interval '1 s' * g,
+                    jsonb_build_array(jsonb_build_object('attempt', 1, 'error', repeat('x', 200))),
+                    CASE WHEN g % 2 = 0 THEN now() END, CASE WHEN g % 2 = 1 THEN now() END
+             FROM generate_series(1, 20000) g;
+             INSERT INTO dead_jobs (id, task, queue, reason, source)
+             SELECT gen_random_uuid(), 'diag.fail', CASE WHEN g <= 7 THEN 'default' ELSE 'mail' END,
+                    'gave up', 'worker'
+             FROM generate_series(1, 10) g;",
+        )
+        .unwrap();
+        // On its own: a multi-statement batch runs in one transaction.
+        conn.batch_execute("VACUUM ANALYZE dead_jobs").unwrap();
+        let mut counts: Vec<(String, i64)> =
+            diesel::sql_query(conveyor_ingress::monitor::UNHANDLED_DEAD_JOBS)
+                .load::<Count>(&mut conn)
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.queue, c.n))
+                .collect();
+        counts.sort();
+        assert_eq!(counts, [("default".to_owned(), 7), ("mail".to_owned(), 3)]);
+
+        // Sequential scans priced out: the plan must still find an index that
+        // holds only the unhandled records (no other index does).
+        conn.batch_execute("SET enable_seqscan = off").unwrap();
+        let plan: Plan = diesel::sql_query(format!(
+            "EXPLAIN (ANALYZE, FORMAT JSON) {}",
+            conveyor_ingress::monitor::UNHANDLED_DEAD_JOBS
+        ))
+        .get_result(&mut conn)
+        .unwrap();
+        let plan: Value = serde_json::from_str(&plan.json).unwrap();
+        // (node type, index, rows read) of every scan in the plan.
+        fn walk(node: &Value, scans: &mut Vec<(String, String, f64)>) {
+            if let Some(kind) = node["Node Type"].as_str().filter(|k| k.contains("Scan")) {
+                let loops = node["Actual Loops"].as_f64().unwrap_or(1.0);
+                scans.push((
+                    kind.to_owned(),
+                    node["Index Name"].as_str().unwrap_or("").to_owned(),
+                    node["Actual Rows"].as_f64().unwrap_or(0.0) * loops,
+                ));
+            }
+            for child in node["Plans"].as_array().into_iter().flatten() {
+                walk(child, scans);
+            }
+        }
+        let mut scans = Vec::new();
+        walk(&plan[0]["Plan"], &mut scans);
+        assert!(!scans.is_empty(), "{plan}");
+        for (kind, index, rows) in &scans {
+            assert!(
+                kind.starts_with("Index") && index == "dead_jobs_unhandled",
+                "{kind} on {index:?}: {plan}"
+            );
+            assert!(*rows <= 10.0, "read {rows} rows of dead_jobs: {plan}");
+        }
+    })
+    .await
+    .unwrap();
 }
 
 /// A heartbeat's `last_seen_at` (and a stop's `stopped_at`) is the database's

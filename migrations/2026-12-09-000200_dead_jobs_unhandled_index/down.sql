@@ -1,0 +1,1 @@
+DROP INDEX CONCURRENTLY IF EXISTS dead_jobs_unhandled;
