@@ -1,7 +1,9 @@
 //! The dashboard in a real headless browser: sign in, load every page (the
 //! queues page with its per-minute rates), replay a dead job by clicking and
 //! see the replay succeed; a screenshot of each page goes to
-//! `<target>/tmp/dashboard-screenshots/`.
+//! `<target>/tmp/dashboard-screenshots/`. The other tests read pages over
+//! plain HTTP: the jobs page's newest-first search, the discard flash and
+//! the dead-jobs listing's columns.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use std::time::Duration;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::harness::{AMQP_URL, TestApp, wait_until};
+use crate::harness::{AMQP_URL, PG_SERVER, TestApp, wait_until};
 use crate::webdriver::Browser;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -285,4 +287,154 @@ async fn the_jobs_page_finds_running_jobs_through_their_index() {
     assert_eq!(ids, newest_by_full_sort(&app, "state = 'running'"));
     // A backend reports its index scans within about ten seconds of going idle.
     wait_until(WAIT, || async { index_scans() > before }).await;
+}
+
+/// `path`'s page as the admin sees it, after any redirect.
+async fn page(app: &TestApp, path: &str) -> String {
+    app.client
+        .get(app.url(path))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The row of `<tr id="{id}">` in `html`.
+fn row<'a>(html: &'a str, id: &str) -> &'a str {
+    let start = html
+        .find(&format!("<tr id=\"{id}\">"))
+        .unwrap_or_else(|| panic!("no row {id} in {html}"));
+    let rest = &html[start..];
+    &rest[..rest.find("</tr>").unwrap()]
+}
+
+/// Runs `sql` in the test database as the `postgres` superuser.
+fn execute(url: &str, sql: &str) {
+    use diesel::Connection;
+    use diesel::connection::SimpleConnection;
+    diesel::PgConnection::establish(url)
+        .unwrap()
+        .batch_execute(sql)
+        .unwrap();
+}
+
+/// Discarding from the dashboard says what happened: a record discarded
+/// now, one already discarded, and one that does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discarding_from_the_dashboard_says_what_happened() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let dead = Uuid::now_v7();
+    execute(
+        &app.db.url,
+        &format!(
+            "INSERT INTO dead_jobs (id, task, queue, reason, source) \
+             VALUES ('{dead}', 'diag.noop', 'default', 'gave up', 'worker')"
+        ),
+    );
+    let discard = |id: Uuid| {
+        let app = &app;
+        async move {
+            let html = app
+                .client
+                .post(app.url(&format!("/dashboard/dead/{id}/discard")))
+                .send()
+                .await
+                .unwrap()
+                .error_for_status()
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let start = html.find("id=\"flash\">").expect("a flash") + "id=\"flash\">".len();
+            html[start..start + html[start..].find("</p>").unwrap()].to_owned()
+        }
+    };
+    assert_eq!(discard(dead).await, format!("Discarded {dead}."));
+    assert_eq!(
+        discard(dead).await,
+        format!("{dead} was already discarded; nothing done.")
+    );
+    let unknown = Uuid::now_v7();
+    assert_eq!(
+        discard(unknown).await,
+        format!("No dead job {unknown}; nothing done.")
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) AS n FROM dead_job_actions WHERE dead_job_id = '{dead}'"
+        ))
+        .await,
+        1
+    );
+}
+
+/// Drops a login role once the test (and its database) is gone.
+struct Role(String);
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        execute(
+            &format!("{PG_SERVER}/postgres"),
+            &format!("DROP ROLE IF EXISTS {}", self.0),
+        );
+    }
+}
+
+/// The dead-jobs page refreshes every 3 s with up to 200 records, so it reads
+/// only the columns it shows, never a record's envelope (up to ~1 MiB), body,
+/// errors or `x-death`: an ingress whose database role may not read those
+/// columns still lists the record, and only its detail page is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_jobs_page_reads_only_the_columns_it_shows() {
+    let role = Role(format!(
+        "dash_{}",
+        &Uuid::new_v4().simple().to_string()[..12]
+    ));
+    let name = role.0.clone();
+    let app = TestApp::spawn_with(0, |config| {
+        let url = conveyor_platform::config::database_url(config);
+        execute(
+            &url,
+            &format!(
+                "CREATE ROLE {name} LOGIN;
+                 GRANT USAGE, CREATE ON SCHEMA public TO {name};
+                 GRANT ALL ON ALL TABLES IN SCHEMA public TO {name};
+                 GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {name};
+                 REVOKE SELECT ON dead_jobs FROM {name};
+                 GRANT SELECT (id, task, queue, attempts, reason, source, dead_at, replayed_as,
+                               replayed_at, discarded_at) ON dead_jobs TO {name};"
+            ),
+        );
+        config.database.url = url
+            .replacen("postgres://postgres@", &format!("postgres://{name}@"), 1)
+            .into();
+    })
+    .await;
+    let dead = Uuid::now_v7();
+    execute(
+        &app.db.url,
+        &format!(
+            "INSERT INTO dead_jobs (id, task, queue, envelope, attempts, errors, reason, source) \
+             VALUES ('{dead}', 'diag.fail', 'default', jsonb_build_object('pad', repeat('x', 1000000)), \
+                     3, '[{{\"attempt\": 3, \"error\": \"boom\"}}]', 'gave up after 3 attempts', 'worker')"
+        ),
+    );
+    let html = page(&app, "/dashboard/dead?fragment=1").await;
+    let listed = row(&html, &format!("dead-{dead}"));
+    for shown in ["diag.fail", "default", "gave up after 3 attempts", "worker"] {
+        assert!(listed.contains(shown), "{shown} missing: {listed}");
+    }
+    assert!(!html.contains("xxxx"), "the envelope is not shown");
+    // The control: the detail page reads the envelope, which this role may not.
+    let detail = app
+        .client
+        .get(app.url(&format!("/dashboard/dead/{dead}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(detail.status(), 503);
 }

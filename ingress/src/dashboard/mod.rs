@@ -8,6 +8,7 @@
 //! fetch the page with `?fragment=1` every few seconds, which renders only its
 //! `content` block, and swap it in.
 
+mod dead;
 mod pages;
 
 use std::sync::OnceLock;
@@ -125,10 +126,10 @@ pub fn router() -> Router<AppState> {
         .route("/dashboard/queues", get(pages::queues))
         .route("/dashboard/workers", get(pages::workers))
         .route("/dashboard/jobs", get(pages::jobs))
-        .route("/dashboard/dead", get(pages::dead))
-        .route("/dashboard/dead/{id}", get(pages::dead_job))
-        .route("/dashboard/dead/{id}/replay", post(pages::replay))
-        .route("/dashboard/dead/{id}/discard", post(pages::discard))
+        .route("/dashboard/dead", get(dead::dead))
+        .route("/dashboard/dead/{id}", get(dead::dead_job))
+        .route("/dashboard/dead/{id}/replay", post(dead::replay))
+        .route("/dashboard/dead/{id}/discard", post(dead::discard))
         .route("/dashboard/campaigns", get(pages::campaigns))
         .route("/dashboard/schedules", get(pages::schedules));
     Router::new()

@@ -1,8 +1,8 @@
-//! The dashboard's page handlers: each reads what it shows and renders one template.
+//! The dashboard's page handlers (the dead-job pages are in `dead`): each
+//! reads what it shows and renders one template.
 
-use axum::Extension;
-use axum::extract::{Path, Query, State};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use conveyor_schema::JobState;
 use conveyor_schema::db::{jobs, workers};
@@ -15,16 +15,13 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{Fragment, render};
-use crate::admin_auth::Actor;
-use crate::dead_jobs::{self, Filter, ReplayOptions, ReplayOutcome};
-use crate::routes::admin::{ActionView, DeadJobQuery, DeadJobView};
 use crate::state::AppState;
 
-fn is_fragment(f: &Fragment) -> bool {
+pub(super) fn is_fragment(f: &Fragment) -> bool {
     f.fragment.as_deref() == Some("1")
 }
 
-fn unavailable(err: impl std::fmt::Display) -> Response {
+pub(super) fn unavailable(err: impl std::fmt::Display) -> Response {
     crate::problem::Problem::unavailable(err.to_string(), 1).into_response()
 }
 
@@ -189,128 +186,6 @@ fn newest_jobs(
         }
     }
     search(None)
-}
-
-/// Dead-job filters plus the flash message after an action.
-#[derive(Debug, Default, Deserialize)]
-pub struct DeadPage {
-    #[serde(flatten)]
-    filter: DeadJobQuery,
-    #[serde(default)]
-    flash: Option<String>,
-}
-
-pub async fn dead(
-    State(state): State<AppState>,
-    Query(raw): Query<Vec<(String, String)>>,
-) -> Response {
-    // Parsed by hand so the refresh's `fragment` and empty form fields are accepted.
-    let get = |k: &str| {
-        raw.iter()
-            .find(|(key, v)| key == k && !v.is_empty())
-            .map(|(_, v)| v.clone())
-    };
-    let page = DeadPage {
-        filter: DeadJobQuery {
-            task: get("task"),
-            queue: get("queue"),
-            error_contains: get("error_contains"),
-            include_replayed: get("include_replayed").is_some(),
-            include_discarded: get("include_discarded").is_some(),
-            ..Default::default()
-        },
-        flash: get("flash"),
-    };
-    let query = serde_json::json!({
-        "task": page.filter.task, "queue": page.filter.queue, "error_contains": page.filter.error_contains,
-        "include_replayed": page.filter.include_replayed, "include_discarded": page.filter.include_discarded,
-    });
-    let mut filter = Filter::from(page.filter);
-    filter.limit = 200;
-    let found = match dead_jobs::list(&state.db, filter).await {
-        Ok(found) => found,
-        Err(err) => return unavailable(err),
-    };
-    let shown: Vec<DeadJobView> = found.into_iter().map(Into::into).collect();
-    render(
-        "dead.html",
-        "dead",
-        get("fragment").as_deref() == Some("1"),
-        minijinja::context! { title => "Dead jobs", dead => shown, query, flash => page.flash },
-    )
-}
-
-pub async fn dead_job(
-    State(state): State<AppState>,
-    Path(id): Path<Uuid>,
-    Query(f): Query<Fragment>,
-) -> Response {
-    let (dead, actions) = match dead_jobs::show(&state.db, id).await {
-        Ok(Some(found)) => found,
-        Ok(None) => {
-            return crate::problem::Problem::not_found(format!("no dead job {id}")).into_response();
-        }
-        Err(err) => return unavailable(err),
-    };
-    let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_default();
-    let errors = pretty(&dead.errors);
-    let envelope = dead.envelope.as_ref().map(pretty);
-    let x_death = dead.x_death.as_ref().map(pretty);
-    let actions: Vec<ActionView> = actions.into_iter().map(Into::into).collect();
-    let dead = DeadJobView::from(dead);
-    render(
-        "dead_job.html",
-        "dead",
-        is_fragment(&f),
-        minijinja::context! { title => "Dead job", dead, errors, envelope, x_death, actions },
-    )
-}
-
-fn back_with(flash: &str) -> Response {
-    let encoded: String = url_encode(flash);
-    Redirect::to(&format!("/dashboard/dead?flash={encoded}")).into_response()
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-pub async fn replay(
-    State(state): State<AppState>,
-    Extension(Actor(actor)): Extension<Actor>,
-    Path(id): Path<Uuid>,
-) -> Response {
-    let options = ReplayOptions {
-        actor: format!("dashboard:{actor}"),
-        ..Default::default()
-    };
-    match dead_jobs::replay(&state.db, &state.publisher, &state.topology, id, options).await {
-        Ok(ReplayOutcome::Replayed { new_job_id }) => {
-            back_with(&format!("Replayed {id} as job {new_job_id}."))
-        }
-        Ok(ReplayOutcome::AlreadyReplayed { .. }) => {
-            back_with(&format!("{id} was already replayed."))
-        }
-        Ok(ReplayOutcome::Discarded) => back_with(&format!("{id} is discarded.")),
-        Ok(ReplayOutcome::WouldReplay { .. }) => back_with("Nothing done."),
-        Err(err) => back_with(&format!("Could not replay {id}: {err}")),
-    }
-}
-
-pub async fn discard(
-    State(state): State<AppState>,
-    Extension(Actor(actor)): Extension<Actor>,
-    Path(id): Path<Uuid>,
-) -> Response {
-    match dead_jobs::discard(&state.db, id, format!("dashboard:{actor}")).await {
-        Ok(_) => back_with(&format!("Discarded {id}.")),
-        Err(err) => back_with(&format!("Could not discard {id}: {err}")),
-    }
 }
 
 #[derive(QueryableByName)]
