@@ -13,7 +13,7 @@
 //! record that was already replayed (or discarded) does nothing unless forced.
 //! The `.dlq` queues are not touched: they stay the raw archive for
 //! RabbitMQ-native tooling. Finding records (filters, keyset pages) is in
-//! [`listing`]; acting on every record a filter matches, at a rate, in [`bulk`].
+//! `listing`; acting on every record a filter matches, at a rate, in [`bulk`].
 //!
 //! A caller that must answer in time (an HTTP request) gives a [`Deadline`]:
 //! the waits of one replay or discard (a pooled connection, the record's row
@@ -22,96 +22,22 @@
 //! under way waits for its confirm until `finish_by`, and is in doubt after.
 
 pub mod bulk;
+mod deadline;
 mod listing;
-
-use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use conveyor_platform::amqp::{Outgoing, PublishError, Publisher, Topology};
 use conveyor_schema::db::{dead_job_actions, dead_jobs, jobs};
 use conveyor_schema::models::{DeadJob, DeadJobAction, NewDeadJobAction, NewJob};
-use conveyor_schema::pool::{self, CHECKOUT_TIMEOUT, DbError, PgPool, PgPooled};
+use conveyor_schema::pool::{self, DbError, PgPool};
 use conveyor_schema::{Envelope, find_task};
 use diesel::prelude::*;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+pub use deadline::{Deadline, PUBLISH_RESERVE};
+use deadline::{bound_lock_waits, checkout, out_of_time};
 pub use listing::{BadCursor, Filter, MAX_LIMIT, Position, Summary, Target, list, page, summaries};
-
-/// The time a publish may take to be confirmed: the default
-/// `amqp.publish_timeout_ms`. Nothing starts in the last this-long of a
-/// [`Deadline`] (or its last quarter, when that is shorter).
-pub const PUBLISH_RESERVE: Duration = Duration::from_secs(5);
-
-/// When a replay or discard must be over, for a caller that cannot wait for
-/// ever (an HTTP request, whose timeout would otherwise answer for it).
-#[derive(Debug, Clone, Copy)]
-pub struct Deadline {
-    /// Change nothing after this: waiting for a connection or for the record's
-    /// row lock ends here, and a replay that is not publishing yet gives up,
-    /// having done nothing.
-    pub start_by: Instant,
-    /// A publish under way waits for the broker's confirm until this at most;
-    /// unconfirmed then, the replay is in doubt (doing it again makes the same job).
-    pub finish_by: Instant,
-}
-
-impl Deadline {
-    /// Over `budget` after `began`; nothing starts in its last
-    /// [`PUBLISH_RESERVE`] (or last quarter), the time left for a confirm.
-    pub fn within(began: Instant, budget: Duration) -> Self {
-        let finish_by = began + budget;
-        Self {
-            start_by: finish_by - PUBLISH_RESERVE.min(budget / 4),
-            finish_by,
-        }
-    }
-
-    /// The time left to start in; `None` once `start_by` has passed.
-    pub fn left(&self) -> Option<Duration> {
-        self.start_by
-            .checked_duration_since(Instant::now())
-            .filter(|left| !left.is_zero())
-    }
-}
-
-/// Whether `deadline` (if any) leaves no time to start anything.
-fn out_of_time(deadline: Option<Deadline>) -> bool {
-    deadline.is_some_and(|d| d.left().is_none())
-}
-
-/// A pooled connection, waited for no longer than `deadline` leaves;
-/// `Ok(None)` when that time ran out first.
-fn checkout(db: &PgPool, deadline: Option<Deadline>) -> Result<Option<PgPooled>, DbError> {
-    let Some(deadline) = deadline else {
-        return Ok(Some(db.get()?));
-    };
-    let Some(left) = deadline.left() else {
-        return Ok(None);
-    };
-    match db.get_timeout(left.min(CHECKOUT_TIMEOUT)) {
-        Ok(conn) => Ok(Some(conn)),
-        Err(_) if deadline.left().is_none() => Ok(None),
-        Err(err) => Err(err.into()),
-    }
-}
-
-/// Ends every lock wait of the current transaction by `deadline`'s
-/// `start_by` (`lock_timeout`); false when no time is left.
-fn bound_lock_waits(conn: &mut PgConnection, deadline: Option<Deadline>) -> QueryResult<bool> {
-    use diesel::connection::SimpleConnection;
-    let Some(deadline) = deadline else {
-        return Ok(true);
-    };
-    let Some(left) = deadline.left() else {
-        return Ok(false);
-    };
-    // Rounded up: a wait that times out ends at or after `start_by`, so it is
-    // told from other failures by the time.
-    let ms = left.as_micros().div_ceil(1_000).max(1);
-    conn.batch_execute(&format!("SET LOCAL lock_timeout = {ms}"))?;
-    Ok(true)
-}
 
 /// One dead job and its audit trail (oldest action first); `None` when unknown.
 pub async fn show(db: &PgPool, id: Uuid) -> Result<Option<(DeadJob, Vec<DeadJobAction>)>, DbError> {
