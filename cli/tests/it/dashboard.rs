@@ -2,14 +2,16 @@
 //! queues page with its per-minute rates), replay a dead job by clicking and
 //! see the replay succeed; a screenshot of each page goes to
 //! `<target>/tmp/dashboard-screenshots/`. The other tests read pages over
-//! plain HTTP: the jobs page's newest-first search, the discard flash and
-//! the dead-jobs listing's columns.
+//! plain HTTP: the jobs page's newest-first search, the schedules in force,
+//! the discard flash and the dead-jobs listing's columns.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::json;
 use uuid::Uuid;
+
+use conveyor_platform::schedule::{CatchUp, ScheduleConfig};
 
 use crate::harness::{AMQP_URL, PG_SERVER, TestApp, wait_until};
 use crate::webdriver::Browser;
@@ -149,10 +151,14 @@ async fn pages_load_and_a_dead_job_is_replayed_by_clicking() {
         1
     );
 
-    for page in ["campaigns", "schedules"] {
+    for (page, empty) in [
+        ("campaigns", "No campaigns yet."),
+        // The test config turns the built-in schedules off and adds none.
+        ("schedules", "No schedules in force."),
+    ] {
         browser.goto(&app.url(&format!("/dashboard/{page}"))).await;
         let text = browser.text("#empty").await;
-        assert_eq!(text, format!("No {page} yet."));
+        assert_eq!(text, empty);
         browser.screenshot(&shot(page)).await;
     }
     wait_until(WAIT, || async { shot("schedules").exists() }).await;
@@ -320,6 +326,71 @@ fn execute(url: &str, sql: &str) {
         .unwrap()
         .batch_execute(sql)
         .unwrap();
+}
+
+/// The schedules page lists the schedules in force, as `GET /v1/schedules`
+/// does: the built-in ones and the configured ones, each with its last tick
+/// and that tick's job once it fired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedules_page_shows_the_schedules_in_force_and_their_last_tick() {
+    let mut app = TestApp::spawn_with(0, |config| {
+        config.stats.default_schedules = true;
+        config.schedules.push(ScheduleConfig {
+            name: "often".into(),
+            cron: "* * * * * *".into(),
+            task: "diag.noop".into(),
+            args: json!({}),
+            timezone: "UTC".into(),
+            catch_up: CatchUp::Skip,
+        });
+    })
+    .await;
+    let html = page(&app, "/dashboard/schedules").await;
+    for name in [
+        "stats.rollup_hourly",
+        "stats.rollup_daily",
+        "stats.retention",
+    ] {
+        let shown = row(&html, &format!("schedule-{name}"));
+        assert!(shown.contains(name), "{shown}");
+    }
+    let often = row(&html, "schedule-often");
+    assert!(
+        often.contains("* * * * * *") && often.contains("diag.noop"),
+        "{often}"
+    );
+    assert!(often.contains("never"), "not fired yet: {often}");
+
+    app.start_worker().await;
+    wait_until(WAIT, || async {
+        app.count("SELECT count(*) AS n FROM schedule_ticks WHERE schedule = 'often' AND published_at IS NOT NULL")
+            .await
+            > 0
+    })
+    .await;
+    app.stop_workers().await;
+    #[derive(diesel::QueryableByName)]
+    struct Last {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        tick_at: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        job_id: String,
+    }
+    use diesel::RunQueryDsl;
+    let last = diesel::sql_query(
+        "SELECT to_char(tick_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') AS tick_at, job_id::text AS job_id \
+         FROM schedule_ticks WHERE schedule = 'often' ORDER BY tick_at DESC LIMIT 1",
+    )
+    .get_result::<Last>(&mut app.db.conn())
+    .unwrap();
+    let html = page(&app, "/dashboard/schedules?fragment=1").await;
+    let often = row(&html, "schedule-often");
+    assert!(
+        often.contains(&last.tick_at) && often.contains(&last.job_id),
+        "last tick {} (job {}) not shown: {often}",
+        last.tick_at,
+        last.job_id
+    );
 }
 
 /// Discarding from the dashboard says what happened: a record discarded

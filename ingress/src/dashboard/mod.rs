@@ -34,7 +34,7 @@ const NAV: [&str; 6] = [
     "schedules",
 ];
 
-const TEMPLATES: [(&str, &str); 8] = [
+const TEMPLATES: [(&str, &str); 9] = [
     (
         "base.html",
         include_str!("../../../templates/dashboard/base.html"),
@@ -62,6 +62,10 @@ const TEMPLATES: [(&str, &str); 8] = [
     (
         "dead_job.html",
         include_str!("../../../templates/dashboard/dead_job.html"),
+    ),
+    (
+        "schedules.html",
+        include_str!("../../../templates/dashboard/schedules.html"),
     ),
     (
         "table.html",

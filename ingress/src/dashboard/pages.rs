@@ -3,7 +3,7 @@
 
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use conveyor_schema::JobState;
 use conveyor_schema::db::{jobs, workers};
 use conveyor_schema::models::{Job, WorkerRow};
@@ -23,6 +23,11 @@ pub(super) fn is_fragment(f: &Fragment) -> bool {
 
 pub(super) fn unavailable(err: impl std::fmt::Display) -> Response {
     crate::problem::Problem::unavailable(err.to_string(), 1).into_response()
+}
+
+/// How the pages show a time.
+fn shown_time(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%d %H:%M:%S").to_string()
 }
 
 pub async fn queues(State(state): State<AppState>, Query(f): Query<Fragment>) -> Response {
@@ -61,8 +66,8 @@ pub async fn workers(State(state): State<AppState>, Query(f): Query<Fragment>) -
             serde_json::json!({
                 "id": w.id, "status": status, "host": w.host, "pid": w.pid, "version": w.version,
                 "queues": w.queues, "in_flight": w.in_flight,
-                "started_at": w.started_at.format("%Y-%m-%d %H:%M:%S").to_string(),
-                "last_seen_at": w.last_seen_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                "started_at": shown_time(w.started_at),
+                "last_seen_at": shown_time(w.last_seen_at),
             })
         })
         .collect();
@@ -195,7 +200,7 @@ struct JsonRow {
 }
 
 /// Up to 100 rows of `table` as JSON objects, or `None` when the table does not
-/// exist (campaigns and schedules arrive with their own features).
+/// exist (campaigns arrive with their own feature).
 async fn optional_table(
     state: &AppState,
     table: &'static str,
@@ -244,6 +249,34 @@ pub async fn campaigns(State(state): State<AppState>, Query(f): Query<Fragment>)
     table_page(state, f, "campaigns", "Campaigns").await
 }
 
+/// Every schedule in force (from the configuration, built-in ones included)
+/// with its last tick and that tick's job, and its next tick: what
+/// `GET /v1/schedules` answers.
 pub async fn schedules(State(state): State<AppState>, Query(f): Query<Fragment>) -> Response {
-    table_page(state, f, "schedules", "Schedules").await
+    let views = match crate::routes::schedules::in_force(&state).await {
+        Ok(views) => views,
+        Err(err) => return unavailable(err),
+    };
+    let shown: Vec<Value> = views
+        .into_iter()
+        .map(|s| {
+            let last_tick = s.last_tick.map(|t| {
+                serde_json::json!({
+                    "tick_at": shown_time(t.tick_at), "job_id": t.job_id, "catch_up": t.catch_up,
+                    "published_at": t.published_at.map(shown_time), "job_state": t.job_state,
+                })
+            });
+            serde_json::json!({
+                "name": s.name, "cron": s.cron, "timezone": s.timezone, "task": s.task,
+                "args": s.args.to_string(), "catch_up": s.catch_up, "last_tick": last_tick,
+                "next_tick_at": s.next_tick_at.map(shown_time),
+            })
+        })
+        .collect();
+    render(
+        "schedules.html",
+        "schedules",
+        is_fragment(&f),
+        minijinja::context! { title => "Schedules", schedules => shown },
+    )
 }

@@ -6,6 +6,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use chrono::{DateTime, Utc};
 use conveyor_schema::JobState;
+use conveyor_schema::pool::DbError;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, Bool, Integer, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use serde::{Deserialize, Serialize};
@@ -95,6 +96,15 @@ const TICK_COLUMNS: &str = "t.tick_at, t.job_id, t.catch_up, t.claimed_by, t.cla
     )
 )]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<ScheduleView>>, Problem> {
+    let views = in_force(&state)
+        .await
+        .map_err(|err| Problem::unavailable(err.to_string(), 1))?;
+    Ok(Json(views))
+}
+
+/// Every schedule in force with its last tick (from `schedule_ticks`) and next
+/// tick, in configuration order: what `GET /v1/schedules` and the dashboard show.
+pub async fn in_force(state: &AppState) -> Result<Vec<ScheduleView>, DbError> {
     let names: Vec<String> = state
         .schedules
         .iter()
@@ -110,8 +120,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<ScheduleView
         .bind::<Array<Text>, _>(names)
         .load::<LastTick>(conn)
     })
-    .await
-    .map_err(|err| Problem::unavailable(err.to_string(), 1))?;
+    .await?;
     let mut last: std::collections::HashMap<_, _> =
         rows.into_iter().map(|r| (r.name, r.tick)).collect();
     let now = Utc::now();
@@ -132,7 +141,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<ScheduleView
             next_tick_at: s.next_after(now),
         })
         .collect();
-    Ok(Json(views))
+    Ok(views)
 }
 
 /// The most recent ticks of one schedule, newest first.
