@@ -3,7 +3,8 @@
 //! see the replay succeed; a screenshot of each page goes to
 //! `<target>/tmp/dashboard-screenshots/`. The other tests read pages over
 //! plain HTTP: the jobs page's newest-first search, the schedules in force,
-//! the discard flash and the dead-jobs listing's columns.
+//! the discard flash, the dead-jobs listing's columns, and workers judged by
+//! the database's clock.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -508,4 +509,60 @@ async fn the_dead_jobs_page_reads_only_the_columns_it_shows() {
         .await
         .unwrap();
     assert_eq!(detail.status(), 503);
+}
+
+/// The workers page judges a heartbeat by the database's clock, which stamps
+/// it, not by the ingress's: with the database's clock an hour behind the
+/// ingress's, a worker seen just now is live and one silent past
+/// `monitor.worker_gone_after_ms` is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_page_judges_heartbeats_by_the_database_clock() {
+    let app = TestApp::spawn_with(0, |config| {
+        // Every new session of the test database reads `now()` an hour behind.
+        let url = conveyor_platform::config::database_url(config);
+        let database = url
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .split('?')
+            .next()
+            .unwrap()
+            .to_owned();
+        execute(
+            &url,
+            &format!(
+                "CREATE SCHEMA clock;
+                 CREATE FUNCTION clock.now() RETURNS timestamptz LANGUAGE sql STABLE
+                     AS $$ SELECT pg_catalog.now() - interval '1 hour' $$;
+                 ALTER DATABASE {database} SET search_path = public, clock, pg_catalog;"
+            ),
+        );
+    })
+    .await;
+    let gone_after_ms = app.config.monitor.worker_gone_after_ms;
+    execute(
+        &app.db.url,
+        &format!(
+            "INSERT INTO workers (id, host, pid, version, started_at, queues, in_flight, last_seen_at) VALUES
+                 ('w-live', 'h', 1, 'v', now(), '{{default}}', 0, now()),
+                 ('w-gone', 'h', 2, 'v', now(), '{{default}}', 0,
+                  now() - make_interval(secs => {gone_after_ms} / 1000.0 + 60))"
+        ),
+    );
+    let html = page(&app, "/dashboard/workers?fragment=1").await;
+    let status = |id: &str| {
+        let start = html
+            .find(&format!("<td>{id}</td>"))
+            .unwrap_or_else(|| panic!("{id}: {html}"));
+        html[start..]
+            .split("</td>")
+            .nth(1)
+            .unwrap()
+            .rsplit('>')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(status("w-live"), "live");
+    assert_eq!(status("w-gone"), "gone");
 }

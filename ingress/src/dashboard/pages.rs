@@ -8,8 +8,9 @@ use conveyor_schema::JobState;
 use conveyor_schema::db::{jobs, workers};
 use conveyor_schema::models::{Job, WorkerRow};
 use conveyor_schema::pool;
+use diesel::dsl::sql;
 use diesel::prelude::*;
-use diesel::sql_types::{Nullable, Text};
+use diesel::sql_types::{Nullable, Text, Timestamptz};
 use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
@@ -40,25 +41,28 @@ pub async fn queues(State(state): State<AppState>, Query(f): Query<Fragment>) ->
     )
 }
 
+/// Every worker that sent a heartbeat, newest first. A running worker is
+/// `gone` once its last heartbeat is older than `worker_gone_after` by the
+/// database's clock, which stamps the heartbeats: the ingress's own clock may
+/// be off, and would then show live workers as gone (or dead ones as live).
 pub async fn workers(State(state): State<AppState>, Query(f): Query<Fragment>) -> Response {
     let rows = pool::run(&state.db, |conn| {
         workers::table
             .order(workers::started_at.desc())
-            .select(WorkerRow::as_select())
-            .load(conn)
+            .select((WorkerRow::as_select(), sql::<Timestamptz>("now()")))
+            .load::<(WorkerRow, DateTime<Utc>)>(conn)
     })
     .await;
     let rows = match rows {
         Ok(rows) => rows,
         Err(err) => return unavailable(err),
     };
-    let gone_before = Utc::now() - state.worker_gone_after;
     let shown: Vec<Value> = rows
         .into_iter()
-        .map(|w| {
+        .map(|(w, db_now)| {
             let status = if w.stopped_at.is_some() {
                 "stopped"
-            } else if w.last_seen_at < gone_before {
+            } else if w.last_seen_at < db_now - state.worker_gone_after {
                 "gone"
             } else {
                 "live"
