@@ -486,6 +486,11 @@ async fn the_listing_refuses_a_limit_out_of_range_or_a_bad_cursor() {
         ("limit=10001", "`limit` must be between 1 and 10000"),
         ("after=yesterday", "`after`"),
         ("after=1.not-a-uuid", "`after`"),
+        // Before PostgreSQL's earliest time (4714 BC): refused, not a database error.
+        (
+            "after=-250000000000000000.0193a1b2-0000-7000-8000-000000000000",
+            "`after`",
+        ),
     ] {
         let response = admin(&app, "GET", &format!("/v1/admin/dead-jobs?{query}"), None).await;
         assert_eq!(response.status(), 400, "{query}");

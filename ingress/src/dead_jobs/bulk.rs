@@ -137,11 +137,7 @@ impl FromStr for Cursor {
             Some((until, after)) => (until, Some(after.parse().map_err(|_| BadCursor(s.into()))?)),
             None => (s, None),
         };
-        let until = until
-            .parse()
-            .ok()
-            .and_then(DateTime::from_timestamp_micros)
-            .ok_or_else(|| BadCursor(s.into()))?;
+        let until = listing::time_of(until).ok_or_else(|| BadCursor(s.into()))?;
         Ok(Self { until, after })
     }
 }
@@ -442,7 +438,14 @@ mod tests {
             after: Some(records[1].position()),
         };
         assert_eq!(on.to_string().parse::<Cursor>().unwrap(), on);
-        for bad in ["", "x", "1.2", "1.2.3", "1.2.not-a-uuid"] {
+        for bad in [
+            "",
+            "x",
+            "1.2",
+            "1.2.3",
+            "1.2.not-a-uuid",
+            "-250000000000000000",
+        ] {
             assert!(bad.parse::<Cursor>().is_err(), "{bad}");
         }
 

@@ -91,14 +91,19 @@ impl FromStr for Position {
         let bad = || BadCursor(s.to_owned());
         let (micros, id) = s.split_once('.').ok_or_else(bad)?;
         Ok(Self {
-            dead_at: micros
-                .parse()
-                .ok()
-                .and_then(DateTime::from_timestamp_micros)
-                .ok_or_else(bad)?,
+            dead_at: time_of(micros).ok_or_else(bad)?,
             id: Uuid::try_parse(id).map_err(|_| bad())?,
         })
     }
+}
+
+/// The time `micros` (µs since 1970, as a cursor writes it) names, if
+/// PostgreSQL can hold it (`timestamptz` starts in 4714 BC; chrono reaches
+/// further back, and binding such a time would fail the query).
+pub(super) fn time_of(micros: &str) -> Option<DateTime<Utc>> {
+    use chrono::Datelike;
+    let time = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    (time.year() > -4713).then_some(time)
 }
 
 /// `text` as an `ILIKE` pattern matching it anywhere, literally: the
@@ -294,6 +299,7 @@ mod tests {
         };
         let written = position.to_string();
         assert_eq!(written.parse::<Position>().unwrap(), position);
+        let ancient = format!("-250000000000000000.{}", position.id);
         for bad in [
             "",
             "1",
@@ -301,6 +307,7 @@ mod tests {
             "1.not-a-uuid",
             "99999999999999999999.0",
             ".",
+            &ancient,
         ] {
             assert!(bad.parse::<Position>().is_err(), "{bad}");
         }
