@@ -438,3 +438,26 @@ async fn a_forced_bulk_replay_pages_through_with_its_cursor() {
     let problem: Value = refused.json().await.unwrap();
     assert_eq!(problem["pointer"], "/after", "{problem}");
 }
+
+/// Carrying on with `next` takes the rest of the first call's matches even
+/// when its `since` is an age that, read again later, has passed some of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carrying_on_keeps_the_first_calls_since() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let ago = |ms: i64| (chrono::Utc::now() - chrono::Duration::milliseconds(ms)).to_rfc3339();
+    let (older, newer) = (ago(2_000), ago(1_500));
+    let ids = crate::dlq::insert_dead(
+        &app,
+        &[("diag.fail", "boom", &older), ("diag.fail", "boom", &newer)],
+    )
+    .await;
+    let path = "/v1/admin/dead-jobs/discard-matching";
+    let mut body = json!({"filter": {"since": "3s"}, "dry_run": true, "limit": 1});
+    let first = ok(&app, path, body.clone()).await;
+    assert_eq!(ids_with(&first, "would_discard"), vec![ids[0]], "{first}");
+    // Both records are now more than 3 s old.
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    body["after"] = first["next"].clone();
+    let rest = ok(&app, path, body).await;
+    assert_eq!(ids_with(&rest, "would_discard"), vec![ids[1]], "{rest}");
+}

@@ -171,7 +171,8 @@ impl Matches {
 /// The dead jobs `filter` matches past `from` (none: from the oldest, dead
 /// no later than now), oldest first, at most `filter.limit` (1 to
 /// [`MAX_RECORDS`]); only the fields a bulk operation uses. Records already
-/// replayed or discarded match only with `force`.
+/// replayed or discarded match only with `force`. Past a record, `since` is
+/// the first call's: that record's `dead_at` (at or after it) bounds them.
 pub async fn matching(
     db: &PgPool,
     filter: &Filter,
@@ -185,6 +186,12 @@ pub async fn matching(
         limit: filter.limit.clamp(1, MAX_RECORDS),
         until: from.map(|c| c.until),
         after: from.and_then(|c| c.after),
+        // Every record past a position is newer than the `since` of the call
+        // that handed it out, and so matches it; an age like `2h`, read again
+        // now, would be later, and skip the records it has aged past since.
+        since: filter
+            .since
+            .filter(|_| from.is_none_or(|c| c.after.is_none())),
         ..filter.clone()
     };
     let after = filter.after;
