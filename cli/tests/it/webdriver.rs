@@ -208,7 +208,7 @@ impl Browser {
             &what,
             timeout,
             |text| text.contains(wanted),
-            || async { self.try_text(css).await.unwrap_or_else(|err| err) },
+            || self.try_text(css),
         )
         .await
     }
@@ -217,7 +217,13 @@ impl Browser {
     /// not finished when the click returns), panicking after `timeout`.
     pub async fn wait_for_url(&self, suffix: &str, timeout: Duration) -> String {
         let what = format!("a URL ending with `{suffix}`");
-        poll(&what, timeout, |url| url.ends_with(suffix), || self.url()).await
+        poll(
+            &what,
+            timeout,
+            |url| url.ends_with(suffix),
+            || async { Ok(self.url().await) },
+        )
+        .await
     }
 
     /// Saves a PNG screenshot to `path`.
@@ -259,14 +265,17 @@ impl Drop for Browser {
 async fn poll<F, Fut>(what: &str, timeout: Duration, done: impl Fn(&str) -> bool, read: F) -> String
 where
     F: Fn() -> Fut,
-    Fut: std::future::Future<Output = String>,
+    Fut: std::future::Future<Output = Result<String, String>>,
 {
     let deadline = Instant::now() + timeout;
     loop {
-        let last = read().await;
-        if done(&last) {
-            return last;
-        }
+        // An error (say, a stale element) is never the text waited for, even
+        // when its message happens to contain it.
+        let last = match read().await {
+            Ok(text) if done(&text) => return text,
+            Ok(text) => text,
+            Err(err) => format!("(an error: {err})"),
+        };
         assert!(Instant::now() < deadline, "never saw {what}; last: {last}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
