@@ -150,7 +150,7 @@ impl Commit {
 /// An entry PostgreSQL refused on its own, handed back to its caller.
 #[derive(Debug)]
 pub struct Refused {
-    /// The database's error message (at most [`MAX_ERROR_LEN`] bytes).
+    /// The database's error message (at most `MAX_ERROR_LEN` bytes).
     pub error: String,
     /// The refused state change, if the entry held one.
     pub change: Option<StateChange>,

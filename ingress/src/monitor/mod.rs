@@ -6,9 +6,9 @@
 //! It runs in the ingress, so a deployment exports one set of these however
 //! many workers it has. The broker is asked with passive `queue.declare`, which
 //! returns the ready-message and consumer counts of a queue over plain AMQP, so
-//! the management plugin is not needed (see [`broker`]). The poller also prunes
+//! the management plugin is not needed (see `broker.rs`). The poller also prunes
 //! `workers` rows silent for longer than `monitor.worker_prune_after_ms` (see
-//! [`database`]).
+//! `database.rs`).
 //!
 //! # When a poll fails
 //!
@@ -141,7 +141,7 @@ pub struct PollSettings {
     pub prune_after: Duration,
     /// How long a publish may wait for its confirm (`amqp.publish_timeout_ms`):
     /// an event's commit may land that much after the event, so the per-minute
-    /// counts wait for it (see [`rates`]).
+    /// counts wait for it (see `rates.rs`).
     pub publish_timeout: Duration,
 }
 

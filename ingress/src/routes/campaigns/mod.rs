@@ -7,7 +7,7 @@
 //! A campaign belongs to the producer of the key that created it
 //! (`campaigns.producer`): a key without `admin` sees and changes only its
 //! producer's campaigns, and any other is a 404 exactly like an unknown id, so a
-//! producer cannot probe for others' ids ([`owner`]). `admin` sees every one,
+//! producer cannot probe for others' ids (`owner`). `admin` sees every one,
 //! including those created before the column existed (no producer).
 
 pub mod control;
