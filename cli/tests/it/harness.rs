@@ -794,3 +794,34 @@ pub(crate) fn delete_topology(topology: Topology) {
     })
     .join();
 }
+
+/// The one row of `EXPLAIN (ANALYZE, FORMAT JSON) …`.
+#[derive(QueryableByName)]
+pub struct PlanJson {
+    /// The plan, as JSON text.
+    #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
+    pub json: String,
+}
+
+/// Every scan of `relation` in an `EXPLAIN (ANALYZE, FORMAT JSON)` plan, as
+/// (node type, index name or "", rows read over all its loops).
+pub fn scans_of(plan: &Value, relation: &str) -> Vec<(String, String, f64)> {
+    fn walk(node: &Value, relation: &str, scans: &mut Vec<(String, String, f64)>) {
+        if let Some(kind) = node["Node Type"].as_str().filter(|k| k.contains("Scan"))
+            && node["Relation Name"] == relation
+        {
+            let loops = node["Actual Loops"].as_f64().unwrap_or(1.0);
+            scans.push((
+                kind.to_owned(),
+                node["Index Name"].as_str().unwrap_or("").to_owned(),
+                node["Actual Rows"].as_f64().unwrap_or(0.0) * loops,
+            ));
+        }
+        for child in node["Plans"].as_array().into_iter().flatten() {
+            walk(child, relation, scans);
+        }
+    }
+    let mut scans = Vec::new();
+    walk(&plan[0]["Plan"], relation, &mut scans);
+    scans
+}

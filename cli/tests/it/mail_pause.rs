@@ -6,64 +6,13 @@
 
 use std::time::Duration;
 
-use diesel::PgConnection;
-use diesel::connection::SimpleConnection;
-
+use crate::gate::{Gate, advisory_waits};
 use crate::harness::{TestApp, wait_until};
 use crate::mail::{
     address, assert_no_duplicates, control, mail_config_for, sent_so_far, start_campaign,
     wait_completed,
 };
 use crate::smtp::{Behaviour, TestSmtp};
-
-/// The advisory lock a closed [`Gate`] holds.
-const GATE_KEY: i64 = 7_331;
-
-/// Holds back every row change that fires its trigger until [`Gate::open`]:
-/// the trigger waits for a shared advisory lock that the gate's own
-/// connection holds exclusively, inside the held statement's transaction.
-struct Gate {
-    conn: PgConnection,
-}
-
-impl Gate {
-    /// Installs a `BEFORE {event}` row trigger on `table` that waits at the
-    /// gate whenever `condition` (PL/pgSQL over `NEW` and `OLD`) holds, and
-    /// closes the gate.
-    fn close(app: &TestApp, table: &str, event: &str, condition: &str) -> Self {
-        let mut conn = app.db.conn();
-        conn.batch_execute(&format!(
-            "SELECT pg_advisory_lock({GATE_KEY});
-             CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 IF {condition} THEN
-                     PERFORM pg_advisory_xact_lock_shared({GATE_KEY});
-                 END IF;
-                 RETURN NEW;
-             END $$;
-             CREATE TRIGGER gate BEFORE {event} ON {table}
-                 FOR EACH ROW EXECUTE FUNCTION gate();"
-        ))
-        .expect("close the gate");
-        Self { conn }
-    }
-
-    /// Lets the held statements, and every later one, through.
-    fn open(mut self) {
-        self.conn
-            .batch_execute(&format!("SELECT pg_advisory_unlock({GATE_KEY})"))
-            .expect("open the gate");
-    }
-}
-
-/// Statements waiting at a closed [`Gate`].
-async fn held_at_gate(app: &TestApp) -> i64 {
-    app.count(
-        "SELECT count(*) AS n FROM pg_stat_activity
-          WHERE datname = current_database() AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
-    )
-    .await
-}
 
 /// Whether a campaign state change (`pause`, `resume`) waits for a lock on the campaign row.
 async fn transition_waits(app: &TestApp) -> bool {
@@ -131,7 +80,7 @@ async fn a_pause_in_the_middle_of_a_planner_round_strands_no_recipient() {
     );
     let id = start_campaign(&app, 100, None).await;
     wait_until(Duration::from_secs(30), || async {
-        held_at_gate(&app).await == 1
+        advisory_waits(&app).await == 1
             && sent_so_far(&app).await == 79
             && first_deferred(&app, true).await
     })
@@ -182,7 +131,7 @@ async fn a_hand_back_racing_a_resume_strands_no_recipient() {
     );
     assert_eq!(control(&app, &id, "pause").await, 200);
     wait_until(Duration::from_secs(30), || async {
-        held_at_gate(&app).await == 1
+        advisory_waits(&app).await == 1
     })
     .await;
 

@@ -4,6 +4,7 @@
 //! afterwards) and its own broker namespace (queues deleted afterwards), so
 //! tests run in parallel and leave nothing behind. Set `TEST_LOG=1` to see logs.
 
+mod gate;
 mod harness;
 mod smtp;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{TestApp, wait_until};
+use crate::harness::{PlanJson, TestApp, scans_of, wait_until};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -365,11 +365,6 @@ async fn the_oldest_waiting_job_is_one_index_entry_per_queue() {
         #[diesel(sql_type = Double)]
         value: f64,
     }
-    #[derive(QueryableByName)]
-    struct Plan {
-        #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
-        json: String,
-    }
 
     let db = tokio::task::spawn_blocking(crate::harness::TestDb::create)
         .await
@@ -405,7 +400,7 @@ async fn the_oldest_waiting_job_is_one_index_entry_per_queue() {
         assert!((9_999.9..10_060.0).contains(&default), "{default}");
         assert!(((mail - default) - 0.1).abs() < 0.01, "{default} {mail}");
 
-        let plan: Plan = diesel::sql_query(format!(
+        let plan: PlanJson = diesel::sql_query(format!(
             "EXPLAIN (ANALYZE, FORMAT JSON) {}",
             conveyor_ingress::monitor::OLDEST_WAITING
         ))
@@ -413,23 +408,7 @@ async fn the_oldest_waiting_job_is_one_index_entry_per_queue() {
         .get_result(&mut conn)
         .unwrap();
         let plan: serde_json::Value = serde_json::from_str(&plan.json).unwrap();
-        let mut scans = Vec::new();
-        fn walk(node: &serde_json::Value, scans: &mut Vec<(String, String, f64)>) {
-            if let Some(kind) = node["Node Type"].as_str().filter(|k| k.contains("Scan"))
-                && node["Relation Name"] == "jobs"
-            {
-                let loops = node["Actual Loops"].as_f64().unwrap_or(1.0);
-                scans.push((
-                    kind.to_owned(),
-                    node["Index Name"].as_str().unwrap_or("").to_owned(),
-                    node["Actual Rows"].as_f64().unwrap_or(0.0) * loops,
-                ));
-            }
-            for child in node["Plans"].as_array().into_iter().flatten() {
-                walk(child, scans);
-            }
-        }
-        walk(&plan[0]["Plan"], &mut scans);
+        let scans = scans_of(&plan, "jobs");
         assert!(!scans.is_empty(), "{plan}");
         for (kind, index, rows) in &scans {
             assert_eq!(

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{AMQP_URL, TestApp, TestDb, wait_until};
+use crate::harness::{AMQP_URL, PlanJson, TestApp, TestDb, scans_of, wait_until};
 use crate::metrics::{fast_monitor, sample, scrape};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -398,11 +398,6 @@ async fn unhandled_dead_jobs_are_counted_from_their_own_index() {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         n: i64,
     }
-    #[derive(QueryableByName)]
-    struct Plan {
-        #[diesel(sql_type = diesel::sql_types::Text, column_name = "QUERY PLAN")]
-        json: String,
-    }
 
     let db = tokio::task::spawn_blocking(TestDb::create).await.unwrap();
     tokio::task::spawn_blocking(move || {
@@ -437,29 +432,14 @@ async fn unhandled_dead_jobs_are_counted_from_their_own_index() {
         // Sequential scans priced out: the plan must still find an index that
         // holds only the unhandled records (no other index does).
         conn.batch_execute("SET enable_seqscan = off").unwrap();
-        let plan: Plan = diesel::sql_query(format!(
+        let plan: PlanJson = diesel::sql_query(format!(
             "EXPLAIN (ANALYZE, FORMAT JSON) {}",
             conveyor_ingress::monitor::UNHANDLED_DEAD_JOBS
         ))
         .get_result(&mut conn)
         .unwrap();
         let plan: Value = serde_json::from_str(&plan.json).unwrap();
-        // (node type, index, rows read) of every scan in the plan.
-        fn walk(node: &Value, scans: &mut Vec<(String, String, f64)>) {
-            if let Some(kind) = node["Node Type"].as_str().filter(|k| k.contains("Scan")) {
-                let loops = node["Actual Loops"].as_f64().unwrap_or(1.0);
-                scans.push((
-                    kind.to_owned(),
-                    node["Index Name"].as_str().unwrap_or("").to_owned(),
-                    node["Actual Rows"].as_f64().unwrap_or(0.0) * loops,
-                ));
-            }
-            for child in node["Plans"].as_array().into_iter().flatten() {
-                walk(child, scans);
-            }
-        }
-        let mut scans = Vec::new();
-        walk(&plan[0]["Plan"], &mut scans);
+        let scans = scans_of(&plan, "dead_jobs");
         assert!(!scans.is_empty(), "{plan}");
         for (kind, index, rows) in &scans {
             assert!(

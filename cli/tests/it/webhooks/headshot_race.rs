@@ -21,7 +21,8 @@ use sha2::{Digest, Sha256};
 
 use super::headshots::{app_with, hits_of, image_server, import, png};
 use super::{Keys, send, update};
-use crate::harness::{TestApp, wait_until};
+use crate::gate::{Gate, advisory_waits};
+use crate::harness::wait_until;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -104,19 +105,6 @@ async fn an_import_reusing_an_image_that_a_delete_removes_stores_it_again() {
     assert_eq!(hits_of(&hits, "ok.png"), 2);
 }
 
-/// The advisory lock (single-key space) the file race's gate holds. The
-/// worker's headshot file locks use the two-key space, which never overlaps it.
-const GATE_KEY: i64 = 7_332;
-
-/// Sessions waiting for an advisory lock: at the gate, or for a headshot file lock.
-async fn advisory_waits(app: &TestApp) -> i64 {
-    app.count(
-        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
-         AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
-    )
-    .await
-}
-
 /// The DELETE of the image's last reference removes its file; an import of the
 /// same image that found the file still there must not record it as stored
 /// only for the removal to follow. The import waits at the gate, holding
@@ -148,18 +136,7 @@ async fn a_delete_removing_the_file_of_an_image_being_imported_again_leaves_it_i
     assert!(file.exists());
 
     // Close the gate: every insert into `headshots` waits for it.
-    let mut gate = app.db.conn();
-    gate.batch_execute(&format!(
-        "SELECT pg_advisory_lock({GATE_KEY});
-         CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             PERFORM pg_advisory_xact_lock_shared({GATE_KEY});
-             RETURN NEW;
-         END $$;
-         CREATE TRIGGER gate BEFORE INSERT ON headshots
-             FOR EACH ROW EXECUTE FUNCTION gate();"
-    ))
-    .unwrap();
+    let gate = Gate::close(&app, "headshots", "INSERT", "true");
 
     // p2 imports the same image without announcing its checksum: it downloads
     // it, finds the file in place, and waits at the gate to record it.
@@ -182,8 +159,7 @@ async fn a_delete_removing_the_file_of_an_image_being_imported_again_leaves_it_i
     })
     .await;
 
-    gate.batch_execute(&format!("SELECT pg_advisory_unlock({GATE_KEY})"))
-        .unwrap();
+    gate.open();
     app.wait_for_state(reuse, "succeeded", WAIT).await;
     app.wait_for_state(delete, "succeeded", WAIT).await;
     // p2 points at the image; its row and its file are both there.
