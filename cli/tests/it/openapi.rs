@@ -31,6 +31,11 @@ async fn openapi_document_is_served_and_matches_snapshot() {
             ["schema"]["$ref"],
         "#/components/schemas/Problem"
     );
+    // The documented bound on a task's name is the one both sides enforce.
+    assert_eq!(
+        doc["components"]["schemas"]["EnqueueRequest"]["properties"]["task"]["maxLength"],
+        conveyor_schema::MAX_TASK_NAME_LEN
+    );
     // Every operation documents the header-size limit that guards all routes.
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, operation) in item.as_object().unwrap().iter().filter(|(method, _)| {

@@ -28,7 +28,9 @@ const MAX_DELAY_MS: u64 = 30 * 24 * 3600 * 1000;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnqueueRequest {
-    /// A task name from the catalogue, e.g. `diag.noop`.
+    /// A task name from the catalogue, e.g. `diag.noop`; at most 200 bytes
+    /// (`MAX_TASK_NAME_LEN`).
+    #[schema(max_length = 200)]
     pub task: String,
     /// The task's arguments; validated against its argument type (unknown fields rejected).
     #[serde(default = "empty_object")]
