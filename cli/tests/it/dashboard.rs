@@ -297,7 +297,7 @@ async fn the_jobs_page_finds_running_jobs_through_their_index() {
 }
 
 /// `path`'s page as the admin sees it, after any redirect.
-async fn page(app: &TestApp, path: &str) -> String {
+pub(crate) async fn page(app: &TestApp, path: &str) -> String {
     app.client
         .get(app.url(path))
         .send()

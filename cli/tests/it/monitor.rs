@@ -311,6 +311,14 @@ async fn a_failed_database_poll_takes_its_gauges_out_and_says_so() {
         read_at(&failed, "database_read_at") < read_at(&failed, "polled_at"),
         "{failed}"
     );
+    // The dashboard says which numbers are old, and from when.
+    let html = crate::dashboard::page(&app, "/dashboard/queues").await;
+    assert!(
+        html.contains("Database unreachable on the last poll")
+            && html.contains("dead_jobs")
+            && html.contains("as read at"),
+        "{html}"
+    );
 
     sql("ALTER TABLE dead_jobs_away RENAME TO dead_jobs")
         .await
