@@ -17,6 +17,7 @@ lint:
 	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 test: lint ## fmt check, clippy, and the whole test suite against real services
+	@bash deploy/local/ensure-services.sh  # PostgreSQL and RabbitMQ, found, started or installed as for make run; left running
 	@bash deploy/local/test-prereqs.sh  # Chromium, promtool, python3-venv, the fuzz test's `st`: installed as root on Debian, else named
 	@if cargo nextest --version >/dev/null 2>&1; then \
 	  CI=true cargo nextest run --workspace --no-fail-fast; \

@@ -164,3 +164,22 @@ async fn make_run_stops_the_server_it_started_and_leaves_running_ones_alone() {
         "make run stopped servers that were running before it"
     );
 }
+
+/// `make test` is one of a newcomer's two commands, so it makes sure of the
+/// servers itself, as `make run` does, before anything that needs them.
+#[test]
+fn make_test_makes_sure_of_the_servers_before_the_suite() {
+    let out = Command::new("make")
+        .args(["-n", "test"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let plan = String::from_utf8_lossy(&out.stdout);
+    let at = |what: &str| {
+        plan.find(what)
+            .unwrap_or_else(|| panic!("no {what}:\n{plan}"))
+    };
+    assert!(at("ensure-services.sh") < at("test-prereqs.sh"), "{plan}");
+    assert!(at("test-prereqs.sh") < at("nextest run"), "{plan}");
+}
