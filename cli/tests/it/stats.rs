@@ -13,7 +13,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::harness::TestApp;
+use crate::gate::{Gate, advisory_waits};
+use crate::harness::{TestApp, wait_until};
 
 async fn app() -> TestApp {
     TestApp::spawn_with(1, |_| {}).await
@@ -934,4 +935,100 @@ async fn rejected_webhooks_are_counted_by_reason_rolled_up_and_exported() {
         .await
         .unwrap();
     assert_eq!(response.status(), 400);
+}
+
+/// Two overlapping `stats.retention` runs: B read the unsealed days (D among
+/// them) and waits at its first write; A seals D, commits, and stops half way
+/// through deleting D's raw rows. B then goes on: it must not recompute D from
+/// the half-deleted rows (which would overwrite A's numbers with lower ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_retention_runs_never_recompute_a_sealed_day_from_half_deleted_rows() {
+    let app = TestApp::spawn_with(2, |_| {}).await;
+    insert_jobs(
+        &app,
+        120,
+        "date_trunc('day', now(), 'UTC') - interval '40 days'",
+        86_400,
+        13,
+    )
+    .await;
+    let day = chrono::Utc::now()
+        .duration_trunc(chrono::Duration::days(1))
+        .unwrap()
+        - chrono::Duration::days(40);
+    let expected = expected_job_stats(&app, chrono::Duration::days(1)).await;
+
+    // The first write of the first run (B) after it read the day list waits
+    // at the gate: a rollup row (before the fix) or the sealed day (after).
+    execute(&app, "CREATE SEQUENCE gate_once").await;
+    let gate = Gate::close(
+        &app,
+        "job_stats_hourly",
+        "INSERT",
+        "nextval('gate_once') = 1",
+    );
+    execute(
+        &app,
+        "CREATE TRIGGER gate BEFORE INSERT ON stats_sealed_days FOR EACH ROW EXECUTE FUNCTION gate()",
+    )
+    .await;
+    // A's 21st deleted job waits until `deletes` is released, so 14 deletions
+    // (two batches of 7) are committed and D's raw rows half gone.
+    let mut deletes = app.db.conn();
+    deletes
+        .batch_execute(
+            "SELECT pg_advisory_lock(7332);
+             CREATE SEQUENCE deleted;
+             CREATE FUNCTION hold_deletes() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF nextval('deleted') > 14 THEN
+                     PERFORM pg_advisory_xact_lock_shared(7332);
+                 END IF;
+                 RETURN OLD;
+             END $$;
+             CREATE TRIGGER hold_deletes BEFORE DELETE ON jobs
+                 FOR EACH ROW EXECUTE FUNCTION hold_deletes();",
+        )
+        .unwrap();
+
+    let args = json!({"max_age_days": 30, "batch": 7});
+    let b = app.enqueue("stats.retention", args.clone()).await;
+    wait_until(Duration::from_secs(30), || async {
+        advisory_waits(&app).await == 1
+    })
+    .await;
+    let a = app.enqueue("stats.retention", args).await;
+    wait_until(Duration::from_secs(30), || async {
+        advisory_waits(&app).await == 2
+    })
+    .await;
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM stats_sealed_days")
+            .await,
+        1
+    );
+    gate.open();
+    // B ends its seal transaction, then its deletes wait as A's do (or for
+    // A's locked rows); give it time to have committed what it would.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    deletes
+        .batch_execute("SELECT pg_advisory_unlock(7332)")
+        .unwrap();
+    for id in [a, b] {
+        app.wait_for_state(id, "succeeded", Duration::from_secs(30))
+            .await;
+    }
+    assert_eq!(
+        app.count(
+            "SELECT count(*) AS n FROM jobs WHERE finished_at < date_trunc('day', now(), 'UTC') - interval '30 days'"
+        )
+        .await,
+        0
+    );
+    let daily: Vec<_> = table(&app, "job_stats_daily")
+        .await
+        .into_iter()
+        .filter(|r| r.bucket == day)
+        .collect();
+    assert_matches(&daily, &expected, day, day + chrono::Duration::days(1));
 }

@@ -4,7 +4,10 @@
 //!
 //! Before any raw row of a UTC day is deleted, that day's hourly and daily job
 //! and webhook rollups are recomputed one last time from the complete raw rows
-//! and the day is *sealed* (`stats_sealed_days`); deletes only touch sealed days. Rollup
+//! and the day is *sealed* (`stats_sealed_days`); deletes only touch sealed days.
+//! The sealed-day row is written first in that transaction, so of two
+//! overlapping runs only one recomputes a day: the other waits on its primary
+//! key, then skips the day rather than recompute it from half-deleted rows. Rollup
 //! lookbacks (at most 48 hours, 3 days) never reach a day this old (at least 7),
 //! so a sealed window is never recomputed from partial rows. Jobs that never
 //! reached a final state are kept: they need an operator, not a sweeper. Old
@@ -76,7 +79,8 @@ where
     Ok(deleted)
 }
 
-/// The cutoff (a UTC midnight `max_age_days` back) and how many days were newly sealed.
+/// The cutoff (a UTC midnight `max_age_days` back) and how many days this run
+/// sealed (a day another run sealed first is skipped, not recomputed).
 fn seal(conn: &mut PgConnection, max_age_days: u32) -> QueryResult<(DateTime<Utc>, usize)> {
     #[derive(QueryableByName)]
     struct Day {
@@ -102,21 +106,31 @@ fn seal(conn: &mut PgConnection, max_age_days: u32) -> QueryResult<(DateTime<Utc
     ))
     .bind::<Timestamptz, _>(cutoff)
     .load::<Day>(conn)?;
+    let mut sealed = 0;
     for Day { day } in &days {
         let end = *day + Granularity::Day.duration();
-        conn.transaction(|conn| {
+        sealed += conn.transaction(|conn| {
+            // The sealed-day row first: an overlapping run that read the same
+            // day list waits here on the primary key until this transaction
+            // ends, then finds the day sealed and leaves it alone; otherwise
+            // it would recompute the day from rows this run is deleting.
+            let claimed = diesel::sql_query(
+                "INSERT INTO stats_sealed_days (day) VALUES ($1) \
+                 ON CONFLICT DO NOTHING RETURNING day",
+            )
+            .bind::<Timestamptz, _>(*day)
+            .load::<Day>(conn)?;
+            if claimed.is_empty() {
+                return Ok::<_, diesel::result::Error>(0);
+            }
             rollup::jobs(conn, Granularity::Hour, *day, end)?;
             rollup::jobs(conn, Granularity::Day, *day, end)?;
             rollup::webhooks(conn, Granularity::Hour, *day, end)?;
             rollup::webhooks(conn, Granularity::Day, *day, end)?;
-            diesel::sql_query(
-                "INSERT INTO stats_sealed_days (day) VALUES ($1) ON CONFLICT DO NOTHING",
-            )
-            .bind::<Timestamptz, _>(*day)
-            .execute(conn)
+            Ok(1)
         })?;
     }
-    Ok((cutoff, days.len()))
+    Ok((cutoff, sealed))
 }
 
 /// Raw rows that retention deletes once their UTC day is sealed.
