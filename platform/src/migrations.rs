@@ -7,11 +7,21 @@
 //! traffic fail fast with a clear message instead of hanging a deploy.
 //! `ingress` and `worker` call [`ensure_current`] and refuse to start on a
 //! database that is behind or ahead of this binary.
+//!
+//! A migration that runs outside a transaction (`run_in_transaction = false`,
+//! used only for `CREATE`/`DROP INDEX CONCURRENTLY`) runs without that
+//! timeout: such a build takes no lock that queues traffic, but waits for
+//! every transaction older than it to end, and a rollup or report open for
+//! longer than `lock_timeout` would make it fail for nothing. A failed build
+//! leaves an INVALID index of its name behind; when the rerun then stops at
+//! "already exists" on an INVALID index nobody is building, the runner drops
+//! that index and runs the migration again, so a plain rerun just works.
 
 use std::collections::BTreeSet;
 
 use diesel::connection::SimpleConnection;
 use diesel::migration::MigrationSource;
+use diesel::migration::{Migration, MigrationVersion};
 use diesel::pg::Pg;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
@@ -60,7 +70,8 @@ pub struct MigrationStatus {
 fn failed(context: &str, err: impl std::fmt::Display) -> MigrationError {
     let text = err.to_string();
     let hint = if text.contains("lock timeout") {
-        " (a table is locked by running traffic; stop workers or retry when quieter)"
+        " (a table is locked by running traffic; stop workers or retry when quieter, \
+         or raise database.lock_timeout_ms for this run)"
     } else {
         ""
     };
@@ -105,7 +116,9 @@ pub fn run_pending(config: &DatabaseConfig) -> Result<Vec<String>, MigrationErro
 /// Each migration runs in its own transaction (unless its metadata says
 /// `run_in_transaction = false`), one after the other, so a failure leaves
 /// the ones before it applied, the failing one and those after it pending, and
-/// nothing of the failing one behind. The error names the failing migration.
+/// nothing of the failing one behind (but for an INVALID index of a failed
+/// `CONCURRENTLY` build, which the next run drops and builds again). The
+/// error names the failing migration.
 pub fn run_pending_from<S: MigrationSource<Pg>>(
     config: &DatabaseConfig,
     source: S,
@@ -113,11 +126,91 @@ pub fn run_pending_from<S: MigrationSource<Pg>>(
     create_database_if_missing(config)?;
     let mut conn = connect(config)?;
     with_lock(&mut conn, config, |conn| {
-        let applied = conn
-            .run_pending_migrations(source)
-            .map_err(|e| failed("migration failed", e))?;
-        Ok(applied.into_iter().map(|v| v.to_string()).collect())
+        let pending = conn
+            .pending_migrations(source)
+            .map_err(|e| failed("reading pending migrations", e))?;
+        let mut applied = Vec::with_capacity(pending.len());
+        for migration in &pending {
+            let version = if migration.metadata().run_in_transaction() {
+                conn.run_migration(migration.as_ref())
+                    .map_err(|e| failed("migration failed", e))?
+            } else {
+                run_outside_transaction(conn, config, migration.as_ref())?
+            };
+            applied.push(version.to_string());
+        }
+        Ok(applied)
     })
+}
+
+/// Runs a `run_in_transaction = false` migration with no `lock_timeout`, and
+/// once more after dropping the INVALID index of a failed earlier build that
+/// stopped it with "already exists".
+fn run_outside_transaction(
+    conn: &mut PgConnection,
+    config: &DatabaseConfig,
+    migration: &dyn Migration<Pg>,
+) -> Result<MigrationVersion<'static>, MigrationError> {
+    conn.batch_execute("SET lock_timeout = 0")
+        .map_err(|e| failed("clearing lock_timeout", e))?;
+    let mut result = conn.run_migration(migration);
+    if let Err(err) = &result
+        && let Some(index) = invalid_leftover(conn, &err.to_string())?
+    {
+        tracing::warn!(
+            migration = %migration.name(),
+            %index,
+            "dropping the INVALID index a failed CONCURRENTLY build left behind, then running the migration again"
+        );
+        conn.batch_execute(&format!("DROP INDEX CONCURRENTLY {index}"))
+            .map_err(|e| failed(&format!("dropping the INVALID index {index}"), e))?;
+        result = conn.run_migration(migration);
+    }
+    conn.batch_execute(&format!(
+        "SET lock_timeout = '{}ms'",
+        config.lock_timeout_ms
+    ))
+    .map_err(|e| failed("setting lock_timeout", e))?;
+    result.map_err(|e| {
+        let err = failed("migration failed", e);
+        MigrationError::Failed(format!(
+            "{err} (it runs outside a transaction: statements before the failing one stay applied; \
+             an index it failed to build is left INVALID, and the next `conveyor migrate run` \
+             drops it and builds it again)"
+        ))
+    })
+}
+
+/// The quoted, schema-qualified name of the index an "already exists" error
+/// names when that index is INVALID and no build of it is in progress (the
+/// leftover of a failed `CREATE INDEX CONCURRENTLY`); `None` otherwise.
+fn invalid_leftover(
+    conn: &mut PgConnection,
+    error: &str,
+) -> Result<Option<String>, MigrationError> {
+    #[derive(QueryableByName)]
+    struct Leftover {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+    }
+    let Some(name) = error
+        .split_once("relation \"")
+        .and_then(|(_, rest)| rest.split_once("\" already exists"))
+        .map(|(name, _)| name)
+    else {
+        return Ok(None);
+    };
+    let row: Option<Leftover> = diesel::sql_query(
+        "SELECT i.indexrelid::regclass::text AS name FROM pg_index i \
+         WHERE i.indexrelid = to_regclass(quote_ident($1)) AND NOT i.indisvalid \
+           AND NOT EXISTS (SELECT 1 FROM pg_stat_progress_create_index p \
+                           WHERE p.index_relid = i.indexrelid)",
+    )
+    .bind::<diesel::sql_types::Text, _>(name)
+    .get_result(conn)
+    .optional()
+    .map_err(|e| failed("looking for an INVALID index", e))?;
+    Ok(row.map(|row| row.name))
 }
 
 /// Reverts the most recent migration; returns its version, or `None` when none is applied.

@@ -2,11 +2,15 @@
 //! against the real runner with a failing migration planted first and last:
 //! `status` shows what the runbook says, nothing of the failing migration is
 //! left behind, and a rerun after the fix continues at the failed migration.
+//! A `CONCURRENTLY` build waits out a long transaction instead of failing at
+//! the lock timeout, and a rerun after a failed build drops the INVALID index
+//! it left and builds it.
 
 use std::path::Path;
 
 use conveyor_platform::Config;
 use conveyor_platform::migrations::{self, MigrationStatus};
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::Bool;
 use diesel_migrations::FileBasedMigrations;
@@ -152,4 +156,130 @@ fn a_migration_failing_after_partly_applying_keeps_the_earlier_ones_and_a_rerun_
             .all(|(_, applied)| *applied)
     );
     assert!(table_exists(&db, "planted_three"));
+}
+
+/// Writes migration `version` running `up`, outside a transaction when
+/// `concurrently` (as the `CREATE INDEX CONCURRENTLY` migrations do).
+fn plant_sql(dir: &Path, version: &str, name: &str, up: &str, concurrently: bool) {
+    let folder = dir.join(format!("{version}_{name}"));
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("up.sql"), up).unwrap();
+    std::fs::write(folder.join("down.sql"), "SELECT 1;\n").unwrap();
+    if concurrently {
+        std::fs::write(folder.join("metadata.toml"), "run_in_transaction = false\n").unwrap();
+    }
+}
+
+/// `Some(valid)` for the index `name`, `None` when there is none.
+fn index_valid(db: &TestDb, name: &str) -> Option<bool> {
+    #[derive(QueryableByName)]
+    struct Valid {
+        #[diesel(sql_type = Bool)]
+        valid: bool,
+    }
+    diesel::sql_query(format!(
+        "SELECT indisvalid AS valid FROM pg_index WHERE indexrelid = to_regclass('{name}')"
+    ))
+    .get_result::<Valid>(&mut db.conn())
+    .optional()
+    .unwrap()
+    .map(|row| row.valid)
+}
+
+#[test]
+fn a_concurrently_build_waits_for_a_transaction_open_longer_than_the_lock_timeout() {
+    let (db, mut config, dir) = setup();
+    config.database.lock_timeout_ms = 300;
+    plant(dir.path(), V1, "planted_one", false);
+    migrations::run_pending_from(&config.database, source(dir.path())).unwrap();
+    plant_sql(
+        dir.path(),
+        V2,
+        "planted_index",
+        "CREATE INDEX CONCURRENTLY planted_one_id ON planted_one (id);\n",
+        true,
+    );
+
+    // A long report: its snapshot is older than the build, which must wait
+    // for it to end (here 2 s, well past the 300 ms lock timeout).
+    let mut report = db.conn();
+    let hold = std::time::Duration::from_secs(2);
+    let report = std::thread::spawn(move || {
+        diesel::sql_query(format!("SELECT pg_sleep({})", hold.as_secs_f64()))
+            .execute(&mut report)
+            .unwrap();
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let applied = migrations::run_pending_from(&config.database, source(dir.path()));
+    report.join().unwrap();
+    assert_eq!(applied.unwrap(), [V2], "the build waited for the report");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1_000),
+        "it did wait: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(index_valid(&db, "planted_one_id"), Some(true));
+    // Migrations run in a transaction still fail fast on a lock.
+    plant_sql(
+        dir.path(),
+        V3,
+        "planted_column",
+        "ALTER TABLE planted_one ADD COLUMN extra int;\n",
+        false,
+    );
+    let mut holder = db.conn();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE planted_one IN ACCESS SHARE MODE;")
+        .unwrap();
+    let err = migrations::run_pending_from(&config.database, source(dir.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("lock timeout"), "{err}");
+}
+
+#[test]
+fn a_rerun_drops_the_invalid_index_a_failed_concurrently_build_left_and_builds_it() {
+    let (db, config, dir) = setup();
+    // Duplicates make the unique build fail after it created its index.
+    plant(dir.path(), V1, "planted_one", false);
+    migrations::run_pending_from(&config.database, source(dir.path())).unwrap();
+    db.conn()
+        .batch_execute("INSERT INTO planted_one VALUES (1)")
+        .unwrap();
+    plant_sql(
+        dir.path(),
+        V2,
+        "planted_unique",
+        "CREATE UNIQUE INDEX CONCURRENTLY planted_one_unique ON planted_one (id);\n",
+        true,
+    );
+    let err = migrations::run_pending_from(&config.database, source(dir.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(V2), "{err}");
+    assert!(
+        err.contains("the next `conveyor migrate run` drops it and builds it again"),
+        "the advice says what a rerun does: {err}"
+    );
+    assert_eq!(
+        index_valid(&db, "planted_one_unique"),
+        Some(false),
+        "the failed build left an INVALID index"
+    );
+
+    // Fix the data, rerun the same migration: it just works.
+    db.conn()
+        .batch_execute("DELETE FROM planted_one; INSERT INTO planted_one VALUES (1)")
+        .unwrap();
+    assert_eq!(
+        migrations::run_pending_from(&config.database, source(dir.path())).unwrap(),
+        [V2]
+    );
+    assert_eq!(index_valid(&db, "planted_one_unique"), Some(true));
+    assert!(
+        status(&config, dir.path())
+            .iter()
+            .all(|(_, applied)| *applied)
+    );
 }
