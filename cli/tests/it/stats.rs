@@ -1032,3 +1032,59 @@ async fn overlapping_retention_runs_never_recompute_a_sealed_day_from_half_delet
         .collect();
     assert_matches(&daily, &expected, day, day + chrono::Duration::days(1));
 }
+
+/// Two overlapping hourly rollups: A read the jobs before a late one committed
+/// and waits at its upsert; B starts after the late job committed. A's older
+/// counts must not end up over B's newer ones: the rollups of one table run
+/// one after the other, the second reading after the first committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_rollups_never_put_back_stale_counts() {
+    let app = TestApp::spawn_with(2, |_| {}).await;
+    insert_jobs(&app, 40, "now() - interval '20 minutes'", 600, 5).await;
+    // A's upsert of its first row waits at the gate, its snapshot taken.
+    execute(&app, "CREATE SEQUENCE gate_once").await;
+    let gate = Gate::close(
+        &app,
+        "job_stats_hourly",
+        "INSERT",
+        "nextval('gate_once') = 1",
+    );
+    let a = app
+        .enqueue("stats.rollup_hourly", json!({"lookback": 3}))
+        .await;
+    wait_until(Duration::from_secs(30), || async {
+        advisory_waits(&app).await == 1
+    })
+    .await;
+    // The late job commits, then B runs: it finishes (before the fix) or
+    // waits for A (after).
+    execute(
+        &app,
+        "INSERT INTO jobs (id, task, queue, state, args, attempts, max_attempts, enqueued_at, started_at, finished_at) \
+         VALUES (gen_random_uuid(), 'diag.noop', 'default', 'succeeded', '{}', 1, 5, \
+                 now() - interval '3 seconds', now() - interval '2 seconds', now() - interval '1 second')",
+    )
+    .await;
+    let b = app
+        .enqueue("stats.rollup_hourly", json!({"lookback": 3}))
+        .await;
+    let b_done = format!("SELECT count(*) AS n FROM jobs WHERE id = '{b}' AND state = 'succeeded'");
+    wait_until(Duration::from_secs(30), || async {
+        advisory_waits(&app).await == 2 || app.count(&b_done).await == 1
+    })
+    .await;
+    gate.open();
+    for id in [a, b] {
+        app.wait_for_state(id, "succeeded", Duration::from_secs(30))
+            .await;
+    }
+
+    let expected = expected_job_stats(&app, chrono::Duration::hours(1)).await;
+    let (hour, _) = current_windows(&app).await;
+    assert_matches(
+        &table(&app, "job_stats_hourly").await,
+        &expected,
+        hour - chrono::Duration::hours(2),
+        hour + chrono::Duration::hours(1),
+    );
+}

@@ -6,6 +6,12 @@
 //! nothing changed. Rows are never deleted: windows whose raw rows retention
 //! removed are sealed and lie outside every rollup's lookback.
 //!
+//! Two rollups of one table (two overlapping `stats.rollup_hourly` runs, say)
+//! run one after the other: each takes `lock` on its table before its
+//! statement reads, so the second reads after the first committed. Without it,
+//! under READ COMMITTED, a rollup whose snapshot predates a late row could
+//! upsert its older counts over a newer rollup's committed row.
+//!
 //! Mail and webhook rollups read tables that other features own
 //! (`campaign_recipients`, `webhook_events`, `webhook_rejections`); when such a
 //! table does not exist in this database, that part is skipped.
@@ -14,7 +20,7 @@ use chrono::{DateTime, Utc};
 use conveyor_schema::stats::{Family, Granularity};
 use diesel::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Bool, Text, Timestamptz};
+use diesel::sql_types::{Bool, Integer, Text, Timestamptz};
 
 /// What one rollup did, for the log.
 #[derive(Debug, Default, Clone, Copy)]
@@ -28,15 +34,34 @@ pub struct Rolled {
     pub webhooks: Option<usize>,
 }
 
+/// First key of the rollups' advisory locks; the second is `hashtext` of the
+/// rollup table's name. Two-key locks never meet single-key ones (the
+/// migrations' lock); distinct from the headshot files' class.
+const ROLLUP_LOCK_CLASS: i32 = 0x5354_4154;
+
+/// Takes the lock on the rollup table `table` until the transaction ends, in
+/// a statement of its own, so the rollup's statement after it takes its
+/// snapshot once an earlier rollup of the table has committed. Call it inside
+/// the rollup's transaction (outside one it is released at once).
+fn lock(conn: &mut PgConnection, table: &str) -> QueryResult<()> {
+    diesel::sql_query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .bind::<Integer, _>(ROLLUP_LOCK_CLASS)
+        .bind::<Text, _>(table)
+        .execute(conn)?;
+    Ok(())
+}
+
 /// Recomputes job statistics for `[from, to)`: jobs that reached a final
 /// state in each window, per task. `retried` counts those that needed more
-/// than one attempt; durations are of the final attempt.
+/// than one attempt; durations are of the final attempt. Waits for any other
+/// rollup of the same table to commit first (see `lock`).
 pub fn jobs(
     conn: &mut PgConnection,
     granularity: Granularity,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> QueryResult<usize> {
+    lock(conn, Family::Jobs.table(granularity))?;
     let sql = format!(
         "WITH finished AS ( \
              SELECT date_trunc('{unit}', finished_at, 'UTC') AS bucket, task, state, attempts, \
@@ -92,6 +117,7 @@ pub fn mail(
     if !table_exists(conn, Family::Mail.source_table())? {
         return Ok(None);
     }
+    lock(conn, Family::Mail.table(granularity))?;
     diesel::sql_query(mail_statement(granularity))
         .bind::<Timestamptz, _>(from)
         .bind::<Timestamptz, _>(to)
@@ -160,6 +186,7 @@ pub fn webhooks(
     if parts.is_empty() {
         return Ok(None);
     }
+    lock(conn, Family::Webhooks.table(granularity))?;
     let sql = format!(
         "INSERT INTO {table} AS t (bucket, source, outcome, reason, events, computed_at) \
          SELECT date_trunc('{unit}', at, 'UTC'), source, outcome, reason, sum(n)::bigint, now() \
