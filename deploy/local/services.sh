@@ -172,16 +172,33 @@ svc_pg_trust_local_tcp() { # pg_hba.conf
   svc_say "PostgreSQL: user postgres may now log in over 127.0.0.1/::1 without a password ($hba)"
 }
 
+# Checks that `conveyor` will be able to log in, without a password prompt:
+# with CONVEYOR_DATABASE_URL when it is set (a database it names that does not
+# exist yet is fine: `conveyor migrate run` creates it), else as user postgres
+# without a password, as the default URL does. Run whether this script started
+# the server or found it running (skipped in dry-run mode and without psql).
 svc_pg_check_login() { # host port
   svc_dry && return 0
   command -v psql >/dev/null 2>&1 || return 0
-  if ! PGCONNECT_TIMEOUT=5 psql -h "$1" -p "$2" -U postgres -d postgres -w -c 'select 1' >/dev/null 2>&1; then
-    svc_err "PostgreSQL runs, but user postgres cannot log in over TCP without a password."
-    svc_err "Either set CONVEYOR_DATABASE_URL=postgres://USER:PASSWORD@$1:$2/conveyor, or put"
-    svc_err "  ${SVC_PG_TRUST_RULES//$'\n'/ | }"
-    svc_err "first in pg_hba.conf and reload PostgreSQL (local development only)."
-    return 1
+  local why
+  if [[ -n "${CONVEYOR_DATABASE_URL:-}" ]]; then
+    why="$(PGCONNECT_TIMEOUT=5 psql -d "$CONVEYOR_DATABASE_URL" -w -X -c 'select 1' 2>&1 >/dev/null)" && return 0
+  else
+    why="$(PGCONNECT_TIMEOUT=5 psql -h "$1" -p "$2" -U postgres -d postgres -w -X -c 'select 1' 2>&1 >/dev/null)" && return 0
   fi
+  if [[ "$why" == *"database \""*"\" does not exist"* ]]; then
+    return 0
+  fi
+  if [[ -n "${CONVEYOR_DATABASE_URL:-}" ]]; then
+    svc_err "PostgreSQL runs at $1:$2, but the login in CONVEYOR_DATABASE_URL does not work:"
+  else
+    svc_err "PostgreSQL runs at $1:$2, but user postgres cannot log in over TCP without a password:"
+  fi
+  svc_err "  ${why//$'\n'/ }"
+  svc_err "Either set CONVEYOR_DATABASE_URL=postgres://USER:PASSWORD@$1:$2/conveyor, or put"
+  svc_err "  ${SVC_PG_TRUST_RULES//$'\n'/ | }"
+  svc_err "first in pg_hba.conf and reload PostgreSQL (local development only)."
+  return 1
 }
 
 # What to do about PostgreSQL, given the facts (each `yes` or `no` unless noted):
@@ -190,7 +207,8 @@ svc_postgres_actions() {
   local host="$1" port="$2" answers="$3" is_local="$4" version="$5" binary="$6" root="$7" manager="$8"
   if [[ "$answers" == yes ]]; then
     svc_say "PostgreSQL answers at $host:$port"
-    return 0
+    svc_pg_check_login "$host" "$port"
+    return
   fi
   if [[ "$is_local" != yes ]]; then
     svc_err "PostgreSQL at $host:$port does not answer, and it is not local; start it or fix CONVEYOR_DATABASE_URL"

@@ -355,6 +355,8 @@ fn ensure_services_dry_run_uses_the_running_servers_and_records_nothing() {
 struct ScratchCluster {
     bin: PathBuf,
     data: PathBuf,
+    /// Holds `data`, the log and the socket; deleted after the stop.
+    dir: tempfile::TempDir,
 }
 
 impl Drop for ScratchCluster {
@@ -383,13 +385,11 @@ fn psql_without_password(port: u16) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// The rules really let the default URL's user in: a scratch cluster made
-/// like Debian's (scram-sha-256 for TCP) refuses a passwordless login, and
-/// accepts one after `svc_pg_trust_local_tcp` and a reload. Needs root,
-/// Debian's PostgreSQL server binaries and the `postgres` user; skipped loudly
-/// otherwise.
-#[test]
-fn trust_rules_let_user_postgres_in_over_tcp_without_a_password() {
+/// A scratch cluster made like Debian's (peer for the socket, scram-sha-256
+/// for TCP) on a free port, with its socket in its `dir`. Needs
+/// root, Debian's PostgreSQL server binaries and the `postgres` user; `None`
+/// (after saying loudly what was not checked) otherwise.
+fn scram_cluster(unchecked: &str) -> Option<(ScratchCluster, u16)> {
     let mut bins: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .map(|dir| dir.flatten().map(|e| e.path().join("bin")).collect())
         .unwrap_or_default();
@@ -402,9 +402,9 @@ fn trust_rules_let_user_postgres_in_over_tcp_without_a_password() {
     let (Some(bin), true) = (bins.pop(), is_root) else {
         eprintln!(
             "\n\n!!!!! SKIPPED: needs root and Debian's PostgreSQL server (/usr/lib/postgresql/*/bin/initdb);\n\
-             !!!!! the pg_hba.conf trust rules were NOT checked against a real server.\n\n"
+             !!!!! {unchecked} NOT checked against a real server.\n\n"
         );
-        return;
+        return None;
     };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -429,10 +429,6 @@ fn trust_rules_let_user_postgres_in_over_tcp_without_a_password() {
         .local_addr()
         .unwrap()
         .port();
-    let cluster = ScratchCluster {
-        bin: bin.clone(),
-        data: data.clone(),
-    };
     let start = as_postgres(&format!(
         "{}/pg_ctl -D {} -l {}/log -w -o '-p {port} -k {} -c listen_addresses=127.0.0.1' start",
         bin.display(),
@@ -440,6 +436,7 @@ fn trust_rules_let_user_postgres_in_over_tcp_without_a_password() {
         dir.path().display(),
         dir.path().display()
     ));
+    let cluster = ScratchCluster { bin, data, dir };
     assert!(
         start.status.success(),
         "{}",
@@ -447,8 +444,21 @@ fn trust_rules_let_user_postgres_in_over_tcp_without_a_password() {
     );
     assert!(
         !psql_without_password(port),
-        "the scratch cluster let postgres in before the rules"
+        "the scratch cluster let postgres in without a password"
     );
+    Some((cluster, port))
+}
+
+/// The rules really let the default URL's user in: a scratch cluster made
+/// like Debian's (scram-sha-256 for TCP) refuses a passwordless login, and
+/// accepts one after `svc_pg_trust_local_tcp` and a reload. Skipped loudly
+/// where [`scram_cluster`] cannot run one.
+#[test]
+fn trust_rules_let_user_postgres_in_over_tcp_without_a_password() {
+    let Some((cluster, port)) = scram_cluster("the pg_hba.conf trust rules were") else {
+        return;
+    };
+    let (bin, data) = (cluster.bin.clone(), cluster.data.clone());
 
     let hba = data.join("pg_hba.conf");
     let owner = |path: &std::path::Path| {
@@ -485,5 +495,91 @@ fn trust_rules_let_user_postgres_in_over_tcp_without_a_password() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    drop(cluster);
+}
+
+/// `ensure-services.sh` (for real, not a dry run: both servers answer, so it
+/// changes nothing) against `database_url`, with the shared RabbitMQ.
+fn ensure_services(database_url: Option<&str>) -> Outcome {
+    let mut command = Command::new("bash");
+    command
+        .arg("deploy/local/ensure-services.sh")
+        .current_dir(repo())
+        .env("CONVEYOR_AMQP_URL", crate::harness::AMQP_URL)
+        .env_remove("CONVEYOR_DATABASE_URL");
+    if let Some(url) = database_url {
+        command.env("CONVEYOR_DATABASE_URL", url);
+    }
+    let out = command.output().unwrap();
+    Outcome {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A server that already runs but wants a password the URL does not give is
+/// caught by `ensure-services.sh`, with the way out, rather than later by
+/// `migrate run`; with the password in the URL it passes. The shared server
+/// (trust) passes with the default URL and with a database not created yet.
+#[test]
+fn a_running_server_that_wants_a_password_is_explained_up_front() {
+    for url in [
+        None,
+        Some(format!("{}/not_created_yet", crate::harness::PG_SERVER)),
+    ] {
+        let out = ensure_services(url.as_deref());
+        assert!(out.ok, "{url:?}: {}{}", out.stdout, out.stderr);
+        assert!(
+            out.stdout.contains("PostgreSQL answers at 127.0.0.1:5432"),
+            "{}",
+            out.stdout
+        );
+    }
+
+    let Some((cluster, port)) = scram_cluster("the login check of a running server was") else {
+        return;
+    };
+    let out = ensure_services(Some(&format!(
+        "postgres://postgres@127.0.0.1:{port}/conveyor"
+    )));
+    assert!(!out.ok, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .contains(&format!("PostgreSQL answers at 127.0.0.1:{port}")),
+        "{}",
+        out.stdout
+    );
+    for needed in [
+        "the login in CONVEYOR_DATABASE_URL does not work",
+        "no password supplied",
+        "CONVEYOR_DATABASE_URL=postgres://USER:PASSWORD@127.0.0.1:",
+        "host all postgres 127.0.0.1/32 trust",
+        "pg_hba.conf",
+    ] {
+        assert!(out.stderr.contains(needed), "{needed:?} in: {}", out.stderr);
+    }
+    assert!(
+        !out.stdout.contains("RabbitMQ"),
+        "it stopped at PostgreSQL: {}",
+        out.stdout
+    );
+
+    // Give postgres a password (over the socket, where peer lets us in) and
+    // put it in the URL: the check passes.
+    let set = as_postgres(&format!(
+        "psql -h {} -p {port} -U postgres -d postgres -c \"ALTER USER postgres PASSWORD 'local-secret'\"",
+        cluster.dir.path().display()
+    ));
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let out = ensure_services(Some(&format!(
+        "postgres://postgres:local-secret@127.0.0.1:{port}/conveyor"
+    )));
+    assert!(out.ok, "{}{}", out.stdout, out.stderr);
+    assert!(!out.stderr.contains("local-secret"), "{}", out.stderr);
     drop(cluster);
 }
