@@ -210,15 +210,14 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
     let versions: Vec<&String> = applied.iter().map(|(_, v)| v).collect();
     assert_eq!(versions, pending.iter().map(|(_, v)| v).collect::<Vec<_>>());
 
-    // The newest builds an index CONCURRENTLY (outside a transaction); the
-    // one before adds a column. Each revert undoes exactly one of them, and
-    // `run` applies both again.
-    let (index_migration, column_migration) =
-        (&folders[folders.len() - 1], &folders[folders.len() - 2]);
+    // The newest two each build an index CONCURRENTLY (outside a
+    // transaction). Each revert undoes exactly one of them, and `run`
+    // applies both again.
+    let (newest, before) = (&folders[folders.len() - 1], &folders[folders.len() - 2]);
     assert!(
-        index_migration.ends_with("_dead_jobs_unhandled_index")
-            && column_migration.ends_with("_campaigns_producer"),
-        "update this test: {column_migration}, {index_migration}"
+        newest.ends_with("_webhook_events_recorded_at")
+            && before.ends_with("_dead_jobs_unhandled_index"),
+        "update this test: {before}, {newest}"
     );
     #[derive(diesel::QueryableByName)]
     struct Name {
@@ -234,39 +233,35 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
             .map(|row| row.name)
             .collect::<Vec<_>>()
     };
-    let dead_job_indexes = || {
+    let indexes = || {
         names(
             "SELECT indexname AS name FROM pg_indexes \
-             WHERE tablename = 'dead_jobs' ORDER BY indexname",
+             WHERE tablename IN ('dead_jobs', 'webhook_events') ORDER BY indexname",
         )
     };
-    let producer_column = || {
-        names(
-            "SELECT column_name::text AS name FROM information_schema.columns \
-             WHERE table_name = 'campaigns' AND column_name = 'producer'",
-        )
-        .len()
+    let all = indexes();
+    let without = |gone: &[&str]| -> Vec<String> {
+        all.iter()
+            .filter(|name| !gone.contains(&name.as_str()))
+            .cloned()
+            .collect()
     };
-    let all = dead_job_indexes();
-    assert!(all.contains(&"dead_jobs_unhandled".to_owned()), "{all:?}");
-    assert_eq!(producer_column(), 1);
+    for name in ["dead_jobs_unhandled", "webhook_events_recorded_at"] {
+        assert!(all.contains(&name.to_owned()), "{all:?}");
+    }
     let [.., before_last, last] = versions.as_slice() else {
         panic!("{applied:?}")
     };
 
-    let without: Vec<String> = all
-        .iter()
-        .filter(|name| *name != "dead_jobs_unhandled")
-        .cloned()
-        .collect();
     let reverted = conveyor_migrate(&db, &["revert"]);
     assert_eq!(reverted.trim(), format!("reverted {last}"));
-    assert_eq!(dead_job_indexes(), without);
-    assert_eq!(producer_column(), 1);
+    assert_eq!(indexes(), without(&["webhook_events_recorded_at"]));
     let reverted = conveyor_migrate(&db, &["revert"]);
     assert_eq!(reverted.trim(), format!("reverted {before_last}"));
-    assert_eq!(dead_job_indexes(), without);
-    assert_eq!(producer_column(), 0);
+    assert_eq!(
+        indexes(),
+        without(&["webhook_events_recorded_at", "dead_jobs_unhandled"])
+    );
     let after = migrate_status(&db);
     let (kept, undone) = after.split_at(after.len() - 2);
     assert!(
@@ -282,8 +277,7 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         conveyor_migrate(&db, &["run"]).trim(),
         format!("applied {before_last}\napplied {last}")
     );
-    assert_eq!(dead_job_indexes(), all);
-    assert_eq!(producer_column(), 1);
+    assert_eq!(indexes(), all);
 }
 
 /// The Postgres type of a Diesel type in `schema/src/db.rs`, as

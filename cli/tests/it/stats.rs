@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::gate::{Gate, advisory_waits};
-use crate::harness::{TestApp, wait_until};
+use crate::harness::{PlanJson, TestApp, TestDb, scans_of, wait_until};
 
 async fn app() -> TestApp {
     TestApp::spawn_with(1, |_| {}).await
@@ -1087,4 +1087,68 @@ async fn overlapping_rollups_never_put_back_stale_counts() {
         hour - chrono::Duration::hours(2),
         hour + chrono::Duration::hours(1),
     );
+}
+
+/// The hourly webhook rollup selects `webhook_events` by `recorded_at` alone,
+/// every 5 minutes: with sequential (and bitmap) scans priced out, its plan
+/// must read only its window's events, through `webhook_events_recorded_at`,
+/// not the whole index led by `source`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_rollup_reads_only_its_window_of_webhook_events() {
+    use conveyor_schema::stats::Granularity;
+    use conveyor_tasks::stats::rollup;
+
+    let db = tokio::task::spawn_blocking(TestDb::create).await.unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = db.conn();
+        // 5 000 events days before the window, then 5 in it.
+        conn.batch_execute(
+            "INSERT INTO webhook_events (source, webhook_id, outcome, recorded_at)
+             SELECT CASE WHEN g % 3 = 0 THEN 'members' ELSE 'billing' END, 'msg_old_' || g,
+                    'applied', now() - interval '2 days' - interval '1 minute' * g
+             FROM generate_series(1, 5000) g;
+             INSERT INTO webhook_events (source, webhook_id, outcome, recorded_at)
+             SELECT 'members', 'msg_new_' || g, 'accepted', now() - interval '30 minutes'
+             FROM generate_series(1, 5) g;",
+        )
+        .unwrap();
+        conn.batch_execute("VACUUM ANALYZE webhook_events").unwrap();
+        conn.batch_execute("SET enable_seqscan = off; SET enable_bitmapscan = off")
+            .unwrap();
+        let statement = rollup::webhooks_statement(&mut conn, Granularity::Hour)
+            .unwrap()
+            .unwrap();
+        let now = Utc::now();
+        let plan: PlanJson =
+            diesel::sql_query(format!("EXPLAIN (ANALYZE, FORMAT JSON) {statement}"))
+                .bind::<Timestamptz, _>(now - chrono::Duration::hours(3))
+                .bind::<Timestamptz, _>(now + chrono::Duration::hours(1))
+                .get_result(&mut conn)
+                .unwrap();
+        let plan: Value = serde_json::from_str(&plan.json).unwrap();
+        let scans = scans_of(&plan, "webhook_events");
+        assert!(!scans.is_empty(), "{plan}");
+        for (kind, index, rows) in &scans {
+            assert!(
+                kind.starts_with("Index") && index == "webhook_events_recorded_at",
+                "{kind} on {index:?}: {plan}"
+            );
+            assert!(*rows <= 5.0, "read {rows} rows of webhook_events: {plan}");
+        }
+        let events: i64 = diesel::sql_query(
+            "SELECT coalesce(sum(events), 0)::bigint AS n FROM webhook_stats_hourly",
+        )
+        .get_result::<N>(&mut conn)
+        .unwrap()
+        .n;
+        assert_eq!(events, 5);
+    })
+    .await
+    .unwrap();
+}
+
+#[derive(QueryableByName)]
+struct N {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
 }

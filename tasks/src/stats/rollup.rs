@@ -164,6 +164,25 @@ pub fn webhooks(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> QueryResult<Option<usize>> {
+    let Some(sql) = webhooks_statement(conn, granularity)? else {
+        return Ok(None);
+    };
+    lock(conn, Family::Webhooks.table(granularity))?;
+    diesel::sql_query(sql)
+        .bind::<Timestamptz, _>(from)
+        .bind::<Timestamptz, _>(to)
+        .execute(conn)
+        .map(Some)
+}
+
+/// [`webhooks`]'s statement for `granularity` in this database, taking the
+/// window as `$1` (from) and `$2` (to); `None` when neither source table
+/// exists. Public so that a test can check that its plan reads only the
+/// window of `webhook_events` (through the index `webhook_events_recorded_at`).
+pub fn webhooks_statement(
+    conn: &mut PgConnection,
+    granularity: Granularity,
+) -> QueryResult<Option<String>> {
     let mut parts = Vec::new();
     if table_exists(conn, Family::Webhooks.source_table())? {
         let reason = if column_exists(conn, "webhook_events", "reason")? {
@@ -186,8 +205,7 @@ pub fn webhooks(
     if parts.is_empty() {
         return Ok(None);
     }
-    lock(conn, Family::Webhooks.table(granularity))?;
-    let sql = format!(
+    Ok(Some(format!(
         "INSERT INTO {table} AS t (bucket, source, outcome, reason, events, computed_at) \
          SELECT date_trunc('{unit}', at, 'UTC'), source, outcome, reason, sum(n)::bigint, now() \
          FROM ({raw}) AS raw \
@@ -198,12 +216,7 @@ pub fn webhooks(
         unit = granularity.unit(),
         table = Family::Webhooks.table(granularity),
         raw = parts.join(" UNION ALL "),
-    );
-    diesel::sql_query(sql)
-        .bind::<Timestamptz, _>(from)
-        .bind::<Timestamptz, _>(to)
-        .execute(conn)
-        .map(Some)
+    )))
 }
 
 /// Every family for `[from, to)`, each in its own transaction, so job

@@ -1,0 +1,11 @@
+-- The webhook rollups (`stats.rollup_hourly` every 5 minutes, `stats.rollup_daily`
+-- hourly) and retention select `webhook_events` by `recorded_at` alone. The only
+-- index led with `source` (webhook_events_source_recorded_at), so each of them
+-- read the whole index, or the table, however small the window. This index
+-- makes the window a range of its own.
+--
+-- Built CONCURRENTLY (outside a transaction, see metadata.toml), so the ingress
+-- goes on recording webhook events while it is built. Should the build fail, it
+-- leaves an INVALID index of this name, which the next `conveyor migrate run`
+-- drops before building it again.
+CREATE INDEX CONCURRENTLY webhook_events_recorded_at ON webhook_events (recorded_at);
