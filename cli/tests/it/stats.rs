@@ -997,20 +997,26 @@ async fn overlapping_retention_runs_never_recompute_a_sealed_day_from_half_delet
         advisory_waits(&app).await == 1
     })
     .await;
+    // A seals D and waits half way through its deletes (or, should B hold
+    // D's rollup lock at the gate, waits for that lock and plays B's part).
     let a = app.enqueue("stats.retention", args).await;
     wait_until(Duration::from_secs(30), || async {
         advisory_waits(&app).await == 2
     })
     .await;
-    assert_eq!(
-        app.count("SELECT count(*) AS n FROM stats_sealed_days")
-            .await,
-        1
-    );
     gate.open();
-    // B ends its seal transaction, then its deletes wait as A's do (or for
-    // A's locked rows); give it time to have committed what it would.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // B ends its seal transaction, then its deletes wait like A's (at the
+    // hold, or for the row A's held delete locked).
+    wait_until(Duration::from_secs(30), || async {
+        app.count(
+            "SELECT count(*) AS n FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+               AND query LIKE 'DELETE FROM jobs%'",
+        )
+        .await
+            == 2
+    })
+    .await;
     deletes
         .batch_execute("SELECT pg_advisory_unlock(7332)")
         .unwrap();
