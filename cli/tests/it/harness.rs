@@ -825,3 +825,18 @@ pub fn scans_of(plan: &Value, relation: &str) -> Vec<(String, String, f64)> {
     walk(&plan[0]["Plan"], relation, &mut scans);
     scans
 }
+
+/// Asserts that `plan` (`EXPLAIN (ANALYZE, FORMAT JSON)`) reads `relation`
+/// only through index scans of `index`, and at most `most_rows` rows of it.
+pub fn assert_reads_only(plan: &PlanJson, relation: &str, index: &str, most_rows: f64) {
+    let plan: Value = serde_json::from_str(&plan.json).unwrap();
+    let scans = scans_of(&plan, relation);
+    assert!(!scans.is_empty(), "{plan}");
+    for (kind, used, rows) in &scans {
+        assert!(
+            kind.starts_with("Index") && used == index,
+            "{kind} on {used:?}: {plan}"
+        );
+        assert!(*rows <= most_rows, "read {rows} rows of {relation}: {plan}");
+    }
+}

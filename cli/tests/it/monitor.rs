@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{AMQP_URL, PlanJson, TestApp, TestDb, scans_of, wait_until};
+use crate::harness::{AMQP_URL, PlanJson, TestApp, TestDb, assert_reads_only, wait_until};
 use crate::metrics::{fast_monitor, sample, scrape};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -446,16 +446,7 @@ async fn unhandled_dead_jobs_are_counted_from_their_own_index() {
         ))
         .get_result(&mut conn)
         .unwrap();
-        let plan: Value = serde_json::from_str(&plan.json).unwrap();
-        let scans = scans_of(&plan, "dead_jobs");
-        assert!(!scans.is_empty(), "{plan}");
-        for (kind, index, rows) in &scans {
-            assert!(
-                kind.starts_with("Index") && index == "dead_jobs_unhandled",
-                "{kind} on {index:?}: {plan}"
-            );
-            assert!(*rows <= 10.0, "read {rows} rows of dead_jobs: {plan}");
-        }
+        assert_reads_only(&plan, "dead_jobs", "dead_jobs_unhandled", 10.0);
     })
     .await
     .unwrap();

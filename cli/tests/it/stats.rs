@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::gate::{Gate, advisory_waits};
-use crate::harness::{PlanJson, TestApp, TestDb, scans_of, wait_until};
+use crate::harness::{PlanJson, TestApp, TestDb, assert_reads_only, wait_until};
 
 async fn app() -> TestApp {
     TestApp::spawn_with(1, |_| {}).await
@@ -1131,16 +1131,7 @@ async fn the_webhook_rollup_reads_only_its_window_of_webhook_events() {
                 .bind::<Timestamptz, _>(now + chrono::Duration::hours(1))
                 .get_result(&mut conn)
                 .unwrap();
-        let plan: Value = serde_json::from_str(&plan.json).unwrap();
-        let scans = scans_of(&plan, "webhook_events");
-        assert!(!scans.is_empty(), "{plan}");
-        for (kind, index, rows) in &scans {
-            assert!(
-                kind.starts_with("Index") && index == "webhook_events_recorded_at",
-                "{kind} on {index:?}: {plan}"
-            );
-            assert!(*rows <= 5.0, "read {rows} rows of webhook_events: {plan}");
-        }
+        assert_reads_only(&plan, "webhook_events", "webhook_events_recorded_at", 5.0);
         let events: i64 = diesel::sql_query(
             "SELECT coalesce(sum(events), 0)::bigint AS n FROM webhook_stats_hourly",
         )
