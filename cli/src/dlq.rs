@@ -6,24 +6,30 @@
 //! (`conveyor_ingress::dead_jobs` and its `bulk`), so both behave and audit alike.
 //! `--all-matching` takes every match, a batch at a time in death order, none
 //! twice (with `--force` too) and none that died after the run began (its own
-//! replays, dead again, among them). `list` is paged like the HTTP listing:
-//! when more records match, it says on stderr how to ask for the next page.
+//! replays, dead again, among them). Such a run stops at the first failure
+//! that is not about the record at hand (the database or the broker failing)
+//! and its error names the cursor past the last record handled, which
+//! `--after` takes to carry on, neither skipping nor repeating a record.
+//! `list` is paged like the HTTP listing: when more records match, it says on
+//! stderr how to ask for the next page.
 
+use std::fmt::Display;
 use std::path::PathBuf;
+use std::slice;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
-use conveyor_ingress::dead_jobs::bulk::{self, Batches, Pace, Pacer};
+use conveyor_ingress::dead_jobs::bulk::{self, Cursor, Matches, Pace, Pacer};
 use conveyor_ingress::dead_jobs::{
-    self, DiscardOptions, DiscardOutcome, Filter, MAX_LIMIT, Position, ReplayOptions,
-    ReplayOutcome, Summary,
+    self, DiscardError, DiscardOptions, DiscardOutcome, Filter, MAX_LIMIT, Position, ReplayError,
+    ReplayOptions, ReplayOutcome, Summary,
 };
 use conveyor_platform::Config;
-use conveyor_platform::amqp::{Publisher, Topology};
+use conveyor_platform::amqp::{PublishError, Publisher, Topology};
 use conveyor_schema::models::DeadJob;
-use conveyor_schema::pool::{self, PgPool};
+use conveyor_schema::pool::{self, DbError, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -57,13 +63,17 @@ pub enum DlqAction {
     Replay {
         /// Dead job ids.
         #[arg(
-            required_unless_present = "all_matching",
+            required_unless_present_any = ["all_matching", "after"],
             conflicts_with = "all_matching"
         )]
         ids: Vec<Uuid>,
         /// Replay every dead job matching the filter flags instead of listed ids.
         #[arg(long)]
         all_matching: bool,
+        /// Carry on an --all-matching run that stopped: the cursor its error named
+        /// (give the same filter flags and --force as that run).
+        #[arg(long, value_name = "CURSOR", value_parser = parse_run_cursor)]
+        after: Option<Cursor>,
         /// Which ones (with --all-matching).
         #[command(flatten)]
         filter: FilterArgs,
@@ -87,13 +97,17 @@ pub enum DlqAction {
     Discard {
         /// Dead job ids.
         #[arg(
-            required_unless_present = "all_matching",
+            required_unless_present_any = ["all_matching", "after"],
             conflicts_with = "all_matching"
         )]
         ids: Vec<Uuid>,
         /// Discard every dead job matching the filter flags.
         #[arg(long)]
         all_matching: bool,
+        /// Carry on an --all-matching run that stopped: the cursor its error named
+        /// (give the same filter flags as that run).
+        #[arg(long, value_name = "CURSOR", value_parser = parse_run_cursor)]
+        after: Option<Cursor>,
         /// Which ones (with --all-matching).
         #[command(flatten)]
         filter: FilterArgs,
@@ -142,6 +156,11 @@ impl FilterArgs {
 const BATCH: i64 = 1_000;
 
 fn parse_cursor(s: &str) -> Result<Position, String> {
+    s.parse()
+        .map_err(|err: dead_jobs::BadCursor| err.to_string())
+}
+
+fn parse_run_cursor(s: &str) -> Result<Cursor, String> {
     s.parse()
         .map_err(|err: dead_jobs::BadCursor| err.to_string())
 }
@@ -211,6 +230,7 @@ pub async fn run(action: DlqAction, config: Config) -> anyhow::Result<()> {
         DlqAction::Replay {
             ids,
             all_matching,
+            after,
             filter,
             rate,
             dry_run,
@@ -218,6 +238,7 @@ pub async fn run(action: DlqAction, config: Config) -> anyhow::Result<()> {
             set_args,
             actor,
         } => {
+            check_after(after, all_matching)?;
             let args = match set_args {
                 Some(path) => {
                     let text = std::fs::read_to_string(&path)
@@ -241,7 +262,7 @@ pub async fn run(action: DlqAction, config: Config) -> anyhow::Result<()> {
                     }
                 })?;
             }
-            let (targets, bulk) = Targets::new(ids, all_matching, &filter, force);
+            let (targets, bulk) = Targets::new(ids, all_matching, after, &filter, force, "replay");
             let options = ReplayOptions {
                 force,
                 dry_run,
@@ -255,41 +276,31 @@ pub async fn run(action: DlqAction, config: Config) -> anyhow::Result<()> {
         DlqAction::Discard {
             ids,
             all_matching,
+            after,
             filter,
             dry_run,
             actor,
         } => {
-            let (mut targets, bulk) = Targets::new(ids, all_matching, &filter, false);
+            check_after(after, all_matching)?;
+            let (targets, bulk) = Targets::new(ids, all_matching, after, &filter, false, "discard");
             let options = DiscardOptions {
                 actor: default_actor(actor),
                 dry_run,
                 bulk,
                 deadline: None,
             };
-            // Like replays: each id's outcome on its own line, an unknown id or
-            // a database error counted as a failure, and a non-zero exit at the end.
-            let (mut failed, mut total) = (0, 0);
-            while let Some(ids) = targets.next(&db).await? {
-                total += ids.len();
-                bulk::discard_each(&db, &ids, &options, None, |id, outcome| match outcome {
-                    Ok(DiscardOutcome::Discarded) => println!("{id}: discarded"),
-                    Ok(DiscardOutcome::WouldDiscard) => println!("{id}: would discard"),
-                    Ok(DiscardOutcome::AlreadyDiscarded) => println!("{id}: already discarded"),
-                    Ok(DiscardOutcome::NotFound) => {
-                        failed += 1;
-                        eprintln!("{id}: no such dead job");
-                    }
-                    Err(err) => {
-                        failed += 1;
-                        eprintln!("{id}: {err}");
-                    }
-                })
-                .await;
-            }
-            if failed > 0 {
-                bail!("{failed} of {total} discards failed");
-            }
+            discard_all(&db, targets, options).await?;
         }
+    }
+    Ok(())
+}
+
+/// Refuses `--after` but with `--all-matching`: it says where such a run stopped.
+fn check_after(after: Option<Cursor>, all_matching: bool) -> anyhow::Result<()> {
+    if after.is_some() && !all_matching {
+        bail!(
+            "--after carries on an --all-matching run: give it with --all-matching and that run's filter flags, not ids"
+        );
     }
     Ok(())
 }
@@ -299,41 +310,152 @@ enum Targets {
     /// Given on the command line (handed out once).
     Given(Option<Vec<Uuid>>),
     /// `--all-matching`.
-    Matching(Batches),
+    Matching(Box<Run>),
 }
 
 impl Targets {
-    /// The targets, and the filter to audit when they are chosen by it.
+    /// The targets of `action` (`replay`, `discard`), and the filter to audit
+    /// when they are chosen by it; `after`: where an earlier run stopped.
     fn new(
         ids: Vec<Uuid>,
         all_matching: bool,
+        after: Option<Cursor>,
         filter: &FilterArgs,
         force: bool,
+        action: &'static str,
     ) -> (Self, Option<serde_json::Value>) {
         if !all_matching {
             return (Self::Given(Some(ids)), None);
         }
         let filter = filter.filter(force, BATCH);
         let audit = filter.audit();
-        (Self::Matching(Batches::new(filter, force)), Some(audit))
+        let run = Run {
+            action,
+            filter,
+            force,
+            from: after,
+            batch: None,
+            handled: 0,
+            finished: false,
+        };
+        (Self::Matching(Box::new(run)), Some(audit))
     }
 
-    /// The next ids; `None` when all were handed out.
-    async fn next(&mut self, db: &PgPool) -> anyhow::Result<Option<Vec<Uuid>>> {
-        Ok(match self {
-            Self::Given(ids) => ids.take(),
-            Self::Matching(batches) => batches
-                .next(db)
-                .await?
-                .map(|batch| batch.into_iter().map(|t| t.id).collect()),
-        })
+    /// The next ids, those handed out before being done with; `None` when all were handed out.
+    async fn next(&mut self, db: &PgPool) -> Result<Option<Vec<Uuid>>, DbError> {
+        match self {
+            Self::Given(ids) => Ok(ids.take()),
+            Self::Matching(run) => run.next(db).await,
+        }
+    }
+
+    /// An `--all-matching` run, which stops at a failure not about the record at hand.
+    fn is_run(&self) -> bool {
+        matches!(self, Self::Matching(_))
+    }
+
+    /// The error that ends the targets at id `at` of those handed out last
+    /// (none: at reading the next ones), `failed` of those before it having failed.
+    fn stopped(&self, at: Option<usize>, failed: usize, cause: &dyn Display) -> anyhow::Error {
+        match self {
+            Self::Given(_) => anyhow::anyhow!("{cause}"),
+            Self::Matching(run) => run.stopped(at, failed, cause),
+        }
+    }
+}
+
+/// An `--all-matching` run: every match, a batch at a time, oldest first, each
+/// once, none that died after its first batch was read; and where it stands,
+/// so that a run that stops can say where to carry on.
+struct Run {
+    /// `replay` or `discard`, for its error.
+    action: &'static str,
+    /// Which records, `limit` a batch.
+    filter: Filter,
+    /// Records already replayed or discarded match too.
+    force: bool,
+    /// Where the next batch begins: `--after`, then past the batch before;
+    /// none: at the oldest match.
+    from: Option<Cursor>,
+    /// The batch handed out last, until the next one is asked for.
+    batch: Option<Matches>,
+    /// Records of the batches before it, all handled.
+    handled: usize,
+    /// Every match was handed out.
+    finished: bool,
+}
+
+impl Run {
+    /// The ids of the next batch, those of the last one being handled; `None`
+    /// when no match is left.
+    async fn next(&mut self, db: &PgPool) -> Result<Option<Vec<Uuid>>, DbError> {
+        if let Some(batch) = self.batch.take() {
+            self.handled += batch.records.len();
+            self.from = batch.next(batch.records.len());
+            self.finished = self.from.is_none();
+        }
+        if self.finished {
+            return Ok(None);
+        }
+        let batch = bulk::matching(db, &self.filter, self.force, self.from).await?;
+        let ids: Vec<Uuid> = batch.records.iter().map(|t| t.id).collect();
+        self.finished = ids.is_empty();
+        self.batch = Some(batch);
+        Ok(Some(ids).filter(|ids| !ids.is_empty()))
+    }
+
+    /// The error that ends the run at record `at` of the batch handed out last
+    /// (none: at reading the next batch): what was done, why it stopped, and
+    /// the cursor past the last record handled, from which `--after` takes
+    /// the record it stopped at and none it handled. Without a cursor (it
+    /// stopped before its first record, and was not given one), the cause alone.
+    fn stopped(&self, at: Option<usize>, failed: usize, cause: &dyn Display) -> anyhow::Error {
+        let (handled, cursor) = match (&self.batch, at) {
+            (Some(batch), Some(at)) => (self.handled + at, batch.next(at)),
+            _ => (self.handled, self.from),
+        };
+        let cause = cause
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let Some(cursor) = cursor else {
+            return anyhow::anyhow!("{cause}");
+        };
+        let failed = match failed {
+            0 => String::new(),
+            n => format!(", {n} of them failed"),
+        };
+        anyhow::anyhow!(
+            "{} --all-matching stopped after {handled} records{failed}: {cause}; carry on with the same flags and --after {cursor}",
+            self.action
+        )
+    }
+}
+
+/// A replay failure that is not about the record (the database or the broker
+/// failing, a publish in doubt), after which the next records would most
+/// likely fail alike: it stops an `--all-matching` run. Nothing was recorded
+/// for the record, so carrying on takes it again (one in doubt then makes the
+/// same job). A record that cannot be replayed is reported and passed over.
+fn stops_a_run(err: &ReplayError) -> bool {
+    match err {
+        ReplayError::NotFound(_)
+        | ReplayError::Unreadable { .. }
+        | ReplayError::UnknownTask(_)
+        | ReplayError::InvalidArgs { .. }
+        | ReplayError::Publish(PublishError::Returned(_)) => false,
+        ReplayError::Publish(_)
+        | ReplayError::InDoubt { .. }
+        | ReplayError::OutOfTime(_)
+        | ReplayError::Db(_) => true,
     }
 }
 
 async fn replay_all(
     db: &PgPool,
     config: &Config,
-    mut targets: Targets,
+    targets: Targets,
     options: ReplayOptions,
     rate: Option<f64>,
 ) -> anyhow::Result<()> {
@@ -350,71 +472,121 @@ async fn replay_all(
     if !options.dry_run && !publisher.wait_connected(Duration::from_secs(10)).await {
         bail!("cannot reach the broker at amqp.url");
     }
-    let (mut failed, mut total) = (0, 0);
     let mut pacer = Pacer::new(Pace {
         rate,
         deadline: None,
     });
-    while let Some(ids) = targets.next(db).await? {
-        total += ids.len();
-        replay_batch(
-            db,
-            &publisher,
-            &topology,
-            &ids,
-            &options,
-            &mut pacer,
-            &mut failed,
-        )
-        .await;
-    }
+    let replayed = replay_targets(db, &publisher, &topology, targets, &options, &mut pacer).await;
     stop.cancel();
+    replayed
+}
+
+/// Replays every target, one line per outcome; the failures are reported on
+/// stderr and fail the command once the rest are done, but one that stops a
+/// run (see [`stops_a_run`]) ends it at once.
+async fn replay_targets(
+    db: &PgPool,
+    publisher: &Publisher,
+    topology: &Topology,
+    mut targets: Targets,
+    options: &ReplayOptions,
+    pacer: &mut Pacer,
+) -> anyhow::Result<()> {
+    let (mut failed, mut total) = (0, 0);
+    while let Some(ids) = targets
+        .next(db)
+        .await
+        .map_err(|err| targets.stopped(None, failed, &err))?
+    {
+        for (i, &id) in ids.iter().enumerate() {
+            let mut told = None;
+            bulk::replay_each(
+                db,
+                publisher,
+                topology,
+                slice::from_ref(&id),
+                options,
+                pacer,
+                |_, outcome| told = Some(outcome),
+            )
+            .await;
+            // Untold only when out of time, and no deadline is set here.
+            match told.unwrap_or(Err(ReplayError::OutOfTime(id))) {
+                Ok(outcome) => print_replayed(id, outcome),
+                Err(err) if targets.is_run() && stops_a_run(&err) => {
+                    return Err(targets.stopped(Some(i), failed, &err));
+                }
+                Err(err) => {
+                    failed += 1;
+                    eprintln!("{id}: {err}");
+                }
+            }
+            total += 1;
+        }
+    }
     if failed > 0 {
         bail!("{failed} of {total} replays failed");
     }
     Ok(())
 }
 
-/// Replays `ids`, one line per outcome; failures counted in `failed`.
-async fn replay_batch(
+fn print_replayed(id: Uuid, outcome: ReplayOutcome) {
+    match outcome {
+        ReplayOutcome::Replayed { new_job_id } => println!("{id}: replayed as job {new_job_id}"),
+        ReplayOutcome::WouldReplay { task, args } => println!("{id}: would replay {task} {args}"),
+        ReplayOutcome::AlreadyReplayed { replayed_as } => println!(
+            "{id}: already replayed{} (use --force to replay again)",
+            replayed_as
+                .map(|j| format!(" as job {j}"))
+                .unwrap_or_default()
+        ),
+        ReplayOutcome::Discarded => println!("{id}: discarded (use --force to replay anyway)"),
+    }
+}
+
+/// Discards every target, like [`replay_targets`]: each outcome on its own
+/// line, an unknown id counted as a failure and a non-zero exit at the end; a
+/// database failure, not about the record, stops an `--all-matching` run at once.
+async fn discard_all(
     db: &PgPool,
-    publisher: &Publisher,
-    topology: &Topology,
-    ids: &[Uuid],
-    options: &ReplayOptions,
-    pacer: &mut Pacer,
-    failed: &mut usize,
-) {
-    bulk::replay_each(
-        db,
-        publisher,
-        topology,
-        ids,
-        options,
-        pacer,
-        |id, outcome| match outcome {
-            Ok(ReplayOutcome::Replayed { new_job_id }) => {
-                println!("{id}: replayed as job {new_job_id}")
+    mut targets: Targets,
+    options: DiscardOptions,
+) -> anyhow::Result<()> {
+    let (mut failed, mut total) = (0, 0);
+    while let Some(ids) = targets
+        .next(db)
+        .await
+        .map_err(|err| targets.stopped(None, failed, &err))?
+    {
+        for (i, &id) in ids.iter().enumerate() {
+            let mut told = None;
+            bulk::discard_each(db, slice::from_ref(&id), &options, None, |_, outcome| {
+                told = Some(outcome)
+            })
+            .await;
+            match told.unwrap_or(Err(DiscardError::OutOfTime(id))) {
+                Ok(DiscardOutcome::Discarded) => println!("{id}: discarded"),
+                Ok(DiscardOutcome::WouldDiscard) => println!("{id}: would discard"),
+                Ok(DiscardOutcome::AlreadyDiscarded) => println!("{id}: already discarded"),
+                Ok(DiscardOutcome::NotFound) => {
+                    failed += 1;
+                    eprintln!("{id}: no such dead job");
+                }
+                Err(err) if targets.is_run() => {
+                    return Err(targets.stopped(Some(i), failed, &err));
+                }
+                Err(err) => {
+                    failed += 1;
+                    eprintln!("{id}: {err}");
+                }
             }
-            Ok(ReplayOutcome::WouldReplay { task, args }) => {
-                println!("{id}: would replay {task} {args}")
-            }
-            Ok(ReplayOutcome::AlreadyReplayed { replayed_as }) => println!(
-                "{id}: already replayed{} (use --force to replay again)",
-                replayed_as
-                    .map(|j| format!(" as job {j}"))
-                    .unwrap_or_default()
-            ),
-            Ok(ReplayOutcome::Discarded) => {
-                println!("{id}: discarded (use --force to replay anyway)")
-            }
-            Err(err) => {
-                *failed += 1;
-                eprintln!("{id}: {err}");
-            }
-        },
-    )
-    .await;
+            total += 1;
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {total} discards failed");
+    }
+    Ok(())
 }
 
 fn print_list(found: &[Summary], json: bool) {

@@ -11,7 +11,7 @@ use crate::harness::{AMQP_URL, TestApp};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn cli(app: &TestApp, args: &[&str]) -> Output {
+pub(crate) fn cli(app: &TestApp, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_conveyor"))
         .args(args)
         .env_clear()
@@ -23,7 +23,7 @@ fn cli(app: &TestApp, args: &[&str]) -> Output {
         .expect("run conveyor")
 }
 
-fn stdout(output: &Output) -> String {
+pub(crate) fn stdout(output: &Output) -> String {
     assert!(
         output.status.success(),
         "failed: {}",

@@ -1,7 +1,9 @@
 //! `POST /v1/admin/dead-jobs/replay-matching` and `…/discard-matching`: a dry
 //! run changes nothing, a replay takes exactly the matching records and its jobs
 //! succeed, a second one finds nothing to do without `force`, discards are
-//! audited, and bad input is a problem+json naming the field.
+//! audited, and bad input is a problem+json naming the field. And their CLI
+//! side, `conveyor dlq replay|discard --all-matching`: a run that stops
+//! part-way names its cursor, and `--after` carries on from it.
 
 use std::time::Duration;
 
@@ -460,4 +462,174 @@ async fn carrying_on_keeps_the_first_calls_since() {
     body["after"] = first["next"].clone();
     let rest = ok(&app, path, body).await;
     assert_eq!(ids_with(&rest, "would_discard"), vec![ids[1]], "{rest}");
+}
+
+/// The one `conveyor: …` line of a failed command's stderr (the rest is its log).
+fn error_line(output: &std::process::Output) -> String {
+    assert!(!output.status.success(), "it succeeded");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("conveyor: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    errors[0].to_owned()
+}
+
+/// Dead `diag.fail` records with a replayable envelope, the g-th (from 1) dead
+/// at `2026-03-01T00:00:00Z` + g ms, so their order is known.
+async fn dead_with_envelopes(app: &TestApp, n: usize) {
+    let envelope = conveyor_schema::Envelope::new("diag.fail", json!({"permanent": true}));
+    let envelope = serde_json::to_string(&envelope).unwrap();
+    let made = app
+        .count(&format!(
+            "WITH made AS (INSERT INTO dead_jobs (id, task, queue, reason, source, dead_at, envelope) \
+             SELECT gen_random_uuid(), 'diag.fail', 'default', 'boom', 'worker', \
+                    timestamptz '2026-03-01T00:00:00Z' + g * interval '1 millisecond', '{envelope}'::jsonb \
+             FROM generate_series(1, {n}) g RETURNING 1) SELECT count(*) AS n FROM made"
+        ))
+        .await;
+    assert_eq!(made, n as i64);
+}
+
+/// Makes the database refuse every change to the 1 002nd oldest record of
+/// [`dead_with_envelopes`], the second of a second batch of 1 000, until the
+/// returned connection runs [`let_through`].
+fn refuse_the_1002nd(app: &TestApp) -> diesel::PgConnection {
+    use diesel::connection::SimpleConnection;
+    let mut conn = app.db.conn();
+    conn.batch_execute(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'the test refuses this record'; END $$;
+         CREATE TRIGGER refuse BEFORE UPDATE ON dead_jobs FOR EACH ROW
+             WHEN (OLD.dead_at = timestamptz '2026-03-01T00:00:00Z' + 1002 * interval '1 millisecond')
+             EXECUTE FUNCTION refuse();",
+    )
+    .unwrap();
+    conn
+}
+
+fn let_through(mut conn: diesel::PgConnection) {
+    use diesel::connection::SimpleConnection;
+    conn.batch_execute("DROP TRIGGER refuse ON dead_jobs")
+        .unwrap();
+}
+
+/// Runs `args` (an `--all-matching` run) while the 1 002nd record is refused:
+/// it stops there, in one error line that starts with `stopped`, names the
+/// cause and the cursor, and has handled the 1 001 before it (`done` lines on
+/// stdout). Returns that cursor.
+async fn stopped_at_the_1002nd(app: &TestApp, args: &[&str], stopped: &str, done: &str) -> String {
+    let refusing = refuse_the_1002nd(app);
+    let output = crate::dlq::cli(app, args);
+    let error = error_line(&output);
+    assert!(error.starts_with(stopped), "{error}");
+    assert!(error.contains("the test refuses this record"), "{error}");
+    let (_, cursor) = error
+        .split_once("; carry on with the same flags and --after ")
+        .unwrap_or_else(|| panic!("no cursor: {error}"));
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(out.matches(done).count(), 1_001, "{out}");
+    let_through(refusing);
+    cursor.to_owned()
+}
+
+/// A forced `conveyor dlq replay --all-matching` whose second batch fails
+/// part-way (the database refuses to record its second record's replay) stops
+/// there: one error line naming the records done and the cursor past the last
+/// one handled. Carried on with `--after` that cursor (still forced), it
+/// replays the rest: every record replayed exactly once, none skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_replay_stopped_part_way_carries_on_with_after() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let many = 1_004;
+    dead_with_envelopes(&app, many).await;
+    let replay = [
+        "dlq",
+        "replay",
+        "--all-matching",
+        "--task",
+        "diag.fail",
+        "--force",
+    ];
+    let replays = "SELECT count(*) AS n FROM jobs WHERE replay_of IS NOT NULL";
+    let cursor = stopped_at_the_1002nd(
+        &app,
+        &replay,
+        "conveyor: replay --all-matching stopped after 1001 records: ",
+        "replayed as job",
+    )
+    .await;
+    assert_eq!(app.count(replays).await, 1_001);
+
+    let rest = crate::dlq::cli(&app, &[&replay[..], &["--after", &cursor]].concat());
+    let out = crate::dlq::stdout(&rest);
+    assert_eq!(out.matches("replayed as job").count(), 3, "{out}");
+    assert_eq!(app.count(replays).await, many as i64);
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM dead_jobs WHERE replay_count <> 1")
+            .await,
+        0,
+        "every record replayed exactly once"
+    );
+}
+
+/// The same for `conveyor dlq discard --all-matching`: stopped at the refused
+/// record, carried on with `--after`, every record discarded and audited once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_discard_stopped_part_way_carries_on_with_after() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let many = 1_004;
+    dead_with_envelopes(&app, many).await;
+    let discard = ["dlq", "discard", "--all-matching", "--queue", "default"];
+    let cursor = stopped_at_the_1002nd(
+        &app,
+        &discard,
+        "conveyor: discard --all-matching stopped after 1001 records: ",
+        ": discarded",
+    )
+    .await;
+    let rest = crate::dlq::cli(&app, &[&discard[..], &["--after", &cursor]].concat());
+    let out = crate::dlq::stdout(&rest);
+    assert_eq!(out.matches(": discarded").count(), 3, "{out}");
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM dead_jobs WHERE discarded_at IS NOT NULL")
+            .await,
+        many as i64
+    );
+    for counted in ["*", "DISTINCT dead_job_id"] {
+        assert_eq!(
+            app.count(&format!(
+                "SELECT count({counted}) AS n FROM dead_job_actions WHERE action = 'discard'"
+            ))
+            .await,
+            many as i64,
+            "each record discarded and audited once"
+        );
+    }
+}
+
+/// `--after` says where an `--all-matching` run stopped: with ids, or alone,
+/// it is refused in one line, and nothing is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_refuses_after_without_all_matching() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    dead_with_envelopes(&app, 1).await;
+    let id = Uuid::now_v7().to_string();
+    let cursor = "1772323200000000";
+    for args in [
+        vec!["dlq", "replay", &id, "--after", cursor],
+        vec!["dlq", "replay", "--after", cursor],
+        vec!["dlq", "discard", &id, "--after", cursor],
+        vec!["dlq", "discard", "--after", cursor],
+    ] {
+        let error = error_line(&crate::dlq::cli(&app, &args));
+        assert_eq!(
+            error,
+            "conveyor: --after carries on an --all-matching run: give it with --all-matching \
+             and that run's filter flags, not ids",
+            "{args:?}"
+        );
+    }
+    assert_eq!(footprint(&app).await, [0, 0, 0]);
 }
