@@ -240,7 +240,7 @@ pub fn builtin_schedules(stats: &StatsConfig) -> Vec<ScheduleConfig> {
         ),
         entry(
             "stats.retention",
-            "17 3 * * *",
+            "17 * * * *",
             json!({"max_age_days": stats.retention_days, "batch": stats.retention_batch}),
         ),
     ]

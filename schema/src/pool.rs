@@ -5,11 +5,14 @@
 //!
 //! Diesel is synchronous; every call goes through [`run`], which borrows a pooled
 //! connection on tokio's blocking thread pool so the async executor never waits
-//! on the database.
+//! on the database. A blocking call cannot be stopped once it started, so work
+//! whose caller may give up on it (a task's attempt cut off by its timeout)
+//! goes through [`run_cancel_on_drop`], which has PostgreSQL cancel it instead.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use diesel::PgConnection;
+use diesel::{PgConnection, RunQueryDsl};
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 
 /// The shared connection pool.
@@ -67,4 +70,115 @@ where
         Ok(f(&mut conn)?)
     })
     .await?
+}
+
+/// Like [`run`], except that when the returned future is dropped before `f`
+/// returns (the attempt that awaited it timed out, say), PostgreSQL cancels
+/// the statement `f` is running (`pg_cancel_backend`), and any it starts
+/// after, until `f` returns. Under [`run`], `f` would run on unseen on its
+/// blocking thread, holding its connection, its locks and the database's time.
+///
+/// One round trip more than [`run`] (the backend's pid). Not for writes whose
+/// caller may already have answered "in doubt": those must be left to finish.
+pub async fn run_cancel_on_drop<T, F>(pool: &PgPool, f: F) -> Result<T, DbError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut PgConnection) -> Result<T, diesel::result::Error> + Send + 'static,
+{
+    let backend = Arc::new(Mutex::new(Backend::Starting));
+    let mut guard = CancelOnDrop {
+        pool: pool.clone(),
+        backend: Arc::clone(&backend),
+        armed: true,
+    };
+    let pool = pool.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let finish = Finish(&backend);
+        let mut conn = pool.get()?;
+        let pid = diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>(
+            "pg_backend_pid()",
+        ))
+        .get_result::<i32>(&mut conn)?;
+        *lock(&backend) = Backend::Running(pid);
+        let result = f(&mut conn);
+        // Marked finished while the connection is still this call's: a
+        // canceller holding the lock has sent its cancel by then, and one
+        // that takes it after sees `Finished`, so no cancel can reach the
+        // connection's next user.
+        drop(finish);
+        Ok(result?)
+    })
+    .await;
+    guard.armed = false;
+    result?
+}
+
+/// What the connection of a [`run_cancel_on_drop`] call is doing.
+enum Backend {
+    /// `f` has not got its connection yet.
+    Starting,
+    /// `f` runs on the backend with this pid.
+    Running(i32),
+    /// `f` returned (or never will run a statement).
+    Finished,
+}
+
+fn lock(backend: &Mutex<Backend>) -> std::sync::MutexGuard<'_, Backend> {
+    backend
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Marks the call finished when `f` returns, fails or panics.
+struct Finish<'a>(&'a Mutex<Backend>);
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        *lock(self.0) = Backend::Finished;
+    }
+}
+
+/// Cancels the call's statements from a thread of its own when the call's
+/// future is dropped before it finished.
+struct CancelOnDrop {
+    pool: PgPool,
+    backend: Arc<Mutex<Backend>>,
+    armed: bool,
+}
+
+/// How often a dropped call's backend is cancelled again until `f` returns.
+const CANCEL_EVERY: Duration = Duration::from_millis(50);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let pool = self.pool.clone();
+        let backend = Arc::clone(&self.backend);
+        std::thread::spawn(move || {
+            loop {
+                let conn = pool.get();
+                {
+                    let state = lock(&backend);
+                    match (&*state, conn) {
+                        (Backend::Finished, _) => return,
+                        (Backend::Running(pid), Ok(mut conn)) => {
+                            if let Err(error) = diesel::sql_query("SELECT pg_cancel_backend($1)")
+                                .bind::<diesel::sql_types::Integer, _>(*pid)
+                                .execute(&mut conn)
+                            {
+                                tracing::warn!(%error, backend.pid = pid, "could not cancel an abandoned database call; retrying");
+                            }
+                        }
+                        (Backend::Running(pid), Err(error)) => {
+                            tracing::warn!(%error, backend.pid = pid, "no connection to cancel an abandoned database call with; retrying");
+                        }
+                        (Backend::Starting, _) => {}
+                    }
+                }
+                std::thread::sleep(CANCEL_EVERY);
+            }
+        });
+    }
 }

@@ -43,6 +43,7 @@ mod monitor;
 mod openapi;
 mod publish_failures;
 mod refused_rows;
+mod retention_budget;
 mod schedules;
 mod stats;
 mod teardown;

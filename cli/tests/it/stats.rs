@@ -20,7 +20,7 @@ async fn app() -> TestApp {
     TestApp::spawn_with(1, |_| {}).await
 }
 
-async fn execute(app: &TestApp, sql: &str) {
+pub(crate) async fn execute(app: &TestApp, sql: &str) {
     let url = app.db.url.clone();
     let sql = sql.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -49,7 +49,7 @@ async fn load<T: QueryableByName<diesel::pg::Pg> + Send + 'static>(
 }
 
 /// Runs `task` through the real path (HTTP, broker, worker) and waits for it.
-async fn run(app: &TestApp, task: &str, args: Value) {
+pub(crate) async fn run(app: &TestApp, task: &str, args: Value) {
     let id = app.enqueue(task, args).await;
     app.wait_for_state(id, "succeeded", Duration::from_secs(30))
         .await;
@@ -57,7 +57,7 @@ async fn run(app: &TestApp, task: &str, args: Value) {
 
 /// Inserts `n` jobs finishing spread over `span_secs` from `base` (an SQL
 /// expression): a mix of tasks, states, attempts and durations, some unfinished.
-async fn insert_jobs(app: &TestApp, n: u32, base: &str, span_secs: u32, salt: u32) {
+pub(crate) async fn insert_jobs(app: &TestApp, n: u32, base: &str, span_secs: u32, salt: u32) {
     execute(
         app,
         &format!(

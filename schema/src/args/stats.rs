@@ -26,6 +26,18 @@ pub const MAX_HOURLY_LOOKBACK: u32 = 48;
 pub const MAX_DAILY_LOOKBACK: u32 = 3;
 /// The shortest retention, in days (clear of both lookbacks).
 pub const MIN_RETENTION_DAYS: u32 = 7;
+/// The longest, and default, time in seconds one `stats.retention` run spends
+/// sealing and deleting before it leaves the rest to the next run: four fifths
+/// of its attempt's timeout, so its last statement ends well inside it.
+pub const MAX_RETENTION_SECONDS: u32 = 480;
+
+const _: () = assert!(
+    (MAX_RETENTION_SECONDS as u64) * 5 <= STATS_TIMEOUT.as_secs() * 4,
+    "a retention run must stop well inside its attempt's timeout"
+);
+
+/// Each stats task's attempt timeout.
+const STATS_TIMEOUT: Duration = Duration::from_secs(600);
 
 const _: () = assert!(
     MIN_RETENTION_DAYS > MAX_DAILY_LOOKBACK && MIN_RETENTION_DAYS * 24 > MAX_HOURLY_LOOKBACK,
@@ -37,7 +49,7 @@ fn stats_options() -> TaskOptions {
         max_attempts: 5,
         backoff_base: Duration::from_secs(5),
         backoff_cap: Duration::from_secs(60),
-        timeout: Duration::from_secs(600),
+        timeout: STATS_TIMEOUT,
         concurrency: 1,
         ..TaskOptions::on_queue("default")
     }
@@ -93,9 +105,10 @@ impl TaskSpec for RollupDaily {
     }
 }
 
-/// `stats.retention {max_age_days?, batch?}`: seals the rollups of old days,
-/// then deletes finished job records and webhook rejection counts older than
-/// `max_age_days` in batches.
+/// `stats.retention {max_age_days?, batch?, max_seconds?}`: seals the rollups
+/// of old days, then deletes finished job records, webhook events and webhook
+/// rejection counts older than `max_age_days` in batches, for at most
+/// `max_seconds`.
 pub struct Retention;
 
 /// Arguments of `stats.retention`.
@@ -109,6 +122,10 @@ pub struct RetentionArgs {
     /// Rows deleted per transaction (at least 1; default 5000).
     #[serde(default)]
     pub batch: Option<u32>,
+    /// Seconds this run may spend sealing and deleting; what is left when they
+    /// are up waits for the next run (1 to 480; default 480).
+    #[serde(default)]
+    pub max_seconds: Option<u32>,
 }
 
 impl TaskSpec for Retention {
@@ -129,7 +146,17 @@ impl TaskSpec for Retention {
                 pointer: "/args/batch".into(),
                 message: "must be at least 1 (rows deleted per transaction)".into(),
             }),
-            _ => Ok(()),
+            _ => match args.max_seconds {
+                Some(seconds) if !(1..=MAX_RETENTION_SECONDS).contains(&seconds) => {
+                    Err(ArgsError {
+                        pointer: "/args/max_seconds".into(),
+                        message: format!(
+                            "must be between 1 and {MAX_RETENTION_SECONDS}, not {seconds}, to end inside the attempt's 600 s timeout"
+                        ),
+                    })
+                }
+                _ => Ok(()),
+            },
         }
     }
 }
@@ -164,5 +191,12 @@ mod tests {
         check("stats.retention", json!({"batch": 1})).unwrap();
         let err = check("stats.retention", json!({"batch": 0})).unwrap_err();
         assert_eq!(err.pointer, "/args/batch");
+        check("stats.retention", json!({"max_seconds": 1})).unwrap();
+        check("stats.retention", json!({"max_seconds": 480})).unwrap();
+        for bad in [0, 481] {
+            let err = check("stats.retention", json!({"max_seconds": bad})).unwrap_err();
+            assert_eq!(err.pointer, "/args/max_seconds");
+            assert!(err.message.contains("between 1 and 480"), "{err}");
+        }
     }
 }

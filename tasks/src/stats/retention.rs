@@ -2,6 +2,13 @@
 //! rejection counts older than `max_age_days` in bounded batches, after their
 //! windows are rolled up.
 //!
+//! It runs hourly, and each run goes on until nothing old is left or its
+//! `max_seconds` are up, so the rows it can delete grow with the time it is
+//! given, not with a fixed number of batches: a backlog (retention enabled on
+//! a large table, a burst) is worked off over the following runs. Every
+//! statement goes through [`run_cancel_on_drop`], so one running when the
+//! attempt's timeout strikes is cancelled rather than left running unseen.
+//!
 //! Before any raw row of a UTC day is deleted, that day's hourly and daily job
 //! and webhook rollups are recomputed one last time from the complete raw rows
 //! and the day is *sealed* (`stats_sealed_days`); deletes only touch sealed days.
@@ -13,17 +20,17 @@
 //! reached a final state are kept: they need an operator, not a sweeper. Old
 //! schedule ticks go too, except each schedule's latest (the scheduler's memory).
 
+use std::time::{Duration, Instant};
+
 use chrono::{DateTime, Utc};
-use conveyor_schema::args::stats::{self, RetentionArgs};
+use conveyor_schema::args::stats::{self, MAX_RETENTION_SECONDS, RetentionArgs};
+use conveyor_schema::pool::{PgPool, run_cancel_on_drop};
 use conveyor_schema::stats::Granularity;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Integer, Timestamptz};
 
 use super::rollup;
 use crate::{JobContext, Task, TaskError};
-
-/// Most batches one run deletes; the next run continues.
-const MAX_BATCHES: usize = 1000;
 
 /// Deletes old finished job records, webhook events and webhook rejection counts.
 pub struct Retention;
@@ -33,44 +40,78 @@ impl Task for Retention {
     async fn run(&self, args: RetentionArgs, ctx: JobContext) -> Result<(), TaskError> {
         let max_age_days = args.max_age_days.unwrap_or(30);
         let batch = i64::from(args.batch.unwrap_or(5_000));
-        let db = ctx.services.db.clone();
-        let (cutoff, sealed) =
-            conveyor_schema::pool::run(&db, move |conn| seal(conn, max_age_days)).await?;
-        let deleted = in_batches(&ctx, batch, move |conn| {
-            delete_sealed(conn, &FINISHED_JOBS, cutoff, batch)
-        })
-        .await?;
-        let events = in_batches(&ctx, batch, move |conn| {
-            delete_sealed(conn, &WEBHOOK_EVENTS, cutoff, batch)
-        })
-        .await?;
-        let rejections = in_batches(&ctx, batch, move |conn| {
-            delete_sealed(conn, &WEBHOOK_REJECTIONS, cutoff, batch)
-        })
-        .await?;
-        let ticks = conveyor_schema::pool::run(&db, move |conn| delete_ticks(conn, cutoff)).await?;
-        tracing::info!(
-            %cutoff, days.sealed = sealed, jobs.deleted = deleted,
-            webhook_events.deleted = events, webhook_rejections.deleted = rejections,
-            ticks.deleted = ticks, "retention done"
-        );
+        let seconds = args.max_seconds.unwrap_or(MAX_RETENTION_SECONDS);
+        let budget = Budget {
+            ends: Instant::now() + Duration::from_secs(u64::from(seconds)),
+            ctx: &ctx,
+        };
+        let db = &ctx.services.db;
+        let (cutoff, days) =
+            run_cancel_on_drop(db, move |conn| unsealed_days(conn, max_age_days)).await?;
+        let mut sealed = 0;
+        for day in days {
+            if budget.spent() {
+                break;
+            }
+            sealed += run_cancel_on_drop(db, move |conn| seal(conn, day)).await?;
+        }
+        let mut deleted = [0; 3];
+        for (rows, deleted) in SEALABLE.into_iter().zip(&mut deleted) {
+            *deleted = in_batches(db, &budget, batch, move |conn| {
+                delete_sealed(conn, rows, cutoff, batch)
+            })
+            .await?;
+        }
+        let ticks = run_cancel_on_drop(db, move |conn| delete_ticks(conn, cutoff)).await?;
+        let [jobs, events, rejections] = deleted;
+        if budget.spent() {
+            tracing::warn!(
+                %cutoff, days.sealed = sealed, jobs.deleted = jobs,
+                webhook_events.deleted = events, webhook_rejections.deleted = rejections,
+                ticks.deleted = ticks, max_seconds = seconds,
+                "retention stopped at its time budget (or the worker's drain); the next run carries on"
+            );
+        } else {
+            tracing::info!(
+                %cutoff, days.sealed = sealed, jobs.deleted = jobs,
+                webhook_events.deleted = events, webhook_rejections.deleted = rejections,
+                ticks.deleted = ticks, "retention done"
+            );
+        }
         Ok(())
     }
 }
 
+/// How long a run may go on: until its `max_seconds` are up or the worker
+/// starts draining. Checked between statements; the statement running when
+/// the attempt's timeout strikes is cancelled ([`run_cancel_on_drop`]).
+struct Budget<'a> {
+    ends: Instant,
+    ctx: &'a JobContext,
+}
+
+impl Budget<'_> {
+    fn spent(&self) -> bool {
+        Instant::now() >= self.ends || self.ctx.shutdown.is_cancelled()
+    }
+}
+
 /// Runs `delete` (one batch of at most `batch` rows, one transaction) until a
-/// batch comes back short, [`MAX_BATCHES`] ran, or the worker is stopping;
-/// returns the rows deleted.
-async fn in_batches<F>(ctx: &JobContext, batch: i64, delete: F) -> Result<usize, TaskError>
+/// batch comes back short or the budget is spent; returns the rows deleted.
+/// There is no cap on batches: a backlog is worked off for as long as the
+/// budget lasts, and the next run carries on.
+async fn in_batches<F>(
+    db: &PgPool,
+    budget: &Budget<'_>,
+    batch: i64,
+    delete: F,
+) -> Result<usize, TaskError>
 where
     F: Fn(&mut PgConnection) -> QueryResult<usize> + Clone + Send + 'static,
 {
     let mut deleted = 0;
-    for _ in 0..MAX_BATCHES {
-        if ctx.shutdown.is_cancelled() {
-            break;
-        }
-        let n = conveyor_schema::pool::run(&ctx.services.db, delete.clone()).await?;
+    while !budget.spent() {
+        let n = run_cancel_on_drop(db, delete.clone()).await?;
         deleted += n;
         if (n as i64) < batch {
             break;
@@ -79,21 +120,24 @@ where
     Ok(deleted)
 }
 
-/// The cutoff (a UTC midnight `max_age_days` back) and how many days this run
-/// sealed (a day another run sealed first is skipped, not recomputed).
-fn seal(conn: &mut PgConnection, max_age_days: u32) -> QueryResult<(DateTime<Utc>, usize)> {
-    #[derive(QueryableByName)]
-    struct Day {
-        #[diesel(sql_type = Timestamptz)]
-        day: DateTime<Utc>,
-    }
+#[derive(QueryableByName)]
+struct Day {
+    #[diesel(sql_type = Timestamptz)]
+    day: DateTime<Utc>,
+}
+
+/// The cutoff (a UTC midnight `max_age_days` back) and every day before it
+/// that holds a row to delete and is not sealed yet, oldest first.
+fn unsealed_days(
+    conn: &mut PgConnection,
+    max_age_days: u32,
+) -> QueryResult<(DateTime<Utc>, Vec<DateTime<Utc>>)> {
     let cutoff = diesel::sql_query(
         "SELECT date_trunc('day', now() - make_interval(days => $1), 'UTC') AS day",
     )
     .bind::<Integer, _>(i32::try_from(max_age_days).unwrap_or(i32::MAX))
     .get_result::<Day>(conn)?
     .day;
-    // Every day before the cutoff that holds a row to delete and is not sealed yet.
     let days_with_rows: Vec<String> = SEALABLE
         .iter()
         .map(|Sealable { table, at, also, .. }| {
@@ -106,31 +150,33 @@ fn seal(conn: &mut PgConnection, max_age_days: u32) -> QueryResult<(DateTime<Utc
     ))
     .bind::<Timestamptz, _>(cutoff)
     .load::<Day>(conn)?;
-    let mut sealed = 0;
-    for Day { day } in &days {
-        let end = *day + Granularity::Day.duration();
-        sealed += conn.transaction(|conn| {
-            // The sealed-day row first: an overlapping run that read the same
-            // day list waits here on the primary key until this transaction
-            // ends, then finds the day sealed and leaves it alone; otherwise
-            // it would recompute the day from rows this run is deleting.
-            let claimed = diesel::sql_query(
-                "INSERT INTO stats_sealed_days (day) VALUES ($1) \
-                 ON CONFLICT DO NOTHING RETURNING day",
-            )
-            .bind::<Timestamptz, _>(*day)
-            .load::<Day>(conn)?;
-            if claimed.is_empty() {
-                return Ok::<_, diesel::result::Error>(0);
-            }
-            rollup::jobs(conn, Granularity::Hour, *day, end)?;
-            rollup::jobs(conn, Granularity::Day, *day, end)?;
-            rollup::webhooks(conn, Granularity::Hour, *day, end)?;
-            rollup::webhooks(conn, Granularity::Day, *day, end)?;
-            Ok(1)
-        })?;
-    }
-    Ok((cutoff, sealed))
+    Ok((cutoff, days.into_iter().map(|Day { day }| day).collect()))
+}
+
+/// Rolls `day` up one last time and seals it, in one transaction; 0 when
+/// another run sealed it first (skipped, not recomputed), else 1.
+fn seal(conn: &mut PgConnection, day: DateTime<Utc>) -> QueryResult<usize> {
+    let end = day + Granularity::Day.duration();
+    conn.transaction(|conn| {
+        // The sealed-day row first: an overlapping run that read the same
+        // day list waits here on the primary key until this transaction
+        // ends, then finds the day sealed and leaves it alone; otherwise
+        // it would recompute the day from rows this run is deleting.
+        let claimed = diesel::sql_query(
+            "INSERT INTO stats_sealed_days (day) VALUES ($1) \
+             ON CONFLICT DO NOTHING RETURNING day",
+        )
+        .bind::<Timestamptz, _>(day)
+        .load::<Day>(conn)?;
+        if claimed.is_empty() {
+            return Ok(0);
+        }
+        rollup::jobs(conn, Granularity::Hour, day, end)?;
+        rollup::jobs(conn, Granularity::Day, day, end)?;
+        rollup::webhooks(conn, Granularity::Hour, day, end)?;
+        rollup::webhooks(conn, Granularity::Day, day, end)?;
+        Ok(1)
+    })
 }
 
 /// Raw rows that retention deletes once their UTC day is sealed.

@@ -1,7 +1,11 @@
 //! `stats.rollup_hourly` and `stats.rollup_daily`: recompute the last few
 //! windows (the current, still-filling one included) so late rows are counted.
+//! Their statements are cancelled if the attempt times out
+//! ([`run_cancel_on_drop`]), so a slow rollup never outlives its attempt and
+//! holds its table's rollup lock against the retry.
 
 use conveyor_schema::args::stats::{self, RollupArgs};
+use conveyor_schema::pool::run_cancel_on_drop;
 use conveyor_schema::stats::Granularity;
 
 use super::rollup;
@@ -27,7 +31,7 @@ impl Task for RollupDaily {
 }
 
 async fn roll(granularity: Granularity, lookback: u32, ctx: JobContext) -> Result<(), TaskError> {
-    let rolled = conveyor_schema::pool::run(&ctx.services.db, move |conn| {
+    let rolled = run_cancel_on_drop(&ctx.services.db, move |conn| {
         let current = rollup::current_window(conn, granularity)?;
         let to = current + granularity.duration();
         let from = to - granularity.duration() * i32::try_from(lookback).unwrap_or(1);
