@@ -12,8 +12,12 @@
 //! two operators replaying the same record at once replay it once. Replaying a
 //! record that was already replayed (or discarded) does nothing unless forced.
 //! The `.dlq` queues are not touched: they stay the raw archive for
-//! RabbitMQ-native tooling. Finding records (filters, keyset pages) is in
-//! `listing`; acting on every record a filter matches, at a rate, in [`bulk`].
+//! RabbitMQ-native tooling. A record holds its envelope as JSON, or, when
+//! PostgreSQL refused its full form to the worker, as text in `body`: either
+//! replays; a record with neither (an unreadable message, a cut copy) is
+//! refused, naming the `.dlq` queue that holds its message. Finding records
+//! (filters, keyset pages) is in `listing`; acting on every record a filter
+//! matches, at a rate, in [`bulk`].
 //!
 //! A caller that must answer in time (an HTTP request) gives a [`Deadline`]:
 //! the waits of one replay or discard (a pooled connection, the record's row
@@ -107,9 +111,19 @@ pub enum ReplayError {
     /// No such dead job.
     #[error("no dead job {0}")]
     NotFound(Uuid),
-    /// The dead message was not a readable envelope, so there is nothing to replay.
-    #[error("dead job {0} has no readable envelope to replay")]
-    Unreadable(Uuid),
+    /// The record holds no envelope to replay: the dead message was not a
+    /// readable envelope, or the record kept it only as text that is not a
+    /// whole one (cut, in a fallback record). The message is in the
+    /// dead-letter queue all the same.
+    #[error(
+        "dead job {id} holds no replayable envelope (the message was not a readable envelope, or its record kept only a cut copy of it); the message itself is in `{dead_letter_queue}`"
+    )]
+    Unreadable {
+        /// The dead job.
+        id: Uuid,
+        /// The queue that holds its message.
+        dead_letter_queue: String,
+    },
     /// Its task is not in this build's catalogue.
     #[error("task `{0}` is not in the catalogue")]
     UnknownTask(String),
@@ -187,11 +201,10 @@ pub async fn replay(
             if dead.discarded_at.is_some() && !options.force {
                 return Ok(ReplayOutcome::Discarded);
             }
-            let old: Envelope = dead
-                .envelope
-                .clone()
-                .and_then(|value| serde_json::from_value(value).ok())
-                .ok_or(ReplayError::Unreadable(id))?;
+            let old = replayable_envelope(&dead).ok_or_else(|| ReplayError::Unreadable {
+                id,
+                dead_letter_queue: topology.dead_letter_queue(&dead.queue),
+            })?;
             let task =
                 find_task(&old.task).ok_or_else(|| ReplayError::UnknownTask(old.task.clone()))?;
             let edited = options.args.is_some();
@@ -292,6 +305,21 @@ pub async fn replay(
     })
     .await
     .map_err(|err| ReplayError::Db(DbError::Join(err)))?
+}
+
+/// The envelope `dead` holds, if any: its `envelope`, or the envelope the
+/// worker kept as text in `body` when PostgreSQL refused the record's full
+/// form (a fallback record), if that text is a whole, valid envelope. The body
+/// of an unreadable message is not one (it failed the same check in the worker).
+fn replayable_envelope(dead: &DeadJob) -> Option<Envelope> {
+    let from_json = dead
+        .envelope
+        .clone()
+        .and_then(|value| serde_json::from_value(value).ok());
+    from_json.or_else(|| {
+        let body = dead.body.as_deref()?;
+        Envelope::decode(body.as_bytes()).ok()
+    })
 }
 
 /// What a discard did.

@@ -20,7 +20,12 @@
 //! [`commit`] writes it without the job's state, then in a fallback form that
 //! holds nothing it could refuse ([`DeadLetter::fallback`]); should that be
 //! refused too, the message is in the dead-letter queue all the same, and the
-//! missing record is logged as an error.
+//! missing record is logged as an error. A record written without the job's
+//! state (or for a job whose `succeeded` state was refused, see `execute`)
+//! carries the refused state ([`DeadLetter::refused_state`]), and the state
+//! writer brings the job's row to `dead` in a minimal form with it, so the job
+//! is not shown `running` for ever. A fallback record's `body` is the envelope
+//! as text: the ingress replays it from there when it is whole.
 
 use std::sync::Arc;
 
@@ -80,6 +85,10 @@ pub struct DeadLetter {
     pub x_death: Option<Value>,
     /// Who gave up.
     pub source: Source,
+    /// The job's own state PostgreSQL refused, when this record stands in for
+    /// it: the state writer then also brings the job's row to `dead` in a
+    /// minimal form (see `state_writer`), so it is not left `running`.
+    pub refused_state: Option<JobState>,
 }
 
 impl DeadLetter {
@@ -95,6 +104,7 @@ impl DeadLetter {
             reason: reason.to_owned(),
             x_death: None,
             source: Source::Worker,
+            refused_state: None,
         }
     }
 
@@ -117,6 +127,7 @@ impl DeadLetter {
             reason: reason.to_owned(),
             x_death: None,
             source: Source::Worker,
+            refused_state: None,
         }
     }
 
@@ -154,18 +165,20 @@ impl DeadLetter {
 const MAX_BODY_CHARS: usize = 65_536;
 
 /// Commits `change` (if any) and the record `dead` together; when PostgreSQL
-/// refuses them, the record alone (the state may be what it refused), then
-/// the record's [`fallback`](DeadLetter::fallback) form. A refusal of that too
-/// is logged, and counts as done: by now the message is in the dead-letter
-/// queue, and holding its delivery would not write the record. `false` only
-/// when the state writer stopped first.
+/// refuses them, the record alone (the state may be what it refused) with the
+/// job's row brought to `dead` in a minimal form, then the record's
+/// [`fallback`](DeadLetter::fallback) form, the row likewise. A refusal of
+/// that too is logged, and counts as done: by now the message is in the
+/// dead-letter queue, and holding its delivery would not write the record.
+/// `false` only when the state writer stopped first.
 pub(crate) async fn commit(rt: &Runtime, change: Option<StateChange>, dead: DeadLetter) -> bool {
     let had_change = change.is_some();
     let mut refused = match rt.states.commit_dead(change, dead).await {
         Commit::Refused(refused) => refused,
         other => return other.is_committed(),
     };
-    if had_change && let Some(dead) = refused.dead.take() {
+    if had_change && let Some(mut dead) = refused.dead.take() {
+        dead.refused_state = refused.change.as_ref().map(|change| change.state);
         refused = match rt.states.commit_dead(None, dead).await {
             Commit::Refused(refused) => refused,
             other => return other.is_committed(),

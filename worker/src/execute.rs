@@ -12,12 +12,15 @@
 //! Should PostgreSQL refuse the new state for what it holds (the state writer
 //! isolates such a row, see `state_writer`), retrying would never commit it and
 //! holding the delivery would only bring it back. A dead job's message is in
-//! the dead-letter queue by then: its record is written in a fallback form
-//! (`dead_letters::commit`) and the delivery acked. A retry's next attempt is
-//! published: the delivery is acked and that attempt carries the job on. A
-//! success is dead-lettered like an unreadable message (published to the
-//! dead-letter queue with the database's error as its reason, recorded, then
-//! acked), so the job is neither lost nor run again by a redelivery.
+//! the dead-letter queue by then: its record is written without the state, or
+//! in a fallback form (`dead_letters::commit`), and the delivery acked. A
+//! retry's next attempt is published: the delivery is acked and that attempt
+//! carries the job on. A success is dead-lettered like an unreadable message
+//! (published to the dead-letter queue with the database's error as its
+//! reason, recorded, then acked), so the job is neither lost nor run again by
+//! a redelivery. Either way the job's row, which would keep its last
+//! committed state (`running`), is brought to `dead` in a minimal form with
+//! the record (see `state_writer`).
 //!
 //! A crash anywhere before 5 redelivers the message; a redelivered message whose
 //! job is already final, has moved to a later attempt, or whose attempt has
@@ -373,7 +376,8 @@ async fn finish(
 
 /// Dead-letters the delivery of a job whose `succeeded` state PostgreSQL
 /// refused (`refused`): its body goes to the dead-letter queue with the
-/// database's error as the reason, is recorded, and the delivery is acked.
+/// database's error as the reason, is recorded (the job's row brought to
+/// `dead` in a minimal form with the record), and the delivery is acked.
 async fn dead_letter_refused(
     rt: Arc<Runtime>,
     queue: Arc<str>,
@@ -391,7 +395,10 @@ async fn dead_letter_refused(
     );
     // It was read before, so it reads again.
     let record = match Envelope::decode(&data) {
-        Ok(envelope) => DeadLetter::of(&envelope, &queue, &reason),
+        Ok(envelope) => DeadLetter {
+            refused_state: refused.change.as_ref().map(|change| change.state),
+            ..DeadLetter::of(&envelope, &queue, &reason)
+        },
         Err(_) => DeadLetter::unreadable(None, &queue, &data, &reason),
     };
     tracing::warn!(job.id = %record.id, task = %record.task, reason, "dead-lettering a job whose state the database refused");

@@ -36,9 +36,13 @@
 //! it yet, and never moves a job out of a final state or back to an older attempt.
 //!
 //! A dead job's `dead_jobs` record travels with its `dead` state and is written
-//! in the same transaction, after the state (so it sees every error).
+//! in the same transaction, after the state (so it sees every error). A record
+//! that stands in for a state PostgreSQL refused brings the job's row to `dead`
+//! in a minimal form, in the record's transaction ([`mark_dead`]), so that a
+//! refused job is not shown `running` for ever.
 
 mod isolate;
+mod mark_dead;
 mod upsert;
 
 use std::panic::AssertUnwindSafe;
@@ -426,7 +430,9 @@ fn write(pool: &PgPool, batch: &[Pending]) -> Written {
 }
 
 /// Writes the entries in one transaction: their changes as upsert rounds,
-/// then their dead-job records. The number of rounds when it committed.
+/// then their dead-job records, each followed by the minimal `dead` state of
+/// its job when it stands in for a refused one ([`mark_dead`]). The number of
+/// rounds when it committed.
 fn transaction(conn: &mut PgConnection, entries: &[Pending]) -> QueryResult<usize> {
     let changes = entries.iter().filter_map(|p| p.item.change.as_ref());
     let rounds = plan(changes, entries.len());
@@ -435,7 +441,10 @@ fn transaction(conn: &mut PgConnection, entries: &[Pending]) -> QueryResult<usiz
         entries
             .iter()
             .filter_map(|p| p.item.dead.as_ref())
-            .try_for_each(|record| crate::dead_letters::insert(conn, record))
+            .try_for_each(|record| {
+                crate::dead_letters::insert(conn, record)?;
+                mark_dead::mark_dead(conn, record)
+            })
     })?;
     Ok(rounds.len())
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, Utc};
 use conveyor_platform::metrics::Metrics;
 use conveyor_schema::db::jobs;
-use conveyor_schema::{Envelope, JobState};
+use conveyor_schema::models::NewJob;
+use conveyor_schema::{Envelope, JobState, find_task};
 use conveyor_worker::{Batching, Commit, StateChange, StateWriter};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -159,6 +160,113 @@ async fn a_job_whose_row_is_refused_is_dead_lettered_and_the_rest_commit() {
     assert!(
         metrics.contains("conveyor_worker_state_rows_refused_total 2"),
         "{metrics}"
+    );
+}
+
+/// Asks the admin API to replay dead job `id`.
+async fn replay(app: &TestApp, id: Uuid) -> reqwest::Response {
+    app.client
+        .post(app.url(&format!("/v1/admin/dead-jobs/{id}/replay")))
+        .bearer_auth(&app.admin_key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A job whose `succeeded` state PostgreSQL refuses once its `running` state
+/// has committed (a test-only CHECK on its row), and whose dead-job record it
+/// refuses in full too (another, on records holding an envelope): its row is
+/// brought to `dead`, not left `running`, and its fallback record, which
+/// holds the envelope only as text, replays from that text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_running_job_is_marked_dead_and_its_fallback_record_replays() {
+    let app = TestApp::spawn().await;
+    let poison = Envelope::new("diag.sleep", json!({"ms": 1500}));
+    let checks = format!(
+        "ALTER TABLE jobs ADD CONSTRAINT test_poison CHECK (id <> '{id}' OR state <> 'succeeded');
+         ALTER TABLE dead_jobs ADD CONSTRAINT test_poison_record CHECK (id <> '{id}' OR envelope IS NULL);",
+        id = poison.id
+    );
+    app.db.conn().batch_execute(&checks).unwrap();
+    publish_raw(&app, &[raw_message(&app, poison.encode())]).await;
+    app.wait_for_state(poison.id, "running", WAIT).await;
+    let reasons = dead_letter_reasons(&app, 1).await;
+    assert!(
+        reasons[0].contains("the database refused this job's `succeeded` state"),
+        "{reasons:?}"
+    );
+    // The job's row changes in the record's transaction.
+    assert_eq!(dead_job_task_len(&app, poison.id).await, 10);
+    let job = app.job(poison.id).await.unwrap();
+    assert_eq!(job.state, "dead", "{job:?}");
+    assert!(job.finished_at.is_some(), "{job:?}");
+    assert_eq!(
+        job.last_error.as_deref(),
+        Some(
+            "the database refused this job's `succeeded` state; its dead-job record holds the reason"
+        )
+    );
+    let fallback = format!(
+        "SELECT count(*) AS n FROM dead_jobs WHERE id = '{}' AND envelope IS NULL AND body IS NOT NULL",
+        poison.id
+    );
+    assert_eq!(app.count(&fallback).await, 1);
+
+    let replayed = replay(&app, poison.id).await;
+    assert_eq!(replayed.status(), 200);
+    let replayed: serde_json::Value = replayed.json().await.unwrap();
+    assert_eq!(replayed["outcome"], "replayed", "{replayed}");
+    let new_id: Uuid = replayed["job_id"].as_str().unwrap().parse().unwrap();
+    let new_job = app.wait_for_state(new_id, "succeeded", WAIT).await;
+    assert_eq!(new_job.args, json!({"ms": 1500}));
+}
+
+/// A dead job whose `dead` state and full record PostgreSQL refuses together
+/// (a test-only CHECK on records holding an envelope), and whose record it
+/// then refuses without the state too: its row, `queued` as the ingress left
+/// it, is brought to `dead` with the fallback record. That record's body holds
+/// only a cut copy of the envelope (one longer than a record keeps), so it
+/// cannot be replayed, and the refusal says so and names the queue that holds
+/// the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_record_with_a_cut_envelope_is_refused_naming_its_dead_letter_queue() {
+    let app = TestApp::spawn().await;
+    // Arguments the task refuses (it dies at once), longer than a record's body.
+    let poison = Envelope::new("diag.sleep", json!({"ms": 0, "pad": "x".repeat(70_000)}));
+    let check = format!(
+        "ALTER TABLE dead_jobs ADD CONSTRAINT test_poison_record CHECK (id <> '{}' OR envelope IS NULL)",
+        poison.id
+    );
+    app.db.conn().batch_execute(&check).unwrap();
+    let options = &find_task("diag.sleep").unwrap().options;
+    diesel::insert_into(jobs::table)
+        .values(NewJob::queued(&poison, options))
+        .execute(&mut app.db.conn())
+        .unwrap();
+    publish_raw(&app, &[raw_message(&app, poison.encode())]).await;
+    assert_eq!(dead_job_task_len(&app, poison.id).await, 10);
+    let job = app.job(poison.id).await.unwrap();
+    assert_eq!(job.state, "dead", "{:?}", job.last_error);
+    assert_eq!(
+        job.last_error.as_deref(),
+        Some("the database refused this job's `dead` state; its dead-job record holds the reason")
+    );
+    let cut = format!(
+        "SELECT count(*) AS n FROM dead_jobs WHERE id = '{}' AND envelope IS NULL AND length(body) = 65536",
+        poison.id
+    );
+    assert_eq!(app.count(&cut).await, 1);
+
+    let refused = replay(&app, poison.id).await;
+    assert_eq!(refused.status(), 409);
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    let detail = problem["detail"].as_str().unwrap();
+    let dlq = app.topology().dead_letter_queue("default");
+    assert!(
+        detail.contains("holds no replayable envelope")
+            && detail.contains(&format!("the message itself is in `{dlq}`")),
+        "{problem}"
     );
 }
 

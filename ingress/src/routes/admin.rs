@@ -312,7 +312,7 @@ pub fn replay_problem(err: ReplayError) -> Problem {
     match err {
         ReplayError::NotFound(_) => Problem::not_found(err.to_string()),
         ReplayError::InvalidArgs { pointer, message } => Problem::invalid(pointer, message),
-        ReplayError::Unreadable(_) | ReplayError::UnknownTask(_) => Problem::new(
+        ReplayError::Unreadable { .. } | ReplayError::UnknownTask(_) => Problem::new(
             StatusCode::CONFLICT,
             "not-replayable",
             "Not replayable",

@@ -149,6 +149,7 @@ fn made_up_like(item: &Item) -> Item {
         reason: "probe".into(),
         x_death: None,
         source: dead.source,
+        refused_state: dead.refused_state,
     });
     Item { change, dead }
 }
