@@ -10,6 +10,7 @@
 //! that is not about the record at hand (the database or the broker failing)
 //! and its error names the cursor past the last record handled, which
 //! `--after` takes to carry on, neither skipping nor repeating a record.
+//! Ctrl-C stops it alike, before its next record (a second Ctrl-C exits at once).
 //! `list` is paged like the HTTP listing: when more records match, it says on
 //! stderr how to ask for the next page.
 
@@ -452,6 +453,26 @@ fn stops_a_run(err: &ReplayError) -> bool {
     }
 }
 
+/// The cause a run stopped by Ctrl-C gives.
+const INTERRUPTED: &str = "interrupted (Ctrl-C)";
+
+/// Cancelled at the first Ctrl-C (SIGINT), which a run heeds before its next
+/// record, so that it stops where it can say how to carry on; a second one
+/// exits at once (130), whatever is under way.
+fn interrupted() -> CancellationToken {
+    let interrupted = CancellationToken::new();
+    let cancel = interrupted.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            cancel.cancel();
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+    interrupted
+}
+
 async fn replay_all(
     db: &PgPool,
     config: &Config,
@@ -476,7 +497,17 @@ async fn replay_all(
         rate,
         deadline: None,
     });
-    let replayed = replay_targets(db, &publisher, &topology, targets, &options, &mut pacer).await;
+    let interrupted = interrupted();
+    let replayed = replay_targets(
+        db,
+        &publisher,
+        &topology,
+        targets,
+        &options,
+        &mut pacer,
+        &interrupted,
+    )
+    .await;
     stop.cancel();
     replayed
 }
@@ -491,6 +522,7 @@ async fn replay_targets(
     mut targets: Targets,
     options: &ReplayOptions,
     pacer: &mut Pacer,
+    interrupted: &CancellationToken,
 ) -> anyhow::Result<()> {
     let (mut failed, mut total) = (0, 0);
     while let Some(ids) = targets
@@ -499,6 +531,9 @@ async fn replay_targets(
         .map_err(|err| targets.stopped(None, failed, &err))?
     {
         for (i, &id) in ids.iter().enumerate() {
+            if interrupted.is_cancelled() {
+                return Err(targets.stopped(Some(i), failed, &INTERRUPTED));
+            }
             let mut told = None;
             bulk::replay_each(
                 db,
@@ -552,6 +587,7 @@ async fn discard_all(
     mut targets: Targets,
     options: DiscardOptions,
 ) -> anyhow::Result<()> {
+    let interrupted = interrupted();
     let (mut failed, mut total) = (0, 0);
     while let Some(ids) = targets
         .next(db)
@@ -559,6 +595,9 @@ async fn discard_all(
         .map_err(|err| targets.stopped(None, failed, &err))?
     {
         for (i, &id) in ids.iter().enumerate() {
+            if interrupted.is_cancelled() {
+                return Err(targets.stopped(Some(i), failed, &INTERRUPTED));
+            }
             let mut told = None;
             bulk::discard_each(db, slice::from_ref(&id), &options, None, |_, outcome| {
                 told = Some(outcome)

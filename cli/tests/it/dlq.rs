@@ -12,15 +12,20 @@ use crate::harness::{AMQP_URL, TestApp};
 const WAIT: Duration = Duration::from_secs(30);
 
 pub(crate) fn cli(app: &TestApp, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_conveyor"))
+    cli_command(app, args).output().expect("run conveyor")
+}
+
+/// `conveyor ARGS` against `app`'s database, broker and namespace, not yet run.
+pub(crate) fn cli_command(app: &TestApp, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_conveyor"));
+    command
         .args(args)
         .env_clear()
         .env("CONVEYOR_DATABASE_URL", &app.db.url)
         .env("CONVEYOR_AMQP_URL", AMQP_URL)
         .env("CONVEYOR_NAMESPACE", &app.config.namespace)
-        .env("CONVEYOR_LOG_LEVEL", "warn")
-        .output()
-        .expect("run conveyor")
+        .env("CONVEYOR_LOG_LEVEL", "warn");
+    command
 }
 
 pub(crate) fn stdout(output: &Output) -> String {

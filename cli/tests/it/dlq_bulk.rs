@@ -609,6 +609,74 @@ async fn a_cli_discard_stopped_part_way_carries_on_with_after() {
     }
 }
 
+/// Ctrl-C stops a `conveyor dlq replay --all-matching` before its next record,
+/// in one line naming the cursor past the last one handled; carried on with
+/// `--after` it, every record is replayed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_replay_stopped_by_ctrl_c_carries_on_with_after() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    let many = 40;
+    dead_with_envelopes(&app, many).await;
+    let replay = [
+        "dlq",
+        "replay",
+        "--all-matching",
+        "--force",
+        "--rate",
+        "20/s",
+    ];
+    let mut child = crate::dlq::cli_command(&app, &replay)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run conveyor");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    while first.matches("replayed as job").count() < 5 {
+        assert!(stdout.read_line(&mut first).unwrap() > 0, "{first}");
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    stdout.read_to_string(&mut first).unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{stderr}");
+    let done = first.matches("replayed as job").count();
+    assert!(done < many, "Ctrl-C came too late: {first}");
+    let error: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("conveyor: "))
+        .collect();
+    assert_eq!(error.len(), 1, "{stderr}");
+    let stopped = format!(
+        "conveyor: replay --all-matching stopped after {done} records: interrupted (Ctrl-C); carry on with the same flags and --after "
+    );
+    let cursor = error[0]
+        .strip_prefix(&stopped)
+        .unwrap_or_else(|| panic!("{}", error[0]));
+    let replays = "SELECT count(*) AS n FROM jobs WHERE replay_of IS NOT NULL";
+    assert_eq!(app.count(replays).await, done as i64);
+
+    let rest = crate::dlq::cli(&app, &[&replay[..], &["--after", cursor]].concat());
+    let out = crate::dlq::stdout(&rest);
+    assert_eq!(out.matches("replayed as job").count(), many - done, "{out}");
+    assert_eq!(app.count(replays).await, many as i64);
+    assert_eq!(
+        app.count("SELECT count(*) AS n FROM dead_jobs WHERE replay_count <> 1")
+            .await,
+        0,
+        "every record replayed exactly once"
+    );
+}
+
 /// `--after` says where an `--all-matching` run stopped: with ids, or alone,
 /// it is refused in one line, and nothing is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
