@@ -6,10 +6,11 @@
 use std::time::Duration;
 
 use conveyor_schema::pool::{pool, run_cancel_on_drop};
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use serde_json::json;
 
-use crate::harness::{TestApp, TestDb};
+use crate::harness::{PlanJson, TestApp, TestDb, assert_reads_only};
 use crate::stats::{execute, insert_jobs, run};
 
 /// Finished jobs older than the 30 days these tests keep.
@@ -131,4 +132,62 @@ async fn a_database_call_whose_caller_gave_up_is_cancelled_statement_after_state
     })
     .await;
     assert!(next.is_ok(), "{next:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_the_days_to_seal_reads_a_few_index_entries_per_day_not_every_old_row() {
+    let db = tokio::task::spawn_blocking(TestDb::create).await.unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = db.conn();
+        // 20 000 finished jobs over two old days, and one more old day of
+        // webhook events only.
+        conn.batch_execute(
+            "INSERT INTO jobs (id, task, queue, state, args, attempts, max_attempts, enqueued_at, started_at, finished_at)
+             SELECT gen_random_uuid(), 'diag.noop', 'default', 'succeeded', '{}', 1, 5, f, f, f
+             FROM (SELECT date_trunc('day', now(), 'UTC') - interval '41 days' + g * interval '8 seconds' AS f
+                   FROM generate_series(1, 20000) g) s;
+             INSERT INTO webhook_events (source, webhook_id, outcome, recorded_at)
+             SELECT 'members', 'msg_' || g, 'applied', date_trunc('day', now(), 'UTC') - interval '35 days' + g * interval '1 minute'
+             FROM generate_series(1, 500) g;",
+        )
+        .unwrap();
+        conn.batch_execute("VACUUM ANALYZE jobs").unwrap();
+        conn.batch_execute("VACUUM ANALYZE webhook_events").unwrap();
+        conn.batch_execute("SET enable_seqscan = off; SET enable_bitmapscan = off")
+            .unwrap();
+        let cutoff = "date_trunc('day', now(), 'UTC') - interval '30 days'";
+        let statement = conveyor_tasks::stats::days_to_seal_statement();
+        let plan: PlanJson = diesel::sql_query(format!(
+            "EXPLAIN (ANALYZE, FORMAT JSON) {}",
+            statement.replace("$1", cutoff)
+        ))
+        .get_result(&mut conn)
+        .unwrap();
+        assert_reads_only(&plan, "jobs", "jobs_finished_at", 3.0);
+        assert_reads_only(&plan, "webhook_events", "webhook_events_recorded_at", 2.0);
+
+        #[derive(QueryableByName, Debug, PartialEq)]
+        struct Day {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            day: String,
+        }
+        let days: Vec<Day> = diesel::sql_query(format!(
+            "SELECT to_char(day AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day FROM ({}) s",
+            statement.replace("$1", cutoff)
+        ))
+        .load(&mut conn)
+        .unwrap();
+        let expected: Vec<Day> = diesel::sql_query(format!(
+            "SELECT DISTINCT to_char(day AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day FROM ( \
+               SELECT date_trunc('day', finished_at, 'UTC') AS day FROM jobs WHERE finished_at < {cutoff} \
+               UNION SELECT date_trunc('day', recorded_at, 'UTC') FROM webhook_events WHERE recorded_at < {cutoff}) s \
+             ORDER BY 1"
+        ))
+        .load(&mut conn)
+        .unwrap();
+        assert_eq!(days.len(), 3, "{days:?}");
+        assert_eq!(days, expected);
+    })
+    .await
+    .unwrap();
 }

@@ -5,5 +5,5 @@ mod retention;
 pub mod rollup;
 mod rollup_tasks;
 
-pub use retention::Retention;
+pub use retention::{Retention, days_to_seal_statement};
 pub use rollup_tasks::{RollupDaily, RollupHourly};

@@ -138,19 +138,48 @@ fn unsealed_days(
     .bind::<Integer, _>(i32::try_from(max_age_days).unwrap_or(i32::MAX))
     .get_result::<Day>(conn)?
     .day;
+    let days = diesel::sql_query(days_to_seal_statement())
+        .bind::<Timestamptz, _>(cutoff)
+        .load::<Day>(conn)?;
+    Ok((cutoff, days.into_iter().map(|Day { day }| day).collect()))
+}
+
+/// The statement listing the unsealed UTC days before the cutoff (`$1`) that
+/// hold a row to delete, as `day`, oldest first. Each table is walked a day at
+/// a time through the index on its timestamp (the oldest row, then the oldest
+/// at least a day later, …): a few index entries per day, however many rows
+/// wait, where reading every old row would cost each hourly run the whole
+/// backlog. Public so that a test can check its plan.
+pub fn days_to_seal_statement() -> String {
     let days_with_rows: Vec<String> = SEALABLE
         .iter()
-        .map(|Sealable { table, at, also, .. }| {
-            format!("SELECT date_trunc('day', {at}, 'UTC') AS day FROM {table} WHERE {at} < $1 {also}")
-        })
+        .map(
+            |Sealable {
+                 table, at, also, ..
+             }| {
+                let oldest_from = |from: &str| {
+                    format!(
+                        "SELECT date_trunc('day', {at}, 'UTC') FROM {table} \
+                     WHERE {at} >= {from} AND {at} < $1 {also} ORDER BY {at} LIMIT 1"
+                    )
+                };
+                format!(
+                    "(WITH RECURSIVE d(day) AS ( \
+                     ({first}) \
+                     UNION ALL \
+                     SELECT ({next}) FROM d WHERE d.day IS NOT NULL) \
+                  SELECT day FROM d WHERE day IS NOT NULL)",
+                    first = oldest_from("'-infinity'"),
+                    // UTC days are always 24 hours long.
+                    next = oldest_from("d.day + interval '24 hours'"),
+                )
+            },
+        )
         .collect();
-    let days = diesel::sql_query(format!(
+    format!(
         "{} EXCEPT SELECT day FROM stats_sealed_days ORDER BY 1",
         days_with_rows.join(" UNION ")
-    ))
-    .bind::<Timestamptz, _>(cutoff)
-    .load::<Day>(conn)?;
-    Ok((cutoff, days.into_iter().map(|Day { day }| day).collect()))
+    )
 }
 
 /// Rolls `day` up one last time and seals it, in one transaction; 0 when
