@@ -12,8 +12,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use diesel::{PgConnection, RunQueryDsl};
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
+use diesel::{PgConnection, RunQueryDsl};
 
 /// The shared connection pool.
 pub type PgPool = Pool<ConnectionManager<PgConnection>>;
@@ -93,13 +93,15 @@ where
     };
     let pool = pool.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let finish = Finish(&backend);
         let mut conn = pool.get()?;
-        let pid = diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>(
-            "pg_backend_pid()",
-        ))
-        .get_result::<i32>(&mut conn)?;
-        *lock(&backend) = Backend::Running(pid);
+        // Declared after `conn`, so dropped before it, a panic included: the
+        // call is `Finished` before its connection can serve anyone else.
+        let finish = Finish(&backend);
+        let session = diesel::sql_query(
+            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+        )
+        .get_result::<Session>(&mut conn)?;
+        *lock(&backend) = Backend::Running(session);
         let result = f(&mut conn);
         // Marked finished while the connection is still this call's: a
         // canceller holding the lock has sent its cancel by then, and one
@@ -113,13 +115,23 @@ where
     result?
 }
 
+/// A server session: its pid, and when it started, so that a cancel meant
+/// for it cannot reach a later session that reuses the pid.
+#[derive(Clone, PartialEq, diesel::QueryableByName)]
+struct Session {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pid: i32,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    backend_start: chrono::DateTime<chrono::Utc>,
+}
+
 /// What the connection of a [`run_cancel_on_drop`] call is doing.
 enum Backend {
     /// `f` has not got its connection yet.
     Starting,
-    /// `f` runs on the backend with this pid.
-    Running(i32),
-    /// `f` returned (or never will run a statement).
+    /// `f` runs in this session.
+    Running(Session),
+    /// `f` returned.
     Finished,
 }
 
@@ -156,29 +168,49 @@ impl Drop for CancelOnDrop {
         }
         let pool = self.pool.clone();
         let backend = Arc::clone(&self.backend);
-        std::thread::spawn(move || {
-            loop {
-                let conn = pool.get();
-                {
-                    let state = lock(&backend);
-                    match (&*state, conn) {
-                        (Backend::Finished, _) => return,
-                        (Backend::Running(pid), Ok(mut conn)) => {
-                            if let Err(error) = diesel::sql_query("SELECT pg_cancel_backend($1)")
-                                .bind::<diesel::sql_types::Integer, _>(*pid)
-                                .execute(&mut conn)
+        std::thread::spawn(move || cancel_until_finished(&pool, &backend));
+    }
+}
+
+/// Cancels the call's statements every [`CANCEL_EVERY`] until it finished,
+/// or until its closure is gone without running (the runtime shut down).
+fn cancel_until_finished(pool: &PgPool, backend: &Arc<Mutex<Backend>>) {
+    loop {
+        let target = match &*lock(backend) {
+            Backend::Finished => return,
+            Backend::Starting => None,
+            Backend::Running(session) => Some(session.clone()),
+        };
+        if Arc::strong_count(backend) == 1 {
+            return;
+        }
+        if let Some(target) = target {
+            // A connection first, outside the lock, so that the call is never
+            // held from finishing while the pool has none to spare.
+            match pool.get() {
+                Ok(mut conn) => {
+                    let state = lock(backend);
+                    match &*state {
+                        Backend::Running(session) if *session == target => {
+                            if let Err(error) = diesel::sql_query(
+                                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
+                                 WHERE pid = $1 AND backend_start = $2",
+                            )
+                            .bind::<diesel::sql_types::Integer, _>(target.pid)
+                            .bind::<diesel::sql_types::Timestamptz, _>(target.backend_start)
+                            .execute(&mut conn)
                             {
-                                tracing::warn!(%error, backend.pid = pid, "could not cancel an abandoned database call; retrying");
+                                tracing::warn!(%error, backend.pid = target.pid, "could not cancel an abandoned database call; retrying");
                             }
                         }
-                        (Backend::Running(pid), Err(error)) => {
-                            tracing::warn!(%error, backend.pid = pid, "no connection to cancel an abandoned database call with; retrying");
-                        }
-                        (Backend::Starting, _) => {}
+                        _ => return,
                     }
                 }
-                std::thread::sleep(CANCEL_EVERY);
+                Err(error) => {
+                    tracing::warn!(%error, backend.pid = target.pid, "no connection to cancel an abandoned database call with; retrying");
+                }
             }
-        });
+        }
+        std::thread::sleep(CANCEL_EVERY);
     }
 }
