@@ -7,8 +7,10 @@
 //! are computed in the schedule's IANA time zone and stored in UTC.
 //!
 //! Built-in schedules (`stats.rollup_hourly`, `stats.rollup_daily`,
-//! `stats.retention`) are added unless `stats.default_schedules = false`; a
-//! `[[schedules]]` entry with the same name replaces the built-in one.
+//! `stats.retention`) are added unless `stats.default_schedules = false`, and
+//! `webhook.headshot_sweep` whenever `webhooks.headshots.storage =
+//! "directory"`; a `[[schedules]]` entry with the same name replaces the
+//! built-in one.
 
 use std::collections::HashSet;
 
@@ -23,7 +25,7 @@ use conveyor_schema::args::stats::{
     MAX_DAILY_LOOKBACK, MAX_HOURLY_LOOKBACK, MIN_LOOKBACK, MIN_RETENTION_DAYS,
 };
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, HeadshotStorage};
 
 /// One `[[schedules]]` entry as written.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -246,6 +248,19 @@ pub fn builtin_schedules(stats: &StatsConfig) -> Vec<ScheduleConfig> {
     ]
 }
 
+/// The built-in schedule of `webhook.headshot_sweep`, hourly, for directory
+/// storage (files no row names are removed; see the task).
+pub fn headshot_sweep_schedule() -> ScheduleConfig {
+    ScheduleConfig {
+        name: "webhook.headshot_sweep".into(),
+        cron: "41 * * * *".into(),
+        task: "webhook.headshot_sweep".into(),
+        args: json!({}),
+        timezone: utc(),
+        catch_up: CatchUp::Skip,
+    }
+}
+
 /// Every schedule in force: the configured ones, then the built-ins that no
 /// configured entry replaces. Errors name the key, e.g. `schedules[1].cron`.
 pub fn schedules(config: &Config) -> Result<Vec<Schedule>, ConfigError> {
@@ -266,17 +281,21 @@ pub fn schedules(config: &Config) -> Result<Vec<Schedule>, ConfigError> {
         }
         out.push(schedule);
     }
-    if config.stats.default_schedules {
-        for entry in builtin_schedules(&config.stats) {
-            if names.insert(entry.name.clone()) {
-                let schedule = Schedule::parse(entry).map_err(|(field, problem)| {
-                    ConfigError::InvalidEntry {
-                        key: format!("stats (built-in schedule {field})"),
-                        problem,
-                    }
+    let mut builtins = match config.stats.default_schedules {
+        true => builtin_schedules(&config.stats),
+        false => Vec::new(),
+    };
+    if config.webhooks.headshots.storage == HeadshotStorage::Directory {
+        builtins.push(headshot_sweep_schedule());
+    }
+    for entry in builtins {
+        if names.insert(entry.name.clone()) {
+            let schedule =
+                Schedule::parse(entry).map_err(|(field, problem)| ConfigError::InvalidEntry {
+                    key: format!("stats (built-in schedule {field})"),
+                    problem,
                 })?;
-                out.push(schedule);
-            }
+            out.push(schedule);
         }
     }
     Ok(out)
@@ -587,5 +606,20 @@ mod tests {
         assert_eq!(all[0].config.cron, "0 4 * * *");
         config.stats.default_schedules = false;
         assert_eq!(schedules(&config).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn directory_storage_adds_the_headshot_sweep() {
+        let mut config = Config::default();
+        let has_sweep = |config: &Config| {
+            schedules(config)
+                .unwrap()
+                .iter()
+                .any(|s| s.name() == "webhook.headshot_sweep")
+        };
+        assert!(!has_sweep(&config));
+        config.webhooks.headshots.storage = HeadshotStorage::Directory;
+        config.stats.default_schedules = false;
+        assert!(has_sweep(&config));
     }
 }

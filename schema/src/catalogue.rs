@@ -150,6 +150,7 @@ pub fn catalogue() -> &'static [TaskDescriptor] {
             TaskDescriptor::of::<args::stats::RollupDaily>(),
             TaskDescriptor::of::<args::stats::Retention>(),
             TaskDescriptor::of::<args::webhooks::ProfileSync>(),
+            TaskDescriptor::of::<args::webhooks::HeadshotSweep>(),
         ]
     })
 }

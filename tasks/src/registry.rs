@@ -144,6 +144,7 @@ pub fn registry() -> Registry {
     registry.register(stats::RollupDaily);
     registry.register(stats::Retention);
     registry.register(webhooks::ProfileSync);
+    registry.register(webhooks::HeadshotSweep);
     registry
 }
 

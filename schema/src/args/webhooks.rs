@@ -27,12 +27,56 @@ impl TaskSpec for ProfileSync {
             max_attempts: 8,
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(300),
-            timeout: Duration::from_secs(120),
+            timeout: PROFILE_SYNC_TIMEOUT,
             concurrency: 32,
             ..TaskOptions::on_queue("webhooks")
         }
     }
 }
+
+/// `webhook.profile_sync`'s attempt timeout.
+const PROFILE_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `webhook.headshot_sweep {}`: removes headshot files (with directory storage)
+/// that no `headshots` row names and that are older than
+/// [`HEADSHOT_SWEEP_MIN_AGE`], and temporary files as old. Fired hourly by a
+/// built-in schedule when `webhooks.headshots.storage = "directory"`;
+/// operators may also enqueue it (it is idempotent).
+pub struct HeadshotSweep;
+
+/// How old an unnamed headshot file must be before the sweep removes it. A
+/// `store` writes its file and commits the row naming it in one
+/// `webhook.profile_sync` attempt, so within its timeout; the lock on the
+/// checksum already keeps the sweep off a file being stored, and this age is
+/// the margin on top (and all that protects a temporary file, which nothing
+/// locks): thirty times that timeout.
+pub const HEADSHOT_SWEEP_MIN_AGE: Duration = Duration::from_secs(3600);
+
+const _: () = assert!(
+    HEADSHOT_SWEEP_MIN_AGE.as_secs() >= 10 * PROFILE_SYNC_TIMEOUT.as_secs(),
+    "the sweep must leave alone any file a profile_sync attempt may still commit a row for"
+);
+
+impl TaskSpec for HeadshotSweep {
+    const NAME: &'static str = "webhook.headshot_sweep";
+    type Args = HeadshotSweepArgs;
+    fn options() -> TaskOptions {
+        TaskOptions {
+            max_attempts: 3,
+            backoff_base: Duration::from_secs(30),
+            backoff_cap: Duration::from_secs(300),
+            timeout: Duration::from_secs(600),
+            concurrency: 1,
+            // The workers that store headshots, so the ones that have the directory.
+            ..TaskOptions::on_queue("webhooks")
+        }
+    }
+}
+
+/// Arguments of `webhook.headshot_sweep`: none.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadshotSweepArgs {}
 
 /// Arguments of `webhook.profile_sync`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -24,8 +24,10 @@
 //! the process died in between, the row would still be there, still named by
 //! the profile and reusable by any import, with its file gone. In the order
 //! used, a crash between the commit and the removal leaves at worst a file no
-//! row names; it is complete (written under a temporary name, then renamed)
-//! and is reused by the next import of the same image.
+//! row names; it is complete (written under a temporary name and synced, then
+//! renamed, and the directory synced, all before the row commits) and is
+//! reused by the next import of the same image, or removed by the sweep
+//! (`headshot_sweep`) once it is old enough.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -326,20 +328,59 @@ pub async fn store(db: &PgPool, policy: &HeadshotPolicy, image: Image) -> anyhow
 }
 
 /// Writes `<dir>/<sha256>` unless it exists, to a temporary name and then
-/// renamed, so the name never holds part of an image.
+/// renamed, so the name never holds part of an image; durably, so the row that
+/// names the file commits only once the file would survive a power loss.
+///
+/// The temporary file is synced before the rename (otherwise the name could
+/// reach the disk before the bytes, and a power loss leave it empty or cut
+/// short), and the directory after it, so the name itself is on disk. A file
+/// found already there is the same bytes renamed in by another `store`, which
+/// may not have synced the directory yet: it is synced here too. A temporary
+/// file left by a failure is removed; one left by a crash, by the sweep
+/// (`headshot_sweep`). Runs on the blocking pool (inside `pool::run`).
 fn write_file(dir: &Path, image: &Image) -> std::io::Result<()> {
     let path = dir.join(&image.sha256);
-    if path.try_exists()? {
-        return Ok(());
+    if !path.try_exists()? {
+        if !dir.try_exists()? {
+            std::fs::create_dir_all(dir)?;
+            match dir.parent() {
+                Some(parent) if parent.as_os_str().is_empty() => sync_dir(Path::new("."))?,
+                Some(parent) => sync_dir(parent)?,
+                None => {}
+            }
+        }
+        let partial = dir.join(format!(
+            "{TEMP_PREFIX}{}.{}",
+            image.sha256,
+            uuid::Uuid::new_v4().simple()
+        ));
+        let written =
+            write_synced(&partial, &image.bytes).and_then(|()| std::fs::rename(&partial, &path));
+        if let Err(err) = written {
+            let _ = std::fs::remove_file(&partial);
+            return Err(err);
+        }
     }
-    std::fs::create_dir_all(dir)?;
-    let partial = dir.join(format!(
-        ".{}.{}",
-        image.sha256,
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::write(&partial, &image.bytes)?;
-    std::fs::rename(&partial, &path)
+    sync_dir(dir)
+}
+
+/// The start of a temporary file's name: `.<sha256>.<uuid>`.
+pub(crate) const TEMP_PREFIX: &str = ".";
+
+/// Creates `path` with `bytes` and waits until they are on disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Waits until the entries of `dir` (names created, renamed or removed) are on disk.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Removes `<dir>/<sha256>` unless a `headshots` row names it; called once the
