@@ -39,7 +39,7 @@ use diesel::prelude::*;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-pub use deadline::{Deadline, PUBLISH_RESERVE};
+pub use deadline::Deadline;
 use deadline::{bound_lock_waits, checkout, out_of_time};
 pub use listing::{BadCursor, Filter, MAX_LIMIT, Position, Summary, Target, list, page, summaries};
 

@@ -95,6 +95,7 @@ pub fn router(
         )
         .layer(axum::Extension(routes::admin::bulk::Budget::within(
             limits.request_timeout,
+            state.publisher.timeout(),
         )));
     let app = Router::new()
         .merge(bulk)

@@ -616,6 +616,22 @@ impl Config {
             };
             return invalid("ingress.rerecord_within_ms", problem);
         }
+        // An admin replay of dead jobs starts no record in the last
+        // `amqp.publish_timeout_ms` of the time its request works in (the
+        // request timeout less a tenth, at most 2 s, kept to answer: the
+        // ingress's `Budget::within`), so that a publish under way is confirmed
+        // or given up before the request must answer.
+        let publish_ms = self.amqp.publish_timeout_ms;
+        let work_ms = timeout_ms - (timeout_ms / 10).min(2_000);
+        if work_ms <= publish_ms {
+            return invalid(
+                "ingress.request_timeout_ms",
+                format!(
+                    "leaves {work_ms} ms to work in (less the {} ms kept to answer), no more than amqp.publish_timeout_ms ({publish_ms}): a dead-job replay starts no record in the last amqp.publish_timeout_ms of a request, so it could never start one; raise ingress.request_timeout_ms or lower amqp.publish_timeout_ms",
+                    timeout_ms - work_ms
+                ),
+            );
+        }
         crate::schedule::validate(self)?;
         self.webhooks.validate()?;
         Ok(())
@@ -856,6 +872,30 @@ pub(crate) mod tests {
             assert!(err.contains("`ingress.request_timeout_ms`"), "{err}");
             assert!(err.contains("at least 5000"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_request_timeout_that_leaves_no_time_to_start_a_replay_is_rejected_by_name() {
+        let mut config = Config::default();
+        config.ingress.rerecord_within_ms = Some(0);
+        // 6 000 less 600 to answer: 5 400 ms, no more than a 5 400 ms publish timeout.
+        config.ingress.request_timeout_ms = 6_000;
+        config.amqp.publish_timeout_ms = 5_400;
+        let err = one_line_error(&config);
+        assert!(
+            err.contains("`ingress.request_timeout_ms`")
+                && err.contains("amqp.publish_timeout_ms (5400)"),
+            "{err}"
+        );
+        config.amqp.publish_timeout_ms = 5_399;
+        config.validate().unwrap();
+        // Past 20 s the time kept to answer is 2 s.
+        config.scheduler.republish_after_ms = 60_000;
+        config.ingress.request_timeout_ms = 30_000;
+        config.amqp.publish_timeout_ms = 28_000;
+        assert!(one_line_error(&config).contains("`ingress.request_timeout_ms`"));
+        config.amqp.publish_timeout_ms = 27_999;
+        config.validate().unwrap();
     }
 
     #[test]

@@ -338,8 +338,11 @@ async fn replay_count(app: &TestApp, id: Uuid) -> i64 {
 /// its replay left when it died (dead after the run began).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_bulk_replay_cut_short_carries_on_without_replaying_twice() {
+    // 3.6 s to work in, records started in the first 2.6 s (the last 1 s is
+    // kept for a publish's confirm).
     let app = TestApp::spawn_with(1, |config| {
         config.ingress.request_timeout_ms = 4_000;
+        config.amqp.publish_timeout_ms = 1_000;
     })
     .await;
     let ids = dead_in_order(&app, 3).await;
@@ -404,6 +407,39 @@ async fn a_forced_bulk_replay_cut_short_carries_on_without_replaying_twice() {
             .await,
         0
     );
+}
+
+/// A bulk replay keeps the last `amqp.publish_timeout_ms` of its request for
+/// a confirm, as configured: with a 500 ms publish timeout, a 6 s request
+/// (5.4 s to work in) may start records until 4.9 s, so five records at
+/// 0.9/s (the last at 4.4 s) are all replayed. Reserving the default 5 s (or
+/// a quarter of the budget, 1.35 s) left 4.05 s, too little for that rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_replay_reserves_the_configured_publish_timeout() {
+    let app = TestApp::spawn_with(1, |config| {
+        config.ingress.request_timeout_ms = 6_000;
+        config.amqp.publish_timeout_ms = 500;
+    })
+    .await;
+    let ids = dead_in_order(&app, 5).await;
+    let began = std::time::Instant::now();
+    let response = post(
+        &app,
+        "/v1/admin/dead-jobs/replay-matching",
+        json!({"filter": {"task": "diag.fail"}, "rate": 0.9}),
+    )
+    .await;
+    let took = began.elapsed();
+    let status = response.status();
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "{result}");
+    assert_eq!(
+        (result["complete"].as_bool(), result["processed"].as_u64()),
+        (Some(true), Some(5)),
+        "{result}"
+    );
+    assert_eq!(ids_with(&result, "replayed"), sorted(ids), "{result}");
+    assert!(took >= Duration::from_millis(4_400), "paced: {took:?}");
 }
 
 /// A forced bulk replay with a `limit` answers `next` while records remain,

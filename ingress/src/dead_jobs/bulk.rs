@@ -415,16 +415,6 @@ mod tests {
         assert!(pacer.next_start(true).is_none());
     }
 
-    #[test]
-    fn a_deadline_keeps_time_for_a_confirm() {
-        let began = Instant::now();
-        let long = Deadline::within(began, Duration::from_secs(27));
-        assert_eq!(long.finish_by - began, Duration::from_secs(27));
-        assert_eq!(long.start_by - began, Duration::from_secs(22));
-        let short = Deadline::within(began, Duration::from_secs(4));
-        assert_eq!(short.start_by - began, Duration::from_secs(3));
-    }
-
     fn target(micros: i64) -> Target {
         Target {
             id: Uuid::now_v7(),

@@ -3,17 +3,15 @@
 //! a bare 503 after the work was done). A [`Deadline`] ends each wait of one
 //! record (a pooled connection, its row lock through `lock_timeout`) at its
 //! `start_by`, so a record with no time left is left as it was, and bounds a
-//! publish under way by its `finish_by`.
+//! publish under way by its `finish_by`. Between the two lies the publisher's
+//! own confirm wait (`amqp.publish_timeout_ms`, as configured), so a publish
+//! that starts in time is confirmed, or given up by the publisher, before the
+//! caller must answer.
 
 use std::time::{Duration, Instant};
 
 use conveyor_schema::pool::{CHECKOUT_TIMEOUT, DbError, PgPool, PgPooled};
 use diesel::prelude::*;
-
-/// The time a publish may take to be confirmed: the default
-/// `amqp.publish_timeout_ms`. Nothing starts in the last this-long of a
-/// [`Deadline`] (or its last quarter, when that is shorter).
-pub const PUBLISH_RESERVE: Duration = Duration::from_secs(5);
 
 /// When a replay or discard must be over, for a caller that cannot wait for
 /// ever (an HTTP request, whose timeout would otherwise answer for it).
@@ -29,13 +27,20 @@ pub struct Deadline {
 }
 
 impl Deadline {
-    /// Over `budget` after `began`; nothing starts in its last
-    /// [`PUBLISH_RESERVE`] (or last quarter), the time left for a confirm.
-    pub fn within(began: Instant, budget: Duration) -> Self {
-        let finish_by = began + budget;
+    /// Over `budget` after `began`, for a publisher that waits up to
+    /// `publish_timeout` (`amqp.publish_timeout_ms`) for a confirm: nothing
+    /// starts in the last `publish_timeout` of it, so a replay that starts
+    /// publishing by `start_by` hears from the publisher (confirmed, or timed
+    /// out) by `finish_by` and is never cut short by it. Only the publish is
+    /// reserved for: a record's other waits (a pooled connection, up to
+    /// [`CHECKOUT_TIMEOUT`], its row lock) end at `start_by` themselves, and
+    /// the commit after the confirm falls in the time the caller keeps to
+    /// answer. A budget no longer than `publish_timeout` starts nothing (the
+    /// ingress refuses to start with a request timeout that short).
+    pub fn within(began: Instant, budget: Duration, publish_timeout: Duration) -> Self {
         Self {
-            start_by: finish_by - PUBLISH_RESERVE.min(budget / 4),
-            finish_by,
+            start_by: began + budget.saturating_sub(publish_timeout),
+            finish_by: began + budget,
         }
     }
 
@@ -46,7 +51,6 @@ impl Deadline {
             .filter(|left| !left.is_zero())
     }
 }
-
 /// Whether `deadline` (if any) leaves no time to start anything.
 pub(super) fn out_of_time(deadline: Option<Deadline>) -> bool {
     deadline.is_some_and(|d| d.left().is_none())
@@ -89,4 +93,43 @@ pub(super) fn bound_lock_waits(
     let ms = left.as_micros().div_ceil(1_000).max(1);
     conn.batch_execute(&format!("SET LOCAL lock_timeout = {ms}"))?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conveyor_platform::Config;
+
+    /// The budget of a bulk request under a default 30 s request timeout.
+    const BUDGET: Duration = Duration::from_secs(28);
+
+    #[test]
+    fn the_reserve_is_the_configured_publish_timeout() {
+        let began = Instant::now();
+        let mut config = Config::default();
+        let default = Deadline::within(began, BUDGET, config.publish_timeout());
+        assert_eq!(default.finish_by - began, Duration::from_secs(28));
+        assert_eq!(default.finish_by - default.start_by, Duration::from_secs(5));
+
+        // A shorter confirm wait leaves more time to start records in.
+        config.amqp.publish_timeout_ms = 1_000;
+        let short = Deadline::within(began, BUDGET, config.publish_timeout());
+        assert_eq!(short.start_by - began, Duration::from_secs(27));
+
+        // A longer one is reserved in full, not a quarter of the budget: a
+        // publish started at `start_by` is over by `finish_by`.
+        config.amqp.publish_timeout_ms = 12_000;
+        let long = Deadline::within(began, BUDGET, config.publish_timeout());
+        assert_eq!(long.start_by - began, Duration::from_secs(16));
+        assert_eq!(long.finish_by - long.start_by, config.publish_timeout());
+    }
+
+    #[test]
+    fn a_budget_no_longer_than_the_publish_timeout_starts_nothing() {
+        let began = Instant::now() - Duration::from_millis(1);
+        let none = Deadline::within(began, Duration::from_secs(4), Duration::from_secs(5));
+        assert_eq!(none.start_by, began);
+        assert!(none.left().is_none());
+        assert!(out_of_time(Some(none)));
+    }
 }

@@ -219,6 +219,13 @@ impl Publisher {
         Self { inner }
     }
 
+    /// How long a publish waits for its confirm (`amqp.publish_timeout_ms`
+    /// for the ingress and worker): every [`publish`](Self::publish) is over
+    /// by then, confirmed or not.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
     /// The topology this publisher declares.
     pub fn topology(&self) -> &Topology {
         &self.inner.topology

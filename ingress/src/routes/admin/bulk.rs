@@ -40,20 +40,43 @@ const DEFAULT_LIMIT: i64 = 1_000;
 
 /// How long one admin request may work on dead jobs (every wait and publish
 /// included, see [`Deadline`]): set by the router from the request timeout,
-/// leaving time to answer.
+/// leaving time to answer, and the publisher's confirm wait, which the last
+/// of that time is kept for.
 #[derive(Debug, Clone, Copy)]
-pub struct Budget(pub Duration);
+pub struct Budget {
+    /// Time to work in: the request timeout less the time kept to answer.
+    pub work: Duration,
+    /// The publisher's confirm wait (`amqp.publish_timeout_ms`): no record
+    /// starts in the last this-long of `work`.
+    pub publish_timeout: Duration,
+}
 
 impl Budget {
-    /// `request_timeout` less a tenth of it, at most 2 s, to answer in.
-    pub fn within(request_timeout: Duration) -> Self {
-        Self(request_timeout - (request_timeout / 10).min(Duration::from_secs(2)))
+    /// `request_timeout` less a tenth of it, at most 2 s, to answer in, for
+    /// publishes that wait up to `publish_timeout` for a confirm. Start-up
+    /// validation (`Config::validate`) refuses a request timeout that leaves
+    /// no more than `publish_timeout` to work in.
+    pub fn within(request_timeout: Duration, publish_timeout: Duration) -> Self {
+        Self {
+            work: request_timeout - (request_timeout / 10).min(Duration::from_secs(2)),
+            publish_timeout,
+        }
     }
 
-    /// The deadline of a request that began at `began`.
+    /// The deadline of a request that began at `began`. Without the router's
+    /// budget (never, in the ingress): 20 s, and the default 5 s confirm wait.
     pub fn deadline(budget: Option<Extension<Self>>, began: Instant) -> Deadline {
-        let Self(budget) = budget.map_or(Self(Duration::from_secs(20)), |Extension(b)| b);
-        Deadline::within(began, budget)
+        let Self {
+            work,
+            publish_timeout,
+        } = budget.map_or(
+            Self {
+                work: Duration::from_secs(20),
+                publish_timeout: Duration::from_secs(5),
+            },
+            |Extension(b)| b,
+        );
+        Deadline::within(began, work, publish_timeout)
     }
 }
 
