@@ -250,7 +250,9 @@ async fn a_fallback_record_with_a_cut_envelope_is_refused_naming_its_dead_letter
     assert_eq!(job.state, "dead", "{:?}", job.last_error);
     assert_eq!(
         job.last_error.as_deref(),
-        Some("the database refused this job's `dead` state; its dead-job record holds the reason")
+        Some(
+            "the database refused this job's `dead` state with its dead-job record; that record holds the reason"
+        )
     );
     let cut = format!(
         "SELECT count(*) AS n FROM dead_jobs WHERE id = '{}' AND envelope IS NULL AND length(body) = 65536",

@@ -13,8 +13,9 @@
 //! already final (`succeeded`, `dead`) or at a later attempt is left alone.
 //!
 //! It runs in the record's transaction, right after the record, under a
-//! savepoint: should PostgreSQL refuse even this, the refusal is logged and
-//! the record commits without it. It is not retried.
+//! savepoint, and is tried twice (a deadlock or a lock timeout passes): should
+//! PostgreSQL refuse it both times, the refusal is logged and the record
+//! commits without it.
 
 use conveyor_schema::JobState;
 use diesel::prelude::*;
@@ -29,12 +30,19 @@ SET state = 'dead', finished_at = now(), updated_at = now(), next_attempt_at = N
 WHERE id = $1 AND state NOT IN ('succeeded', 'dead') AND attempts <= $3";
 
 /// The last error of a job marked `dead` because its `refused` state was
-/// refused: fixed text, so that it holds nothing PostgreSQL could refuse.
+/// refused: fixed text, so that it holds nothing PostgreSQL could refuse. A
+/// `dead` state is refused together with its record, so the refusal may have
+/// been the record's alone; the text does not claim which.
 fn last_error(refused: JobState) -> String {
-    format!(
-        "the database refused this job's `{}` state; its dead-job record holds the reason",
-        refused.as_str()
-    )
+    match refused {
+        JobState::Dead => "the database refused this job's `dead` state with its dead-job record; \
+             that record holds the reason"
+            .to_owned(),
+        other => format!(
+            "the database refused this job's `{}` state; its dead-job record holds the reason",
+            other.as_str()
+        ),
+    }
 }
 
 /// Marks the job of `record` `dead` when the record stands in for a refused
@@ -44,12 +52,23 @@ pub(super) fn mark_dead(conn: &mut PgConnection, record: &DeadLetter) -> QueryRe
     let Some(refused) = record.refused_state else {
         return Ok(());
     };
-    let marked = conn.transaction(|conn| {
-        diesel::sql_query(MARK_DEAD)
-            .bind::<SqlUuid, _>(record.id)
-            .bind::<Text, _>(last_error(refused))
-            .bind::<Int4, _>(i32::try_from(record.attempts).unwrap_or(i32::MAX))
-            .execute(conn)
+    let mark = |conn: &mut PgConnection| {
+        conn.transaction(|conn| {
+            diesel::sql_query(MARK_DEAD)
+                .bind::<SqlUuid, _>(record.id)
+                .bind::<Text, _>(last_error(refused))
+                .bind::<Int4, _>(i32::try_from(record.attempts).unwrap_or(i32::MAX))
+                .execute(conn)
+        })
+    };
+    // A second try before a failure counts as a refusal: a deadlock or a lock
+    // timeout passes, a refusal of the data does not.
+    let marked = mark(conn).or_else(|err| {
+        if about_the_data(&err) {
+            mark(conn)
+        } else {
+            Err(err)
+        }
     });
     match marked {
         Ok(_) => Ok(()),
