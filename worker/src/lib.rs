@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use state_writer::{Batching, Commit, Refused, StateChange, StateWriter};
+pub use state_writer::{Batching, Commit, Refused, StateChange, StateWriter, about_the_data};
 
 /// A started worker.
 pub struct Worker {

@@ -45,6 +45,8 @@ mod isolate;
 mod mark_dead;
 mod upsert;
 
+pub use isolate::about_the_data;
+
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 

@@ -7,10 +7,12 @@
 //! stops at the first failure that is not about the record at hand (the
 //! database or the broker failing) and its error names the cursor past the
 //! last record handled ([`Matches::next`]), which `--after` takes to carry
-//! on, neither skipping nor repeating a record. Ctrl-C stops it alike, before
-//! its next record (a second Ctrl-C exits at once). Each record goes through
-//! the library's [`bulk::replay_each`] / [`bulk::discard_each`], paced by one
-//! [`Pacer`] across the whole run.
+//! on, neither skipping nor repeating a record. A record the database refuses
+//! (see [`attempt`]) is reported and passed over, like one that cannot be
+//! replayed. Ctrl-C stops it alike, before its next record, also while that
+//! record waits for its turn at `--rate` (a second Ctrl-C exits at once).
+//! Each record goes through the library's [`bulk::replay_each`] /
+//! [`bulk::discard_each`], paced by one [`Pacer`] across the whole run.
 
 use std::fmt::Display;
 use std::slice;
@@ -28,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::FilterArgs;
+use super::attempt::{self, Tried};
 
 /// Records one `--all-matching` batch reads (ids and tasks only).
 const BATCH: i64 = 1_000;
@@ -149,12 +152,16 @@ impl Run {
         let Some(cursor) = cursor else {
             return anyhow::anyhow!("{cause}");
         };
+        let records = match handled {
+            1 => "record",
+            _ => "records",
+        };
         let failed = match failed {
             0 => String::new(),
             n => format!(", {n} of them failed"),
         };
         anyhow::anyhow!(
-            "{} --all-matching stopped after {handled} records{failed}: {cause}; carry on with the same flags and --after {cursor}",
+            "{} --all-matching stopped after {handled} {records}{failed}: {cause}; carry on with the same flags and --after {cursor}",
             self.action
         )
     }
@@ -177,6 +184,27 @@ fn stops_a_run(err: &ReplayError) -> bool {
         | ReplayError::OutOfTime(_)
         | ReplayError::Db(_) => true,
     }
+}
+
+/// The database error of a failed replay, if it is one.
+fn replay_db_error(err: &ReplayError) -> Option<&DbError> {
+    match err {
+        ReplayError::Db(err) => Some(err),
+        _ => None,
+    }
+}
+
+/// The database error of a failed discard, if it is one.
+fn discard_db_error(err: &DiscardError) -> Option<&DbError> {
+    match err {
+        DiscardError::Db(err) => Some(err),
+        DiscardError::OutOfTime(_) => None,
+    }
+}
+
+/// What stops a run when the database fails on a record and on a probe too.
+fn outage(error: &dyn Display, probe: &DbError) -> String {
+    format!("{error}; the database fails a plain query too: {probe}")
 }
 
 /// The cause a run stopped by Ctrl-C gives.
@@ -219,11 +247,12 @@ pub(super) async fn replay_all(
     if !options.dry_run && !publisher.wait_connected(Duration::from_secs(10)).await {
         bail!("cannot reach the broker at amqp.url");
     }
+    let interrupted = interrupted();
     let mut pacer = Pacer::new(Pace {
         rate,
         deadline: None,
-    });
-    let interrupted = interrupted();
+    })
+    .stopped_by(interrupted.clone());
     let replayed = replay_targets(
         db,
         &publisher,
@@ -240,7 +269,7 @@ pub(super) async fn replay_all(
 
 /// Replays every target, one line per outcome; the failures are reported on
 /// stderr and fail the command once the rest are done, but one that stops a
-/// run (see [`stops_a_run`]) ends it at once.
+/// run (see [`stops_a_run`] and [`attempt`]) ends it at once.
 async fn replay_targets(
     db: &PgPool,
     publisher: &Publisher,
@@ -260,24 +289,33 @@ async fn replay_targets(
             if interrupted.is_cancelled() {
                 return Err(targets.stopped(Some(i), failed, &INTERRUPTED));
             }
-            let mut told = None;
-            bulk::replay_each(
-                db,
-                publisher,
-                topology,
-                slice::from_ref(&id),
-                options,
-                pacer,
-                |_, outcome| told = Some(outcome),
-            )
-            .await;
-            // Untold only when out of time, and no deadline is set here.
-            match told.unwrap_or(Err(ReplayError::OutOfTime(id))) {
-                Ok(outcome) => print_replayed(id, outcome),
-                Err(err) if targets.is_run() && stops_a_run(&err) => {
+            let replay = async || {
+                let mut told = None;
+                bulk::replay_each(
+                    db,
+                    publisher,
+                    topology,
+                    slice::from_ref(&id),
+                    options,
+                    pacer,
+                    |_, outcome| told = Some(outcome),
+                )
+                .await;
+                // Untold only when stopped by Ctrl-C: no deadline is set here.
+                told.unwrap_or(Err(ReplayError::OutOfTime(id)))
+            };
+            match attempt::twice(db, replay, replay_db_error).await {
+                Tried::Done(Ok(outcome)) => print_replayed(id, outcome),
+                Tried::Done(Err(ReplayError::OutOfTime(_))) if interrupted.is_cancelled() => {
+                    return Err(targets.stopped(Some(i), failed, &INTERRUPTED));
+                }
+                Tried::Done(Err(err)) if targets.is_run() && stops_a_run(&err) => {
                     return Err(targets.stopped(Some(i), failed, &err));
                 }
-                Err(err) => {
+                Tried::Outage { error, probe } if targets.is_run() => {
+                    return Err(targets.stopped(Some(i), failed, &outage(&error, &probe)));
+                }
+                Tried::Done(Err(err)) | Tried::Refused(err) | Tried::Outage { error: err, .. } => {
                     failed += 1;
                     eprintln!("{id}: {err}");
                 }
@@ -306,8 +344,9 @@ fn print_replayed(id: Uuid, outcome: ReplayOutcome) {
 }
 
 /// Discards every target, like [`replay_targets`]: each outcome on its own
-/// line, an unknown id counted as a failure and a non-zero exit at the end; a
-/// database failure, not about the record, stops an `--all-matching` run at once.
+/// line, an unknown id or a record the database refuses counted as a failure
+/// and a non-zero exit at the end; a database failure not about the record
+/// (see [`attempt`]) stops an `--all-matching` run at once.
 pub(super) async fn discard_all(
     db: &PgPool,
     mut targets: Targets,
@@ -324,23 +363,32 @@ pub(super) async fn discard_all(
             if interrupted.is_cancelled() {
                 return Err(targets.stopped(Some(i), failed, &INTERRUPTED));
             }
-            let mut told = None;
-            bulk::discard_each(db, slice::from_ref(&id), &options, None, |_, outcome| {
-                told = Some(outcome)
-            })
-            .await;
-            match told.unwrap_or(Err(DiscardError::OutOfTime(id))) {
-                Ok(DiscardOutcome::Discarded) => println!("{id}: discarded"),
-                Ok(DiscardOutcome::WouldDiscard) => println!("{id}: would discard"),
-                Ok(DiscardOutcome::AlreadyDiscarded) => println!("{id}: already discarded"),
-                Ok(DiscardOutcome::NotFound) => {
+            let discard = async || {
+                let mut told = None;
+                bulk::discard_each(db, slice::from_ref(&id), &options, None, |_, outcome| {
+                    told = Some(outcome)
+                })
+                .await;
+                // Untold only when out of time, and no deadline is set here.
+                told.unwrap_or(Err(DiscardError::OutOfTime(id)))
+            };
+            match attempt::twice(db, discard, discard_db_error).await {
+                Tried::Done(Ok(DiscardOutcome::Discarded)) => println!("{id}: discarded"),
+                Tried::Done(Ok(DiscardOutcome::WouldDiscard)) => println!("{id}: would discard"),
+                Tried::Done(Ok(DiscardOutcome::AlreadyDiscarded)) => {
+                    println!("{id}: already discarded")
+                }
+                Tried::Done(Ok(DiscardOutcome::NotFound)) => {
                     failed += 1;
                     eprintln!("{id}: no such dead job");
                 }
-                Err(err) if targets.is_run() => {
+                Tried::Done(Err(err)) if targets.is_run() => {
                     return Err(targets.stopped(Some(i), failed, &err));
                 }
-                Err(err) => {
+                Tried::Outage { error, probe } if targets.is_run() => {
+                    return Err(targets.stopped(Some(i), failed, &outage(&error, &probe)));
+                }
+                Tried::Done(Err(err)) | Tried::Refused(err) | Tried::Outage { error: err, .. } => {
                     failed += 1;
                     eprintln!("{id}: {err}");
                 }

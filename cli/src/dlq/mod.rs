@@ -11,6 +11,7 @@
 //! stderr how to ask for the next page.
 
 mod all_matching;
+mod attempt;
 
 use std::path::PathBuf;
 

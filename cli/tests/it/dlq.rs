@@ -37,6 +37,18 @@ pub(crate) fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// The one `conveyor: …` line of a failed command's stderr (the rest is its log).
+pub(crate) fn error_line(output: &Output) -> String {
+    assert!(!output.status.success(), "it succeeded");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("conveyor: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    errors[0].to_owned()
+}
+
 async fn dead_job(app: &TestApp) -> Uuid {
     let id = app.enqueue("diag.fail", json!({})).await;
     app.wait_for_state(id, "dead", WAIT).await;

@@ -18,6 +18,7 @@ mod deploy;
 mod deploy_files;
 mod dlq;
 mod dlq_bulk;
+mod dlq_carry_on;
 mod docs;
 mod drain;
 mod fuzz;

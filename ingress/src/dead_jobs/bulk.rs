@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use conveyor_platform::amqp::{Publisher, Topology};
 use conveyor_schema::find_task;
-use conveyor_schema::pool::{DbError, PgPool};
+use conveyor_schema::pool::{self, DbError, PgPool};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::listing::{self, BadCursor, Position, Target};
@@ -109,13 +110,14 @@ pub fn check_args(task: Option<&str>, args: &Value) -> Result<(), InvalidInput> 
 
 /// Where a bulk run stands, for a later call to carry on from: the bound its
 /// first call set (records that died after it, its own replays among them,
-/// are not taken) and the last record handled. Written `<until in µs>` or
+/// are not taken) and the last record handled (before any: the first call's
+/// `since`, see [`matching`]). Written `<until in µs>` or
 /// `<until in µs>.<position>`, and passed back without being read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
     /// Only records dead at or before this.
     pub until: DateTime<Utc>,
-    /// Only records past this one; none: from the oldest.
+    /// Only records past this position; none: from the oldest.
     pub after: Option<Position>,
 }
 
@@ -171,27 +173,33 @@ impl Matches {
 /// The dead jobs `filter` matches past `from` (none: from the oldest, dead
 /// no later than now), oldest first, at most `filter.limit` (1 to
 /// [`MAX_RECORDS`]); only the fields a bulk operation uses. Records already
-/// replayed or discarded match only with `force`. Past a record, `since` is
-/// the first call's: that record's `dead_at` (at or after it) bounds them.
+/// replayed or discarded match only with `force`.
+///
+/// `since` is read once, by the first call: it becomes the position the
+/// records are taken past (`since` itself, before any id), so every cursor
+/// carries it, that of a run stopped before its first record too. Read again
+/// by a later call, an age like `2h` would be later, and skip the records it
+/// has aged past since. Past a record, that record's position bounds them.
 pub async fn matching(
     db: &PgPool,
     filter: &Filter,
     force: bool,
     from: Option<Cursor>,
 ) -> Result<Matches, DbError> {
+    let since = filter.since.map(|since| Position {
+        dead_at: since,
+        // The least id: records dead at `since` itself are past it (but
+        // for one with the nil id, which no job has).
+        id: Uuid::nil(),
+    });
     let filter = Filter {
         include_discarded: force,
         include_replayed: force,
         oldest_first: true,
         limit: filter.limit.clamp(1, MAX_RECORDS),
         until: from.map(|c| c.until),
-        after: from.and_then(|c| c.after),
-        // Every record past a position is newer than the `since` of the call
-        // that handed it out, and so matches it; an age like `2h`, read again
-        // now, would be later, and skip the records it has aged past since.
-        since: filter
-            .since
-            .filter(|_| from.is_none_or(|c| c.after.is_none())),
+        after: from.and_then(|c| c.after).or(since),
+        since: None,
         ..filter.clone()
     };
     let after = filter.after;
@@ -201,40 +209,6 @@ pub async fn matching(
         more,
         from: Cursor { until, after },
     })
-}
-
-/// Every record a filter matches, a batch at a time, for a run of any
-/// length (the CLI's): oldest first, each once, none that died after the
-/// first batch was read.
-#[derive(Debug)]
-pub struct Batches {
-    filter: Filter,
-    force: bool,
-    from: Option<Cursor>,
-    done: bool,
-}
-
-impl Batches {
-    /// Batches of `filter.limit` records of `filter` (see [`matching`] for `force`).
-    pub fn new(filter: Filter, force: bool) -> Self {
-        Self {
-            filter,
-            force,
-            from: None,
-            done: false,
-        }
-    }
-
-    /// The next batch; `None` when every match was handed out.
-    pub async fn next(&mut self, db: &PgPool) -> Result<Option<Vec<Target>>, DbError> {
-        if self.done {
-            return Ok(None);
-        }
-        let batch = matching(db, &self.filter, self.force, self.from).await?;
-        self.from = batch.next(batch.records.len());
-        self.done = self.from.is_none();
-        Ok(Some(batch.records).filter(|records| !records.is_empty()))
-    }
 }
 
 /// How fast and for how long a bulk operation may run.
@@ -273,9 +247,14 @@ impl Pace {
 /// Paces one run at its [`Pace`], across any number of [`replay_each`] calls.
 #[derive(Debug)]
 pub struct Pacer {
+    /// The rate and deadline.
     pace: Pace,
+    /// When the run began: record `i` starts no earlier than `i / rate` after it.
     began: Instant,
+    /// Records given a start so far.
     started: usize,
+    /// Cancelled: the record waiting for its turn is not started (see [`Pacer::stopped_by`]).
+    stop: CancellationToken,
 }
 
 impl Pacer {
@@ -285,7 +264,14 @@ impl Pacer {
             pace,
             began: Instant::now(),
             started: 0,
+            stop: CancellationToken::new(),
         }
+    }
+
+    /// This pacer, whose [`replay_each`] stops before its next record once
+    /// `stop` is cancelled, while that record waits for its turn too.
+    pub fn stopped_by(self, stop: CancellationToken) -> Self {
+        Self { stop, ..self }
     }
 
     /// When the next record may start; `None` when past the deadline.
@@ -298,9 +284,11 @@ impl Pacer {
 
 /// Replays `ids` in order with `options`, paced by `pacer` and bounded by its
 /// deadline, telling `each` every outcome as it happens. Returns how many
-/// were handled: all of them, unless time ran out first. The record that
-/// found no time left (before its connection or row lock) is left as it was
-/// and not told to `each`; a publish that the deadline cuts short is told, in doubt.
+/// were handled: all of them, unless time ran out or the pacer was stopped
+/// first. The record that found no time left (before its connection or row
+/// lock), or was waiting for its turn when the pacer was stopped, is left as
+/// it was and not told to `each`; a publish that the deadline cuts short is
+/// told, in doubt.
 pub async fn replay_each(
     db: &PgPool,
     publisher: &Publisher,
@@ -314,7 +302,11 @@ pub async fn replay_each(
         let Some(at) = pacer.next_start(!options.dry_run) else {
             return i;
         };
-        tokio::time::sleep_until(at.into()).await;
+        tokio::select! {
+            biased;
+            () = pacer.stop.cancelled() => return i,
+            () = tokio::time::sleep_until(at.into()) => {}
+        }
         let options = ReplayOptions {
             deadline: pacer.pace.deadline,
             ..options.clone()
@@ -348,6 +340,17 @@ pub async fn discard_each(
         }
     }
     ids.len()
+}
+
+/// Whether the database answers a plain query now, on a connection of its
+/// own: after a record failed twice with an error that may be about its data,
+/// `Ok` says the failure is that record's, `Err` (with the probe's failure)
+/// that the database is failing for every record alike.
+pub async fn probe(db: &PgPool) -> Result<(), DbError> {
+    pool::run(db, |conn| {
+        diesel::connection::SimpleConnection::batch_execute(conn, "SELECT 1")
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -50,7 +50,7 @@ pub(super) enum Fate {
 
 /// Whether `err` may be about the data written rather than about the database
 /// or the connection (see the module header).
-pub(super) fn about_the_data(err: &Error) -> bool {
+pub fn about_the_data(err: &Error) -> bool {
     match err {
         Error::DatabaseError(kind, _) => !matches!(
             kind,
