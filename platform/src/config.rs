@@ -106,6 +106,11 @@ pub struct AmqpConfig {
     /// Deliveries of one message before the broker dead-letters it (a crash-loop guard;
     /// ordinary retries are new messages and do not count).
     pub delivery_limit: u32,
+    /// How often a message the broker dead-lettered for `delivery_limit` goes
+    /// back to its work queue (a fresh message, its count at zero) when its
+    /// job's record shows the attempt never started (workers stopped or killed
+    /// holding it); 0 dead-letters it at once, as a crash loop.
+    pub delivery_limit_resets: u32,
     /// Replicas of each quorum queue. Unset: the broker's `quorum_cluster_size`,
     /// which is 3 on RabbitMQ 3.10, i.e. every node of a one- to three-node cluster
     /// and three nodes of a larger one. It applies when a queue is first declared;
@@ -326,12 +331,17 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// The most `amqp.delivery_limit_resets` accepted: each lets a message that
+/// crashes its worker before its start is committed crash `delivery_limit` more.
+pub const MAX_DELIVERY_LIMIT_RESETS: u32 = 100;
+
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             shuffle_nodes: true,
             delivery_limit: 20,
+            delivery_limit_resets: 4,
             quorum_initial_group_size: None,
             publish_timeout_ms: 5_000,
         }
@@ -481,6 +491,14 @@ impl Config {
         }
         if self.amqp.delivery_limit == 0 {
             return invalid("amqp.delivery_limit", "must be at least 1".into());
+        }
+        if self.amqp.delivery_limit_resets > MAX_DELIVERY_LIMIT_RESETS {
+            return invalid(
+                "amqp.delivery_limit_resets",
+                format!(
+                    "must be at most {MAX_DELIVERY_LIMIT_RESETS}: a job that crashes its worker before its start is committed is dead-lettered only after (resets + 1) x delivery_limit deliveries"
+                ),
+            );
         }
         if self.amqp.quorum_initial_group_size == Some(0) {
             return invalid(
@@ -895,6 +913,17 @@ pub(crate) mod tests {
         config.amqp.publish_timeout_ms = 28_000;
         assert!(one_line_error(&config).contains("`ingress.request_timeout_ms`"));
         config.amqp.publish_timeout_ms = 27_999;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn too_many_delivery_limit_resets_are_rejected_by_name() {
+        let mut config = Config::default();
+        config.amqp.delivery_limit_resets = MAX_DELIVERY_LIMIT_RESETS + 1;
+        assert!(one_line_error(&config).contains("`amqp.delivery_limit_resets`"));
+        config.amqp.delivery_limit_resets = MAX_DELIVERY_LIMIT_RESETS;
+        config.validate().unwrap();
+        config.amqp.delivery_limit_resets = 0;
         config.validate().unwrap();
     }
 

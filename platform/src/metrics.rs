@@ -36,6 +36,9 @@ pub struct Metrics {
     /// Messages acknowledged without running: their job's record showed it
     /// finished, at a later attempt, or (a keyed job's second message) running.
     pub jobs_skipped: IntCounterVec,
+    /// Messages the broker dead-lettered for its delivery limit whose attempt
+    /// had never started, given back to their work queue instead. Worker.
+    pub jobs_delivery_limit_resets: IntCounterVec,
     /// Attempts running now.
     pub jobs_in_flight: IntGaugeVec,
     /// Run time of one attempt.
@@ -191,6 +194,12 @@ impl Metrics {
                 r,
                 "conveyor_jobs_skipped_total",
                 "Messages acknowledged without running: their job had finished, moved on, or (a second message of a keyed job) was running.",
+                &TASK_LABELS,
+            ),
+            jobs_delivery_limit_resets: counter(
+                r,
+                "conveyor_jobs_delivery_limit_resets_total",
+                "Messages dead-lettered by the broker's delivery limit before their attempt started, returned to their queue.",
                 &TASK_LABELS,
             ),
             jobs_in_flight: gauge(

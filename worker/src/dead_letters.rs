@@ -12,6 +12,11 @@
 //!   `dead` state, then republishes the message with all its headers (RabbitMQ's
 //!   `x-death` history included) to `<q>.dlq`, and only then acks the inbox copy.
 //!
+//! A message the broker dead-lettered for its delivery limit whose attempt the
+//! job's record shows never started (returned by workers stopped or killed
+//! before starting it) is not recorded: [`resets`] gives it back to its work
+//! queue, at most `amqp.delivery_limit_resets` times.
+//!
 //! Either way the record is committed before the dead-letter message can be
 //! lost, and recording is idempotent (`ON CONFLICT DO NOTHING` on the job id),
 //! so a redelivery never records twice.
@@ -44,6 +49,8 @@ use uuid::Uuid;
 
 use crate::runtime::Runtime;
 use crate::state_writer::{Commit, StateChange};
+
+pub(crate) mod resets;
 
 /// Who dead-lettered a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,6 +257,13 @@ pub async fn record_from_inbox(
         .and_then(|first| first["reason"].as_str())
         .unwrap_or("unknown")
         .to_owned();
+    if why == "delivery_limit"
+        && let Ok(envelope) = Envelope::decode(&delivery.data)
+        && resets::return_unstarted(&rt, &queue, &channel, &delivery, &envelope).await
+            == resets::Returned::Settled
+    {
+        return;
+    }
     // x-death's `count` is how often the message was dead-lettered for this
     // reason (once, for a delivery limit), not how often it was delivered.
     let reason = if why == "delivery_limit" {

@@ -25,8 +25,9 @@
 //! A crash anywhere before 5 redelivers the message; a redelivered message whose
 //! job is already final, has moved to a later attempt, or whose attempt has
 //! already failed and been retried is acknowledged without running. So is a
-//! keyed job's or a retry's message whose attempt is running (checked once
-//! the message holds a concurrency slot). A retry's message may have a twin
+//! keyed job's, a retry's or a returned message's (`dead_letters::resets`)
+//! whose attempt is running (checked once the message holds a concurrency
+//! slot). A retry's message may have a twin
 //! when the attempt before it ran again after publishing it (its worker died
 //! before committing `retrying`). A keyed job may be published twice under the same id:
 //! by a retry of an in-doubt request (see the ingress's `idempotency`), by the
@@ -58,6 +59,7 @@ use uuid::Uuid;
 
 use crate::acks::ChannelAcks;
 use crate::dead_letters::DeadLetter;
+use crate::dead_letters::resets::LIMIT_RESETS_HEADER;
 use crate::runtime::Runtime;
 use crate::state_writer::{Commit, Refused, StateChange};
 
@@ -175,8 +177,10 @@ async fn run_envelope(
     // second copy of its attempt, as a keyed job's may: the attempt before it
     // was run again after its retry was published (a worker died before
     // committing `retrying`, or the publish's confirm was lost).
-    let second_copy_possible =
-        !delivery.redelivered && (envelope.idempotency_key.is_some() || envelope.attempt > 1);
+    // So may a message returned to its queue after the broker's delivery limit
+    // (`dead_letters::resets`): a redelivered inbox copy may return it twice.
+    let second_copy_possible = !delivery.redelivered
+        && (envelope.idempotency_key.is_some() || envelope.attempt > 1 || delivery.limit_reset);
     if (delivery.redelivered || second_copy_possible)
         && already_done(&rt, &envelope, second_copy_possible).await
     {
@@ -494,6 +498,9 @@ pub struct Received {
     pub producer: Option<String>,
     /// The body: an encoded [`Envelope`].
     pub data: Vec<u8>,
+    /// Returned to its queue after the broker's delivery limit (it carries
+    /// [`LIMIT_RESETS_HEADER`]), so possibly one of two copies.
+    pub limit_reset: bool,
 }
 
 impl From<Delivery> for Received {
@@ -504,10 +511,9 @@ impl From<Delivery> for Received {
             .as_ref()
             .and_then(|id| Uuid::parse_str(id.as_str()).ok())
             .filter(|id| !id.is_nil());
-        let producer = delivery
-            .properties
-            .headers()
-            .as_ref()
+        let headers = delivery.properties.headers().as_ref();
+        let limit_reset = headers.is_some_and(|h| h.contains_key(LIMIT_RESETS_HEADER));
+        let producer = headers
             .and_then(|headers| headers.inner().get(PRODUCER_HEADER))
             .and_then(|value| value.as_long_string())
             // Any producer can set the header: U+0000 in it would make the
@@ -519,6 +525,7 @@ impl From<Delivery> for Received {
             message_id,
             producer,
             data: delivery.data,
+            limit_reset,
         }
     }
 }

@@ -159,6 +159,7 @@ pub async fn start(
         db,
         shutdown: shutdown.clone(),
         permits,
+        delivery_limit_resets: config.amqp.delivery_limit_resets,
     });
     let consuming = readiness::Consuming::default();
     let listener = tokio::net::TcpListener::bind(config.worker.metrics_addr)

@@ -32,6 +32,9 @@ pub struct Runtime {
     pub shutdown: CancellationToken,
     /// Per-task concurrency limits.
     pub permits: HashMap<&'static str, Arc<Semaphore>>,
+    /// `amqp.delivery_limit_resets`: how often a message the broker's delivery
+    /// limit caught unstarted goes back to its queue (see `dead_letters::resets`).
+    pub delivery_limit_resets: u32,
 }
 
 impl Runtime {

@@ -51,6 +51,8 @@ async fn bounce(queue: &str) {
 async fn pages_load_and_a_dead_job_is_replayed_by_clicking() {
     let mut app = TestApp::spawn_with(0, |config| {
         config.amqp.delivery_limit = 1;
+        // Returned unstarted, it is dead-lettered only without resets.
+        config.amqp.delivery_limit_resets = 0;
         crate::metrics::fast_monitor(config);
     })
     .await;

@@ -41,7 +41,12 @@ async fn bounce_once(queue: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_and_queue_agree_after_many_failures() {
-    let mut app = TestApp::spawn_with(0, |config| config.amqp.delivery_limit = 1).await;
+    // The jobs are returned unstarted: no resets, so that the broker's limit dead-letters them.
+    let mut app = TestApp::spawn_with(0, |config| {
+        config.amqp.delivery_limit = 1;
+        config.amqp.delivery_limit_resets = 0;
+    })
+    .await;
     let topology = app.topology();
     let work = topology.work_queue("default");
     // Three jobs the broker dead-letters: each delivered twice, never acked.
@@ -112,7 +117,12 @@ async fn table_and_queue_agree_after_many_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_dead_letter_keeps_x_death_in_the_dlq() {
-    let mut app = TestApp::spawn_with(0, |config| config.amqp.delivery_limit = 1).await;
+    // The jobs are returned unstarted: no resets, so that the broker's limit dead-letters them.
+    let mut app = TestApp::spawn_with(0, |config| {
+        config.amqp.delivery_limit = 1;
+        config.amqp.delivery_limit_resets = 0;
+    })
+    .await;
     let topology = app.topology();
     let id = app.enqueue("diag.noop", json!({})).await;
     let work = topology.work_queue("default");
@@ -228,6 +238,7 @@ async fn an_inbox_from_an_older_release_is_kept_and_still_works() {
     let mut app = TestApp::spawn_with(0, |config| {
         config.namespace = namespace.clone();
         config.amqp.delivery_limit = 1;
+        config.amqp.delivery_limit_resets = 0;
     })
     .await;
     let topology = app.topology();

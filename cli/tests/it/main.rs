@@ -14,6 +14,7 @@ mod campaign_owners;
 mod cluster;
 mod dashboard;
 mod dead_letters;
+mod delivery_limit_resets;
 mod deploy;
 mod deploy_files;
 mod dlq;
