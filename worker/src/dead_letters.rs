@@ -309,6 +309,29 @@ pub async fn record_from_inbox(
         AMQPValue::LongString(LongString::from(reason)),
     );
     let properties = delivery.properties.clone().with_headers(forwarded);
+    let queue = rt.topology.dead_letter_queue(&queue);
+    match publish_confirmed(&channel, queue, &delivery, properties).await {
+        Ok(()) => {
+            if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
+                tracing::debug!(error = %err, "inbox ack failed; the recorded copy will be recorded again as a no-op");
+            }
+        }
+        Err(outcome) => {
+            tracing::error!(%outcome, "could not move a dead letter to its queue; returning it to the inbox");
+            return_to_inbox(&delivery).await;
+        }
+    }
+}
+
+/// Publishes `delivery`'s body with `properties` to `queue` (mandatory, so an
+/// unroutable message is not an ack) and waits for the broker's confirm; `Err`
+/// names what came instead.
+pub(crate) async fn publish_confirmed(
+    channel: &Channel,
+    queue: String,
+    delivery: &Delivery,
+    properties: lapin::BasicProperties,
+) -> Result<(), String> {
     let options = BasicPublishOptions {
         mandatory: true,
         ..Default::default()
@@ -316,31 +339,28 @@ pub async fn record_from_inbox(
     let published = channel
         .basic_publish(
             ShortString::from(""),
-            ShortString::from(rt.topology.dead_letter_queue(&queue)),
+            ShortString::from(queue),
             options,
             &delivery.data,
             properties,
         )
         .await;
-    let confirmed = match published {
-        Ok(confirm) => confirm.await,
-        Err(err) => Err(err),
-    };
-    match confirmed {
-        Ok(Confirmation::Ack(None)) => {
-            if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
-                tracing::debug!(error = %err, "inbox ack failed; the recorded copy will be recorded again as a no-op");
-            }
-        }
-        other => {
-            tracing::error!(outcome = ?other, "could not move a dead letter to its queue; returning it to the inbox");
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            };
-            let _ = delivery.acker.nack(requeue).await;
-        }
+    match published {
+        Ok(confirm) => match confirm.await {
+            Ok(Confirmation::Ack(None)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+        Err(err) => Err(err.to_string()),
     }
+}
+
+/// Hands an inbox delivery back to the inbox, to be handled again.
+pub(crate) async fn return_to_inbox(delivery: &Delivery) {
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    let _ = delivery.acker.nack(requeue).await;
 }
 
 /// An AMQP header value as JSON (tables become objects, timestamps seconds).

@@ -441,7 +441,17 @@ impl Settle {
 /// keyed job's or a retry's). `false` without a record, or
 /// when the record cannot be read: running is then the safe side.
 async fn already_done(rt: &Runtime, envelope: &Envelope, keyed: bool) -> bool {
-    let id = envelope.id;
+    match recorded_attempt(rt, envelope.id).await {
+        Ok(Some((state, attempts))) => is_stale(state, attempts, envelope.attempt, keyed),
+        _ => false,
+    }
+}
+
+/// The job's recorded state and attempt (`None`: no record).
+pub(crate) async fn recorded_attempt(
+    rt: &Runtime,
+    id: Uuid,
+) -> Result<Option<(Option<JobState>, i32)>, conveyor_schema::pool::DbError> {
     let found = conveyor_schema::pool::run(&rt.db, move |conn| {
         jobs::table
             .find(id)
@@ -449,13 +459,8 @@ async fn already_done(rt: &Runtime, envelope: &Envelope, keyed: bool) -> bool {
             .first::<(String, i32)>(conn)
             .optional()
     })
-    .await;
-    match found {
-        Ok(Some((state, attempts))) => {
-            is_stale(JobState::parse(&state), attempts, envelope.attempt, keyed)
-        }
-        _ => false,
-    }
+    .await?;
+    Ok(found.map(|(state, attempts)| (JobState::parse(&state), attempts)))
 }
 
 /// Whether a message of `attempt` is stale, given its job's recorded `state`

@@ -14,8 +14,10 @@ use crate::harness::{AMQP_URL, TestApp, wait_until};
 
 const WAIT: Duration = Duration::from_secs(40);
 
-/// Takes one message from `queue` and returns it (requeue), which counts as a delivery.
-async fn bounce_once(queue: &str) -> bool {
+/// Takes one message from `queue` and returns it unstarted (a requeueing nack,
+/// as a worker stopped holding it does), which counts as a delivery toward
+/// its limit. False when the queue had none ready.
+pub(crate) async fn bounce_once(queue: &str) -> bool {
     let conn = lapin::Connection::connect(AMQP_URL, Default::default())
         .await
         .unwrap();

@@ -7,40 +7,15 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::options::{
-    BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::dead_letters::bounce_once;
 use crate::harness::{AMQP_URL, TestApp, wait_until};
 
 const WAIT: Duration = Duration::from_secs(40);
-
-/// Returns one message of `queue` to it unstarted (a requeueing nack, as a
-/// worker stopped holding it does), which counts toward its delivery limit.
-/// False when the queue had none ready.
-async fn return_unstarted(queue: &str) -> bool {
-    let conn = lapin::Connection::connect(AMQP_URL, Default::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let got = channel
-        .basic_get(queue.into(), BasicGetOptions::default())
-        .await
-        .unwrap();
-    let found = got.is_some();
-    if let Some(message) = got {
-        let requeue = BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        };
-        message.delivery.nack(requeue).await.unwrap();
-    }
-    let _ = conn.close(200, "done".into()).await;
-    found
-}
 
 /// Returns the job's message to the work queue until the broker dead-letters
 /// it into the inbox (`delivery_limit` + 1 returns).
@@ -51,7 +26,7 @@ async fn return_until_dead_lettered(app: &TestApp, delivery_limit: u32) {
         topology.dead_letter_inbox("default"),
     );
     for _ in 0..=delivery_limit {
-        assert!(return_unstarted(&work).await, "no message in {work}");
+        assert!(bounce_once(&work).await, "no message in {work}");
     }
     wait_until(WAIT, || async { app.queue_len(&inbox).await == 1 }).await;
 }
@@ -115,7 +90,7 @@ async fn a_job_returned_delivery_limit_resets_times_is_dead() {
     );
     wait_until(WAIT, || async {
         app.queue_len(&inbox).await == 1 || {
-            return_unstarted(&work).await;
+            bounce_once(&work).await;
             false
         }
     })
@@ -150,7 +125,7 @@ async fn a_job_whose_attempt_started_is_dead_at_the_delivery_limit() {
     app.stop_workers().await;
     let work = app.topology().work_queue("default");
     wait_until(WAIT, || async { app.queue_len(&work).await == 1 }).await;
-    assert!(return_unstarted(&work).await, "no message in {work}");
+    assert!(bounce_once(&work).await, "no message in {work}");
     let inbox = app.topology().dead_letter_inbox("default");
     wait_until(WAIT, || async { app.queue_len(&inbox).await == 1 }).await;
 

@@ -26,14 +26,14 @@
 //! The header marks both as possible second copies, so the worker checks the
 //! job's record before running either (see `execute`), as for a keyed job.
 
-use conveyor_schema::db::jobs;
 use conveyor_schema::{Envelope, JobState};
-use diesel::prelude::*;
+use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Confirmation};
 
+use super::{publish_confirmed, return_to_inbox};
+use crate::execute::recorded_attempt;
 use crate::runtime::Runtime;
 
 /// How many times a message was returned to its work queue after reaching
@@ -84,30 +84,10 @@ pub(super) async fn return_unstarted(
         .properties
         .clone()
         .with_headers(fresh_headers(&headers, resets));
-    let options = BasicPublishOptions {
-        mandatory: true,
-        ..Default::default()
-    };
-    let published = channel
-        .basic_publish(
-            ShortString::from(""),
-            ShortString::from(rt.topology.work_queue(queue)),
-            options,
-            &delivery.data,
-            properties,
-        )
-        .await;
-    let confirmed = match published {
-        Ok(confirm) => confirm.await,
-        Err(err) => Err(err),
-    };
-    if !matches!(confirmed, Ok(Confirmation::Ack(None))) {
-        tracing::error!(job.id = %envelope.id, outcome = ?confirmed, "could not return an unstarted job to its queue; returning it to the inbox");
-        let requeue = BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        };
-        let _ = delivery.acker.nack(requeue).await;
+    let work_queue = rt.topology.work_queue(queue);
+    if let Err(outcome) = publish_confirmed(channel, work_queue, delivery, properties).await {
+        tracing::error!(job.id = %envelope.id, %outcome, "could not return an unstarted job to its queue; returning it to the inbox");
+        return_to_inbox(delivery).await;
         return Returned::Settled;
     }
     tracing::info!(
@@ -160,22 +140,10 @@ fn fresh_headers(headers: &FieldTable, resets: u32) -> FieldTable {
 /// Reads the job's record for [`never_started`]; `false` (dead-letter it, as
 /// before) when it cannot be read.
 async fn attempt_never_started(rt: &Runtime, envelope: &Envelope) -> bool {
-    let id = envelope.id;
-    let found = conveyor_schema::pool::run(&rt.db, move |conn| {
-        jobs::table
-            .find(id)
-            .select((jobs::state, jobs::attempts))
-            .first::<(String, i32)>(conn)
-            .optional()
-    })
-    .await;
-    match found {
-        Ok(recorded) => never_started(
-            recorded.map(|(state, attempts)| (JobState::parse(&state), attempts)),
-            envelope.attempt,
-        ),
+    match recorded_attempt(rt, envelope.id).await {
+        Ok(recorded) => never_started(recorded, envelope.attempt),
         Err(err) => {
-            tracing::warn!(job.id = %id, error = %err, "could not read the job's record; dead-lettering it");
+            tracing::warn!(job.id = %envelope.id, error = %err, "could not read the job's record; dead-lettering it");
             false
         }
     }
