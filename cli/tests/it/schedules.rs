@@ -370,6 +370,8 @@ async fn a_ticks_job_carries_the_tick_as_its_key_also_when_republished() {
             && ticks(&app, "often").await.len() >= 2
     })
     .await;
+    // No tick may fire between reading the ticks and draining their messages.
+    app.stop_workers().await;
     let mut keys = std::collections::HashMap::new();
     for name in ["yearly", "often"] {
         for row in ticks(&app, name).await {
