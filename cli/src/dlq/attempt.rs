@@ -12,11 +12,10 @@
 //! ([`conveyor_worker::about_the_data`]): an error of a kind that names a
 //! transient failure is the database's; any other is tried once more (a
 //! deadlock or a lock timeout seldom strikes twice), and when it fails again
-//! while the database answers a probe query ([`bulk::probe`]), it is the
+//! while the database answers a probe query ([`probe`]), it is the
 //! record's: reported, counted as failed, and passed over.
 
-use conveyor_ingress::dead_jobs::bulk;
-use conveyor_schema::pool::{DbError, PgPool};
+use conveyor_schema::pool::{self, DbError, PgPool};
 use conveyor_worker::about_the_data;
 
 /// What came of trying one record.
@@ -51,10 +50,19 @@ pub(super) async fn twice<T, E>(
         Err(err) if db_error(&err).is_some_and(about_the_record) => err,
         second => return Tried::Done(second),
     };
-    match bulk::probe(db).await {
+    match probe(db).await {
         Ok(()) => Tried::Refused(error),
         Err(probe) => Tried::Outage { error, probe },
     }
+}
+
+/// Whether the database answers a plain query now: a pooled checkout, which
+/// pings its connection (`SELECT 1`, see [`pool::pool`]). After a record
+/// failed twice with an error that may be about its data, `Ok` says the
+/// failure is that record's, `Err` (with the probe's failure) that the
+/// database is failing for every record alike.
+async fn probe(db: &PgPool) -> Result<(), DbError> {
+    pool::run(db, |_| Ok(())).await
 }
 
 /// Whether `err` may be PostgreSQL refusing the record's data rather than the

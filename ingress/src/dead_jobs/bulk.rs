@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use conveyor_platform::amqp::{Publisher, Topology};
 use conveyor_schema::find_task;
-use conveyor_schema::pool::{self, DbError, PgPool};
+use conveyor_schema::pool::{DbError, PgPool};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -340,17 +340,6 @@ pub async fn discard_each(
         }
     }
     ids.len()
-}
-
-/// Whether the database answers a plain query now, on a connection of its
-/// own: after a record failed twice with an error that may be about its data,
-/// `Ok` says the failure is that record's, `Err` (with the probe's failure)
-/// that the database is failing for every record alike.
-pub async fn probe(db: &PgPool) -> Result<(), DbError> {
-    pool::run(db, |conn| {
-        diesel::connection::SimpleConnection::batch_execute(conn, "SELECT 1")
-    })
-    .await
 }
 
 #[cfg(test)]

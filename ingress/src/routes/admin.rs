@@ -337,7 +337,7 @@ pub fn replay_problem(err: ReplayError) -> Problem {
 pub async fn replay(
     State(state): State<AppState>,
     Extension(Actor(actor)): Extension<Actor>,
-    budget: Option<Extension<bulk::Budget>>,
+    Extension(budget): Extension<bulk::Budget>,
     Path(id): Path<String>,
     StrictJson { value: request, .. }: StrictJson<ReplayRequest>,
 ) -> Result<Json<ReplayResult>, Problem> {
@@ -349,7 +349,7 @@ pub async fn replay(
         args: request.args,
         actor: format!("http:{actor}"),
         bulk: None,
-        deadline: Some(bulk::Budget::deadline(budget, began)),
+        deadline: Some(budget.deadline(began)),
     };
     let outcome = dead_jobs::replay(&state.db, &state.publisher, &state.topology, id, options)
         .await
@@ -384,14 +384,14 @@ pub struct DiscardResult {
 pub async fn discard(
     State(state): State<AppState>,
     Extension(Actor(actor)): Extension<Actor>,
-    budget: Option<Extension<bulk::Budget>>,
+    Extension(budget): Extension<bulk::Budget>,
     Path(id): Path<String>,
 ) -> Result<Json<DiscardResult>, Problem> {
     let began = Instant::now();
     let id = parse_id(&id)?;
     let options = DiscardOptions {
         actor: format!("http:{actor}"),
-        deadline: Some(bulk::Budget::deadline(budget, began)),
+        deadline: Some(budget.deadline(began)),
         ..Default::default()
     };
     let outcome = dead_jobs::discard_with(&state.db, id, options)

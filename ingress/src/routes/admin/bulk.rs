@@ -63,20 +63,9 @@ impl Budget {
         }
     }
 
-    /// The deadline of a request that began at `began`. Without the router's
-    /// budget (never, in the ingress): 20 s, and the default 5 s confirm wait.
-    pub fn deadline(budget: Option<Extension<Self>>, began: Instant) -> Deadline {
-        let Self {
-            work,
-            publish_timeout,
-        } = budget.map_or(
-            Self {
-                work: Duration::from_secs(20),
-                publish_timeout: Duration::from_secs(5),
-            },
-            |Extension(b)| b,
-        );
-        Deadline::within(began, work, publish_timeout)
+    /// The deadline of a request that began at `began`.
+    pub fn deadline(self, began: Instant) -> Deadline {
+        Deadline::within(began, self.work, self.publish_timeout)
     }
 }
 
@@ -233,7 +222,7 @@ fn result(dry_run: bool, found: &Matches, results: Vec<BulkItem>) -> BulkResult 
 pub async fn replay_matching(
     State(state): State<AppState>,
     Extension(Actor(actor)): Extension<Actor>,
-    budget: Option<Extension<Budget>>,
+    Extension(budget): Extension<Budget>,
     StrictJson { value: request, .. }: StrictJson<BulkReplayRequest>,
 ) -> Result<Json<BulkResult>, Problem> {
     let began = Instant::now();
@@ -250,7 +239,7 @@ pub async fn replay_matching(
     let found = bulk::matching(&state.db, &filter, request.force, from)
         .await
         .map_err(db_problem)?;
-    let deadline = Budget::deadline(budget, began);
+    let deadline = budget.deadline(began);
     let pace = Pace {
         rate,
         deadline: Some(deadline),
@@ -326,7 +315,7 @@ pub async fn replay_matching(
 pub async fn discard_matching(
     State(state): State<AppState>,
     Extension(Actor(actor)): Extension<Actor>,
-    budget: Option<Extension<Budget>>,
+    Extension(budget): Extension<Budget>,
     StrictJson { value: request, .. }: StrictJson<BulkDiscardRequest>,
 ) -> Result<Json<BulkResult>, Problem> {
     let began = Instant::now();
@@ -348,7 +337,7 @@ pub async fn discard_matching(
         &state.db,
         &ids,
         &options,
-        Some(Budget::deadline(budget, began)),
+        Some(budget.deadline(began)),
         |id, outcome| {
             let Some(dead) = records.next() else { return };
             let (outcome, error) = match outcome {
