@@ -327,9 +327,16 @@ pub async fn store(db: &PgPool, policy: &HeadshotPolicy, image: Image) -> anyhow
     .await?
 }
 
-/// Writes `<dir>/<sha256>` unless it exists, to a temporary name and then
-/// renamed, so the name never holds part of an image; durably, so the row that
-/// names the file commits only once the file would survive a power loss.
+/// Writes `<dir>/<sha256>` unless it exists holding exactly `image`'s bytes,
+/// to a temporary name and then renamed, so the name never holds part of an
+/// image; durably, so the row that names the file commits only once the file
+/// would survive a power loss.
+///
+/// A file found under the name is read and compared first: one an older
+/// release left cut short (it renamed before syncing, so a power loss could
+/// leave the name with part of the bytes), or one damaged on disk since, is
+/// replaced by a whole copy rather than reused. Images are capped in size, so
+/// the read costs little beside the download that brought them.
 ///
 /// The temporary file is synced before the rename (otherwise the name could
 /// reach the disk before the bytes, and a power loss leave it empty or cut
@@ -340,7 +347,20 @@ pub async fn store(db: &PgPool, policy: &HeadshotPolicy, image: Image) -> anyhow
 /// (`headshot_sweep`). Runs on the blocking pool (inside `pool::run`).
 fn write_file(dir: &Path, image: &Image) -> std::io::Result<()> {
     let path = dir.join(&image.sha256);
-    if !path.try_exists()? {
+    let found = match std::fs::read(&path) {
+        Ok(bytes) => Some(bytes),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(err) => return Err(err),
+    };
+    if found.as_deref() != Some(image.bytes.as_slice()) {
+        if let Some(bytes) = &found {
+            tracing::warn!(
+                sha256 = %image.sha256,
+                found_bytes = bytes.len(),
+                image_bytes = image.bytes.len(),
+                "a headshot file did not hold its image's bytes; writing it again"
+            );
+        }
         if !dir.try_exists()? {
             std::fs::create_dir_all(dir)?;
             match dir.parent() {

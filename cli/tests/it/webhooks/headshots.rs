@@ -328,3 +328,43 @@ async fn internal_addresses_are_refused_unless_allowed_and_files_can_hold_images
     assert!(!dir.path().join(&sha).exists());
     assert_eq!(open.count("SELECT count(*) AS n FROM headshots").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_short_file_under_the_images_name_is_written_again_not_reused() {
+    let (addr, _hits) = image_server().await;
+    let keys = Keys::new();
+    let dir = tempfile::tempdir().unwrap();
+    let sha = hex::encode(Sha256::digest(png()));
+    // What a release that renamed before syncing could leave after a power loss.
+    let whole = png();
+    std::fs::write(dir.path().join(&sha), &whole[..whole.len() / 2]).unwrap();
+    let app = app_for(&keys, true, Some(dir.path().to_owned())).await;
+    let job = send(
+        &app,
+        &keys.hmac_old,
+        &import(
+            "p1",
+            "2026-01-01T00:00:01Z",
+            format!("http://{addr}/img/ok.png"),
+            None,
+        ),
+    )
+    .await;
+    app.wait_for_state(job, "succeeded", WAIT).await;
+    let stored = std::fs::read(dir.path().join(&sha)).unwrap();
+    assert!(
+        stored == whole,
+        "the cut-short file was reused: {} bytes of {}",
+        stored.len(),
+        whole.len()
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        [std::ffi::OsString::from(&sha)],
+        "no temporary file left"
+    );
+}
