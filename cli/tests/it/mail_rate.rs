@@ -1,7 +1,8 @@
 //! A throttled sender waits for its send slots before it claims recipients:
 //! a reservation that fails, or a shutdown while it waits, leaves nobody
 //! claimed who was never handed to the SMTP server, so nobody ends `unknown`
-//! without cause.
+//! without cause. And a campaign whose groups the global ceiling holds back
+//! still keeps its own rate.
 
 use std::time::Duration;
 
@@ -89,4 +90,39 @@ async fn sigterm_while_a_throttled_sender_waits_leaves_no_recipient_claimed() {
     assert_eq!(status["counts"]["sent"], 6, "{status}");
     assert_eq!(status["counts"]["unknown"], 0, "{status}");
     assert_eq!(assert_no_duplicates(&smtp), 6);
+}
+
+/// A campaign's groups held back by the global ceiling keep the campaign's own
+/// rate: each group's campaign slots start when it really sends, so the next
+/// group cannot send beside it. Here the global slot is booked 5 s ahead and
+/// four chunks of a 4/s campaign reserve together; before, all eight mails
+/// left within a third of a second once the global slot came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_campaign_held_back_by_the_global_rate_keeps_its_own_rate() {
+    let smtp = TestSmtp::start();
+    let app = TestApp::spawn_with(1, |c| {
+        mail_config_for(c, &smtp.url);
+        c.mail.global_rate_per_sec = Some(100.0);
+        c.mail.chunk_size = 2;
+    })
+    .await;
+    execute(
+        &app,
+        "INSERT INTO send_rate_slots (key, next_slot_at) VALUES ('global', now() + interval '5 s')",
+    );
+    let id = start_campaign(&app, 8, Some(4.0)).await;
+    wait_completed(&app, &id, Duration::from_secs(60)).await;
+    assert_eq!(assert_no_duplicates(&smtp), 8);
+    let mut arrivals: Vec<_> = smtp.received().iter().map(|mail| mail.at).collect();
+    arrivals.sort();
+    // At 4/s, five sends span a second; allow for the sink's and the host's jitter.
+    let tightest = arrivals
+        .windows(5)
+        .map(|five| five[4] - five[0])
+        .min()
+        .unwrap();
+    assert!(
+        tightest >= Duration::from_millis(750),
+        "five of a 4/s campaign's mails arrived within {tightest:?}"
+    );
 }

@@ -28,6 +28,8 @@ pub struct Received {
     pub to: Vec<String>,
     /// The raw message.
     pub data: String,
+    /// When its data ended (the server accepted it).
+    pub at: Instant,
 }
 
 #[derive(Default)]
@@ -82,6 +84,7 @@ impl Handler for Recorder {
         let message = Received {
             to: std::mem::take(&mut self.to),
             data: String::from_utf8_lossy(&self.data).into_owned(),
+            at: Instant::now(),
         };
         self.data.clear();
         self.shared.lock().unwrap().received.push(message);

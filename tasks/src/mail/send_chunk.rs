@@ -287,16 +287,17 @@ async fn reserve_slots(
     let campaign_key = campaign_rate.map(|_| format!("campaign:{campaign_id}"));
     let (n, start) = pool::run(&ctx.services.db, move |c| {
         let n = ledger::due(c, chunk_id, most)?;
-        let mut start = Utc::now();
-        if n > 0 {
-            if let (Some(rate), Some(key)) = (campaign_rate, campaign_key.as_deref()) {
-                start = start.max(rate::reserve(c, key, rate, n)?);
-            }
-            if let Some(rate) = global {
-                start = start.max(rate::reserve(c, "global", rate, n)?);
-            }
+        if n == 0 {
+            return Ok((n, Utc::now()));
         }
-        Ok((n, start))
+        let limits: Vec<(&str, f64)> = [
+            campaign_key.as_deref().zip(campaign_rate),
+            global.map(|rate| ("global", rate)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        Ok((n, rate::reserve(c, &limits, n)?))
     })
     .await?;
     Ok(Some(Pace {
