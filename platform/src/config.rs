@@ -192,7 +192,10 @@ pub struct MailConfig {
     pub smtp_url: SecretString,
     /// Pooled SMTP connections per worker.
     pub smtp_pool_size: u32,
-    /// SMTP command timeout.
+    /// The most one message's send may take (connection, MAIL, RCPT, DATA).
+    /// Keep it below `worker.grace_period_ms`, so that a drain waits out a
+    /// send stalled at SIGTERM and records it, rather than leaving its
+    /// recipient claimed, to turn `unknown` when the claim expires.
     pub smtp_timeout_ms: u64,
     /// Recipients one chunk job talks to at once (the most that can be in doubt per killed worker).
     pub smtp_concurrency: usize,
@@ -217,7 +220,7 @@ impl Default for MailConfig {
         Self {
             smtp_url: "smtp://127.0.0.1:2525?tls=none".into(),
             smtp_pool_size: 16,
-            smtp_timeout_ms: 30_000,
+            smtp_timeout_ms: 20_000,
             smtp_concurrency: 8,
             chunk_size: 100,
             claim_ttl_ms: 120_000,
@@ -798,6 +801,17 @@ pub(crate) mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn by_default_a_drain_waits_out_a_stalled_smtp_send() {
+        let config = Config::default();
+        assert!(
+            config.worker.grace_period_ms > config.mail.smtp_timeout_ms,
+            "grace period {} ms, SMTP send timeout {} ms",
+            config.worker.grace_period_ms,
+            config.mail.smtp_timeout_ms
+        );
     }
 
     #[test]
