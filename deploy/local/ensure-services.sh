@@ -5,9 +5,15 @@
 # Debian/Ubuntu as root, `apt-get update`, install it with apt and start it (a
 # PostgreSQL installed this way is set up for the passwordless local login the
 # default URL needs); else say what to install on this system.
+# A RabbitMQ that was already running must also be able to declare a quorum
+# queue with at-least-once dead-lettering (RabbitMQ 3.10 can lose that while
+# its port still answers): checked with `rabbitmqctl eval` on a local node this
+# user can administer (about 1 s), and if it cannot, its app is restarted
+# (stop_app, start_app) and checked again; a remote broker is not checked.
 #
 #   ensure-services.sh [--dry-run] [--record FILE]
-#       --dry-run      print what would be installed, configured or started; change nothing
+#       --dry-run      print what would be installed, configured, started or restarted; change
+#                      nothing (the RabbitMQ check still declares and deletes its scratch queue)
 #       --record FILE  append each server this run starts to FILE (see services.sh)
 #   ensure-services.sh [--dry-run] --stop-recorded FILE
 #       stop exactly the servers listed in FILE, newest first

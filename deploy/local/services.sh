@@ -1,7 +1,9 @@
 # shellcheck shell=bash
 # The decisions and actions of ensure-services.sh, as functions: sourced by it,
 # and by the tests in cli/tests/it/local_services.rs, which call the
-# `svc_*_actions` functions with made-up facts in dry-run mode.
+# `svc_*_actions` functions with made-up facts in dry-run mode, and
+# local_broker_repair.rs, which gives `svc_rabbitmq_ensure_dlx` a stand-in
+# `rabbitmqctl`.
 #
 # Sourcing this file changes nothing. Every command that changes the system
 # goes through `svc_do`, which only prints it when SERVICES_DRY_RUN=1.
@@ -292,6 +294,112 @@ svc_rabbitmq_actions() {
   svc_wait_for "$host" "$port" RabbitMQ 90
 }
 
+# A broker can answer on its port and still be unusable. On RabbitMQ 3.10 the
+# supervisor of the quorum queues' at-least-once dead-letter workers
+# (rabbit_fifo_dlx_sup) gives up after two worker crashes within 5 s (seen when
+# many such queues are deleted at once, as the tests do) and is not restarted:
+# from then on every declaration of a queue with at-least-once dead-lettering,
+# which Conveyor's work queues and inboxes all are, fails with `noproc`, and the
+# ingress answers 503. Restarting the app (stop_app; start_app) rebuilds it.
+#
+# The check: `rabbitmqctl eval` declares, on the local node, a quorum queue with
+# the arguments platform/src/amqp/topology.rs gives a work queue (one replica,
+# a scratch name), then deletes it. It prints `ok`, `{failed,Why}`, or
+# `{unsupported,Why}` (a broker whose internals differ: not checked). About 1 s;
+# it runs in dry-run mode too (it leaves nothing behind).
+SVC_RABBITMQ_DLX_CHECK='User = <<"conveyor-ensure-services">>,
+VHost = case rabbit_vhost:exists(<<"/">>) of true -> <<"/">>; false -> hd(rabbit_vhost:list_names()) end,
+Name = iolist_to_binary(io_lib:format("conveyor.ensure-services.check.~b.~b",
+                                      [erlang:system_time(millisecond), erlang:unique_integer([positive])])),
+QName = rabbit_misc:r(VHost, queue, Name),
+Args = [{<<"x-queue-type">>, longstr, <<"quorum">>},
+        {<<"x-quorum-initial-group-size">>, long, 1},
+        {<<"x-delivery-limit">>, long, 1},
+        {<<"x-dead-letter-exchange">>, longstr, <<>>},
+        {<<"x-dead-letter-routing-key">>, longstr, <<Name/binary, ".dlq">>},
+        {<<"x-dead-letter-strategy">>, longstr, <<"at-least-once">>},
+        {<<"x-overflow">>, longstr, <<"reject-publish">>}],
+Result = try rabbit_amqqueue:declare(QName, true, false, Args, none, User) of
+           {new, _} -> ok;
+           {new, _, _} -> ok;
+           Other -> {failed, Other}
+         catch
+           error:undef:Stack -> {unsupported, {undef, hd(Stack)}};
+           Class:Why -> {failed, {Class, Why}}
+         end,
+_ = case catch rabbit_amqqueue:lookup(QName) of
+      {ok, Q} -> catch rabbit_amqqueue:delete(Q, false, false, User);
+      _ -> ok
+    end,
+Result.'
+
+# Runs the check once. Returns 0 (it works), 1 (it does not, or took over 60
+# s: svc_dlx_why says why) or 2 (not checked: svc_dlx_why says why). Only a
+# `{failed,…}` answer or the timeout count as broken, never a CLI that cannot
+# reach the node or prints something unexpected.
+svc_rabbitmq_dlx_check() {
+  local out errors rc=0
+  errors="$(mktemp)"
+  out="$(timeout 60 rabbitmqctl -q eval "$SVC_RABBITMQ_DLX_CHECK" 2>"$errors")" || rc=$?
+  out="$(tr -s ' \t\n' ' ' <<<"$out")"; out="${out# }"; out="${out% }"
+  svc_dlx_why="$out"
+  ((${#out} <= 160)) || svc_dlx_why="${out:0:160}…"
+  if [[ -z "$out" || $rc != 0 ]]; then
+    svc_dlx_why="$(tr -s ' \t\n' ' ' <"$errors")"; svc_dlx_why="${svc_dlx_why% }"
+    svc_dlx_why="${svc_dlx_why:0:160}"
+    svc_dlx_why="${svc_dlx_why:-exit status $rc}"
+  fi
+  rm -f "$errors"
+  if [[ $rc == 124 ]]; then
+    svc_dlx_why="the declaration did not finish within 60 s"
+    return 1
+  elif [[ $rc == 0 && "$out" == ok ]]; then
+    return 0
+  elif [[ $rc == 0 && "$out" == "{failed,"* ]]; then
+    return 1
+  fi
+  return 2
+}
+
+# After RabbitMQ answered at host:port: makes sure it can declare what Conveyor
+# declares (see SVC_RABBITMQ_DLX_CHECK), restarting the app of a local node
+# that cannot. A remote broker, or one the local rabbitmqctl cannot
+# administer, is not checked (one line says so).
+svc_rabbitmq_ensure_dlx() { # host port is_local
+  local host="$1" port="$2" is_local="$3" what="a quorum queue with at-least-once dead-lettering" status
+  if [[ "$is_local" != yes ]]; then
+    svc_say "RabbitMQ at $host:$port is not local: not checking that it can declare $what"
+    return 0
+  fi
+  if ! command -v rabbitmqctl >/dev/null 2>&1; then
+    svc_say "RabbitMQ: no rabbitmqctl here, so not checking that it can declare $what"
+    return 0
+  fi
+  status=0; svc_rabbitmq_dlx_check || status=$?
+  case $status in
+    0) svc_say "RabbitMQ declares $what"; return 0 ;;
+    2) svc_say "RabbitMQ: not checking that it can declare $what (rabbitmqctl eval: $svc_dlx_why)"; return 0 ;;
+  esac
+  svc_err "RabbitMQ at $host:$port answers but cannot declare $what: $svc_dlx_why"
+  svc_say "Restarting RabbitMQ's app (rabbitmqctl stop_app, start_app)..."
+  if ! svc_do rabbitmqctl stop_app || ! svc_do rabbitmqctl start_app; then
+    svc_err "rabbitmqctl could not restart RabbitMQ's app; restart the broker by hand (e.g. sudo systemctl restart rabbitmq-server)"
+    return 1
+  fi
+  svc_wait_for "$host" "$port" RabbitMQ 60 || return 1
+  if svc_dry; then
+    echo "would check again that RabbitMQ can declare $what"
+    return 0
+  fi
+  status=0; svc_rabbitmq_dlx_check || status=$?
+  case $status in
+    0) svc_say "RabbitMQ declares $what again" ;;
+    1) svc_err "RabbitMQ at $host:$port still cannot declare $what after an app restart ($svc_dlx_why); restart the broker (sudo systemctl restart rabbitmq-server) and read its log in /var/log/rabbitmq/"
+       return 1 ;;
+    2) svc_say "RabbitMQ's app restarted, but not checked again (rabbitmqctl eval: $svc_dlx_why)" ;;
+  esac
+}
+
 svc_wait_quietly() { # host port seconds: true once it answers
   local _
   for _ in $(seq 1 "$3"); do
@@ -319,7 +427,11 @@ svc_ensure_all() {
   answers=no; svc_answers "$host" "$port" && answers=yes
   is_local=no; svc_is_local "$host" && is_local=yes
   svc_rabbitmq_actions "$host" "$port" "$answers" "$is_local" \
-    "$(svc_rabbitmq_present)" "$root" "$manager"
+    "$(svc_rabbitmq_present)" "$root" "$manager" || return 1
+  # A broker this run started is fresh; one that was running may have decayed.
+  if [[ "$answers" == yes ]]; then
+    svc_rabbitmq_ensure_dlx "$host" "$port" "$is_local"
+  fi
 }
 
 # Stops the servers recorded in `file`, newest first; never anything else.

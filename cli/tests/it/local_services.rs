@@ -344,9 +344,21 @@ fn ensure_services_dry_run_uses_the_running_servers_and_records_nothing() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
+    // The third line is the real dead-lettering check (local_broker_repair.rs),
+    // or a note that this user's rabbitmqctl cannot administer the node.
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.len() == 3, "{stdout}");
     assert_eq!(
-        stdout,
-        "PostgreSQL answers at 127.0.0.1:5432\nRabbitMQ answers at 127.0.0.1:5672\n"
+        lines[..2],
+        [
+            "PostgreSQL answers at 127.0.0.1:5432",
+            "RabbitMQ answers at 127.0.0.1:5672"
+        ]
+    );
+    assert!(
+        lines[2] == "RabbitMQ declares a quorum queue with at-least-once dead-lettering"
+            || lines[2].starts_with("RabbitMQ: not checking"),
+        "{stdout}"
     );
     assert_eq!(std::fs::read_to_string(record.path()).unwrap(), "");
 }
@@ -499,12 +511,16 @@ fn trust_rules_let_user_postgres_in_over_tcp_without_a_password() {
 }
 
 /// `ensure-services.sh` (for real, not a dry run: both servers answer, so it
-/// changes nothing) against `database_url`, with the shared RabbitMQ.
+/// changes nothing) against `database_url`, with the shared RabbitMQ, whose
+/// dead-lettering check a stub `rabbitmqctl` answers (a real run must never
+/// restart the shared broker's app).
 fn ensure_services(database_url: Option<&str>) -> Outcome {
+    let stub = crate::local_broker_repair::StubRabbitmqctl::new(&[]);
     let mut command = Command::new("bash");
     command
         .arg("deploy/local/ensure-services.sh")
         .current_dir(repo())
+        .env("PATH", stub.path())
         .env("CONVEYOR_AMQP_URL", crate::harness::AMQP_URL)
         .env_remove("CONVEYOR_DATABASE_URL");
     if let Some(url) = database_url {

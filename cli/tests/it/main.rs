@@ -29,6 +29,7 @@ mod idempotency;
 mod in_doubt;
 mod job_batches;
 mod jobs;
+mod local_broker_repair;
 mod local_services;
 mod logs;
 mod mail;

@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::harness::{AMQP_URL, PG_SERVER};
+use crate::local_broker_repair::StubRabbitmqctl;
 
 /// The worker's drain deadline given to run.sh's processes.
 const GRACE: Duration = Duration::from_secs(5);
@@ -112,6 +113,9 @@ pub(crate) struct MakeRun {
     /// Every line run.sh and its processes wrote, stdout and stderr interleaved.
     lines: Arc<Mutex<Vec<String>>>,
     readers: Vec<std::thread::JoinHandle<()>>,
+    /// The `rabbitmqctl` first on run.sh's PATH: it answers ensure-services.sh's
+    /// dead-lettering check, so that a real run never restarts the shared broker.
+    _rabbitmqctl: StubRabbitmqctl,
 }
 
 impl MakeRun {
@@ -123,8 +127,12 @@ impl MakeRun {
     pub(crate) fn start_with(port: u16, adjust: impl FnOnce(&mut Command)) -> Self {
         let namespace = format!("t{}", &Uuid::new_v4().simple().to_string()[..12]);
         let database = format!("t_make_run_{}", Uuid::new_v4().simple());
+        let rabbitmqctl = StubRabbitmqctl::new(&[]);
         let mut command = Command::new("bash");
-        command.arg("deploy/local/run.sh").current_dir(repo());
+        command
+            .arg("deploy/local/run.sh")
+            .current_dir(repo())
+            .env("PATH", rabbitmqctl.path());
         // Only this test's configuration: none of the caller's CONVEYOR_* variables.
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("CONVEYOR_") {
@@ -164,6 +172,7 @@ impl MakeRun {
             database,
             lines,
             readers,
+            _rabbitmqctl: rabbitmqctl,
         }
     }
 
