@@ -39,6 +39,10 @@ pub struct Metrics {
     /// Messages the broker dead-lettered for its delivery limit whose attempt
     /// had never started, given back to their work queue instead. Worker.
     pub jobs_delivery_limit_resets: IntCounterVec,
+    /// Messages the broker dead-lettered for its delivery limit whose job had
+    /// already succeeded (stale copies whose acks were lost), acknowledged
+    /// without a dead-job record. Worker.
+    pub jobs_delivery_limit_already_succeeded: IntCounterVec,
     /// Attempts running now.
     pub jobs_in_flight: IntGaugeVec,
     /// Run time of one attempt.
@@ -200,6 +204,12 @@ impl Metrics {
                 r,
                 "conveyor_jobs_delivery_limit_resets_total",
                 "Messages dead-lettered by the broker's delivery limit before their attempt started, returned to their queue.",
+                &TASK_LABELS,
+            ),
+            jobs_delivery_limit_already_succeeded: counter(
+                r,
+                "conveyor_jobs_delivery_limit_already_succeeded_total",
+                "Messages dead-lettered by the broker's delivery limit whose job had already succeeded, acknowledged without a dead-job record.",
                 &TASK_LABELS,
             ),
             jobs_in_flight: gauge(

@@ -12,10 +12,15 @@
 //!   `dead` state, then republishes the message with all its headers (RabbitMQ's
 //!   `x-death` history included) to `<q>.dlq`, and only then acks the inbox copy.
 //!
-//! A message the broker dead-lettered for its delivery limit whose attempt the
-//! job's record shows never started (returned by workers stopped or killed
-//! before starting it) is not recorded: [`resets`] gives it back to its work
-//! queue, at most `amqp.delivery_limit_resets` times.
+//! A message the broker dead-lettered for its delivery limit is not recorded
+//! when the job's record (read first, again until it can be) shows that:
+//! - the job already succeeded. The message is a stale copy (its delivery
+//!   returned, not acked, after the commit), and a record would offer a
+//!   succeeded job for a replay: [`succeeded`] acknowledges and counts it. A
+//!   job already `dead` is recorded as before, a no-op when its record exists;
+//! - its attempt never started (returned by workers stopped or killed before
+//!   starting it): [`resets`] gives it back to its work queue, at most
+//!   `amqp.delivery_limit_resets` times.
 //!
 //! Either way the record is committed before the dead-letter message can be
 //! lost, and recording is idempotent (`ON CONFLICT DO NOTHING` on the job id),
@@ -51,6 +56,7 @@ use crate::runtime::Runtime;
 use crate::state_writer::{Commit, StateChange};
 
 pub(crate) mod resets;
+mod succeeded;
 
 /// Who dead-lettered a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,10 +265,17 @@ pub async fn record_from_inbox(
         .to_owned();
     if why == "delivery_limit"
         && let Ok(envelope) = Envelope::decode(&delivery.data)
-        && resets::return_unstarted(&rt, &queue, &channel, &delivery, &envelope).await
-            == resets::Returned::Settled
     {
-        return;
+        let Some(recorded) = succeeded::read(&rt, envelope.id).await else {
+            return_to_inbox(&delivery).await;
+            return;
+        };
+        if succeeded::acked_if_succeeded(&rt, &queue, &delivery, &envelope, recorded).await
+            || resets::return_unstarted(&rt, &queue, &channel, &delivery, &envelope, recorded).await
+                == resets::Returned::Settled
+        {
+            return;
+        }
     }
     // x-death's `count` is how often the message was dead-lettered for this
     // reason (once, for a delivery limit), not how often it was delivered.

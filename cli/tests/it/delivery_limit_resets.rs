@@ -80,9 +80,9 @@ async fn a_job_returned_delivery_limit_resets_times_is_dead() {
     app.start_worker_with(stuck).await;
     wait_until(WAIT, || async { resets_counted(&app).await == 1 }).await;
     app.stop_workers().await;
-    // Its returns count again: the stop's (a requeue, and another when the
-    // channel closes should the broker have delivered it again meanwhile),
-    // then ours, until the broker gives up on it again.
+    // Its returns count again: the stop's (one requeue, made once the broker
+    // confirmed cancelling the consumer), then ours, until the broker gives
+    // up on it again.
     let topology = app.topology();
     let (work, inbox) = (
         topology.work_queue("default"),
@@ -203,4 +203,61 @@ async fn a_second_returned_copy_of_a_finished_job_does_not_run() {
     })
     .await;
     assert_eq!(noop_counter(&app, "conveyor_jobs_started_total").await, 1);
+}
+
+/// The last started worker's count of inbox copies of `diag.noop` jobs that
+/// had already succeeded.
+async fn already_succeeded_counted(app: &TestApp) -> u64 {
+    noop_counter(app, "conveyor_jobs_delivery_limit_already_succeeded_total").await
+}
+
+/// A job that ran and succeeded, whose stale copy (its ack lost each time)
+/// the broker then dead-letters for its delivery limit: the inbox copy is
+/// acknowledged and counted, never recorded nor moved to the `.dlq`, where a
+/// replay would run the succeeded job again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_copy_of_a_succeeded_job_at_the_delivery_limit_is_not_dead() {
+    let mut app = TestApp::spawn_with(0, |config| config.amqp.delivery_limit = 1).await;
+    let id = app.enqueue("diag.noop", json!({})).await;
+    let topology = app.topology();
+    let (work, inbox, dlq) = (
+        topology.work_queue("default"),
+        topology.dead_letter_inbox("default"),
+        topology.dead_letter_queue("default"),
+    );
+    let taken = app.drain_queue(&work).await;
+    assert_eq!(taken.len(), 1);
+    let envelope = conveyor_schema::Envelope::decode(&taken[0].1).unwrap();
+
+    app.publish_envelope(&envelope).await;
+    app.start_worker().await;
+    app.wait_for_state(id, "succeeded", WAIT).await;
+    app.stop_workers().await;
+    // The stale copy, returned until the broker dead-letters it.
+    app.publish_envelope(&envelope).await;
+    return_until_dead_lettered(&app, 1).await;
+
+    app.start_worker().await;
+    // Either road ends here: the copy acknowledged as a succeeded job's, or
+    // (the defect) recorded and moved to the `.dlq`.
+    wait_until(WAIT, || async {
+        already_succeeded_counted(&app).await == 1
+            || dead_records(&app, id).await == 1
+            || app.queue_len(&dlq).await == 1
+    })
+    .await;
+    assert_eq!(
+        dead_records(&app, id).await,
+        0,
+        "a dead-job record was written for a succeeded job"
+    );
+    assert_eq!(already_succeeded_counted(&app).await, 1);
+    assert_eq!(resets_counted(&app).await, 0);
+    // Stopped, the worker would return a copy it had not acked.
+    app.stop_workers().await;
+    assert_eq!(app.queue_len(&inbox).await, 0);
+    assert_eq!(app.queue_len(&dlq).await, 0);
+    let job = app.job(id).await.unwrap();
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.runs, 1, "{job:?}");
 }

@@ -26,14 +26,14 @@
 //! The header marks both as possible second copies, so the worker checks the
 //! job's record before running either (see `execute`), as for a keyed job.
 
-use conveyor_schema::{Envelope, JobState};
+use conveyor_schema::Envelope;
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
+use super::succeeded::Recorded;
 use super::{publish_confirmed, return_to_inbox};
-use crate::execute::recorded_attempt;
 use crate::runtime::Runtime;
 
 /// How many times a message was returned to its work queue after reaching
@@ -65,18 +65,20 @@ pub(super) enum Returned {
 }
 
 /// Returns `delivery` (the inbox copy of `envelope`, dead-lettered from
-/// `queue` for its delivery limit) to its work queue when its attempt never
-/// started and it was returned fewer than `amqp.delivery_limit_resets` times.
+/// `queue` for its delivery limit) to its work queue when its job's
+/// `recorded` state shows its attempt never started and it was returned fewer
+/// than `amqp.delivery_limit_resets` times.
 pub(super) async fn return_unstarted(
     rt: &Runtime,
     queue: &str,
     channel: &Channel,
     delivery: &Delivery,
     envelope: &Envelope,
+    recorded: Recorded,
 ) -> Returned {
     let headers = delivery.properties.headers().clone().unwrap_or_default();
     let resets = resets_of(&headers);
-    if resets >= rt.delivery_limit_resets || !attempt_never_started(rt, envelope).await {
+    if resets >= rt.delivery_limit_resets || !never_started(recorded, envelope.attempt) {
         return Returned::No;
     }
     let resets = resets + 1;
@@ -137,18 +139,6 @@ fn fresh_headers(headers: &FieldTable, resets: u32) -> FieldTable {
     fresh
 }
 
-/// Reads the job's record for [`never_started`]; `false` (dead-letter it, as
-/// before) when it cannot be read.
-async fn attempt_never_started(rt: &Runtime, envelope: &Envelope) -> bool {
-    match recorded_attempt(rt, envelope.id).await {
-        Ok(recorded) => never_started(recorded, envelope.attempt),
-        Err(err) => {
-            tracing::warn!(job.id = %envelope.id, error = %err, "could not read the job's record; dead-lettering it");
-            false
-        }
-    }
-}
-
 /// Whether a message of `attempt` never started, given its job's recorded
 /// `(state, attempts)` (`None`: no record). A start commits `running` with
 /// `attempts` set to the attempt, and the state writer only ever moves
@@ -159,7 +149,7 @@ async fn attempt_never_started(rt: &Runtime, envelope: &Envelope) -> bool {
 ///
 /// `runs` (every start, redeliveries included) would not tell: an earlier
 /// attempt run twice after a crash makes it reach `attempt` unstarted.
-fn never_started(recorded: Option<(Option<JobState>, i32)>, attempt: u32) -> bool {
+fn never_started(recorded: Recorded, attempt: u32) -> bool {
     match recorded {
         None => true,
         Some((state, attempts)) => {
