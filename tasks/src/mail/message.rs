@@ -1,4 +1,10 @@
 //! Building one recipient's message and classifying the SMTP server's answer.
+//!
+//! Only an answer about the recipient's own message (or a conversation that
+//! broke while sending it) is a [`Delivery`]. When no conversation could be
+//! had at all (server unreachable, or refusing us at its greeting, STARTTLS
+//! or AUTH) [`send_one`] returns [`Unavailable`] instead: even a 5xx there is
+//! about the server or our configuration, so it must not fail the recipient.
 
 use lettre::Message;
 use lettre::message::{Mailbox, MultiPart, header};
@@ -22,6 +28,12 @@ pub enum Delivery {
     Unknown(String),
 }
 
+/// No conversation with the SMTP server could be had, so the recipient was
+/// not tried: the reason, naming the step and the server's answer (say
+/// `SMTP server mail.example:587 refused authentication: 535 5.7.8 …`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable(pub String);
+
 /// The deterministic `Message-ID` of (campaign, recipient), so receiving
 /// systems can deduplicate too.
 pub fn message_id(campaign_id: Uuid, email: &str, from_domain: &str) -> String {
@@ -44,14 +56,16 @@ pub struct Envelope<'a> {
     pub vars: &'a serde_json::Value,
 }
 
-/// Renders and sends one message; never panics, always classifies.
+/// Renders and sends one message; never panics, always classifies: what
+/// happened to the recipient, or [`Unavailable`] when the server could not
+/// be talked to (nothing was tried).
 pub async fn send_one(
     mail: &MailServices,
     campaign: &Envelope<'_>,
     recipient_id: i64,
     email: &str,
     vars: &serde_json::Value,
-) -> Delivery {
+) -> Result<Delivery, Unavailable> {
     let mut context = match campaign.vars {
         serde_json::Value::Object(map) => map.clone(),
         _ => Default::default(),
@@ -71,11 +85,11 @@ pub async fn send_one(
         .render(campaign.template, &serde_json::Value::Object(context))
     {
         Ok(rendered) => rendered,
-        Err(err) => return Delivery::Failed(err.to_string()),
+        Err(err) => return Ok(Delivery::Failed(err.to_string())),
     };
     let to: Mailbox = match email.parse() {
         Ok(to) => to,
-        Err(err) => return Delivery::Failed(format!("invalid address: {err}")),
+        Err(err) => return Ok(Delivery::Failed(format!("invalid address: {err}"))),
     };
     let domain = campaign.from.email.domain().to_owned();
     let mut builder = Message::builder()
@@ -92,18 +106,19 @@ pub async fn send_one(
         rendered.html,
     )) {
         Ok(message) => message,
-        Err(err) => return Delivery::Failed(format!("cannot build message: {err}")),
+        Err(err) => return Ok(Delivery::Failed(format!("cannot build message: {err}"))),
     };
-    match mail.transport.send(&message).await {
+    Ok(match mail.transport.send(&message).await {
         Ok(response) => Delivery::Sent(format!(
             "{} {}",
             response.code(),
             response.message().collect::<Vec<_>>().join(" ")
         )),
+        Err(err) if err.is_unavailable() => return Err(Unavailable(err.to_string())),
         Err(err) if err.is_in_doubt() => Delivery::Unknown(err.to_string()),
         Err(err) if err.is_permanent() => Delivery::Failed(err.to_string()),
         Err(err) => Delivery::Deferred(err.to_string()),
-    }
+    })
 }
 
 /// The `List-Unsubscribe` header.

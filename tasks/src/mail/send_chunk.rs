@@ -9,10 +9,17 @@
 //! recorded on its own instead, and its conversation slots go back to the
 //! worker's other chunks, which would otherwise wait for the slow chunk's end.
 //! A 250 marks the row `sent`; a 5xx marks it `failed` with the reply; a 4xx, or
-//! a connection failure or timeout before the message was written, defers it
-//! with backoff. A conversation that broke or timed out after the message was
-//! written marks it `unknown` (the server may have it). Rows left claimed by a
-//! dead worker become `unknown` once their claim expires. `unknown` rows are
+//! a conversation that broke or timed out before the message was written, defers
+//! it with backoff, and counts towards `mail.max_smtp_attempts`. When no
+//! conversation can be had at all (the server is unreachable or refuses us at
+//! its greeting, STARTTLS or AUTH, whatever the code), no recipient is at fault:
+//! the group's untried recipients go back to `pending` uncounted and the job
+//! fails with the server's reason, so its retries (backoff up to 5 minutes, 50
+//! attempts, then the dead-letter queue) wait for the server or for the
+//! operator to fix `mail.smtp_url`. A conversation that broke or timed out
+//! after the message was written marks it `unknown` (the server may have
+//! it). Rows left claimed by a dead worker become `unknown` once their claim
+//! expires. `unknown` rows are
 //! never re-sent automatically; so a recipient is claimed only when it is about
 //! to be handed to the SMTP server, and one that never was goes back to `pending`.
 //! On shutdown the group in flight is finished, except that recipients of a
@@ -185,21 +192,30 @@ impl Task for SendChunk {
             });
             let deliveries = join_all(sends).await;
             let mut unsent = Vec::new();
+            let mut unavailable = None;
             outcomes = claimed
                 .iter()
                 .zip(deliveries)
                 .filter_map(|(recipient, delivery)| match delivery {
-                    Some(delivery) => Some(outcome(settings, recipient, delivery)),
+                    Some(Ok(delivery)) => Some(outcome(settings, recipient, delivery)),
+                    // No conversation: the server or our configuration is at
+                    // fault, not the recipient, who goes back untried.
+                    Some(Err(message::Unavailable(why))) => {
+                        unsent.push(recipient.id);
+                        unavailable = Some(why);
+                        None
+                    }
                     None => {
                         unsent.push(recipient.id);
                         None
                     }
                 })
                 .collect();
-            if pace.is_some() {
+            if pace.is_some() || unavailable.is_some() {
                 // A throttled group took its time: record it now (and give back
-                // those a shutdown kept from being sent), and let the worker's
-                // other chunks have the conversations before the next.
+                // those a shutdown kept from being sent, or the server would
+                // not talk to), and let the worker's other chunks have the
+                // conversations before the next.
                 let (sent, recorder) = (std::mem::take(&mut outcomes), worker.clone());
                 pool::run(db, move |c| {
                     ledger::record(c, &recorder, &sent)?;
@@ -207,6 +223,14 @@ impl Task for SendChunk {
                 })
                 .await?;
                 slots = None;
+            }
+            if let Some(why) = unavailable {
+                // The job's retries (with backoff) wait for the server; when
+                // they run out, the dead letter carries this reason.
+                return Err(anyhow::anyhow!(
+                    "{why} (no recipient was tried; the chunk's stay pending)"
+                )
+                .into());
             }
         }
         drop(slots);

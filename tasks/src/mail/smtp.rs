@@ -18,7 +18,12 @@
 //! failure is told apart by where it happened: before the message was written
 //! nothing was handed over and the recipient may be tried again; after, the
 //! server may have accepted it, and the recipient is in doubt
-//! ([`SendError::InDoubt`]), never sent again automatically. A refusal (a 4xx
+//! ([`SendError::InDoubt`]), never sent again automatically. A failure to get
+//! a conversation at all (the server cannot be reached, or refuses us at its
+//! greeting, STARTTLS or AUTH, whatever the reply code) is
+//! [`SendError::Unavailable`]: it says nothing about the recipient, and its
+//! message names the step and the server's answer, for the operator who must
+//! fix the server or `mail.smtp_url`. A refusal (a 4xx
 //! or 5xx answer, say to one bad address's `RCPT`) leaves the connection in
 //! step with the server: it is reset with `RSET` and goes back to the pool, so a
 //! list with bad addresses does not cost a reconnect each. A connection whose
@@ -116,22 +121,37 @@ impl Target {
     }
 
     /// Opens, secures and authenticates one connection, within the timeout.
+    /// Every failure here is [`SendError::Unavailable`], naming the step
+    /// (connect, greeting, STARTTLS, AUTH) and the server's answer.
     async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
+        let server = format!("{}:{}", self.host, self.port);
+        let unavailable = |what: &str, err: &dyn std::fmt::Display| {
+            SendError::Unavailable(format!("SMTP server {server} {what}: {err}"))
+        };
         let connecting = async {
             let mut conn = if self.security == Security::Implicit {
+                let tls = self
+                    .tls()
+                    .map_err(|err| unavailable("TLS setup failed", &err))?;
                 AsyncSmtpConnection::connect_tokio1(
                     (self.host.as_str(), self.port),
                     Some(self.timeout),
                     &self.hello,
-                    Some(self.tls()?),
+                    Some(tls),
                     None,
                 )
-                .await?
+                .await
+                .map_err(|err| unavailable("refused the connection", &said(&err)))?
             } else {
-                let stream =
-                    tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
-                stream.set_nodelay(true)?;
-                AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello).await?
+                let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+                    .await
+                    .map_err(|err| unavailable("cannot be reached", &err))?;
+                stream
+                    .set_nodelay(true)
+                    .map_err(|err| unavailable("cannot be reached", &err))?;
+                AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello)
+                    .await
+                    .map_err(|err| unavailable("refused the connection", &said(&err)))?
             };
             let starttls = match self.security {
                 Security::Required => true,
@@ -139,21 +159,43 @@ impl Target {
                 Security::None | Security::Implicit => false,
             };
             if starttls {
-                conn.starttls(self.tls()?, &self.hello).await?;
+                if !conn.can_starttls() {
+                    return Err(unavailable(
+                        "refused STARTTLS",
+                        &"it does not offer it, and mail.smtp_url says tls=required",
+                    ));
+                }
+                let tls = self
+                    .tls()
+                    .map_err(|err| unavailable("TLS setup failed", &err))?;
+                conn.starttls(tls, &self.hello)
+                    .await
+                    .map_err(|err| unavailable("refused STARTTLS", &said(&err)))?;
             }
             if let Some(credentials) = &self.credentials {
-                conn.auth(DEFAULT_MECHANISMS, credentials).await?;
+                conn.auth(DEFAULT_MECHANISMS, credentials)
+                    .await
+                    .map_err(|err| unavailable("refused authentication", &said(&err)))?;
             }
             Ok::<_, SendError>(conn)
         };
         tokio::time::timeout(self.timeout, connecting)
             .await
             .map_err(|_| {
-                SendError::Connect(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connecting to the SMTP server timed out",
+                SendError::Unavailable(format!(
+                    "SMTP server {server} gave no connection within {} ms (connect, greeting, STARTTLS, AUTH)",
+                    self.timeout.as_millis()
                 ))
             })?
+    }
+}
+
+/// An SMTP error as the server said it (`535 5.7.8 …`) when it is an answer,
+/// else lettre's words.
+fn said(err: &SmtpError) -> String {
+    match (err.status(), std::error::Error::source(err)) {
+        (Some(code), Some(text)) => format!("{code} {text}"),
+        _ => err.to_string(),
     }
 }
 
@@ -164,11 +206,14 @@ pub enum SendError {
     /// the message was written (lettre's classification): not handed over.
     #[error(transparent)]
     Smtp(#[from] SmtpError),
-    /// The socket could not be opened or the connect timed out.
-    #[error("cannot connect to the SMTP server: {0}")]
-    Connect(#[from] std::io::Error),
-    /// `mail.smtp_timeout_ms` passed before the message was written (waiting
-    /// for a connection, or for an answer to MAIL, RCPT or DATA): not handed over.
+    /// No conversation could be had: the server could not be reached, refused
+    /// the connection at its greeting, STARTTLS or AUTH, or gave no connection
+    /// within the timeout. About the server or our configuration, never about
+    /// the recipient, whatever the reply code: nothing was handed over.
+    #[error("{0}")]
+    Unavailable(String),
+    /// `mail.smtp_timeout_ms` passed before the message was written, waiting
+    /// for an answer to MAIL, RCPT or DATA: not handed over.
     #[error("no answer from the SMTP server within {timeout_ms} ms, before the message was sent")]
     TimedOut {
         /// The timeout that passed.
@@ -185,14 +230,22 @@ pub enum SendError {
 }
 
 impl SendError {
-    /// True for a 5xx answer: the same message will never be accepted.
+    /// True for a 5xx answer to the message's own commands: the same message
+    /// will never be accepted. A refused connection is never permanent.
     pub fn is_permanent(&self) -> bool {
         match self {
             Self::Smtp(err) => err.is_permanent(),
-            Self::Connect(_) | Self::TimedOut { .. } | Self::Unsupported(_) | Self::InDoubt(_) => {
-                false
-            }
+            Self::Unavailable(_)
+            | Self::TimedOut { .. }
+            | Self::Unsupported(_)
+            | Self::InDoubt(_) => false,
         }
+    }
+
+    /// True when no conversation could be had ([`SendError::Unavailable`]):
+    /// the message was not tried, and nothing is known about its recipient.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
     }
 
     /// True when the server may have accepted the message: sending it again
@@ -269,9 +322,16 @@ impl SmtpPool {
             Ok(Ok(conn)) => conn,
             Ok(Err(managed::PoolError::Backend(err))) => return Err(err),
             Ok(Err(other)) => {
-                return Err(SendError::Connect(std::io::Error::other(other.to_string())));
+                return Err(SendError::Unavailable(format!(
+                    "SMTP connection pool: {other}"
+                )));
             }
-            Err(_) => return Err(timed_out()),
+            Err(_) => {
+                return Err(SendError::Unavailable(format!(
+                    "no SMTP connection within {} ms (connect, greeting, STARTTLS, AUTH, or a busy pool)",
+                    self.timeout.as_millis()
+                )));
+            }
         };
         let mut written = false;
         let failure = match timeout_at(deadline, converse(&mut conn, message, &mut written)).await {
