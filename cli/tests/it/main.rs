@@ -37,6 +37,7 @@ mod mail_api;
 mod mail_outcomes;
 mod mail_pause;
 mod mail_rate;
+mod mail_record_retry;
 mod mail_refusals;
 mod make_run;
 mod make_run_services;

@@ -240,6 +240,13 @@ conveyor_schema::prepared_statement!(RecordOutcomes);
 /// group: the sent group leaves doubt in the same commit in which the next one
 /// enters it. The statement sees the ledger as it was when it began, so a
 /// recipient it defers is claimed again by a later step at the earliest.
+///
+/// A step may be run again after an error (see `send_chunk`), and that
+/// repeat changes nothing twice: an outcome is written only over a row still
+/// claimed (`sending`, or `unknown` after its claim expired), and the claim is
+/// stamped with `token` (its `claimed_at`, unique to the step), so if the
+/// failed run did commit (its answer was lost with the connection) the repeat
+/// returns that claim, with its expiry renewed, instead of claiming another group.
 pub fn record_and_claim(
     conn: &mut PgConnection,
     worker: &str,
@@ -247,6 +254,7 @@ pub fn record_and_claim(
     campaign_id: Uuid,
     chunk: Uuid,
     next: Option<(f64, usize)>,
+    token: DateTime<Utc>,
 ) -> QueryResult<(Option<CampaignState>, Vec<Claimed>)> {
     let (ttl_secs, limit) = next.unwrap_or((0.0, 0));
     let rows: Vec<StepRow> = Step {
@@ -255,6 +263,7 @@ pub fn record_and_claim(
         ttl_secs,
         chunk,
         limit: i64::try_from(limit).unwrap_or(i64::MAX),
+        token,
     }
     .load(conn)?;
     let state = rows
@@ -277,26 +286,36 @@ pub fn record_and_claim(
 /// [`record_and_claim`]'s statement, run once per group: prepared once per
 /// connection. Its claim runs only while the campaign is sending; every part
 /// of it sees the same snapshot, so the claim never meets the rows recorded.
+/// `again` is the claim an earlier run of this same step committed (stamped
+/// with its token): found, it is renewed and returned, and nobody else is claimed.
 const STEP: &str = concat!(
     "WITH recorded AS (",
     record_sql!(),
     "
 ), campaign AS (
     SELECT state FROM campaigns WHERE id = $6
+), again AS (
+    UPDATE campaign_recipients r
+       SET claim_expires_at = now() + make_interval(secs => $7), updated_at = now()
+     WHERE r.chunk_id = $8 AND r.claimed_by = $9 AND r.claimed_at = $10 AND r.state = 'sending'
+    RETURNING r.id, r.email, r.vars, r.attempts
 ), claimed AS (
     UPDATE campaign_recipients r
-       SET state = 'sending', claimed_by = $7, claimed_at = now(),
-           claim_expires_at = now() + make_interval(secs => $8),
+       SET state = 'sending', claimed_by = $11, claimed_at = $12,
+           claim_expires_at = now() + make_interval(secs => $13),
            attempts = r.attempts + 1, updated_at = now()
      WHERE r.id IN (SELECT id FROM campaign_recipients
-                     WHERE chunk_id = $9 AND state = 'pending'
+                     WHERE chunk_id = $14 AND state = 'pending'
                        AND (next_attempt_at IS NULL OR next_attempt_at <= now())
                        AND EXISTS (SELECT 1 FROM campaign WHERE state = 'sending')
-                     ORDER BY id LIMIT $10 FOR UPDATE SKIP LOCKED)
+                       AND NOT EXISTS (SELECT 1 FROM again)
+                     ORDER BY id LIMIT $15 FOR UPDATE SKIP LOCKED)
     RETURNING r.id, r.email, r.vars, r.attempts
+), taken AS (
+    SELECT * FROM again UNION ALL SELECT * FROM claimed
 )
-SELECT campaign.state, claimed.id, claimed.email, claimed.vars, claimed.attempts
-  FROM campaign LEFT JOIN claimed ON true"
+SELECT campaign.state, taken.id, taken.email, taken.vars, taken.attempts
+  FROM campaign LEFT JOIN taken ON true"
 );
 
 struct Step<'a> {
@@ -305,6 +324,8 @@ struct Step<'a> {
     ttl_secs: f64,
     chunk: Uuid,
     limit: i64,
+    /// The step's claims' `claimed_at`.
+    token: DateTime<Utc>,
 }
 
 impl QueryFragment<Pg> for Step<'_> {
@@ -312,9 +333,10 @@ impl QueryFragment<Pg> for Step<'_> {
         walk_sql(STEP, out, |n, out| match n {
             1..=5 => self.record.bind(n, out),
             6 => out.push_bind_param::<SqlUuid, _>(&self.campaign_id),
-            7 => out.push_bind_param::<Text, _>(&self.record.worker),
-            8 => out.push_bind_param::<Double, _>(&self.ttl_secs),
-            9 => out.push_bind_param::<SqlUuid, _>(&self.chunk),
+            8 | 14 => out.push_bind_param::<SqlUuid, _>(&self.chunk),
+            7 | 13 => out.push_bind_param::<Double, _>(&self.ttl_secs),
+            9 | 11 => out.push_bind_param::<Text, _>(&self.record.worker),
+            10 | 12 => out.push_bind_param::<Timestamptz, _>(&self.token),
             _ => out.push_bind_param::<BigInt, _>(&self.limit),
         })
     }

@@ -3,9 +3,11 @@
 //!
 //! The guarantee rests on the ledger (`campaign_recipients`): a row is claimed
 //! (`sending`, with worker id and expiry) and committed *before* the SMTP
-//! conversation, and marked `sent` and committed after the server's 250. A
-//! worker killed mid-conversation leaves a `sending` row whose claim expires;
-//! such a row is in doubt and becomes `unknown`, never re-sent automatically.
+//! conversation, and marked `sent` and committed after the server's 250 (a
+//! database error meanwhile is retried while the claim holds, so the 250 is
+//! not lost). A worker killed mid-conversation leaves a `sending` row whose
+//! claim expires; such a row is in doubt and becomes `unknown`, never re-sent
+//! automatically.
 //! So a redelivered or replayed job can repeat work, but never a delivery.
 
 mod ledger;

@@ -22,6 +22,12 @@
 //! expires. `unknown` rows are
 //! never re-sent automatically; so a recipient is claimed only when it is about
 //! to be handed to the SMTP server, and one that never was goes back to `pending`.
+//! What the server said is known nowhere else, so a database error while a
+//! group's outcomes are recorded (a failover, a pool checkout that timed out)
+//! does not lose them: the write is retried with backoff while the group's
+//! claims hold, and a repeat records nothing twice and claims no second group
+//! (`ledger::record_and_claim`). Only if it never succeeds does the job fail,
+//! logging each recipient whose outcome is lost; those turn `unknown`.
 //! On shutdown the group in flight is finished, except that recipients of a
 //! throttled group still waiting for their send slot are given back, and the
 //! job goes back to its queue; the rest of the chunk stays `pending`. A group
@@ -29,13 +35,15 @@
 //! retried. On pause the chunk's pending recipients go back to the planner, if
 //! the campaign is still paused when they do (else the sender carries on).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use conveyor_schema::TaskSpec;
 use conveyor_schema::args::mail::{self, SendChunkArgs};
 use conveyor_schema::models::CampaignState;
-use conveyor_schema::pool;
+use conveyor_schema::pool::{self, PgPool};
+use diesel::{PgConnection, QueryResult};
 use futures::future::join_all;
 use lettre::message::Mailbox;
 
@@ -97,6 +105,10 @@ impl Task for SendChunk {
         // wait for one) and kept for the groups that follow, unless throttled.
         let mut slots = None;
         let mut outcomes: Vec<Outcome> = Vec::new();
+        // Until when the claims of the group in `outcomes` hold.
+        let mut held: Option<Instant> = None;
+        // The last step's claim stamp; each step's is later.
+        let mut token = DateTime::<Utc>::MIN_UTC;
         loop {
             let mut stopping = ctx.shutdown.is_cancelled();
             // A throttled group's send slots are reserved, and the first one
@@ -128,12 +140,31 @@ impl Task for SendChunk {
             // The last group's outcomes are recorded in the same commit as the
             // next claim, which is trusted until the group's last send has had
             // its claim TTL.
-            let (sent, claimer) = (std::mem::take(&mut outcomes), worker.clone());
+            let claimer = worker.clone();
             let next = (!stopping && in_time).then_some(((ttl + spread).as_secs_f64(), limit));
-            let (state, claimed) = pool::run(db, move |c| {
-                ledger::record_and_claim(c, &claimer, &sent, campaign_id, chunk_id, next)
-            })
+            token = (Utc::now().trunc_subsecs(6)).max(token + chrono::Duration::microseconds(1));
+            // Retried while the recorded group's claims hold, and while a claim
+            // a failed run may have committed would: the repeat returns it.
+            let (step, claimed_from) = record_retrying(
+                db,
+                chunk_id,
+                std::mem::take(&mut outcomes),
+                held.take().unwrap_or(Instant::now() + ttl).min(deadline),
+                move |c, sent| {
+                    ledger::record_and_claim(c, &claimer, sent, campaign_id, chunk_id, next, token)
+                },
+            )
             .await?;
+            let (state, claimed) = step;
+            if state != Some(CampaignState::Sending) && !claimed.is_empty() {
+                // A claim a failed run of this step committed before the
+                // campaign left `sending`: nobody was sent, so back to pending.
+                let (ids, claimer) = (
+                    claimed.iter().map(|r| r.id).collect::<Vec<_>>(),
+                    worker.clone(),
+                );
+                pool::run(db, move |c| ledger::give_back(c, &claimer, chunk_id, &ids)).await?;
+            }
             if stopping {
                 return Err(TaskError::Interrupted);
             }
@@ -162,6 +193,7 @@ impl Task for SendChunk {
             if claimed.is_empty() {
                 break;
             }
+            held = Some(claimed_from + ttl + spread);
             let sends = claimed.iter().enumerate().map(|(i, recipient)| {
                 let envelope = &envelope;
                 let mail = &mail;
@@ -216,11 +248,18 @@ impl Task for SendChunk {
                 // those a shutdown kept from being sent, or the server would
                 // not talk to), and let the worker's other chunks have the
                 // conversations before the next.
-                let (sent, recorder) = (std::mem::take(&mut outcomes), worker.clone());
-                pool::run(db, move |c| {
-                    ledger::record(c, &recorder, &sent)?;
-                    ledger::give_back(c, &recorder, chunk_id, &unsent)
-                })
+                let recorder = worker.clone();
+                let until = held.take().unwrap_or_else(Instant::now).min(deadline);
+                record_retrying(
+                    db,
+                    chunk_id,
+                    std::mem::take(&mut outcomes),
+                    until,
+                    move |c, sent| {
+                        ledger::record(c, &recorder, sent)?;
+                        ledger::give_back(c, &recorder, chunk_id, &unsent)
+                    },
+                )
                 .await?;
                 slots = None;
             }
@@ -259,6 +298,70 @@ impl Task for SendChunk {
         })
         .await?;
         Ok(())
+    }
+}
+
+/// The first wait before recording a group's outcomes again; it doubles up
+/// to [`RECORD_RETRY_MAX`].
+const RECORD_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The longest wait between two tries at recording a group's outcomes.
+const RECORD_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Runs `write`, which records `outcomes` (what the SMTP server said, known
+/// nowhere else), until it succeeds; returns what it returned and when the
+/// run that succeeded began (no claim it made is older).
+///
+/// A failure (the database failing over, a pool checkout timing out) is
+/// retried with backoff for as long as the claims on those recipients hold,
+/// that is until `until`: a retry after that could land on a row that is
+/// `unknown` and handed to an operator to resend. `write` must be safe to
+/// repeat (see [`ledger::record_and_claim`]). It is not cut short by a
+/// shutdown: the shutdown's own last step is such a write, and the worker's
+/// grace period bounds it. Giving up, it logs each recipient whose outcome is
+/// lost (they will turn `unknown` when their claims expire) and fails with the
+/// last error.
+async fn record_retrying<T, F>(
+    db: &PgPool,
+    chunk_id: uuid::Uuid,
+    outcomes: Vec<Outcome>,
+    until: Instant,
+    write: F,
+) -> Result<(T, Instant), TaskError>
+where
+    T: Send + 'static,
+    F: Fn(&mut PgConnection, &[Outcome]) -> QueryResult<T> + Clone + Send + 'static,
+{
+    let outcomes: Arc<[Outcome]> = outcomes.into();
+    let mut wait = RECORD_RETRY_FIRST;
+    loop {
+        let (write, sent) = (write.clone(), outcomes.clone());
+        let began = Instant::now();
+        let err = match pool::run(db, move |c| write(c, &sent)).await {
+            Ok(done) => return Ok((done, began)),
+            Err(err) => err,
+        };
+        if Instant::now() + wait >= until {
+            let lost: Vec<String> = outcomes
+                .iter()
+                .map(|o| format!("{}:{}", o.id, o.state))
+                .collect();
+            tracing::error!(
+                chunk.id = %chunk_id,
+                error = %err,
+                lost = %lost.join(" "),
+                "could not record what the SMTP server said before the claims expired; these recipients (ledger id:outcome) will turn unknown"
+            );
+            return Err(err.into());
+        }
+        tracing::warn!(
+            chunk.id = %chunk_id,
+            error = %err,
+            recipients = outcomes.len(),
+            retry_in_ms = wait.as_millis() as u64,
+            "recording a group's outcomes failed; retrying while their claims hold"
+        );
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RECORD_RETRY_MAX);
     }
 }
 
