@@ -21,14 +21,17 @@ fn main() -> ExitCode {
     let config = match cli::load_config(args.config.as_deref()) {
         Ok(config) => config,
         Err(err) => {
-            eprintln!("conveyor: {err}");
+            eprintln!("conveyor: {}", one_line(&err.to_string()));
             return ExitCode::from(2);
         }
     };
     let _telemetry = match conveyor_platform::telemetry::init(&config.log) {
         Ok(guard) => guard,
         Err(err) => {
-            eprintln!("conveyor: cannot start logging: {err}");
+            eprintln!(
+                "conveyor: cannot start logging: {}",
+                one_line(&err.to_string())
+            );
             return ExitCode::from(2);
         }
     };
@@ -42,9 +45,17 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(args.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!(error = format!("{err:#}"), "conveyor failed");
-            eprintln!("conveyor: {err:#}");
+            let message = one_line(&format!("{err:#}"));
+            tracing::error!(error = message, "conveyor failed");
+            eprintln!("conveyor: {message}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// `text` on one line: each run of whitespace (a library's message may hold
+/// newlines and tabs, as libpq's "…refused\n\tIs the server running…" does)
+/// becomes one space, so every failure is the one line the CLI promises.
+pub(crate) fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -21,17 +21,33 @@ pub type PgPool = Pool<ConnectionManager<PgConnection>>;
 pub type PgPooled = PooledConnection<ConnectionManager<PgConnection>>;
 
 /// Why a database call could not be made or failed.
+///
+/// `Unavailable` and `Join` say their cause in their own text and do not also
+/// give it as their `source`, so an error chain printed whole (`{:#}`) names
+/// it once.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// No connection could be had from the pool in time (database down or pool exhausted).
     #[error("database unavailable: {0}")]
-    Unavailable(#[from] diesel::r2d2::PoolError),
+    Unavailable(diesel::r2d2::PoolError),
     /// The query failed.
     #[error(transparent)]
     Query(#[from] diesel::result::Error),
     /// The blocking task panicked or was cancelled.
     #[error("database task failed: {0}")]
-    Join(#[from] tokio::task::JoinError),
+    Join(tokio::task::JoinError),
+}
+
+impl From<diesel::r2d2::PoolError> for DbError {
+    fn from(err: diesel::r2d2::PoolError) -> Self {
+        Self::Unavailable(err)
+    }
+}
+
+impl From<tokio::task::JoinError> for DbError {
+    fn from(err: tokio::task::JoinError) -> Self {
+        Self::Join(err)
+    }
 }
 
 /// How long a checkout waits for a connection before the caller hears the

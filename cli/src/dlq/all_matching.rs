@@ -144,11 +144,7 @@ impl Run {
             (Some(batch), Some(at)) => (self.handled + at, batch.next(at)),
             _ => (self.handled, self.from),
         };
-        let cause = cause
-            .to_string()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
+        let cause = crate::one_line(&cause.to_string());
         let Some(cursor) = cursor else {
             return anyhow::anyhow!("{cause}");
         };

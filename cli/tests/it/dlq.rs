@@ -645,3 +645,26 @@ async fn cli_all_matching_takes_every_match_past_ten_thousand() {
     let distinct: std::collections::HashSet<&str> = ids.iter().copied().collect();
     assert_eq!(distinct.len(), many);
 }
+
+/// A database that refuses the connection: libpq's message holds a newline and
+/// a tab, and the pool's error used to repeat its cause; the CLI still says it
+/// in one line, once.
+#[test]
+fn an_unreachable_database_is_one_line_naming_it_once() {
+    let output = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["dlq", "list"])
+        .env_clear()
+        .env("CONVEYOR_DATABASE_URL", "postgres://postgres@127.0.0.1:1/x")
+        .env("CONVEYOR_AMQP_URL", AMQP_URL)
+        .env("CONVEYOR_LOG_LEVEL", "off")
+        .output()
+        .expect("run conveyor");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("conveyor: database unavailable: "),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("Connection refused").count(), 1, "{stderr}");
+}
