@@ -7,6 +7,13 @@
 //! again once a connection was consuming. A reconnect declares the topology in
 //! the background, except after the broker said a queue does not exist: then
 //! the next connection declares it before consuming.
+//!
+//! The drain cancels the consumers first, and only once the broker confirmed
+//! that (or did not answer within [`CANCEL_TIMEOUT`]) are the deliveries that
+//! will not run returned (`Runtime::consumers_cancelled`). Returned earlier, the
+//! broker could deliver one straight back to this consumer, and closing the
+//! connection would return it again: on RabbitMQ 3.10 each return counts toward
+//! the queue's delivery limit, so one stop would count twice.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,8 +52,9 @@ pub struct ConsumeOptions {
     pub name: String,
 }
 
-/// Consumes until shutdown, then drains: stops new deliveries at once, lets
-/// running jobs finish within the grace period and returns the rest to the queue.
+/// Consumes until shutdown, then drains: stops new deliveries at once (waiting
+/// at most [`CANCEL_TIMEOUT`] for the broker to confirm), lets running jobs
+/// finish within the grace period and returns the rest to the queue.
 pub async fn run(rt: Arc<Runtime>, options: ConsumeOptions, consuming: Consuming) {
     let tracker = TaskTracker::new();
     let mut backoff = Backoff::new();
@@ -117,6 +125,8 @@ pub async fn run(rt: Arc<Runtime>, options: ConsumeOptions, consuming: Consuming
             }
         }
     }
+    // Shutdown between connections: no consumer to cancel.
+    rt.consumers_cancelled.cancel();
     consuming.detached();
     tracker.close();
     let in_flight = tracker.len();
@@ -285,6 +295,7 @@ impl Session<'_> {
                 "the broker did not confirm cancelling the consumers within 2 s; draining all the same"
             );
         }
+        rt.consumers_cancelled.cancel();
         let channels = consumers.into_iter().map(|(channel, _)| channel).collect();
         Ok(Consumed {
             acks: all_acks,

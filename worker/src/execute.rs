@@ -160,13 +160,13 @@ async fn run_envelope(
     let permit = match permits {
         Some(semaphore) => tokio::select! {
             permit = semaphore.acquire_owned() => permit.ok(),
-            _ = rt.shutdown.cancelled() => return settle.requeue().await,
+            _ = rt.shutdown.cancelled() => return requeue_for_shutdown(&rt, &settle, &lost).await,
             _ = lost.cancelled() => return,
         },
         None => None,
     };
     if rt.shutdown.is_cancelled() {
-        return settle.requeue().await;
+        return requeue_for_shutdown(&rt, &settle, &lost).await;
     }
     if lost.is_cancelled() {
         tracing::debug!("connection lost before the attempt started; the broker redelivers it");
@@ -248,7 +248,7 @@ async fn run_envelope(
                 elapsed_ms,
                 "task stopped for shutdown; returning the job to its queue"
             );
-            settle.requeue().await;
+            requeue_for_shutdown(&rt, &settle, &lost).await;
         }
         Ok(()) => {
             change.finished_at = Some(ended);
@@ -433,6 +433,21 @@ impl Settle {
 
     async fn requeue(&self) {
         self.acks.requeue(self.tag).await;
+    }
+}
+
+/// Returns a delivery that is not run (or stopped running) because the worker
+/// is draining, once the broker has confirmed cancelling the consumers
+/// ([`Runtime::consumers_cancelled`]). Returned before that, the broker could
+/// deliver it straight back to this consumer, and closing the connection would
+/// return it again: on RabbitMQ 3.10 two counts toward the delivery limit for
+/// one stopped worker. The consumer waits at most 2 s for that confirmation,
+/// before the grace period starts. Should the connection be lost meanwhile,
+/// the broker has returned the delivery already.
+async fn requeue_for_shutdown(rt: &Runtime, settle: &Settle, lost: &CancellationToken) {
+    tokio::select! {
+        _ = rt.consumers_cancelled.cancelled() => settle.requeue().await,
+        _ = lost.cancelled() => {}
     }
 }
 

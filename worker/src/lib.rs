@@ -158,6 +158,7 @@ pub async fn start(
         services,
         db,
         shutdown: shutdown.clone(),
+        consumers_cancelled: CancellationToken::new(),
         permits,
         delivery_limit_resets: config.amqp.delivery_limit_resets,
     });

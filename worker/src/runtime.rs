@@ -30,6 +30,11 @@ pub struct Runtime {
     pub db: PgPool,
     /// Cancelled when draining starts.
     pub shutdown: CancellationToken,
+    /// Cancelled once draining has stopped the consumers: the broker confirmed
+    /// cancelling them (or did not answer within the consumer's 2 s), or none
+    /// was attached. A delivery returned for shutdown waits for it (see
+    /// `execute::requeue_for_shutdown`).
+    pub consumers_cancelled: CancellationToken,
     /// Per-task concurrency limits.
     pub permits: HashMap<&'static str, Arc<Semaphore>>,
     /// `amqp.delivery_limit_resets`: how often a message the broker's delivery

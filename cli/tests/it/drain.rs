@@ -207,6 +207,68 @@ async fn grace_period_over_returns_unfinished_jobs_and_a_second_worker_completes
     );
 }
 
+/// Jobs waiting for their task's only slot when the drain starts go back to
+/// their queue once each. Returned before the broker confirmed cancelling the
+/// consumer, one could be delivered straight back to the stopping worker and
+/// be returned a second time when its connection closes: on RabbitMQ 3.10
+/// both returns count toward `amqp.delivery_limit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_waiting_for_a_slot_are_returned_once() {
+    // Many, so that some of the returns would race the consumer's cancel.
+    const WAITING: usize = 100;
+    let mut app = TestApp::spawn_with(0, |config| {
+        config.worker.prefetch = Some(WAITING as u16 + 1);
+        // The drain gives up on the slow job soon; its delivery is returned once too.
+        config.worker.grace_period_ms = 1_000;
+    })
+    .await;
+    let mut registry = conveyor_tasks::registry();
+    assert!(registry.tune("diag.sleep", |o| o.concurrency = 1));
+    app.start_worker_with(registry).await;
+    let slow = app.enqueue("diag.sleep", json!({"ms": 600_000})).await;
+    app.wait_for_state(slow, "running", Duration::from_secs(20))
+        .await;
+    for _ in 0..WAITING {
+        app.enqueue("diag.sleep", json!({"ms": 1})).await;
+    }
+    // Every job delivered: one running, the rest waiting for its slot.
+    let work_queue = app.topology().work_queue("default");
+    wait_until(Duration::from_secs(20), || async {
+        app.queue_len(&work_queue).await == 0
+    })
+    .await;
+    app.stop_workers().await;
+
+    wait_until(Duration::from_secs(10), || async {
+        app.queue_len(&work_queue).await as usize == WAITING + 1
+    })
+    .await;
+    let returned = app.drain_queue(&work_queue).await;
+    let counts: Vec<i64> = returned
+        .iter()
+        .map(|(headers, _)| delivery_count(headers))
+        .collect();
+    let twice = counts.iter().filter(|count| **count != 1).count();
+    assert_eq!(
+        (returned.len(), twice),
+        (WAITING + 1, 0),
+        "x-delivery-count of the returned jobs: {counts:?}"
+    );
+}
+
+/// The broker's count of a message's returns (`x-delivery-count`; 0 without it).
+fn delivery_count(headers: &lapin::types::FieldTable) -> i64 {
+    use lapin::types::AMQPValue;
+    match headers.inner().get("x-delivery-count") {
+        None => 0,
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
+        Some(other) => panic!("x-delivery-count is {other:?}"),
+    }
+}
+
 /// SIGTERM starts a drain (readiness fails at once); a second SIGTERM exits
 /// at once with status 130 instead of waiting out the grace period, and the
 /// job it abandoned goes back to the queue.
