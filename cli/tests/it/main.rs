@@ -39,6 +39,7 @@ mod mail_pause;
 mod mail_rate;
 mod mail_record_retry;
 mod mail_refusals;
+mod mail_transitions;
 mod make_run;
 mod make_run_services;
 mod metrics;

@@ -58,6 +58,8 @@ pub enum Planned {
 /// The campaign row is locked `FOR SHARE` while the chunk is made, so a pause,
 /// resume or cancel (which lock it `FOR UPDATE`) waits for the chunk, and a
 /// planner working from an older read of the campaign makes none after one.
+/// The ingress's undo of a transition whose planner publish failed locks it
+/// too, and undoes nothing once a chunk of the generation exists.
 /// Senders hand recipients back only while the campaign is paused
 /// ([`release_pending`]), so a planner never sees the recipients of a chunk of
 /// its own generation come back.
