@@ -1,5 +1,6 @@
 //! A server that will not talk to us at all (a wrong password's `535` to
-//! AUTH, a `554` greeting) fails no recipient and counts no attempt, through
+//! AUTH, a `554` greeting), or refuses the sender (`553` to MAIL FROM), fails
+//! no recipient and counts no attempt, through
 //! the real path (API, planner, sender, ledger) against a real TCP server:
 //! the sender job fails with the server's reason and retries, the campaign
 //! stays `sending`, and once the server talks every recipient goes out once.
@@ -22,6 +23,9 @@ enum Mode {
     RefuseGreeting,
     /// Answers AUTH with `535`: wrong credentials.
     RefuseAuth,
+    /// Answers MAIL FROM with `553`: the account may not send as the campaign's `from`.
+    /// Read at each MAIL FROM, as the connection stays pooled after the refusal.
+    RefuseSender,
     /// Greets, authenticates anyone and accepts every message.
     Accept,
 }
@@ -103,6 +107,10 @@ async fn converse(stream: tokio::net::TcpStream, shared: Arc<Mutex<Shared>>) {
                 Mode::RefuseAuth => "535 5.7.8 Authentication credentials invalid\r\n",
                 _ => "235 2.7.0 Authentication successful\r\n",
             }
+        } else if command.starts_with("MAIL FROM")
+            && shared.lock().unwrap().mode == Mode::RefuseSender
+        {
+            "553 5.7.1 Sender address rejected: not owned by user (test)\r\n"
         } else if command.starts_with("MAIL FROM") || command == "RSET" {
             recipients.clear();
             "250 2.1.0 ok\r\n"
@@ -254,4 +262,16 @@ async fn tls_required_without_starttls_fails_no_recipient_and_names_the_setting(
         error.contains("refused STARTTLS") && error.contains("tls=required"),
         "{error}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_sender_fails_no_recipient_and_the_job_names_the_refusal() {
+    let server = RefusingSmtp::start(Mode::RefuseSender).await;
+    let (app, id, error) = refused_campaign(server.port, "none").await;
+    assert!(
+        error.contains("refused the sender (MAIL FROM)")
+            && error.contains("Sender address rejected"),
+        "{error}"
+    );
+    sends_once_fixed(&app, &id, &server).await;
 }

@@ -3,8 +3,9 @@
 //! Only an answer about the recipient's own message (or a conversation that
 //! broke while sending it) is a [`Delivery`]. When no conversation could be
 //! had at all (server unreachable, or refusing us at its greeting, STARTTLS
-//! or AUTH) [`send_one`] returns [`Unavailable`] instead: even a 5xx there is
-//! about the server or our configuration, so it must not fail the recipient.
+//! or AUTH), or the server refused the sender (`MAIL FROM`), [`send_one`]
+//! returns [`Unavailable`] instead: even a 5xx there is about the server, the
+//! campaign's `from` or our configuration, so it must not fail the recipient.
 
 use lettre::Message;
 use lettre::message::{Mailbox, MultiPart, header};

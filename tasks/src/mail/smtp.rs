@@ -23,7 +23,11 @@
 //! greeting, STARTTLS or AUTH, whatever the reply code) is
 //! [`SendError::Unavailable`]: it says nothing about the recipient, and its
 //! message names the step and the server's answer, for the operator who must
-//! fix the server or `mail.smtp_url`. A refusal (a 4xx
+//! fix the server or `mail.smtp_url`. So is a refusal of the sender, the
+//! answer to `MAIL FROM` ([`SendError::SenderRefused`], say `553 sender
+//! address rejected` for a campaign's `from` the account may not use, or a
+//! `451` "too many messages" limit): it holds for every recipient alike. A
+//! refusal (a 4xx
 //! or 5xx answer, say to one bad address's `RCPT`) leaves the connection in
 //! step with the server: it is reset with `RSET` and goes back to the pool, so a
 //! list with bad addresses does not cost a reconnect each. A connection whose
@@ -212,6 +216,12 @@ pub enum SendError {
     /// the recipient, whatever the reply code: nothing was handed over.
     #[error("{0}")]
     Unavailable(String),
+    /// The server refused the sender: a 4xx or 5xx answer to `MAIL FROM`.
+    /// About the campaign's `from` address or our account, and so the same
+    /// for every recipient: nothing was handed over, and the recipient is not
+    /// at fault.
+    #[error("the SMTP server refused the sender (MAIL FROM): {0}")]
+    SenderRefused(SmtpError),
     /// `mail.smtp_timeout_ms` passed before the message was written, waiting
     /// for an answer to MAIL, RCPT or DATA: not handed over.
     #[error("no answer from the SMTP server within {timeout_ms} ms, before the message was sent")]
@@ -236,16 +246,18 @@ impl SendError {
         match self {
             Self::Smtp(err) => err.is_permanent(),
             Self::Unavailable(_)
+            | Self::SenderRefused(_)
             | Self::TimedOut { .. }
             | Self::Unsupported(_)
             | Self::InDoubt(_) => false,
         }
     }
 
-    /// True when no conversation could be had ([`SendError::Unavailable`]):
-    /// the message was not tried, and nothing is known about its recipient.
+    /// True when no conversation could be had ([`SendError::Unavailable`]),
+    /// or the server refused the sender ([`SendError::SenderRefused`]): the
+    /// recipient was not tried, and nothing is known about it.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::SenderRefused(_))
     }
 
     /// True when the server may have accepted the message: sending it again
@@ -344,7 +356,9 @@ impl SmtpPool {
         // connection mid-command, in no state to reuse.
         let reusable = match &failure {
             Some(SendError::Unsupported(_)) => true,
-            Some(SendError::Smtp(err)) if err.is_permanent() || err.is_transient() => {
+            Some(SendError::Smtp(err) | SendError::SenderRefused(err))
+                if err.is_permanent() || err.is_transient() =>
+            {
                 matches!(timeout_at(deadline, conn.command(Rset)).await, Ok(Ok(_)))
             }
             _ => false,
@@ -400,7 +414,15 @@ async fn converse(
         options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
     conn.command(Mail::new(envelope.from().cloned(), options))
-        .await?;
+        .await
+        .map_err(|err| {
+            // An answer refuses the sender; a broken connection is not one.
+            if err.is_permanent() || err.is_transient() {
+                SendError::SenderRefused(err)
+            } else {
+                SendError::Smtp(err)
+            }
+        })?;
     for to in envelope.to() {
         conn.command(Rcpt::new(to.clone(), vec![])).await?;
     }
