@@ -236,3 +236,11 @@ diesel::table! {
         id_seed -> Nullable<Uuid>,
     }
 }
+
+diesel::table! {
+    stats_rollup_marks (granularity) {
+        granularity -> Text,
+        completed_to -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}

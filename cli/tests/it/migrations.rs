@@ -210,13 +210,12 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
     let versions: Vec<&String> = applied.iter().map(|(_, v)| v).collect();
     assert_eq!(versions, pending.iter().map(|(_, v)| v).collect::<Vec<_>>());
 
-    // The newest two each build an index CONCURRENTLY (outside a
-    // transaction). Each revert undoes exactly one of them, and `run`
-    // applies both again.
+    // The newest creates a table; the one before builds an index
+    // CONCURRENTLY (outside a transaction). Each revert undoes exactly one of
+    // them, and `run` applies both again.
     let (newest, before) = (&folders[folders.len() - 1], &folders[folders.len() - 2]);
     assert!(
-        newest.ends_with("_webhook_events_recorded_at")
-            && before.ends_with("_dead_jobs_unhandled_index"),
+        newest.ends_with("_stats_rollup_marks") && before.ends_with("_webhook_events_recorded_at"),
         "update this test: {before}, {newest}"
     );
     #[derive(diesel::QueryableByName)]
@@ -239,6 +238,11 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
              WHERE tablename IN ('dead_jobs', 'webhook_events') ORDER BY indexname",
         )
     };
+    let marks = || {
+        names(
+            "SELECT tablename::text AS name FROM pg_tables WHERE tablename = 'stats_rollup_marks'",
+        )
+    };
     let all = indexes();
     let without = |gone: &[&str]| -> Vec<String> {
         all.iter()
@@ -246,22 +250,22 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
             .cloned()
             .collect()
     };
-    for name in ["dead_jobs_unhandled", "webhook_events_recorded_at"] {
-        assert!(all.contains(&name.to_owned()), "{all:?}");
-    }
+    assert!(
+        all.contains(&"webhook_events_recorded_at".to_owned()),
+        "{all:?}"
+    );
+    assert_eq!(marks(), ["stats_rollup_marks"]);
     let [.., before_last, last] = versions.as_slice() else {
         panic!("{applied:?}")
     };
 
     let reverted = conveyor_migrate(&db, &["revert"]);
     assert_eq!(reverted.trim(), format!("reverted {last}"));
-    assert_eq!(indexes(), without(&["webhook_events_recorded_at"]));
+    assert_eq!(marks(), Vec::<String>::new());
+    assert_eq!(indexes(), all);
     let reverted = conveyor_migrate(&db, &["revert"]);
     assert_eq!(reverted.trim(), format!("reverted {before_last}"));
-    assert_eq!(
-        indexes(),
-        without(&["webhook_events_recorded_at", "dead_jobs_unhandled"])
-    );
+    assert_eq!(indexes(), without(&["webhook_events_recorded_at"]));
     let after = migrate_status(&db);
     let (kept, undone) = after.split_at(after.len() - 2);
     assert!(
@@ -278,6 +282,7 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         format!("applied {before_last}\napplied {last}")
     );
     assert_eq!(indexes(), all);
+    assert_eq!(marks(), ["stats_rollup_marks"]);
 }
 
 /// The Postgres type of a Diesel type in `schema/src/db.rs`, as

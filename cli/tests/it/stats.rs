@@ -1,5 +1,6 @@
 //! Rollups: idempotent, equal to an independent recomputation, late rows
-//! counted; mail and webhook parts skipped when their tables are absent; the
+//! counted, groups whose rows left a window deleted, a gap between runs
+//! caught up; mail and webhook parts skipped when their tables are absent; the
 //! stats API's CSV matches its JSON; retention deletes only rolled-up rows.
 
 use std::collections::BTreeMap;
@@ -1148,4 +1149,174 @@ async fn the_webhook_rollup_reads_only_its_window_of_webhook_events() {
 struct N {
     #[diesel(sql_type = BigInt)]
     n: i64,
+}
+
+/// (sent, failed, unknown, rows) of `table` for `campaign`.
+async fn mail_totals(app: &TestApp, table: &str, campaign: Uuid) -> [i64; 4] {
+    let mut totals = [0; 4];
+    for (total, sum) in
+        totals
+            .iter_mut()
+            .zip(["sum(sent)", "sum(failed)", "sum(unknown)", "count(*)"])
+    {
+        *total = app
+            .count(&format!(
+                "SELECT coalesce({sum}, 0)::bigint AS n FROM {table} WHERE campaign_id = '{campaign}'"
+            ))
+            .await;
+    }
+    totals
+}
+
+/// Rows of `table` for task `task`.
+async fn task_rows(app: &TestApp, table: &str, task: &str) -> i64 {
+    app.count(&format!(
+        "SELECT count(*) AS n FROM {table} WHERE task = '{task}'"
+    ))
+    .await
+}
+
+/// A recomputed window's rows are exactly the groups of its raw rows: a group
+/// whose rows all left the window is deleted, not left with its old counts
+/// beside the new ones. Mail: recipients that fell into doubt (`unknown`),
+/// then resend-unknown made `pending` and they were sent an hour later. Jobs:
+/// finished jobs an operator deleted (a final job row never changes again; a
+/// replay is a fresh job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_rows_left_a_recomputed_window_disappears() {
+    let app = app().await;
+    let campaign = Uuid::now_v7();
+    execute(
+        &app,
+        &format!(
+            "INSERT INTO campaigns (id, name, template, from_addr, state) \
+             VALUES ('{campaign}', 'stats', 'welcome', 'news@example.com', 'sending'); \
+             INSERT INTO campaign_recipients (campaign_id, email, state, updated_at) \
+             SELECT '{campaign}', 'r' || i || '@example.com', 'unknown', \
+                    date_trunc('hour', now(), 'UTC') - interval '1 hour' + i * interval '1 minute' \
+             FROM generate_series(1, 5) i; \
+             INSERT INTO jobs (id, task, queue, state, args, attempts, max_attempts, enqueued_at, started_at, finished_at) \
+             SELECT gen_random_uuid(), 'diag.deleted', 'default', 'succeeded', '{{}}', 1, 5, f - interval '2 seconds', \
+                    f - interval '1 second', f \
+             FROM (SELECT date_trunc('hour', now(), 'UTC') - interval '1 hour' + i * interval '1 minute' AS f \
+                   FROM generate_series(1, 3) i) s;"
+        ),
+    )
+    .await;
+    insert_jobs(
+        &app,
+        40,
+        "date_trunc('hour', now(), 'UTC') - interval '1 hour'",
+        3600,
+        3,
+    )
+    .await;
+    let roll = || async {
+        run(&app, "stats.rollup_hourly", json!({})).await;
+        run(&app, "stats.rollup_daily", json!({})).await;
+    };
+    roll().await;
+    for table in ["mail_stats_hourly", "mail_stats_daily"] {
+        assert_eq!(
+            mail_totals(&app, table, campaign).await,
+            [0, 0, 5, 1],
+            "{table}"
+        );
+    }
+    for table in ["job_stats_hourly", "job_stats_daily"] {
+        assert_eq!(task_rows(&app, table, "diag.deleted").await, 1, "{table}");
+    }
+
+    // resend-unknown (as `control.rs` writes it); the jobs are deleted.
+    execute(
+        &app,
+        &format!(
+            "UPDATE campaign_recipients SET state = 'pending', chunk_id = NULL, next_attempt_at = NULL \
+             WHERE campaign_id = '{campaign}' AND state = 'unknown'; \
+             DELETE FROM jobs WHERE task = 'diag.deleted';"
+        ),
+    )
+    .await;
+    roll().await;
+    for table in ["job_stats_hourly", "job_stats_daily"] {
+        assert_eq!(
+            task_rows(&app, table, "diag.deleted").await,
+            0,
+            "{table}: rows of the deleted jobs' task"
+        );
+    }
+    for table in ["mail_stats_hourly", "mail_stats_daily"] {
+        assert_eq!(
+            mail_totals(&app, table, campaign).await,
+            [0, 0, 0, 0],
+            "{table}: (sent, failed, unknown, rows) after resend-unknown"
+        );
+    }
+    // The other tasks' rows are still those of a recomputation.
+    let (hour, _) = current_windows(&app).await;
+    assert_matches(
+        &table(&app, "job_stats_hourly").await,
+        &expected_job_stats(&app, chrono::Duration::hours(1)).await,
+        hour - chrono::Duration::hours(1),
+        hour,
+    );
+
+    // Sent now: counted once, as sent.
+    execute(
+        &app,
+        &format!(
+            "UPDATE campaign_recipients SET state = 'sent', sent_at = now(), updated_at = now() \
+             WHERE campaign_id = '{campaign}'"
+        ),
+    )
+    .await;
+    roll().await;
+    for table in ["mail_stats_hourly", "mail_stats_daily"] {
+        assert_eq!(
+            mail_totals(&app, table, campaign).await,
+            [5, 0, 0, 1],
+            "{table}: (sent, failed, unknown, rows) once sent"
+        );
+    }
+}
+
+/// A gap between hourly rollups longer than their lookback is caught up: the
+/// last completed run is recorded at the start of the hour three hours back,
+/// and jobs that finished in that hour are counted by the next run with the
+/// usual lookback (3: it alone would start two hours back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_between_hourly_rollups_is_caught_up() {
+    let app = app().await;
+    execute(
+        &app,
+        "INSERT INTO stats_rollup_marks (granularity, completed_to) \
+         VALUES ('hour', date_trunc('hour', now(), 'UTC') - interval '3 hours')",
+    )
+    .await;
+    insert_jobs(
+        &app,
+        60,
+        "date_trunc('hour', now(), 'UTC') - interval '3 hours'",
+        3600,
+        7,
+    )
+    .await;
+    run(&app, "stats.rollup_hourly", json!({})).await;
+    let (hour, _) = current_windows(&app).await;
+    let three_back = hour - chrono::Duration::hours(3);
+    assert_matches(
+        &table(&app, "job_stats_hourly").await,
+        &expected_job_stats(&app, chrono::Duration::hours(1)).await,
+        three_back,
+        three_back + chrono::Duration::hours(1),
+    );
+    // The run completed everything before the current hour.
+    assert_eq!(
+        app.count(
+            "SELECT count(*) AS n FROM stats_rollup_marks \
+             WHERE granularity = 'hour' AND completed_to = date_trunc('hour', now(), 'UTC')"
+        )
+        .await,
+        1
+    );
 }

@@ -19,8 +19,9 @@ use crate::{ArgsError, TaskOptions, TaskSpec};
 /// by the first run of the next window, so that run must reach back one
 /// window; recomputing the current window alone would never count it.
 pub const MIN_LOOKBACK: u32 = 2;
-/// The most hourly windows a rollup recomputes; retention must stay clear of
-/// it, so a rollup never recomputes a window whose raw rows are being deleted.
+/// The most hourly windows a rollup recomputes, its catch-up of a gap between
+/// runs included; retention must stay clear of it, so a rollup never
+/// recomputes (replaces) a window whose raw rows are being deleted.
 pub const MAX_HOURLY_LOOKBACK: u32 = 48;
 /// The most daily windows a rollup recomputes; see [`MAX_HOURLY_LOOKBACK`].
 pub const MAX_DAILY_LOOKBACK: u32 = 3;
@@ -56,7 +57,9 @@ fn stats_options() -> TaskOptions {
 }
 
 /// `stats.rollup_hourly {lookback?}`: recomputes the last `lookback` hourly
-/// windows (the current one included) from raw rows and upserts them.
+/// windows (the current one included) from raw rows and replaces their rows,
+/// and first the earlier windows since the last completed run, at most
+/// [`MAX_HOURLY_LOOKBACK`] back (see `conveyor_tasks`' `rollup_tasks`).
 pub struct RollupHourly;
 /// `stats.rollup_daily {lookback?}`: the same for daily (UTC) windows.
 pub struct RollupDaily;

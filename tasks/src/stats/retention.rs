@@ -15,8 +15,9 @@
 //! The sealed-day row is written first in that transaction, so of two
 //! overlapping runs only one recomputes a day: the other waits on its primary
 //! key, then skips the day rather than recompute it from half-deleted rows. Rollup
-//! lookbacks (at most 48 hours, 3 days) never reach a day this old (at least 7),
-//! so a sealed window is never recomputed from partial rows. Jobs that never
+//! lookbacks and catch-ups (at most 48 hours, 3 days) never reach a day this
+//! old (at least 7), so a sealed window is never recomputed from partial rows
+//! (a recompute replaces the window's rows, groups without raw rows deleted). Jobs that never
 //! reached a final state are kept: they need an operator, not a sweeper. Old
 //! schedule ticks go too, except each schedule's latest (the scheduler's memory).
 

@@ -1,10 +1,16 @@
 //! The rollup queries: recompute windows `[from, to)` of one granularity from
-//! raw rows and upsert them.
+//! raw rows and replace that range's rows with the result.
 //!
 //! Each statement is deterministic, so recomputing a window gives identical
 //! rows; the upsert leaves a row untouched (its `computed_at` included) when
-//! nothing changed. Rows are never deleted: windows whose raw rows retention
-//! removed are sealed and lie outside every rollup's lookback.
+//! nothing changed. In the same statement, a row of the range whose group has
+//! no raw row left is deleted: raw rows can leave a window (a recipient that
+//! was `unknown` is set `pending` by resend-unknown and later sent in another
+//! window; an operator deletes jobs), and an upsert alone would keep their old
+//! counts beside the new ones. So `from` and `to` must be window boundaries,
+//! and the raw rows of the range must be complete: windows whose raw rows
+//! retention removed are sealed and lie outside every rollup's reach (at most
+//! `MAX_HOURLY_LOOKBACK` hours, `MAX_DAILY_LOOKBACK` days back).
 //!
 //! Two rollups of one table (two overlapping `stats.rollup_hourly` runs, say)
 //! run one after the other: each takes `lock` on its table before its
@@ -20,16 +26,16 @@ use chrono::{DateTime, Utc};
 use conveyor_schema::stats::{Family, Granularity};
 use diesel::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Bool, Integer, Text, Timestamptz};
+use diesel::sql_types::{BigInt, Bool, Integer, Text, Timestamptz};
 
 /// What one rollup did, for the log.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Rolled {
-    /// Job rows inserted or changed.
+    /// Job rows inserted, changed or deleted.
     pub jobs: usize,
-    /// Mail rows inserted or changed; `None` when `campaign_recipients` is absent.
+    /// Mail rows inserted, changed or deleted; `None` when `campaign_recipients` is absent.
     pub mail: Option<usize>,
-    /// Webhook rows inserted or changed; `None` when both `webhook_events`
+    /// Webhook rows inserted, changed or deleted; `None` when both `webhook_events`
     /// and `webhook_rejections` are absent.
     pub webhooks: Option<usize>,
 }
@@ -62,35 +68,28 @@ pub fn jobs(
     to: DateTime<Utc>,
 ) -> QueryResult<usize> {
     lock(conn, Family::Jobs.table(granularity))?;
-    let sql = format!(
-        "WITH finished AS ( \
-             SELECT date_trunc('{unit}', finished_at, 'UTC') AS bucket, task, state, attempts, \
-                    (extract(epoch FROM finished_at - started_at) * 1000)::float8 AS ms \
-             FROM jobs \
-             WHERE finished_at >= $1 AND finished_at < $2 AND state IN ('succeeded', 'dead')) \
-         INSERT INTO {table} AS t \
-             (bucket, task, succeeded, retried, dead, p50_ms, p95_ms, max_ms, computed_at) \
-         SELECT bucket, task, \
-                count(*) FILTER (WHERE state = 'succeeded'), \
-                count(*) FILTER (WHERE attempts > 1), \
-                count(*) FILTER (WHERE state = 'dead'), \
-                percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), \
-                percentile_cont(0.95) WITHIN GROUP (ORDER BY ms), \
-                max(ms), now() \
-         FROM finished GROUP BY bucket, task \
-         ON CONFLICT (bucket, task) DO UPDATE SET \
-             succeeded = EXCLUDED.succeeded, retried = EXCLUDED.retried, dead = EXCLUDED.dead, \
-             p50_ms = EXCLUDED.p50_ms, p95_ms = EXCLUDED.p95_ms, max_ms = EXCLUDED.max_ms, \
-             computed_at = EXCLUDED.computed_at \
-         WHERE (t.succeeded, t.retried, t.dead, t.p50_ms, t.p95_ms, t.max_ms) IS DISTINCT FROM \
-               (EXCLUDED.succeeded, EXCLUDED.retried, EXCLUDED.dead, EXCLUDED.p50_ms, EXCLUDED.p95_ms, EXCLUDED.max_ms)",
-        unit = granularity.unit(),
-        table = Family::Jobs.table(granularity),
-    );
-    diesel::sql_query(sql)
-        .bind::<Timestamptz, _>(from)
-        .bind::<Timestamptz, _>(to)
-        .execute(conn)
+    let sql = replace_statement(Replace {
+        table: Family::Jobs.table(granularity),
+        fresh: format!(
+            "SELECT date_trunc('{unit}', finished_at, 'UTC') AS bucket, task, \
+                    count(*) FILTER (WHERE state = 'succeeded') AS succeeded, \
+                    count(*) FILTER (WHERE attempts > 1) AS retried, \
+                    count(*) FILTER (WHERE state = 'dead') AS dead, \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50_ms, \
+                    percentile_cont(0.95) WITHIN GROUP (ORDER BY ms) AS p95_ms, \
+                    max(ms) AS max_ms \
+             FROM (SELECT finished_at, task, state, attempts, \
+                          (extract(epoch FROM finished_at - started_at) * 1000)::float8 AS ms \
+                   FROM jobs \
+                   WHERE finished_at >= $1 AND finished_at < $2 \
+                     AND state IN ('succeeded', 'dead')) AS finished \
+             GROUP BY 1, 2",
+            unit = granularity.unit(),
+        ),
+        key: &["task"],
+        values: &["succeeded", "retried", "dead", "p50_ms", "p95_ms", "max_ms"],
+    });
+    count(conn, &sql, from, to)
 }
 
 /// When a recipient reached its final state (see [`mail`]); the expression of
@@ -106,7 +105,8 @@ pub const FINISHED_AT: &str = "coalesce(sent_at, updated_at)";
 /// statement that changes a row's state, so for a failed or unknown row it is
 /// the moment it failed or fell into doubt. A final row changes again only if
 /// it leaves doubt (a late outcome, or resend-unknown): it then counts in its
-/// new window. [`FINISHED_AT`] is the expression the partial index
+/// new window, and no longer in its old one (see the module header).
+/// [`FINISHED_AT`] is the expression the partial index
 /// `campaign_recipients_finished` is built on, so the window is an index range.
 pub fn mail(
     conn: &mut PgConnection,
@@ -118,35 +118,29 @@ pub fn mail(
         return Ok(None);
     }
     lock(conn, Family::Mail.table(granularity))?;
-    diesel::sql_query(mail_statement(granularity))
-        .bind::<Timestamptz, _>(from)
-        .bind::<Timestamptz, _>(to)
-        .execute(conn)
-        .map(Some)
+    count(conn, &mail_statement(granularity), from, to).map(Some)
 }
 
 /// [`mail`]'s statement for `granularity`, taking the window as `$1` (from)
 /// and `$2` (to); public so that a test can check that its plan reads the
 /// index.
 pub fn mail_statement(granularity: Granularity) -> String {
-    format!(
-        "INSERT INTO {table} AS t (bucket, campaign_id, sent, failed, unknown, computed_at) \
-         SELECT date_trunc('{unit}', {FINISHED_AT}, 'UTC'), campaign_id, \
-                count(*) FILTER (WHERE state = 'sent'), \
-                count(*) FILTER (WHERE state = 'failed'), \
-                count(*) FILTER (WHERE state = 'unknown'), now() \
-         FROM campaign_recipients \
-         WHERE {FINISHED_AT} >= $1 AND {FINISHED_AT} < $2 \
-           AND state IN ('sent', 'failed', 'unknown') \
-         GROUP BY 1, 2 \
-         ON CONFLICT (bucket, campaign_id) DO UPDATE SET \
-             sent = EXCLUDED.sent, failed = EXCLUDED.failed, unknown = EXCLUDED.unknown, \
-             computed_at = EXCLUDED.computed_at \
-         WHERE (t.sent, t.failed, t.unknown) IS DISTINCT FROM \
-               (EXCLUDED.sent, EXCLUDED.failed, EXCLUDED.unknown)",
-        unit = granularity.unit(),
-        table = Family::Mail.table(granularity),
-    )
+    replace_statement(Replace {
+        table: Family::Mail.table(granularity),
+        fresh: format!(
+            "SELECT date_trunc('{unit}', {FINISHED_AT}, 'UTC') AS bucket, campaign_id, \
+                    count(*) FILTER (WHERE state = 'sent') AS sent, \
+                    count(*) FILTER (WHERE state = 'failed') AS failed, \
+                    count(*) FILTER (WHERE state = 'unknown') AS unknown \
+             FROM campaign_recipients \
+             WHERE {FINISHED_AT} >= $1 AND {FINISHED_AT} < $2 \
+               AND state IN ('sent', 'failed', 'unknown') \
+             GROUP BY 1, 2",
+            unit = granularity.unit(),
+        ),
+        key: &["campaign_id"],
+        values: &["sent", "failed", "unknown"],
+    })
 }
 
 /// The raw counts of rejected webhook requests, per minute, source and
@@ -168,11 +162,7 @@ pub fn webhooks(
         return Ok(None);
     };
     lock(conn, Family::Webhooks.table(granularity))?;
-    diesel::sql_query(sql)
-        .bind::<Timestamptz, _>(from)
-        .bind::<Timestamptz, _>(to)
-        .execute(conn)
-        .map(Some)
+    count(conn, &sql, from, to).map(Some)
 }
 
 /// [`webhooks`]'s statement for `granularity` in this database, taking the
@@ -205,18 +195,97 @@ pub fn webhooks_statement(
     if parts.is_empty() {
         return Ok(None);
     }
-    Ok(Some(format!(
-        "INSERT INTO {table} AS t (bucket, source, outcome, reason, events, computed_at) \
-         SELECT date_trunc('{unit}', at, 'UTC'), source, outcome, reason, sum(n)::bigint, now() \
-         FROM ({raw}) AS raw \
-         GROUP BY 1, 2, 3, 4 \
-         ON CONFLICT (bucket, source, outcome, reason) DO UPDATE SET \
-             events = EXCLUDED.events, computed_at = EXCLUDED.computed_at \
-         WHERE t.events IS DISTINCT FROM EXCLUDED.events",
-        unit = granularity.unit(),
-        table = Family::Webhooks.table(granularity),
-        raw = parts.join(" UNION ALL "),
-    )))
+    Ok(Some(replace_statement(Replace {
+        table: Family::Webhooks.table(granularity),
+        fresh: format!(
+            "SELECT date_trunc('{unit}', at, 'UTC') AS bucket, source, outcome, reason, \
+                    sum(n)::bigint AS events \
+             FROM ({raw}) AS raw \
+             GROUP BY 1, 2, 3, 4",
+            unit = granularity.unit(),
+            raw = parts.join(" UNION ALL "),
+        ),
+        key: &["source", "outcome", "reason"],
+        values: &["events"],
+    })))
+}
+
+/// A rollup statement's parts: its rows are `fresh` (a query taking the
+/// window as `$1` and `$2`, one row per `bucket` and `key`, naming its
+/// columns `bucket`, `key` and `values`).
+struct Replace<'a> {
+    table: &'a str,
+    fresh: String,
+    key: &'a [&'a str],
+    values: &'a [&'a str],
+}
+
+/// The statement that makes the rows of `table` with a bucket in `[$1, $2)`
+/// exactly `fresh`: it upserts `fresh` (rewriting a row only when its values
+/// changed) and deletes the rows of the range whose group is not in it, in
+/// one snapshot; it returns the rows inserted, changed or deleted as `n`.
+fn replace_statement(
+    Replace {
+        table,
+        fresh,
+        key,
+        values,
+    }: Replace<'_>,
+) -> String {
+    let key = key.join(", ");
+    let values = values.join(", ");
+    let qualified = |prefix: &str, columns: &str| {
+        columns
+            .split(", ")
+            .map(|c| format!("{prefix}.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let set = values
+        .split(", ")
+        .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "WITH fresh AS ({fresh}), \
+         gone AS ( \
+             DELETE FROM {table} AS t WHERE t.bucket >= $1 AND t.bucket < $2 \
+               AND NOT EXISTS (SELECT 1 FROM fresh f \
+                               WHERE (f.bucket, {f_key}) = (t.bucket, {t_key})) \
+             RETURNING 1), \
+         kept AS ( \
+             INSERT INTO {table} AS t (bucket, {key}, {values}, computed_at) \
+             SELECT bucket, {key}, {values}, now() FROM fresh \
+             ON CONFLICT (bucket, {key}) DO UPDATE SET {set}, computed_at = EXCLUDED.computed_at \
+             WHERE ({t_values}) IS DISTINCT FROM ({x_values}) \
+             RETURNING 1) \
+         SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM kept) AS n",
+        f_key = qualified("f", &key),
+        t_key = qualified("t", &key),
+        t_values = qualified("t", &values),
+        x_values = qualified("EXCLUDED", &values),
+    )
+}
+
+/// The rows a rollup statement inserted, changed or deleted.
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// Runs the rollup statement `sql` for `[from, to)`; see [`Count`].
+fn count(
+    conn: &mut PgConnection,
+    sql: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> QueryResult<usize> {
+    diesel::sql_query(sql)
+        .bind::<Timestamptz, _>(from)
+        .bind::<Timestamptz, _>(to)
+        .get_result::<Count>(conn)
+        .map(|Count { n }| usize::try_from(n).unwrap_or(0))
 }
 
 /// Every family for `[from, to)`, each in its own transaction, so job
