@@ -4,6 +4,7 @@
 mod delivery_limits;
 mod headshot_fences;
 mod headshot_race;
+mod headshot_replaced;
 mod headshot_sweep;
 mod headshots;
 

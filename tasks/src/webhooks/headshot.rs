@@ -19,12 +19,14 @@
 //! again while a DELETE removes its file either finds the file gone and writes
 //! it anew, or commits its row first and the removal keeps the file.
 //!
-//! The DELETE removes the row and commits before it removes the file, never
-//! the file under the row's lock before committing: if that commit failed or
-//! the process died in between, the row would still be there, still named by
-//! the profile and reusable by any import, with its file gone. In the order
-//! used, a crash between the commit and the removal leaves at worst a file no
-//! row names; it is complete (written under a temporary name and synced, then
+//! An image goes when its last reference does (`profile_sync`): the DELETE
+//! that clears it, the import that replaces it, or the import that downloaded
+//! it and did not use it removes the row if no profile names it, and commits
+//! before it removes the file, never the file under the row's lock before
+//! committing: if that commit failed or the process died in between, the row
+//! would still be there, still named by the profile and reusable by any
+//! import, with its file gone. In the order used, a crash between the commit
+//! and the removal leaves at worst a file no row names; it is complete (written under a temporary name and synced, then
 //! renamed, and the directory synced, all before the row commits) and is
 //! reused by the next import of the same image, or removed by the sweep
 //! (`headshot_sweep`) once it is old enough.

@@ -1,19 +1,21 @@
 //! `webhook.headshot_sweep`: removes headshot files that no row names.
 //!
 //! With directory storage a file can outlive every row naming it: a crash
-//! between a DELETE's commit and the file's removal, or a `store` that wrote
-//! the file and then failed to commit its row, leaves it behind (and a crash
-//! mid-write leaves a temporary file). Nothing else ever removes those, so this
-//! task, fired hourly by a built-in schedule, does.
+//! between the commit that removed its row (a DELETE's, or an import's that
+//! replaced the image or did not use it) and the file's removal, or a `store`
+//! that wrote the file and then failed to commit its row, leaves it behind
+//! (and a crash mid-write leaves a temporary file). Nothing else ever removes
+//! those, so this task, fired hourly by a built-in schedule, does.
 //!
 //! Only files older than [`HEADSHOT_SWEEP_MIN_AGE`] are candidates, and each
-//! one goes through [`headshot::remove_unreferenced`], the DELETE's own
-//! removal: under the exclusive lock on its checksum that `store` takes
-//! shared, it re-checks that no row names the file. So a `store` reusing an
-//! old orphan either commits its row first (the file stays) or finds it gone
-//! and writes it anew. Temporary files are not locked by anyone; the age alone
-//! keeps the sweep off one being written (a `store` writes and renames it
-//! within one `webhook.profile_sync` attempt, far shorter than the age).
+//! one goes through [`headshot::remove_unreferenced`], the removal that
+//! follows a DELETE or an import: under the exclusive lock on its checksum
+//! that `store` takes shared, it re-checks that no row names the file. So a
+//! `store` reusing an old orphan either commits its row first (the file stays)
+//! or finds it gone and writes it anew. Temporary files are not locked by
+//! anyone; the age alone keeps the sweep off one being written (a `store`
+//! writes and renames it within one `webhook.profile_sync` attempt, far
+//! shorter than the age).
 //! Names that are neither `<sha256>` nor `.<sha256>.<uuid>` are left alone.
 
 use std::collections::HashSet;

@@ -9,6 +9,13 @@
 //! respects (`skipped_deleted`): deletion is final, so a late UPDATE never
 //! resurrects the profile. Each decision is taken under the row's lock and
 //! recorded in `webhook_events` in the same transaction.
+//!
+//! Images are stored once per checksum and shared; one goes as soon as no
+//! profile names it: in the transaction of the DELETE that clears it, of the
+//! IMPORT_HEADSHOT that replaces it, or of the import that downloaded it and
+//! then decided not to use it (its profile deleted, or a newer image applied,
+//! meanwhile). Its file goes after that commit (see [`apply_locked`] and
+//! `headshot`).
 
 use chrono::{DateTime, SubsecRound, Utc};
 use conveyor_schema::args::webhooks::{
@@ -105,6 +112,9 @@ struct Stored {
     content_type: String,
     size_bytes: i32,
     detail: Option<&'static str>,
+    /// Downloaded and stored by this import (not found stored): if the
+    /// decision leaves it to no profile, the import removes it again.
+    downloaded: bool,
 }
 
 /// Records a permanent failure and returns the error that dead-letters the job.
@@ -192,9 +202,9 @@ async fn apply(
     })
     .await?;
     if let (Some(dir), Some(sha)) = (dir, orphan) {
-        // The last reference went with a DELETE, now committed: remove the file
-        // too, unless an import stored the image again meanwhile (best effort;
-        // why after the commit: `headshot`'s module doc).
+        // The last reference went with this transaction, now committed: remove
+        // the file too, unless an import stored the image again meanwhile (best
+        // effort; why after the commit: `headshot`'s module doc).
         let removed = headshot::remove_unreferenced(&ctx.services.db, &dir, sha.clone()).await;
         if let Err(err) = removed {
             tracing::warn!(error = %err, sha256 = sha, "could not remove an unreferenced headshot file");
@@ -203,15 +213,19 @@ async fn apply(
     Ok(applied)
 }
 
-/// Returns what was done and, after a DELETE, the checksum of a headshot no profile uses any more.
+/// Returns what was done and the checksum of a headshot this transaction
+/// removed because no profile uses it any more: the one a DELETE cleared, the
+/// one an import replaced, or the one an import downloaded for a decision
+/// that did not use it (`skipped_stale`, `skipped_deleted`, `unchanged`).
 ///
 /// A stored image is shared by every profile with its checksum, so an import
-/// and the DELETE of another profile may race for it. Both take the image's
-/// row lock before deciding: the import `FOR SHARE` (and finds it gone if the
-/// DELETE won), the DELETE `FOR UPDATE` before counting the references in a
-/// new statement, which under READ COMMITTED sees every import that committed
-/// first. So a profile never points at a deleted image. A file is removed only
-/// after this transaction commits ([`headshot::remove_unreferenced`]).
+/// and whatever drops another profile's reference may race for it. Both take
+/// the image's row lock: the import `FOR SHARE` before pointing the profile at
+/// it (and finds it gone if the other side won), the other side `FOR UPDATE`
+/// before counting the references in a new statement ([`release`]), which
+/// under READ COMMITTED sees every import that committed first. So a profile
+/// never points at a deleted image. A file is removed only after this
+/// transaction commits ([`headshot::remove_unreferenced`]).
 fn apply_locked(
     conn: &mut PgConnection,
     args: &ProfileSyncArgs,
@@ -254,16 +268,14 @@ fn apply_locked(
                     .execute(conn)?;
             }
             ProfileChange::ImportHeadshot(headshot) => {
-                let Some(image) = image else {
+                let Some(image) = &image else {
                     return Err(diesel::result::Error::RollbackTransaction);
                 };
-                let still_stored = headshots::table
-                    .find(&image.sha256)
-                    .select(headshots::sha256)
-                    .for_share()
-                    .first::<String>(conn)
-                    .optional()?;
-                if still_stored.is_none() {
+                let replaced = row
+                    .headshot_sha256
+                    .clone()
+                    .filter(|sha| *sha != image.sha256);
+                if !lock_swap(conn, &image.sha256, replaced.as_deref())? {
                     return Ok((Applied::ImageGone, None));
                 }
                 detail = image.detail.map(str::to_owned);
@@ -279,6 +291,9 @@ fn apply_locked(
                         profiles::updated_at.eq(diesel::dsl::now),
                     ))
                     .execute(conn)?;
+                if let Some(replaced) = replaced {
+                    orphan = release(conn, replaced)?;
+                }
             }
             ProfileChange::Delete => {
                 diesel::update(target)
@@ -299,24 +314,14 @@ fn apply_locked(
                     ))
                     .execute(conn)?;
                 if let Some(sha) = row.headshot_sha256 {
-                    // Lock first, count after: see this function's doc.
-                    headshots::table
-                        .find(&sha)
-                        .select(headshots::sha256)
-                        .for_update()
-                        .first::<String>(conn)
-                        .optional()?;
-                    let still_used: i64 = profiles::table
-                        .filter(profiles::headshot_sha256.eq(&sha))
-                        .count()
-                        .get_result(conn)?;
-                    if still_used == 0 {
-                        diesel::delete(headshots::table.find(&sha)).execute(conn)?;
-                        orphan = Some(sha);
-                    }
+                    orphan = release(conn, sha)?;
                 }
             }
         }
+    } else if let Some(image) = image.filter(|image| image.downloaded) {
+        // Downloaded for nothing (the profile was deleted, or a newer import
+        // applied, during the download): not kept unless a profile has it.
+        orphan = release(conn, image.sha256)?;
     }
     let mut outcome = decision.outcome();
     if decision == Decision::Apply
@@ -329,6 +334,63 @@ fn apply_locked(
         .values(event_row(args, outcome, detail))
         .execute(conn)?;
     Ok((Applied::Done(outcome), orphan))
+}
+
+/// Takes the image row locks of an import pointing its profile at `new`
+/// instead of `replaced`: `new` `FOR SHARE`, `replaced` `FOR UPDATE` (for
+/// [`release`] after the update), in checksum order, so that two imports
+/// swapping the same two images in opposite directions cannot deadlock.
+/// Returns whether `new` is still stored.
+fn lock_swap(conn: &mut PgConnection, new: &str, replaced: Option<&str>) -> QueryResult<bool> {
+    let lock_replaced = |conn: &mut PgConnection, sha: &str| {
+        headshots::table
+            .find(sha)
+            .select(headshots::sha256)
+            .for_update()
+            .first::<String>(conn)
+            .optional()
+    };
+    if let Some(sha) = replaced.filter(|sha| *sha < new) {
+        lock_replaced(conn, sha)?;
+    }
+    let still_stored = headshots::table
+        .find(new)
+        .select(headshots::sha256)
+        .for_share()
+        .first::<String>(conn)
+        .optional()?
+        .is_some();
+    if still_stored && let Some(sha) = replaced.filter(|sha| *sha > new) {
+        lock_replaced(conn, sha)?;
+    }
+    Ok(still_stored)
+}
+
+/// Deletes the `headshots` row of `sha` if no profile names it any more (this
+/// transaction's own change included); returns `sha` if so, for its file to be
+/// removed after the commit.
+///
+/// Lock first, count after: the row is locked `FOR UPDATE` (which waits for
+/// every import holding it `FOR SHARE`) before the profiles are counted in a
+/// new statement, so the count sees every import that pointed a profile at it
+/// first, and an import that comes later finds the row gone and stores the
+/// image anew (see [`apply_locked`]).
+fn release(conn: &mut PgConnection, sha: String) -> QueryResult<Option<String>> {
+    headshots::table
+        .find(&sha)
+        .select(headshots::sha256)
+        .for_update()
+        .first::<String>(conn)
+        .optional()?;
+    let still_used: i64 = profiles::table
+        .filter(profiles::headshot_sha256.eq(&sha))
+        .count()
+        .get_result(conn)?;
+    if still_used > 0 {
+        return Ok(None);
+    }
+    diesel::delete(headshots::table.find(&sha)).execute(conn)?;
+    Ok(Some(sha))
 }
 
 #[cfg(test)]

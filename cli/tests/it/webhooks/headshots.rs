@@ -26,14 +26,38 @@ pub const SLOW: Duration = Duration::from_secs(3);
 /// Requests served, by path.
 pub type Hits = Arc<Mutex<HashMap<String, u32>>>;
 
+/// Holds every answer of `held.png` ([`other_png`]) back until [`Hold::release`].
+#[derive(Clone)]
+pub struct Hold(Arc<tokio::sync::Semaphore>);
+
+impl Hold {
+    /// Lets one held (or the next) answer of `held.png` go.
+    pub fn release(&self) {
+        self.0.add_permits(1);
+    }
+}
+
+#[derive(Clone)]
+struct Served {
+    hits: Hits,
+    hold: Hold,
+}
+
 pub fn png() -> Vec<u8> {
     let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
     bytes.extend((0..1000u32).map(|i| (i % 251) as u8));
     bytes
 }
 
+/// A second image, served as `other.png` and `held.png`.
+pub fn other_png() -> Vec<u8> {
+    let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+    bytes.extend((0..1000u32).map(|i| (i % 241) as u8));
+    bytes
+}
+
 async fn serve_image(
-    State(hits): State<Hits>,
+    State(Served { hits, hold }): State<Served>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
@@ -74,6 +98,10 @@ async fn serve_image(
             tokio::time::sleep(SLOW).await;
             ([(header::CONTENT_TYPE, "image/png")], png()).into_response()
         }
+        "held.png" => {
+            hold.0.acquire().await.unwrap().forget();
+            ([(header::CONTENT_TYPE, "image/png")], other_png()).into_response()
+        }
         _ => fixed(&name, seen),
     }
 }
@@ -81,6 +109,11 @@ async fn serve_image(
 fn fixed(name: &str, seen: u32) -> Response {
     let (status, content_type, body) = match name {
         "ok.png" => (StatusCode::OK, [(header::CONTENT_TYPE, "image/png")], png()),
+        "other.png" => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "image/png")],
+            other_png(),
+        ),
         "big.png" => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "image/png")],
@@ -108,14 +141,24 @@ fn fixed(name: &str, seen: u32) -> Response {
 
 /// An image server on 127.0.0.1:0.
 pub async fn image_server() -> (SocketAddr, Hits) {
+    let (addr, hits, _hold) = holding_image_server().await;
+    (addr, hits)
+}
+
+/// An image server on 127.0.0.1:0 whose `held.png` answers when the [`Hold`] lets them.
+pub async fn holding_image_server() -> (SocketAddr, Hits, Hold) {
     let hits = Hits::default();
+    let hold = Hold(Arc::new(tokio::sync::Semaphore::new(0)));
     let app = axum::Router::new()
         .route("/img/{name}", axum::routing::get(serve_image))
-        .with_state(hits.clone());
+        .with_state(Served {
+            hits: hits.clone(),
+            hold: hold.clone(),
+        });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (addr, hits)
+    (addr, hits, hold)
 }
 
 pub fn hits_of(hits: &Hits, name: &str) -> u32 {

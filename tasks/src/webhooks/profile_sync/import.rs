@@ -1,8 +1,16 @@
 //! IMPORT_HEADSHOT: find the image (the profile's own, one already stored
 //! under the announced checksum, or a download), then apply it under the
 //! profile's lock like any other change. An image found before the transaction
-//! may be deleted by another profile's DELETE before it commits; the
-//! transaction notices ([`Applied::ImageGone`]) and the image is fetched anew.
+//! may be removed before it commits, because the last other profile using it
+//! was deleted or moved to another image, or because the import that stored it
+//! ended up not using it; the transaction notices ([`Applied::ImageGone`]) and
+//! the image is fetched anew.
+//!
+//! The image a profile had before goes in the same transaction when no profile
+//! names it any more, and so does an image this import downloaded when the
+//! locked decision does not use it (a DELETE or a newer import committed
+//! during the download: `skipped_deleted`, `skipped_stale`). Both go as a
+//! DELETE's image does: row in the transaction, file after the commit.
 
 use conveyor_schema::args::webhooks::{HeadshotRef, ProfileChange, ProfileSyncArgs};
 use conveyor_schema::db::headshots;
@@ -45,6 +53,7 @@ pub(super) async fn import_headshot(
                 .and_then(|r| r.headshot_size_bytes)
                 .unwrap_or_default(),
             detail: Some("checksum unchanged; download skipped"),
+            downloaded: false,
         },
         _ => match stored_blob(db, known).await? {
             Some(blob) => blob,
@@ -90,6 +99,7 @@ async fn stored_blob(
         content_type,
         size_bytes,
         detail: Some("image already stored; download skipped"),
+        downloaded: false,
     }))
 }
 
@@ -118,6 +128,7 @@ async fn fetch(
         content_type: image.content_type.clone(),
         size_bytes: i32::try_from(image.bytes.len()).unwrap_or(i32::MAX),
         detail: None,
+        downloaded: true,
     };
     headshot::store(&ctx.services.db, policy, image).await?;
     Ok(stored)
