@@ -508,6 +508,12 @@ async fn the_listing_refuses_a_limit_out_of_range_or_a_bad_cursor() {
             "after=-250000000000000000.0193a1b2-0000-7000-8000-000000000000",
             "`after`",
         ),
+        // chrono reads signed years; PostgreSQL cannot store these (was a 503).
+        (
+            "since=-100000-01-01T00:00:00Z",
+            "`since` -100000-01-01T00:00:00Z is out of range: times from 4714-11-24 00:00:00 UTC BC to",
+        ),
+        ("since=-4713-11-23T23:59:59Z", "`since`"),
     ] {
         let response = admin(&app, "GET", &format!("/v1/admin/dead-jobs?{query}"), None).await;
         assert_eq!(response.status(), 400, "{query}");
@@ -520,6 +526,14 @@ async fn the_listing_refuses_a_limit_out_of_range_or_a_bad_cursor() {
             problem["detail"].as_str().unwrap().contains(named),
             "{query}: {problem}"
         );
+    }
+    // The earliest time PostgreSQL stores is a valid `since` and cursor.
+    for query in [
+        "since=-4713-11-24T00:00:00Z",
+        "after=-210866803200000000.0193a1b2-0000-7000-8000-000000000000",
+    ] {
+        let response = admin(&app, "GET", &format!("/v1/admin/dead-jobs?{query}"), None).await;
+        assert_eq!(response.status(), 200, "{query}");
     }
     let refused = cli(&app, &["dlq", "list", "--limit", "0"]);
     assert!(!refused.status.success());

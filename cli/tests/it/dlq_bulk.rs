@@ -243,6 +243,19 @@ async fn bulk_input_errors_are_problems_naming_the_field() {
         (replay, json!({"filter": {}, "limit": 0}), "/limit"),
         (discard, json!({"filter": {}, "limit": 10_001}), "/limit"),
         (discard, json!({"filter": {"since": "5x"}}), "/filter/since"),
+        // About 8 200 years back: before PostgreSQL's earliest time.
+        (
+            discard,
+            json!({"filter": {"since": "3000000d"}}),
+            "/filter/since",
+        ),
+        (
+            replay,
+            json!({"filter": {"task": "webhook.profile_sync"}, "args": {
+                "source": "s", "webhook_id": "w", "event": {"action": "DELETE",
+                "profile_id": "p", "occurred_at": "-100000-01-01T00:00:00Z"}}}),
+            "/args/event/occurred_at",
+        ),
         // PostgreSQL cannot store U+0000 (found by the fuzzer as a 503).
         (
             discard,

@@ -533,6 +533,70 @@ async fn mail_and_webhook_rollups_skip_absent_tables_and_csv_matches_json() {
     }
 }
 
+/// A `from` or `to` PostgreSQL cannot store (before 4714-11-24 BC) is a 400
+/// naming it and the accepted range, not a database error (503); the earliest
+/// storable times are answered, and a default `from` stops there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_out_of_range_is_a_400_naming_it() {
+    let app = TestApp::spawn_with(0, |_| {}).await;
+    for (query, named) in [
+        (
+            "from=-100000-01-01T00:00:00Z&to=-100000-01-02T00:00:00Z",
+            "`from`",
+        ),
+        ("to=-100000-01-02T00:00:00Z", "`to`"),
+        (
+            "from=-4713-11-23T23:59:59Z&to=-4713-11-24T01:00:00Z",
+            "`from`",
+        ),
+        (
+            "from=-4713-11-24T00:00:00Z&to=-4713-11-23T23:59:59Z",
+            "`to`",
+        ),
+    ] {
+        let response = app
+            .client
+            .get(app.url(&format!("/v1/stats/jobs?{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{query}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert!(
+            problem["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("/invalid-query"),
+            "{problem}"
+        );
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(
+            detail.starts_with(named) && detail.contains("from 4714-11-24 00:00:00 UTC BC to"),
+            "{query}: {problem}"
+        );
+    }
+    for query in [
+        "from=-4713-11-24T00:00:00Z&to=-4713-11-25T00:00:00Z",
+        "to=-4713-11-24T12:00:00Z",
+        "granularity=day&to=-4713-11-25T00:00:00Z",
+    ] {
+        let response = app
+            .client
+            .get(app.url(&format!("/v1/stats/jobs?{query}")))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 200, "{query}: {body}");
+        assert_eq!(body["rows"], json!([]), "{query}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_seals_old_days_then_deletes_their_finished_jobs_in_batches() {
     let app = TestApp::spawn_with(1, |config| config.stats.default_schedules = true).await;

@@ -359,6 +359,75 @@ async fn every_rejection_is_a_problem_and_enqueues_nothing() {
     );
 }
 
+/// An `occurred_at` PostgreSQL cannot store (before 4714-11-24 BC, which
+/// chrono reads as a signed year), or more than a day ahead of the server's
+/// clock, is a 422 naming `/occurred_at` and the accepted range, with nothing
+/// claimed or enqueued; the edges of that range are accepted and applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_occurred_at_out_of_range_is_a_422_naming_it() {
+    let keys = Keys::new();
+    let app = spawn(1, &keys, |_| {}).await;
+    let ahead = |secs: i64| {
+        (chrono::Utc::now() + chrono::Duration::seconds(secs))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let day = 24 * 3600;
+    let refused = [
+        (
+            "-100000-01-01T00:00:00Z",
+            "4714-11-24 00:00:00 UTC BC to 294276",
+        ),
+        (
+            "-4713-11-23T23:59:59Z",
+            "4714-11-24 00:00:00 UTC BC to 294276",
+        ),
+        (&ahead(day + 3600), "24 h past the server's clock"),
+        ("2099-01-01T00:00:00Z", "24 h past the server's clock"),
+    ];
+    for (i, (at, range)) in refused.iter().enumerate() {
+        for event in [delete("p-range", at), update("p-range", at, "a@x.io")] {
+            let id = format!("range-{i}-{}", event["action"]);
+            let response = post_signed(
+                &app,
+                &keys.hmac_old,
+                &id,
+                now(),
+                event.to_string().as_bytes(),
+            )
+            .await;
+            assert_eq!(response.status(), 422, "{event}");
+            assert_eq!(
+                response.headers()["content-type"],
+                "application/problem+json"
+            );
+            let problem: Value = response.json().await.unwrap();
+            assert!(
+                problem["type"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("/invalid-request"),
+                "{problem}"
+            );
+            assert_eq!(problem["pointer"], "/occurred_at", "{event}: {problem}");
+            let detail = problem["detail"].as_str().unwrap();
+            assert!(
+                detail.contains("`occurred_at`") && detail.contains(range),
+                "{event}: {problem}"
+            );
+        }
+    }
+    assert_eq!(counts(&app).await, (0, 0, 0, 0));
+    // PostgreSQL's earliest time, and a producer clock 23 h fast: stored.
+    for (profile, at) in [
+        ("p-earliest", "-4713-11-24T00:00:00Z".to_owned()),
+        ("p-ahead", ahead(day - 3600)),
+    ] {
+        let job = send(&app, &keys.hmac_old, &delete(profile, &at)).await;
+        app.wait_for_state(job, "succeeded", WAIT).await;
+        assert!(!row(&app, profile).await["deleted_at"].is_null(), "{at}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_webhook_is_processed_once() {
     let keys = Keys::new();

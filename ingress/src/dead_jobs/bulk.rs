@@ -77,7 +77,13 @@ pub fn parse_since(s: &str) -> Result<DateTime<Utc>, InvalidInput> {
         _ => return Err(invalid(format!("`{s}`: the unit must be s, m, h or d"))),
     };
     age.and_then(|age| Utc::now().checked_sub_signed(age))
-        .ok_or_else(|| invalid(format!("`{s}` is too far back")))
+        .filter(|since| conveyor_schema::timestamptz::holds(*since))
+        .ok_or_else(|| {
+            invalid(format!(
+                "`{s}` is too far back: times from {} on are accepted",
+                conveyor_schema::timestamptz::EARLIEST
+            ))
+        })
 }
 
 /// Checks a rate in records per second: finite and above 0.
@@ -353,7 +359,7 @@ mod tests {
         assert_eq!(at.to_rfc3339(), "2026-01-02T03:04:05+00:00");
         let age = Utc::now() - parse_since("30m").unwrap();
         assert!((29..=31).contains(&age.num_minutes()), "{age}");
-        for bad in ["yesterday", "30", "30w", "", "99999999999999d"] {
+        for bad in ["yesterday", "30", "30w", "", "99999999999999d", "3000000d"] {
             assert_eq!(parse_since(bad).unwrap_err().pointer, "/since", "{bad}");
         }
     }

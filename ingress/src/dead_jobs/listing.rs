@@ -98,12 +98,11 @@ impl FromStr for Position {
 }
 
 /// The time `micros` (µs since 1970, as a cursor writes it) names, if
-/// PostgreSQL can hold it (`timestamptz` starts in 4714 BC; chrono reaches
-/// further back, and binding such a time would fail the query).
+/// PostgreSQL can hold it (see [`conveyor_schema::timestamptz`]: binding an
+/// earlier time would fail the query).
 pub(super) fn time_of(micros: &str) -> Option<DateTime<Utc>> {
-    use chrono::Datelike;
     let time = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
-    (time.year() > -4713).then_some(time)
+    conveyor_schema::timestamptz::holds(time).then_some(time)
 }
 
 /// `text` as an `ILIKE` pattern matching it anywhere, literally: the

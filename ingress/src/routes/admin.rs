@@ -135,7 +135,7 @@ pub struct DeadJobQuery {
     pub task: Option<String>,
     /// Exact logical queue.
     pub queue: Option<String>,
-    /// Dead at or after this time (RFC 3339).
+    /// Dead at or after this time (RFC 3339, from 4714-11-24 00:00:00 UTC BC).
     pub since: Option<DateTime<Utc>>,
     /// The final reason contains this text (case-insensitive).
     pub error_contains: Option<String>,
@@ -217,7 +217,7 @@ fn parse_id(id: &str) -> Result<Uuid, Problem> {
 #[utoipa::path(get, path = "/v1/admin/dead-jobs", tag = "admin", operation_id = "list_dead_jobs", params(DeadJobQuery),
     responses((status = 200, description = "A page of matching dead jobs", body = Vec<DeadJobView>,
                 headers(("link" = String, description = "`<…?…&after=<cursor>>; rel=\"next\"`: the next page, present while records remain"))),
-              (status = 400, description = "Bad query parameter (`limit` out of 1 to 10000, `after` not a cursor)", body = Problem, content_type = "application/problem+json"),
+              (status = 400, description = "Bad query parameter (`limit` out of 1 to 10000, `since` before 4714-11-24 BC, `after` not a cursor)", body = Problem, content_type = "application/problem+json"),
               (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json")))]
 pub async fn list(
     State(state): State<AppState>,
@@ -232,6 +232,10 @@ pub async fn list(
         return Err(Problem::bad_query(format!(
             "`limit` must be between 1 and {MAX_LIMIT}"
         )));
+    }
+    if let Some(since) = query.since {
+        conveyor_schema::timestamptz::check("since", since)
+            .map_err(|err| Problem::bad_query(err.to_string()))?;
     }
     let (found, next) = dead_jobs::page(&state.db, query.into())
         .await

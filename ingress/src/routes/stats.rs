@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Duration, Utc};
 use conveyor_schema::stats::{Family, Granularity};
+use conveyor_schema::timestamptz;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Double, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use serde::{Deserialize, Serialize};
@@ -23,9 +24,9 @@ use crate::state::AppState;
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct StatsQuery {
-    /// First bucket included (RFC 3339; default: `to` minus 24 hours, or 30 days by day).
+    /// First bucket included (RFC 3339, from 4714-11-24 00:00:00 UTC BC; default: `to` minus 24 hours, or 30 days by day, not before 4714 BC).
     pub from: Option<DateTime<Utc>>,
-    /// End, excluded (RFC 3339; default: now).
+    /// End, excluded (RFC 3339, from 4714-11-24 00:00:00 UTC BC; default: now).
     pub to: Option<DateTime<Utc>>,
     /// `hour` (default) or `day` (UTC days).
     pub granularity: Option<Granularity>,
@@ -151,7 +152,7 @@ pub struct StatsResponse {
             (StatsResponse = "application/json"),
             (String = "text/csv"),
         )),
-        (status = 400, description = "Bad query parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Bad query parameter (e.g. `from` or `to` before 4714-11-24 BC, which PostgreSQL cannot store)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such family", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Database unavailable", body = Problem, content_type = "application/problem+json"),
     )
@@ -174,8 +175,16 @@ pub async fn stats(
         Granularity::Hour => (Duration::days(31), Duration::hours(24)),
         Granularity::Day => (Duration::days(3660), Duration::days(30)),
     };
-    let to = query.to.unwrap_or_else(Utc::now);
-    let from = query.from.unwrap_or(to - default_span);
+    let stored = |field: &str, at: Option<DateTime<Utc>>| {
+        at.map(|at| timestamptz::check(field, at))
+            .transpose()
+            .map_err(|err| Problem::bad_query(err.to_string()))
+    };
+    let from = stored("from", query.from)?;
+    let to = stored("to", query.to)?.unwrap_or_else(Utc::now);
+    // `to` is storable, so far enough from chrono's earliest time to subtract
+    // the span; the default stops at PostgreSQL's earliest.
+    let from = from.unwrap_or_else(|| (to - default_span).max(timestamptz::earliest()));
     if from >= to {
         return Err(Problem::bad_query("`from` must be before `to`"));
     }

@@ -117,7 +117,7 @@ fn signed_headers(headers: &HeaderMap) -> Result<Signed<'_>, Problem> {
         ("webhook-signature" = String, Header, description = "Space-separated `v1,<base64 HMAC>` / `v1a,<base64 Ed25519>` signatures"),
     ),
     request_body(content = Object, content_type = "application/json",
-        description = "`{\"action\": \"UPDATE\"|\"IMPORT_HEADSHOT\"|\"DELETE\", \"profile_id\", \"occurred_at\", \"data\"}`"),
+        description = "`{\"action\": \"UPDATE\"|\"IMPORT_HEADSHOT\"|\"DELETE\", \"profile_id\", \"occurred_at\", \"data\"}`; `occurred_at` (RFC 3339) from 4714-11-24 00:00:00 UTC BC to 24 h past the server's clock"),
     responses(
         (status = 202, description = "Verified, recorded and confirmed by the broker", body = WebhookAccepted),
         (status = 200, description = "This webhook-id was already accepted; nothing new enqueued", body = WebhookAccepted),
@@ -126,7 +126,7 @@ fn signed_headers(headers: &HeaderMap) -> Result<Signed<'_>, Problem> {
         (status = 404, description = "Unknown source", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The same webhook-id is being recorded right now; retry", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over `webhooks.body_limit_bytes`", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Unknown action or invalid fields (with a JSON pointer)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Unknown action or invalid fields (with a JSON pointer), e.g. an `occurred_at` before 4714-11-24 BC or more than 24 h ahead of the server's clock", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Broker or database unavailable; retry. Of type `in-doubt`, it names the job that may run all the same, and the webhook-id stays claimed for it: a repeat gets 409 for up to a minute, then submits that same job", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -210,7 +210,7 @@ async fn verified(
     }
     let event: ProfileEvent = json_body::decode(&raw).map_err(|p| ("invalid_body", p))?;
     event
-        .change()
+        .received(Utc::now())
         .map_err(|err| ("invalid_body", Problem::invalid(err.pointer, err.message)))?;
     let unavailable = |err: String| ("unavailable", Problem::unavailable(err, 1));
 

@@ -22,6 +22,14 @@ impl TaskSpec for ProfileSync {
     type Args = ProfileSyncArgs;
     /// Only the webhook endpoint enqueues it, after checking the signature.
     const PUBLIC: bool = false;
+    /// The event's checks ([`ProfileEvent::change`]), so a replay's
+    /// replacement arguments are held to them too.
+    fn check_args(args: &ProfileSyncArgs) -> Result<(), ArgsError> {
+        args.event.change().map(drop).map_err(|err| ArgsError {
+            pointer: format!("/args/event{}", err.pointer),
+            message: err.message,
+        })
+    }
     fn options() -> TaskOptions {
         TaskOptions {
             max_attempts: 8,
@@ -121,12 +129,22 @@ pub struct ProfileEvent {
     pub action: ProfileAction,
     /// The producer's profile id (1 to 200 characters).
     pub profile_id: String,
-    /// When it happened at the producer (RFC 3339); orders the changes.
+    /// When it happened at the producer (RFC 3339); orders the changes. From
+    /// 4714 BC (what PostgreSQL stores) to [`OCCURRED_AT_MAX_AHEAD`] past the
+    /// ingress's clock.
     pub occurred_at: DateTime<Utc>,
     /// Action-specific fields; see [`ProfileEvent::change`].
     #[serde(default)]
     pub data: Value,
 }
+
+/// How far past the ingress's clock an event's `occurred_at` may be: an
+/// allowance for the producer's clock running fast. Changes are applied in
+/// `occurred_at` order, so one stamped further ahead (a clock years off, a
+/// typo like `2099`) would make every later change of its profile stale for
+/// good; it is refused (422) instead. A day is far beyond any clock kept by
+/// NTP, yet small enough that such an event cannot shadow a profile for long.
+pub const OCCURRED_AT_MAX_AHEAD: Duration = Duration::from_secs(24 * 3600);
 
 /// The fields of an `UPDATE`: the profile as it now is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,12 +197,40 @@ fn invalid(pointer: &str, message: impl Into<String>) -> ArgsError {
 }
 
 impl ProfileEvent {
+    /// Checks the event as the ingress receives it at `now`: [`Self::change`],
+    /// and an `occurred_at` at most [`OCCURRED_AT_MAX_AHEAD`] past `now`. (The
+    /// worker checks only the former: by its turn, `now` has moved on.)
+    pub fn received(&self, now: DateTime<Utc>) -> Result<ProfileChange, ArgsError> {
+        let change = self.change()?;
+        let ahead = chrono::TimeDelta::from_std(OCCURRED_AT_MAX_AHEAD).unwrap_or_default();
+        if self.occurred_at > now + ahead {
+            return Err(invalid(
+                "/occurred_at",
+                format!(
+                    "`occurred_at` {} is too far ahead: times from {} to {} h past the \
+                     server's clock ({}) are accepted",
+                    self.occurred_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                    crate::timestamptz::EARLIEST,
+                    OCCURRED_AT_MAX_AHEAD.as_secs() / 3600,
+                    now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                ),
+            ));
+        }
+        Ok(change)
+    }
+
     /// Checks the event and decodes `data` for its action. The error's pointer
-    /// is relative to the body (`/profile_id`, `/data/email`, …).
+    /// is relative to the body (`/profile_id`, `/occurred_at`, `/data/email`,
+    /// …). An `occurred_at` PostgreSQL cannot store is refused here, so by the
+    /// worker as well (one already queued fails at once instead of at every
+    /// attempt).
     pub fn change(&self) -> Result<ProfileChange, ArgsError> {
         if self.profile_id.is_empty() || self.profile_id.chars().count() > 200 {
             return Err(invalid("/profile_id", "must be 1 to 200 characters"));
         }
+        crate::timestamptz::check("occurred_at", self.occurred_at)
+            .map_err(|err| invalid("/occurred_at", err.to_string()))?;
         match self.action {
             ProfileAction::Update => {
                 let fields: ProfileFields = data_as(&self.data)?;
@@ -284,5 +330,48 @@ mod tests {
         let err =
             event(json!({"action": "DELETE", "profile_id": "", "occurred_at": at})).unwrap_err();
         assert_eq!(err.pointer, "/profile_id");
+    }
+
+    #[test]
+    fn occurred_at_is_bounded_by_postgres_and_the_clock() {
+        let body = |at: &str| -> ProfileEvent {
+            serde_json::from_value(
+                json!({"action": "DELETE", "profile_id": "p", "occurred_at": at}),
+            )
+            .unwrap()
+        };
+        let now: DateTime<Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
+        let err = body("-100000-01-01T00:00:00Z").received(now).unwrap_err();
+        assert_eq!(err.pointer, "/occurred_at");
+        assert!(
+            err.message.contains("4714-11-24 00:00:00 UTC BC"),
+            "{}",
+            err.message
+        );
+        assert_eq!(
+            body("-4713-11-24T00:00:00Z").received(now),
+            Ok(ProfileChange::Delete)
+        );
+        assert_eq!(
+            body("2026-01-02T00:00:00Z").received(now),
+            Ok(ProfileChange::Delete)
+        );
+        let err = body("2026-01-02T00:00:00.000001Z")
+            .received(now)
+            .unwrap_err();
+        assert_eq!(err.pointer, "/occurred_at");
+        assert!(err.message.contains("24 h past"), "{}", err.message);
+        // The worker, later, holds it to PostgreSQL's range alone.
+        assert_eq!(
+            body("2026-01-02T00:00:00.000001Z").change(),
+            Ok(ProfileChange::Delete)
+        );
+        let args = ProfileSyncArgs {
+            source: "s".into(),
+            webhook_id: "w".into(),
+            event: body("-100000-01-01T00:00:00Z"),
+        };
+        let err = ProfileSync::check_args(&args).unwrap_err();
+        assert_eq!(err.pointer, "/args/event/occurred_at");
     }
 }
