@@ -210,12 +210,12 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
     let versions: Vec<&String> = applied.iter().map(|(_, v)| v).collect();
     assert_eq!(versions, pending.iter().map(|(_, v)| v).collect::<Vec<_>>());
 
-    // The newest creates a table; the one before builds an index
-    // CONCURRENTLY (outside a transaction). Each revert undoes exactly one of
-    // them, and `run` applies both again.
+    // The newest builds an index CONCURRENTLY (outside a transaction); the one
+    // before creates a table. Each revert undoes exactly one of them, and
+    // `run` applies both again.
     let (newest, before) = (&folders[folders.len() - 1], &folders[folders.len() - 2]);
     assert!(
-        newest.ends_with("_stats_rollup_marks") && before.ends_with("_webhook_events_recorded_at"),
+        newest.ends_with("_profiles_headshot_index") && before.ends_with("_stats_rollup_marks"),
         "update this test: {before}, {newest}"
     );
     #[derive(diesel::QueryableByName)]
@@ -235,7 +235,7 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
     let indexes = || {
         names(
             "SELECT indexname AS name FROM pg_indexes \
-             WHERE tablename IN ('dead_jobs', 'webhook_events') ORDER BY indexname",
+             WHERE tablename IN ('dead_jobs', 'profiles') ORDER BY indexname",
         )
     };
     let marks = || {
@@ -251,7 +251,7 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
             .collect()
     };
     assert!(
-        all.contains(&"webhook_events_recorded_at".to_owned()),
+        all.contains(&"profiles_headshot_sha256".to_owned()),
         "{all:?}"
     );
     assert_eq!(marks(), ["stats_rollup_marks"]);
@@ -261,11 +261,12 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
 
     let reverted = conveyor_migrate(&db, &["revert"]);
     assert_eq!(reverted.trim(), format!("reverted {last}"));
-    assert_eq!(marks(), Vec::<String>::new());
-    assert_eq!(indexes(), all);
+    assert_eq!(indexes(), without(&["profiles_headshot_sha256"]));
+    assert_eq!(marks(), ["stats_rollup_marks"]);
     let reverted = conveyor_migrate(&db, &["revert"]);
     assert_eq!(reverted.trim(), format!("reverted {before_last}"));
-    assert_eq!(indexes(), without(&["webhook_events_recorded_at"]));
+    assert_eq!(marks(), Vec::<String>::new());
+    assert_eq!(indexes(), without(&["profiles_headshot_sha256"]));
     let after = migrate_status(&db);
     let (kept, undone) = after.split_at(after.len() - 2);
     assert!(

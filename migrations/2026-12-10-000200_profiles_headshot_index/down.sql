@@ -1,0 +1,1 @@
+DROP INDEX CONCURRENTLY IF EXISTS profiles_headshot_sha256;
