@@ -600,8 +600,13 @@ impl TestApp {
 
     /// Publishes `envelope` to the `default` work queue, confirmed.
     pub async fn publish_envelope(&self, envelope: &conveyor_schema::Envelope) {
+        self.publish_envelope_to("default", envelope).await;
+    }
+
+    /// Publishes `envelope` to the work queue `queue`, confirmed.
+    pub async fn publish_envelope_to(&self, queue: &str, envelope: &conveyor_schema::Envelope) {
         let stop = CancellationToken::new();
-        let message = conveyor_platform::amqp::Outgoing::job(&self.topology(), "default", envelope);
+        let message = conveyor_platform::amqp::Outgoing::job(&self.topology(), queue, envelope);
         self.publisher(&stop).await.publish(&message).await.unwrap();
         stop.cancel();
     }

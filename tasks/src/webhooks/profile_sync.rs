@@ -8,7 +8,11 @@
 //! DELETE clears the profile and leaves a tombstone that every other event
 //! respects (`skipped_deleted`): deletion is final, so a late UPDATE never
 //! resurrects the profile. Each decision is taken under the row's lock and
-//! recorded in `webhook_events` in the same transaction.
+//! recorded in `webhook_events` in the same transaction. An event that cannot
+//! be applied is recorded `failed` with its reason: at once when no retry can
+//! help, and on the last attempt when retries could not (a headshot host
+//! that kept failing), so every dead event shows in the webhook statistics.
+//! (An attempt cut off by its timeout records nothing.)
 //!
 //! Images are stored once per checksum and shared; one goes as soon as no
 //! profile names it: in the transaction of the DELETE that clears it, of the
@@ -85,24 +89,36 @@ impl Task for ProfileSync {
     type Spec = spec::ProfileSync;
 
     async fn run(&self, args: ProfileSyncArgs, ctx: JobContext) -> Result<(), TaskError> {
-        let change = args
-            .event
-            .change()
-            .map_err(|e| TaskError::permanent(anyhow::anyhow!("invalid event: {e}")))?;
-        let outcome = match &change {
-            ProfileChange::ImportHeadshot(headshot) => {
-                import_headshot(&args, headshot, &ctx).await?
+        match sync(&args, &ctx).await {
+            // The worker dead-letters it with this same reason.
+            Err(TaskError::Retry { error, after }) if ctx.attempt >= ctx.max_attempts => {
+                let reason = format!("gave up after {} attempts: {error}", ctx.attempt);
+                record_failed(&ctx, &args, reason).await;
+                Err(TaskError::Retry { error, after })
             }
-            _ => apply(&ctx, &args, change.clone(), None).await?.outcome()?,
-        };
-        tracing::info!(
-            profile.id = %args.event.profile_id,
-            action = args.event.action.as_str(),
-            outcome,
-            "profile event handled"
-        );
-        Ok(())
+            result => result,
+        }
     }
+}
+
+/// Applies the event once: the outcome is recorded, or the error says whether
+/// to try again.
+async fn sync(args: &ProfileSyncArgs, ctx: &JobContext) -> Result<(), TaskError> {
+    let change = args
+        .event
+        .change()
+        .map_err(|e| TaskError::permanent(anyhow::anyhow!("invalid event: {e}")))?;
+    let outcome = match &change {
+        ProfileChange::ImportHeadshot(headshot) => import_headshot(args, headshot, ctx).await?,
+        _ => apply(ctx, args, change.clone(), None).await?.outcome()?,
+    };
+    tracing::info!(
+        profile.id = %args.event.profile_id,
+        action = args.event.action.as_str(),
+        outcome,
+        "profile event handled"
+    );
+    Ok(())
 }
 
 /// What an IMPORT_HEADSHOT stores: the image's checksum, type and size.
@@ -119,7 +135,13 @@ struct Stored {
 
 /// Records a permanent failure and returns the error that dead-letters the job.
 async fn failed(ctx: &JobContext, args: &ProfileSyncArgs, reason: String) -> TaskError {
-    let row = event_row(args, "failed", Some(reason.clone()));
+    record_failed(ctx, args, reason.clone()).await;
+    TaskError::permanent(anyhow::anyhow!(reason))
+}
+
+/// Records the event `failed` for `reason`; a failure to record is logged.
+async fn record_failed(ctx: &JobContext, args: &ProfileSyncArgs, reason: String) {
+    let row = event_row(args, "failed", Some(reason));
     let recorded = conveyor_schema::pool::run(&ctx.services.db, move |conn| {
         diesel::insert_into(webhook_events::table)
             .values(row)
@@ -129,7 +151,6 @@ async fn failed(ctx: &JobContext, args: &ProfileSyncArgs, reason: String) -> Tas
     if let Err(err) = recorded {
         tracing::warn!(error = %err, "could not record a failed webhook event");
     }
-    TaskError::permanent(anyhow::anyhow!(reason))
 }
 
 type EventRow = (

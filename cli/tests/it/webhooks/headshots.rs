@@ -130,6 +130,11 @@ fn fixed(name: &str, seen: u32) -> Response {
             Vec::new(),
         ),
         "flaky.png" => (StatusCode::OK, [(header::CONTENT_TYPE, "image/png")], png()),
+        "down.png" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "text/plain")],
+            Vec::new(),
+        ),
         _ => (
             StatusCode::NOT_FOUND,
             [(header::CONTENT_TYPE, "text/plain")],
@@ -409,5 +414,37 @@ async fn a_cut_short_file_under_the_images_name_is_written_again_not_reused() {
         left,
         [std::ffi::OsString::from(&sha)],
         "no temporary file left"
+    );
+}
+
+/// An event whose retries never succeed (its headshot host answers 503 every
+/// time) is recorded `failed` on its last attempt, with the reason, so the
+/// webhook statistics count it; before, only an `accepted` row showed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_out_of_attempts_is_recorded_failed() {
+    let (addr, hits) = image_server().await;
+    let keys = Keys::new();
+    let app = app_for(&keys, true, None).await;
+    // Its last attempt, as the earlier ones would have left it.
+    let args = json!({
+        "source": "members",
+        "webhook_id": "msg_out_of_attempts",
+        "event": import("p1", "2026-01-01T00:00:01Z", format!("http://{addr}/img/down.png"), None),
+    });
+    let mut envelope = conveyor_schema::Envelope::new("webhook.profile_sync", args);
+    envelope.attempt = 8;
+    app.publish_envelope_to("webhooks", &envelope).await;
+    let dead = app.wait_for_state(envelope.id, "dead", WAIT).await;
+    assert_eq!(hits_of(&hits, "down.png"), 1);
+    let failed = app
+        .count(
+            "SELECT count(*) AS n FROM webhook_events
+              WHERE webhook_id = 'msg_out_of_attempts' AND outcome = 'failed'
+                AND detail LIKE 'gave up after 8 attempts: %503%'",
+        )
+        .await;
+    assert_eq!(
+        failed, 1,
+        "no failed event recorded; the job ended: {dead:?}"
     );
 }
