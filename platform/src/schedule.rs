@@ -8,9 +8,8 @@
 //!
 //! Built-in schedules (`stats.rollup_hourly`, `stats.rollup_daily`,
 //! `stats.retention`) are added unless `stats.default_schedules = false`, and
-//! `webhook.headshot_sweep` whenever `webhooks.headshots.storage =
-//! "directory"`; a `[[schedules]]` entry with the same name replaces the
-//! built-in one.
+//! `webhook.headshot_sweep` always, whatever `webhooks.headshots.storage`; a
+//! `[[schedules]]` entry with the same name replaces the built-in one.
 
 use std::collections::HashSet;
 
@@ -25,7 +24,7 @@ use conveyor_schema::args::stats::{
     MAX_DAILY_LOOKBACK, MAX_HOURLY_LOOKBACK, MIN_LOOKBACK, MIN_RETENTION_DAYS,
 };
 
-use crate::config::{Config, ConfigError, HeadshotStorage};
+use crate::config::{Config, ConfigError};
 
 /// One `[[schedules]]` entry as written.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -248,8 +247,9 @@ pub fn builtin_schedules(stats: &StatsConfig) -> Vec<ScheduleConfig> {
     ]
 }
 
-/// The built-in schedule of `webhook.headshot_sweep`, hourly, for directory
-/// storage (files no row names are removed; see the task).
+/// The built-in schedule of `webhook.headshot_sweep`, hourly, in both storages
+/// (old `headshots` rows no profile names, and files no row names, are
+/// removed; see the task).
 pub fn headshot_sweep_schedule() -> ScheduleConfig {
     ScheduleConfig {
         name: "webhook.headshot_sweep".into(),
@@ -285,9 +285,7 @@ pub fn schedules(config: &Config) -> Result<Vec<Schedule>, ConfigError> {
         true => builtin_schedules(&config.stats),
         false => Vec::new(),
     };
-    if config.webhooks.headshots.storage == HeadshotStorage::Directory {
-        builtins.push(headshot_sweep_schedule());
-    }
+    builtins.push(headshot_sweep_schedule());
     for entry in builtins {
         if names.insert(entry.name.clone()) {
             let schedule =
@@ -592,7 +590,8 @@ mod tests {
             [
                 "stats.rollup_hourly",
                 "stats.rollup_daily",
-                "stats.retention"
+                "stats.retention",
+                "webhook.headshot_sweep"
             ]
         );
         config.schedules.push(ScheduleConfig {
@@ -602,24 +601,25 @@ mod tests {
             ..entry("0 4 * * *", "UTC")
         });
         let all = schedules(&config).unwrap();
-        assert_eq!(all.len(), 3);
+        assert_eq!(all.len(), 4);
         assert_eq!(all[0].config.cron, "0 4 * * *");
         config.stats.default_schedules = false;
-        assert_eq!(schedules(&config).unwrap().len(), 1);
+        assert_eq!(schedules(&config).unwrap().len(), 2);
     }
 
     #[test]
-    fn directory_storage_adds_the_headshot_sweep() {
+    fn the_headshot_sweep_is_built_in_in_both_storages() {
         let mut config = Config::default();
-        let has_sweep = |config: &Config| {
+        let sweep_cron = |config: &Config| {
             schedules(config)
                 .unwrap()
                 .iter()
-                .any(|s| s.name() == "webhook.headshot_sweep")
+                .find(|s| s.name() == "webhook.headshot_sweep")
+                .map(|s| s.config.cron.clone())
         };
-        assert!(!has_sweep(&config));
-        config.webhooks.headshots.storage = HeadshotStorage::Directory;
         config.stats.default_schedules = false;
-        assert!(has_sweep(&config));
+        assert_eq!(sweep_cron(&config).as_deref(), Some("41 * * * *"));
+        config.webhooks.headshots.storage = crate::config::HeadshotStorage::Directory;
+        assert_eq!(sweep_cron(&config).as_deref(), Some("41 * * * *"));
     }
 }

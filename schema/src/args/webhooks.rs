@@ -45,19 +45,22 @@ impl TaskSpec for ProfileSync {
 /// `webhook.profile_sync`'s attempt timeout.
 const PROFILE_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// `webhook.headshot_sweep {}`: removes headshot files (with directory storage)
-/// that no `headshots` row names and that are older than
-/// [`HEADSHOT_SWEEP_MIN_AGE`], and temporary files as old. Fired hourly by a
-/// built-in schedule when `webhooks.headshots.storage = "directory"`;
-/// operators may also enqueue it (it is idempotent).
+/// `webhook.headshot_sweep {}`: removes `headshots` rows that no profile names
+/// and that were created more than [`HEADSHOT_SWEEP_MIN_AGE`] ago (with their
+/// files), then, with directory storage, headshot files that no row names and
+/// that are as old, and temporary files as old. Fired hourly by a built-in
+/// schedule whatever `webhooks.headshots.storage`; operators may also enqueue
+/// it (it is idempotent).
 pub struct HeadshotSweep;
 
-/// How old an unnamed headshot file must be before the sweep removes it. A
-/// `store` writes its file and commits the row naming it in one
-/// `webhook.profile_sync` attempt, so within its timeout; the lock on the
-/// checksum already keeps the sweep off a file being stored, and this age is
-/// the margin on top (and all that protects a temporary file, which nothing
-/// locks): thirty times that timeout.
+/// How old an unnamed headshot file, or a `headshots` row no profile names,
+/// must be before the sweep removes it. A `store` writes its file and commits
+/// the row naming it, and its import then points the profile at that row, in
+/// one `webhook.profile_sync` attempt, so within its timeout; the locks on the
+/// checksum and on the row already keep the sweep off a file being stored and
+/// a row being used (the import stores the image anew if it loses), and this
+/// age is the margin on top (and all that protects a temporary file, which
+/// nothing locks): thirty times that timeout.
 pub const HEADSHOT_SWEEP_MIN_AGE: Duration = Duration::from_secs(3600);
 
 const _: () = assert!(

@@ -19,7 +19,10 @@
 //! IMPORT_HEADSHOT that replaces it, or of the import that downloaded it and
 //! then decided not to use it (its profile deleted, or a newer image applied,
 //! meanwhile). Its file goes after that commit (see [`apply_locked`] and
-//! `headshot`).
+//! `headshot`). An image an import stored and then never decided about (its
+//! locked transaction kept failing until the job died, or the worker died in
+//! between) is released by `headshot_sweep` once an hour old, through the
+//! same [`release`].
 
 use chrono::{DateTime, SubsecRound, Utc};
 use conveyor_schema::args::webhooks::{
@@ -389,14 +392,15 @@ fn lock_swap(conn: &mut PgConnection, new: &str, replaced: Option<&str>) -> Quer
 
 /// Deletes the `headshots` row of `sha` if no profile names it any more (this
 /// transaction's own change included); returns `sha` if so, for its file to be
-/// removed after the commit.
+/// removed after the commit. Also what `headshot_sweep` runs, in a
+/// transaction of its own, on an old row no profile names.
 ///
 /// Lock first, count after: the row is locked `FOR UPDATE` (which waits for
 /// every import holding it `FOR SHARE`) before the profiles are counted in a
 /// new statement, so the count sees every import that pointed a profile at it
 /// first, and an import that comes later finds the row gone and stores the
 /// image anew (see [`apply_locked`]).
-fn release(conn: &mut PgConnection, sha: String) -> QueryResult<Option<String>> {
+pub(crate) fn release(conn: &mut PgConnection, sha: String) -> QueryResult<Option<String>> {
     headshots::table
         .find(&sha)
         .select(headshots::sha256)

@@ -1,10 +1,12 @@
-//! `webhook.headshot_sweep` with directory storage: a headshot file no row
+//! `webhook.headshot_sweep`. With directory storage: a headshot file no row
 //! names and older than the sweep's age goes (and so does an old temporary
 //! file); a file a row names, a fresh orphan (a store may be about to commit
 //! its row), a fresh temporary file and a file of another name stay. And an
 //! old orphan that a store is recording right now (holding the lock on its
 //! checksum, its row not yet committed) stays too: the sweep waits for the
-//! lock and finds the row.
+//! lock and finds the row. In both storages: a `headshots` row no profile
+//! names and older than the sweep's age goes (with its file), one a profile
+//! names or a fresh one (its import may be about to use it) stays.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -49,6 +51,50 @@ async fn directory_app(keys: &Keys, dir: &Path) -> TestApp {
 /// Inserts the `headshots` row naming `sha` (the bytes are in its file).
 const INSERT_ROW: &str = "INSERT INTO headshots (sha256, content_type, size_bytes) \
                           VALUES ('{sha}', 'image/png', 64)";
+
+/// Inserts a `headshots` row for `sha` created `age` ago, holding its bytes
+/// unless the image is a file.
+fn insert_aged_row(app: &TestApp, sha: &str, age: Duration, in_database: bool) {
+    let data = if in_database {
+        "'\\x00ff'::bytea"
+    } else {
+        "NULL"
+    };
+    app.db
+        .conn()
+        .batch_execute(&format!(
+            "INSERT INTO headshots (sha256, content_type, size_bytes, data, created_at) \
+             VALUES ('{sha}', 'image/png', 2, {data}, now() - interval '{} seconds')",
+            age.as_secs()
+        ))
+        .unwrap();
+}
+
+/// Inserts profile `id` naming headshot `sha`.
+fn insert_profile_naming(app: &TestApp, id: &str, sha: &str) {
+    app.db
+        .conn()
+        .batch_execute(&format!(
+            "INSERT INTO profiles (id, source, headshot_sha256, headshot_content_type, headshot_size_bytes) \
+             VALUES ('{id}', 'members', '{sha}', 'image/png', 2)"
+        ))
+        .unwrap();
+}
+
+/// The checksums of the `headshots` rows, sorted.
+fn stored_rows(app: &TestApp) -> Vec<String> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        sha256: String,
+    }
+    diesel::sql_query("SELECT sha256 FROM headshots ORDER BY sha256")
+        .load::<Row>(&mut app.db.conn())
+        .unwrap()
+        .into_iter()
+        .map(|r| r.sha256)
+        .collect()
+}
 
 async fn sweep(app: &TestApp) {
     let job = app.enqueue("webhook.headshot_sweep", json!({})).await;
@@ -133,4 +179,58 @@ async fn the_sweep_keeps_an_old_file_a_store_is_recording() {
         dir.path().join(&sha).exists(),
         "the sweep removed the file of a row being committed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_database_the_sweep_removes_old_rows_no_profile_names() {
+    let keys = Keys::new();
+    let app = app_with(&keys, |_| {}).await;
+    let old_orphan = sha_of(b"old orphan");
+    let named = sha_of(b"named");
+    let fresh_orphan = sha_of(b"fresh orphan");
+    insert_aged_row(&app, &old_orphan, OLD, true);
+    insert_aged_row(&app, &named, OLD, true);
+    insert_aged_row(&app, &fresh_orphan, Duration::ZERO, true);
+    insert_profile_naming(&app, "p-named", &named);
+
+    sweep(&app).await;
+
+    let mut expected = vec![named, fresh_orphan];
+    expected.sort();
+    assert_eq!(
+        stored_rows(&app),
+        expected,
+        "only the old row no profile names should have gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_directory_the_sweep_removes_old_rows_no_profile_names_with_their_files() {
+    let keys = Keys::new();
+    let dir = tempfile::tempdir().unwrap();
+    let app = directory_app(&keys, dir.path()).await;
+    let old_orphan = sha_of(b"old orphan");
+    let named = sha_of(b"named");
+    let fresh_orphan = sha_of(b"fresh orphan");
+    for sha in [&old_orphan, &named, &fresh_orphan] {
+        write_aged(dir.path(), sha, OLD);
+    }
+    insert_aged_row(&app, &old_orphan, OLD, false);
+    insert_aged_row(&app, &named, OLD, false);
+    insert_aged_row(&app, &fresh_orphan, Duration::ZERO, false);
+    insert_profile_naming(&app, "p-named", &named);
+
+    sweep(&app).await;
+
+    let mut expected = vec![named.clone(), fresh_orphan.clone()];
+    expected.sort();
+    assert_eq!(
+        stored_rows(&app),
+        expected,
+        "only the old row no profile names should have gone"
+    );
+    let exists = |name: &str| dir.path().join(name).exists();
+    assert!(!exists(&old_orphan), "the removed row's file was kept");
+    assert!(exists(&named), "a named row's file was removed");
+    assert!(exists(&fresh_orphan), "a fresh row's file was removed");
 }
