@@ -179,8 +179,14 @@ async fn run_envelope(
     // committing `retrying`, or the publish's confirm was lost).
     // So may a message returned to its queue after the broker's delivery limit
     // (`dead_letters::resets`): a redelivered inbox copy may return it twice.
+    // And so may a delayed one (`not_before`): a worker that died between
+    // confirming a hop to a shorter delay queue and acking the message it hopped
+    // has the message back, hops it again, and both copies come back fresh.
     let second_copy_possible = !delivery.redelivered
-        && (envelope.idempotency_key.is_some() || envelope.attempt > 1 || delivery.limit_reset);
+        && (envelope.idempotency_key.is_some()
+            || envelope.attempt > 1
+            || delivery.limit_reset
+            || envelope.not_before.is_some());
     if (delivery.redelivered || second_copy_possible)
         && already_done(&rt, &envelope, second_copy_possible).await
     {

@@ -1,7 +1,8 @@
 //! What the worker promises about one attempt: a permanent failure skips the
 //! retries, an attempt over its timeout fails, a task never runs more attempts
 //! at once than its concurrency limit, state changes share commits at a low
-//! rate without slowing a limited task, and every job's log lines carry its span.
+//! rate without slowing a limited task, every job's log lines carry its span,
+//! and two fresh copies of a delayed job run it once.
 
 use std::time::{Duration, Instant};
 
@@ -363,4 +364,40 @@ async fn a_worker_leaves_a_backlog_it_cannot_start_soon_in_the_queue() {
         (window..=window + 2).contains(&held),
         "the worker holds {held} of {backlog} jobs; its window is {window}"
     );
+}
+
+/// Two fresh copies of a delayed job, as a worker leaves that died between
+/// confirming a hop to a shorter delay queue and acking the message it hopped
+/// (it gets that message back and hops it again): the job runs once, and the
+/// copy that finds it running or done is acknowledged without running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_of_a_delayed_job_run_it_once() {
+    let mut app = TestApp::spawn_with(0, |_| {}).await;
+    let mut registry = conveyor_tasks::registry();
+    // One at a time: the second copy waits for the first one's slot.
+    assert!(registry.tune("diag.sleep", |o| o.concurrency = 1));
+    app.start_worker_with(registry).await;
+    let mut envelope = conveyor_schema::Envelope::new("diag.sleep", json!({"ms": 300}));
+    envelope.not_before = Some(chrono::Utc::now() + chrono::Duration::milliseconds(1_500));
+    app.publish_envelope(&envelope).await;
+    app.publish_envelope(&envelope).await;
+    // Counted as each copy is handled: the job's `runs` would not show a second
+    // run, as its `running` cannot undo the first copy's `succeeded`.
+    let handled = || async {
+        let text = app.worker_metrics().await;
+        let labels = [("task", "diag.sleep"), ("queue", "default")];
+        let count = |name| crate::metrics::sample(&text, name, &labels).unwrap_or(0.0);
+        (
+            count("conveyor_jobs_started_total"),
+            count("conveyor_jobs_skipped_total"),
+        )
+    };
+    wait_until(WAIT, || async {
+        let (started, skipped) = handled().await;
+        started + skipped >= 2.0
+    })
+    .await;
+    assert_eq!(handled().await, (1.0, 1.0), "(started, skipped)");
+    let job = app.wait_for_state(envelope.id, "succeeded", WAIT).await;
+    assert_eq!((job.attempts, job.runs), (1, 1), "{job:?}");
 }
