@@ -8,7 +8,8 @@
 //!
 //! Built-in schedules (`stats.rollup_hourly`, `stats.rollup_daily`,
 //! `stats.retention`) are added unless `stats.default_schedules = false`, and
-//! `webhook.headshot_sweep` always, whatever `webhooks.headshots.storage`; a
+//! `webhook.headshot_sweep` unless `webhooks.headshot_sweep = false`, whatever
+//! `webhooks.headshots.storage`; a
 //! `[[schedules]]` entry with the same name replaces the built-in one.
 
 use std::collections::HashSet;
@@ -285,7 +286,9 @@ pub fn schedules(config: &Config) -> Result<Vec<Schedule>, ConfigError> {
         true => builtin_schedules(&config.stats),
         false => Vec::new(),
     };
-    builtins.push(headshot_sweep_schedule());
+    if config.webhooks.headshot_sweep {
+        builtins.push(headshot_sweep_schedule());
+    }
     for entry in builtins {
         if names.insert(entry.name.clone()) {
             let schedule =
@@ -621,5 +624,7 @@ mod tests {
         assert_eq!(sweep_cron(&config).as_deref(), Some("41 * * * *"));
         config.webhooks.headshots.storage = crate::config::HeadshotStorage::Directory;
         assert_eq!(sweep_cron(&config).as_deref(), Some("41 * * * *"));
+        config.webhooks.headshot_sweep = false;
+        assert_eq!(sweep_cron(&config), None);
     }
 }

@@ -180,8 +180,10 @@ pub fn test_config(db: &TestDb) -> Config {
     config.ingress.addr = "127.0.0.1:0".parse().unwrap();
     config.worker.metrics_addr = "127.0.0.1:0".parse().unwrap();
     config.worker.grace_period_ms = 5_000;
-    // Built-in rollup schedules would add jobs at 5-minute boundaries; tests that want them opt in.
+    // Built-in rollup schedules would add jobs at 5-minute boundaries, and the
+    // headshot sweep one at :41; tests that want them opt in.
     config.stats.default_schedules = false;
+    config.webhooks.headshot_sweep = false;
     config
 }
 
@@ -418,6 +420,10 @@ impl TestApp {
             .env(
                 "CONVEYOR_STATS_DEFAULT_SCHEDULES",
                 self.config.stats.default_schedules.to_string(),
+            )
+            .env(
+                "CONVEYOR_WEBHOOKS_HEADSHOT_SWEEP",
+                self.config.webhooks.headshot_sweep.to_string(),
             )
             .stdout(Stdio::null())
             .stderr(log)

@@ -599,9 +599,13 @@ async fn a_time_out_of_range_is_a_400_naming_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_seals_old_days_then_deletes_their_finished_jobs_in_batches() {
-    let app = TestApp::spawn_with(1, |config| config.stats.default_schedules = true).await;
+    let app = TestApp::spawn_with(1, |config| {
+        config.stats.default_schedules = true;
+        config.webhooks.headshot_sweep = true;
+    })
+    .await;
     // The built-in schedules are listed when enabled (the default outside
-    // tests), and the headshot sweep's always.
+    // tests).
     let list: Vec<Value> = app.get_json("/v1/schedules").await;
     let names: Vec<_> = list.iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(

@@ -37,6 +37,10 @@ pub struct WebhooksConfig {
     pub sources: BTreeMap<String, WebhookSource>,
     /// Downloading and storing profile headshots.
     pub headshots: HeadshotConfig,
+    /// Run `webhook.headshot_sweep` hourly at :41 as a built-in schedule (a
+    /// `[[schedules]]` entry of that name replaces it). Off, no sweep runs
+    /// unless one is scheduled: old images no profile names stay.
+    pub headshot_sweep: bool,
 }
 
 /// One producer of webhooks.
@@ -98,6 +102,7 @@ impl Default for WebhooksConfig {
             dedup_margin_secs: 300,
             sources: BTreeMap::new(),
             headshots: HeadshotConfig::default(),
+            headshot_sweep: true,
         }
     }
 }
