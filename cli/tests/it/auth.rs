@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::harness::{AMQP_URL, TestApp};
+use crate::harness::{AMQP_URL, TestApp, problem};
 
 fn keys_cli(app: &TestApp, args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_conveyor"))
@@ -35,18 +35,6 @@ async fn post_job(client: &reqwest::Client, app: &TestApp, task: &str) -> reqwes
         .send()
         .await
         .unwrap()
-}
-
-/// Asserts a problem+json answer with `status`; returns the problem.
-async fn problem(response: reqwest::Response, status: u16) -> Value {
-    assert_eq!(response.status().as_u16(), status);
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
-    );
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["status"], status, "{body}");
-    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

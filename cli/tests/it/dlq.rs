@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::harness::{AMQP_URL, TestApp};
+use crate::harness::{AMQP_URL, TestApp, problem};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -516,12 +516,7 @@ async fn the_listing_refuses_a_limit_out_of_range_or_a_bad_cursor() {
         ("since=-4713-11-23T23:59:59Z", "`since`"),
     ] {
         let response = admin(&app, "GET", &format!("/v1/admin/dead-jobs?{query}"), None).await;
-        assert_eq!(response.status(), 400, "{query}");
-        assert_eq!(
-            response.headers()["content-type"],
-            "application/problem+json"
-        );
-        let problem: Value = response.json().await.unwrap();
+        let problem = problem(response, 400).await;
         assert!(
             problem["detail"].as_str().unwrap().contains(named),
             "{query}: {problem}"

@@ -851,3 +851,29 @@ pub fn assert_reads_only(plan: &PlanJson, relation: &str, index: &str, most_rows
         assert!(*rows <= most_rows, "read {rows} rows of {relation}: {plan}");
     }
 }
+
+/// Asserts a problem+json answer with `status` (in the body too); returns the problem.
+pub async fn problem(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status().as_u16(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], status, "{body}");
+    body
+}
+
+/// Runs `sql` (several statements) on `app`'s database, on a connection of its own.
+pub async fn run_sql(app: &TestApp, sql: String) {
+    let url = app.db.url.clone();
+    tokio::task::spawn_blocking(move || {
+        use diesel::Connection;
+        diesel::PgConnection::establish(&url)
+            .unwrap()
+            .batch_execute(&sql)
+            .unwrap();
+    })
+    .await
+    .unwrap();
+}

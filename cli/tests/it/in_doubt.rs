@@ -13,11 +13,10 @@
 use std::time::Duration;
 
 use conveyor_schema::Envelope;
-use diesel::connection::SimpleConnection;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::harness::{TestApp, wait_until};
+use crate::harness::{TestApp, run_sql, wait_until};
 
 /// Makes the first `failures` commits that insert a job fail.
 async fn fail_commits(app: &TestApp, failures: i64) {
@@ -37,19 +36,6 @@ async fn fail_commits(app: &TestApp, failures: i64) {
         ),
     )
     .await;
-}
-
-async fn run_sql(app: &TestApp, sql: String) {
-    let url = app.db.url.clone();
-    tokio::task::spawn_blocking(move || {
-        use diesel::Connection;
-        diesel::PgConnection::establish(&url)
-            .unwrap()
-            .batch_execute(&sql)
-            .unwrap();
-    })
-    .await
-    .unwrap();
 }
 
 /// The ingress's sample of `metric` (a line of its `/metrics` without the value).

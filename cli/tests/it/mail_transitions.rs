@@ -5,30 +5,15 @@
 
 use std::time::Duration;
 
-use diesel::connection::SimpleConnection;
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
 use crate::gate::Gate;
-use crate::harness::{TestApp, wait_until};
+use crate::harness::{TestApp, run_sql, wait_until};
 use crate::mail::{address, assert_no_duplicates, mail_config_for, sent_so_far, wait_completed};
 use crate::mail_api::{campaign, campaign_state, post};
 use crate::publish_failures::{nacking_every_publish, replace_queue};
 use crate::smtp::{Behaviour, TestSmtp};
-
-/// Runs `sql` (several statements) on the test's database.
-async fn run_sql(app: &TestApp, sql: String) {
-    let url = app.db.url.clone();
-    tokio::task::spawn_blocking(move || {
-        use diesel::Connection;
-        diesel::PgConnection::establish(&url)
-            .unwrap()
-            .batch_execute(&sql)
-            .unwrap();
-    })
-    .await
-    .unwrap();
-}
 
 /// Creates a draft campaign to `n` addresses ([`address`]); returns its id.
 async fn create_draft(app: &TestApp, n: usize) -> String {

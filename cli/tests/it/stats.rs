@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::gate::{Gate, advisory_waits};
-use crate::harness::{PlanJson, TestApp, TestDb, assert_reads_only, wait_until};
+use crate::harness::{PlanJson, TestApp, TestDb, assert_reads_only, problem, wait_until};
 
 async fn app() -> TestApp {
     TestApp::spawn_with(1, |_| {}).await
@@ -560,18 +560,13 @@ async fn a_time_out_of_range_is_a_400_naming_it() {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 400, "{query}");
-        assert_eq!(
-            response.headers()["content-type"],
-            "application/problem+json"
-        );
-        let problem: Value = response.json().await.unwrap();
+        let problem = problem(response, 400).await;
         assert!(
             problem["type"]
                 .as_str()
                 .unwrap()
                 .ends_with("/invalid-query"),
-            "{problem}"
+            "{query}: {problem}"
         );
         let detail = problem["detail"].as_str().unwrap();
         assert!(

@@ -15,7 +15,7 @@ use conveyor_platform::webhook_signature::{self, SigningKey};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::harness::TestApp;
+use crate::harness::{TestApp, problem};
 
 const WAIT: Duration = Duration::from_secs(30);
 pub const TOLERANCE: u64 = 60;
@@ -395,12 +395,7 @@ async fn an_occurred_at_out_of_range_is_a_422_naming_it() {
                 event.to_string().as_bytes(),
             )
             .await;
-            assert_eq!(response.status(), 422, "{event}");
-            assert_eq!(
-                response.headers()["content-type"],
-                "application/problem+json"
-            );
-            let problem: Value = response.json().await.unwrap();
+            let problem = problem(response, 422).await;
             assert!(
                 problem["type"]
                     .as_str()
