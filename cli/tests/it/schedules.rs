@@ -1,7 +1,8 @@
 //! The scheduler fires each tick exactly once across worker processes, keeps
 //! going when one dies, catches up (or not) after downtime, and re-publishes a
-//! tick whose claimer died before publishing; a tick's job, re-published or
-//! not, carries the tick as its idempotency key. The 30-second test is the only long one.
+//! tick whose claimer died before publishing, claims none while it cannot
+//! publish; a tick's job, re-published or not, carries the tick as its
+//! idempotency key. The 30-second test is the only long one.
 
 use std::time::{Duration, Instant};
 
@@ -398,4 +399,53 @@ async fn a_ticks_job_carries_the_tick_as_its_key_also_when_republished() {
     assert!(messages.iter().any(|(_, body)| {
         serde_json::from_slice::<Value>(body).unwrap()["id"] == abandoned.to_string()
     }));
+}
+
+/// A worker whose publisher is not connected (starting up, or the broker away)
+/// claims no tick: a tick claimed then would wait for the re-publish sweep
+/// (15 s by default) before its job is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_tick_is_claimed_while_the_publisher_is_not_connected() {
+    use conveyor_platform::amqp::{Publisher, Topology};
+    use conveyor_platform::schedule::{Schedule, SchedulerConfig};
+
+    let db = crate::harness::TestDb::create();
+    let stop = tokio_util::sync::CancellationToken::new();
+    // Nothing listens on port 1: the publisher never connects.
+    let publisher = Publisher::start(
+        &["amqp://guest:guest@127.0.0.1:1/%2f"],
+        "test",
+        Topology::for_config(&conveyor_platform::Config::default()),
+        1,
+        Duration::from_secs(1),
+        stop.clone(),
+    );
+    let scheduler = conveyor_worker::scheduler::Scheduler {
+        db: conveyor_schema::pool::pool(&db.url, 2),
+        publisher,
+        metrics: conveyor_platform::metrics::Metrics::new(),
+        schedules: std::sync::Arc::new(vec![
+            Schedule::parse(every_second("often", CatchUp::Skip)).unwrap(),
+        ]),
+        config: SchedulerConfig {
+            max_sleep_ms: 200,
+            ..SchedulerConfig::default()
+        },
+        worker_id: "unconnected".into(),
+    };
+    let running = scheduler.spawn(stop.clone());
+    // An every-second schedule would have claimed two or three ticks by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    running.await.unwrap();
+    let claimed: i64 = tokio::task::spawn_blocking(move || {
+        use conveyor_schema::db::schedule_ticks;
+        schedule_ticks::table
+            .count()
+            .get_result(&mut db.conn())
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(claimed, 0, "ticks claimed that could not be published");
 }

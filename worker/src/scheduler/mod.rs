@@ -8,7 +8,9 @@
 //! claimed but never published. Ticks are computed against the database's
 //! clock, not the worker's, so workers whose clocks drift apart still agree on
 //! which ticks are due; the local clock is used only to sleep until the next
-//! tick (corrected by the measured offset).
+//! tick (corrected by the measured offset). No pass runs while the worker's
+//! publisher is not connected: a tick claimed then would wait for the
+//! re-publish sweep.
 
 mod claim;
 mod plan;
@@ -50,6 +52,17 @@ impl Scheduler {
             }
             tracing::info!(schedules = self.schedules.len(), "scheduler started");
             loop {
+                // A tick claimed while its job cannot be published waits for
+                // the re-publish sweep (`republish_after_ms`, 15 s): claim none
+                // until the publisher is connected (at start, or after a
+                // broker outage).
+                if !self.publisher.is_ready() {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        _ = self.publisher.wait_connected(Duration::from_secs(1)) => {}
+                    }
+                    continue;
+                }
                 let wait = match self.pass().await {
                     Ok(wait) => wait,
                     Err(err) => {
