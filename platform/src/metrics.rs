@@ -36,6 +36,9 @@ pub struct Metrics {
     /// Messages acknowledged without running: their job's record showed it
     /// finished, at a later attempt, or (a keyed job's second message) running.
     pub jobs_skipped: IntCounterVec,
+    /// Redelivered messages held back because their attempt was running
+    /// under a worker still alive (counted once per message). Worker.
+    pub jobs_held_for_runner: IntCounterVec,
     /// Messages the broker dead-lettered for its delivery limit whose attempt
     /// had never started, given back to their work queue instead. Worker.
     pub jobs_delivery_limit_resets: IntCounterVec,
@@ -198,6 +201,12 @@ impl Metrics {
                 r,
                 "conveyor_jobs_skipped_total",
                 "Messages acknowledged without running: their job had finished, moved on, or (a second message of a keyed job) was running.",
+                &TASK_LABELS,
+            ),
+            jobs_held_for_runner: counter(
+                r,
+                "conveyor_jobs_held_for_runner_total",
+                "Redelivered messages held back while their attempt ran under a worker still alive, instead of running beside it.",
                 &TASK_LABELS,
             ),
             jobs_delivery_limit_resets: counter(

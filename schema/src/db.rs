@@ -25,6 +25,7 @@ diesel::table! {
         next_attempt_at -> Nullable<Timestamptz>,
         updated_at -> Timestamptz,
         producer -> Nullable<Text>,
+        runner -> Nullable<Text>,
     }
 }
 

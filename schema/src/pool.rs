@@ -55,6 +55,25 @@ impl From<tokio::task::JoinError> for DbError {
 /// recorder lanes) waits as long, so both fail alike.
 pub const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// `url` for a connection a process holds on its own, outside the pool,
+/// unless the URL says otherwise: a connection attempt gives up after
+/// [`CHECKOUT_TIMEOUT`], like a checkout, and the connection is named
+/// `application_name` in `pg_stat_activity`.
+pub fn dedicated_url(url: &str, application_name: &str) -> String {
+    let mut url = url.to_owned();
+    let timeout = CHECKOUT_TIMEOUT.as_secs().to_string();
+    for (key, value) in [
+        ("connect_timeout", timeout.as_str()),
+        ("application_name", application_name),
+    ] {
+        if !url.contains(&format!("{key}=")) {
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str(&format!("{key}={value}"));
+        }
+    }
+    url
+}
+
 /// Builds a pool without waiting for a first connection, so a process can start
 /// while the database is still coming up; `/readyz` reports when it answers.
 ///
@@ -228,5 +247,29 @@ fn cancel_until_finished(pool: &PgPool, backend: &Arc<Mutex<Backend>>) {
             }
         }
         std::thread::sleep(CANCEL_EVERY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dedicated_url;
+
+    #[test]
+    fn a_timeout_and_a_name_are_added_unless_the_url_has_them() {
+        assert_eq!(
+            dedicated_url("postgres://h/db", "me"),
+            "postgres://h/db?connect_timeout=5&application_name=me"
+        );
+        assert_eq!(
+            dedicated_url(
+                "postgres://h/db?sslmode=disable&application_name=mine",
+                "me"
+            ),
+            "postgres://h/db?sslmode=disable&application_name=mine&connect_timeout=5"
+        );
+        assert_eq!(
+            dedicated_url("postgres://h/db?connect_timeout=1", "me"),
+            "postgres://h/db?connect_timeout=1&application_name=me"
+        );
     }
 }

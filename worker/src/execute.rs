@@ -24,7 +24,8 @@
 //!
 //! A crash anywhere before 5 redelivers the message; a redelivered message whose
 //! job is already final, has moved to a later attempt, or whose attempt has
-//! already failed and been retried is acknowledged without running. So is a
+//! already failed and been retried is acknowledged without running. One whose
+//! attempt is running under a worker still alive waits for it (`runner`). So is a
 //! keyed job's, a retry's or a returned message's (`dead_letters::resets`)
 //! whose attempt is running (checked once the message holds a concurrency
 //! slot). A retry's message may have a twin
@@ -60,6 +61,7 @@ use uuid::Uuid;
 use crate::acks::ChannelAcks;
 use crate::dead_letters::DeadLetter;
 use crate::dead_letters::resets::LIMIT_RESETS_HEADER;
+use crate::runner::{self, Verdict};
 use crate::runtime::Runtime;
 use crate::state_writer::{Commit, Refused, StateChange};
 
@@ -156,22 +158,6 @@ async fn run_envelope(
         // Less than the shortest delay queue: wait here rather than run early.
         tokio::time::sleep(remaining).await;
     }
-    let permits = rt.permits_for(task.descriptor().name);
-    let permit = match permits {
-        Some(semaphore) => tokio::select! {
-            permit = semaphore.acquire_owned() => permit.ok(),
-            _ = rt.shutdown.cancelled() => return requeue_for_shutdown(&rt, &settle, &lost).await,
-            _ = lost.cancelled() => return,
-        },
-        None => None,
-    };
-    if rt.shutdown.is_cancelled() {
-        return requeue_for_shutdown(&rt, &settle, &lost).await;
-    }
-    if lost.is_cancelled() {
-        tracing::debug!("connection lost before the attempt started; the broker redelivers it");
-        return;
-    }
     // Checked once a slot is held, so that a copy that waited for one sees what
     // the other copy did meanwhile. A retry's message (attempt > 1) may be a
     // second copy of its attempt, as a keyed job's may: the attempt before it
@@ -187,19 +173,61 @@ async fn run_envelope(
             || envelope.attempt > 1
             || delivery.limit_reset
             || envelope.not_before.is_some());
-    if (delivery.redelivered || second_copy_possible)
-        && already_done(&rt, &envelope, second_copy_possible).await
-    {
-        tracing::info!(
-            redelivered = delivery.redelivered,
-            "job already finished, running or moved on; acknowledging without running"
-        );
-        rt.metrics
-            .jobs_skipped
-            .with_label_values(&[envelope.task.as_str(), options.queue])
-            .inc();
-        return settle.ack();
-    }
+    let permits = rt.permits_for(task.descriptor().name);
+    let mut held = false;
+    let permit = loop {
+        let permit = match &permits {
+            Some(semaphore) => tokio::select! {
+                permit = semaphore.clone().acquire_owned() => permit.ok(),
+                _ = rt.shutdown.cancelled() => return requeue_for_shutdown(&rt, &settle, &lost).await,
+                _ = lost.cancelled() => return,
+            },
+            None => None,
+        };
+        if rt.shutdown.is_cancelled() {
+            return requeue_for_shutdown(&rt, &settle, &lost).await;
+        }
+        if lost.is_cancelled() {
+            tracing::debug!("connection lost before the attempt started; the broker redelivers it");
+            return;
+        }
+        if !(delivery.redelivered || second_copy_possible) {
+            break permit;
+        }
+        match runner::check(&rt, &envelope, second_copy_possible, options.timeout).await {
+            Verdict::Run => break permit,
+            Verdict::Stale => {
+                tracing::info!(
+                    redelivered = delivery.redelivered,
+                    "job already finished, running or moved on; acknowledging without running"
+                );
+                rt.metrics
+                    .jobs_skipped
+                    .with_label_values(&[envelope.task.as_str(), options.queue])
+                    .inc();
+                return settle.ack();
+            }
+            Verdict::Wait => {
+                // Not holding a slot meanwhile: the attempt it waits for may be this worker's own.
+                drop(permit);
+                if !held {
+                    held = true;
+                    tracing::info!(
+                        "this attempt is running under a worker still alive; holding the redelivered copy until it ends"
+                    );
+                    rt.metrics
+                        .jobs_held_for_runner
+                        .with_label_values(&[envelope.task.as_str(), options.queue])
+                        .inc();
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(runner::RECHECK) => {}
+                    _ = rt.shutdown.cancelled() => return requeue_for_shutdown(&rt, &settle, &lost).await,
+                    _ = lost.cancelled() => return,
+                }
+            }
+        }
+    };
     let labels = [envelope.task.as_str(), options.queue];
     let metrics = &rt.metrics;
     metrics.jobs_started.with_label_values(&labels).inc();
@@ -213,6 +241,7 @@ async fn run_envelope(
     let mut running = StateChange::of(&envelope, &queue, options.max_attempts, JobState::Running);
     running.started_at = Some(Utc::now());
     running.producer = delivery.producer.clone();
+    running.runner = Some(rt.runner.clone());
     rt.states.record(running);
 
     let ctx = JobContext {
@@ -254,6 +283,7 @@ async fn run_envelope(
                 elapsed_ms,
                 "task stopped for shutdown; returning the job to its queue"
             );
+            runner::release(&rt, envelope.id, envelope.attempt).await;
             requeue_for_shutdown(&rt, &settle, &lost).await;
         }
         Ok(()) => {
@@ -363,6 +393,9 @@ async fn finish(
     }
     if let Err(err) = published {
         tracing::error!(error = %err, routing_key = %message.routing_key, "could not publish; returning the delivery to its queue");
+        if let Some(change) = &change {
+            runner::release(rt, change.id, change.attempt).await;
+        }
         return settle.requeue().await;
     }
     let committed = match (change, dead) {
@@ -457,17 +490,6 @@ async fn requeue_for_shutdown(rt: &Runtime, settle: &Settle, lost: &Cancellation
     }
 }
 
-/// True when the job's record shows this delivery is stale (see [`is_stale`]);
-/// `keyed` for a first delivery that may be a second copy of its attempt (a
-/// keyed job's or a retry's). `false` without a record, or
-/// when the record cannot be read: running is then the safe side.
-async fn already_done(rt: &Runtime, envelope: &Envelope, keyed: bool) -> bool {
-    match recorded_attempt(rt, envelope.id).await {
-        Ok(Some((state, attempts))) => is_stale(state, attempts, envelope.attempt, keyed),
-        _ => false,
-    }
-}
-
 /// The job's recorded state and attempt (`None`: no record).
 pub(crate) async fn recorded_attempt(
     rt: &Runtime,
@@ -491,10 +513,10 @@ pub(crate) async fn recorded_attempt(
 /// job's first delivery, which may be a second message of the same attempt),
 /// also when this attempt is running. A redelivery must not count `running`:
 /// the record may say so because the worker that ran it died, and the
-/// redelivery is what finishes it. Nor does `running` at an earlier attempt
+/// redelivery is what finishes it (whether it died is `runner::check`'s to say). Nor does `running` at an earlier attempt
 /// count: a retry's message can arrive before the failed attempt's `retrying`
 /// is committed.
-fn is_stale(state: Option<JobState>, attempts: i32, attempt: u32, keyed: bool) -> bool {
+pub(crate) fn is_stale(state: Option<JobState>, attempts: i32, attempt: u32, keyed: bool) -> bool {
     let (recorded, this) = (i64::from(attempts), i64::from(attempt));
     let this_attempt_is = |s: JobState| recorded == this && state == Some(s);
     state.is_some_and(JobState::is_final)

@@ -6,6 +6,12 @@
 //! quiet, is shown as gone after `monitor.worker_gone_after_ms`, and is pruned
 //! by the ingress after `monitor.worker_prune_after_ms`.
 //!
+//! The heartbeat has a connection of its own, outside the pool, on which it
+//! holds this worker's advisory lock (`runner::hold_lock`) for as long as the
+//! process lives: other workers read from it whether this one still runs the
+//! attempts its `running` records name (see `runner`). Should the connection
+//! break, the next beat opens another and takes the lock again.
+//!
 //! `last_seen_at` and `stopped_at` are the database's `now()`, never this
 //! process's clock: liveness is judged against the database's `now()` (the
 //! ingress's poller and pruning), so a worker whose clock runs behind would
@@ -16,7 +22,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use conveyor_platform::metrics::Metrics;
-use conveyor_schema::pool::{self, PgPool};
+use conveyor_schema::pool::dedicated_url;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, Bool, Integer, Text, Timestamptz};
 use prometheus::core::Collector;
@@ -35,14 +41,19 @@ pub struct Identity {
     pub started_at: DateTime<Utc>,
 }
 
-/// Beats every `every` until `stop`, then records a clean stop.
+/// Beats every `every` until `stop` on its own connection to `database_url`,
+/// then records a clean stop and closes that connection.
 pub async fn run(
-    db: PgPool,
+    database_url: &str,
     metrics: Metrics,
     me: Identity,
     every: Duration,
     stop: CancellationToken,
 ) {
+    let mut presence = Presence {
+        url: dedicated_url(database_url, &format!("conveyor-worker {}", me.id)),
+        conn: None,
+    };
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -50,25 +61,55 @@ pub async fn run(
             _ = ticker.tick() => {}
             _ = stop.cancelled() => break,
         }
-        if let Err(err) = beat(&db, &metrics, &me, false).await {
+        if let Err(err) = beat(&mut presence, &metrics, &me, false).await {
             tracing::warn!(error = %err, "heartbeat failed");
         }
     }
-    if let Err(err) = beat(&db, &metrics, &me, true).await {
+    if let Err(err) = beat(&mut presence, &metrics, &me, true).await {
         tracing::warn!(error = %err, "could not record the worker's stop");
     }
 }
 
+/// The heartbeat's own connection, holding this worker's lock once open.
+struct Presence {
+    url: String,
+    conn: Option<PgConnection>,
+}
+
 async fn beat(
-    db: &PgPool,
+    presence: &mut Presence,
     metrics: &Metrics,
     me: &Identity,
     stopping: bool,
-) -> Result<(), pool::DbError> {
-    let me = me.clone();
+) -> anyhow::Result<()> {
+    let (me, url) = (me.clone(), presence.url.clone());
     let in_flight = in_flight(metrics);
-    pool::run(db, move |conn| record(conn, &me, in_flight, stopping)).await?;
-    Ok(())
+    let held = presence.conn.take();
+    let (conn, beaten) = tokio::task::spawn_blocking(move || {
+        let mut conn = match held {
+            Some(conn) => conn,
+            None => {
+                let opened = PgConnection::establish(&url).map_err(anyhow::Error::from);
+                let locked = opened.and_then(|mut conn| {
+                    crate::runner::hold_lock(&mut conn, &me.id)?;
+                    Ok(conn)
+                });
+                match locked {
+                    Ok(conn) => conn,
+                    Err(err) => return (None, Err(err)),
+                }
+            }
+        };
+        match record(&mut conn, &me, in_flight, stopping) {
+            Ok(()) => (Some(conn), Ok(())),
+            // A broken connection is dropped, and its lock with it; the next
+            // beat opens another.
+            Err(err) => (None, Err(err.into())),
+        }
+    })
+    .await?;
+    presence.conn = conn;
+    beaten
 }
 
 /// Upserts `me`'s row with `in_flight` attempts running, seen at the

@@ -14,6 +14,7 @@ pub mod heartbeat;
 mod http;
 pub mod prefetch;
 mod readiness;
+mod runner;
 mod runtime;
 pub mod scheduler;
 mod state_writer;
@@ -142,13 +143,20 @@ pub async fn start(
         started_at: chrono::Utc::now(),
     };
     let beats_stop = CancellationToken::new();
-    let beats = tokio::spawn(heartbeat::run(
-        db.clone(),
-        metrics.clone(),
-        identity,
-        std::time::Duration::from_millis(config.monitor.heartbeat_ms),
-        beats_stop.clone(),
-    ));
+    let database_url = conveyor_platform::config::database_url(&config);
+    let beat_metrics = metrics.clone();
+    let beat_every = std::time::Duration::from_millis(config.monitor.heartbeat_ms);
+    let beats_until = beats_stop.clone();
+    let beats = tokio::spawn(async move {
+        heartbeat::run(
+            &database_url,
+            beat_metrics,
+            identity,
+            beat_every,
+            beats_until,
+        )
+        .await;
+    });
     let rt = Arc::new(runtime::Runtime {
         registry,
         topology,
@@ -161,6 +169,8 @@ pub async fn start(
         consumers_cancelled: CancellationToken::new(),
         permits,
         delivery_limit_resets: config.amqp.delivery_limit_resets,
+        runner: Arc::from(worker_id.as_str()),
+        runner_gone_after: std::time::Duration::from_millis(config.monitor.worker_gone_after_ms),
     });
     let consuming = readiness::Consuming::default();
     let listener = tokio::net::TcpListener::bind(config.worker.metrics_addr)

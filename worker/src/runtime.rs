@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use conveyor_platform::amqp::{Publisher, Topology};
 use conveyor_platform::metrics::Metrics;
@@ -40,6 +41,10 @@ pub struct Runtime {
     /// `amqp.delivery_limit_resets`: how often a message the broker's delivery
     /// limit caught unstarted goes back to its queue (see `dead_letters::resets`).
     pub delivery_limit_resets: u32,
+    /// This worker's id, as a `running` record names it (`jobs.runner`).
+    pub runner: Arc<str>,
+    /// `monitor.worker_gone_after_ms`: a runner silent this long is gone (see `runner`).
+    pub runner_gone_after: Duration,
 }
 
 impl Runtime {

@@ -48,6 +48,7 @@ mod upsert;
 pub use isolate::about_the_data;
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -96,6 +97,9 @@ pub struct StateChange {
     /// Set on `running`: the producer that enqueued the job, written only
     /// when this change creates the row (the ingress could not record it).
     pub producer: Option<String>,
+    /// Set on `running`: the worker running the attempt (`jobs.runner`, see
+    /// `crate::runner`).
+    pub runner: Option<Arc<str>>,
 }
 
 impl StateChange {
@@ -116,6 +120,7 @@ impl StateChange {
             next_attempt_at: None,
             at: Utc::now(),
             producer: None,
+            runner: None,
         }
     }
 }

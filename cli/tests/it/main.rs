@@ -50,6 +50,7 @@ mod openapi;
 mod publish_failures;
 mod refused_rows;
 mod retention_budget;
+mod runner;
 mod schedules;
 mod stats;
 mod teardown;

@@ -210,12 +210,12 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
     let versions: Vec<&String> = applied.iter().map(|(_, v)| v).collect();
     assert_eq!(versions, pending.iter().map(|(_, v)| v).collect::<Vec<_>>());
 
-    // The newest builds an index CONCURRENTLY (outside a transaction); the one
-    // before creates a table. Each revert undoes exactly one of them, and
+    // The newest adds a column; the one before builds an index CONCURRENTLY
+    // (outside a transaction). Each revert undoes exactly one of them, and
     // `run` applies both again.
     let (newest, before) = (&folders[folders.len() - 1], &folders[folders.len() - 2]);
     assert!(
-        newest.ends_with("_profiles_headshot_index") && before.ends_with("_stats_rollup_marks"),
+        newest.ends_with("_jobs_runner") && before.ends_with("_profiles_headshot_index"),
         "update this test: {before}, {newest}"
     );
     #[derive(diesel::QueryableByName)]
@@ -238,9 +238,10 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
              WHERE tablename IN ('dead_jobs', 'profiles') ORDER BY indexname",
         )
     };
-    let marks = || {
+    let runner = || {
         names(
-            "SELECT tablename::text AS name FROM pg_tables WHERE tablename = 'stats_rollup_marks'",
+            "SELECT column_name::text AS name FROM information_schema.columns \
+             WHERE table_name = 'jobs' AND column_name = 'runner'",
         )
     };
     let all = indexes();
@@ -254,19 +255,19 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         all.contains(&"profiles_headshot_sha256".to_owned()),
         "{all:?}"
     );
-    assert_eq!(marks(), ["stats_rollup_marks"]);
+    assert_eq!(runner(), ["runner"]);
     let [.., before_last, last] = versions.as_slice() else {
         panic!("{applied:?}")
     };
 
     let reverted = conveyor_migrate(&db, &["revert"]);
     assert_eq!(reverted.trim(), format!("reverted {last}"));
-    assert_eq!(indexes(), without(&["profiles_headshot_sha256"]));
-    assert_eq!(marks(), ["stats_rollup_marks"]);
+    assert_eq!(runner(), Vec::<String>::new());
+    assert_eq!(indexes(), all);
     let reverted = conveyor_migrate(&db, &["revert"]);
     assert_eq!(reverted.trim(), format!("reverted {before_last}"));
-    assert_eq!(marks(), Vec::<String>::new());
     assert_eq!(indexes(), without(&["profiles_headshot_sha256"]));
+    assert_eq!(runner(), Vec::<String>::new());
     let after = migrate_status(&db);
     let (kept, undone) = after.split_at(after.len() - 2);
     assert!(
@@ -283,7 +284,7 @@ fn migrate_status_lists_each_migration_and_revert_undoes_exactly_one() {
         format!("applied {before_last}\napplied {last}")
     );
     assert_eq!(indexes(), all);
-    assert_eq!(marks(), ["stats_rollup_marks"]);
+    assert_eq!(runner(), ["runner"]);
 }
 
 /// The Postgres type of a Diesel type in `schema/src/db.rs`, as

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use conveyor_schema::db::jobs;
 use conveyor_schema::models::NewJob;
-use conveyor_schema::pool::CHECKOUT_TIMEOUT;
+use conveyor_schema::pool::{CHECKOUT_TIMEOUT, dedicated_url};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use tokio::sync::oneshot;
@@ -76,22 +76,9 @@ impl Lanes {
 /// The name lanes show in `pg_stat_activity`.
 pub const APPLICATION_NAME: &str = "conveyor-recorder";
 
-/// `url` with what a lane's connection needs unless the URL says otherwise: a
-/// connection attempt gives up after the pool's checkout timeout, and the
-/// connection is named [`APPLICATION_NAME`].
+/// `url` for a lane's connection (see [`dedicated_url`]).
 pub(super) fn lane_url(url: &str) -> String {
-    let mut url = url.to_owned();
-    let timeout = CHECKOUT_TIMEOUT.as_secs().to_string();
-    for (key, value) in [
-        ("connect_timeout", timeout.as_str()),
-        ("application_name", APPLICATION_NAME),
-    ] {
-        if !url.contains(&format!("{key}=")) {
-            url.push(if url.contains('?') { '&' } else { '?' });
-            url.push_str(&format!("{key}={value}"));
-        }
-    }
-    url
+    dedicated_url(url, APPLICATION_NAME)
 }
 
 fn serve(queue: &Mutex<Receiver<Work>>, url: &str) {
@@ -205,18 +192,10 @@ mod tests {
     use super::lane_url;
 
     #[test]
-    fn a_timeout_and_a_name_are_added_unless_the_url_has_them() {
+    fn a_lane_names_its_connection() {
         assert_eq!(
             lane_url("postgres://h/db"),
             "postgres://h/db?connect_timeout=5&application_name=conveyor-recorder"
-        );
-        assert_eq!(
-            lane_url("postgres://h/db?sslmode=disable&application_name=mine"),
-            "postgres://h/db?sslmode=disable&application_name=mine&connect_timeout=5"
-        );
-        assert_eq!(
-            lane_url("postgres://h/db?connect_timeout=1"),
-            "postgres://h/db?connect_timeout=1&application_name=conveyor-recorder"
         );
     }
 }

@@ -138,6 +138,7 @@ fn made_up_like(item: &Item) -> Item {
         next_attempt_at: change.next_attempt_at.map(|_| now),
         at: now,
         producer: None,
+        runner: None,
     });
     let dead = item.dead.as_ref().map(|dead| DeadLetter {
         id,

@@ -25,6 +25,7 @@ pub(super) struct Row<'a> {
     change: &'a StateChange,
     started_at: Option<DateTime<Utc>>,
     producer: Option<&'a str>,
+    runner: Option<&'a str>,
     runs: i32,
 }
 
@@ -34,6 +35,7 @@ impl<'a> Row<'a> {
             change,
             started_at: change.started_at,
             producer: change.producer.as_deref(),
+            runner: change.runner.as_deref(),
             runs: i32::from(change.state == JobState::Running),
         }
     }
@@ -71,6 +73,7 @@ pub(super) fn plan<'a>(
                 } else if row.change.error.is_none() && row.change.attempt == change.attempt {
                     row.started_at = change.started_at.or(row.started_at);
                     row.producer = change.producer.as_deref().or(row.producer);
+                    row.runner = change.runner.as_deref().or(row.runner);
                     row.change = change;
                     row.runs += runs;
                 } else {
@@ -99,17 +102,18 @@ pub(super) fn plan<'a>(
 
 const UPSERT: &str = "
 INSERT INTO jobs (id, task, queue, state, args, attempts, runs, max_attempts, enqueued_at,
-                  started_at, finished_at, last_error, errors, next_attempt_at, updated_at, producer)
+                  started_at, finished_at, last_error, errors, next_attempt_at, updated_at, producer,
+                  runner)
 SELECT d.id, d.task, d.queue, d.state, d.args, d.attempt, d.runs, d.max_attempts, d.enqueued_at,
        d.started_at, d.finished_at, d.error,
        CASE WHEN d.error IS NULL THEN '[]'::jsonb
             ELSE jsonb_build_array(jsonb_build_object('attempt', d.attempt, 'at', d.at, 'error', d.error)) END,
-       d.next_attempt_at, now(), d.producer
+       d.next_attempt_at, now(), d.producer, d.runner
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int4[], $7::int4[],
             $8::timestamptz[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::timestamptz[],
-            $13::int4[], $14::timestamptz[], $15::text[])
+            $13::int4[], $14::timestamptz[], $15::text[], $16::text[])
      AS d(id, task, queue, state, args, attempt, max_attempts, enqueued_at,
-          started_at, finished_at, error, next_attempt_at, runs, at, producer)
+          started_at, finished_at, error, next_attempt_at, runs, at, producer, runner)
 ON CONFLICT (id) DO UPDATE SET
     state = EXCLUDED.state,
     attempts = EXCLUDED.attempts,
@@ -119,6 +123,7 @@ ON CONFLICT (id) DO UPDATE SET
     last_error = COALESCE(EXCLUDED.last_error, jobs.last_error),
     errors = jobs.errors || EXCLUDED.errors,
     next_attempt_at = EXCLUDED.next_attempt_at,
+    runner = COALESCE(EXCLUDED.runner, jobs.runner),
     updated_at = now()
 WHERE jobs.state NOT IN ('succeeded', 'dead') AND EXCLUDED.attempts >= jobs.attempts";
 
@@ -140,6 +145,7 @@ struct UpsertStates<'a> {
     runs: Vec<i32>,
     at: Vec<DateTime<Utc>>,
     producers: Vec<Option<&'a str>>,
+    runners: Vec<Option<&'a str>>,
 }
 
 impl QueryFragment<Pg> for UpsertStates<'_> {
@@ -159,7 +165,8 @@ impl QueryFragment<Pg> for UpsertStates<'_> {
             12 => out.push_bind_param::<Array<Nullable<Timestamptz>>, _>(&self.next_attempt_at),
             13 => out.push_bind_param::<Array<Int4>, _>(&self.runs),
             14 => out.push_bind_param::<Array<Timestamptz>, _>(&self.at),
-            _ => out.push_bind_param::<Array<Nullable<Text>>, _>(&self.producers),
+            15 => out.push_bind_param::<Array<Nullable<Text>>, _>(&self.producers),
+            _ => out.push_bind_param::<Array<Nullable<Text>>, _>(&self.runners),
         })
     }
 }
@@ -190,6 +197,7 @@ pub(super) fn upsert(conn: &mut PgConnection, rows: &[Row]) -> QueryResult<()> {
         runs: rows.iter().map(|row| row.runs).collect(),
         at: column(rows, |c| c.at),
         producers: rows.iter().map(|row| row.producer).collect(),
+        runners: rows.iter().map(|row| row.runner).collect(),
     }
     .execute(conn)?;
     Ok(())

@@ -1,0 +1,118 @@
+//! A redelivered copy of a job does not run beside the attempt it copies while
+//! that attempt's worker is alive: it waits, and is acknowledged unrun once
+//! the attempt has ended (see `worker/src/runner.rs`). A killed worker's jobs
+//! still run again at once (`drain::kill_9_mid_job_redelivers_and_completes`).
+
+use std::time::Duration;
+
+use conveyor_schema::Envelope;
+use serde_json::json;
+
+use crate::dead_letters::bounce_once;
+use crate::harness::{TestApp, wait_until};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn worker_counter(app: &TestApp, name: &str) -> Option<f64> {
+    let text = app.worker_metrics().await;
+    let labels = [("task", "diag.sleep"), ("queue", "default")];
+    crate::metrics::sample(&text, name, &labels)
+}
+
+/// Waits until the copy was acknowledged unrun (or ran), then checks that the
+/// attempt ran once and that the last started worker held the copy meanwhile.
+async fn held_once_then_skipped(app: &TestApp, id: uuid::Uuid) {
+    let runs = || async { app.wait_for_state(id, "succeeded", WAIT).await.runs };
+    wait_until(WAIT, || async {
+        worker_counter(app, "conveyor_jobs_skipped_total").await == Some(1.0) || runs().await > 1
+    })
+    .await;
+    assert_eq!(runs().await, 1, "the attempt ran twice");
+    let held = worker_counter(app, "conveyor_jobs_held_for_runner_total").await;
+    assert_eq!(held, Some(1.0));
+    let work = app.topology().work_queue("default");
+    assert_eq!(app.queue_len(&work).await, 0);
+}
+
+/// A keyed job's second message, returned by a worker that held it (as a
+/// draining one does) while the first runs on another worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returned_second_message_waits_for_the_attempt_running_elsewhere() {
+    // A window of one: the first worker holds the first message only, so the
+    // second stays in the queue for this test to take and return.
+    let mut app = TestApp::spawn_with(0, |config| config.worker.prefetch = Some(1)).await;
+    let work = app.topology().work_queue("default");
+    let mut envelope = Envelope::new("diag.sleep", json!({"ms": 6000}));
+    envelope.idempotency_key = Some("twin".into());
+    app.publish_envelope(&envelope).await;
+    app.start_worker().await;
+    app.wait_for_state(envelope.id, "running", WAIT).await;
+
+    app.publish_envelope(&envelope).await;
+    assert!(
+        bounce_once(&work).await,
+        "the second message was not in the queue"
+    );
+    app.start_worker().await;
+    held_once_then_skipped(&app, envelope.id).await;
+}
+
+/// A worker whose broker connection is closed mid-attempt goes on with the
+/// attempt; the copy the broker redelivers (to the same worker, reconnected)
+/// waits for it instead of running it a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_whose_worker_lost_its_broker_connection_runs_once() {
+    let mut app = TestApp::spawn_with(0, |config| config.worker.prefetch = Some(1)).await;
+    app.start_worker().await;
+    let id = app.enqueue("diag.sleep", json!({"ms": 5000})).await;
+    app.wait_for_state(id, "running", WAIT).await;
+
+    tokio::task::block_in_place(|| {
+        close_broker_connection(&format!("conveyor-worker {}", worker_id(&app)));
+    });
+    held_once_then_skipped(&app, id).await;
+}
+
+/// The one worker's id, from its heartbeat.
+fn worker_id(app: &TestApp) -> String {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        id: String,
+    }
+    let rows: Vec<Row> = diesel::sql_query("SELECT id FROM workers")
+        .load(&mut app.db.conn())
+        .unwrap();
+    assert_eq!(rows.len(), 1, "one worker");
+    rows.into_iter().next().unwrap().id
+}
+
+/// Has the broker close the connection named `name`, as a network fault would
+/// (`rabbitmqctl close_connection`).
+fn close_broker_connection(name: &str) {
+    let rabbitmqctl = |args: &[&str]| {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .expect("rabbitmqctl");
+        assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // The name a client gives its connection is among its client properties.
+    let listing = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ]);
+    let quoted = format!("\"{name}\"");
+    let pid = listing
+        .lines()
+        .find(|line| line.contains(&quoted))
+        .and_then(|line| line.split('\t').next())
+        .map(|pid| pid.trim().to_owned())
+        .unwrap_or_else(|| panic!("no connection named {name:?} in {listing}"));
+    rabbitmqctl(&["close_connection", &pid, "test: a network fault"]);
+}
