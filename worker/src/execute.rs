@@ -175,7 +175,7 @@ async fn run_envelope(
             || envelope.not_before.is_some());
     let permits = rt.permits_for(task.descriptor().name);
     let mut held = false;
-    let permit = loop {
+    let (permit, claimed, started_at) = loop {
         let permit = match &permits {
             Some(semaphore) => tokio::select! {
                 permit = semaphore.clone().acquire_owned() => permit.ok(),
@@ -191,11 +191,21 @@ async fn run_envelope(
             tracing::debug!("connection lost before the attempt started; the broker redelivers it");
             return;
         }
+        let started_at = Utc::now();
         if !(delivery.redelivered || second_copy_possible) {
-            break permit;
+            break (permit, false, started_at);
         }
-        match runner::check(&rt, &envelope, second_copy_possible, options.timeout).await {
-            Verdict::Run => break permit,
+        let start = runner::Start {
+            queue: &queue,
+            max_attempts: options.max_attempts,
+            timeout: options.timeout,
+            keyed: second_copy_possible,
+            started_at,
+            producer: delivery.producer.as_deref(),
+        };
+        match runner::claim(&rt, &envelope, start).await {
+            Verdict::Claimed => break (permit, true, started_at),
+            Verdict::Unclaimed => break (permit, false, started_at),
             Verdict::Stale => {
                 tracing::info!(
                     redelivered = delivery.redelivered,
@@ -238,11 +248,16 @@ async fn run_envelope(
         .job_queue_wait
         .with_label_values(&labels)
         .observe(waited.as_secs_f64());
-    let mut running = StateChange::of(&envelope, &queue, options.max_attempts, JobState::Running);
-    running.started_at = Some(Utc::now());
-    running.producer = delivery.producer.clone();
-    running.runner = Some(rt.runner.clone());
-    rt.states.record(running);
+    // A claimed start is committed already; any other is group-committed
+    // while the attempt runs.
+    if !claimed {
+        let mut running =
+            StateChange::of(&envelope, &queue, options.max_attempts, JobState::Running);
+        running.started_at = Some(started_at);
+        running.producer = delivery.producer.clone();
+        running.runner = Some(rt.runner.clone());
+        rt.states.record(running);
+    }
 
     let ctx = JobContext {
         job_id: envelope.id,
@@ -513,7 +528,7 @@ pub(crate) async fn recorded_attempt(
 /// job's first delivery, which may be a second message of the same attempt),
 /// also when this attempt is running. A redelivery must not count `running`:
 /// the record may say so because the worker that ran it died, and the
-/// redelivery is what finishes it (whether it died is `runner::check`'s to say). Nor does `running` at an earlier attempt
+/// redelivery is what finishes it (whether it died is `runner::claim`'s to say). Nor does `running` at an earlier attempt
 /// count: a retry's message can arrive before the failed attempt's `retrying`
 /// is committed.
 pub(crate) fn is_stale(state: Option<JobState>, attempts: i32, attempt: u32, keyed: bool) -> bool {

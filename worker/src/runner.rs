@@ -12,8 +12,14 @@
 //! lock goes with the session: a killed worker's backend sees its socket close
 //! and ends, and the lock with it, within milliseconds.
 //!
-//! A redelivered copy whose attempt is `running` waits, checking again every
-//! [`RECHECK`] without holding a concurrency slot, while its runner
+//! A copy that may not be the only one (a redelivery; a keyed job's, a
+//! retry's, a delayed job's message, or one returned after the delivery
+//! limit: see `execute`) claims its start in one statement ([`claim`]): its
+//! record is written `running` under this worker unless the copy is stale or
+//! its attempt is running under a worker still at work. Two copies claiming at
+//! once are ordered by the row's lock, so only one starts. A redelivered copy
+//! whose attempt is running waits, claiming again every [`RECHECK`] without
+//! holding a concurrency slot, while its runner
 //! * holds its lock,
 //! * has beaten within `monitor.worker_gone_after_ms` and not stopped (a host
 //!   that vanished without closing its sockets keeps its session until TCP
@@ -22,18 +28,21 @@
 //!   ago (an attempt cannot run longer; a runner alive past that lost its
 //!   outcome).
 //!
-//! Once the record moves on (final, `retrying`, a later attempt) the copy is
-//! acknowledged without running; once the runner is gone it runs. A worker
-//! that gives back a delivery after starting its attempt (stopped for
-//! shutdown, or its outcome could not be published) clears its name first
-//! ([`release`]), so the copy runs at once.
+//! (the SQL function `runner_at_work`). Once the record moves on (final,
+//! `retrying`, a later attempt) the copy is acknowledged without running; once
+//! the runner is gone it runs. A worker that gives back a delivery after
+//! starting its attempt (stopped for shutdown, or its outcome could not be
+//! published) clears its name first ([`release`]), so the copy runs at once.
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use conveyor_schema::pool;
 use conveyor_schema::{Envelope, JobState};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool, Integer, Text, Uuid as SqlUuid};
+use diesel::sql_types::{
+    BigInt, Bool, Integer, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+};
 use uuid::Uuid;
 
 use crate::execute::is_stale;
@@ -49,24 +58,51 @@ pub const OUTCOME_MARGIN: Duration = Duration::from_secs(60);
 /// What to do with a copy of a job, given its record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Run it: no record says otherwise.
-    Run,
+    /// Run it: its attempt is claimed (recorded `running` under this worker).
+    Claimed,
+    /// Run it unclaimed: the record could not be read or written, and running
+    /// is then the safe side (its `running` state goes through the state writer).
+    Unclaimed,
     /// Acknowledge it without running (see `execute::is_stale`).
     Stale,
     /// Hold it: its attempt is running under a worker still alive.
     Wait,
 }
 
-const CHECK: &str = "
-SELECT state, attempts,
-       CASE WHEN state = 'running' AND attempts = $2 AND runner IS NOT NULL
-                 AND started_at > now() - $4 * interval '1 millisecond'
-                 AND EXISTS (SELECT 1 FROM workers w
-                             WHERE w.id = jobs.runner AND w.stopped_at IS NULL
-                               AND w.last_seen_at > now() - $3 * interval '1 millisecond')
-            THEN NOT pg_try_advisory_xact_lock(hashtextextended(runner, 0))
-            ELSE false END AS runner_at_work
-FROM jobs WHERE id = $1";
+/// A copy's start, claimed in one statement: the row is written `running`
+/// under this worker only if the copy is not stale (`execute::is_stale`; `$11`
+/// is `keyed`) and no live worker runs its attempt. Two copies claiming at
+/// once are ordered by the row's lock, so the second sees the first's claim.
+const CLAIM: &str = "
+INSERT INTO jobs AS j (id, task, queue, state, args, attempts, runs, max_attempts, enqueued_at,
+                       started_at, updated_at, producer, runner)
+VALUES ($1, $2, $3, 'running', $4, $5, 1, $6, $7, $8, now(), $9, $10)
+ON CONFLICT (id) DO UPDATE SET
+    state = 'running',
+    attempts = EXCLUDED.attempts,
+    runs = j.runs + 1,
+    started_at = EXCLUDED.started_at,
+    finished_at = NULL,
+    next_attempt_at = NULL,
+    runner = EXCLUDED.runner,
+    updated_at = now()
+WHERE j.state NOT IN ('succeeded', 'dead')
+  AND j.attempts <= EXCLUDED.attempts
+  AND NOT (j.attempts = EXCLUDED.attempts
+           AND (j.state = 'retrying'
+                OR (j.state = 'running'
+                    AND ($11 OR runner_at_work(j.runner, j.started_at, $12, $13)))))
+RETURNING j.runs";
+
+/// Why a claim was refused: the record as it is now.
+const CHECK: &str = "SELECT state, attempts FROM jobs WHERE id = $1";
+
+#[derive(QueryableByName)]
+struct Claimed {
+    #[diesel(sql_type = Integer)]
+    #[expect(dead_code, reason = "read to know a row was returned")]
+    runs: i32,
+}
 
 #[derive(QueryableByName)]
 struct Recorded {
@@ -74,41 +110,65 @@ struct Recorded {
     state: String,
     #[diesel(sql_type = Integer)]
     attempts: i32,
-    #[diesel(sql_type = Bool)]
-    runner_at_work: bool,
 }
 
-/// The verdict on a copy of `envelope`'s job whose task times out after
-/// `timeout`; `keyed` as for [`is_stale`]. `Run` without a record, or when the
-/// record cannot be read: running is then the safe side.
-pub async fn check(rt: &Runtime, envelope: &Envelope, keyed: bool, timeout: Duration) -> Verdict {
-    let id = envelope.id;
-    let attempt = i32::try_from(envelope.attempt).unwrap_or(i32::MAX);
+/// What claiming a copy needs besides its envelope.
+pub struct Start<'a> {
+    /// Logical queue.
+    pub queue: &'a str,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// The task's timeout per attempt.
+    pub timeout: Duration,
+    /// A keyed job's first delivery, as for [`is_stale`].
+    pub keyed: bool,
+    /// When the attempt starts.
+    pub started_at: DateTime<Utc>,
+    /// The producer that enqueued the job, if the message says.
+    pub producer: Option<&'a str>,
+}
+
+/// Claims the start of a copy of `envelope`'s job that may not be the only
+/// one (see the module header), or says why it may not start.
+pub async fn claim(rt: &Runtime, envelope: &Envelope, start: Start<'_>) -> Verdict {
+    let int = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+    let (id, this, keyed) = (envelope.id, envelope.attempt, start.keyed);
     let gone_after = millis(rt.runner_gone_after);
-    let attempt_bound = millis(timeout + OUTCOME_MARGIN);
-    let found = pool::run(&rt.db, move |conn| {
-        diesel::sql_query(CHECK)
+    let attempt_bound = millis(start.timeout + OUTCOME_MARGIN);
+    let claim = diesel::sql_query(CLAIM)
+        .bind::<SqlUuid, _>(id)
+        .bind::<Text, _>(envelope.task.clone())
+        .bind::<Text, _>(start.queue.to_owned())
+        .bind::<Jsonb, _>(envelope.args.clone())
+        .bind::<Integer, _>(int(this))
+        .bind::<Integer, _>(int(start.max_attempts))
+        .bind::<Timestamptz, _>(envelope.enqueued_at)
+        .bind::<Timestamptz, _>(start.started_at)
+        .bind::<Nullable<Text>, _>(start.producer.map(str::to_owned))
+        .bind::<Text, _>(rt.runner.to_string())
+        .bind::<Bool, _>(keyed)
+        .bind::<BigInt, _>(gone_after)
+        .bind::<BigInt, _>(attempt_bound);
+    let decided = pool::run(&rt.db, move |conn| {
+        if claim.get_result::<Claimed>(conn).optional()?.is_some() {
+            return Ok(Verdict::Claimed);
+        }
+        let recorded = diesel::sql_query(CHECK)
             .bind::<SqlUuid, _>(id)
-            .bind::<Integer, _>(attempt)
-            .bind::<BigInt, _>(gone_after)
-            .bind::<BigInt, _>(attempt_bound)
             .get_result::<Recorded>(conn)
-            .optional()
+            .optional()?;
+        let stale = recorded
+            .as_ref()
+            .is_some_and(|r| is_stale(JobState::parse(&r.state), r.attempts, this, keyed));
+        // Not stale and not running elsewhere any more (its worker went between
+        // the two statements): held for one recheck, whose claim decides.
+        Ok::<_, diesel::result::Error>(if stale { Verdict::Stale } else { Verdict::Wait })
     })
     .await;
-    match found {
-        Ok(Some(recorded)) => {
-            let state = JobState::parse(&recorded.state);
-            if is_stale(state, recorded.attempts, envelope.attempt, keyed) {
-                Verdict::Stale
-            } else if recorded.runner_at_work {
-                Verdict::Wait
-            } else {
-                Verdict::Run
-            }
-        }
-        _ => Verdict::Run,
-    }
+    decided.unwrap_or_else(|err| {
+        tracing::warn!(error = %err, "could not claim the attempt's start; running it unclaimed");
+        Verdict::Unclaimed
+    })
 }
 
 /// Takes this worker's lock on `conn` (held until the session ends).

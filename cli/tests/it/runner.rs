@@ -116,3 +116,30 @@ fn close_broker_connection(name: &str) {
         .unwrap_or_else(|| panic!("no connection named {name:?} in {listing}"));
     rabbitmqctl(&["close_connection", &pid, "test: a network fault"]);
 }
+
+/// Two messages of a keyed job delivered together (a retried request, a
+/// re-published tick) used to both start within the few milliseconds before
+/// either's `running` state was committed: the start is now claimed in one
+/// statement, and the second copy finds the first's claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_of_a_keyed_job_delivered_together_start_it_once() {
+    const JOBS: usize = 5;
+    let mut app = TestApp::spawn_with(0, |_| {}).await;
+    let mut ids = Vec::new();
+    for n in 0..JOBS {
+        let mut envelope = Envelope::new("diag.sleep", json!({"ms": 1000}));
+        envelope.idempotency_key = Some(format!("twin-{n}"));
+        app.publish_envelope(&envelope).await;
+        app.publish_envelope(&envelope).await;
+        ids.push(envelope.id);
+    }
+    app.start_worker().await;
+    for id in &ids {
+        let job = app.wait_for_state(*id, "succeeded", WAIT).await;
+        assert_eq!(job.runs, 1, "a keyed job's two messages both started it");
+    }
+    wait_until(WAIT, || async {
+        worker_counter(&app, "conveyor_jobs_skipped_total").await == Some(JOBS as f64)
+    })
+    .await;
+}
