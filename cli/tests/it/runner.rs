@@ -14,8 +14,12 @@ use crate::harness::{TestApp, wait_until};
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn worker_counter(app: &TestApp, name: &str) -> Option<f64> {
+    task_counter(app, name, "diag.sleep").await
+}
+
+async fn task_counter(app: &TestApp, name: &str, task: &str) -> Option<f64> {
     let text = app.worker_metrics().await;
-    let labels = [("task", "diag.sleep"), ("queue", "default")];
+    let labels = [("task", task), ("queue", "default")];
     crate::metrics::sample(&text, name, &labels)
 }
 
@@ -142,4 +146,34 @@ async fn two_copies_of_a_keyed_job_delivered_together_start_it_once() {
         worker_counter(&app, "conveyor_jobs_skipped_total").await == Some(JOBS as f64)
     })
     .await;
+}
+
+/// A worker that gives back a job it started (here: its retry cannot be
+/// published) clears its name from the record first, so the job runs again at
+/// once rather than wait for the worker to stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_given_back_after_its_attempt_runs_again_at_once() {
+    use crate::publish_failures::{nacking_every_publish, replace_queue};
+    let mut app = TestApp::spawn_with(0, |_| {}).await;
+    app.start_worker().await;
+    // After the worker declared them: its publisher would refuse their arguments.
+    let topology = app.topology();
+    for level in conveyor_platform::amqp::DELAY_LEVELS_MS {
+        replace_queue(&topology.delay_queue(level), Some(nacking_every_publish())).await;
+    }
+    let id = app.enqueue("diag.fail", json!({})).await;
+    wait_until(WAIT, || async {
+        app.count(&format!(
+            "SELECT runs::bigint AS n FROM jobs WHERE id = '{id}'"
+        ))
+        .await
+            >= 3
+    })
+    .await;
+    let held = task_counter(&app, "conveyor_jobs_held_for_runner_total", "diag.fail").await;
+    assert_eq!(
+        held.unwrap_or(0.0),
+        0.0,
+        "a copy was held for its own worker"
+    );
 }
