@@ -71,10 +71,14 @@ async fn an_attempt_whose_worker_lost_its_broker_connection_runs_once() {
     let id = app.enqueue("diag.sleep", json!({"ms": 5000})).await;
     app.wait_for_state(id, "running", WAIT).await;
 
-    tokio::task::block_in_place(|| {
-        close_broker_connection(&format!("conveyor-worker {}", worker_id(&app)));
+    let worker = tokio::task::block_in_place(|| {
+        let worker = worker_id(&app);
+        close_broker_connection(&format!("conveyor-worker {worker}"));
+        worker
     });
     held_once_then_skipped(&app, id).await;
+    let status: serde_json::Value = app.get_json(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(status["worker"], worker.as_str(), "{status}");
 }
 
 /// The one worker's id, from its heartbeat.

@@ -86,6 +86,8 @@ pub struct JobStatus {
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+    /// The worker that ran, or runs, the latest attempt (as the dashboard's workers page names it).
+    pub worker: Option<String>,
 }
 
 impl From<Job> for JobStatus {
@@ -105,6 +107,7 @@ impl From<Job> for JobStatus {
             finished_at: job.finished_at,
             next_attempt_at: job.next_attempt_at,
             updated_at: job.updated_at,
+            worker: job.runner,
         }
     }
 }

@@ -47,6 +47,8 @@ pub struct Job {
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+    /// The worker that ran, or runs, the latest attempt (its id in `workers`).
+    pub runner: Option<String>,
 }
 
 impl Job {
