@@ -41,29 +41,29 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use conveyor_platform::amqp::{
-    DELAY_LEVELS_MS, Outgoing, PRODUCER_HEADER, PublishError, delay_level_for,
-};
+use conveyor_platform::amqp::{DELAY_LEVELS_MS, Outgoing, delay_level_for};
 use conveyor_schema::db::jobs;
-use conveyor_schema::nul::without_nul;
 use conveyor_schema::{Envelope, JobState};
 use conveyor_tasks::{JobContext, MAX_RETRY_AFTER, TaskError};
 use diesel::prelude::*;
 use futures::FutureExt;
-use futures::future::BoxFuture;
-use lapin::message::Delivery;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+mod received;
+mod settle;
+
+pub use received::Received;
+use settle::{Settle, dead_letter_refused, finish_with, requeue_for_shutdown};
+
 use crate::acks::ChannelAcks;
 use crate::dead_letters::DeadLetter;
-use crate::dead_letters::resets::LIMIT_RESETS_HEADER;
 use crate::runner::{self, Verdict};
 use crate::runtime::Runtime;
-use crate::state_writer::{Commit, Refused, StateChange};
+use crate::state_writer::StateChange;
 
 /// Handles one delivery from logical queue `queue`. `lost` is cancelled when
 /// the delivery's connection is gone: the broker has then already returned the
@@ -77,11 +77,7 @@ pub async fn handle(
     draining: TaskTrackerToken,
     lost: CancellationToken,
 ) {
-    let settle = Settle {
-        acks,
-        tag: delivery.tag,
-        _draining: draining,
-    };
+    let settle = Settle::new(acks, delivery.tag, draining);
     let envelope = match Envelope::decode(&delivery.data) {
         Ok(envelope) => envelope,
         Err(err) => {
@@ -367,144 +363,6 @@ async fn run_envelope(
     }
 }
 
-/// How long a finished job's outcome waits for a reconnecting publisher
-/// (which backs off up to 5 s) before its delivery is returned to the queue.
-const OUTCOME_PUBLISH_WAIT: Duration = Duration::from_secs(10);
-
-/// Publishes `message` (confirmed), commits `change` and the dead-job record
-/// `dead` together, then acks. If the publish fails the delivery is returned to
-/// the queue to be handled again. With a record, `message` is the job's dead
-/// letter; without one, `change` is a retry's and `message` its next attempt
-/// (or there is neither: a delay). Should PostgreSQL refuse what is committed,
-/// the delivery is acked all the same (see the module header).
-///
-/// Boxed: this is the path of retries, dead letters and delays, and inline its
-/// state would be most of every delivery's future, which is moved to the heap
-/// once per delivery.
-fn finish_with<'a>(
-    rt: &'a Runtime,
-    settle: &'a Settle,
-    message: &'a Outgoing,
-    change: Option<StateChange>,
-    dead: Option<DeadLetter>,
-) -> BoxFuture<'a, ()> {
-    finish(rt, settle, message, change, dead).boxed()
-}
-
-async fn finish(
-    rt: &Runtime,
-    settle: &Settle,
-    message: &Outgoing,
-    change: Option<StateChange>,
-    dead: Option<DeadLetter>,
-) {
-    let mut published = rt.publisher.publish(message).await;
-    // The task has run: returning the delivery would run it again. While the
-    // publisher is reconnecting, wait for it rather than fail at once.
-    if matches!(published, Err(PublishError::Unavailable(_)))
-        && rt.publisher.wait_connected(OUTCOME_PUBLISH_WAIT).await
-    {
-        published = rt.publisher.publish(message).await;
-    }
-    if let Err(err) = published {
-        tracing::error!(error = %err, routing_key = %message.routing_key, "could not publish; returning the delivery to its queue");
-        if let Some(change) = &change {
-            runner::release(rt, change.id, change.attempt).await;
-        }
-        return settle.requeue().await;
-    }
-    let committed = match (change, dead) {
-        (change, Some(dead)) => crate::dead_letters::commit(rt, change, dead).await,
-        (Some(change), None) => match rt.states.commit(change).await {
-            Commit::Refused(refused) => {
-                tracing::warn!(
-                    error = refused.error,
-                    "the job's `retrying` state was refused; its next attempt is published and carries it on"
-                );
-                true
-            }
-            other => other.is_committed(),
-        },
-        (None, None) => true,
-    };
-    if committed {
-        settle.ack();
-    }
-}
-
-/// Dead-letters the delivery of a job whose `succeeded` state PostgreSQL
-/// refused (`refused`): its body goes to the dead-letter queue with the
-/// database's error as the reason, is recorded (the job's row brought to
-/// `dead` in a minimal form with the record), and the delivery is acked.
-async fn dead_letter_refused(
-    rt: Arc<Runtime>,
-    queue: Arc<str>,
-    settle: Settle,
-    data: Vec<u8>,
-    refused: Box<Refused>,
-) {
-    let state = refused
-        .change
-        .as_ref()
-        .map_or("", |change| change.state.as_str());
-    let reason = format!(
-        "the database refused this job's `{state}` state: {}",
-        refused.error
-    );
-    // It was read before, so it reads again.
-    let record = match Envelope::decode(&data) {
-        Ok(envelope) => DeadLetter {
-            refused_state: refused.change.as_ref().map(|change| change.state),
-            ..DeadLetter::of(&envelope, &queue, &reason)
-        },
-        Err(_) => DeadLetter::unreadable(None, &queue, &data, &reason),
-    };
-    tracing::warn!(job.id = %record.id, task = %record.task, reason, "dead-lettering a job whose state the database refused");
-    rt.metrics
-        .jobs_dead
-        .with_label_values(&[record.task.as_str(), &queue])
-        .inc();
-    let dead = Outgoing::dead_letter(&rt.topology, &queue, data, record.id, &record.task, &reason);
-    finish_with(&rt, &settle, &dead, None, Some(record)).await
-}
-
-/// How one delivery is settled: acked with its channel's next batch (only
-/// after the commit that records its outcome), or returned to the queue.
-///
-/// It holds a token of the consumer's task tracker until it is dropped, so a
-/// draining worker also waits for outcomes still being committed after their
-/// handler ended (see [`StateWriter::commit_then`](crate::state_writer::StateWriter::commit_then)).
-struct Settle {
-    acks: Arc<ChannelAcks>,
-    tag: u64,
-    _draining: TaskTrackerToken,
-}
-
-impl Settle {
-    fn ack(&self) {
-        self.acks.ack(self.tag);
-    }
-
-    async fn requeue(&self) {
-        self.acks.requeue(self.tag).await;
-    }
-}
-
-/// Returns a delivery that is not run (or stopped running) because the worker
-/// is draining, once the broker has confirmed cancelling the consumers
-/// ([`Runtime::consumers_cancelled`]). Returned before that, the broker could
-/// deliver it straight back to this consumer, and closing the connection would
-/// return it again: on RabbitMQ 3.10 two counts toward the delivery limit for
-/// one stopped worker. The consumer waits at most 2 s for that confirmation,
-/// before the grace period starts. Should the connection be lost meanwhile,
-/// the broker has returned the delivery already.
-async fn requeue_for_shutdown(rt: &Runtime, settle: &Settle, lost: &CancellationToken) {
-    tokio::select! {
-        _ = rt.consumers_cancelled.cancelled() => settle.requeue().await,
-        _ = lost.cancelled() => {}
-    }
-}
-
 /// The job's recorded state and attempt (`None`: no record).
 pub(crate) async fn recorded_attempt(
     rt: &Runtime,
@@ -521,76 +379,10 @@ pub(crate) async fn recorded_attempt(
     Ok(found.map(|(state, attempts)| (JobState::parse(&state), attempts)))
 }
 
-/// Whether a message of `attempt` is stale, given its job's recorded `state`
-/// and `attempts`: the job is final, or a later attempt has started, or this
-/// attempt already failed and its retry is on its way (`retrying` is committed
-/// only after the next attempt's message is confirmed). With `keyed` (a keyed
-/// job's first delivery, which may be a second message of the same attempt),
-/// also when this attempt is running. A redelivery must not count `running`:
-/// the record may say so because the worker that ran it died, and the
-/// redelivery is what finishes it (whether it died is `runner::claim`'s to say). Nor does `running` at an earlier attempt
-/// count: a retry's message can arrive before the failed attempt's `retrying`
-/// is committed.
-pub(crate) fn is_stale(state: Option<JobState>, attempts: i32, attempt: u32, keyed: bool) -> bool {
-    let (recorded, this) = (i64::from(attempts), i64::from(attempt));
-    let this_attempt_is = |s: JobState| recorded == this && state == Some(s);
-    state.is_some_and(JobState::is_final)
-        || recorded > this
-        || this_attempt_is(JobState::Retrying)
-        || (keyed && this_attempt_is(JobState::Running))
-}
-
 /// Equal jitter: between half and all of `delay`.
 pub(crate) fn jitter(delay: Duration) -> Duration {
     let half = delay / 2;
     half + half.mul_f64(rand::rng().random::<f64>())
-}
-
-/// What handling needs of a delivery. The rest of lapin's [`Delivery`] (its
-/// properties, exchange, routing key and acker: about 400 bytes) is dropped on
-/// arrival, so it is not carried, and copied, with every job's future.
-pub struct Received {
-    /// The channel's delivery tag.
-    pub tag: u64,
-    /// The broker delivered this message before (a worker died or disconnected holding it).
-    pub redelivered: bool,
-    /// The `message_id` property as a job id, for naming an unreadable message.
-    pub message_id: Option<Uuid>,
-    /// The producer that enqueued the job, from [`PRODUCER_HEADER`] (U+0000
-    /// replaced, as PostgreSQL stores no such text).
-    pub producer: Option<String>,
-    /// The body: an encoded [`Envelope`].
-    pub data: Vec<u8>,
-    /// Returned to its queue after the broker's delivery limit (it carries
-    /// [`LIMIT_RESETS_HEADER`]), so possibly one of two copies.
-    pub limit_reset: bool,
-}
-
-impl From<Delivery> for Received {
-    fn from(delivery: Delivery) -> Self {
-        let message_id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .and_then(|id| Uuid::parse_str(id.as_str()).ok())
-            .filter(|id| !id.is_nil());
-        let headers = delivery.properties.headers().as_ref();
-        let limit_reset = headers.is_some_and(|h| h.contains_key(LIMIT_RESETS_HEADER));
-        let producer = headers
-            .and_then(|headers| headers.inner().get(PRODUCER_HEADER))
-            .and_then(|value| value.as_long_string())
-            // Any producer can set the header: U+0000 in it would make the
-            // job's `running` row one PostgreSQL refuses.
-            .map(|value| without_nul(&String::from_utf8_lossy(value.as_bytes())).into_owned());
-        Self {
-            tag: delivery.delivery_tag,
-            redelivered: delivery.redelivered,
-            message_id,
-            producer,
-            data: delivery.data,
-            limit_reset,
-        }
-    }
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -599,50 +391,4 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_stale;
-    use conveyor_schema::JobState::{self, *};
-
-    fn stale(state: JobState, attempts: i32, attempt: u32) -> (bool, bool) {
-        let redelivered = is_stale(Some(state), attempts, attempt, false);
-        let keyed = is_stale(Some(state), attempts, attempt, true);
-        (redelivered, keyed)
-    }
-
-    #[test]
-    fn a_waiting_job_runs() {
-        assert_eq!(stale(Queued, 0, 1), (false, false));
-        assert!(!is_stale(None, 0, 1, true));
-    }
-
-    #[test]
-    fn a_finished_job_or_a_later_attempt_makes_any_message_stale() {
-        assert_eq!(stale(Succeeded, 1, 1), (true, true));
-        assert_eq!(stale(Dead, 3, 1), (true, true));
-        assert_eq!(stale(Running, 2, 1), (true, true));
-    }
-
-    #[test]
-    fn an_attempt_whose_retry_is_committed_does_not_run_again() {
-        assert_eq!(stale(Retrying, 1, 1), (true, true));
-        // The retry itself runs.
-        assert_eq!(stale(Retrying, 1, 2), (false, false));
-    }
-
-    #[test]
-    fn only_a_keyed_second_message_skips_a_running_attempt() {
-        // A redelivery finishes what a dead worker started; a keyed job's
-        // second message would run it twice.
-        assert_eq!(stale(Running, 1, 1), (false, true));
-    }
-
-    #[test]
-    fn a_retry_that_overtakes_its_failed_attempts_commit_runs() {
-        // The next attempt's message was confirmed before `retrying` was
-        // committed: the record still says attempt 1 is running.
-        assert_eq!(stale(Running, 1, 2), (false, false));
-    }
 }

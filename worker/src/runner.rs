@@ -45,7 +45,6 @@ use diesel::sql_types::{
 };
 use uuid::Uuid;
 
-use crate::execute::is_stale;
 use crate::runtime::Runtime;
 
 /// How often a held copy checks its job's record and runner again.
@@ -63,14 +62,14 @@ pub enum Verdict {
     /// Run it unclaimed: the record could not be read or written, and running
     /// is then the safe side (its `running` state goes through the state writer).
     Unclaimed,
-    /// Acknowledge it without running (see `execute::is_stale`).
+    /// Acknowledge it without running (see [`is_stale`]).
     Stale,
     /// Hold it: its attempt is running under a worker still alive.
     Wait,
 }
 
 /// A copy's start, claimed in one statement: the row is written `running`
-/// under this worker only if the copy is not stale (`execute::is_stale`; `$11`
+/// under this worker only if the copy is not stale ([`is_stale`]; `$11`
 /// is `keyed`) and no live worker runs its attempt. Two copies claiming at
 /// once are ordered by the row's lock, so the second sees the first's claim.
 const CLAIM: &str = "
@@ -180,9 +179,14 @@ pub fn hold_lock(conn: &mut PgConnection, worker_id: &str) -> QueryResult<()> {
 }
 
 /// Clears this worker's name from job `id`'s running `attempt`, so that the
-/// delivery it gives back runs at once elsewhere. Best effort: should it fail,
-/// the copy waits until this worker has stopped.
+/// delivery it gives back runs at once elsewhere. The attempt's `running`
+/// state may still wait in the state writer (a quick attempt's outcome is
+/// known before its start is committed): that goes first. Best effort: should
+/// it fail, the copy waits until this worker has stopped.
 pub async fn release(rt: &Runtime, id: Uuid, attempt: u32) {
+    if !rt.states.flushed().await {
+        return;
+    }
     let runner = rt.runner.clone();
     let attempt = i32::try_from(attempt).unwrap_or(i32::MAX);
     let released = pool::run(&rt.db, move |conn| {
@@ -203,4 +207,69 @@ pub async fn release(rt: &Runtime, id: Uuid, attempt: u32) {
 
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Whether a message of `attempt` is stale, given its job's recorded `state`
+/// and `attempts`: the job is final, or a later attempt has started, or this
+/// attempt already failed and its retry is on its way (`retrying` is committed
+/// only after the next attempt's message is confirmed). With `keyed` (a keyed
+/// job's first delivery, which may be a second message of the same attempt),
+/// also when this attempt is running. A redelivery must not count `running`:
+/// the record may say so because the worker that ran it died, and the
+/// redelivery is what finishes it (whether it died is `runner::claim`'s to say). Nor does `running` at an earlier attempt
+/// count: a retry's message can arrive before the failed attempt's `retrying`
+/// is committed.
+fn is_stale(state: Option<JobState>, attempts: i32, attempt: u32, keyed: bool) -> bool {
+    let (recorded, this) = (i64::from(attempts), i64::from(attempt));
+    let this_attempt_is = |s: JobState| recorded == this && state == Some(s);
+    state.is_some_and(JobState::is_final)
+        || recorded > this
+        || this_attempt_is(JobState::Retrying)
+        || (keyed && this_attempt_is(JobState::Running))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_stale;
+    use conveyor_schema::JobState::{self, *};
+
+    fn stale(state: JobState, attempts: i32, attempt: u32) -> (bool, bool) {
+        let redelivered = is_stale(Some(state), attempts, attempt, false);
+        let keyed = is_stale(Some(state), attempts, attempt, true);
+        (redelivered, keyed)
+    }
+
+    #[test]
+    fn a_waiting_job_runs() {
+        assert_eq!(stale(Queued, 0, 1), (false, false));
+        assert!(!is_stale(None, 0, 1, true));
+    }
+
+    #[test]
+    fn a_finished_job_or_a_later_attempt_makes_any_message_stale() {
+        assert_eq!(stale(Succeeded, 1, 1), (true, true));
+        assert_eq!(stale(Dead, 3, 1), (true, true));
+        assert_eq!(stale(Running, 2, 1), (true, true));
+    }
+
+    #[test]
+    fn an_attempt_whose_retry_is_committed_does_not_run_again() {
+        assert_eq!(stale(Retrying, 1, 1), (true, true));
+        // The retry itself runs.
+        assert_eq!(stale(Retrying, 1, 2), (false, false));
+    }
+
+    #[test]
+    fn only_a_keyed_second_message_skips_a_running_attempt() {
+        // A redelivery finishes what a dead worker started; a keyed job's
+        // second message would run it twice.
+        assert_eq!(stale(Running, 1, 1), (false, true));
+    }
+
+    #[test]
+    fn a_retry_that_overtakes_its_failed_attempts_commit_runs() {
+        // The next attempt's message was confirmed before `retrying` was
+        // committed: the record still says attempt 1 is running.
+        assert_eq!(stale(Running, 1, 2), (false, false));
+    }
 }

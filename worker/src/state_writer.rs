@@ -265,6 +265,16 @@ impl StateWriter {
         .await
     }
 
+    /// Waits until every change queued before this call is committed (or
+    /// refused); `false` when the writer stopped first.
+    pub async fn flushed(&self) -> bool {
+        let nothing = Item {
+            change: None,
+            dead: None,
+        };
+        !matches!(self.commit_item(nothing).await, Commit::Stopped)
+    }
+
     async fn commit_item(&self, item: Item) -> Commit {
         let (done, outcome) = oneshot::channel();
         if !self.queue(item, Some(Done::Wake(done))) {
