@@ -287,12 +287,7 @@ pub async fn record_from_inbox(
     } else {
         format!("dead-lettered by the broker ({why})")
     };
-    let id = delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .and_then(|id| Uuid::parse_str(id.as_str()).ok())
-        .filter(|id| !id.is_nil());
+    let id = crate::execute::message_id(&delivery.properties);
     let (change, mut dead) = match Envelope::decode(&delivery.data) {
         Ok(envelope) => {
             let max_attempts = find_task(&envelope.task)

@@ -57,6 +57,7 @@ mod received;
 mod settle;
 
 pub use received::Received;
+pub(crate) use received::message_id;
 use settle::{Settle, dead_letter_refused, finish_with, requeue_for_shutdown};
 
 use crate::acks::ChannelAcks;

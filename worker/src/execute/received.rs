@@ -3,6 +3,7 @@
 
 use conveyor_platform::amqp::PRODUCER_HEADER;
 use conveyor_schema::nul::without_nul;
+use lapin::BasicProperties;
 use lapin::message::Delivery;
 use uuid::Uuid;
 
@@ -30,12 +31,7 @@ pub struct Received {
 
 impl From<Delivery> for Received {
     fn from(delivery: Delivery) -> Self {
-        let message_id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .and_then(|id| Uuid::parse_str(id.as_str()).ok())
-            .filter(|id| !id.is_nil());
+        let message_id = message_id(&delivery.properties);
         let headers = delivery.properties.headers().as_ref();
         let limit_reset = headers.is_some_and(|h| h.contains_key(LIMIT_RESETS_HEADER));
         let producer = headers
@@ -53,4 +49,13 @@ impl From<Delivery> for Received {
             limit_reset,
         }
     }
+}
+
+/// The `message_id` property as a job id (none when absent, not a UUID, or nil).
+pub(crate) fn message_id(properties: &BasicProperties) -> Option<Uuid> {
+    properties
+        .message_id()
+        .as_ref()
+        .and_then(|id| Uuid::parse_str(id.as_str()).ok())
+        .filter(|id| !id.is_nil())
 }
