@@ -7,10 +7,12 @@
 //! by the ingress after `monitor.worker_prune_after_ms`.
 //!
 //! The heartbeat has a connection of its own, outside the pool, on which it
-//! holds this worker's advisory lock (`runner::hold_lock`) for as long as the
+//! holds this worker's advisory lock (`runner::try_lock`) for as long as the
 //! process lives: other workers read from it whether this one still runs the
 //! attempts its `running` records name (see `runner`). Should the connection
-//! break, the next beat opens another and takes the lock again.
+//! break, the next beat opens another and takes the lock again; a beat that
+//! finds the lock still held by the broken session's backend beats all the
+//! same and tries again at the next.
 //!
 //! `last_seen_at` and `stopped_at` are the database's `now()`, never this
 //! process's clock: liveness is judged against the database's `now()` (the
@@ -53,6 +55,7 @@ pub async fn run(
     let mut presence = Presence {
         url: dedicated_url(database_url, &format!("conveyor-worker {}", me.id)),
         conn: None,
+        locked: false,
     };
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -70,10 +73,11 @@ pub async fn run(
     }
 }
 
-/// The heartbeat's own connection, holding this worker's lock once open.
+/// The heartbeat's own connection, and whether it holds this worker's lock.
 struct Presence {
     url: String,
     conn: Option<PgConnection>,
+    locked: bool,
 }
 
 async fn beat(
@@ -82,34 +86,47 @@ async fn beat(
     me: &Identity,
     stopping: bool,
 ) -> anyhow::Result<()> {
-    let (me, url) = (me.clone(), presence.url.clone());
+    let (me, url, locked) = (me.clone(), presence.url.clone(), presence.locked);
     let in_flight = in_flight(metrics);
     let held = presence.conn.take();
-    let (conn, beaten) = tokio::task::spawn_blocking(move || {
+    let (conn, locked, beaten) = tokio::task::spawn_blocking(move || {
         let mut conn = match held {
             Some(conn) => conn,
-            None => {
-                let opened = PgConnection::establish(&url).map_err(anyhow::Error::from);
-                let locked = opened.and_then(|mut conn| {
-                    crate::runner::hold_lock(&mut conn, &me.id)?;
-                    Ok(conn)
-                });
-                match locked {
-                    Ok(conn) => conn,
-                    Err(err) => return (None, Err(err)),
-                }
-            }
+            None => match PgConnection::establish(&url) {
+                Ok(conn) => conn,
+                Err(err) => return (None, false, Err(err.into())),
+            },
         };
+        let locked = locked || held_or_new_lock(&mut conn, &me.id);
         match record(&mut conn, &me, in_flight, stopping) {
-            Ok(()) => (Some(conn), Ok(())),
+            Ok(()) => (Some(conn), locked, Ok(())),
             // A broken connection is dropped, and its lock with it; the next
             // beat opens another.
-            Err(err) => (None, Err(err.into())),
+            Err(err) => (None, false, Err(err.into())),
         }
     })
     .await?;
     presence.conn = conn;
+    presence.locked = locked;
     beaten
+}
+
+/// Takes this worker's lock on `conn` unless another session holds it; a
+/// failure to ask is logged and tried again at the next beat.
+fn held_or_new_lock(conn: &mut PgConnection, worker_id: &str) -> bool {
+    match crate::runner::try_lock(conn, worker_id) {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!(
+                "this worker's lock is still held by an earlier session; trying again at the next heartbeat"
+            );
+            false
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "could not take this worker's lock; trying again at the next heartbeat");
+            false
+        }
+    }
 }
 
 /// Upserts `me`'s row with `in_flight` attempts running, seen at the

@@ -28,9 +28,9 @@
 //!   ago (an attempt cannot run longer; a runner alive past that lost its
 //!   outcome).
 //!
-//! (the SQL function `runner_at_work`). Once the record moves on (final,
-//! `retrying`, a later attempt) the copy is acknowledged without running; once
-//! the runner is gone it runs. A worker that gives back a delivery after
+//! The SQL function `runner_at_work` (created with `jobs.runner`) decides
+//! this. Once the record moves on (final, `retrying`, a later attempt) the copy
+//! is acknowledged without running; once the runner is gone it runs. A worker that gives back a delivery after
 //! starting its attempt (stopped for shutdown, or its outcome could not be
 //! published) clears its name first ([`release`]), so the copy runs at once.
 
@@ -170,12 +170,22 @@ pub async fn claim(rt: &Runtime, envelope: &Envelope, start: Start<'_>) -> Verdi
     })
 }
 
-/// Takes this worker's lock on `conn` (held until the session ends).
-pub fn hold_lock(conn: &mut PgConnection, worker_id: &str) -> QueryResult<()> {
-    diesel::sql_query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
-        .bind::<Text, _>(worker_id)
-        .execute(conn)?;
-    Ok(())
+/// Tries to take this worker's lock on `conn` (held until the session ends);
+/// `false` when another session holds it. That can only be an earlier session
+/// of this worker's heartbeat that PostgreSQL has not yet seen end (a broken
+/// network path): it still says this worker lives, and waiting for it would
+/// stop the heartbeat, so the caller tries again at its next beat.
+pub fn try_lock(conn: &mut PgConnection, worker_id: &str) -> QueryResult<bool> {
+    #[derive(QueryableByName)]
+    struct Locked {
+        #[diesel(sql_type = Bool)]
+        locked: bool,
+    }
+    let row: Locked =
+        diesel::sql_query("SELECT pg_try_advisory_lock(hashtextextended($1, 0)) AS locked")
+            .bind::<Text, _>(worker_id)
+            .get_result(conn)?;
+    Ok(row.locked)
 }
 
 /// Clears this worker's name from job `id`'s running `attempt`, so that the

@@ -181,3 +181,64 @@ async fn a_job_given_back_after_its_attempt_runs_again_at_once() {
         "a copy was held for its own worker"
     );
 }
+
+/// A worker's heartbeat connection breaks, and its lock is still held by
+/// another session when the heartbeat reconnects (as a backend PostgreSQL has
+/// not yet seen end would hold it): the heartbeat beats on rather than wait
+/// for the lock, and takes it at a later beat once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_finding_its_lock_held_beats_on_and_takes_it_once_free() {
+    use diesel::RunQueryDsl;
+    let mut app = TestApp::spawn_with(0, |config| config.monitor.heartbeat_ms = 200).await;
+    app.start_worker().await;
+    let worker = tokio::task::block_in_place(|| worker_id(&app));
+    let session = format!("conveyor-worker {worker}");
+    wait_until(WAIT, || holds_lock(&app, &session)).await;
+
+    let mut other = app.db.conn();
+    tokio::task::block_in_place(|| {
+        diesel::sql_query(format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = '{session}'"
+        ))
+        .execute(&mut other)
+        .unwrap();
+        // Granted once the terminated backend has gone.
+        diesel::sql_query(format!(
+            "SELECT pg_advisory_lock(hashtextextended('{worker}', 0))"
+        ))
+        .execute(&mut other)
+        .unwrap();
+    });
+    // Two beats after the reconnection, with the lock held elsewhere.
+    let seen = last_seen_ms(&app, &worker).await;
+    wait_until(WAIT, || async {
+        last_seen_ms(&app, &worker).await > seen + 400
+    })
+    .await;
+    assert!(
+        !holds_lock(&app, &session).await,
+        "the worker holds a lock another session has"
+    );
+
+    drop(other);
+    wait_until(WAIT, || holds_lock(&app, &session)).await;
+}
+
+/// Whether the session named `session` holds an advisory lock.
+async fn holds_lock(app: &TestApp, session: &str) -> bool {
+    let sql = format!(
+        "SELECT count(*) AS n FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = '{session}'"
+    );
+    app.count(&sql).await == 1
+}
+
+/// `worker`'s last heartbeat, in milliseconds since the epoch.
+async fn last_seen_ms(app: &TestApp, worker: &str) -> i64 {
+    app.count(&format!(
+        "SELECT (extract(epoch FROM last_seen_at) * 1000)::bigint AS n \
+         FROM workers WHERE id = '{worker}'"
+    ))
+    .await
+}
