@@ -45,6 +45,7 @@ use diesel::sql_types::{
 };
 use uuid::Uuid;
 
+use crate::execute::recorded_attempt;
 use crate::runtime::Runtime;
 
 /// How often a held copy checks its job's record and runner again.
@@ -90,26 +91,7 @@ WHERE j.state NOT IN ('succeeded', 'dead')
   AND NOT (j.attempts = EXCLUDED.attempts
            AND (j.state = 'retrying'
                 OR (j.state = 'running'
-                    AND ($11 OR runner_at_work(j.runner, j.started_at, $12, $13)))))
-RETURNING j.runs";
-
-/// Why a claim was refused: the record as it is now.
-const CHECK: &str = "SELECT state, attempts FROM jobs WHERE id = $1";
-
-#[derive(QueryableByName)]
-struct Claimed {
-    #[diesel(sql_type = Integer)]
-    #[expect(dead_code, reason = "read to know a row was returned")]
-    runs: i32,
-}
-
-#[derive(QueryableByName)]
-struct Recorded {
-    #[diesel(sql_type = Text)]
-    state: String,
-    #[diesel(sql_type = Integer)]
-    attempts: i32,
-}
+                    AND ($11 OR runner_at_work(j.runner, j.started_at, $12, $13)))))";
 
 /// What claiming a copy needs besides its envelope.
 pub struct Start<'a> {
@@ -148,26 +130,23 @@ pub async fn claim(rt: &Runtime, envelope: &Envelope, start: Start<'_>) -> Verdi
         .bind::<Bool, _>(keyed)
         .bind::<BigInt, _>(gone_after)
         .bind::<BigInt, _>(attempt_bound);
-    let decided = pool::run(&rt.db, move |conn| {
-        if claim.get_result::<Claimed>(conn).optional()?.is_some() {
-            return Ok(Verdict::Claimed);
+    let claimed = pool::run(&rt.db, move |conn| claim.execute(conn)).await;
+    // Refused: why, from the record as it is now.
+    let refused = match claimed {
+        Ok(1) => return Verdict::Claimed,
+        Ok(_) => recorded_attempt(rt, id).await,
+        Err(err) => Err(err),
+    };
+    match refused {
+        Ok(Some((state, attempts))) if is_stale(state, attempts, this, keyed) => Verdict::Stale,
+        // Not stale: running elsewhere, or no longer (its worker went between
+        // the two statements); held for one recheck, whose claim decides.
+        Ok(_) => Verdict::Wait,
+        Err(err) => {
+            tracing::warn!(error = %err, "could not claim the attempt's start; running it unclaimed");
+            Verdict::Unclaimed
         }
-        let recorded = diesel::sql_query(CHECK)
-            .bind::<SqlUuid, _>(id)
-            .get_result::<Recorded>(conn)
-            .optional()?;
-        let stale = recorded
-            .as_ref()
-            .is_some_and(|r| is_stale(JobState::parse(&r.state), r.attempts, this, keyed));
-        // Not stale and not running elsewhere any more (its worker went between
-        // the two statements): held for one recheck, whose claim decides.
-        Ok::<_, diesel::result::Error>(if stale { Verdict::Stale } else { Verdict::Wait })
-    })
-    .await;
-    decided.unwrap_or_else(|err| {
-        tracing::warn!(error = %err, "could not claim the attempt's start; running it unclaimed");
-        Verdict::Unclaimed
-    })
+    }
 }
 
 /// Tries to take this worker's lock on `conn` (held until the session ends);
